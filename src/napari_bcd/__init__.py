@@ -1,0 +1,68 @@
+"""napari-bcd: breast cancer classification of H&E whole slides (ICIAR 2018 / BACH classes).
+
+The public names are imported lazily, so ``import napari_bcd`` does not import
+torch, Qt or napari (napari reads the plugin manifest at start-up).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("napari-bcd")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+# public name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    "BcdError": "errors",
+    "CLASS_NAMES": "classes",
+    "Classifier": "model",
+    "ModelCard": "model",
+    "Predictor": "model",
+    "Preprocessing": "model",
+    "ResNet152V2": "model",
+    "build_classifier": "model",
+    "choose_device": "model",
+    "fetch_imagenet_weights": "model",
+    "import_keras_weights": "model",
+    "load_checkpoint": "model",
+    "load_keras_weights": "model",
+    "save_checkpoint": "model",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .classes import CLASS_NAMES
+    from .errors import BcdError
+    from .model import (
+        Classifier,
+        ModelCard,
+        Predictor,
+        Preprocessing,
+        ResNet152V2,
+        build_classifier,
+        choose_device,
+        fetch_imagenet_weights,
+        import_keras_weights,
+        load_checkpoint,
+        load_keras_weights,
+        save_checkpoint,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

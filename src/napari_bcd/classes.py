@@ -1,0 +1,115 @@
+"""Class ids, names, aliases and colours: the one source of truth.
+
+Ids follow DESIGN.md: 0 is background / not classified, 1-4 are the ICIAR 2018
+(BACH) classes in the order of the challenge's folder names.  A slide-level call
+picks the most severe class present: Invasive > InSitu > Benign > Normal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .errors import BcdError
+
+__all__ = [
+    "BACKGROUND",
+    "CLASS_COLORS",
+    "CLASS_IDS",
+    "CLASS_NAMES",
+    "DISPLAY_NAMES",
+    "SEVERITY",
+    "class_id",
+    "class_name",
+    "napari_colormap",
+]
+
+BACKGROUND = 0
+#: ICIAR folder names, in model output order (index 0 of the model is id 1).
+CLASS_NAMES: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")
+CLASS_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(CLASS_NAMES)}
+DISPLAY_NAMES: dict[int, str] = {
+    0: "Background",
+    1: "Normal",
+    2: "Benign",
+    3: "In situ carcinoma",
+    4: "Invasive carcinoma",
+}
+#: RGB 0-255.  Green -> yellow -> orange -> red follows severity, and stays
+#: distinguishable on pink/purple H&E; background is transparent in napari.
+CLASS_COLORS: dict[int, tuple[int, int, int]] = {
+    1: (46, 160, 67),
+    2: (240, 200, 40),
+    3: (245, 130, 30),
+    4: (214, 39, 40),
+}
+#: Most severe first.
+SEVERITY: tuple[int, ...] = (4, 3, 2, 1)
+
+# Lower-case alias -> class id.  The BACH ImageScope XML files spell the
+# labels several ways; QuPath users often type the display names.
+_ALIASES: dict[str, int] = {
+    "normal": 1,
+    "normal tissue": 1,
+    "benign": 2,
+    "benign lesion": 2,
+    "insitu": 3,
+    "in situ": 3,
+    "in-situ": 3,
+    "in_situ": 3,
+    "in situ carcinoma": 3,
+    "carcinoma in situ": 3,
+    "invasive": 4,
+    "invasive carcinoma": 4,
+    "carcinoma invasive": 4,
+}
+
+
+def class_id(label: str | int, mapping: Mapping[str, str | int] | None = None) -> int | None:
+    """Return the class id (1-4) of a label, or None when it is not one of ours.
+
+    Parameters
+    ----------
+    label
+        A class name or alias (case-insensitive, surrounding blanks ignored), or
+        an id 1-4.
+    mapping
+        Optional user mapping from their own label text (e.g. ``"Tumor"``) to a
+        class name or id; it is consulted first, case-insensitively.
+
+    Returns
+    -------
+    int or None
+    """
+    if isinstance(label, int) and not isinstance(label, bool):
+        return label if label in DISPLAY_NAMES and label != BACKGROUND else None
+    text = " ".join(str(label).strip().lower().split())
+    if mapping:
+        lowered = {" ".join(str(k).strip().lower().split()): v for k, v in mapping.items()}
+        if text in lowered:
+            target = lowered[text]
+            resolved = class_id(target)
+            if resolved is None:
+                raise BcdError(
+                    f"The label mapping sends {label!r} to {target!r}, which is not a class. "
+                    f"Use one of {', '.join(CLASS_NAMES)}."
+                )
+            return resolved
+    return _ALIASES.get(text)
+
+
+def class_name(cid: int) -> str:
+    """Return the ICIAR folder name of a class id (1-4)."""
+    if cid not in CLASS_IDS.values():
+        raise BcdError(f"{cid} is not a class id; use 1-4 ({', '.join(CLASS_NAMES)}).")
+    return CLASS_NAMES[cid - 1]
+
+
+def napari_colormap() -> dict[int | None, tuple[float, float, float, float]]:
+    """Colours for a napari Labels layer: background transparent, classes opaque."""
+    colors: dict[int | None, tuple[float, float, float, float]] = {
+        None: (0.0, 0.0, 0.0, 0.0),
+        0: (0.0, 0.0, 0.0, 0.0),
+    }
+    for cid, (r, g, b) in CLASS_COLORS.items():
+        colors[cid] = (r / 255, g / 255, b / 255, 1.0)
+    return colors

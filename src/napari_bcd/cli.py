@@ -1,0 +1,217 @@
+"""The ``napari-bcd`` command line.
+
+argparse (standard library) rather than click/typer: no extra dependency, and
+sub-commands import torch and friends only when they run, so ``--help`` is
+instant.  Every :class:`~napari_bcd.errors.BcdError` becomes one plain
+message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import BcdError
+
+log = logging.getLogger("napari_bcd")
+
+
+def _progress_bar(desc: str, total: int | None, unit: str = "it", unit_scale: bool = False):  # noqa: ANN202
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- weights
+def _cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from .model.imagenet import IMAGENET_MD5, fetch_imagenet_weights
+
+    bar = None
+
+    def progress(done: int, total: int | None) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _progress_bar("download", total, unit="B", unit_scale=True)
+        bar.update(done - bar.n)
+
+    try:
+        path = fetch_imagenet_weights(args.url, expected_md5=None if args.skip_md5 else IMAGENET_MD5, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"ImageNet weights ready: {path}")
+    return 0
+
+
+def _cmd_weights_import(args: argparse.Namespace) -> int:
+    from .model.imagenet import IMAGENET_MD5, import_keras_weights
+
+    path = import_keras_weights(args.file, expected_md5=None if args.skip_md5 else IMAGENET_MD5)
+    print(f"ImageNet weights ready: {path}")
+    return 0
+
+
+def _cmd_weights_info(args: argparse.Namespace) -> int:
+    from .config import cache_dir
+    from .model.imagenet import cached_imagenet_weights
+
+    cached = cached_imagenet_weights()
+    print(f"cache directory  {cache_dir()}")
+    if cached:
+        print(f"ResNet152V2 ImageNet weights  {cached}")
+    else:
+        print("ResNet152V2 ImageNet weights  not cached: run `napari-bcd weights fetch` or `napari-bcd weights import FILE.h5`")
+    return 0 if cached else 1
+
+
+# --------------------------------------------------------------------------- model
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from .model.checkpoint import load_checkpoint
+
+    model = load_checkpoint(args.checkpoint)
+    if args.json:
+        print(model.card.to_json())
+    else:
+        print(model.card.describe())
+    return 0
+
+
+def _cmd_selfcheck(args: argparse.Namespace) -> int:
+    """Build the paper's model and run it on a real H&E field of the bundled slide."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from .model import KERAS_PARAM_COUNT, TABLE2_TRAINABLE, Predictor, build_classifier, keras_param_count
+    from .model.checkpoint import load_checkpoint
+
+    t0 = time.perf_counter()
+    if args.model:
+        model = load_checkpoint(args.model)
+        trained = True
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = build_classifier("resnet152v2")
+        trained = False
+        for w in caught:
+            print(f"WARNING: {w.message}", file=sys.stderr)
+    backbone_n = keras_param_count(model.backbone)
+    head_n = sum(p.numel() for p in model.head.parameters())
+    verdict = ""
+    if model.card.backbone == "resnet152v2":
+        verdict = " (Keras: 58,331,648 — " + ("match)" if backbone_n == KERAS_PARAM_COUNT else "MISMATCH)")
+    print(f"backbone  {model.card.backbone}: {backbone_n:,} parameters as Keras counts them{verdict}")
+    print(f"head      Table II: {head_n:,} trainable ({'matches' if head_n == TABLE2_TRAINABLE else 'differs from'} "
+          f"the paper's {TABLE2_TRAINABLE:,}); total {backbone_n + head_n:,}")
+    image = _sample_field(model.card, Path(args.image) if args.image else None)
+    pred = Predictor(model, device=args.device)
+    t1 = time.perf_counter()
+    probs = pred(image[None])[0]
+    t2 = time.perf_counter()
+    print(f"input     {image.shape[0]}x{image.shape[1]} px, field {model.card.field_um[0]:.0f}x"
+          f"{model.card.field_um[1]:.0f} µm, on {pred.device}")
+    for name, p in zip(model.classes, probs, strict=True):
+        print(f"  {name:<9} {p:6.3f}")
+    print(f"forward   {1000 * (t2 - t1):.0f} ms (build {t1 - t0:.1f} s)")
+    if not trained:
+        print("NOTE: the head is untrained, so these probabilities mean nothing yet. Train one with "
+              "`napari-bcd train` or pass a checkpoint with --model.")
+    ok = bool(np.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-4)
+    print("selfcheck " + ("passed" if ok else "FAILED"))
+    del torch
+    return 0 if ok else 1
+
+
+def _sample_field(card, image: Path | None):  # noqa: ANN001, ANN202
+    """One model input from a real H&E image: the bundled slide's centre by default."""
+    import numpy as np
+    import tifffile
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from ._sample_data import SAMPLE_SLIDE
+
+    if image is None:
+        with tifffile.TiffFile(SAMPLE_SLIDE) as tf:
+            level0 = tf.series[0].levels[0].asarray()
+        mpp = 0.499
+        h = min(level0.shape[0], round(card.field_um[0] / mpp))
+        w = min(level0.shape[1], round(card.field_um[1] / mpp))
+        y0, x0 = (level0.shape[0] - h) // 2, (level0.shape[1] - w) // 2
+        arr = level0[y0 : y0 + h, x0 : x0 + w]
+    else:
+        arr = np.asarray(Image.open(image).convert("RGB"))
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
+    t = F.interpolate(t, size=card.input_px, mode="area")
+    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-bcd",
+        description="Breast cancer classification of H&E slides (ICIAR 2018 / BACH classes).",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-bcd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    w = sub.add_parser("weights", help="get the ResNet152V2 ImageNet weights").add_subparsers(
+        dest="weights_command", metavar="ACTION"
+    )
+    p = w.add_parser("fetch", help="download the official Keras file, check its md5, convert and cache it")
+    from .model.imagenet import IMAGENET_URL
+
+    p.add_argument("--url", default=IMAGENET_URL, help="download address (default: the official one)")
+    p.add_argument("--skip-md5", action="store_true", help="accept a file whose md5 is not the official one")
+    p.set_defaults(func=_cmd_weights_fetch)
+    p = w.add_parser("import", help="convert and cache a local copy of the Keras file (behind a firewall)")
+    p.add_argument("file", help="resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    p.add_argument("--skip-md5", action="store_true", help="accept a Keras ResNet152V2 file that is not the official one")
+    p.set_defaults(func=_cmd_weights_import)
+    p = w.add_parser("info", help="where the weights are cached")
+    p.set_defaults(func=_cmd_weights_info)
+
+    m = sub.add_parser("model", help="inspect checkpoints").add_subparsers(dest="model_command", metavar="ACTION")
+    p = m.add_parser("info", help="print a checkpoint's model card")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="the whole card as JSON")
+    p.set_defaults(func=_cmd_model_info)
+
+    p = sub.add_parser("selfcheck", help="build the model and run it on a real H&E field")
+    p.add_argument("--model", help="a checkpoint (default: the paper's network with an untrained head)")
+    p.add_argument("--image", help="an RGB image to use instead of the bundled slide")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.set_defaults(func=_cmd_selfcheck)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``napari-bcd`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 1
+    try:
+        return int(func(args) or 0)
+    except BcdError as err:
+        print(f"napari-bcd: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("napari-bcd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

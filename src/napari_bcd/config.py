@@ -1,0 +1,84 @@
+"""Per-user directories and the remembered default model.
+
+Environment variables (all optional):
+
+``NAPARI_BCD_MODEL``
+    Checkpoint used when no model is named; wins over the remembered one.
+``NAPARI_BCD_CACHE_DIR``
+    Where downloaded/converted ImageNet weights live.
+``NAPARI_BCD_CONFIG_DIR``
+    Where the remembered default model is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from ._fileio import atomic_write
+
+__all__ = ["cache_dir", "config_dir", "default_model_path", "set_default_model"]
+
+log = logging.getLogger(__name__)
+_APP = "napari-bcd"
+
+
+def cache_dir() -> Path:
+    """Directory for cached weights (``NAPARI_BCD_CACHE_DIR`` or the platform cache)."""
+    env = os.environ.get("NAPARI_BCD_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(_APP))
+
+
+def config_dir() -> Path:
+    """Directory for user settings (``NAPARI_BCD_CONFIG_DIR`` or the platform config)."""
+    env = os.environ.get("NAPARI_BCD_CONFIG_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir(_APP))
+
+
+def _settings_file() -> Path:
+    return config_dir() / "settings.json"
+
+
+def default_model_path() -> Path | None:
+    """The checkpoint to use when none is named, or None.
+
+    ``NAPARI_BCD_MODEL`` wins; otherwise the checkpoint last trained or chosen.
+    A remembered path that no longer exists is ignored (with a log message).
+    """
+    env = os.environ.get("NAPARI_BCD_MODEL")
+    if env:
+        return Path(env).expanduser()
+    try:
+        settings = json.loads(_settings_file().read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    path = settings.get("default_model")
+    if not path:
+        return None
+    p = Path(path)
+    if not p.exists():
+        log.warning("The remembered default model %s no longer exists; ignoring it.", p)
+        return None
+    return p
+
+
+def set_default_model(path: str | os.PathLike[str] | None) -> None:
+    """Remember ``path`` as the default model (None forgets it)."""
+    f = _settings_file()
+    try:
+        settings = json.loads(f.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        settings = {}
+    settings["default_model"] = str(Path(path).resolve()) if path else None
+    with atomic_write(f, "w") as fh:
+        json.dump(settings, fh, indent=2)

@@ -1,0 +1,132 @@
+"""The model card: everything needed to use a checkpoint correctly, as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..classes import CLASS_NAMES
+from ..errors import CheckpointError
+from .preprocessing import Preprocessing
+
+__all__ = ["CARD_FORMAT", "ICIAR_FIELD_UM", "ModelCard"]
+
+CARD_FORMAT = "napari-bcd-model/1"
+#: The paper's input: an ICIAR photo, 1536 x 2048 px at 0.42 µm/px, resized
+#: to 256 x 256.  (h, w) in µm.
+ICIAR_FIELD_UM: tuple[float, float] = (1536 * 0.42, 2048 * 0.42)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What one checkpoint is and how it was made.
+
+    Attributes
+    ----------
+    classes
+        Class names in output order (ICIAR folder names by default).
+    backbone
+        ``"resnet152v2"`` (the paper's Keras-layout network) or ``"timm:<name>"``.
+    backbone_weights
+        Where the backbone's starting weights came from (``"imagenet-keras"``,
+        ``"timm-pretrained"``, a file name and hash, or ``"random"``).
+    head
+        The head's description (type, activations, feature map size).
+    input_px
+        Network input size ``(h, w)`` in pixels.
+    field_um
+        Physical extent ``(h, w)`` in µm that one input shows.
+    preprocessing
+        Pixel normalisation.
+    training, metrics
+        Provenance (data, split, hyper-parameters, curves) and validation figures.
+    """
+
+    classes: tuple[str, ...] = CLASS_NAMES
+    backbone: str = "resnet152v2"
+    backbone_weights: str = "imagenet-keras"
+    head: dict[str, Any] = field(default_factory=lambda: {"type": "table2", "activation": "relu"})
+    input_px: tuple[int, int] = (256, 256)
+    field_um: tuple[float, float] = ICIAR_FIELD_UM
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    name: str = "untrained"
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    package_version: str = ""
+    weights_sha256: str = ""
+    created: str = ""
+    format: str = CARD_FORMAT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "input_px", tuple(int(v) for v in self.input_px))
+        object.__setattr__(self, "field_um", tuple(float(v) for v in self.field_um))
+        if isinstance(self.preprocessing, dict):
+            object.__setattr__(self, "preprocessing", Preprocessing.from_dict(self.preprocessing))
+
+    @property
+    def mpp(self) -> tuple[float, float]:
+        """µm per input pixel, ``(y, x)``: the resolution the network sees."""
+        return (self.field_um[0] / self.input_px[0], self.field_um[1] / self.input_px[1])
+
+    def replace(self, **changes: Any) -> ModelCard:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        d["mpp"] = list(self.mpp)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_jsonable)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        if not isinstance(d, dict) or d.get("format") != CARD_FORMAT:
+            found = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise CheckpointError(
+                f"This is not a napari-bcd model card (format {found!r}, expected {CARD_FORMAT!r})."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"The model card is not valid JSON: {err}") from err
+
+    def stamped(self, weights_sha256: str) -> ModelCard:
+        """A copy with the weights hash, package version and creation time set."""
+        from .. import __version__
+
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        return self.replace(weights_sha256=weights_sha256, package_version=__version__, created=now)
+
+    def describe(self) -> str:
+        """A few lines for people: classes, backbone, field, metrics."""
+        lines = [
+            f"model     {self.name}",
+            f"classes   {', '.join(self.classes)}",
+            f"backbone  {self.backbone} ({self.backbone_weights})",
+            f"input     {self.input_px[0]}x{self.input_px[1]} px showing "
+            f"{self.field_um[0]:.0f}x{self.field_um[1]:.0f} µm ({self.mpp[1]:.2f} µm/px)",
+        ]
+        for key in ("accuracy", "macro_f1", "weighted_f1"):
+            if key in self.metrics:
+                lines.append(f"{key:<9} {self.metrics[key]:.4f}")
+        return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, tuple | set):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

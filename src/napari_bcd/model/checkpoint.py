@@ -1,0 +1,175 @@
+"""Checkpoints: safetensors weights + a JSON model card, never a pickle.
+
+``save_checkpoint(model, card, "my_model.safetensors")`` writes
+``my_model.safetensors`` (the weights; the card is embedded in its header too)
+and ``my_model.json`` (the card, for people and tools).  Both are written
+atomically.  Loading checks that the card fits the weights: the backbone's
+tensor names and shapes, the number of classes, and the weights' SHA-256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .._fileio import atomic_write
+from ..errors import BcdError, CheckpointError
+from .card import ModelCard
+from .classifier import Classifier, build_classifier
+
+__all__ = ["checkpoint_paths", "load_checkpoint", "save_checkpoint", "weights_sha256"]
+
+log = logging.getLogger(__name__)
+_META_KEY = "napari_bcd.card"
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors (names, dtypes, shapes, bytes), in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(weights.safetensors, card.json)`` for a checkpoint named by either file or its stem."""
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def save_checkpoint(
+    model: Classifier,
+    card: ModelCard | None = None,
+    path: str | os.PathLike[str] = "model.safetensors",
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Write the model's weights (safetensors) and card (JSON) atomically.
+
+    Parameters
+    ----------
+    model
+        The classifier.
+    card
+        Its card; defaults to ``model.card``.  The weights hash, package
+        version and time are filled in.
+    path
+        ``NAME.safetensors`` (``NAME.json`` is written beside it).
+    overwrite
+        Replace an existing checkpoint of that name.
+
+    Returns
+    -------
+    Path of the ``.safetensors`` file.
+    """
+    from safetensors.torch import save_file
+
+    weights, card_path = checkpoint_paths(path)
+    if not overwrite and (weights.exists() or card_path.exists()):
+        raise CheckpointError(f"{weights} already exists; choose another name or allow overwriting.")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    card = (card or model.card).stamped(weights_sha256(state))
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={_META_KEY: card.to_json()})
+        os.replace(tmp, weights)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    with atomic_write(card_path, "w") as fh:
+        fh.write(card.to_json())
+    model.card = card
+    log.info("Saved checkpoint %s", weights)
+    return weights
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Classifier:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Parameters
+    ----------
+    path
+        The ``.safetensors`` file, its ``.json`` card, or their common stem.
+    device
+        Where to put the model.
+
+    Raises
+    ------
+    CheckpointError
+        When a file is missing or corrupt, or the card does not match the weights.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    weights, card_path = checkpoint_paths(path)
+    if not weights.is_file():
+        raise CheckpointError(f"No checkpoint weights at {weights}. Give a .safetensors file written by napari-bcd.")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            embedded = (f.metadata() or {}).get(_META_KEY)
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({err}). It may be truncated.") from err
+    if card_path.is_file():
+        card = ModelCard.from_json(card_path.read_text(encoding="utf-8"))
+    elif embedded:
+        log.warning("%s is missing; using the card embedded in %s", card_path, weights.name)
+        card = ModelCard.from_json(embedded)
+    else:
+        raise CheckpointError(f"{weights} has no model card: {card_path} is missing.")
+    got = weights_sha256(state)
+    if card.weights_sha256 and card.weights_sha256 != got:
+        raise CheckpointError(
+            f"The card {card_path.name} does not match {weights.name}: its weights hash is "
+            f"{card.weights_sha256[:12]}…, the file's is {got[:12]}…. One of the two was changed or replaced; "
+            "use the pair written together."
+        )
+    if embedded:
+        try:
+            inner = json.loads(embedded)
+        except ValueError:
+            inner = {}
+        for key in ("backbone", "classes"):
+            if key in inner and list(_as_list(inner[key])) != list(_as_list(card.to_dict()[key])):
+                raise CheckpointError(
+                    f"The card {card_path.name} says {key} = {card.to_dict()[key]!r}, but the weights were saved "
+                    f"with {inner[key]!r}. Use the card written with these weights."
+                )
+    try:
+        model = build_classifier(
+            card.backbone,
+            backbone_weights=None,
+            classes=card.classes,
+            input_px=card.input_px,
+            preprocessing=card.preprocessing,
+            card=card,
+        )
+    except BcdError as err:
+        raise CheckpointError(f"Cannot rebuild the network the card describes: {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"The weights in {weights.name} do not fit the card's network ({card.backbone}, "
+            f"{len(card.classes)} classes): {str(err).splitlines()[0]} "
+            "The card and weights belong to different models."
+        ) from err
+    model.card = card
+    return model.to(device).eval()
+
+
+def _as_list(v: object) -> list:
+    return list(v) if isinstance(v, list | tuple) else [v]

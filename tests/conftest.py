@@ -1,0 +1,135 @@
+"""Shared fixtures: real H&E pixels, isolated user directories, Keras-written weights."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+DATA = Path(__file__).parent / "data"
+TISSUE_TILE = DATA / "histolab-tissue-level0-4302-10273-4814-10785.png"
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never read or write the real user's cache, settings or default model."""
+    root = tmp_path_factory.mktemp("user")
+    monkeypatch.setenv("NAPARI_BCD_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("NAPARI_BCD_CONFIG_DIR", str(root / "config"))
+    monkeypatch.delenv("NAPARI_BCD_MODEL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def he_256() -> np.ndarray:
+    """A real 256 x 256 H&E crop (uint8 RGB)."""
+    return load_rgb(TISSUE_TILE)[128:384, 128:384].copy()
+
+
+@dataclass(frozen=True)
+class KerasReference:
+    """Weights and outputs of the real Keras Table II model on a real H&E image."""
+
+    keras3_h5: Path  # Keras 3 legacy-H5 layout: "conv1_conv/kernel"
+    keras2_h5: Path  # the official file's Keras 2 layout: "conv1_conv/kernel:0"
+    image: np.ndarray  # 256 x 256 x 3 uint8
+    features: np.ndarray  # backbone output, NHWC as Keras gives it
+    probs: np.ndarray  # softmax of the whole model
+
+
+def keras_table2_model(seed: int = 0):  # noqa: ANN201
+    """The paper's model built in Keras: ResNet152V2 (no top) + the Table II head."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.ResNet152V2(weights=None, include_top=False, input_shape=(256, 256, 3))
+    x = base.output
+    x = keras.layers.Conv2D(64, 1, activation="relu")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(32, 1, activation="relu")(x)
+    x = keras.layers.Conv2D(64, 1, activation="relu")(x)
+    x = keras.layers.Dense(64, activation="relu")(x)
+    x = keras.layers.Dense(32, activation="relu")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(4, activation="softmax")(x)
+    return base, keras.Model(base.input, x)
+
+
+def randomise_bn(model, seed: int) -> None:  # noqa: ANN001
+    """Non-trivial BN statistics, so a swapped mean/variance or gamma/beta shows."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, n).astype("float32"),
+                    rng.normal(0, 0.1, n).astype("float32"),
+                    rng.normal(0, 0.1, n).astype("float32"),
+                    rng.uniform(0.5, 1.5, n).astype("float32"),
+                ]
+            )
+
+
+def save_keras_h5(model, path: Path) -> Path:  # noqa: ANN001
+    """Write weights with Keras' own HDF5 writer (the layout of ``model.save_weights('x.h5')``)."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    return path
+
+
+def to_keras2_layout(src: Path, dst: Path) -> Path:
+    """Rewrite a Keras 3 file the way Keras 2 wrote it: ``kernel:0`` names, nested groups."""
+    import h5py
+
+    with h5py.File(src, "r") as fin, h5py.File(dst, "w") as fout:
+        fout.attrs["layer_names"] = fin.attrs["layer_names"]
+        fout.attrs["backend"] = b"tensorflow"
+        fout.attrs["keras_version"] = b"2.2.4"
+        for name in fin.attrs["layer_names"]:
+            name = name.decode() if isinstance(name, bytes) else name
+            g = fout.create_group(name)
+            names = [n.decode() if isinstance(n, bytes) else n for n in fin[name].attrs["weight_names"]]
+            g.attrs["weight_names"] = np.array([(n + ":0").encode() for n in names])
+            for n in names:
+                g.create_dataset(n + ":0", data=fin[name][n][()])
+    return dst
+
+
+@pytest.fixture(scope="session")
+def keras_reference(tmp_path_factory: pytest.TempPathFactory, he_256: np.ndarray) -> KerasReference:
+    import keras
+
+    d = tmp_path_factory.mktemp("keras")
+    base, model = keras_table2_model()
+    randomise_bn(model, seed=1)
+    # Random head biases too, so a dropped bias shows.
+    for layer in model.layers[-8:]:
+        if layer.weights:
+            k, b = layer.get_weights()
+            layer.set_weights([k, np.random.default_rng(2).normal(0, 0.05, b.shape).astype("float32")])
+    x = (he_256[None].astype("float32") / 127.5) - 1.0
+    features = np.asarray(keras.ops.convert_to_numpy(base(x, training=False)))
+    probs = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
+    k3 = save_keras_h5(model, d / "table2_keras3.h5")
+    k2 = to_keras2_layout(k3, d / "table2_keras2.h5")
+    return KerasReference(k3, k2, he_256, features, probs)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
