@@ -130,7 +130,13 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ValueError...
+            raise BcdError(
+                f"{path} is not a readable safetensors weights file ({err}). Delete it and write it again "
+                "(for the ImageNet cache: `napari-bcd weights fetch` or `napari-bcd weights import FILE.h5`)."
+            ) from err
     if path.suffix == ".h5":
         raise BcdError(f"{path} is a Keras file; import it with `napari-bcd weights import {path}`.")
     try:
@@ -180,7 +186,6 @@ def build_backbone(
                     "`napari-bcd weights import resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5` "
                     "behind a firewall."
                 )
-                log.warning(msg)
                 warnings.warn(msg, BackboneWeightsWarning, stacklevel=3)
                 return net, "random"
             path = cached

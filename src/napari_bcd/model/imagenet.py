@@ -131,7 +131,8 @@ def fetch_imagenet_weights(
     try:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(target, "wb") as out:
-                total = resp.length if resp.length else None
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
                 done = 0
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     out.write(chunk)

@@ -1,0 +1,174 @@
+"""Checkpoints: safetensors + JSON card, bit-identical round trip, mismatches refused."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_bcd.errors import BackboneWeightsWarning, CheckpointError
+from napari_bcd.model import ModelCard, build_classifier, load_checkpoint, save_checkpoint
+
+
+def _small(classes=("Normal", "Benign", "InSitu", "Invasive")):  # noqa: ANN001, ANN202
+    torch.manual_seed(0)
+    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), classes=classes)
+    for p in model.head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+def _batch(n: int = 3, px: int = 64) -> torch.Tensor:
+    rng = np.random.default_rng(1)
+    return torch.from_numpy(rng.integers(0, 256, (n, px, px, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    model = _small()
+    model.card = model.card.replace(name="unit-test", training={"epochs": 3}, metrics={"accuracy": 0.5})
+    return model, save_checkpoint(model, path=tmp_path / "ckpt.safetensors")
+
+
+def test_round_trip_is_bit_identical(saved) -> None:  # noqa: ANN001
+    model, path = saved
+    assert path.is_file() and path.with_suffix(".json").is_file()
+    loaded = load_checkpoint(path)
+    x = _batch()
+    with torch.no_grad():
+        assert torch.equal(model.forward_uint8(x), loaded.forward_uint8(x))
+    card = loaded.card
+    assert card.name == "unit-test" and card.metrics == {"accuracy": 0.5} and card.training == {"epochs": 3}
+    assert card.backbone == "timm:resnet18" and card.input_px == (64, 64)
+    assert len(card.weights_sha256) == 64 and card.package_version and card.created
+    # The card is readable JSON with the fields DESIGN.md lists.
+    doc = json.loads(path.with_suffix(".json").read_text())
+    for key in ("classes", "backbone", "head", "input_px", "field_um", "mpp", "preprocessing", "training",
+                "metrics", "package_version", "weights_sha256"):
+        assert key in doc
+    # Either file, or the stem, names the checkpoint.
+    assert load_checkpoint(path.with_suffix(".json")).card == card
+    assert load_checkpoint(path.with_suffix("")).card == card
+
+
+@pytest.mark.slow
+def test_round_trip_of_the_real_resnet152v2(tmp_path: Path, he_256: np.ndarray) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackboneWeightsWarning)
+        model = build_classifier("resnet152v2").eval()
+    path = save_checkpoint(model, path=tmp_path / "paper.safetensors")
+    loaded = load_checkpoint(path)
+    x = torch.from_numpy(he_256[None])
+    with torch.no_grad():
+        assert torch.equal(model.forward_uint8(x), loaded.forward_uint8(x))
+    assert loaded.card.preprocessing.mode == "tf" and loaded.card.backbone == "resnet152v2"
+
+
+def _edit_card(path: Path, **changes) -> None:  # noqa: ANN003
+    card_path = path.with_suffix(".json")
+    doc = json.loads(card_path.read_text())
+    doc.update(changes)
+    card_path.write_text(json.dumps(doc))
+
+
+def test_changed_hash_is_refused(saved) -> None:  # noqa: ANN001
+    _, path = saved
+    _edit_card(path, weights_sha256="0" * 64)
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(path)
+
+
+def test_changed_weights_are_refused(saved) -> None:  # noqa: ANN001
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved
+    state = load_file(path)
+    state["head.out.bias"] = state["head.out.bias"] + 1
+    save_file(state, path)  # a checkpoint someone overwrote without its card
+    with pytest.raises(CheckpointError, match="weights hash"):
+        load_checkpoint(path)
+
+
+def test_card_of_another_backbone_is_refused(saved) -> None:  # noqa: ANN001
+    _, path = saved
+    _edit_card(path, backbone="timm:resnet34")
+    with pytest.raises(CheckpointError, match="backbone"):
+        load_checkpoint(path)
+
+
+def test_card_with_other_classes_is_refused(saved) -> None:  # noqa: ANN001
+    _, path = saved
+    _edit_card(path, classes=["Normal", "Tumour"])
+    with pytest.raises(CheckpointError, match="classes"):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_the_card_are_refused(tmp_path: Path) -> None:
+    a = save_checkpoint(_small(), path=tmp_path / "a.safetensors")
+    b = save_checkpoint(_small(classes=("Normal", "Tumour")), path=tmp_path / "b.safetensors")
+    # b's weights renamed to a: the JSON card of a, the weights (and embedded card) of b.
+    b.replace(a)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(a)
+
+
+def test_truncated_and_missing_files(saved, tmp_path: Path) -> None:  # noqa: ANN001
+    _, path = saved
+    with pytest.raises(CheckpointError, match="No checkpoint weights"):
+        load_checkpoint(tmp_path / "nothing.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path)
+    (tmp_path / "junk.safetensors").write_text("hello")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "junk.safetensors")
+
+
+def test_lost_card_falls_back_to_the_embedded_copy(saved, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    model, path = saved
+    path.with_suffix(".json").unlink()
+    loaded = load_checkpoint(path)
+    assert loaded.card.name == "unit-test"
+    assert "missing" in caplog.text
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_intact(saved, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    model, path = saved
+    before = (path.read_bytes(), path.with_suffix(".json").read_bytes())
+
+    def boom(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(_small(classes=("A", "B")), path=path)
+    assert (path.read_bytes(), path.with_suffix(".json").read_bytes()) == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+
+
+def test_no_overwrite_when_asked(saved) -> None:  # noqa: ANN001
+    model, path = saved
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_checkpoint(model, path=path, overwrite=False)
+
+
+def test_a_json_that_is_not_a_card(saved) -> None:  # noqa: ANN001
+    _, path = saved
+    path.with_suffix(".json").write_text('{"hello": 1}')
+    with pytest.raises(CheckpointError, match="not a napari-bcd model card"):
+        load_checkpoint(path)
+    path.with_suffix(".json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(path)
+
+
+def test_card_geometry() -> None:
+    card = ModelCard()
+    assert card.field_um == pytest.approx((645.12, 860.16))
+    assert card.mpp == pytest.approx((2.52, 3.36))
+    assert ModelCard.from_json(card.to_json()) == card

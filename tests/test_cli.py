@@ -1,0 +1,73 @@
+"""The napari-bcd command line: weights, model info, selfcheck; errors are messages, not tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import KerasReference
+
+from napari_bcd.cli import main
+from napari_bcd.model import build_classifier, save_checkpoint
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("weights", "model", "selfcheck"):
+        assert cmd in out
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).with_name("napari-bcd")
+    res = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.startswith("napari-bcd ")
+
+
+@pytest.mark.slow
+def test_weights_import_then_info(keras_reference: KerasReference, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["weights", "info"]) == 1
+    assert "not cached" in capsys.readouterr().out
+    # The official md5 is checked by default...
+    assert main(["weights", "import", str(keras_reference.keras3_h5)]) == 2
+    err = capsys.readouterr().err
+    assert "md5" in err and "Traceback" not in err
+    # ...and can be skipped for a Keras file of one's own.
+    assert main(["weights", "import", "--skip-md5", str(keras_reference.keras3_h5)]) == 0
+    assert "ImageNet weights ready" in capsys.readouterr().out
+    assert main(["weights", "info"]) == 0
+
+
+def test_weights_fetch_offline_is_a_plain_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["weights", "fetch", "--url", "http://127.0.0.1:9/w.h5"]) == 2
+    err = capsys.readouterr().err
+    assert "napari-bcd weights fetch" in err and "napari-bcd weights import" in err and "Traceback" not in err
+
+
+def test_model_info_and_selfcheck_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(96, 96), name="tiny")
+    path = save_checkpoint(model, path=tmp_path / "tiny.safetensors")
+    assert main(["model", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "Normal, Benign, InSitu, Invasive" in out and "timm:resnet18" in out
+    assert main(["selfcheck", "--model", str(path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "selfcheck passed" in out and "96x96 px" in out
+    assert main(["model", "info", str(tmp_path / "missing.safetensors")]) == 2
+    assert "No checkpoint weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_selfcheck_builds_the_paper_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["selfcheck", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "58,331,648" in captured.out and "match" in captured.out
+    assert "143,620 trainable" in captured.out and "58,475,268" in captured.out
+    assert "head is untrained" in captured.out
+    assert "WITHOUT its ImageNet weights" in captured.err
