@@ -19,6 +19,18 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 # public name -> submodule that defines it
 _LAZY: dict[str, str] = {
     "BcdError": "errors",
+    "ClassMap": "engine",
+    "Slide": "io.slide",
+    "Summary": "summary",
+    "TissueParams": "tissue",
+    "classify": "engine",
+    "iter_classify": "engine",
+    "load_model": "model",
+    "open_slide": "io.slide",
+    "summarize": "summary",
+    "write_outputs": "export",
+    "Annotation": "annotations",
+    "write_geojson": "annotations",
     "CLASS_NAMES": "classes",
     "Classifier": "model",
     "ModelCard": "model",
@@ -38,7 +50,13 @@ __all__ = ["__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .classes import CLASS_NAMES
+    from .annotations import Annotation, write_geojson
+    from .engine import ClassMap, classify, iter_classify
     from .errors import BcdError
+    from .export import write_outputs
+    from .io.slide import Slide, open_slide
+    from .summary import Summary, summarize
+    from .tissue import TissueParams
     from .model import (
         Classifier,
         ModelCard,
@@ -51,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
         import_keras_weights,
         load_checkpoint,
         load_keras_weights,
+        load_model,
         save_checkpoint,
     )
 

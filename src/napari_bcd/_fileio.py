@@ -12,7 +12,12 @@ from typing import IO
 
 from .errors import BcdError
 
-__all__ = ["atomic_dir", "atomic_write", "check_writable"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write", "check_writable"]
+
+# mkstemp creates 0600 files; give outputs the permissions a plain open() would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_MODE = 0o666 & ~_UMASK
 
 
 def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
@@ -37,6 +42,25 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _MODE)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (for writers that want a file name);
+    it replaces ``path`` when the block succeeds and is removed when it fails."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _MODE)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -154,6 +154,70 @@ def _sample_field(card, image: Path | None):  # noqa: ANN001, ANN202
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+# --------------------------------------------------------------------------- classify
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from .engine import iter_classify
+    from .export import write_outputs
+    from .io.slide import open_slide
+    from .model.checkpoint import load_model
+    from .model.inference import Predictor
+    from .summary import summarize
+    from .tissue import TissueParams
+
+    model = load_model(args.model)
+    predictor = Predictor(model, device=args.device, precision=args.precision)
+    print(model.card.describe(), file=sys.stderr)
+    out = Path(args.out)
+    failed: list[str] = []
+    for slide_path in args.slides:
+        name = Path(slide_path).name
+        try:
+            stem = Path(slide_path).stem
+            existing = [p for p in out.glob(f"{stem}.*") if p.suffix in (".tif", ".json", ".csv", ".geojson")]
+            if existing and not args.overwrite:
+                raise BcdError(f"outputs already exist in {out} ({existing[0].name}...); pass --overwrite to replace them")
+            with open_slide(slide_path, mpp=args.mpp) as slide:
+                gen = iter_classify(
+                    slide,
+                    predictor,
+                    stride=args.stride,
+                    stride_um=args.stride_um,
+                    batch_size=args.batch_size,
+                    tissue=TissueParams(threshold=args.tissue_threshold),
+                    min_tissue=args.min_tissue,
+                    workers=args.workers,
+                )
+                bar = None
+                try:
+                    while True:
+                        p = next(gen)
+                        if p.stage == "classify":
+                            if bar is None:
+                                bar = _progress_bar(name, p.total, unit="win")
+                            bar.update(p.done - bar.n)
+                except StopIteration as stop:
+                    cmap = stop.value
+                finally:
+                    if bar is not None:
+                        bar.close()
+            paths = write_outputs(cmap, out, stem=stem, min_area_mm2=args.min_area, overwrite=args.overwrite)
+            summary = summarize(cmap, min_area_mm2=args.min_area)
+            print(f"\n{name}: {cmap.n_windows} windows, {cmap.info.get('windows_per_s', 0):.1f}/s")
+            print(summary.table())
+            print("wrote " + ", ".join(p.name for p in paths.values()))
+        except BcdError as err:
+            failed.append(name)
+            print(f"napari-bcd: {name}: {err}", file=sys.stderr)
+        except Exception as err:  # noqa: BLE001 - one bad slide must not stop the others
+            failed.append(name)
+            log.debug("unexpected failure", exc_info=True)
+            print(f"napari-bcd: {name}: unexpected {type(err).__name__}: {err} (run with -v and report it)", file=sys.stderr)
+    if failed:
+        print(f"napari-bcd: {len(failed)} of {len(args.slides)} slide(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -185,6 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="the whole card as JSON")
     p.set_defaults(func=_cmd_model_info)
+
+    p = sub.add_parser("classify", help="classify whole slides and write labels, probabilities, summary, GeoJSON")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="SVS, NDPI, OME-TIFF, TIFF, PNG or JPEG files")
+    p.add_argument("--model", help="checkpoint (default: the last trained/chosen model, or $NAPARI_BCD_MODEL)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--stride", type=float, default=1.0, help="window step as a fraction of the field (0.5 = overlap)")
+    p.add_argument("--stride-um", type=float, help="window step in µm (overrides --stride)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--tissue-threshold", type=float, default=0.1, help="minimum saturation of tissue (0-1)")
+    p.add_argument("--min-tissue", type=float, default=0.25, help="classify windows with at least this tissue fraction")
+    p.add_argument("--min-area", type=float, default=0.0, help="mm² a class must exceed to count for the slide call")
+    p.add_argument("--mpp", type=float, help="µm per pixel of level 0, for files that do not say")
+    p.add_argument("--workers", type=int, help="reading threads (default: up to 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser("selfcheck", help="build the model and run it on a real H&E field")
     p.add_argument("--model", help="a checkpoint (default: the paper's network with an untrained head)")

@@ -6,7 +6,7 @@ Importing this package imports torch.
 from __future__ import annotations
 
 from .card import ICIAR_FIELD_UM, ModelCard
-from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
+from .checkpoint import load_checkpoint, load_model, save_checkpoint, weights_sha256
 from .classifier import Classifier, TimmBackbone, build_backbone, build_classifier
 from .head import TABLE2_TRAINABLE, Table2Head
 from .imagenet import cached_imagenet_weights, fetch_imagenet_weights, import_keras_weights
@@ -35,6 +35,7 @@ __all__ = [
     "keras_param_count",
     "load_checkpoint",
     "load_keras_weights",
+    "load_model",
     "read_keras_h5",
     "save_checkpoint",
     "weights_sha256",

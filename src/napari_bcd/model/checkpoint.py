@@ -24,7 +24,7 @@ from ..errors import BcdError, CheckpointError
 from .card import ModelCard
 from .classifier import Classifier, build_classifier
 
-__all__ = ["checkpoint_paths", "load_checkpoint", "save_checkpoint", "weights_sha256"]
+__all__ = ["checkpoint_paths", "load_checkpoint", "load_model", "save_checkpoint", "weights_sha256"]
 
 log = logging.getLogger(__name__)
 _META_KEY = "napari_bcd.card"
@@ -174,3 +174,25 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
 
 def _as_list(v: object) -> list:
     return list(v) if isinstance(v, list | tuple) else [v]
+
+
+def load_model(path: str | os.PathLike[str] | None = None, *, device: str | torch.device = "cpu") -> Classifier:
+    """Load the named checkpoint, or the default model (see :mod:`napari_bcd.config`).
+
+    Raises
+    ------
+    ModelNotAvailableError
+        When no path is given and no default model is configured.
+    """
+    from ..config import default_model_path
+    from ..errors import ModelNotAvailableError
+
+    if path is None:
+        path = default_model_path()
+        if path is None:
+            raise ModelNotAvailableError(
+                "No trained model is available. Either train one — `napari-bcd train DATASET --out "
+                "model.safetensors` (from the BACH photos or your own annotated regions) — or use a checkpoint "
+                "file: --model FILE.safetensors (or set NAPARI_BCD_MODEL)."
+            )
+    return load_checkpoint(path, device=device)

@@ -1,0 +1,314 @@
+"""The sliding-window engine: slide -> tissue windows -> model -> ClassMap.
+
+:func:`iter_classify` is a generator: it yields :class:`Progress` once per
+batch and returns a :class:`ClassMap`.  Reading is overlapped with compute:
+a thread pool reads and resizes the next windows (tifffile decoding releases
+the GIL) while the model runs on the current batch; at most ``prefetch``
+batches are in flight, so memory does not grow with the slide.  Closing the
+generator (``gen.close()``, or a napari worker's quit) cancels at the next
+batch and releases the threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .classes import CLASS_NAMES
+from .errors import BcdError
+from .io.slide import Slide
+from .tiling import Grid, make_grid
+from .tissue import TissueParams, detect_tissue
+
+__all__ = ["ClassMap", "Progress", "classify", "iter_classify", "window_tissue_fraction"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report.  ``stage`` is ``"tissue"`` or ``"classify"``."""
+
+    stage: str
+    done: int
+    total: int
+    windows_per_s: float = 0.0
+    eta_s: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    def __str__(self) -> str:
+        eta = f", ETA {self.eta_s:.0f} s" if self.eta_s is not None else ""
+        return f"{self.stage}: {self.done}/{self.total} windows, {self.windows_per_s:.1f}/s{eta}"
+
+
+@dataclass
+class ClassMap:
+    """The result of classifying one slide.
+
+    Attributes
+    ----------
+    probs
+        ``(rows, cols, C)`` float32 class probabilities per cell (NaN where no
+        window was classified).
+    labels
+        ``(rows, cols)`` uint8: 0 background / not classified, 1-4 the classes.
+    tissue
+        ``(rows, cols)`` fraction of each cell that is tissue (0-1).
+    window_done
+        ``(window rows, window cols)`` bool: windows sent to the model.
+    grid
+        Geometry: cells and windows in level-0 pixels and µm.
+    classes
+        Class names in probability order.
+    """
+
+    probs: np.ndarray
+    labels: np.ndarray
+    tissue: np.ndarray
+    window_done: np.ndarray
+    grid: Grid
+    classes: tuple[str, ...] = CLASS_NAMES
+    slide_name: str = ""
+    slide_shape: tuple[int, int] = (0, 0)
+    model_name: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.window_done.sum())
+
+    def layer_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """napari ``(scale, translate)`` in µm that lay the cells over an image of ``scale = mpp``.
+
+        napari puts pixel *centres* at ``index * scale + translate``; an image
+        pixel ``i`` of level 0 is centred at ``i * mpp``, so a cell that covers
+        level-0 pixels ``[y0, y0 + s)`` is centred at ``(y0 + s / 2 - 0.5) * mpp``.
+        """
+        g = self.grid
+        scale = g.cell_um
+        translate = (
+            (g.origin_px[0] + g.stride_px[0] / 2 - 0.5) * g.mpp[0],
+            (g.origin_px[1] + g.stride_px[1] / 2 - 0.5) * g.mpp[1],
+        )
+        return scale, translate
+
+    def at_level0(self, y: float, x: float) -> tuple[int, np.ndarray | None]:
+        """Label and probabilities of the cell under level-0 pixel ``(y, x)``."""
+        cell = self.grid.cell_of_point(y + 0.5, x + 0.5)
+        if cell is None:
+            return 0, None
+        p = self.probs[cell]
+        return int(self.labels[cell]), (None if np.isnan(p).any() else p)
+
+
+def window_tissue_fraction(mask: np.ndarray, mask_downsample: tuple[float, float], grid: Grid) -> np.ndarray:
+    """Fraction of tissue in each window and each cell, from a low-resolution mask.
+
+    Returns ``(window fractions (rows, cols), cell fractions (cell rows, cell cols))``.
+    """
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask, 0, dtype=np.float64), 1)
+
+    def boxes(origin: float, step: float, size: float, n: int, ds: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        start = origin + step * np.arange(n)
+        a = np.clip(np.round(start / ds).astype(int), 0, limit)
+        b = np.clip(np.round((start + size) / ds).astype(int), 0, limit)
+        return a, np.maximum(b, np.minimum(a + 1, limit))
+
+    def fractions(n: tuple[int, int], size: tuple[float, float]) -> np.ndarray:
+        ya, yb = boxes(grid.origin_px[0], grid.stride_px[0], size[0], n[0], mask_downsample[0], mask.shape[0])
+        xa, xb = boxes(grid.origin_px[1], grid.stride_px[1], size[1], n[1], mask_downsample[1], mask.shape[1])
+        s = (
+            integral[yb][:, xb] - integral[ya][:, xb] - integral[yb][:, xa] + integral[ya][:, xa]
+        )
+        area = np.maximum((yb - ya)[:, None] * (xb - xa)[None, :], 1)
+        return (s / area).astype(np.float32)
+
+    return fractions(grid.n_windows, grid.window_px), fractions(grid.n_cells, grid.stride_px)
+
+
+def _resize_area(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if region.shape[:2] == tuple(size):
+        return region
+    from PIL import Image
+
+    # BOX = area averaging: every source pixel counts once (no aliasing).
+    return np.asarray(Image.fromarray(region).resize((size[1], size[0]), Image.Resampling.BOX))
+
+
+def iter_classify(
+    slide: Slide,
+    model,  # noqa: ANN001 - a Classifier or a Predictor
+    *,
+    stride: float | tuple[float, float] = 1.0,
+    stride_um: float | tuple[float, float] | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    precision: str = "auto",
+    tissue: TissueParams | None = None,
+    min_tissue: float = 0.25,
+    mpp: float | tuple[float, float] | None = None,
+    workers: int | None = None,
+    prefetch: int = 2,
+) -> Generator[Progress, None, ClassMap]:
+    """Classify a slide window by window, yielding progress, returning a :class:`ClassMap`.
+
+    Parameters
+    ----------
+    slide
+        From :func:`~napari_bcd.open_slide`.
+    model
+        A :class:`~napari_bcd.model.Classifier` (wrapped in a
+        :class:`~napari_bcd.model.Predictor` on ``device``) or a Predictor.
+    stride, stride_um
+        Window step as a fraction of the field, or in µm.
+    batch_size
+        Windows per model call.
+    device, precision
+        See :class:`~napari_bcd.model.Predictor`.
+    tissue
+        Tissue detection settings (``TissueParams(threshold=...)``).
+    min_tissue
+        A window is classified when at least this fraction of it is tissue.
+    mpp
+        Level-0 µm/px, for images whose file does not say (or says wrong).
+    workers, prefetch
+        Reading threads, and batches read ahead of the model.
+
+    Yields
+    ------
+    Progress
+
+    Returns
+    -------
+    ClassMap
+    """
+    from .model.inference import Predictor
+
+    predictor = model if isinstance(model, Predictor) else Predictor(model, device=device, precision=precision)
+    card = predictor.model.card
+    if mpp is not None:
+        slide_mpp = (float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1]))  # type: ignore[index]
+    elif slide.mpp is not None:
+        slide_mpp = slide.mpp
+    else:
+        raise BcdError(
+            f"{slide.name} does not say its pixel size (µm per pixel). State it (mpp=..., --mpp, or the "
+            "widget's mpp box); 0.25 is typical for 40x scans, 0.5 for 20x."
+        )
+    if batch_size < 1:
+        raise BcdError(f"batch_size must be at least 1, got {batch_size}.")
+    if not 0 <= min_tissue <= 1:
+        raise BcdError(f"min_tissue is a fraction between 0 and 1, got {min_tissue}.")
+    grid = make_grid(
+        slide.dimensions,
+        slide_mpp,
+        card.field_um,
+        card.input_px,
+        [info.downsample for info in slide.level_info],
+        stride=stride,
+        stride_um=stride_um,
+    )
+    yield Progress("tissue", 0, 0)
+    thumb, tds = slide.thumbnail(2000)
+    mask = detect_tissue(thumb, mpp=slide_mpp[1] * tds[1], params=tissue)
+    win_frac, cell_frac = window_tissue_fraction(mask, tds, grid)
+    todo = np.argwhere(win_frac >= max(min_tissue, 1e-6))
+    total = len(todo)
+    n_cls = len(card.classes)
+    sums = np.zeros((*grid.n_cells, n_cls), np.float64)
+    counts = np.zeros(grid.n_cells, np.int32)
+    done_mask = np.zeros(grid.n_windows, bool)
+    kh, kw = grid.cells_per_window
+
+    def load(rc: np.ndarray) -> np.ndarray:
+        y, x, h, w = grid.read_box(int(rc[0]), int(rc[1]))
+        return _resize_area(slide.read_region(grid.level, y, x, h, w), card.input_px)
+
+    t0 = time.perf_counter()
+    yield Progress("classify", 0, total)
+    if total:
+        n_workers = workers or min(4, os.cpu_count() or 2)
+        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="bcd-read")
+        pending: deque[tuple[np.ndarray, Future]] = deque()
+        it = iter(todo)
+        try:
+            limit = max(1, prefetch) * batch_size + batch_size
+
+            def fill() -> None:
+                while len(pending) < limit:
+                    rc = next(it, None)
+                    if rc is None:
+                        return
+                    pending.append((rc, pool.submit(load, rc)))
+
+            fill()
+            done = 0
+            rate = 0.0
+            while pending:
+                batch_rc, batch_img = [], []
+                while pending and len(batch_rc) < batch_size:
+                    rc, fut = pending.popleft()
+                    batch_rc.append(rc)
+                    batch_img.append(fut.result())
+                fill()  # keep readers busy while the model runs
+                probs = predictor(np.stack(batch_img))
+                for (r, c), p in zip(batch_rc, probs, strict=True):
+                    sums[r : r + kh, c : c + kw] += p
+                    counts[r : r + kh, c : c + kw] += 1
+                    done_mask[r, c] = True
+                done += len(batch_rc)
+                elapsed = time.perf_counter() - t0
+                rate = done / elapsed if elapsed > 0 else 0.0
+                yield Progress("classify", done, total, rate, (total - done) / rate if rate else None)
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        probs = (sums / counts[..., None]).astype(np.float32)
+    probs[counts == 0] = np.nan
+    labels = np.zeros(grid.n_cells, np.uint8)
+    covered = (counts > 0) & (cell_frac >= min_tissue * 0.5)
+    labels[covered] = (np.nanargmax(np.where(covered[..., None], probs, 0), axis=-1) + 1)[covered].astype(np.uint8)
+    elapsed = time.perf_counter() - t0
+    return ClassMap(
+        probs=probs,
+        labels=labels,
+        tissue=cell_frac,
+        window_done=done_mask,
+        grid=grid,
+        classes=tuple(card.classes),
+        slide_name=slide.name,
+        slide_shape=slide.dimensions,
+        model_name=card.name,
+        info={
+            "windows": int(total),
+            "seconds": round(elapsed, 3),
+            "windows_per_s": round(total / elapsed, 3) if elapsed > 0 and total else 0.0,
+            "device": str(predictor.device),
+            "precision": predictor.precision,
+            "tissue_fraction": float(mask.mean()),
+            "min_tissue": min_tissue,
+        },
+    )
+
+
+def classify(slide: Slide, model, **kwargs) -> ClassMap:  # noqa: ANN001, ANN003
+    """Run :func:`iter_classify` to the end and return its ClassMap."""
+    gen = iter_classify(slide, model, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

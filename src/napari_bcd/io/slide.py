@@ -1,0 +1,536 @@
+"""Whole-slide images read lazily through tifffile.
+
+:func:`open_slide` opens Aperio SVS, generic tiled (Big)TIFF pyramids,
+OME-TIFF (SubIFD pyramids too), Hamamatsu NDPI, and plain TIFF/PNG/JPEG
+images.  A :class:`Slide` offers
+
+* ``levels``: one lazy dask array ``(y, x, 3)`` uint8 per pyramid level, for
+  napari (never materialised);
+* ``read_region(level, y, x, h, w)``: the fast path for the engine.  It reads
+  the compressed tiles (or strips) it needs with ``os.pread`` (thread-safe, no
+  shared file position), decodes them with tifffile's own ``TiffPage.decode``
+  (imagecodecs, which releases the GIL, so several threads decode at once) and
+  keeps recently decoded tiles in a small LRU cache, since neighbouring and
+  overlapping windows share tiles.  Building a dask graph per window would
+  cost more than decoding the window.
+
+Label, macro and thumbnail images of SVS files are not levels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SlideError
+
+__all__ = ["Slide", "open_slide"]
+
+log = logging.getLogger(__name__)
+
+_PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+_NOT_LEVELS = {"thumbnail", "label", "macro"}
+_MPP_RANGE = (0.02, 200.0)  # µm/px; outside it a resolution tag is a placeholder (72 dpi...)
+_FILL = 255  # missing tiles are glass, not black tissue
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """Size and scale of one pyramid level."""
+
+    shape: tuple[int, int]  # (h, w) px
+    downsample: tuple[float, float]  # (y, x) relative to level 0
+
+
+class _Segments:
+    """Random access to the tiles or strips of one TIFF page."""
+
+    def __init__(self, page, path: Path, cache: _TileCache, key: int) -> None:  # noqa: ANN001
+        self.page = page
+        self.path = path
+        self.cache = cache
+        self.key = key
+        h, w = int(page.shape[0]), int(page.shape[1])
+        self.shape = (h, w)
+        if page.is_tiled:
+            self.seg = (int(page.tilelength), int(page.tilewidth))
+        else:
+            rows = int(page.rowsperstrip or h)
+            self.seg = (min(rows, h), w)
+        self.grid = (math.ceil(h / self.seg[0]), math.ceil(w / self.seg[1]))
+        self.offsets = page.dataoffsets
+        self.counts = page.databytecounts
+        self.decode = page.decode
+        self.jpegtables = getattr(page, "jpegtables", None)
+        self.samples = int(page.samplesperpixel)
+        self._fd: int | None = None
+        self._fd_lock = threading.Lock()
+
+    def _read_bytes(self, index: int) -> bytes | None:
+        count = int(self.counts[index])
+        if count == 0:
+            return None
+        if self._fd is None:
+            with self._fd_lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, count, int(self.offsets[index]))
+        if len(data) != count:
+            raise SlideError(f"{self.path.name}: the file ends inside a tile; it is truncated. Copy it again.")
+        return data
+
+    def tile(self, ty: int, tx: int) -> np.ndarray:
+        """Decoded segment ``(seg_h, seg_w, 3)`` uint8 (edge segments are full size)."""
+        index = ty * self.grid[1] + tx
+        key = (self.key, index)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        data = self._read_bytes(index)
+        if data is None:
+            arr = np.full((*self.seg, 3), _FILL, np.uint8)
+        else:
+            try:
+                decoded, _, _ = self.decode(data, index, jpegtables=self.jpegtables)
+            except Exception as err:  # noqa: BLE001 - codecs raise their own types
+                raise SlideError(
+                    f"{self.path.name}: tile {index} cannot be decoded ({type(err).__name__}: {err}). "
+                    "The file is corrupt; re-export or copy it again."
+                ) from err
+            if decoded is None:
+                arr = np.full((*self.seg, 3), _FILL, np.uint8)
+            else:
+                arr = np.asarray(decoded).reshape(decoded.shape[-3], decoded.shape[-2], -1)[..., :3]
+                if arr.shape[:2] != self.seg:  # strips/tiles at the edge may come back short
+                    full = np.full((*self.seg, 3), _FILL, np.uint8)
+                    full[: arr.shape[0], : arr.shape[1]] = arr
+                    arr = full
+        self.cache.put(key, arr)
+        return arr
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        out = np.full((h, w, 3), _FILL, np.uint8)
+        H, W = self.shape
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
+        if y0 >= y1 or x0 >= x1:
+            return out
+        sh, sw = self.seg
+        for ty in range(y0 // sh, (y1 - 1) // sh + 1):
+            for tx in range(x0 // sw, (x1 - 1) // sw + 1):
+                tile = self.tile(ty, tx)
+                ty0, tx0 = ty * sh, tx * sw
+                a0, a1 = max(y0, ty0), min(y1, ty0 + sh)
+                b0, b1 = max(x0, tx0), min(x1, tx0 + sw)
+                out[a0 - y : a1 - y, b0 - x : b1 - x] = tile[a0 - ty0 : a1 - ty0, b0 - tx0 : b1 - tx0]
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def check_complete(self, size: int) -> None:
+        ends = np.asarray(self.offsets, dtype=np.int64) + np.asarray(self.counts, dtype=np.int64)
+        if len(ends) and int(ends.max()) > size:
+            raise SlideError(
+                f"{self.path.name} is truncated: its image data runs to byte {int(ends.max()):,} but the file has "
+                f"{size:,} bytes. Copy or export the slide again."
+            )
+
+
+class _TileCache:
+    """A thread-safe LRU of decoded tiles, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            arr = self._items.get(key)
+            if arr is not None:
+                self._items.move_to_end(key)
+            return arr
+
+    def put(self, key: tuple[int, int], arr: np.ndarray) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = arr
+            self._bytes += arr.nbytes
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+
+
+class _LevelArray:
+    """Array-like view of one level for :func:`dask.array.from_array`."""
+
+    def __init__(self, slide: Slide, level: int) -> None:
+        self.slide = slide
+        self.level = level
+        h, w = slide.level_info[level].shape
+        self.shape = (h, w, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        ys, xs = key[0], key[1]
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        region = self.slide.read_region(self.level, y0, x0, max(0, y1 - y0), max(0, x1 - x0))
+        return region[(slice(None), slice(None), *key[2:])] if len(key) > 2 else region
+
+
+class Slide:
+    """An opened slide or image.  Use :func:`open_slide`.
+
+    Attributes
+    ----------
+    path
+        The file.
+    mpp
+        µm per pixel of level 0 ``(y, x)``, or None when the file does not say.
+    level_info
+        Shape and downsample of each level, level 0 first.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        level_info: list[LevelInfo],
+        mpp: tuple[float, float] | None,
+        segments: list[_Segments] | None = None,
+        arrays: list[np.ndarray] | None = None,
+        tiff=None,  # noqa: ANN001
+        vendor: str = "",
+    ) -> None:
+        self.path = path
+        self.level_info = level_info
+        self.mpp = mpp
+        self.vendor = vendor
+        self._segments = segments
+        self._arrays = arrays
+        self._tiff = tiff
+        self._levels = None
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 size ``(h, w)`` in pixels."""
+        return self.level_info[0].shape
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_info)
+
+    @property
+    def levels(self) -> list:
+        """One lazy dask array ``(y, x, 3)`` uint8 per level (for napari's multiscale)."""
+        if self._levels is None:
+            import dask.array as da
+
+            levels = []
+            for i in range(self.level_count):
+                if self._arrays is not None:
+                    levels.append(da.from_array(self._arrays[i], chunks=(1024, 1024, 3)))
+                    continue
+                seg = self._segments[i].seg  # type: ignore[index]
+                chunk = (max(seg[0], 512 // seg[0] * seg[0] or seg[0]), max(seg[1], 512 // seg[1] * seg[1] or seg[1]), 3)
+                levels.append(
+                    da.from_array(
+                        _LevelArray(self, i), chunks=chunk, asarray=False, lock=False, fancy=False,
+                        meta=np.empty((0, 0, 0), np.uint8), name=f"bcd-{self.path.name}-{id(self)}-{i}",
+                    )
+                )
+            self._levels = levels
+        return self._levels
+
+    def level_mpp(self, level: int) -> tuple[float, float] | None:
+        if self.mpp is None:
+            return None
+        dy, dx = self.level_info[level].downsample
+        return (self.mpp[0] * dy, self.mpp[1] * dx)
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample is at most ``downsample`` (never coarser)."""
+        best = 0
+        for i, info in enumerate(self.level_info):
+            if min(info.downsample) <= downsample * 1.001:
+                best = i
+        return best
+
+    # ----------------------------------------------------------------- reading
+    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Pixels ``[y:y+h, x:x+w]`` of ``level`` (level coordinates) as ``(h, w, 3)`` uint8.
+
+        Parts outside the image are white (glass).
+        """
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"{self.name} has levels 0-{self.level_count - 1}, not {level}.")
+        if h < 0 or w < 0:
+            raise SlideError(f"Region size must be positive, got {h}x{w}.")
+        if self._arrays is not None:
+            arr = self._arrays[level]
+            out = np.full((h, w, 3), _FILL, np.uint8)
+            H, W = arr.shape[:2]
+            y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
+            if y0 < y1 and x0 < x1:
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = arr[y0:y1, x0:x1]
+            return out
+        return self._segments[level].read(y, x, h, w)  # type: ignore[index]
+
+    def thumbnail(self, max_size: int = 2000) -> tuple[np.ndarray, tuple[float, float]]:
+        """An RGB image no larger than ``max_size`` px on its long side, and its downsample ``(y, x)``.
+
+        Uses the largest level that fits; when none does, reads the smallest
+        level band by band and averages blocks, so memory stays small.
+        """
+        from skimage.transform import downscale_local_mean
+
+        fits = [i for i, info in enumerate(self.level_info) if max(info.shape) <= max_size]
+        if fits:
+            i = fits[0]
+            h, w = self.level_info[i].shape
+            return self.read_region(i, 0, 0, h, w), self.level_info[i].downsample
+        i = self.level_count - 1
+        H, W = self.level_info[i].shape
+        f = math.ceil(max(H, W) / max_size)
+        out_rows = []
+        band = f * max(1, 2048 // f)
+        for y in range(0, H, band):
+            rows = min(band, H - y)
+            region = self.read_region(i, y, 0, rows, W)
+            out_rows.append(downscale_local_mean(region, (f, f, 1), cval=_FILL).astype(np.uint8))
+        thumb = np.concatenate(out_rows, axis=0)
+        dy, dx = self.level_info[i].downsample
+        return thumb, (dy * H / thumb.shape[0], dx * W / thumb.shape[1])
+
+    def close(self) -> None:
+        for seg in self._segments or []:
+            seg.close()
+        if self._tiff is not None:
+            self._tiff.close()
+            self._tiff = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mpp = f"{self.mpp[1]:.3f} µm/px" if self.mpp else "mpp unknown"
+        shapes = ", ".join(f"{i.shape[1]}x{i.shape[0]}" for i in self.level_info)
+        return f"<Slide {self.name}: {self.level_count} levels ({shapes}), {mpp}>"
+
+
+# --------------------------------------------------------------------------- opening
+def open_slide(
+    path: str | os.PathLike[str],
+    *,
+    mpp: float | tuple[float, float] | None = None,
+    cache_mb: int = 256,
+) -> Slide:
+    """Open a slide or image for lazy reading.
+
+    Parameters
+    ----------
+    path
+        An Aperio SVS, NDPI, OME-TIFF, tiled or plain TIFF, PNG or JPEG file.
+    mpp
+        µm per pixel of level 0; overrides (or supplies) the file's own value.
+    cache_mb
+        Size of the decoded-tile cache.
+
+    Raises
+    ------
+    SlideError
+        When the file is missing, not an image, truncated, or not 8-bit RGB.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SlideError(f"{p} does not exist. Check the path.")
+    if p.is_dir():
+        raise SlideError(f"{p} is a folder; give the slide file itself (e.g. .svs, .ndpi, .tif).")
+    if p.stat().st_size == 0:
+        raise SlideError(f"{p.name} is empty (0 bytes). Copy the slide again.")
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] in (b"II", b"MM"):
+        slide = _open_tiff(p, cache_mb)
+    elif p.suffix.lower() in _PLAIN_SUFFIXES or magic[:4] in (b"\x89PNG",) or magic[:2] == b"\xff\xd8":
+        slide = _open_plain(p)
+    else:
+        raise SlideError(
+            f"{p.name} is not a slide or image napari-bcd can read (SVS, NDPI, OME-TIFF, TIFF, PNG, JPEG). "
+            "If it is a slide in another format (MRXS, iSyntax, CZI), convert it to OME-TIFF first."
+        )
+    if mpp is not None:
+        slide.mpp = (float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1]))  # type: ignore[index]
+    if slide.mpp is None:
+        log.warning("%s has no pixel size (mpp) metadata; state it with mpp=... (--mpp).", p.name)
+    return slide
+
+
+def _check_pixels(p: Path, dtype: np.dtype, samples: int, extra: str = "") -> None:
+    if np.dtype(dtype) != np.uint8:
+        raise SlideError(
+            f"{p.name} has {np.dtype(dtype).itemsize * 8}-bit {np.dtype(dtype).kind!r} pixels; napari-bcd classifies "
+            "8-bit RGB brightfield (H&E) images. Convert it to 8-bit RGB."
+        )
+    if samples < 3:
+        raise SlideError(f"{p.name} is grayscale{extra}; napari-bcd needs RGB H&E images.")
+    if samples > 4:
+        raise SlideError(
+            f"{p.name} has {samples} channels (fluorescence or multiplex?); napari-bcd needs RGB H&E images."
+        )
+
+
+def _open_plain(p: Path) -> Slide:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = 30_000 * 30_000
+    try:
+        with Image.open(p) as im:
+            dpi = im.info.get("dpi")
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I", "F"):
+                _check_pixels(p, np.uint16 if mode.startswith("I;16") else np.float32, 1)
+            if mode in ("L", "1", "P") and mode != "P":
+                raise SlideError(f"{p.name} is grayscale; napari-bcd needs RGB H&E images.")
+            arr = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as err:
+        raise SlideError(f"{p.name} is too large for a plain image ({err}); save it as a tiled pyramid TIFF.") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise SlideError(f"{p.name} cannot be read as an image ({err}). It may be truncated or corrupt.") from err
+    mpp = None
+    if dpi and dpi[0] and dpi[1]:
+        cand = (25_400 / float(dpi[1]), 25_400 / float(dpi[0]))
+        mpp = cand if _MPP_RANGE[0] <= cand[1] <= _MPP_RANGE[1] else None
+    h, w = arr.shape[:2]
+    return Slide(p, [LevelInfo((h, w), (1.0, 1.0))], mpp, arrays=[arr], vendor="plain")
+
+
+def _open_tiff(p: Path, cache_mb: int) -> Slide:
+    import tifffile
+
+    try:
+        tf = tifffile.TiffFile(p)
+    except Exception as err:  # noqa: BLE001 - tifffile raises several types for bad files
+        raise SlideError(f"{p.name} is not a readable TIFF/SVS/NDPI file ({err}). It may be truncated or corrupt.") from err
+    try:
+        pages, vendor = _level_pages(tf, p)
+        first = pages[0]
+        extra = " (one channel per page: a fluorescence image?)" if len(tf.series[0].shape) > 3 else ""
+        _check_pixels(p, first.dtype, int(first.samplesperpixel), extra)
+        if int(first.planarconfig) == 2:
+            raise SlideError(f"{p.name} stores colour planes separately; re-save it as interleaved RGB.")
+        cache = _TileCache(cache_mb << 20)
+        size = p.stat().st_size
+        segments = [_Segments(pg, p, cache, i) for i, pg in enumerate(pages)]
+        for seg in segments:
+            seg.check_complete(size)
+        H, W = segments[0].shape
+        infos = [LevelInfo(s.shape, (H / s.shape[0], W / s.shape[1])) for s in segments]
+        mpp = _mpp(tf, first)
+    except SlideError:
+        tf.close()
+        raise
+    except Exception as err:  # noqa: BLE001
+        tf.close()
+        raise SlideError(f"{p.name} cannot be read ({type(err).__name__}: {err}).") from err
+    return Slide(p, infos, mpp, segments=segments, tiff=tf, vendor=vendor)
+
+
+def _level_pages(tf, p: Path) -> tuple[list, str]:  # noqa: ANN001
+    """The TIFF page of each pyramid level, level 0 first."""
+    if not tf.series:
+        raise SlideError(f"{p.name} holds no image.")
+    series = [s for s in tf.series if (s.name or "").lower() not in _NOT_LEVELS]
+    base = series[0] if series else tf.series[0]
+    vendor = "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "ome" if tf.is_ome else "tiff"
+    pages = [lvl.keyframe for lvl in base.levels]
+    if len(pages) == 1 and len(series) > 1:
+        # A generic pyramid written page by page: later series that are
+        # reduced copies of the first (same aspect ratio, smaller) are levels.
+        h0, w0 = pages[0].shape[:2]
+        for s in series[1:]:
+            pg = s.levels[0].keyframe
+            if pg.ndim < 2:
+                continue
+            h, w = pg.shape[:2]
+            if h < pages[-1].shape[0] and w < pages[-1].shape[1] and abs(h / w - h0 / w0) < 0.02 * (h0 / w0) + 2 / w:
+                pages.append(pg)
+    for pg in pages:
+        if pg.ndim not in (2, 3) or (pg.ndim == 3 and pg.shape[-1] not in (1, 3, 4)):
+            raise SlideError(
+                f"{p.name} has image shape {tuple(pg.shape)}: not a 2-D RGB image "
+                "(a z-stack, time series or multi-channel fluorescence?). napari-bcd needs RGB H&E images."
+            )
+    return pages, vendor
+
+
+def _mpp(tf, page) -> tuple[float, float] | None:  # noqa: ANN001
+    """µm/px of level 0 from the SVS description, OME metadata or resolution tags."""
+    desc = page.description or ""
+    if tf.is_svs:
+        m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", desc)
+        if m:
+            v = float(m.group(1))
+            return (v, v) if _MPP_RANGE[0] <= v <= _MPP_RANGE[1] else None
+    if tf.is_ome and tf.ome_metadata:
+        got = _ome_mpp(tf.ome_metadata)
+        if got:
+            return got
+    return _resolution_mpp(page)
+
+
+_UNIT_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3, "in": 25_400.0, "inch": 25_400.0}
+
+
+def _ome_mpp(xml: str) -> tuple[float, float] | None:
+    import defusedxml.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except Exception:  # noqa: BLE001 - defusedxml raises on entities and syntax errors alike
+        return None
+    for el in root.iter():
+        if el.tag.endswith("Pixels"):
+            sx, sy = el.get("PhysicalSizeX"), el.get("PhysicalSizeY")
+            if not sx or not sy:
+                return None
+            ux = _UNIT_UM.get(el.get("PhysicalSizeXUnit", "µm"), 1.0)
+            uy = _UNIT_UM.get(el.get("PhysicalSizeYUnit", "µm"), 1.0)
+            mpp = (float(sy) * uy, float(sx) * ux)
+            return mpp if _MPP_RANGE[0] <= mpp[1] <= _MPP_RANGE[1] else None
+    return None
+
+
+def _resolution_mpp(page) -> tuple[float, float] | None:  # noqa: ANN001
+    unit = int(page.resolutionunit)
+    um = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}.get(unit)  # inch, cm, (tifffile) mm, µm
+    if um is None:
+        return None
+    xres, yres = page.resolution
+    if not xres or not yres:
+        return None
+    mpp = (um / float(yres), um / float(xres))
+    if not (_MPP_RANGE[0] <= mpp[1] <= _MPP_RANGE[1]):
+        return None
+    return mpp

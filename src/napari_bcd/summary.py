@@ -1,0 +1,155 @@
+"""Per-slide summary: area and share of each class, and the slide-level call."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .classes import CLASS_IDS, DISPLAY_NAMES, SEVERITY
+from .engine import ClassMap
+
+__all__ = ["ClassSummary", "Summary", "summarize"]
+
+
+@dataclass(frozen=True)
+class ClassSummary:
+    """One class on one slide."""
+
+    name: str
+    display_name: str
+    windows: int  # windows whose most likely class this is
+    cells: int
+    area_mm2: float
+    percent_of_tissue: float
+    mean_probability: float  # mean probability of this class over its cells
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a pathologist reads first.
+
+    ``call`` is the most severe class (Invasive > InSitu > Benign > Normal)
+    covering more than ``min_area_mm2``; ``call_probability`` is the mean
+    probability of that class over the cells labelled with it.
+    """
+
+    slide: str
+    model: str
+    classes: list[ClassSummary]
+    tissue_area_mm2: float
+    classified_area_mm2: float
+    windows: int
+    call: str | None
+    call_display: str
+    call_probability: float | None
+    min_area_mm2: float
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["slide", "class", "windows", "area_mm2", "percent_of_tissue", "mean_probability", "slide_call", "call_probability"])
+        for c in self.classes:
+            w.writerow([
+                self.slide, c.name, c.windows, f"{c.area_mm2:.4f}", f"{c.percent_of_tissue:.2f}",
+                f"{c.mean_probability:.4f}", self.call or "", "" if self.call_probability is None else f"{self.call_probability:.4f}",
+            ])
+        return out.getvalue()
+
+    def table(self) -> str:
+        """A fixed-width table for terminals and the dock widget."""
+        lines = [f"{'class':<20} {'windows':>7} {'mm²':>9} {'% tissue':>9} {'mean p':>7}"]
+        for c in self.classes:
+            lines.append(
+                f"{c.display_name:<20} {c.windows:>7d} {c.area_mm2:>9.3f} {c.percent_of_tissue:>8.1f}% {c.mean_probability:>7.3f}"
+            )
+        if self.call is None:
+            verdict = "no tissue classified" if self.windows == 0 else f"no class covers more than {self.min_area_mm2} mm²"
+            lines.append(f"slide call: none ({verdict})")
+        else:
+            lines.append(f"slide call: {self.call_display} (p = {self.call_probability:.3f})")
+        return "\n".join(lines)
+
+
+def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
+    """Summarise a ClassMap.
+
+    Parameters
+    ----------
+    class_map
+        From :func:`~napari_bcd.iter_classify`.
+    min_area_mm2
+        A class counts towards the slide-level call once it covers more than this.
+    """
+    g = class_map.grid
+    cell_mm2 = g.cell_um[0] * g.cell_um[1] / 1e6
+    labels = class_map.labels
+    classified = labels > 0
+    # Tissue area: the tissue fraction of every cell (the detector's estimate).
+    tissue_mm2 = float(np.clip(class_map.tissue, 0, 1).sum() * cell_mm2)
+    classified_mm2 = float(classified.sum() * cell_mm2)
+    kh, kw = g.cells_per_window
+    rows: list[ClassSummary] = []
+    win_idx = np.argwhere(class_map.window_done)
+    win_label = []
+    for r, c in win_idx:
+        p = np.nanmean(class_map.probs[r : r + kh, c : c + kw].reshape(-1, len(class_map.classes)), axis=0)
+        win_label.append(int(np.nanargmax(p)) + 1 if np.isfinite(p).all() else 0)
+    win_label_arr = np.asarray(win_label, int)
+    for i, name in enumerate(class_map.classes):
+        cid = i + 1
+        sel = labels == cid
+        n = int(sel.sum())
+        mean_p = float(np.nanmean(class_map.probs[sel][:, i])) if n else 0.0
+        rows.append(
+            ClassSummary(
+                name=name,
+                display_name=DISPLAY_NAMES.get(CLASS_IDS.get(name, -1), name),
+                windows=int((win_label_arr == cid).sum()),
+                cells=n,
+                area_mm2=round(n * cell_mm2, 6),
+                percent_of_tissue=round(100.0 * n / max(int(classified.sum()), 1), 3),
+                mean_probability=round(mean_p, 6),
+            )
+        )
+    call = None
+    call_p = None
+    by_name = {r.name: r for r in rows}
+    order = [n for n in (CLASS_IDS_BY_SEVERITY()) if n in by_name] + [
+        n for n in by_name if n not in CLASS_IDS_BY_SEVERITY()
+    ]
+    for name in order:
+        r = by_name[name]
+        if r.cells and r.area_mm2 > min_area_mm2:
+            call, call_p = name, r.mean_probability
+            break
+    display = by_name[call].display_name if call else "none"
+    return Summary(
+        slide=class_map.slide_name,
+        model=class_map.model_name,
+        classes=rows,
+        tissue_area_mm2=round(tissue_mm2, 6),
+        classified_area_mm2=round(classified_mm2, 6),
+        windows=class_map.n_windows,
+        call=call,
+        call_display=display,
+        call_probability=call_p,
+        min_area_mm2=min_area_mm2,
+        info=dict(class_map.info),
+    )
+
+
+def CLASS_IDS_BY_SEVERITY() -> list[str]:  # noqa: N802
+    """ICIAR class names, most severe first."""
+    names = {v: k for k, v in CLASS_IDS.items()}
+    return [names[i] for i in SEVERITY]

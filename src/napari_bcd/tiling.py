@@ -1,0 +1,189 @@
+"""The window grid: which level-0 boxes the model sees, and the cells results live on.
+
+Geometry (DESIGN.md): a model card fixes ``field_um`` (what one input shows)
+and ``input_px``.  On a slide of ``mpp`` µm/px a window is
+``field_um / mpp`` level-0 pixels; it is read from the coarsest level that is
+still at least as fine as the network input (never coarser) and resized to
+``input_px`` with area averaging.
+
+Windows step by ``stride``.  Results live on a grid of *cells*, one stride
+in size: a window covers ``k = round(field / stride)`` cells per axis, and a
+cell's probabilities are the mean of every window covering it.  With
+``stride = field`` (the default) cells and windows coincide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BcdError
+
+__all__ = ["Grid", "make_grid"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Windows and cells of one slide, in level-0 pixels ``(y, x)``.
+
+    Attributes
+    ----------
+    window_px
+        Window size in level-0 px (float: the exact field).
+    stride_px
+        Step between windows (= cell size) in level-0 px.
+    origin_px
+        Level-0 position of the first window's top-left corner.
+    n_windows
+        Windows per axis ``(rows, cols)``.
+    cells_per_window
+        Cells one window covers per axis.
+    level, level_downsample
+        Pyramid level read and its downsample.
+    mpp
+        Level-0 µm per pixel ``(y, x)``.
+    input_px
+        Network input size.
+    """
+
+    window_px: tuple[float, float]
+    stride_px: tuple[float, float]
+    origin_px: tuple[float, float]
+    n_windows: tuple[int, int]
+    cells_per_window: tuple[int, int]
+    level: int
+    level_downsample: tuple[float, float]
+    mpp: tuple[float, float]
+    input_px: tuple[int, int]
+
+    @property
+    def n_cells(self) -> tuple[int, int]:
+        return (
+            self.n_windows[0] - 1 + self.cells_per_window[0],
+            self.n_windows[1] - 1 + self.cells_per_window[1],
+        )
+
+    @property
+    def cell_um(self) -> tuple[float, float]:
+        return (self.stride_px[0] * self.mpp[0], self.stride_px[1] * self.mpp[1])
+
+    @property
+    def window_um(self) -> tuple[float, float]:
+        return (self.window_px[0] * self.mpp[0], self.window_px[1] * self.mpp[1])
+
+    def window_box(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """Level-0 ``(y, x, h, w)`` of window ``(row, col)``."""
+        return (
+            self.origin_px[0] + row * self.stride_px[0],
+            self.origin_px[1] + col * self.stride_px[1],
+            self.window_px[0],
+            self.window_px[1],
+        )
+
+    def cell_box(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """Level-0 ``(y, x, h, w)`` of cell ``(row, col)``."""
+        return (
+            self.origin_px[0] + row * self.stride_px[0],
+            self.origin_px[1] + col * self.stride_px[1],
+            self.stride_px[0],
+            self.stride_px[1],
+        )
+
+    def read_box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """``(y, x, h, w)`` in pixels of ``level`` to read for window ``(row, col)``."""
+        y, x, h, w = self.window_box(row, col)
+        dy, dx = self.level_downsample
+        y0, x0 = int(round(y / dy)), int(round(x / dx))
+        return y0, x0, max(1, int(round(h / dy))), max(1, int(round(w / dx)))
+
+    def cell_of_point(self, y: float, x: float) -> tuple[int, int] | None:
+        """The cell containing level-0 point ``(y, x)``, or None outside the grid."""
+        r = int(np.floor((y - self.origin_px[0]) / self.stride_px[0]))
+        c = int(np.floor((x - self.origin_px[1]) / self.stride_px[1]))
+        if 0 <= r < self.n_cells[0] and 0 <= c < self.n_cells[1]:
+            return r, c
+        return None
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["n_cells"] = list(self.n_cells)
+        d["cell_um"] = list(self.cell_um)
+        return d
+
+
+def make_grid(
+    slide_shape: tuple[int, int],
+    mpp: tuple[float, float],
+    field_um: tuple[float, float],
+    input_px: tuple[int, int],
+    level_downsamples: list[tuple[float, float]],
+    stride: float | tuple[float, float] = 1.0,
+    stride_um: float | tuple[float, float] | None = None,
+) -> Grid:
+    """Lay the window grid over a slide.
+
+    Parameters
+    ----------
+    slide_shape
+        Level-0 ``(h, w)`` px.
+    mpp
+        Level-0 µm/px ``(y, x)``.
+    field_um, input_px
+        From the model card.
+    level_downsamples
+        Downsample ``(y, x)`` of each pyramid level.
+    stride
+        Step as a fraction of the field (0.5 = half-overlapping windows).
+    stride_um
+        Step in µm; overrides ``stride``.
+
+    Raises
+    ------
+    BcdError
+        When the image is smaller than one window or the stride is not positive.
+    """
+    H, W = slide_shape
+    win = (field_um[0] / mpp[0], field_um[1] / mpp[1])
+    if stride_um is not None:
+        su = (stride_um, stride_um) if np.isscalar(stride_um) else tuple(stride_um)  # type: ignore[arg-type]
+        step = (su[0] / mpp[0], su[1] / mpp[1])
+    else:
+        sf = (stride, stride) if np.isscalar(stride) else tuple(stride)  # type: ignore[arg-type]
+        if not all(0 < f <= 1 for f in sf):  # type: ignore[operator]
+            raise BcdError(f"stride is a fraction of the field in (0, 1], got {stride}. Use stride_um for µm.")
+        step = (win[0] * sf[0], win[1] * sf[1])  # type: ignore[operator]
+    if step[0] <= 0 or step[1] <= 0:
+        raise BcdError(f"The stride must be positive, got {stride_um or stride}.")
+    # A few pixels short of a window still counts as one: an ICIAR photo is
+    # exactly one field, and rounding of mpp should not lose it.
+    tol = (0.02 * win[0], 0.02 * win[1])
+    if H + tol[0] < win[0] or W + tol[1] < win[1]:
+        raise BcdError(
+            f"The image is {H * mpp[0]:.0f} x {W * mpp[1]:.0f} µm, smaller than one model window "
+            f"({field_um[0]:.0f} x {field_um[1]:.0f} µm). Check the mpp, or use a model with a smaller field."
+        )
+    rows = max(1, int(np.floor((H - win[0] + tol[0]) / step[0])) + 1)
+    cols = max(1, int(np.floor((W - win[1] + tol[1]) / step[1])) + 1)
+    # Centre the grid, so the margin left over is split between both sides.
+    used = ((rows - 1) * step[0] + win[0], (cols - 1) * step[1] + win[1])
+    origin = ((H - used[0]) / 2, (W - used[1]) / 2)
+    k = (max(1, int(round(win[0] / step[0]))), max(1, int(round(win[1] / step[1]))))
+    need = min(win[0] / input_px[0], win[1] / input_px[1])
+    level = 0
+    for i, ds in enumerate(level_downsamples):
+        if min(ds) <= need * 1.001:
+            level = i
+    return Grid(
+        window_px=win,
+        stride_px=step,
+        origin_px=origin,
+        n_windows=(rows, cols),
+        cells_per_window=k,
+        level=level,
+        level_downsample=tuple(level_downsamples[level]),  # type: ignore[arg-type]
+        mpp=tuple(mpp),  # type: ignore[arg-type]
+        input_px=tuple(input_px),  # type: ignore[arg-type]
+    )

@@ -1,0 +1,112 @@
+"""Tissue detection on a low-resolution image of the slide.
+
+Method (on an RGB thumbnail, typically <= 2,000 px wide):
+
+1. A pixel is a tissue candidate when it is coloured like H&E: saturation
+   ``(max - min) / max`` at least ``threshold`` (default 0.1, the one setting a
+   user normally changes: lower it for pale stains, raise it for dirty glass),
+   not near-black (ink, debris) nor near-white (glass), and with an H&E hue — haematoxylin and eosin
+   are purple to pink, i.e. blue at least a quarter of the way from green to
+   red.  Red, green and black marker pens fail this test.
+2. The candidate mask is smoothed (closing then opening with a disk of about
+   ``smooth_um``) and components smaller than ``min_area_um2`` are dropped.
+3. Components that are dark on average (median brightness below 125 of 255)
+   are marker pen or folds of ink, not tissue: stained tissue seen at low
+   resolution is lighter than that.
+
+Everything here is plain NumPy / scikit-image on a small image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BcdError
+
+__all__ = ["TissueParams", "detect_tissue"]
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Settings of :func:`detect_tissue`.
+
+    Attributes
+    ----------
+    threshold
+        Minimum saturation (0-1) of a tissue pixel.
+    min_value, dark_component
+        Brightness (0-255) below which a pixel, or a component's median, is ink.
+    max_mean
+        Mean grey level (0-255) above which a pixel is glass.
+    smooth_um, min_area_um2
+        Morphological smoothing radius and smallest kept component, in µm / µm².
+    """
+
+    threshold: float = 0.1
+    min_value: float = 60.0
+    max_mean: float = 230.0
+    dark_component: float = 125.0
+    smooth_um: float = 30.0
+    min_area_um2: float = 20_000.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= 1:
+            raise BcdError(f"The tissue threshold is a saturation between 0 and 1, not {self.threshold}.")
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float | None = None, params: TissueParams | None = None) -> np.ndarray:
+    """Boolean tissue mask of an RGB image.
+
+    Parameters
+    ----------
+    rgb
+        ``(h, w, 3)`` uint8 image, usually a thumbnail.
+    mpp
+        µm per pixel of ``rgb``; sizes in ``params`` are converted with it.
+        When None, 8 µm/px (a typical thumbnail) is assumed.
+    params
+        Settings; see :class:`TissueParams`.
+
+    Returns
+    -------
+    np.ndarray
+        ``(h, w)`` bool.
+    """
+    from scipy import ndimage
+    from skimage import measure, morphology
+
+    p = params or TissueParams()
+    if rgb.ndim != 3 or rgb.shape[-1] < 3:
+        raise BcdError(f"Tissue detection needs an RGB image, got shape {rgb.shape}.")
+    a = rgb[..., :3].astype(np.float32)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    vmax = a.max(-1)
+    sat = (vmax - a.min(-1)) / np.maximum(vmax, 1.0)
+    mean = a.mean(-1)
+    mask = (
+        (sat >= p.threshold)
+        & (vmax >= p.min_value)
+        & (mean <= p.max_mean)
+        & ((b - g) > 0.25 * (r - g))
+    )
+    scale = 8.0 if mpp is None else float(mpp)
+    radius = max(0, int(round(p.smooth_um / scale / 2)))
+    if radius:
+        fp = morphology.disk(radius).astype(bool)
+        # Pad so closing does not eat tissue touching the border.
+        padded = np.pad(mask, radius, mode="edge")
+        padded = ndimage.binary_opening(ndimage.binary_closing(padded, fp), fp)
+        mask = padded[radius:-radius, radius:-radius]
+    min_px = int(p.min_area_um2 / (scale * scale))
+    labels = measure.label(mask, connectivity=2)
+    if labels.max() == 0:
+        return mask
+    keep = np.zeros(labels.max() + 1, dtype=bool)
+    for region in measure.regionprops(labels, intensity_image=vmax):
+        if region.area < min_px:
+            continue
+        median = float(np.median(vmax[region.slice][region.image]))
+        keep[region.label] = median >= p.dark_component
+    return keep[labels]
