@@ -133,3 +133,83 @@ def keras_reference(tmp_path_factory: pytest.TempPathFactory, he_256: np.ndarray
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+SAMPLE_SLIDE = Path(__file__).parents[1] / "src" / "napari_bcd" / "data" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def cmu_rgb() -> np.ndarray:
+    """Level 0 of the real CMU Aperio slide: 2967 x 2220 real H&E pixels."""
+    import tifffile
+
+    return tifffile.imread(SAMPLE_SLIDE)
+
+
+def halve(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+    return a[:h, :w].reshape(h // 2, 2, w // 2, 2, -1).mean((1, 3)).round().astype(np.uint8)
+
+
+def write_pyramid(
+    path: Path,
+    image: np.ndarray,
+    levels: int = 3,
+    mpp: float | None = 0.5,
+    compression: str = "jpeg",
+    subfiletype: bool = True,
+    tile: int = 256,
+) -> Path:
+    """A generic tiled pyramid TIFF, one page per level, as scanners' converters write it."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tw:
+        lvl = image
+        for i in range(levels):
+            kw = {}
+            if mpp is not None:
+                kw = {"resolution": (1e4 / (mpp * 2**i), 1e4 / (mpp * 2**i)), "resolutionunit": "CENTIMETER"}
+            tw.write(
+                lvl, tile=(tile, tile), compression=compression, photometric="rgb",
+                subfiletype=(1 if i and subfiletype else 0), **kw,
+            )
+            lvl = halve(lvl)
+    return path
+
+
+def write_ome_subifds(path: Path, image: np.ndarray, levels: int = 3, mpp: float = 0.25) -> Path:
+    """An OME-TIFF pyramid in SubIFDs (tifffile README's pyramidal OME-TIFF recipe)."""
+    import tifffile
+
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
+        opts = {"tile": (256, 256), "compression": "jpeg", "photometric": "rgb"}
+        tw.write(image, subifds=levels - 1, metadata=meta, **opts)
+        lvl = image
+        for _ in range(levels - 1):
+            lvl = halve(lvl)
+            tw.write(lvl, subfiletype=1, **opts)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model():  # noqa: ANN201
+    """A small real network (timm resnet18, random weights) with a 200 µm field at 64 px."""
+    import torch
+
+    from napari_bcd.model import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier(
+        "timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0), name="tiny"
+    )
+    for p in model.head.parameters():  # spread the outputs so several classes appear
+        torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # noqa: ANN001
+    from napari_bcd.model import save_checkpoint
+
+    return save_checkpoint(tiny_model, path=tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")

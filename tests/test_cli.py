@@ -71,3 +71,44 @@ def test_selfcheck_builds_the_paper_model(capsys: pytest.CaptureFixture[str]) ->
     assert "143,620 trainable" in captured.out and "58,475,268" in captured.out
     assert "head is untrained" in captured.out
     assert "WITHOUT its ImageNet weights" in captured.err
+
+
+def test_classify_writes_outputs_and_goes_on_after_a_bad_slide(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import SAMPLE_SLIDE
+
+    bad = tmp_path / "notes.svs"
+    bad.write_text("not a slide")
+    out = tmp_path / "out"
+    rc = main(["classify", str(bad), str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--device", "cpu"])
+    assert rc == 1  # one slide failed...
+    cap = capsys.readouterr()
+    assert "notes.svs" in cap.err and "not a slide" in cap.err and "Traceback" not in cap.err
+    stem = "CMU-1-Small-Region"
+    for suffix in (".labels.tif", ".probabilities.tif", ".summary.json", ".summary.csv", ".geojson"):
+        assert (out / f"{stem}{suffix}").is_file()  # ...and the good one was still done
+    assert "slide call:" in cap.out
+    before = (out / f"{stem}.summary.json").read_bytes()
+    # Existing outputs are kept unless --overwrite.
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / f"{stem}.summary.json").read_bytes() == before
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--overwrite",
+                 "--stride", "0.5"]) == 0
+
+
+def test_classify_without_a_model_says_how_to_get_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import SAMPLE_SLIDE
+
+    assert main(["classify", str(SAMPLE_SLIDE), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "No trained model" in err and "napari-bcd train" in err and "--model" in err
+
+
+def test_classify_uses_the_default_model(tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import DATA
+
+    monkeypatch.setenv("NAPARI_BCD_MODEL", str(tiny_checkpoint))
+    assert main(["classify", str(DATA / "stardist-histo-500x300.jpg"), "--mpp", "1.0", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "stardist-histo-500x300.summary.json").is_file()

@@ -460,7 +460,10 @@ def _open_tiff(p: Path, cache_mb: int) -> Slide:
 def _level_pages(tf, p: Path) -> tuple[list, str]:  # noqa: ANN001
     """The TIFF page of each pyramid level, level 0 first."""
     if not tf.series:
-        raise SlideError(f"{p.name} holds no image.")
+        raise SlideError(
+            f"{p.name} holds no readable image: the file is truncated or corrupt (its image directory is missing "
+            "or points past the end). Copy or export the slide again."
+        )
     series = [s for s in tf.series if (s.name or "").lower() not in _NOT_LEVELS]
     base = series[0] if series else tf.series[0]
     vendor = "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "ome" if tf.is_ome else "tiff"

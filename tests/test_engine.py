@@ -1,0 +1,198 @@
+"""The sliding-window engine on the real CMU slide and test-written pyramids."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_SLIDE, write_pyramid
+
+from napari_bcd.engine import ClassMap, Progress, classify, iter_classify
+from napari_bcd.errors import BcdError
+from napari_bcd.io import open_slide
+from napari_bcd.model import Predictor
+from napari_bcd.tiling import make_grid
+
+
+class SpyPredictor(Predictor):
+    """The real predictor, recording what the model was asked."""
+
+    def __init__(self, *a, **k) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*a, **k)
+        self.calls: list[np.ndarray] = []
+
+    def __call__(self, batch):  # noqa: ANN001, ANN204
+        out = super().__call__(batch)
+        self.calls.append(out)
+        return out
+
+
+def run(gen):  # noqa: ANN001, ANN201
+    progress = []
+    while True:
+        try:
+            progress.append(next(gen))
+        except StopIteration as stop:
+            return progress, stop.value
+
+
+def test_classifies_only_tissue_windows_and_reports_progress(tiny_model) -> None:  # noqa: ANN001
+    spy = SpyPredictor(tiny_model, device="cpu")
+    with open_slide(SAMPLE_SLIDE) as slide:
+        progress, cmap = run(iter_classify(slide, spy, batch_size=8))
+    assert isinstance(cmap, ClassMap)
+    steps = [p for p in progress if p.stage == "classify"]
+    total = steps[0].total
+    assert steps[-1].done == total == cmap.n_windows
+    assert [p.done for p in steps] == sorted(p.done for p in steps)
+    assert all(isinstance(p, Progress) for p in progress) and steps[-1].windows_per_s > 0
+    # The model saw exactly the tissue windows, in batches of at most 8.
+    assert sum(len(c) for c in spy.calls) == total and max(len(c) for c in spy.calls) <= 8
+    g = cmap.grid
+    assert g.n_windows == (int(2967 * 0.499 // 200), int(2220 * 0.499 // 200))  # 7 x 5 windows of 200 µm
+    assert 0 < total < g.n_windows[0] * g.n_windows[1]  # background windows were skipped
+    assert (cmap.labels[~cmap.window_done] == 0).all()
+    assert set(np.unique(cmap.labels[cmap.window_done])) <= {1, 2, 3, 4}
+    # Probabilities: a distribution where classified, NaN elsewhere.
+    done = cmap.probs[cmap.window_done]
+    np.testing.assert_allclose(done.sum(-1), 1, atol=1e-5)
+    assert np.isnan(cmap.probs[~cmap.window_done]).all()
+    # Labels are the argmax of the probabilities.
+    assert (cmap.labels[cmap.window_done] == done.argmax(-1) + 1).all()
+
+
+def test_overlapping_windows_are_averaged_per_cell(tiny_model) -> None:  # noqa: ANN001
+    spy = SpyPredictor(tiny_model, device="cpu")
+    with open_slide(SAMPLE_SLIDE) as slide:
+        _, cmap = run(iter_classify(slide, spy, stride=0.5, batch_size=4))
+    g = cmap.grid
+    assert g.cells_per_window == (2, 2)
+    assert g.n_cells == (g.n_windows[0] + 1, g.n_windows[1] + 1)
+    probs = np.concatenate(spy.calls)
+    windows = np.argwhere(cmap.window_done)
+    assert len(windows) == len(probs)
+    expected_sum = np.zeros((*g.n_cells, 4))
+    count = np.zeros(g.n_cells)
+    for (r, c), p in zip(windows, probs, strict=True):
+        expected_sum[r : r + 2, c : c + 2] += p
+        count[r : r + 2, c : c + 2] += 1
+    covered = count > 0
+    np.testing.assert_allclose(cmap.probs[covered], (expected_sum[covered] / count[covered][:, None]), atol=1e-5)
+    # Some cell really averages several windows.
+    assert count.max() == 4
+
+
+def test_geometry_places_cells_on_their_windows(tiny_model) -> None:  # noqa: ANN001
+    with open_slide(SAMPLE_SLIDE) as slide:
+        cmap = classify(slide, tiny_model, batch_size=16)
+    (sy, sx), (ty, tx) = cmap.layer_transform()
+    g = cmap.grid
+    assert (sy, sx) == pytest.approx((200.0, 200.0))  # cell = window = 200 µm
+    for r, c in np.argwhere(cmap.window_done)[:5]:
+        # napari's world coordinate of cell (r, c)'s centre, back to level-0 px...
+        wy, wx = r * sy + ty, c * sx + tx
+        py, px = wy / g.mpp[0], wx / g.mpp[1]
+        y, x, h, w = g.window_box(r, c)
+        assert y <= py < y + h and x <= px < x + w  # ...lies in the window classified
+        label, p = cmap.at_level0(py, px)
+        assert label == cmap.labels[r, c] and p is not None
+
+
+def test_reads_the_coarsest_level_that_is_fine_enough(tmp_path: Path, cmu_rgb: np.ndarray, tiny_model) -> None:  # noqa: ANN001
+    path = write_pyramid(tmp_path / "p.tif", cmu_rgb[:2048, :2048], levels=4, mpp=0.25)
+    with open_slide(path) as slide:
+        # 200 µm at 64 px needs 3.125 µm/px: level 3 (2 µm/px) is the coarsest finer than that.
+        cmap = classify(slide, tiny_model)
+    assert cmap.grid.level == 3
+
+
+def test_cancel_stops_within_a_batch_and_frees_threads(tiny_model) -> None:  # noqa: ANN001
+    spy = SpyPredictor(tiny_model, device="cpu")
+    before = {t.name for t in threading.enumerate()}
+    with open_slide(SAMPLE_SLIDE) as slide:
+        gen = iter_classify(slide, spy, batch_size=2, stride=0.5)
+        for p in gen:
+            if p.stage == "classify" and p.done >= 2:
+                break
+        gen.close()
+    assert len(spy.calls) == 1
+    leftover = {t.name for t in threading.enumerate() if t.name.startswith("bcd-read")} - before
+    assert not leftover
+
+
+def test_reading_ahead_is_bounded(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    reads = []
+    spy_calls = []
+
+    class CountingSpy(SpyPredictor):
+        def __call__(self, batch):  # noqa: ANN001, ANN204
+            spy_calls.append(len(reads))
+            return super().__call__(batch)
+
+    with open_slide(SAMPLE_SLIDE) as slide:
+        original = slide.read_region
+
+        def counting(*a):  # noqa: ANN002, ANN202
+            reads.append(a)
+            return original(*a)
+
+        monkeypatch.setattr(slide, "read_region", counting)
+        for p in iter_classify(slide, CountingSpy(tiny_model, device="cpu"), batch_size=2, stride=0.5, prefetch=2):
+            if p.stage == "classify" and p.done == 0:
+                reads.clear()  # the thumbnail's reads are not windows
+    assert len(spy_calls) > 5
+    # Before the k-th model call, at most k batches + the read-ahead window were read.
+    for k, n_reads in enumerate(spy_calls):
+        assert n_reads <= (k + 1) * 2 + 2 * 2 + 2
+
+
+def test_no_tissue_means_no_model_calls(tiny_model) -> None:  # noqa: ANN001
+    from conftest import DATA
+
+    spy = SpyPredictor(tiny_model, device="cpu")
+    with open_slide(DATA / "histolab-no-tissue.png", mpp=1.0) as slide:
+        _, cmap = run(iter_classify(slide, spy))
+    assert cmap.n_windows == 0 and not spy.calls and (cmap.labels == 0).all()
+
+
+def test_errors_before_any_work(tiny_model) -> None:  # noqa: ANN001
+    from conftest import DATA
+
+    with open_slide(DATA / "stardist-histo-500x300.jpg") as slide:
+        with pytest.raises(BcdError, match="pixel size"):
+            classify(slide, tiny_model)
+        with pytest.raises(BcdError, match="smaller than one model window"):
+            classify(slide, tiny_model, mpp=0.1)  # 30 x 50 µm < 200 µm
+        with pytest.raises(BcdError, match="batch_size"):
+            classify(slide, tiny_model, mpp=1.0, batch_size=0)
+        with pytest.raises(BcdError, match="stride"):
+            classify(slide, tiny_model, mpp=1.0, stride=2.0)
+
+
+def test_grid_for_an_iciar_photo_is_one_window() -> None:
+    g = make_grid((1536, 2048), (0.42, 0.42), (645.12, 860.16), (256, 256), [(1.0, 1.0)])
+    assert g.n_windows == (1, 1) and g.origin_px == pytest.approx((0.0, 0.0))
+    assert g.read_box(0, 0) == (0, 0, 1536, 2048)
+
+
+@pytest.mark.slow
+def test_the_paper_model_classifies_an_iciar_sized_photo(cmu_rgb: np.ndarray, tmp_path: Path) -> None:
+    import tifffile
+
+    from napari_bcd.errors import BackboneWeightsWarning
+    from napari_bcd.model import build_classifier
+
+    # The CMU slide at 0.499 µm/px, cropped to one ICIAR field (645 x 860 µm).
+    tifffile.imwrite(tmp_path / "photo.tif", cmu_rgb[200:1493, 200:1924])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackboneWeightsWarning)
+        model = build_classifier("resnet152v2")
+    spy = SpyPredictor(model, device="cpu")
+    with open_slide(tmp_path / "photo.tif", mpp=0.499) as slide:
+        _, cmap = run(iter_classify(slide, spy))
+    assert cmap.grid.n_windows == (1, 1) and cmap.n_windows == 1
+    assert spy.calls[0].shape == (1, 4)
+    assert cmap.labels[0, 0] == spy.calls[0][0].argmax() + 1

@@ -1,0 +1,131 @@
+"""Summary figures, the slide-level call, and the written outputs (TIFF, GeoJSON, JSON, CSV)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_bcd.engine import ClassMap
+from napari_bcd.export import class_regions, label_image, write_label_tiff, write_outputs, write_probabilities
+from napari_bcd.summary import summarize
+from napari_bcd.tiling import make_grid
+
+
+def _cmap(labels: np.ndarray, mpp: float = 0.5, field: float = 100.0) -> ClassMap:
+    """A ClassMap laid by hand: cells of 100 µm (200 px at 0.5 µm/px)."""
+    rows, cols = labels.shape
+    shape = (int(rows * field / mpp), int(cols * field / mpp))
+    g = make_grid(shape, (mpp, mpp), (field, field), (64, 64), [(1.0, 1.0)])
+    probs = np.full((*labels.shape, 4), np.nan, np.float32)
+    for cid in range(1, 5):
+        p = np.full(4, 0.1, np.float32)
+        p[cid - 1] = 0.7
+        probs[labels == cid] = p
+    return ClassMap(
+        probs=probs, labels=labels.astype(np.uint8), tissue=(labels > 0).astype(np.float32),
+        window_done=labels > 0, grid=g, slide_name="hand.svs", slide_shape=shape, model_name="m",
+    )
+
+
+LABELS = np.array(
+    [
+        [0, 1, 1, 1],
+        [0, 1, 2, 2],
+        [0, 3, 0, 2],
+        [4, 0, 0, 0],
+    ]
+)
+
+
+def test_summary_areas_shares_and_call() -> None:
+    s = summarize(_cmap(LABELS))
+    by = {c.name: c for c in s.classes}
+    cell = 0.1 * 0.1  # mm²
+    assert by["Normal"].area_mm2 == pytest.approx(4 * cell)
+    assert by["Benign"].area_mm2 == pytest.approx(3 * cell)
+    assert by["Normal"].percent_of_tissue == pytest.approx(100 * 4 / 9, abs=1e-3)
+    assert by["Invasive"].windows == 1 and by["InSitu"].cells == 1
+    assert by["Benign"].mean_probability == pytest.approx(0.7)
+    assert s.tissue_area_mm2 == pytest.approx(9 * cell)
+    # Most severe class present wins, whatever its area...
+    assert s.call == "Invasive" and s.call_display == "Invasive carcinoma" and s.call_probability == pytest.approx(0.7)
+    # ...unless it covers no more than the minimum area.
+    s2 = summarize(_cmap(LABELS), min_area_mm2=1.5 * cell)
+    assert s2.call == "Benign"
+    assert "slide call: Benign" in s2.table()
+    doc = json.loads(s.to_json())
+    assert doc["call"] == "Invasive" and len(doc["classes"]) == 4
+    csv_lines = s.to_csv().splitlines()
+    assert csv_lines[0].startswith("slide,class,windows,area_mm2") and len(csv_lines) == 5
+
+
+def test_no_tissue_summary() -> None:
+    s = summarize(_cmap(np.zeros((2, 2), int)))
+    assert s.call is None and s.windows == 0 and "no tissue classified" in s.table()
+
+
+def test_class_regions_are_the_union_of_cells() -> None:
+    cm = _cmap(LABELS)
+    regions = class_regions(cm)
+    cell_px2 = 200.0 * 200.0
+    areas: dict[str, float] = {}
+    for a in regions:
+        areas[a.label] = areas.get(a.label, 0) + a.area_px
+    assert areas == {"Normal": 4 * cell_px2, "Benign": 3 * cell_px2, "InSitu": cell_px2, "Invasive": cell_px2}
+    normal = [a for a in regions if a.label == "Normal"]
+    assert len(normal) == 1 and len(normal[0].polygon) == 6  # an L-shape: six corners, no staircase vertices
+    assert normal[0].cls == 1 and normal[0].color == (46, 160, 67)
+
+
+def test_label_tiff_overlays_the_slide(tmp_path: Path) -> None:
+    import tifffile
+
+    cm = _cmap(LABELS)
+    path = write_label_tiff(cm, tmp_path / "labels.tif")
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        img = page.asarray()
+        desc = json.loads(page.description)
+        k = desc["downsample"]
+        assert page.photometric == 3 and page.colormap is not None  # palette with the class colours
+        assert tuple(page.colormap[:, 4] // 257) == (214, 39, 40)
+        # Resolution: pixels of k level-0 px at 0.5 µm/px.
+        xres = page.tags["XResolution"].value
+        assert xres[0] / xres[1] == pytest.approx(1e4 / (0.5 * k))
+    assert img.shape == (int(np.ceil(800 / k)), int(np.ceil(800 / k)))
+    # Pixel under the centre of cell (1, 2) (level-0 (300, 500)) is Benign.
+    assert img[int(300 // k), int(500 // k)] == 2
+    same, k2 = label_image(cm)
+    assert np.array_equal(same, img) and k2 == k
+
+
+def test_probabilities_tiff_and_no_overwrite(tmp_path: Path) -> None:
+    import tifffile
+
+    from napari_bcd.errors import BcdError
+
+    cm = _cmap(LABELS)
+    path = write_probabilities(cm, tmp_path / "p.tif")
+    data = tifffile.imread(path)
+    assert data.shape == (4, 4, 4) and data.dtype == np.float32
+    assert data[1, 1, 2] == pytest.approx(0.7) and np.isnan(data[0, 0, 0])
+    with pytest.raises(BcdError, match="already exists"):
+        write_probabilities(cm, path)
+
+
+def test_write_outputs_writes_everything_atomically(tmp_path: Path) -> None:
+    paths = write_outputs(_cmap(LABELS), tmp_path, stem="hand")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
+    gj = json.loads(paths["geojson"].read_text())
+    assert gj["type"] == "FeatureCollection"
+    names = {f["properties"]["classification"]["name"] for f in gj["features"]}
+    assert names == {"Normal", "Benign", "InSitu", "Invasive"}
+    for f in gj["features"]:
+        assert f["properties"]["objectType"] == "annotation"
+        assert len(f["properties"]["classification"]["color"]) == 3
+        ring = f["geometry"]["coordinates"][0] if f["geometry"]["type"] == "Polygon" else f["geometry"]["coordinates"][0][0]
+        assert ring[0] == ring[-1]  # closed rings, [x, y] level-0 pixels
+    assert json.loads(paths["summary_json"].read_text())["call"] == "Invasive"
