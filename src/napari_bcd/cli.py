@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--stride", type=float, default=1.0, help="window step as a fraction of the field (0.5 = overlap)")
     p.add_argument("--stride-um", type=float, help="window step in µm (overrides --stride)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="windows per model call (default: 128 on CUDA, 4 on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--tissue-threshold", type=float, default=0.1, help="minimum saturation of tissue (0-1)")

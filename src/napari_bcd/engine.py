@@ -152,7 +152,7 @@ def iter_classify(
     *,
     stride: float | tuple[float, float] = 1.0,
     stride_um: float | tuple[float, float] | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str | None = None,
     precision: str = "auto",
     tissue: TissueParams | None = None,
@@ -173,7 +173,7 @@ def iter_classify(
     stride, stride_um
         Window step as a fraction of the field, or in µm.
     batch_size
-        Windows per model call.
+        Windows per model call (default: 128 on CUDA, 4 elsewhere).
     device, precision
         See :class:`~napari_bcd.model.Predictor`.
     tissue
@@ -206,6 +206,8 @@ def iter_classify(
             f"{slide.name} does not say its pixel size (µm per pixel). State it (mpp=..., --mpp, or the "
             "widget's mpp box); 0.25 is typical for 40x scans, 0.5 for 20x."
         )
+    if batch_size is None:
+        batch_size = predictor.default_batch_size
     if batch_size < 1:
         raise BcdError(f"batch_size must be at least 1, got {batch_size}.")
     if not 0 <= min_tissue <= 1:

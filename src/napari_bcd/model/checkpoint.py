@@ -150,18 +150,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
                     f"with {inner[key]!r}. Use the card written with these weights."
                 )
     try:
-        model = build_classifier(
-            card.backbone,
-            backbone_weights=None,
-            classes=card.classes,
-            input_px=card.input_px,
-            preprocessing=card.preprocessing,
-            card=card,
-        )
+        model = _build_for(card, state)
     except BcdError as err:
         raise CheckpointError(f"Cannot rebuild the network the card describes: {err}") from err
-    try:
-        model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(
             f"The weights in {weights.name} do not fit the card's network ({card.backbone}, "
@@ -170,6 +161,31 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         ) from err
     model.card = card
     return model.to(device).eval()
+
+
+def _build_for(card: ModelCard, state: dict[str, torch.Tensor]) -> Classifier:
+    """Build the card's network and give it ``state``.
+
+    The network is built on the meta device and takes the loaded tensors
+    as its own (``assign=True``): no random initialisation to throw away and
+    no second copy of the weights, which halves peak memory for ResNet152V2.
+    Networks with buffers that are not saved fall back to a normal build.
+    """
+    kwargs = {
+        "backbone_weights": None,
+        "classes": card.classes,
+        "input_px": card.input_px,
+        "preprocessing": card.preprocessing,
+        "card": card,
+    }
+    with torch.device("meta"):
+        model = build_classifier(card.backbone, **kwargs)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.reset_preprocessing()
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model = build_classifier(card.backbone, **kwargs)
+        model.load_state_dict(state, strict=True)
+    return model
 
 
 def _as_list(v: object) -> list:

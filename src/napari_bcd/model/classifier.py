@@ -89,10 +89,17 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.head = head
         self.card = card
-        scale, shift = card.preprocessing.scale_shift()
         # Not persistent: the card, not the weights file, records preprocessing.
-        self.register_buffer("_scale", torch.tensor(scale).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_shift", torch.tensor(shift).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_scale", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_shift", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.reset_preprocessing()
+
+    def reset_preprocessing(self) -> None:
+        """(Re)make the normalisation buffers from the card, on the module's device."""
+        scale, shift = self.card.preprocessing.scale_shift()
+        device = next((p.device for p in self.parameters() if not p.is_meta), torch.device("cpu"))
+        self._scale = torch.tensor(scale, device=device).view(1, 3, 1, 1)
+        self._shift = torch.tensor(shift, device=device).view(1, 3, 1, 1)
 
     @property
     def classes(self) -> tuple[str, ...]:
