@@ -218,6 +218,14 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.slide, model=args.model, headless=args.headless, out=args.out, device=args.device,
+                    stride=args.stride)
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -266,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="reading threads (default: up to 4)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("demo", help="open the sample slide (or SLIDE) in napari, classified; --headless writes PNGs")
+    p.add_argument("slide", nargs="?", help="a slide (default: the bundled CMU-1-Small-Region.svs)")
+    p.add_argument("--model", help="checkpoint (default: the last trained/chosen model, or $NAPARI_BCD_MODEL)")
+    p.add_argument("--headless", action="store_true", help="no window: write the outputs and a screenshot")
+    p.add_argument("--out", default="napari-bcd-demo", help="output folder for --headless")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--stride", type=float, default=1.0)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("selfcheck", help="build the model and run it on a real H&E field")
     p.add_argument("--model", help="a checkpoint (default: the paper's network with an untrained head)")

@@ -66,13 +66,20 @@ class Summary:
             ])
         return out.getvalue()
 
-    def table(self) -> str:
-        """A fixed-width table for terminals and the dock widget."""
-        lines = [f"{'class':<20} {'windows':>7} {'mm²':>9} {'% tissue':>9} {'mean p':>7}"]
-        for c in self.classes:
-            lines.append(
-                f"{c.display_name:<20} {c.windows:>7d} {c.area_mm2:>9.3f} {c.percent_of_tissue:>8.1f}% {c.mean_probability:>7.3f}"
-            )
+    def table(self, compact: bool = False) -> str:
+        """A fixed-width table for terminals (or, ``compact``, the dock widget)."""
+        if compact:
+            lines = [f"{'class':<11}{'mm²':>8}{'% tissue':>9}{'p':>6}"]
+            for c in self.classes:
+                short = c.display_name.replace(" carcinoma", "")
+                lines.append(f"{short:<11}{c.area_mm2:>8.3f}{c.percent_of_tissue:>8.1f}%{c.mean_probability:>6.2f}")
+        else:
+            lines = [f"{'class':<20} {'windows':>7} {'mm²':>9} {'% tissue':>9} {'mean p':>7}"]
+            for c in self.classes:
+                lines.append(
+                    f"{c.display_name:<20} {c.windows:>7d} {c.area_mm2:>9.3f} {c.percent_of_tissue:>8.1f}% "
+                    f"{c.mean_probability:>7.3f}"
+                )
         if self.call is None:
             verdict = "no tissue classified" if self.windows == 0 else f"no class covers more than {self.min_area_mm2} mm²"
             lines.append(f"slide call: none ({verdict})")

@@ -6,7 +6,8 @@ and ``input_px``.  On a slide of ``mpp`` µm/px a window is
 still at least as fine as the network input (never coarser) and resized to
 ``input_px`` with area averaging.
 
-Windows step by ``stride``.  Results live on a grid of *cells*, one stride
+Windows step by ``stride`` from the image's top-left corner and cover all
+of it; windows running past the edge see glass there.  Results live on a grid of *cells*, one stride
 in size: a window covers ``k = round(field / stride)`` cells per axis, and a
 cell's probabilities are the mean of every window covering it.  With
 ``stride = field`` (the default) cells and windows coincide.
@@ -165,11 +166,11 @@ def make_grid(
             f"The image is {H * mpp[0]:.0f} x {W * mpp[1]:.0f} µm, smaller than one model window "
             f"({field_um[0]:.0f} x {field_um[1]:.0f} µm). Check the mpp, or use a model with a smaller field."
         )
-    rows = max(1, int(np.floor((H - win[0] + tol[0]) / step[0])) + 1)
-    cols = max(1, int(np.floor((W - win[1] + tol[1]) / step[1])) + 1)
-    # Centre the grid, so the margin left over is split between both sides.
-    used = ((rows - 1) * step[0] + win[0], (cols - 1) * step[1] + win[1])
-    origin = ((H - used[0]) / 2, (W - used[1]) / 2)
+    # Cover the whole image: the last row/column may run past the edge (read
+    # as glass) so tissue at the border is classified too.
+    rows = max(1, int(np.ceil((H - win[0]) / step[0] - 1e-6)) + 1)
+    cols = max(1, int(np.ceil((W - win[1]) / step[1] - 1e-6)) + 1)
+    origin = (0.0, 0.0)
     k = (max(1, int(round(win[0] / step[0]))), max(1, int(round(win[1] / step[1]))))
     need = min(win[0] / input_px[0], win[1] / input_px[1])
     level = 0

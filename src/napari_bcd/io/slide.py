@@ -224,6 +224,30 @@ class Slide:
         self._tiff = tiff
         self._levels = None
 
+    @classmethod
+    def from_array(
+        cls, data: np.ndarray, mpp: float | tuple[float, float] | None = None, name: str = "image"
+    ) -> Slide:
+        """A Slide over an in-memory RGB(A) array (e.g. a napari layer that is not a file).
+
+        Raises
+        ------
+        SlideError
+            When the array is not 8-bit RGB(A) ``(h, w, 3|4)``.
+        """
+        arr = np.asarray(data)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise SlideError(f"{name} is not a 2-D RGB image (shape {arr.shape}); choose an RGB H&E layer.")
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+                arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+            else:
+                raise SlideError(f"{name} has {arr.dtype} pixels; napari-bcd needs 8-bit RGB.")
+        arr = np.ascontiguousarray(arr[..., :3])
+        pair = None if mpp is None else ((float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1])))  # type: ignore[index]
+        h, w = arr.shape[:2]
+        return cls(Path(name), [LevelInfo((h, w), (1.0, 1.0))], pair, arrays=[arr], vendor="array")
+
     # ----------------------------------------------------------------- properties
     @property
     def name(self) -> str:

@@ -1,0 +1,250 @@
+"""The "Breast Cancer Classifier" dock widget: a thin shell over the engine."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    TextEdit,
+)
+from napari.layers import Image
+from napari.utils.notifications import show_info
+
+from ..errors import BcdError
+from ._worker import notify_error, start_job
+
+if TYPE_CHECKING:
+    import napari
+
+log = logging.getLogger(__name__)
+
+
+class ClassifyWidget(Container):
+    """Classify the chosen image layer into Normal / Benign / In situ / Invasive."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._image_combo = ComboBox(label="image", choices=self._image_choices, nullable=True)
+        self._mpp_edit = FloatSpinBox(label="µm / pixel", value=0.0, min=0.0, max=100.0, step=0.01,
+                                      tooltip="0 = from the layer's scale; set it for images without one")
+        self._model_edit = FileEdit(label="model", mode="r", filter="*.safetensors *.json", value="",
+                                    tooltip="empty = the default model (last trained or chosen)")
+        self._card_label = Label(label="", value="")
+        self._device_combo = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self._batch_spin = SpinBox(label="batch size", value=0, min=0, max=1024, tooltip="0 = automatic")
+        self._overlap_combo = ComboBox(label="overlap", choices=["none", "50 %", "75 %"], value="none")
+        self._tissue_spin = FloatSpinBox(label="tissue threshold", value=0.1, min=0.0, max=1.0, step=0.01)
+        self._probs_check = CheckBox(text="probability layers", value=False)
+        self._run_button = PushButton(text="Run")
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="", value=0, min=0, max=1, visible=False)
+        self._status = Label(label="", value="")
+        self._summary = TextEdit(label="", value="")
+        self._summary.native.setReadOnly(True)
+        self._summary.native.setStyleSheet("font-family: monospace;")
+        self._hover = Label(label="", value="")
+        self._export_geojson = PushButton(text="GeoJSON for QuPath", enabled=False)
+        self._export_csv = PushButton(text="CSV summary", enabled=False)
+        self._export_tiff = PushButton(text="Label TIFF", enabled=False)
+        self.extend([
+            self._image_combo, self._mpp_edit, self._model_edit, self._card_label, self._device_combo,
+            self._batch_spin, self._overlap_combo, self._tissue_spin, self._probs_check,
+            Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False),
+            self._progress, self._status, self._summary, self._hover,
+            Container(widgets=[self._export_geojson, self._export_csv, self._export_tiff], layout="horizontal", labels=False),
+        ])
+        self._worker = None
+        self._result = None  # (ClassMap, image layer name, image translate)
+        self._model = None
+        self._model_key: tuple | None = None
+        self._run_button.changed.connect(self._on_run_clicked)
+        self._cancel_button.changed.connect(self._on_cancel_clicked)
+        self._model_edit.changed.connect(self._on_model_changed)
+        self._export_geojson.changed.connect(lambda: self._on_export_clicked("geojson"))
+        self._export_csv.changed.connect(lambda: self._on_export_clicked("csv"))
+        self._export_tiff.changed.connect(lambda: self._on_export_clicked("tiff"))
+        viewer.layers.events.inserted.connect(self._on_layers_changed)
+        viewer.layers.events.removed.connect(self._on_layers_changed)
+        viewer.mouse_move_callbacks.append(self._on_mouse_move)
+        self._on_layers_changed()
+        self._on_model_changed()
+
+    # ------------------------------------------------------------------ inputs
+    def _image_choices(self, _widget=None) -> list:  # noqa: ANN001
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image) and layer.rgb]
+
+    def _on_layers_changed(self, event=None) -> None:  # noqa: ANN001
+        self._image_combo.reset_choices()
+        choices = [c for c in self._image_combo.choices if c is not None]
+        if self._image_combo.value is None and choices:
+            active = self._viewer.layers.selection.active
+            self._image_combo.value = active if active in choices else choices[-1]
+
+    def _model_path(self) -> str | None:
+        value = str(self._model_edit.value or "").strip()
+        return value if value not in ("", ".") else None
+
+    def _on_model_changed(self) -> None:
+        from ..model.checkpoint import load_model
+
+        try:
+            model = load_model(self._model_path())
+        except BcdError as err:
+            self._model, self._model_key = None, None
+            self._card_label.value = str(err) if self._model_path() else "No model yet: train one or choose a checkpoint."
+            return
+        self._model, self._model_key = model, (self._model_path(),)
+        self._card_label.value = model.card.describe()
+
+    def _slide_for(self, layer: Image):  # noqa: ANN202
+        from ..io.slide import Slide, open_slide
+
+        mpp = self._mpp_edit.value or None
+        if mpp is None:
+            scale = tuple(float(s) for s in layer.scale[-2:])
+            mpp = scale if scale != (1.0, 1.0) else None
+        if mpp is None:
+            raise BcdError(f"{layer.name!r} has no pixel size. Set µm / pixel (e.g. 0.25 at 40x, 0.5 at 20x, 0.42 for ICIAR photos).")
+        path = (layer.metadata.get("napari_bcd") or {}).get("path") or getattr(layer.source, "path", None)
+        if path and Path(path).is_file():
+            try:
+                return open_slide(path, mpp=mpp)
+            except BcdError:
+                log.info("reading %s through the layer's data instead", path)
+        data = layer.data[0] if layer.multiscale else layer.data
+        return Slide.from_array(data, mpp=mpp, name=layer.name)
+
+    # ------------------------------------------------------------------ run / cancel
+    def _on_run_clicked(self) -> None:
+        from ..engine import iter_classify
+        from ..tissue import TissueParams
+
+        layer = self._image_combo.value
+        try:
+            if layer is None:
+                raise BcdError("Open an H&E image first (File > Open, or File > Open Sample > Breast Cancer Classifier).")
+            if self._model is None:
+                self._on_model_changed()
+            if self._model is None:
+                raise BcdError(self._card_label.value)
+            slide = self._slide_for(layer)
+            stride = {"none": 1.0, "50 %": 0.5, "75 %": 0.25}[self._overlap_combo.value]
+            gen = iter_classify(
+                slide, self._model, stride=stride, batch_size=self._batch_spin.value or None,
+                device=self._device_combo.value, tissue=TissueParams(threshold=self._tissue_spin.value),
+            )
+        except BcdError as err:
+            notify_error(err)
+            return
+        self._set_running(True)
+        translate = tuple(float(t) for t in layer.translate[-2:])
+        self._worker = start_job(
+            gen, self._on_progress, lambda cmap: self._on_result(cmap, layer.name, translate), self._on_finished
+        )
+
+    def _on_cancel_clicked(self) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+            self._status.value = "Cancelling…"
+
+    def _set_running(self, running: bool) -> None:
+        self._run_button.enabled = not running
+        self._cancel_button.enabled = running
+        self._progress.visible = running
+        if running:
+            self._progress.value, self._progress.max = 0, 1
+            self._status.value = "Finding tissue…"
+
+    def _on_progress(self, p) -> None:  # noqa: ANN001
+        if p.stage != "classify":
+            return
+        self._progress.max = max(p.total, 1)
+        self._progress.value = p.done
+        eta = f", about {p.eta_s:.0f} s left" if p.eta_s is not None else ""
+        self._status.value = f"{p.done} / {p.total} windows, {p.windows_per_s:.1f}/s{eta}"
+
+    def _on_finished(self) -> None:
+        aborted = self._worker is not None and self._worker.abort_requested
+        self._worker = None
+        self._set_running(False)
+        if aborted:
+            self._status.value = "Cancelled; nothing was changed."
+
+    # ------------------------------------------------------------------ results
+    def _on_result(self, class_map, image_name: str, translate: tuple[float, float]) -> None:  # noqa: ANN001
+        from ..layers import classmap_layers, label_colors
+        from ..summary import summarize
+
+        layers = classmap_layers(class_map, image_name, translate, probabilities=self._probs_check.value)
+        for data, kwargs, kind in layers:
+            name = kwargs["name"]
+            if name in self._viewer.layers:  # a re-run replaces the old result in place
+                old = self._viewer.layers[name]
+                old.data = data
+                old.scale, old.translate = kwargs["scale"], kwargs["translate"]
+                old.metadata = kwargs["metadata"]
+                continue
+            if kind == "labels":
+                from napari.utils.colormaps import DirectLabelColormap
+
+                self._viewer.add_labels(data, colormap=DirectLabelColormap(color_dict=label_colors()), **kwargs)
+            else:
+                self._viewer.add_image(data, **kwargs)
+        self._result = (class_map, image_name, translate)
+        summary = summarize(class_map)
+        self._summary.value = summary.table(compact=True)
+        self._status.value = f"Done: {class_map.n_windows} windows in {class_map.info.get('seconds', 0):.1f} s"
+        for b in (self._export_geojson, self._export_csv, self._export_tiff):
+            b.enabled = True
+
+    def _on_mouse_move(self, viewer, event) -> None:  # noqa: ANN001
+        if self._result is None:
+            return
+        from ..layers import describe_hover
+
+        class_map, _, translate = self._result
+        pos = viewer.cursor.position[-2:]
+        self._hover.value = describe_hover(class_map, (float(pos[0]), float(pos[1])), translate)
+
+    def _on_export_clicked(self, kind: str, path: str | None = None) -> str | None:
+        if self._result is None:
+            return None
+        from ..annotations import write_geojson
+        from ..export import class_regions, write_label_tiff
+        from ..summary import summarize
+
+        class_map, image_name, _ = self._result
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            suffix = {"geojson": ".geojson", "csv": ".csv", "tiff": ".labels.tif"}[kind]
+            path, _ = QFileDialog.getSaveFileName(self.native, "Export", f"{image_name}{suffix}")
+            if not path:
+                return None
+        try:
+            if kind == "geojson":
+                write_geojson(class_regions(class_map), path, overwrite=True)
+            elif kind == "csv":
+                from .._fileio import atomic_write
+
+                with atomic_write(path, "w") as fh:
+                    fh.write(summarize(class_map).to_csv())
+            else:
+                write_label_tiff(class_map, path, overwrite=True)
+        except (BcdError, OSError) as err:
+            notify_error(BcdError(f"Could not write {path}: {err}"))
+            return None
+        show_info(f"Saved {path}")
+        return path

@@ -1,0 +1,105 @@
+"""npe2 writers: Labels -> TIFF with resolution; Labels or Shapes -> QuPath GeoJSON."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ._fileio import atomic_path
+from .classes import CLASS_COLORS
+
+__all__ = ["labels_to_annotations", "write_geojson_labels", "write_geojson_shapes", "write_labels_tiff"]
+
+log = logging.getLogger(__name__)
+
+
+def _mpp_of(meta: dict) -> tuple[float, float]:
+    """µm per pixel from a layer's scale; napari-bcd layers are in µm."""
+    scale = meta.get("scale")
+    if scale is None:
+        return (1.0, 1.0)
+    return (float(scale[-2]), float(scale[-1]))
+
+
+def write_labels_tiff(path: str, data: Any, meta: dict) -> list[str]:
+    """A Labels layer as a palette TIFF whose resolution tags carry the layer's scale (µm/px)."""
+    import tifffile
+
+    arr = np.asarray(data)
+    if arr.ndim != 2:
+        raise ValueError(f"Only 2-D labels can be written as TIFF, this layer is {arr.ndim}-D.")
+    my, mx = _mpp_of(meta)
+    kwargs: dict[str, Any] = {"resolution": (1e4 / mx, 1e4 / my), "resolutionunit": "CENTIMETER"}
+    if arr.max(initial=0) < 256 and arr.min(initial=0) >= 0:
+        arr = arr.astype(np.uint8)
+        cmap = np.zeros((3, 256), np.uint16)
+        for cid, rgb in CLASS_COLORS.items():
+            cmap[:, cid] = np.asarray(rgb, np.uint16) * 257
+        kwargs.update(photometric="palette", colormap=cmap)
+    translate = meta.get("translate")
+    desc = {"napari_bcd": True, "scale_um": [my, mx], "translate_um": list(map(float, translate)) if translate is not None else [0, 0]}
+    import json
+
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, arr, compression="zlib", description=json.dumps(desc), metadata=None, **kwargs)
+    return [path]
+
+
+def labels_to_annotations(data: Any, meta: dict) -> list:
+    """Polygons of every class region of a Labels layer, in level-0 pixels of its image.
+
+    The layer's ``scale``/``translate`` (µm) are mapped back to image pixels
+    with the image's mpp, which napari-bcd stores in the layer metadata.
+    """
+    from shapely import union_all
+    from shapely.geometry import MultiPolygon, Polygon, box
+
+    from .annotations import Annotation
+    from .classes import CLASS_NAMES
+
+    arr = np.asarray(data)
+    sy, sx = _mpp_of(meta)
+    ty, tx = (float(v) for v in (meta.get("translate") or (0.0, 0.0))[-2:])
+    img_mpp = (meta.get("metadata") or {}).get("napari_bcd", {}).get("image_mpp") or (1.0, 1.0)
+    out = []
+    for cid in range(1, len(CLASS_NAMES) + 1):
+        sel = arr == cid
+        if not sel.any():
+            continue
+        rects = []
+        for r, c in np.argwhere(sel):
+            # World (µm) of cell edges -> image pixels (pixel centres at i * mpp).
+            y0 = (ty + (r - 0.5) * sy) / img_mpp[0] + 0.5
+            x0 = (tx + (c - 0.5) * sx) / img_mpp[1] + 0.5
+            rects.append(box(x0, y0, x0 + sx / img_mpp[1], y0 + sy / img_mpp[0]))
+        merged = union_all(rects)
+        polys = list(merged.geoms) if isinstance(merged, MultiPolygon) else [merged] if isinstance(merged, Polygon) else []
+        for poly in polys:
+            poly = poly.simplify(0)
+            out.append(
+                Annotation(
+                    label=CLASS_NAMES[cid - 1], cls=cid, polygon=np.asarray(poly.exterior.coords)[:, ::-1],
+                    holes=[np.asarray(h.coords)[:, ::-1] for h in poly.interiors], color=CLASS_COLORS[cid],
+                    group=f"class-{cid}",
+                )
+            )
+    return out
+
+
+def write_geojson_labels(path: str, data: Any, meta: dict) -> list[str]:
+    """A Labels layer's class regions as QuPath GeoJSON (level-0 pixels of the image)."""
+    from .annotations import write_geojson
+
+    write_geojson(labels_to_annotations(data, meta), path, overwrite=True)
+    return [path]
+
+
+def write_geojson_shapes(path: str, data: Any, meta: dict) -> list[str]:
+    """A Shapes layer (with a ``class`` feature) as QuPath GeoJSON."""
+    from .annotations import write_geojson
+    from .annotations.napari import shapes_data_to_annotations
+
+    write_geojson(shapes_data_to_annotations(data, meta), path, overwrite=True)
+    return [path]

@@ -1,0 +1,168 @@
+"""``napari-bcd demo``: the sample slide, classified, in napari or headless."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelNotAvailableError
+
+__all__ = ["overview_png", "run_demo", "viewer_screenshot"]
+
+log = logging.getLogger(__name__)
+
+
+def overview_png(slide, class_map, summary, path: Path) -> Path:  # noqa: ANN001
+    """A matplotlib overview: the slide, the class map over it, a legend and the summary.
+
+    Needs no display or OpenGL, so it works on any server.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from .classes import CLASS_COLORS, DISPLAY_NAMES
+    from .export import label_image
+
+    thumb, ds = slide.thumbnail(1200)
+    H, W = slide.dimensions
+    fig, ax = plt.subplots(figsize=(9, 9 * H / W * 0.9 + 1.5), dpi=110)
+    ax.imshow(thumb, extent=(0, W, H, 0))
+    if class_map is not None:
+        img, k = label_image(class_map)
+        rgba = np.zeros((*img.shape, 4))
+        for cid, rgb in CLASS_COLORS.items():
+            rgba[img == cid] = (*(c / 255 for c in rgb), 0.45)
+        ax.imshow(rgba, extent=(0, img.shape[1] * k, img.shape[0] * k, 0), interpolation="nearest")
+        ax.legend(
+            handles=[Patch(color=np.array(CLASS_COLORS[c]) / 255, label=DISPLAY_NAMES[c]) for c in CLASS_COLORS],
+            loc="upper right", fontsize=8, framealpha=0.8,
+        )
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_title(slide.name)
+    ax.set_axis_off()
+    if summary is not None:
+        fig.text(0.02, 0.01, summary.table(), family="monospace", fontsize=8, va="bottom")
+    fig.tight_layout(rect=(0, 0.12 if summary is not None else 0, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:  # noqa: ANN001
+    """A screenshot of a (hidden) napari viewer with the label layer over the slide."""
+    import napari
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from ._reader import read_slide
+    from ._widgets.classify import ClassifyWidget
+    from .layers import classmap_layers, label_colors
+
+    viewer = napari.Viewer(show=False)
+    try:
+        data, kwargs, _ = read_slide(str(slide_path))[0]
+        image = viewer.add_image(data, **kwargs)
+        widget = ClassifyWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Breast Cancer Classifier", area="right")
+        if class_map is not None:
+            for d, kw, kind in classmap_layers(class_map, image.name):
+                if kind == "labels":
+                    viewer.add_labels(d, colormap=DirectLabelColormap(color_dict=label_colors()), **kw)
+            widget._on_result(class_map, image.name, (0.0, 0.0))  # the dock shows the summary too
+        viewer.scale_bar.visible = True
+        viewer.window._qt_window.resize(1400, 900)
+        viewer.reset_view()
+        from imageio.v3 import imwrite
+
+        imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
+    finally:
+        viewer.close()
+    return path
+
+
+def run_demo(
+    slide_path: str | None = None,
+    model: str | None = None,
+    headless: bool = False,
+    out: str | None = None,
+    device: str = "auto",
+    stride: float = 1.0,
+) -> int:
+    """Run the demo; returns a process exit status."""
+    from ._sample_data import SAMPLE_SLIDE
+    from .model.checkpoint import load_model
+
+    path = Path(slide_path) if slide_path else SAMPLE_SLIDE
+    try:
+        classifier = load_model(model)
+    except ModelNotAvailableError as err:
+        classifier = None
+        print(f"napari-bcd: {err}\nShowing the slide without a classification.", file=sys.stderr)
+    if not headless:
+        return _interactive(path, classifier, model)
+    from .engine import iter_classify
+    from .export import write_outputs
+    from .io.slide import open_slide
+    from .summary import summarize
+
+    out_dir = Path(out or "napari-bcd-demo")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open_slide(path) as slide:
+        class_map = summary = None
+        if classifier is not None:
+            from tqdm.auto import tqdm
+
+            gen = iter_classify(slide, classifier, device=device, stride=stride)
+            bar = None
+            try:
+                while True:
+                    p = next(gen)
+                    if p.stage == "classify":
+                        bar = bar or tqdm(total=p.total, desc=slide.name, unit="win", file=sys.stderr)
+                        bar.update(p.done - bar.n)
+            except StopIteration as stop:
+                class_map = stop.value
+            finally:
+                if bar is not None:
+                    bar.close()
+            summary = summarize(class_map)
+            paths = write_outputs(class_map, out_dir, overwrite=True)
+            print(summary.table())
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+        stem = path.stem
+        print(f"wrote {overview_png(slide, class_map, summary, out_dir / f'{stem}.overview.png')}")
+    try:
+        shot = viewer_screenshot(path, class_map, out_dir / f"{stem}.screenshot.png")
+        print(f"wrote {shot}")
+    except Exception as err:  # noqa: BLE001 - no display/OpenGL: the overview PNG stands in
+        log.debug("screenshot failed", exc_info=True)
+        print(f"napari-bcd: no napari screenshot ({type(err).__name__}: {err}); "
+              "run under a display (or xvfb-run) for one. The overview PNG shows the same result.", file=sys.stderr)
+    return 0
+
+
+def _interactive(path: Path, classifier, model: str | None) -> int:  # noqa: ANN001
+    import napari
+    from napari.utils.notifications import show_warning
+
+    viewer = napari.Viewer(title="napari-bcd demo")
+    viewer.open(str(path), plugin="napari-bcd")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", "Breast Cancer Classifier")
+    viewer.scale_bar.visible = True
+    if classifier is None:
+        show_warning(
+            "No trained model yet. Train one with `napari-bcd train DATASET --out model.safetensors`, "
+            "or choose a checkpoint file in the dock's 'model' box."
+        )
+    else:
+        if model:
+            widget._model_edit.value = model
+        widget._on_run_clicked()
+    napari.run()
+    return 0
