@@ -76,7 +76,7 @@ def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:  # noqa:
                     viewer.add_labels(d, colormap=DirectLabelColormap(color_dict=label_colors()), **kw)
             widget._on_result(class_map, image.name, (0.0, 0.0))  # the dock shows the summary too
         viewer.scale_bar.visible = True
-        viewer.window._qt_window.resize(1400, 900)
+        viewer.window.resize(1400, 900)
         viewer.reset_view()
         from imageio.v3 import imwrite
 

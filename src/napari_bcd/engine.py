@@ -185,13 +185,12 @@ def iter_classify(
     workers, prefetch
         Reading threads, and batches read ahead of the model.
 
-    Yields
-    ------
-    Progress
-
     Returns
     -------
-    ClassMap
+    Generator[Progress, None, ClassMap]
+        Yields :class:`Progress`, returns the :class:`ClassMap`.  Bad
+        arguments (no mpp, an image smaller than one window...) raise here,
+        before the generator is handed to a worker.
     """
     from .model.inference import Predictor
 
@@ -221,6 +220,21 @@ def iter_classify(
         stride=stride,
         stride_um=stride_um,
     )
+    return _classify(slide, predictor, grid, tissue, min_tissue, batch_size, workers, prefetch, slide_mpp)
+
+
+def _classify(
+    slide: Slide,
+    predictor,  # noqa: ANN001
+    grid: Grid,
+    tissue: TissueParams | None,
+    min_tissue: float,
+    batch_size: int,
+    workers: int | None,
+    prefetch: int,
+    slide_mpp: tuple[float, float],
+) -> Generator[Progress, None, ClassMap]:
+    card = predictor.model.card
     yield Progress("tissue", 0, 0)
     thumb, tds = slide.thumbnail(2000)
     mask = detect_tissue(thumb, mpp=slide_mpp[1] * tds[1], params=tissue)

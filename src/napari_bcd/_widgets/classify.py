@@ -37,7 +37,7 @@ class ClassifyWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer
         self._image_combo = ComboBox(label="image", choices=self._image_choices, nullable=True)
-        self._mpp_edit = FloatSpinBox(label="µm / pixel", value=0.0, min=0.0, max=100.0, step=0.01,
+        self._mpp_edit = FloatSpinBox(label="µm / pixel", value=0.0, min=0.0, max=100.0, step=0.0001,
                                       tooltip="0 = from the layer's scale; set it for images without one")
         self._model_edit = FileEdit(label="model", mode="r", filter="*.safetensors *.json", value="",
                                     tooltip="empty = the default model (last trained or chosen)")

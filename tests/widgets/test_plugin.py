@@ -1,0 +1,234 @@
+"""The napari plugin: manifest, reader, sample, writers, and the Classify dock widget end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA, SAMPLE_SLIDE
+
+from napari_bcd._reader import napari_get_reader
+
+WIDGET = "Breast Cancer Classifier"
+
+
+def test_manifest_validates() -> None:
+    exe = Path(sys.executable).with_name("npe2")
+    res = subprocess.run([str(exe), "validate", "napari-bcd"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    pm.discover()
+    mf = pm.get_manifest("napari-bcd")
+    assert [w.display_name for w in mf.contributions.widgets] == [WIDGET]
+    assert mf.contributions.sample_data[0].display_name == "Breast Cancer Classifier: sample H&E slide"
+    assert {tuple(w.layer_types) for w in mf.contributions.writers} == {("labels",), ("shapes",)}
+
+
+def test_reader_gives_a_lazy_rgb_layer_in_microns() -> None:
+    reader = napari_get_reader(str(SAMPLE_SLIDE))
+    assert callable(reader)
+    (data, kwargs, kind), = reader(str(SAMPLE_SLIDE))
+    assert kind == "image" and kwargs["rgb"] is True
+    assert kwargs["scale"] == pytest.approx((0.499, 0.499))
+    assert kwargs["name"] == "CMU-1-Small-Region"
+    assert data.shape == (2967, 2220, 3)  # a dask array: nothing read yet
+    assert type(data).__name__ == "Array"
+
+
+def test_reader_declines_what_it_cannot_read(tmp_path: Path) -> None:
+    (tmp_path / "notes.svs").write_text("not a slide")
+    assert napari_get_reader(str(tmp_path / "notes.svs")) is None
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "mask.tif", np.zeros((32, 32), np.uint8))  # grayscale: someone else's
+    assert napari_get_reader(str(tmp_path / "mask.tif")) is None
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):  # noqa: ANN001, ANN201
+    return make_napari_viewer()
+
+
+def test_open_and_sample_in_a_viewer(viewer) -> None:  # noqa: ANN001
+    layers = viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")
+    assert layers[0].rgb and tuple(layers[0].scale) == pytest.approx((0.499, 0.499))
+    sample = viewer.open_sample("napari-bcd", "cmu_small_region")
+    assert sample[0].data.shape == (2967, 2220, 3)
+
+
+def test_dock_widget_is_wired(viewer) -> None:  # noqa: ANN001
+    from napari_bcd._widgets.classify import ClassifyWidget
+
+    _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", WIDGET)
+    assert isinstance(widget, ClassifyWidget)
+
+
+def _widget(viewer, qtbot, checkpoint: Path | None):  # noqa: ANN001, ANN202
+    from napari_bcd._widgets.classify import ClassifyWidget
+
+    widget = ClassifyWidget(viewer)
+    qtbot.addWidget(widget.native)
+    if checkpoint is not None:
+        widget._model_edit.value = str(checkpoint)
+    return widget
+
+
+def _run(widget, qtbot, timeout: int = 120_000) -> None:  # noqa: ANN001
+    widget._on_run_clicked()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
+
+
+def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    image = viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")[0]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", WIDGET)
+    widget._model_edit.value = str(tiny_checkpoint)
+    viewer.window.resize(1400, 900)
+    assert widget._image_combo.value is image  # the current layer by default
+    assert "tiny" in widget._card_label.value and "Normal, Benign, InSitu, Invasive" in widget._card_label.value
+    widget._probs_check.value = True
+    _run(widget, qtbot)
+    labels = viewer.layers["CMU-1-Small-Region classes"]
+    assert labels.data.max() > 0
+    assert labels.colormap.map(0)[-1] == 0  # background transparent
+    assert [layer.name for layer in viewer.layers if "p(" in layer.name] == [
+        f"CMU-1-Small-Region p({c})" for c in ("Normal", "Benign", "InSitu", "Invasive")
+    ]
+    class_map = widget._result[0]
+    g = class_map.grid
+    # Alignment: a label pixel's world coordinate falls on the window it classifies.
+    for r, c in np.argwhere(class_map.window_done)[:8]:
+        world = labels.data_to_world((r, c))
+        py, px = image.world_to_data(world)  # image pixel centres
+        y, x, h, w = g.window_box(r, c)
+        assert y <= py + 0.5 < y + h and x <= px + 0.5 < x + w
+    assert "slide call:" in widget._summary.value
+    assert "Done:" in widget._status.value
+    # Hover: the class and probabilities of the window under the mouse.
+    r, c = np.argwhere(class_map.window_done)[0]
+    viewer.cursor.position = tuple(labels.data_to_world((r, c)))
+    widget._on_mouse_move(viewer, None)
+    assert "(Nor " in widget._hover.value
+    # Exports.
+    for kind, suffix in (("geojson", ".geojson"), ("csv", ".csv"), ("tiff", ".tif")):
+        out = widget._on_export_clicked(kind, str(tmp_path / f"export{suffix}"))
+        assert out and Path(out).stat().st_size > 0
+    assert json.loads((tmp_path / "export.geojson").read_text())["type"] == "FeatureCollection"
+    # A screenshot of what the user sees (look at it: NAPARI_BCD_SCREENSHOTS=dir keeps a copy).
+    from imageio.v3 import imwrite
+
+    for layer in viewer.layers:
+        layer.visible = "p(" not in layer.name  # the class map over the slide
+    viewer.reset_view()
+
+    shot = viewer.screenshot(canvas_only=False, flash=False)
+    assert shot.shape[-1] in (3, 4) and shot[..., :3].std() > 10
+    imwrite(tmp_path / "classified.png", shot)
+    if os.environ.get("NAPARI_BCD_SCREENSHOTS"):
+        shutil.copy(tmp_path / "classified.png", Path(os.environ["NAPARI_BCD_SCREENSHOTS"]) / "classified.png")
+
+
+def test_rerun_replaces_the_result(viewer, qtbot, tiny_checkpoint: Path) -> None:  # noqa: ANN001
+    viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")
+    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    _run(widget, qtbot)
+    first = viewer.layers["CMU-1-Small-Region classes"].data.shape
+    widget._overlap_combo.value = "50 %"
+    _run(widget, qtbot)
+    assert [layer.name for layer in viewer.layers].count("CMU-1-Small-Region classes") == 1
+    assert len(viewer.layers) == 2
+    assert viewer.layers["CMU-1-Small-Region classes"].data.shape != first
+
+
+def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: Path) -> None:  # noqa: ANN001
+    viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")
+    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    widget._overlap_combo.value = "75 %"
+    widget._batch_spin.value = 1
+    seen = []
+
+    def on_progress(p):  # noqa: ANN001, ANN202
+        seen.append(p)
+        if p.stage == "classify" and p.done >= 1 and widget._worker is not None:
+            widget._on_cancel_clicked()
+
+    widget._on_progress = on_progress  # type: ignore[method-assign]
+    _run(widget, qtbot)
+    done = [p.done for p in seen if p.stage == "classify"]
+    total = next(p.total for p in seen if p.stage == "classify")
+    assert done and max(done) < total  # stopped early
+    assert len(viewer.layers) == 1  # no half-made result
+    assert "Cancelled" in widget._status.value
+    assert widget._run_button.enabled and not widget._cancel_button.enabled
+
+
+def test_errors_become_notifications(viewer, qtbot, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: ANN001
+    messages: list[str] = []
+    monkeypatch.setattr("napari_bcd._widgets._worker.show_error", messages.append)
+    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    widget._on_run_clicked()  # no image at all
+    assert "Open an H&E image" in messages[-1]
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(DATA / "stardist-histo-500x300.jpg"))
+    viewer.add_image(rgb, name="dragged png", rgb=True)  # no scale: the widget must ask for mpp
+    widget._on_run_clicked()
+    assert "no pixel size" in messages[-1] and "µm / pixel" in messages[-1]
+    widget._mpp_edit.value = 0.05  # 15 x 25 µm: smaller than one window
+    widget._on_run_clicked()
+    assert "smaller than one model window" in messages[-1]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("junk")
+    widget._model_edit.value = str(bad)
+    widget._on_run_clicked()
+    assert "safetensors" in messages[-1] or "card" in messages[-1]
+    assert len(viewer.layers) == 1 and widget._worker is None
+    # A PNG with its mpp set runs fine.
+    widget._model_edit.value = str(tiny_checkpoint)
+    widget._mpp_edit.value = 1.0
+    _run(widget, qtbot)
+    assert "dragged png classes" in viewer.layers
+
+
+def test_writers_round_trip(viewer, tmp_path: Path) -> None:  # noqa: ANN001
+    import tifffile
+
+    from napari_bcd._writer import write_geojson_labels, write_geojson_shapes, write_labels_tiff
+    from napari_bcd.annotations.napari import annotations_to_shapes
+    from napari_bcd.annotations import Annotation
+
+    labels = np.zeros((4, 5), np.uint8)
+    labels[1:3, 1:4] = 4
+    labels[0, 0] = 1
+    layer = viewer.add_labels(labels, scale=(100.0, 100.0), translate=(50.0, 50.0),
+                              metadata={"napari_bcd": {"image_mpp": [0.5, 0.5]}})
+    paths = layer.save(str(tmp_path / "labels.tif"), plugin="napari-bcd")
+    back = tifffile.TiffFile(paths[0])
+    assert np.array_equal(back.asarray(), labels)
+    x = back.pages[0].tags["XResolution"].value
+    assert x[0] / x[1] == pytest.approx(1e4 / 100.0)  # px per cm at 100 µm/px
+    back.close()
+    write_geojson_labels(str(tmp_path / "labels.geojson"), labels, layer._get_state())
+    doc = json.loads((tmp_path / "labels.geojson").read_text())
+    names = sorted(f["properties"]["classification"]["name"] for f in doc["features"])
+    assert names == ["Invasive", "Normal"]
+    from shapely.geometry import shape
+
+    inv = next(f for f in doc["features"] if f["properties"]["classification"]["name"] == "Invasive")
+    # Cells (1..2, 1..3) of 100 µm centred at 50 + 100 i µm span 100..300 x 100..400 µm of world. Image pixel
+    # i is centred at 0.5 i µm, and pixel i spans [i, i + 1) in QuPath's coordinates: world w -> w / 0.5 + 0.5.
+    assert shape(inv["geometry"]).bounds == pytest.approx((200.5, 200.5, 800.5, 600.5))
+    ann = [Annotation("Benign", 2, np.array([[10, 10], [10, 50], [60, 50]]))]
+    data, kwargs, _ = annotations_to_shapes(ann, scale=(0.5, 0.5))
+    shapes = viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
+    write_geojson_shapes(str(tmp_path / "shapes.geojson"), shapes.data, shapes._get_state())
+    doc = json.loads((tmp_path / "shapes.geojson").read_text())
+    assert doc["features"][0]["properties"]["classification"]["name"] == "Benign"
+    assert doc["features"][0]["geometry"]["coordinates"][0][:3] == [[10, 10], [50, 10], [50, 60]]
