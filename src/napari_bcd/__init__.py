@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "write_outputs": "export",
     "Annotation": "annotations",
     "write_geojson": "annotations",
+    "read_annotations": "annotations",
     "CLASS_NAMES": "classes",
     "Classifier": "model",
     "ModelCard": "model",
@@ -50,7 +51,7 @@ __all__ = ["__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .classes import CLASS_NAMES
-    from .annotations import Annotation, write_geojson
+    from .annotations import Annotation, read_annotations, write_geojson
     from .engine import ClassMap, classify, iter_classify
     from .errors import BcdError
     from .export import write_outputs
