@@ -27,7 +27,7 @@ def test_manifest_validates() -> None:
     pm = PluginManager.instance()
     pm.discover()
     mf = pm.get_manifest("napari-bcd")
-    assert [w.display_name for w in mf.contributions.widgets] == [WIDGET]
+    assert [w.display_name for w in mf.contributions.widgets] == [WIDGET, "Annotations (QuPath, ImageScope, ASAP)"]
     assert mf.contributions.sample_data[0].display_name == "Breast Cancer Classifier: sample H&E slide"
     assert {tuple(w.layer_types) for w in mf.contributions.writers} == {("labels",), ("shapes",)}
 

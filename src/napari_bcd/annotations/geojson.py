@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .._fileio import atomic_write, check_writable
-from ..classes import CLASS_COLORS
+from ..classes import CLASS_COLORS, CLASS_NAMES, class_id
 from .model import Annotation
 
 __all__ = ["to_feature_collection", "write_geojson"]
@@ -56,10 +56,17 @@ def to_feature_collection(annotations: Iterable[Annotation]) -> dict:
             geometry = {"type": "Polygon", "coordinates": _polygon_coords(first)}
         else:
             geometry = {"type": "MultiPolygon", "coordinates": [_polygon_coords(p) for p in parts]}
-        color = first.color or (CLASS_COLORS.get(first.cls) if first.cls else None) or (128, 128, 128)
+        color = (CLASS_COLORS.get(first.cls) if first.cls else None) or first.color or (128, 128, 128)
         props: dict = {"objectType": "annotation", "isLocked": False}
-        if first.label:
-            props["classification"] = {"name": first.label, "color": [int(c) for c in color]}
+        name = first.label
+        if first.cls is not None and class_id(first.label or "") != first.cls:
+            # The class was set (in napari, or by a label map): QuPath gets the class,
+            # and the original label stays as the object's name.
+            name = CLASS_NAMES[first.cls - 1]
+            if first.label:
+                props["name"] = first.label
+        if name:
+            props["classification"] = {"name": name, "color": [int(c) for c in color]}
         fid = key if first.group and _is_uuid(key) else str(uuid.uuid4())
         features.append({"type": "Feature", "id": fid, "geometry": geometry, "properties": props})
     return {"type": "FeatureCollection", "features": features}

@@ -180,7 +180,7 @@ def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[An
             holes = [_ring(r, where + " hole") for r in rings[1:]]
             parts += _valid_parts(outer, holes, where, report)
         if parts:
-            out += _make(label, color, parts, group if len(parts) > 1 else group, label_map)
+            out += _make(label, color, parts, group if len(parts) > 1 else None, label_map)
     return out
 
 

@@ -1,0 +1,134 @@
+"""The "Annotations" dock widget: open QuPath/ImageScope/ASAP regions, set classes, save GeoJSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from napari.layers import Image, Shapes
+from napari.utils.notifications import show_info
+
+from ..classes import CLASS_COLORS, DISPLAY_NAMES
+from ..errors import BcdError
+from ._worker import notify_error
+
+if TYPE_CHECKING:
+    import napari
+
+_CLASS_CHOICES = [DISPLAY_NAMES[c] for c in (1, 2, 3, 4)]
+
+
+class AnnotateWidget(Container):
+    """Bring annotation files onto an image as Shapes, classify shapes, and save them for QuPath."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._image_combo = ComboBox(label="image", choices=self._image_choices, nullable=True)
+        self._file_edit = FileEdit(label="annotations", mode="r", filter="*.geojson *.json *.xml", value="")
+        self._open_button = PushButton(text="Open onto image")
+        self._class_combo = ComboBox(label="class", choices=_CLASS_CHOICES, value=_CLASS_CHOICES[-1])
+        self._set_button = PushButton(text="Set class of selected shapes")
+        self._save_button = PushButton(text="Save shapes as GeoJSON…")
+        self._report = Label(label="", value="")
+        self.extend([self._image_combo, self._file_edit, self._open_button, self._class_combo, self._set_button,
+                     self._save_button, self._report])
+        self._open_button.changed.connect(self._on_open_clicked)
+        self._set_button.changed.connect(self._on_set_class_clicked)
+        self._save_button.changed.connect(lambda: self._on_save_clicked())
+        viewer.layers.events.inserted.connect(self._on_layers_changed)
+        viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._on_layers_changed()
+
+    def _image_choices(self, _widget=None) -> list:  # noqa: ANN001
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _on_layers_changed(self, event=None) -> None:  # noqa: ANN001
+        self._image_combo.reset_choices()
+        choices = [c for c in self._image_combo.choices if c is not None]
+        if self._image_combo.value is None and choices:
+            self._image_combo.value = choices[0]
+
+    def _shapes_layer(self) -> Shapes:
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Shapes):
+            return active
+        shapes = [layer for layer in self._viewer.layers if isinstance(layer, Shapes)]
+        if not shapes:
+            raise BcdError("There is no Shapes layer: open an annotation file or draw polygons first.")
+        return shapes[-1]
+
+    def _on_open_clicked(self) -> Shapes | None:
+        from ..annotations import read_annotations
+        from ..annotations.napari import annotations_to_shapes
+
+        image = self._image_combo.value
+        path = str(self._file_edit.value or "")
+        try:
+            if image is None:
+                raise BcdError("Open the slide first: annotations are placed on an image layer.")
+            if not path or path == ".":
+                raise BcdError("Choose an annotation file (QuPath .geojson, ImageScope or ASAP .xml).")
+            anns = read_annotations(path)
+        except BcdError as err:
+            notify_error(err)
+            return None
+        data, kwargs, _ = annotations_to_shapes(
+            anns, scale=tuple(image.scale[-2:]), translate=tuple(image.translate[-2:]),
+            name=f"{Path(path).stem} annotations",
+        )
+        layer = self._viewer.add_shapes(data, **kwargs)
+        self._report.value = str(anns.report)
+        show_info(str(anns.report))
+        return layer
+
+    def _on_set_class_clicked(self) -> None:
+        try:
+            layer = self._shapes_layer()
+            selected = sorted(layer.selected_data)
+            if not selected:
+                raise BcdError(f"Select shapes in {layer.name!r} first (the selection tool, or click a shape).")
+        except BcdError as err:
+            notify_error(err)
+            return
+        name = self._class_combo.value
+        cid = next(c for c, n in DISPLAY_NAMES.items() if n == name)
+        features = layer.features.copy()
+        if "class" not in features:
+            features["class"] = ["unclassified"] * len(layer.data)
+        features["class"] = features["class"].astype(object)
+        edge = np.asarray(layer.edge_color, dtype=float).copy()
+        face = np.asarray(layer.face_color, dtype=float).copy()
+        rgb = np.asarray(CLASS_COLORS[cid]) / 255
+        for i in selected:
+            features.loc[i, "class"] = name
+            edge[i, :3] = rgb
+            face[i, :3], face[i, 3] = rgb, 0.25
+        layer.features = features
+        layer.edge_color = edge
+        layer.face_color = face
+        self._report.value = f"{len(selected)} shape(s) set to {name}"
+
+    def _on_save_clicked(self, path: str | None = None) -> str | None:
+        from ..annotations import write_geojson
+        from ..annotations.napari import shapes_to_annotations
+
+        try:
+            layer = self._shapes_layer()
+            anns = shapes_to_annotations(layer, self._image_combo.value)
+            if not anns:
+                raise BcdError(f"{layer.name!r} has no polygons to save.")
+            if path is None:
+                from qtpy.QtWidgets import QFileDialog
+
+                path, _ = QFileDialog.getSaveFileName(self.native, "Save as GeoJSON", f"{layer.name}.geojson")
+                if not path:
+                    return None
+            write_geojson(anns, path, overwrite=True)
+        except (BcdError, OSError) as err:
+            notify_error(err if isinstance(err, BcdError) else BcdError(f"Could not write {path}: {err}"))
+            return None
+        show_info(f"Saved {len(anns)} region(s) to {path}")
+        return path
