@@ -1,0 +1,267 @@
+"""ICIAR 2018 (BACH) folders: patches from annotated regions, and reading datasets.
+
+Layout (the challenge's, and what :func:`iter_export_patches` writes)::
+
+    Normal/ Benign/ InSitu/ Invasive/      images
+    microscopy_ground_truth.csv            no header: filename,label
+    provenance.csv                         (ours) slide, level-0 box, annotation, coverage
+
+The official download nests it as ``ICIAR2018_BACH_Challenge/Photos/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+from collections import Counter
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .._fileio import atomic_write
+from ..classes import CLASS_NAMES, class_id
+from ..errors import DatasetError
+from ..io.slide import Slide
+
+__all__ = ["Dataset", "ExportProgress", "ExportResult", "iter_export_patches", "read_iciar"]
+
+log = logging.getLogger(__name__)
+_IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
+GROUND_TRUTH = "microscopy_ground_truth.csv"
+
+
+@dataclass
+class Dataset:
+    """Images and their class indices (0-based, in ``classes`` order)."""
+
+    root: Path
+    paths: list[Path]
+    labels: np.ndarray
+    classes: tuple[str, ...] = CLASS_NAMES
+    problems: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(int(v) for v in self.labels)
+        return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def load(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 RGB."""
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[i]) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DatasetError(f"{self.paths[i]} cannot be read ({err}). Remove or replace it.") from err
+
+
+def read_iciar(root: str | os.PathLike[str]) -> Dataset:
+    """Read an ICIAR/BACH folder (the official download or one napari-bcd wrote).
+
+    File names and labels are cross-checked with ``microscopy_ground_truth.csv``
+    when it exists; disagreements and unreadable images are reported by path.
+
+    Raises
+    ------
+    DatasetError
+        When the folder has no class folders or no images.
+    """
+    r = Path(root)
+    if not r.is_dir():
+        raise DatasetError(f"{r} is not a folder. Give the ICIAR folder (with Normal/ Benign/ InSitu/ Invasive/).")
+    for candidate in (r, r / "Photos", r / "ICIAR2018_BACH_Challenge" / "Photos"):
+        if any((candidate / c).is_dir() for c in CLASS_NAMES):
+            r = candidate
+            break
+    else:
+        raise DatasetError(f"{r} has no Normal/ Benign/ InSitu/ Invasive/ folders (nor Photos/ holding them).")
+    paths: list[Path] = []
+    labels: list[int] = []
+    problems: list[str] = []
+    for i, cname in enumerate(CLASS_NAMES):
+        d = r / cname
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith("."):
+                paths.append(p)
+                labels.append(i)
+    if not paths:
+        raise DatasetError(f"{r} has class folders but no images (.tif, .png, .jpg).")
+    gt = r / GROUND_TRUTH
+    if gt.is_file():
+        by_name = {p.name: (p, lab) for p, lab in zip(paths, labels, strict=True)}
+        listed = set()
+        with open(gt, newline="", encoding="utf-8-sig") as fh:
+            for row in csv.reader(fh):
+                if len(row) < 2 or not row[0].strip():
+                    continue
+                name, label = row[0].strip(), row[1].strip()
+                listed.add(name)
+                cid = class_id(label)
+                if cid is None and label.isdigit():
+                    cid = int(label) + 1  # some copies use 0-3
+                if name not in by_name:
+                    problems.append(f"{gt.name} lists {name}, which is not in any class folder")
+                elif cid is None or CLASS_NAMES[by_name[name][1]] != CLASS_NAMES[cid - 1]:
+                    problems.append(f"{by_name[name][0]}: {gt.name} says {label!r}, its folder says {CLASS_NAMES[by_name[name][1]]}")
+        for name, (p, _) in by_name.items():
+            if name not in listed:
+                problems.append(f"{p} is not listed in {gt.name}")
+    ds = Dataset(r, paths, np.asarray(labels, np.int64), CLASS_NAMES, problems)
+    for msg in problems:
+        log.warning("%s", msg)
+    return ds
+
+
+@dataclass(frozen=True)
+class ExportProgress:
+    done: int
+    total: int
+
+
+@dataclass
+class ExportResult:
+    """What :func:`iter_export_patches` wrote."""
+
+    root: Path
+    counts: dict[str, int]
+    too_few: list[str]
+    skipped_unknown: int = 0
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
+        few = f"; too few patches for {', '.join(self.too_few)}" if self.too_few else ""
+        return f"wrote {sum(self.counts.values())} patches to {self.root} ({counts}){few}"
+
+
+def iter_export_patches(
+    slide: Slide,
+    annotations: Sequence,
+    out_dir: str | os.PathLike[str],
+    *,
+    field_um: tuple[float, float],
+    patch_px: tuple[int, int] | None = None,
+    stride: float = 1.0,
+    coverage: float = 0.5,
+    min_tissue: float = 0.25,
+    tissue=None,  # noqa: ANN001
+    min_per_class: int = 20,
+    mpp: float | None = None,
+) -> Generator[ExportProgress, None, ExportResult]:
+    """Cut ICIAR-style patches from annotated regions of a slide.
+
+    Windows of the model's ``field_um`` on a grid of ``stride`` (fraction of
+    the field) are kept when at least ``coverage`` of the window lies inside
+    one class's regions and ``min_tissue`` of it is tissue.  Each patch is
+    read from the nearest finer level and saved as PNG at ``patch_px``
+    (default: the field's aspect, 512 px on its long side).
+    """
+    from shapely import STRtree, union_all
+    from shapely.geometry import box
+
+    from ..engine import _resize_area, window_tissue_fraction
+    from ..tiling import make_grid
+    from ..tissue import detect_tissue
+
+    if mpp is not None:
+        slide.mpp = (float(mpp), float(mpp))
+    if slide.mpp is None:
+        raise DatasetError(f"{slide.name} has no pixel size; give mpp= (--mpp).")
+    if patch_px is None:
+        long = 512
+        ratio = field_um[0] / field_um[1]
+        patch_px = (round(long * ratio), long) if ratio <= 1 else (long, round(long / ratio))
+    grid = make_grid(slide.dimensions, slide.mpp, field_um, patch_px, [i.downsample for i in slide.level_info], stride=stride)
+    per_class: dict[int, list] = {}
+    unknown = 0
+    for a in annotations:
+        if a.cls is None:
+            unknown += 1
+            continue
+        per_class.setdefault(a.cls, []).append(a.to_shapely().buffer(0))
+    if not per_class:
+        raise DatasetError("None of the annotations has one of our classes; map your labels (label_map) first.")
+    unions = {cid: union_all(polys) for cid, polys in per_class.items()}
+    thumb, tds = slide.thumbnail(2000)
+    mask = detect_tissue(thumb, mpp=slide.mpp[1] * tds[1], params=tissue)
+    win_tissue, _ = window_tissue_fraction(mask, tds, grid)
+    tree = STRtree(list(unions.values()))
+    cids = list(unions)
+    jobs: list[tuple[int, int, int, float]] = []
+    area = grid.window_px[0] * grid.window_px[1]
+    for r in range(grid.n_windows[0]):
+        for c in range(grid.n_windows[1]):
+            if win_tissue[r, c] < min_tissue:
+                continue
+            y, x, h, w = grid.window_box(r, c)
+            wbox = box(x, y, x + w, y + h)
+            best, best_cov = None, 0.0
+            for idx in tree.query(wbox):
+                cov = unions[cids[int(idx)]].intersection(wbox).area / area
+                if cov > best_cov:
+                    best, best_cov = cids[int(idx)], cov
+            if best is not None and best_cov >= coverage:
+                jobs.append((r, c, best, best_cov))
+    out = Path(out_dir)
+    for name in CLASS_NAMES:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    stem = Path(slide.name).stem
+    gt_rows, prov_rows = [], []
+    counts = Counter()
+    yield ExportProgress(0, len(jobs))
+    from PIL import Image
+
+    for k, (r, c, cid, cov) in enumerate(jobs):
+        y, x, h, w = grid.read_box(r, c)
+        patch = _resize_area(slide.read_region(grid.level, y, x, h, w), patch_px)
+        cname = CLASS_NAMES[cid - 1]
+        fname = f"{stem}_r{r:04d}_c{c:04d}.png"
+        buf = io.BytesIO()
+        Image.fromarray(patch).save(buf, format="PNG")
+        with atomic_write(out / cname / fname, "wb") as fh:
+            fh.write(buf.getvalue())
+        gt_rows.append((fname, cname))
+        by, bx, bh, bw = grid.window_box(r, c)
+        prov_rows.append((fname, cname, slide.name, round(by, 2), round(bx, 2), round(bh, 2), round(bw, 2), round(cov, 4)))
+        counts[cname] += 1
+        yield ExportProgress(k + 1, len(jobs))
+    _append_csv(out / GROUND_TRUTH, gt_rows, None)
+    _append_csv(out / "provenance.csv", prov_rows, ("filename", "label", "slide", "y", "x", "h", "w", "coverage"))
+    all_counts = {n: counts.get(n, 0) for n in CLASS_NAMES}
+    too_few = [n for n, v in all_counts.items() if 0 < v < min_per_class or (v == 0 and any(CLASS_NAMES.index(n) + 1 == c for c in per_class))]
+    return ExportResult(out, all_counts, too_few, unknown)
+
+
+def _append_csv(path: Path, rows: list[tuple], header: tuple | None) -> None:
+    """Add rows to a CSV (other slides may have written it), replacing rows of the same file names."""
+    existing: list[list[str]] = []
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as fh:
+            existing = [row for row in csv.reader(fh) if row]
+        if header and existing and tuple(existing[0]) == header:
+            existing = existing[1:]
+    names = {str(r[0]) for r in rows}
+    kept = [row for row in existing if row[0] not in names]
+    with atomic_write(path, "w") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        if header:
+            w.writerow(header)
+        w.writerows(kept)
+        w.writerows(rows)
+
+
+def file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

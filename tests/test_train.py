@@ -1,0 +1,179 @@
+"""ICIAR datasets from annotated regions, the official BACH layout, fine-tuning and evaluation."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA, SAMPLE_SLIDE, load_rgb
+
+from napari_bcd.annotations import Annotation
+from napari_bcd.errors import DatasetError
+from napari_bcd.io import open_slide
+from napari_bcd.model import load_checkpoint
+from napari_bcd.train import evaluate, iter_export_patches, iter_finetune, read_iciar
+from napari_bcd.train.finetune import EpochStats, FeatureProgress, dihedral
+
+
+def run(gen):  # noqa: ANN001, ANN201
+    items = []
+    while True:
+        try:
+            items.append(next(gen))
+        except StopIteration as stop:
+            return items, stop.value
+
+
+def _box(y0: float, x0: float, y1: float, x1: float, label: str, cls: int) -> Annotation:
+    return Annotation(label, cls, np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]))
+
+
+def test_export_patches_from_regions_on_the_cmu_slide(tmp_path: Path) -> None:
+    regions = [
+        _box(0, 900, 1500, 1500, "Invasive carcinoma", 4),  # the tissue strip
+        _box(1500, 800, 2967, 1600, "Benign", 2),
+        _box(0, 0, 600, 600, "Normal", 1),  # glass: no tissue, no patches
+    ]
+    with open_slide(SAMPLE_SLIDE) as slide:
+        progress, result = run(iter_export_patches(slide, regions, tmp_path / "iciar", field_um=(100.0, 100.0),
+                                                   coverage=0.5, min_per_class=5))
+    assert progress[-1].done == progress[-1].total == sum(result.counts.values())
+    assert result.counts["Invasive"] >= 5 and result.counts["Benign"] >= 5 and result.counts["Normal"] == 0
+    assert result.too_few == ["Normal"]  # annotated, but no tissue patch came out of it
+    ds = read_iciar(tmp_path / "iciar")
+    assert ds.counts() == result.counts and not ds.problems
+    img = ds.load(0)
+    assert img.shape == (512, 512, 3) and img.dtype == np.uint8
+    with open(tmp_path / "iciar" / "provenance.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(ds) and rows[0]["slide"] == "CMU-1-Small-Region.svs"
+    assert float(rows[0]["h"]) == pytest.approx(100 / 0.499, rel=1e-3)
+    with open(tmp_path / "iciar" / "microscopy_ground_truth.csv") as fh:
+        first = next(csv.reader(fh))
+    assert first[1] in ("Invasive", "Benign") and (tmp_path / "iciar" / first[1] / first[0]).is_file()
+
+
+def test_official_bach_layout_with_problems_reported(tmp_path: Path) -> None:
+    import tifffile
+
+    photos = tmp_path / "ICIAR2018_BACH_Challenge" / "Photos"
+    tile = load_rgb(DATA / "stardist-histo-500x300.jpg")
+    rows = []
+    for cls, prefix in (("Normal", "n"), ("Benign", "b"), ("InSitu", "is"), ("Invasive", "iv")):
+        (photos / cls).mkdir(parents=True)
+        for k in range(1, 3):
+            name = f"{prefix}{k:03d}.tif"
+            tifffile.imwrite(photos / cls / name, tile)
+            rows.append(f"{name},{cls}")
+    rows[0] = "n001.tif,Benign"  # disagrees with its folder
+    rows.append("ghost.tif,Normal")
+    (photos / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
+    (photos / "Invasive" / "iv003.tif").write_bytes(b"not a tiff")
+    ds = read_iciar(tmp_path)  # finds Photos/ by itself
+    assert ds.root == photos and len(ds) == 9
+    assert ds.counts() == {"Normal": 2, "Benign": 2, "InSitu": 2, "Invasive": 3}
+    text = "\n".join(ds.problems)
+    assert "n001.tif" in text and "says 'Benign'" in text
+    assert "ghost.tif" in text and "iv003.tif is not listed" in text
+    bad = [i for i, p in enumerate(ds.paths) if p.name == "iv003.tif"][0]
+    with pytest.raises(DatasetError, match="iv003.tif cannot be read"):
+        ds.load(bad)
+    with pytest.raises(DatasetError, match="no Normal"):
+        read_iciar(tmp_path / "ICIAR2018_BACH_Challenge" / "Photos" / "Normal")
+
+
+def _two_kinds(root: Path, n: int = 24, px: int = 96) -> Path:
+    """Two visibly different kinds of real pixels: nuclei-dense H&E vs pale glass/stroma."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    dense = [load_rgb(DATA / "stardist-histo-500x300.jpg"), load_rgb(DATA / "histolab-medium-nuclei-score-level1.png")]
+    pale = [load_rgb(DATA / "histolab-almost-white-2.png"), load_rgb(DATA / "histolab-no-tissue.png")]
+    rows = []
+    for cls, sources in (("Invasive", dense), ("Normal", pale)):
+        (root / cls).mkdir(parents=True)
+        for k in range(n):
+            src = sources[k % len(sources)]
+            y = rng.integers(0, src.shape[0] - px)
+            x = rng.integers(0, src.shape[1] - px)
+            name = f"{cls[:2].lower()}{k:03d}.png"
+            Image.fromarray(src[y : y + px, x : x + px]).save(root / cls / name)
+            rows.append(f"{name},{cls}")
+    (root / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_learnable_on_real_pixels_and_cached_features(tmp_path: Path) -> None:
+    ds = read_iciar(_two_kinds(tmp_path / "ds"))
+    kw = dict(backbone="timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(50.0, 50.0),
+              epochs=30, lr=3e-3, batch_size=32, seed=0)
+    items, ckpt = run(iter_finetune(ds, out=tmp_path / "m.safetensors", **kw))
+    feats = [i for i in items if isinstance(i, FeatureProgress)]
+    epochs = [i for i in items if isinstance(i, EpochStats)]
+    assert feats[-1].done == feats[-1].total == len(ds) and feats[-1].cached == 0
+    assert len(epochs) == 30
+    best = min(epochs, key=lambda e: e.val_loss)
+    assert best.val_acc >= 0.9
+    model = load_checkpoint(ckpt)
+    card = model.card
+    assert card.metrics["accuracy"] == pytest.approx(best.val_acc)
+    tr = card.training
+    assert tr["data"]["counts"]["Invasive"] == 24 and tr["split"]["val"] == 10 and tr["split"]["train"] == 38
+    assert tr["hyperparameters"]["lr"] == 3e-3 and tr["best_epoch"] == best.epoch
+    assert len(tr["curves"]) == best.epoch  # curves up to the saved epoch
+    report = evaluate(ckpt, ds, indices=[ds.paths.index(ds.root / "Invasive" / f) for f in []] or None)
+    assert report.accuracy >= 0.9 and report.support[3] == 24 and report.support[0] == 24
+    text = report.to_text()
+    assert "precision" in text and "macro avg" in text and "weighted avg" in text
+    png = report.save_confusion_png(tmp_path / "cm.png")
+    assert png.stat().st_size > 1000
+    # Second run: every feature comes from the cache.
+    items2, _ = run(iter_finetune(ds, out=tmp_path / "m2.safetensors", **{**kw, "epochs": 1}))
+    f2 = [i for i in items2 if isinstance(i, FeatureProgress)][-1]
+    assert f2.cached == len(ds)
+
+
+def test_cancel_keeps_a_loadable_best_checkpoint(tmp_path: Path) -> None:
+    ds = read_iciar(_two_kinds(tmp_path / "ds", n=8))
+    gen = iter_finetune(ds, out=tmp_path / "c.safetensors", backbone="timm:resnet18", backbone_weights=None,
+                        input_px=(64, 64), field_um=(50.0, 50.0), epochs=50, batch_size=16, cache=False)
+    for item in gen:
+        if isinstance(item, EpochStats) and item.epoch == 2:
+            break
+    gen.close()
+    model = load_checkpoint(tmp_path / "c.safetensors")
+    assert model.card.training["best_epoch"] in (1, 2)
+
+
+@pytest.mark.slow
+def test_the_paper_model_trains_its_head(tmp_path: Path) -> None:
+    import warnings
+
+    from napari_bcd.errors import BackboneWeightsWarning
+
+    ds = read_iciar(_two_kinds(tmp_path / "ds", n=3, px=128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackboneWeightsWarning)
+        items, ckpt = run(iter_finetune(ds, out=tmp_path / "p.safetensors", epochs=2, augment=False, batch_size=4))
+    model = load_checkpoint(ckpt)
+    assert model.card.backbone == "resnet152v2" and len([i for i in items if isinstance(i, EpochStats)]) == 2
+    trainable = sum(p.numel() for p in model.head.parameters())
+    assert trainable == 143_620
+
+
+def test_dihedral_gives_eight_distinct_views() -> None:
+    img = np.arange(2 * 3 * 3).reshape(2, 3, 3).astype(np.uint8)
+    views = {dihedral(img, t).tobytes() + bytes(dihedral(img, t).shape) for t in range(8)}
+    assert len(views) == 8
+
+
+def test_bad_training_input(tmp_path: Path) -> None:
+    ds = read_iciar(_two_kinds(tmp_path / "ds", n=3))
+    with pytest.raises(DatasetError, match="split file lists"):
+        (tmp_path / "split.txt").write_text("nothere.png\n")
+        run(iter_finetune(ds, out=tmp_path / "x", backbone="timm:resnet18", backbone_weights=None,
+                          input_px=(64, 64), split_file=tmp_path / "split.txt"))
+    with pytest.raises(DatasetError, match="epochs"):
+        run(iter_finetune(ds, out=tmp_path / "x", epochs=0))
