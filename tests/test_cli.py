@@ -112,3 +112,37 @@ def test_classify_uses_the_default_model(tmp_path: Path, tiny_checkpoint: Path, 
     monkeypatch.setenv("NAPARI_BCD_MODEL", str(tiny_checkpoint))
     assert main(["classify", str(DATA / "stardist-histo-500x300.jpg"), "--mpp", "1.0", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "stardist-histo-500x300.summary.json").is_file()
+
+
+def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from conftest import SAMPLE_SLIDE
+
+    from napari_bcd.config import default_model_path
+
+    regions = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[900, 0], [1500, 0], [1500, 1500], [900, 1500], [900, 0]]]},
+             "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
+            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[800, 1500], [1600, 1500], [1600, 2967], [800, 2967], [800, 1500]]]},
+             "properties": {"objectType": "annotation", "classification": {"name": "Benign", "color": [0, 200, 0]}}},
+        ],
+    }
+    (tmp_path / "regions.geojson").write_text(json.dumps(regions))
+    ds = tmp_path / "iciar"
+    assert main(["export-patches", str(SAMPLE_SLIDE), str(tmp_path / "regions.geojson"), "--out", str(ds),
+                 "--field-um", "100", "--label", "Tumor=Invasive", "--min-per-class", "5"]) == 0
+    out = capsys.readouterr()
+    assert "patches to" in out.out and "too few patches for" not in out.err
+    ckpt = tmp_path / "model.safetensors"
+    assert main(["train", str(ds), "--out", str(ckpt), "--backbone", "timm:resnet18", "--backbone-weights", "none",
+                 "--preprocess", "imagenet",
+                 "--input-px", "64", "--field-um", "100", "--epochs", "3", "--batch-size", "16"]) == 0
+    out = capsys.readouterr()
+    assert "epoch   3/3" in out.err and "macro avg" in out.out and ckpt.is_file()
+    assert default_model_path() == ckpt.resolve()  # the widget and classify now use it
+    assert main(["evaluate", str(ckpt), str(ds), "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["support"][3] > 0

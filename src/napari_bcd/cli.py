@@ -218,6 +218,122 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- training
+def _drive(gen, bar_desc: str, unit: str = "it"):  # noqa: ANN001, ANN202
+    """Run a core generator with a progress bar; returns its result."""
+    bar = None
+    try:
+        while True:
+            item = next(gen)
+            total = getattr(item, "total", None)
+            done = getattr(item, "done", None)
+            if total is not None and done is not None:
+                if bar is None:
+                    bar = _progress_bar(bar_desc, total, unit=unit)
+                bar.update(done - bar.n)
+            else:
+                yield_item = item
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                print(_epoch_line(yield_item), file=sys.stderr)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _epoch_line(e) -> str:  # noqa: ANN001
+    star = " *best*" if e.best else ""
+    return (f"epoch {e.epoch:>3}/{e.epochs}  loss {e.train_loss:.4f}  acc {e.train_acc:.3f}  "
+            f"val_loss {e.val_loss:.4f}  val_acc {e.val_acc:.3f}  {e.seconds:.2f} s{star}")
+
+
+def _cmd_export_patches(args: argparse.Namespace) -> int:
+    from .annotations import read_annotations
+    from .io.slide import open_slide
+    from .model.card import ICIAR_FIELD_UM
+    from .model.checkpoint import load_checkpoint
+    from .train.iciar import iter_export_patches
+
+    field = ICIAR_FIELD_UM
+    if args.model:
+        field = load_checkpoint(args.model).card.field_um
+    if args.field_um:
+        field = (args.field_um[0], args.field_um[-1])
+    label_map = dict(item.split("=", 1) for item in args.label or [])
+    anns = read_annotations(args.annotations, label_map=label_map)
+    print(str(anns.report), file=sys.stderr)
+    with open_slide(args.slide, mpp=args.mpp) as slide:
+        result = _drive(
+            iter_export_patches(slide, anns, args.out, field_um=field, stride=args.stride, coverage=args.coverage,
+                                min_per_class=args.min_per_class),
+            "patches", "patch",
+        )
+    print(result)
+    if result.too_few:
+        print(f"napari-bcd: too few patches for {', '.join(result.too_few)}: annotate more of them, lower "
+              "--coverage, or use --stride 0.5", file=sys.stderr)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import set_default_model
+    from .model.preprocessing import Preprocessing
+    from .train.finetune import iter_finetune
+    from .train.iciar import read_iciar
+
+    ds = read_iciar(args.dataset)
+    print(f"{len(ds)} images: " + ", ".join(f"{k} {v}" for k, v in ds.counts().items()), file=sys.stderr)
+    for msg in ds.problems[:10]:
+        print(f"warning: {msg}", file=sys.stderr)
+    pre = Preprocessing.parse(args.preprocess, args.mean, args.std) if args.preprocess else None
+    field = (args.field_um[0], args.field_um[-1]) if args.field_um else None
+    ckpt = _drive(
+        iter_finetune(
+            ds, out=args.out, backbone=args.backbone,
+            backbone_weights=None if args.backbone_weights == "none" else (args.backbone_weights or "imagenet"),
+            input_px=(args.input_px, args.input_px), field_um=field, preprocessing=pre, epochs=args.epochs,
+            lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
+            split_file=args.split, augment=not args.no_augment, finetune_last_stage=args.finetune_last_stage,
+            device=args.device,
+        ),
+        "features", "img",
+    )
+    from .model.checkpoint import load_checkpoint
+    from .train.evaluate import Report
+
+    card = load_checkpoint(ckpt).card
+    print(Report(**card.training["validation_report"]).to_text())
+    print(f"best epoch {card.training['best_epoch']}: saved {ckpt}")
+    if not args.no_default:
+        set_default_model(ckpt)
+        print("it is now the default model (napari-bcd classify / the napari widget use it)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .train.evaluate import evaluate
+    from .train.iciar import read_iciar
+
+    ds = read_iciar(args.dataset)
+    report = evaluate(args.checkpoint, ds, device=args.device)
+    print(report.to_text())
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        from ._fileio import atomic_write
+
+        with atomic_write(out / "report.json", "w") as fh:
+            fh.write(report.to_json())
+        with atomic_write(out / "report.txt", "w") as fh:
+            fh.write(report.to_text() + "\n")
+        report.save_confusion_png(out / "confusion_matrix.png")
+        print(f"wrote {out / 'report.json'}, report.txt, confusion_matrix.png")
+    return 0
+
+
 # --------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -274,6 +390,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="reading threads (default: up to 4)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("export-patches", help="cut ICIAR-style patches from annotated regions of a slide")
+    p.add_argument("slide")
+    p.add_argument("annotations", help="QuPath GeoJSON, ImageScope XML or ASAP XML")
+    p.add_argument("--out", required=True, help="ICIAR folder to write (or add to)")
+    p.add_argument("--model", help="take the field from this checkpoint (default: the ICIAR photo's 645 x 860 µm)")
+    p.add_argument("--field-um", type=float, nargs="+", metavar="UM", help="field h [w] in µm")
+    p.add_argument("--stride", type=float, default=1.0, help="window step as a fraction of the field")
+    p.add_argument("--coverage", type=float, default=0.5, help="fraction of a window that must lie in one class")
+    p.add_argument("--min-per-class", type=int, default=20, help="warn about classes with fewer patches")
+    p.add_argument("--label", action="append", metavar="TEXT=CLASS", help="map your label to a class, e.g. Tumor=Invasive")
+    p.add_argument("--mpp", type=float)
+    p.set_defaults(func=_cmd_export_patches)
+
+    p = sub.add_parser("train", help="fine-tune the Table II head on an ICIAR folder (the paper's protocol by default)")
+    p.add_argument("dataset", help="ICIAR folder (Normal/ Benign/ InSitu/ Invasive/), or the BACH download")
+    p.add_argument("--out", required=True, help="checkpoint to write (NAME.safetensors + NAME.json)")
+    p.add_argument("--backbone", default="resnet152v2", help="resnet152v2 (the paper) or timm:<name>")
+    p.add_argument("--backbone-weights", help="local backbone weights (safetensors or a plain state dict); "
+                   "'none' for random weights (experiments only)")
+    p.add_argument("--preprocess", choices=["tf", "unit", "imagenet", "meanstd"], help="pixel normalisation")
+    p.add_argument("--mean", help="R,G,B for --preprocess meanstd")
+    p.add_argument("--std", help="R,G,B for --preprocess meanstd")
+    p.add_argument("--input-px", type=int, default=256)
+    p.add_argument("--field-um", type=float, nargs="+", metavar="UM", help="field h [w] in µm (default ICIAR's)")
+    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", help="file listing the validation images (e.g. a patient-aware BACH split)")
+    p.add_argument("--no-augment", action="store_true", help="no flips/rotations")
+    p.add_argument("--finetune-last-stage", action="store_true", help="also train the backbone's last stage")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-default", action="store_true", help="do not make it the default model")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="Table III report of a checkpoint on an ICIAR folder")
+    p.add_argument("checkpoint")
+    p.add_argument("dataset")
+    p.add_argument("--out", help="folder for report.json, report.txt and confusion_matrix.png")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="open the sample slide (or SLIDE) in napari, classified; --headless writes PNGs")
     p.add_argument("slide", nargs="?", help="a slide (default: the bundled CMU-1-Small-Region.svs)")
