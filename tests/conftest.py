@@ -213,3 +213,24 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Pat
     from napari_bcd.model import save_checkpoint
 
     return save_checkpoint(tiny_model, path=tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def two_kinds_dataset(root: Path, n: int = 24, px: int = 96) -> Path:
+    """Two visibly different kinds of real pixels: nuclei-dense H&E vs pale glass/stroma."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    dense = [load_rgb(DATA / "stardist-histo-500x300.jpg"), load_rgb(DATA / "histolab-medium-nuclei-score-level1.png")]
+    pale = [load_rgb(DATA / "histolab-almost-white-2.png"), load_rgb(DATA / "histolab-no-tissue.png")]
+    rows = []
+    for cls, sources in (("Invasive", dense), ("Normal", pale)):
+        (root / cls).mkdir(parents=True)
+        for k in range(n):
+            src = sources[k % len(sources)]
+            y = rng.integers(0, src.shape[0] - px)
+            x = rng.integers(0, src.shape[1] - px)
+            name = f"{cls[:2].lower()}{k:03d}.png"
+            Image.fromarray(src[y : y + px, x : x + px]).save(root / cls / name)
+            rows.append(f"{name},{cls}")
+    (root / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, SAMPLE_SLIDE, load_rgb
+from conftest import DATA, SAMPLE_SLIDE, load_rgb, two_kinds_dataset as _two_kinds
 
 from napari_bcd.annotations import Annotation
 from napari_bcd.errors import DatasetError
@@ -82,27 +82,6 @@ def test_official_bach_layout_with_problems_reported(tmp_path: Path) -> None:
         ds.load(bad)
     with pytest.raises(DatasetError, match="no Normal"):
         read_iciar(tmp_path / "ICIAR2018_BACH_Challenge" / "Photos" / "Normal")
-
-
-def _two_kinds(root: Path, n: int = 24, px: int = 96) -> Path:
-    """Two visibly different kinds of real pixels: nuclei-dense H&E vs pale glass/stroma."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    dense = [load_rgb(DATA / "stardist-histo-500x300.jpg"), load_rgb(DATA / "histolab-medium-nuclei-score-level1.png")]
-    pale = [load_rgb(DATA / "histolab-almost-white-2.png"), load_rgb(DATA / "histolab-no-tissue.png")]
-    rows = []
-    for cls, sources in (("Invasive", dense), ("Normal", pale)):
-        (root / cls).mkdir(parents=True)
-        for k in range(n):
-            src = sources[k % len(sources)]
-            y = rng.integers(0, src.shape[0] - px)
-            x = rng.integers(0, src.shape[1] - px)
-            name = f"{cls[:2].lower()}{k:03d}.png"
-            Image.fromarray(src[y : y + px, x : x + px]).save(root / cls / name)
-            rows.append(f"{name},{cls}")
-    (root / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def test_learnable_on_real_pixels_and_cached_features(tmp_path: Path) -> None:

@@ -27,7 +27,9 @@ def test_manifest_validates() -> None:
     pm = PluginManager.instance()
     pm.discover()
     mf = pm.get_manifest("napari-bcd")
-    assert [w.display_name for w in mf.contributions.widgets] == [WIDGET, "Annotations (QuPath, ImageScope, ASAP)"]
+    assert [w.display_name for w in mf.contributions.widgets] == [
+        WIDGET, "Train the classifier", "Annotations (QuPath, ImageScope, ASAP)"
+    ]
     assert mf.contributions.sample_data[0].display_name == "Breast Cancer Classifier: sample H&E slide"
     assert {tuple(w.layer_types) for w in mf.contributions.writers} == {("labels",), ("shapes",)}
 
@@ -232,3 +234,34 @@ def test_writers_round_trip(viewer, tmp_path: Path) -> None:  # noqa: ANN001
     doc = json.loads((tmp_path / "shapes.geojson").read_text())
     assert doc["features"][0]["properties"]["classification"]["name"] == "Benign"
     assert doc["features"][0]["geometry"]["coordinates"][0][:3] == [[10, 10], [50, 10], [50, 60]]
+
+
+def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: Path) -> None:  # noqa: ANN001
+    import timm
+    from conftest import two_kinds_dataset
+    from safetensors.torch import save_file
+
+    from napari_bcd._widgets.train import TrainWidget
+    from napari_bcd.config import default_model_path
+
+    folder = two_kinds_dataset(tmp_path / "ds", n=10)
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "r18.safetensors")
+    _, classify = viewer.window.add_plugin_dock_widget("napari-bcd", WIDGET)
+    widget = TrainWidget(viewer)
+    qtbot.addWidget(widget.native)
+    widget._source_combo.value = "ICIAR folder"
+    widget._folder_edit.value = str(folder)
+    widget._out_edit.value = str(tmp_path / "trained.safetensors")
+    widget._backbone_edit.value = "timm:resnet18"
+    widget._weights_edit.value = str(tmp_path / "r18.safetensors")
+    widget._epochs_spin.value = 3
+    widget._batch_spin.value = 16
+    widget._on_run_clicked()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=180_000)
+    assert len(widget._plot.epochs) == 3  # the live curves got every epoch
+    assert "macro avg" in widget._report.value and "confusion matrix" in widget._report.value
+    assert widget._use_button.enabled
+    widget._on_use_clicked()
+    assert default_model_path() == (tmp_path / "trained.safetensors").resolve()
+    assert classify._model_edit.value == tmp_path / "trained.safetensors"
+    assert "trained" in classify._card_label.value

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import (
@@ -22,6 +21,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_info
 
 from ..errors import BcdError
+from ._layers import slide_for_layer
 from ._worker import notify_error, start_job
 
 if TYPE_CHECKING:
@@ -108,24 +108,6 @@ class ClassifyWidget(Container):
         self._model, self._model_key = model, (self._model_path(),)
         self._card_label.value = model.card.describe()
 
-    def _slide_for(self, layer: Image):  # noqa: ANN202
-        from ..io.slide import Slide, open_slide
-
-        mpp = self._mpp_edit.value or None
-        if mpp is None:
-            scale = tuple(float(s) for s in layer.scale[-2:])
-            mpp = scale if scale != (1.0, 1.0) else None
-        if mpp is None:
-            raise BcdError(f"{layer.name!r} has no pixel size. Set µm / pixel (e.g. 0.25 at 40x, 0.5 at 20x, 0.42 for ICIAR photos).")
-        path = (layer.metadata.get("napari_bcd") or {}).get("path") or getattr(layer.source, "path", None)
-        if path and Path(path).is_file():
-            try:
-                return open_slide(path, mpp=mpp)
-            except BcdError:
-                log.info("reading %s through the layer's data instead", path)
-        data = layer.data[0] if layer.multiscale else layer.data
-        return Slide.from_array(data, mpp=mpp, name=layer.name)
-
     # ------------------------------------------------------------------ run / cancel
     def _on_run_clicked(self) -> None:
         from ..engine import iter_classify
@@ -139,7 +121,7 @@ class ClassifyWidget(Container):
                 self._on_model_changed()
             if self._model is None:
                 raise BcdError(self._card_label.value)
-            slide = self._slide_for(layer)
+            slide = slide_for_layer(layer, self._mpp_edit.value or None)
             stride = {"none": 1.0, "50 %": 0.5, "75 %": 0.25}[self._overlap_combo.value]
             gen = iter_classify(
                 slide, self._model, stride=stride, batch_size=self._batch_spin.value or None,

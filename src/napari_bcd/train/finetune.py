@@ -198,6 +198,14 @@ def iter_finetune(
             p.requires_grad_(True)
         images = {i: images_of(i) for i in sorted(set(train_idx) | set(val_idx))}
 
+    if feats:
+        # One contiguous bank: a batch is then one gather, not 128 small copies.
+        rows = {i: r for r, i in enumerate(sorted(feats))}
+        bank = torch.stack([feats[i] for i in sorted(feats)])
+        feats.clear()
+        row_of = np.zeros(len(dataset), np.int64)
+        for i, r in rows.items():
+            row_of[i] = r
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -209,8 +217,8 @@ def iter_finetune(
 
     def forward(idx: np.ndarray, ts: np.ndarray, train: bool) -> torch.Tensor:
         if not finetune_last_stage:
-            f = torch.stack([feats[int(i)][int(t)] for i, t in zip(idx, ts, strict=True)]).to(dev, torch.float32)
-            return model.head(f)
+            f = bank[torch.from_numpy(row_of[idx]), torch.from_numpy(np.asarray(ts, np.int64))]
+            return model.head(f.to(dev, torch.float32))
         batch = np.stack([dihedral(images[int(i)], int(t)) for i, t in zip(idx, ts, strict=True)])
         x = model.normalise(torch.from_numpy(batch).to(dev))
         return model(x)
