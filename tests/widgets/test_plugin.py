@@ -265,3 +265,23 @@ def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: P
     assert default_model_path() == (tmp_path / "trained.safetensors").resolve()
     assert classify._model_edit.value == tmp_path / "trained.safetensors"
     assert "trained" in classify._card_label.value
+
+
+def test_headless_demo_writes_outputs_and_a_screenshot(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:  # noqa: ANN001
+    from napari_bcd.demo import run_demo
+
+    assert run_demo(model=str(tiny_checkpoint), headless=True, out=str(tmp_path / "demo")) == 0
+    names = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert {"CMU-1-Small-Region.overview.png", "CMU-1-Small-Region.screenshot.png",
+            "CMU-1-Small-Region.geojson", "CMU-1-Small-Region.summary.json"} <= names
+    assert "slide call:" in capsys.readouterr().out
+
+
+def test_demo_without_a_model_says_how_and_still_shows_the_slide(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from napari_bcd.demo import run_demo
+
+    assert run_demo(headless=True, out=str(tmp_path / "demo")) == 0
+    err = capsys.readouterr().err
+    assert "No trained model" in err and "napari-bcd train" in err and "--model" in err
+    assert (tmp_path / "demo" / "CMU-1-Small-Region.overview.png").is_file()
+    assert (tmp_path / "demo" / "CMU-1-Small-Region.screenshot.png").is_file()
