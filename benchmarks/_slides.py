@@ -45,7 +45,7 @@ def tiled_slide(path: Path, reps: tuple[int, int], levels: int = 3, mpp: float =
                 out[: len(ys), : len(xs)] = src[np.ix_(ly, lx)]
                 return out
 
-            def tiles(tiles_y: int = tiles_y, tiles_x: int = tiles_x):  # noqa: ANN202
+            def tiles(tiles_y: int = tiles_y, tiles_x: int = tiles_x):
                 for ty in range(tiles_y):
                     for tx in range(tiles_x):
                         yield pixel(ty * tile, tx * tile)

@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _slides import SAMPLE, tiled_slide  # noqa: E402
+from _slides import SAMPLE, tiled_slide
 
 logging.getLogger("napari_bcd").setLevel(logging.ERROR)
 MiB = 1 << 20
 
 
-def paper_model(field_um: float = 128.0):  # noqa: ANN201
+def paper_model(field_um: float = 128.0):
     from napari_bcd.model import build_classifier
 
     with warnings.catch_warnings():

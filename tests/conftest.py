@@ -47,7 +47,7 @@ class KerasReference:
     probs: np.ndarray  # softmax of the whole model
 
 
-def keras_table2_model(seed: int = 0):  # noqa: ANN201
+def keras_table2_model(seed: int = 0):
     """The paper's model built in Keras: ResNet152V2 (no top) + the Table II head."""
     import keras
 
@@ -65,7 +65,7 @@ def keras_table2_model(seed: int = 0):  # noqa: ANN201
     return base, keras.Model(base.input, x)
 
 
-def randomise_bn(model, seed: int) -> None:  # noqa: ANN001
+def randomise_bn(model, seed: int) -> None:
     """Non-trivial BN statistics, so a swapped mean/variance or gamma/beta shows."""
     import keras
 
@@ -83,7 +83,7 @@ def randomise_bn(model, seed: int) -> None:  # noqa: ANN001
             )
 
 
-def save_keras_h5(model, path: Path) -> Path:  # noqa: ANN001
+def save_keras_h5(model, path: Path) -> Path:
     """Write weights with Keras' own HDF5 writer (the layout of ``model.save_weights('x.h5')``)."""
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
@@ -193,7 +193,7 @@ def write_ome_subifds(path: Path, image: np.ndarray, levels: int = 3, mpp: float
 
 
 @pytest.fixture(scope="session")
-def tiny_model():  # noqa: ANN201
+def tiny_model():
     """A small real network (timm resnet18, random weights) with a 200 µm field at 64 px."""
     import torch
 
@@ -209,7 +209,7 @@ def tiny_model():  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # noqa: ANN001
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
     from napari_bcd.model import save_checkpoint
 
     return save_checkpoint(tiny_model, path=tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
 
+from conftest import DATA
 from napari_bcd.annotations import Annotation, read_annotations, write_geojson
 from napari_bcd.errors import AnnotationError
 
 ANN = DATA / "annotations"
 
 
-def _by_label(anns):  # noqa: ANN001, ANN202
+def _by_label(anns):
     out: dict[str, list[Annotation]] = {}
     for a in anns:
         out.setdefault(a.label, []).append(a)

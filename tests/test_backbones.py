@@ -43,7 +43,7 @@ def test_preprocessing_can_be_set_and_is_recorded() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "statedict"])
-def test_local_backbone_weights_load(tmp_path, fmt: str) -> None:  # noqa: ANN001
+def test_local_backbone_weights_load(tmp_path, fmt: str) -> None:
     import timm
     from safetensors.torch import save_file
 
@@ -58,11 +58,11 @@ def test_local_backbone_weights_load(tmp_path, fmt: str) -> None:  # noqa: ANN00
 
 
 class _Evil:
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (print, ("pickled code ran",))
 
 
-def test_pickled_code_is_never_run(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_pickled_code_is_never_run(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"conv1.weight": _Evil()}, path)
     with pytest.raises(BcdError, match="pickled code are refused"):
@@ -70,7 +70,7 @@ def test_pickled_code_is_never_run(tmp_path, capsys: pytest.CaptureFixture[str])
     assert "pickled code ran" not in capsys.readouterr().out
 
 
-def test_weights_of_another_architecture_are_refused(tmp_path) -> None:  # noqa: ANN001
+def test_weights_of_another_architecture_are_refused(tmp_path) -> None:
     import timm
     from safetensors.torch import save_file
 

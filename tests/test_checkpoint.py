@@ -14,7 +14,7 @@ from napari_bcd.errors import BackboneWeightsWarning, CheckpointError
 from napari_bcd.model import ModelCard, build_classifier, load_checkpoint, save_checkpoint
 
 
-def _small(classes=("Normal", "Benign", "InSitu", "Invasive")):  # noqa: ANN001, ANN202
+def _small(classes=("Normal", "Benign", "InSitu", "Invasive")):
     torch.manual_seed(0)
     model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), classes=classes)
     for p in model.head.parameters():
@@ -34,7 +34,7 @@ def saved(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     return model, save_checkpoint(model, path=tmp_path / "ckpt.safetensors")
 
 
-def test_round_trip_is_bit_identical(saved) -> None:  # noqa: ANN001
+def test_round_trip_is_bit_identical(saved) -> None:
     model, path = saved
     assert path.is_file() and path.with_suffix(".json").is_file()
     loaded = load_checkpoint(path)
@@ -68,21 +68,21 @@ def test_round_trip_of_the_real_resnet152v2(tmp_path: Path, he_256: np.ndarray) 
     assert loaded.card.preprocessing.mode == "tf" and loaded.card.backbone == "resnet152v2"
 
 
-def _edit_card(path: Path, **changes) -> None:  # noqa: ANN003
+def _edit_card(path: Path, **changes) -> None:
     card_path = path.with_suffix(".json")
     doc = json.loads(card_path.read_text())
     doc.update(changes)
     card_path.write_text(json.dumps(doc))
 
 
-def test_changed_hash_is_refused(saved) -> None:  # noqa: ANN001
+def test_changed_hash_is_refused(saved) -> None:
     _, path = saved
     _edit_card(path, weights_sha256="0" * 64)
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(path)
 
 
-def test_changed_weights_are_refused(saved) -> None:  # noqa: ANN001
+def test_changed_weights_are_refused(saved) -> None:
     from safetensors.torch import load_file, save_file
 
     _, path = saved
@@ -93,14 +93,14 @@ def test_changed_weights_are_refused(saved) -> None:  # noqa: ANN001
         load_checkpoint(path)
 
 
-def test_card_of_another_backbone_is_refused(saved) -> None:  # noqa: ANN001
+def test_card_of_another_backbone_is_refused(saved) -> None:
     _, path = saved
     _edit_card(path, backbone="timm:resnet34")
     with pytest.raises(CheckpointError, match="backbone"):
         load_checkpoint(path)
 
 
-def test_card_with_other_classes_is_refused(saved) -> None:  # noqa: ANN001
+def test_card_with_other_classes_is_refused(saved) -> None:
     _, path = saved
     _edit_card(path, classes=["Normal", "Tumour"])
     with pytest.raises(CheckpointError, match="classes"):
@@ -116,7 +116,7 @@ def test_weights_that_do_not_fit_the_card_are_refused(tmp_path: Path) -> None:
         load_checkpoint(a)
 
 
-def test_truncated_and_missing_files(saved, tmp_path: Path) -> None:  # noqa: ANN001
+def test_truncated_and_missing_files(saved, tmp_path: Path) -> None:
     _, path = saved
     with pytest.raises(CheckpointError, match="No checkpoint weights"):
         load_checkpoint(tmp_path / "nothing.safetensors")
@@ -129,19 +129,19 @@ def test_truncated_and_missing_files(saved, tmp_path: Path) -> None:  # noqa: AN
         load_checkpoint(tmp_path / "junk.safetensors")
 
 
-def test_lost_card_falls_back_to_the_embedded_copy(saved, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
-    model, path = saved
+def test_lost_card_falls_back_to_the_embedded_copy(saved, caplog: pytest.LogCaptureFixture) -> None:
+    _model, path = saved
     path.with_suffix(".json").unlink()
     loaded = load_checkpoint(path)
     assert loaded.card.name == "unit-test"
     assert "missing" in caplog.text
 
 
-def test_a_failed_save_leaves_the_old_checkpoint_intact(saved, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    model, path = saved
+def test_a_failed_save_leaves_the_old_checkpoint_intact(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    _model, path = saved
     before = (path.read_bytes(), path.with_suffix(".json").read_bytes())
 
-    def boom(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
@@ -151,13 +151,13 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(saved, monkeypatch: pyte
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
 
 
-def test_no_overwrite_when_asked(saved) -> None:  # noqa: ANN001
+def test_no_overwrite_when_asked(saved) -> None:
     model, path = saved
     with pytest.raises(CheckpointError, match="already exists"):
         save_checkpoint(model, path=path, overwrite=False)
 
 
-def test_a_json_that_is_not_a_card(saved) -> None:  # noqa: ANN001
+def test_a_json_that_is_not_a_card(saved) -> None:
     _, path = saved
     path.with_suffix(".json").write_text('{"hello": 1}')
     with pytest.raises(CheckpointError, match="not a napari-bcd model card"):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KerasReference
 
+from conftest import KerasReference
 from napari_bcd.cli import main
 from napari_bcd.model import build_classifier, save_checkpoint
 
@@ -118,7 +118,6 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
     import json
 
     from conftest import SAMPLE_SLIDE
-
     from napari_bcd.config import default_model_path
 
     regions = {

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_SLIDE, write_pyramid
 
+from conftest import SAMPLE_SLIDE, write_pyramid
 from napari_bcd.engine import ClassMap, Progress, classify, iter_classify
 from napari_bcd.errors import BcdError
 from napari_bcd.io import open_slide
@@ -20,17 +20,17 @@ from napari_bcd.tiling import make_grid
 class SpyPredictor(Predictor):
     """The real predictor, recording what the model was asked."""
 
-    def __init__(self, *a, **k) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *a, **k) -> None:
         super().__init__(*a, **k)
         self.calls: list[np.ndarray] = []
 
-    def __call__(self, batch):  # noqa: ANN001, ANN204
+    def __call__(self, batch):
         out = super().__call__(batch)
         self.calls.append(out)
         return out
 
 
-def run(gen):  # noqa: ANN001, ANN201
+def run(gen):
     progress = []
     while True:
         try:
@@ -39,7 +39,7 @@ def run(gen):  # noqa: ANN001, ANN201
             return progress, stop.value
 
 
-def test_classifies_only_tissue_windows_and_reports_progress(tiny_model) -> None:  # noqa: ANN001
+def test_classifies_only_tissue_windows_and_reports_progress(tiny_model) -> None:
     spy = SpyPredictor(tiny_model, device="cpu")
     with open_slide(SAMPLE_SLIDE) as slide:
         progress, cmap = run(iter_classify(slide, spy, batch_size=8))
@@ -65,7 +65,7 @@ def test_classifies_only_tissue_windows_and_reports_progress(tiny_model) -> None
     assert (cmap.labels[cmap.window_done] == done.argmax(-1) + 1).all()
 
 
-def test_overlapping_windows_are_averaged_per_cell(tiny_model) -> None:  # noqa: ANN001
+def test_overlapping_windows_are_averaged_per_cell(tiny_model) -> None:
     spy = SpyPredictor(tiny_model, device="cpu")
     with open_slide(SAMPLE_SLIDE) as slide:
         _, cmap = run(iter_classify(slide, spy, stride=0.5, batch_size=4))
@@ -86,7 +86,7 @@ def test_overlapping_windows_are_averaged_per_cell(tiny_model) -> None:  # noqa:
     assert count.max() == 4
 
 
-def test_geometry_places_cells_on_their_windows(tiny_model) -> None:  # noqa: ANN001
+def test_geometry_places_cells_on_their_windows(tiny_model) -> None:
     with open_slide(SAMPLE_SLIDE) as slide:
         cmap = classify(slide, tiny_model, batch_size=16)
     (sy, sx), (ty, tx) = cmap.layer_transform()
@@ -102,7 +102,7 @@ def test_geometry_places_cells_on_their_windows(tiny_model) -> None:  # noqa: AN
         assert label == cmap.labels[r, c] and p is not None
 
 
-def test_reads_the_coarsest_level_that_is_fine_enough(tmp_path: Path, cmu_rgb: np.ndarray, tiny_model) -> None:  # noqa: ANN001
+def test_reads_the_coarsest_level_that_is_fine_enough(tmp_path: Path, cmu_rgb: np.ndarray, tiny_model) -> None:
     path = write_pyramid(tmp_path / "p.tif", cmu_rgb[:2048, :2048], levels=4, mpp=0.25)
     with open_slide(path) as slide:
         # 200 µm at 64 px needs 3.125 µm/px: level 3 (2 µm/px) is the coarsest finer than that.
@@ -110,7 +110,7 @@ def test_reads_the_coarsest_level_that_is_fine_enough(tmp_path: Path, cmu_rgb: n
     assert cmap.grid.level == 3
 
 
-def test_cancel_stops_within_a_batch_and_frees_threads(tiny_model) -> None:  # noqa: ANN001
+def test_cancel_stops_within_a_batch_and_frees_threads(tiny_model) -> None:
     spy = SpyPredictor(tiny_model, device="cpu")
     before = {t.name for t in threading.enumerate()}
     with open_slide(SAMPLE_SLIDE) as slide:
@@ -124,19 +124,19 @@ def test_cancel_stops_within_a_batch_and_frees_threads(tiny_model) -> None:  # n
     assert not leftover
 
 
-def test_reading_ahead_is_bounded(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_reading_ahead_is_bounded(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
     reads = []
     spy_calls = []
 
     class CountingSpy(SpyPredictor):
-        def __call__(self, batch):  # noqa: ANN001, ANN204
+        def __call__(self, batch):
             spy_calls.append(len(reads))
             return super().__call__(batch)
 
     with open_slide(SAMPLE_SLIDE) as slide:
         original = slide.read_region
 
-        def counting(*a):  # noqa: ANN002, ANN202
+        def counting(*a):
             reads.append(a)
             return original(*a)
 
@@ -150,7 +150,7 @@ def test_reading_ahead_is_bounded(tiny_model, monkeypatch: pytest.MonkeyPatch) -
         assert n_reads <= (k + 1) * 2 + 2 * 2 + 2
 
 
-def test_no_tissue_means_no_model_calls(tiny_model) -> None:  # noqa: ANN001
+def test_no_tissue_means_no_model_calls(tiny_model) -> None:
     from conftest import DATA
 
     spy = SpyPredictor(tiny_model, device="cpu")
@@ -159,7 +159,7 @@ def test_no_tissue_means_no_model_calls(tiny_model) -> None:  # noqa: ANN001
     assert cmap.n_windows == 0 and not spy.calls and (cmap.labels == 0).all()
 
 
-def test_errors_before_any_work(tiny_model) -> None:  # noqa: ANN001
+def test_errors_before_any_work(tiny_model) -> None:
     from conftest import DATA
 
     with open_slide(DATA / "stardist-histo-500x300.jpg") as slide:

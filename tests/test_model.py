@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import KerasReference, keras_table2_model, rel_err, save_keras_h5
 
+from conftest import KerasReference, keras_table2_model, rel_err, save_keras_h5
 from napari_bcd.errors import BackboneWeightsWarning, KerasWeightsError
 from napari_bcd.model import (
     KERAS_PARAM_COUNT,
@@ -20,7 +20,7 @@ from napari_bcd.model import (
 )
 
 
-def _paper_model(**kw):  # noqa: ANN202
+def _paper_model(**kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackboneWeightsWarning)
         return build_classifier("resnet152v2", backbone_weights=None, **kw)
@@ -90,7 +90,7 @@ def test_whole_table2_model_matches_keras(keras_reference: KerasReference) -> No
 
 
 @pytest.mark.slow
-def test_keras_file_of_another_network_names_the_first_missing_layer(tmp_path) -> None:  # noqa: ANN001
+def test_keras_file_of_another_network_names_the_first_missing_layer(tmp_path) -> None:
     import keras
 
     other = keras.applications.ResNet50V2(weights=None, include_top=False, input_shape=(64, 64, 3))
@@ -99,7 +99,7 @@ def test_keras_file_of_another_network_names_the_first_missing_layer(tmp_path) -
         load_keras_weights(ResNet152V2(), path)
 
 
-def test_keras_file_with_wrong_shapes_names_the_layer(tmp_path) -> None:  # noqa: ANN001
+def test_keras_file_with_wrong_shapes_names_the_layer(tmp_path) -> None:
     import keras
 
     inp = keras.Input((32, 32, 3))
@@ -109,7 +109,7 @@ def test_keras_file_with_wrong_shapes_names_the_layer(tmp_path) -> None:  # noqa
         load_keras_weights(ResNet152V2(), path)
 
 
-def test_head_needs_six_layers_after_the_backbone(tmp_path, keras_reference: KerasReference) -> None:  # noqa: ANN001
+def test_head_needs_six_layers_after_the_backbone(tmp_path, keras_reference: KerasReference) -> None:
     import keras
 
     base = keras.applications.ResNet152V2(weights=None, include_top=False, input_shape=(64, 64, 3))
@@ -122,7 +122,7 @@ def test_head_needs_six_layers_after_the_backbone(tmp_path, keras_reference: Ker
     ("content", "message"),
     [(b"not hdf5 at all", "not an HDF5 file"), (None, "no 'layer_names'")],
 )
-def test_non_keras_files_are_refused(tmp_path, content: bytes | None, message: str) -> None:  # noqa: ANN001
+def test_non_keras_files_are_refused(tmp_path, content: bytes | None, message: str) -> None:
     import h5py
 
     path = tmp_path / "w.h5"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, SAMPLE_SLIDE, halve, write_ome_subifds, write_pyramid
 
+from conftest import DATA, SAMPLE_SLIDE, halve, write_ome_subifds, write_pyramid
 from napari_bcd.errors import SlideError
 from napari_bcd.io import open_slide
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DATA, SAMPLE_SLIDE, load_rgb
 
+from conftest import DATA, SAMPLE_SLIDE, load_rgb
 from napari_bcd.errors import BcdError
 from napari_bcd.io import open_slide
 from napari_bcd.tissue import TissueParams, detect_tissue

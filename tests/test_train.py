@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, SAMPLE_SLIDE, load_rgb, two_kinds_dataset as _two_kinds
 
+from conftest import DATA, SAMPLE_SLIDE, load_rgb
+from conftest import two_kinds_dataset as _two_kinds
 from napari_bcd.annotations import Annotation
 from napari_bcd.errors import DatasetError
 from napari_bcd.io import open_slide
@@ -17,7 +18,7 @@ from napari_bcd.train import evaluate, iter_export_patches, iter_finetune, read_
 from napari_bcd.train.finetune import EpochStats, FeatureProgress, dihedral
 
 
-def run(gen):  # noqa: ANN001, ANN201
+def run(gen):
     items = []
     while True:
         try:
@@ -77,7 +78,7 @@ def test_official_bach_layout_with_problems_reported(tmp_path: Path) -> None:
     text = "\n".join(ds.problems)
     assert "n001.tif" in text and "says 'Benign'" in text
     assert "ghost.tif" in text and "iv003.tif is not listed" in text
-    bad = [i for i, p in enumerate(ds.paths) if p.name == "iv003.tif"][0]
+    bad = next(i for i, p in enumerate(ds.paths) if p.name == "iv003.tif")
     with pytest.raises(DatasetError, match="iv003.tif cannot be read"):
         ds.load(bad)
     with pytest.raises(DatasetError, match="no Normal"):
@@ -86,8 +87,8 @@ def test_official_bach_layout_with_problems_reported(tmp_path: Path) -> None:
 
 def test_learnable_on_real_pixels_and_cached_features(tmp_path: Path) -> None:
     ds = read_iciar(_two_kinds(tmp_path / "ds"))
-    kw = dict(backbone="timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(50.0, 50.0),
-              epochs=30, lr=3e-3, batch_size=32, seed=0)
+    kw = {"backbone": "timm:resnet18", "backbone_weights": None, "input_px": (64, 64), "field_um": (50.0, 50.0),
+              "epochs": 30, "lr": 3e-3, "batch_size": 32, "seed": 0}
     items, ckpt = run(iter_finetune(ds, out=tmp_path / "m.safetensors", **kw))
     feats = [i for i in items if isinstance(i, FeatureProgress)]
     epochs = [i for i in items if isinstance(i, EpochStats)]

@@ -7,13 +7,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import KerasReference, rel_err
 
+from conftest import KerasReference, rel_err
 from napari_bcd.errors import BackboneWeightsWarning, KerasWeightsError, WeightsDownloadError
 from napari_bcd.model import build_classifier, cached_imagenet_weights, fetch_imagenet_weights, import_keras_weights
 
 
-def _md5(path) -> str:  # noqa: ANN001
+def _md5(path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
@@ -39,7 +39,7 @@ def test_import_checks_the_official_md5(keras_reference: KerasReference) -> None
     assert cached_imagenet_weights() is None
 
 
-def test_import_of_a_missing_file_says_both_ways(tmp_path) -> None:  # noqa: ANN001
+def test_import_of_a_missing_file_says_both_ways(tmp_path) -> None:
     with pytest.raises(KerasWeightsError, match=r"does not exist.*weights fetch.*weights import"):
         import_keras_weights(tmp_path / "nothing.h5")
 

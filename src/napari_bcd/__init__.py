@@ -50,14 +50,12 @@ _LAZY: dict[str, str] = {
 __all__ = ["__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .classes import CLASS_NAMES
     from .annotations import Annotation, read_annotations, write_geojson
+    from .classes import CLASS_NAMES
     from .engine import ClassMap, classify, iter_classify
     from .errors import BcdError
     from .export import write_outputs
     from .io.slide import Slide, open_slide
-    from .summary import Summary, summarize
-    from .tissue import TissueParams
     from .model import (
         Classifier,
         ModelCard,
@@ -73,6 +71,8 @@ if TYPE_CHECKING:  # pragma: no cover
         load_model,
         save_checkpoint,
     )
+    from .summary import Summary, summarize
+    from .tissue import TissueParams
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 LayerData = tuple[Any, dict, str]
 
 
-def slide_layer_data(slide) -> LayerData:  # noqa: ANN001
+def slide_layer_data(slide) -> LayerData:
     """``(data, kwargs, "image")`` for a :class:`~napari_bcd.io.Slide`.
 
     ``scale`` is µm per pixel so napari's scale bar reads µm; without mpp the

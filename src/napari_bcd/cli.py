@@ -21,7 +21,7 @@ from .errors import BcdError
 log = logging.getLogger("napari_bcd")
 
 
-def _progress_bar(desc: str, total: int | None, unit: str = "it", unit_scale: bool = False):  # noqa: ANN202
+def _progress_bar(desc: str, total: int | None, unit: str = "it", unit_scale: bool = False):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr, dynamic_ncols=True)
@@ -129,7 +129,7 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _sample_field(card, image: Path | None):  # noqa: ANN001, ANN202
+def _sample_field(card, image: Path | None):
     """One model input from a real H&E image: the bundled slide's centre by default."""
     import numpy as np
     import tifffile
@@ -208,7 +208,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         except BcdError as err:
             failed.append(name)
             print(f"napari-bcd: {name}: {err}", file=sys.stderr)
-        except Exception as err:  # noqa: BLE001 - one bad slide must not stop the others
+        except Exception as err:
             failed.append(name)
             log.debug("unexpected failure", exc_info=True)
             print(f"napari-bcd: {name}: unexpected {type(err).__name__}: {err} (run with -v and report it)", file=sys.stderr)
@@ -219,7 +219,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- training
-def _drive(gen, bar_desc: str, unit: str = "it"):  # noqa: ANN001, ANN202
+def _drive(gen, bar_desc: str, unit: str = "it"):
     """Run a core generator with a progress bar; returns its result."""
     bar = None
     try:
@@ -244,7 +244,7 @@ def _drive(gen, bar_desc: str, unit: str = "it"):  # noqa: ANN001, ANN202
             bar.close()
 
 
-def _epoch_line(e) -> str:  # noqa: ANN001
+def _epoch_line(e) -> str:
     star = " *best*" if e.best else ""
     return (f"epoch {e.epoch:>3}/{e.epochs}  loss {e.train_loss:.4f}  acc {e.train_acc:.3f}  "
             f"val_loss {e.val_loss:.4f}  val_acc {e.val_acc:.3f}  {e.seconds:.2f} s{star}")

@@ -15,7 +15,7 @@ __all__ = ["overview_png", "run_demo", "viewer_screenshot"]
 log = logging.getLogger(__name__)
 
 
-def overview_png(slide, class_map, summary, path: Path) -> Path:  # noqa: ANN001
+def overview_png(slide, class_map, summary, path: Path) -> Path:
     """A matplotlib overview: the slide, the class map over it, a legend and the summary.
 
     Needs no display or OpenGL, so it works on any server.
@@ -29,7 +29,7 @@ def overview_png(slide, class_map, summary, path: Path) -> Path:  # noqa: ANN001
     from .classes import CLASS_COLORS, DISPLAY_NAMES
     from .export import label_image
 
-    thumb, ds = slide.thumbnail(1200)
+    thumb, _ds = slide.thumbnail(1200)
     H, W = slide.dimensions
     fig, ax = plt.subplots(figsize=(9, 9 * H / W * 0.9 + 1.5), dpi=110)
     ax.imshow(thumb, extent=(0, W, H, 0))
@@ -55,7 +55,7 @@ def overview_png(slide, class_map, summary, path: Path) -> Path:  # noqa: ANN001
     return path
 
 
-def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:  # noqa: ANN001
+def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:
     """A screenshot of a (hidden) napari viewer with the label layer over the slide."""
     import napari
     from napari.utils.colormaps import DirectLabelColormap
@@ -147,14 +147,14 @@ def run_demo(
     try:
         shot = viewer_screenshot(path, class_map, out_dir / f"{stem}.screenshot.png")
         print(f"wrote {shot}")
-    except Exception as err:  # noqa: BLE001 - no display/OpenGL: the overview PNG stands in
+    except Exception as err:
         log.debug("screenshot failed", exc_info=True)
         print(f"napari-bcd: no napari screenshot ({type(err).__name__}: {err}); "
               "run under a display (or xvfb-run) for one. The overview PNG shows the same result.", file=sys.stderr)
     return 0
 
 
-def _interactive(path: Path, classifier, model: str | None) -> int:  # noqa: ANN001
+def _interactive(path: Path, classifier, model: str | None) -> int:
     import napari
     from napari.utils.notifications import show_warning
 

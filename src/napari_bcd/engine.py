@@ -148,7 +148,7 @@ def _resize_area(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def iter_classify(
     slide: Slide,
-    model,  # noqa: ANN001 - a Classifier or a Predictor
+    model,
     *,
     stride: float | tuple[float, float] = 1.0,
     stride_um: float | tuple[float, float] | None = None,
@@ -225,7 +225,7 @@ def iter_classify(
 
 def _classify(
     slide: Slide,
-    predictor,  # noqa: ANN001
+    predictor,
     grid: Grid,
     tissue: TissueParams | None,
     min_tissue: float,
@@ -320,7 +320,7 @@ def _classify(
     )
 
 
-def classify(slide: Slide, model, **kwargs) -> ClassMap:  # noqa: ANN001, ANN003
+def classify(slide: Slide, model, **kwargs) -> ClassMap:
     """Run :func:`iter_classify` to the end and return its ClassMap."""
     gen = iter_classify(slide, model, **kwargs)
     while True:

@@ -84,7 +84,7 @@ def label_image(class_map: ClassMap, max_size: int = 4096) -> tuple[np.ndarray, 
     return img, k
 
 
-def _description(class_map: ClassMap, **extra) -> str:  # noqa: ANN003
+def _description(class_map: ClassMap, **extra) -> str:
     return json.dumps(
         {
             "napari_bcd": True,

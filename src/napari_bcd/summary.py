@@ -156,7 +156,7 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     )
 
 
-def CLASS_IDS_BY_SEVERITY() -> list[str]:  # noqa: N802
+def CLASS_IDS_BY_SEVERITY() -> list[str]:
     """ICIAR class names, most severe first."""
     names = {v: k for k, v in CLASS_IDS.items()}
     return [names[i] for i in SEVERITY]

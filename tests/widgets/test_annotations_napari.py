@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, SAMPLE_SLIDE
 
+from conftest import DATA, SAMPLE_SLIDE
 from napari_bcd.annotations import read_annotations
 from napari_bcd.annotations.napari import annotations_to_shapes, shapes_to_annotations
 
@@ -16,11 +16,11 @@ ANN = DATA / "annotations"
 
 
 @pytest.fixture
-def viewer(make_napari_viewer):  # noqa: ANN001, ANN201
+def viewer(make_napari_viewer):
     return make_napari_viewer()
 
 
-def test_shapes_round_trip_keeps_polygons_holes_and_classes(viewer) -> None:  # noqa: ANN001
+def test_shapes_round_trip_keeps_polygons_holes_and_classes(viewer) -> None:
     image = viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, scale=(0.5, 0.5), translate=(10.0, 20.0))
     anns = read_annotations(ANN / "bach-imagescope.xml")
     data, kwargs, kind = annotations_to_shapes(anns, scale=tuple(image.scale), translate=tuple(image.translate))
@@ -39,7 +39,7 @@ def test_shapes_round_trip_keeps_polygons_holes_and_classes(viewer) -> None:  # 
     assert list(layer.features["class"])[inv] == "Invasive carcinoma"
 
 
-def test_annotate_widget_open_classify_save(viewer, qtbot, tmp_path: Path) -> None:  # noqa: ANN001
+def test_annotate_widget_open_classify_save(viewer, qtbot, tmp_path: Path) -> None:
     from napari_bcd._widgets.annotate import AnnotateWidget
 
     image = viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")[0]
@@ -65,7 +65,7 @@ def test_annotate_widget_open_classify_save(viewer, qtbot, tmp_path: Path) -> No
     assert sorted(a.cls or 0 for a in back) == [0, 1, 2, 4]  # "_2" stays unclassified; "Tumor" is now Invasive
 
 
-def test_annotate_widget_errors_are_notifications(viewer, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_annotate_widget_errors_are_notifications(viewer, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:
     from napari_bcd._widgets.annotate import AnnotateWidget
 
     messages: list[str] = []

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, SAMPLE_SLIDE
 
+from conftest import DATA, SAMPLE_SLIDE
 from napari_bcd._reader import napari_get_reader
 
 WIDGET = "Breast Cancer Classifier"
@@ -55,25 +55,25 @@ def test_reader_declines_what_it_cannot_read(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def viewer(make_napari_viewer):  # noqa: ANN001, ANN201
+def viewer(make_napari_viewer):
     return make_napari_viewer()
 
 
-def test_open_and_sample_in_a_viewer(viewer) -> None:  # noqa: ANN001
+def test_open_and_sample_in_a_viewer(viewer) -> None:
     layers = viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")
     assert layers[0].rgb and tuple(layers[0].scale) == pytest.approx((0.499, 0.499))
     sample = viewer.open_sample("napari-bcd", "cmu_small_region")
     assert sample[0].data.shape == (2967, 2220, 3)
 
 
-def test_dock_widget_is_wired(viewer) -> None:  # noqa: ANN001
+def test_dock_widget_is_wired(viewer) -> None:
     from napari_bcd._widgets.classify import ClassifyWidget
 
     _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", WIDGET)
     assert isinstance(widget, ClassifyWidget)
 
 
-def _widget(viewer, qtbot, checkpoint: Path | None):  # noqa: ANN001, ANN202
+def _widget(viewer, qtbot, checkpoint: Path | None):
     from napari_bcd._widgets.classify import ClassifyWidget
 
     widget = ClassifyWidget(viewer)
@@ -83,12 +83,12 @@ def _widget(viewer, qtbot, checkpoint: Path | None):  # noqa: ANN001, ANN202
     return widget
 
 
-def _run(widget, qtbot, timeout: int = 120_000) -> None:  # noqa: ANN001
+def _run(widget, qtbot, timeout: int = 120_000) -> None:
     widget._on_run_clicked()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
 
 
-def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_path: Path) -> None:
     image = viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")[0]
     _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", WIDGET)
     widget._model_edit.value = str(tiny_checkpoint)
@@ -137,7 +137,7 @@ def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_p
         shutil.copy(tmp_path / "classified.png", Path(os.environ["NAPARI_BCD_SCREENSHOTS"]) / "classified.png")
 
 
-def test_rerun_replaces_the_result(viewer, qtbot, tiny_checkpoint: Path) -> None:  # noqa: ANN001
+def test_rerun_replaces_the_result(viewer, qtbot, tiny_checkpoint: Path) -> None:
     viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")
     widget = _widget(viewer, qtbot, tiny_checkpoint)
     _run(widget, qtbot)
@@ -149,14 +149,14 @@ def test_rerun_replaces_the_result(viewer, qtbot, tiny_checkpoint: Path) -> None
     assert viewer.layers["CMU-1-Small-Region classes"].data.shape != first
 
 
-def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: Path) -> None:  # noqa: ANN001
+def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: Path) -> None:
     viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")
     widget = _widget(viewer, qtbot, tiny_checkpoint)
     widget._overlap_combo.value = "75 %"
     widget._batch_spin.value = 1
     seen = []
 
-    def on_progress(p):  # noqa: ANN001, ANN202
+    def on_progress(p):
         seen.append(p)
         if p.stage == "classify" and p.done >= 1 and widget._worker is not None:
             widget._on_cancel_clicked()
@@ -171,7 +171,7 @@ def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: 
     assert widget._run_button.enabled and not widget._cancel_button.enabled
 
 
-def test_errors_become_notifications(viewer, qtbot, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: ANN001
+def test_errors_become_notifications(viewer, qtbot, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     messages: list[str] = []
     monkeypatch.setattr("napari_bcd._widgets._worker.show_error", messages.append)
     widget = _widget(viewer, qtbot, tiny_checkpoint)
@@ -199,12 +199,12 @@ def test_errors_become_notifications(viewer, qtbot, tiny_checkpoint: Path, monke
     assert "dragged png classes" in viewer.layers
 
 
-def test_writers_round_trip(viewer, tmp_path: Path) -> None:  # noqa: ANN001
+def test_writers_round_trip(viewer, tmp_path: Path) -> None:
     import tifffile
 
-    from napari_bcd._writer import write_geojson_labels, write_geojson_shapes, write_labels_tiff
-    from napari_bcd.annotations.napari import annotations_to_shapes
+    from napari_bcd._writer import write_geojson_labels, write_geojson_shapes
     from napari_bcd.annotations import Annotation
+    from napari_bcd.annotations.napari import annotations_to_shapes
 
     labels = np.zeros((4, 5), np.uint8)
     labels[1:3, 1:4] = 4
@@ -236,11 +236,11 @@ def test_writers_round_trip(viewer, tmp_path: Path) -> None:  # noqa: ANN001
     assert doc["features"][0]["geometry"]["coordinates"][0][:3] == [[10, 10], [50, 10], [50, 60]]
 
 
-def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: Path) -> None:  # noqa: ANN001
+def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: Path) -> None:
     import timm
-    from conftest import two_kinds_dataset
     from safetensors.torch import save_file
 
+    from conftest import two_kinds_dataset
     from napari_bcd._widgets.train import TrainWidget
     from napari_bcd.config import default_model_path
 
@@ -267,7 +267,7 @@ def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: P
     assert "trained" in classify._card_label.value
 
 
-def test_headless_demo_writes_outputs_and_a_screenshot(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:  # noqa: ANN001
+def test_headless_demo_writes_outputs_and_a_screenshot(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
     from napari_bcd.demo import run_demo
 
     assert run_demo(model=str(tiny_checkpoint), headless=True, out=str(tmp_path / "demo")) == 0
@@ -277,7 +277,7 @@ def test_headless_demo_writes_outputs_and_a_screenshot(tmp_path: Path, tiny_chec
     assert "slide call:" in capsys.readouterr().out
 
 
-def test_demo_without_a_model_says_how_and_still_shows_the_slide(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_demo_without_a_model_says_how_and_still_shows_the_slide(tmp_path: Path, capsys) -> None:
     from napari_bcd.demo import run_demo
 
     assert run_demo(headless=True, out=str(tmp_path / "demo")) == 0

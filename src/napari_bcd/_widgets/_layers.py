@@ -10,7 +10,7 @@ from ..errors import BcdError
 log = logging.getLogger(__name__)
 
 
-def slide_for_layer(layer, mpp: float | None = None):  # noqa: ANN001, ANN201
+def slide_for_layer(layer, mpp: float | None = None):
     """A :class:`~napari_bcd.io.Slide` for an image layer: its file when it has one, else its data.
 
     ``mpp`` (µm/px) wins; otherwise the layer's ``scale`` is taken as µm/px

@@ -42,10 +42,10 @@ class AnnotateWidget(Container):
         viewer.layers.events.removed.connect(self._on_layers_changed)
         self._on_layers_changed()
 
-    def _image_choices(self, _widget=None) -> list:  # noqa: ANN001
+    def _image_choices(self, _widget=None) -> list:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
 
-    def _on_layers_changed(self, event=None) -> None:  # noqa: ANN001
+    def _on_layers_changed(self, event=None) -> None:
         self._image_combo.reset_choices()
         choices = [c for c in self._image_combo.choices if c is not None]
         if self._image_combo.value is None and choices:

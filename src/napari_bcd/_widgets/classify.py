@@ -82,10 +82,10 @@ class ClassifyWidget(Container):
         self._on_model_changed()
 
     # ------------------------------------------------------------------ inputs
-    def _image_choices(self, _widget=None) -> list:  # noqa: ANN001
+    def _image_choices(self, _widget=None) -> list:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image) and layer.rgb]
 
-    def _on_layers_changed(self, event=None) -> None:  # noqa: ANN001
+    def _on_layers_changed(self, event=None) -> None:
         self._image_combo.reset_choices()
         choices = [c for c in self._image_combo.choices if c is not None]
         if self._image_combo.value is None and choices:
@@ -149,7 +149,7 @@ class ClassifyWidget(Container):
             self._progress.value, self._progress.max = 0, 1
             self._status.value = "Finding tissue…"
 
-    def _on_progress(self, p) -> None:  # noqa: ANN001
+    def _on_progress(self, p) -> None:
         if p.stage != "classify":
             return
         self._progress.max = max(p.total, 1)
@@ -165,7 +165,7 @@ class ClassifyWidget(Container):
             self._status.value = "Cancelled; nothing was changed."
 
     # ------------------------------------------------------------------ results
-    def _on_result(self, class_map, image_name: str, translate: tuple[float, float]) -> None:  # noqa: ANN001
+    def _on_result(self, class_map, image_name: str, translate: tuple[float, float]) -> None:
         from ..layers import classmap_layers, label_colors
         from ..summary import summarize
 
@@ -191,7 +191,7 @@ class ClassifyWidget(Container):
         for b in (self._export_geojson, self._export_csv, self._export_tiff):
             b.enabled = True
 
-    def _on_mouse_move(self, viewer, event) -> None:  # noqa: ANN001
+    def _on_mouse_move(self, viewer, event) -> None:
         if self._result is None:
             return
         from ..layers import describe_hover

@@ -74,14 +74,14 @@ class TrainWidget(Container):
     def _layers(self, kind: type) -> list:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, kind)]
 
-    def _on_layers_changed(self, event=None) -> None:  # noqa: ANN001
+    def _on_layers_changed(self, event=None) -> None:
         for combo in (self._image_combo, self._shapes_combo):
             combo.reset_choices()
             choices = [c for c in combo.choices if c is not None]
             if combo.value is None and choices:
                 combo.value = choices[-1]
 
-    def _job(self, out: Path):  # noqa: ANN202
+    def _job(self, out: Path):
         """The whole job as one generator: (export patches,) then fine-tune."""
         from ..annotations.napari import shapes_to_annotations
         from ..model.card import ICIAR_FIELD_UM
@@ -120,7 +120,7 @@ class TrainWidget(Container):
             self._worker.quit()
             self._status.value = "Cancelling… (the best model so far is kept)"
 
-    def _on_progress(self, item) -> None:  # noqa: ANN001
+    def _on_progress(self, item) -> None:
         from ..train.finetune import EpochStats, FeatureProgress
 
         if isinstance(item, EpochStats):
@@ -180,7 +180,7 @@ class _CurvePlot:
         self.epochs = []
         self._draw()
 
-    def add(self, stats) -> None:  # noqa: ANN001
+    def add(self, stats) -> None:
         self.epochs.append(stats)
         self._draw()
 

@@ -41,7 +41,7 @@ class Annotation:
         self.polygon = _open_ring(np.asarray(self.polygon, dtype=np.float64).reshape(-1, 2))
         self.holes = [_open_ring(np.asarray(h, dtype=np.float64).reshape(-1, 2)) for h in self.holes]
 
-    def to_shapely(self):  # noqa: ANN201
+    def to_shapely(self):
         """A shapely Polygon in ``(x, y)`` order (shapely's and GeoJSON's)."""
         from shapely.geometry import Polygon
 

@@ -143,7 +143,7 @@ def shapes_data_to_annotations(
     return list(out.values())
 
 
-def shapes_to_annotations(shapes_layer, image_layer=None, label_map: dict[str, str | int] | None = None) -> list[Annotation]:  # noqa: ANN001
+def shapes_to_annotations(shapes_layer, image_layer=None, label_map: dict[str, str | int] | None = None) -> list[Annotation]:
     """Annotations from a napari Shapes layer, in the pixel space of ``image_layer`` (if given)."""
     meta = {
         "features": shapes_layer.features,

@@ -143,7 +143,7 @@ def _make(label: str, color: tuple[int, int, int] | None, parts: list, group: st
 
 
 # --------------------------------------------------------------------------- GeoJSON
-def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[Annotation]:  # noqa: ANN001
+def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[Annotation]:
     try:
         doc = json.loads(raw.decode("utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -154,7 +154,7 @@ def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[An
         features = doc.get("features") or []
     elif isinstance(doc, dict) and doc.get("type") == "Feature":
         features = [doc]
-    elif isinstance(doc, dict) and "coordinates" in doc or (isinstance(doc, dict) and doc.get("type") == "GeometryCollection"):
+    elif (isinstance(doc, dict) and "coordinates" in doc) or (isinstance(doc, dict) and doc.get("type") == "GeometryCollection"):
         features = [{"type": "Feature", "geometry": doc, "properties": {}}]
     else:
         raise AnnotationError(f"{p.name} is JSON but not GeoJSON (no FeatureCollection, Feature or geometry).")
@@ -220,7 +220,7 @@ def _qupath_label(props: dict) -> tuple[str, tuple[int, int, int] | None]:
 
 
 # --------------------------------------------------------------------------- XML
-def _read_xml(raw: bytes, p: Path, report: ReadReport, label_map) -> list[Annotation]:  # noqa: ANN001
+def _read_xml(raw: bytes, p: Path, report: ReadReport, label_map) -> list[Annotation]:
     import defusedxml.ElementTree as ET
     from defusedxml import DefusedXmlException
 
@@ -242,7 +242,7 @@ def _read_xml(raw: bytes, p: Path, report: ReadReport, label_map) -> list[Annota
     raise AnnotationError(f"{p.name} is XML with root <{root.tag}>, not ImageScope <Annotations> or <ASAP_Annotations>.")
 
 
-def _num(el, key: str, where: str) -> float:  # noqa: ANN001
+def _num(el, key: str, where: str) -> float:
     try:
         return float(el.get(key))
     except (TypeError, ValueError) as err:
@@ -259,7 +259,7 @@ def _imagescope_color(value: str | None) -> tuple[int, int, int] | None:
     return (v & 255, (v >> 8) & 255, (v >> 16) & 255)  # ImageScope packs colours as 0xBBGGRR
 
 
-def _read_imagescope(root, p: Path, report: ReadReport, label_map) -> list[Annotation]:  # noqa: ANN001
+def _read_imagescope(root, p: Path, report: ReadReport, label_map) -> list[Annotation]:
     out: list[Annotation] = []
     for ai, ann in enumerate(root.findall("Annotation")):
         color = _imagescope_color(ann.get("LineColor"))
@@ -341,7 +341,7 @@ def _catmull_rom_closed(pts: np.ndarray, per_segment: int = 8) -> np.ndarray:
     return np.asarray(out)
 
 
-def _read_asap(root, p: Path, report: ReadReport, label_map) -> list[Annotation]:  # noqa: ANN001
+def _read_asap(root, p: Path, report: ReadReport, label_map) -> list[Annotation]:
     group_colors = {g.get("Name"): _hex_color(g.get("Color")) for g in root.findall("AnnotationGroups/Group")}
     out: list[Annotation] = []
     for ai, ann in enumerate(root.findall("Annotations/Annotation")):

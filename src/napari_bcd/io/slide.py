@@ -53,7 +53,7 @@ class LevelInfo:
 class _Segments:
     """Random access to the tiles or strips of one TIFF page."""
 
-    def __init__(self, page, path: Path, cache: _TileCache, key: int) -> None:  # noqa: ANN001
+    def __init__(self, page, path: Path, cache: _TileCache, key: int) -> None:
         self.page = page
         self.path = path
         self.cache = cache
@@ -100,7 +100,7 @@ class _Segments:
         else:
             try:
                 decoded, _, _ = self.decode(data, index, jpegtables=self.jpegtables)
-            except Exception as err:  # noqa: BLE001 - codecs raise their own types
+            except Exception as err:
                 raise SlideError(
                     f"{self.path.name}: tile {index} cannot be decoded ({type(err).__name__}: {err}). "
                     "The file is corrupt; re-export or copy it again."
@@ -212,7 +212,7 @@ class Slide:
         mpp: tuple[float, float] | None,
         segments: list[_Segments] | None = None,
         arrays: list[np.ndarray] | None = None,
-        tiff=None,  # noqa: ANN001
+        tiff=None,
         vendor: str = "",
     ) -> None:
         self.path = path
@@ -456,7 +456,7 @@ def _open_tiff(p: Path, cache_mb: int) -> Slide:
 
     try:
         tf = tifffile.TiffFile(p)
-    except Exception as err:  # noqa: BLE001 - tifffile raises several types for bad files
+    except Exception as err:
         raise SlideError(f"{p.name} is not a readable TIFF/SVS/NDPI file ({err}). It may be truncated or corrupt.") from err
     try:
         pages, vendor = _level_pages(tf, p)
@@ -476,13 +476,13 @@ def _open_tiff(p: Path, cache_mb: int) -> Slide:
     except SlideError:
         tf.close()
         raise
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         tf.close()
         raise SlideError(f"{p.name} cannot be read ({type(err).__name__}: {err}).") from err
     return Slide(p, infos, mpp, segments=segments, tiff=tf, vendor=vendor)
 
 
-def _level_pages(tf, p: Path) -> tuple[list, str]:  # noqa: ANN001
+def _level_pages(tf, p: Path) -> tuple[list, str]:
     """The TIFF page of each pyramid level, level 0 first."""
     if not tf.series:
         raise SlideError(
@@ -513,7 +513,7 @@ def _level_pages(tf, p: Path) -> tuple[list, str]:  # noqa: ANN001
     return pages, vendor
 
 
-def _mpp(tf, page) -> tuple[float, float] | None:  # noqa: ANN001
+def _mpp(tf, page) -> tuple[float, float] | None:
     """µm/px of level 0 from the SVS description, OME metadata or resolution tags."""
     desc = page.description or ""
     if tf.is_svs:
@@ -550,7 +550,7 @@ def _ome_mpp(xml: str) -> tuple[float, float] | None:
     return None
 
 
-def _resolution_mpp(page) -> tuple[float, float] | None:  # noqa: ANN001
+def _resolution_mpp(page) -> tuple[float, float] | None:
     unit = int(page.resolutionunit)
     um = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}.get(unit)  # inch, cm, (tifffile) mm, µm
     if um is None:

@@ -139,7 +139,7 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
 
         try:
             return load_file(str(path))
-        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ValueError...
+        except Exception as err:
             raise BcdError(
                 f"{path} is not a readable safetensors weights file ({err}). Delete it and write it again "
                 "(for the ImageNet cache: `napari-bcd weights fetch` or `napari-bcd weights import FILE.h5`)."
@@ -148,7 +148,7 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
         raise BcdError(f"{path} is a Keras file; import it with `napari-bcd weights import {path}`.")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for foreign files
+    except Exception as err:
         raise BcdError(
             f"{path} is not a safetensors file or a plain tensor state dict ({type(err).__name__}). "
             "Files with pickled code are refused on purpose; convert it to safetensors."

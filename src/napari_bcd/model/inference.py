@@ -91,7 +91,7 @@ class Predictor:
         """A batch that keeps a GPU busy, or CPU memory small (no speed is lost on the CPU)."""
         return 128 if self.device.type == "cuda" else 4
 
-    def _autocast(self):  # noqa: ANN202
+    def _autocast(self):
         if self.precision == "fp32":
             return nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16

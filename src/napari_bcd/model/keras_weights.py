@@ -29,7 +29,7 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
-def _attr_list(group, name: str) -> list[str]:  # noqa: ANN001
+def _attr_list(group, name: str) -> list[str]:
     """A list attribute, also when Keras split it into ``name0``, ``name1``... (large models)."""
     if name in group.attrs:
         return [_text(n) for n in group.attrs[name]]
@@ -76,7 +76,7 @@ def read_keras_h5(path: str | os.PathLike[str]) -> OrderedDict[str, dict[str, np
     return layers
 
 
-def _assign(module, var: str, array: np.ndarray, layer: str, path: Path) -> None:  # noqa: ANN001
+def _assign(module, var: str, array: np.ndarray, layer: str, path: Path) -> None:
     import torch
     from torch import nn
 
@@ -110,7 +110,7 @@ def _assign(module, var: str, array: np.ndarray, layer: str, path: Path) -> None
         tensor.copy_(torch.from_numpy(np.ascontiguousarray(array)))
 
 
-def _expected_vars(module) -> set[str]:  # noqa: ANN001
+def _expected_vars(module) -> set[str]:
     from torch import nn
 
     if isinstance(module, nn.BatchNorm2d):
@@ -118,7 +118,7 @@ def _expected_vars(module) -> set[str]:  # noqa: ANN001
     return {"kernel", "bias"} if module.bias is not None else {"kernel"}
 
 
-def load_keras_weights(module, path: str | os.PathLike[str]) -> None:  # noqa: ANN001
+def load_keras_weights(module, path: str | os.PathLike[str]) -> None:
     """Load a Keras HDF5 weights file into a Keras-layout module, in place.
 
     Parameters
@@ -172,7 +172,7 @@ def load_keras_weights(module, path: str | os.PathLike[str]) -> None:  # noqa: A
             _load_layer(sub, f"{theirs} (our {ours})", variables, p)
 
 
-def _load_layer(sub, name: str, variables: dict[str, np.ndarray], p: Path) -> None:  # noqa: ANN001
+def _load_layer(sub, name: str, variables: dict[str, np.ndarray], p: Path) -> None:
     want = _expected_vars(sub)
     if set(variables) != want:
         raise KerasWeightsError(

@@ -99,7 +99,7 @@ def report_from_predictions(y_true: Sequence[int], y_pred: Sequence[int], classe
     )
 
 
-def evaluate(checkpoint, dataset, *, indices: Sequence[int] | None = None, device: str | None = None,  # noqa: ANN001
+def evaluate(checkpoint, dataset, *, indices: Sequence[int] | None = None, device: str | None = None,
              batch_size: int = 8) -> Report:
     """Classify a dataset's images with a checkpoint (or model) and report Table III figures.
 

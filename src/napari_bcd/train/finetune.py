@@ -96,7 +96,7 @@ def iter_finetune(
     backbone_weights: str | os.PathLike[str] | None = "imagenet",
     input_px: tuple[int, int] = (256, 256),
     field_um: tuple[float, float] | None = None,
-    preprocessing=None,  # noqa: ANN001
+    preprocessing=None,
     epochs: int = 25,
     lr: float = 1e-4,
     batch_size: int = 128,
@@ -281,7 +281,7 @@ def iter_finetune(
     return checkpoint_paths(out_path)[0]
 
 
-def _last_stage(model):  # noqa: ANN001, ANN202
+def _last_stage(model):
     """The backbone's last stage (+ its final norm), trainable with ``finetune_last_stage``."""
     from torch import nn
 

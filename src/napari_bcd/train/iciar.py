@@ -153,7 +153,7 @@ def iter_export_patches(
     stride: float = 1.0,
     coverage: float = 0.5,
     min_tissue: float = 0.25,
-    tissue=None,  # noqa: ANN001
+    tissue=None,
     min_per_class: int = 20,
     mpp: float | None = None,
 ) -> Generator[ExportProgress, None, ExportResult]:
