@@ -29,7 +29,7 @@ def _progress_bar(desc: str, total: int | None, unit: str = "it", unit_scale: bo
 
 # --------------------------------------------------------------------------- weights
 def _cmd_weights_fetch(args: argparse.Namespace) -> int:
-    from .model.imagenet import IMAGENET_MD5, fetch_imagenet_weights
+    from .model.imagenet import IMAGENET_MD5, IMAGENET_URL, fetch_imagenet_weights
 
     bar = None
 
@@ -40,7 +40,7 @@ def _cmd_weights_fetch(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     try:
-        path = fetch_imagenet_weights(args.url, expected_md5=None if args.skip_md5 else IMAGENET_MD5, progress=progress)
+        path = fetch_imagenet_weights(args.url or IMAGENET_URL, expected_md5=None if args.skip_md5 else IMAGENET_MD5, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -356,9 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="weights_command", metavar="ACTION"
     )
     p = w.add_parser("fetch", help="download the official Keras file, check its md5, convert and cache it")
-    from .model.imagenet import IMAGENET_URL
-
-    p.add_argument("--url", default=IMAGENET_URL, help="download address (default: the official one)")
+    p.add_argument("--url", help="download address (default: the official Keras one)")
     p.add_argument("--skip-md5", action="store_true", help="accept a file whose md5 is not the official one")
     p.set_defaults(func=_cmd_weights_fetch)
     p = w.add_parser("import", help="convert and cache a local copy of the Keras file (behind a firewall)")
