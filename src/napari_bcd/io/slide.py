@@ -87,7 +87,7 @@ class _Segments:
             raise SlideError(f"{self.path.name}: the file ends inside a tile; it is truncated. Copy it again.")
         return data
 
-    def tile(self, ty: int, tx: int) -> np.ndarray:
+    def tile(self, ty: int, tx: int, cache: bool = True) -> np.ndarray:
         """Decoded segment ``(seg_h, seg_w, 3)`` uint8 (edge segments are full size)."""
         index = ty * self.grid[1] + tx
         key = (self.key, index)
@@ -113,10 +113,11 @@ class _Segments:
                     full = np.full((*self.seg, 3), _FILL, np.uint8)
                     full[: arr.shape[0], : arr.shape[1]] = arr
                     arr = full
-        self.cache.put(key, arr)
+        if cache:
+            self.cache.put(key, arr)
         return arr
 
-    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+    def read(self, y: int, x: int, h: int, w: int, cache: bool = True) -> np.ndarray:
         out = np.full((h, w, 3), _FILL, np.uint8)
         H, W = self.shape
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
@@ -125,7 +126,7 @@ class _Segments:
         sh, sw = self.seg
         for ty in range(y0 // sh, (y1 - 1) // sh + 1):
             for tx in range(x0 // sw, (x1 - 1) // sw + 1):
-                tile = self.tile(ty, tx)
+                tile = self.tile(ty, tx, cache)
                 ty0, tx0 = ty * sh, tx * sw
                 a0, a1 = max(y0, ty0), min(y1, ty0 + sh)
                 b0, b1 = max(x0, tx0), min(x1, tx0 + sw)
@@ -299,10 +300,11 @@ class Slide:
         return best
 
     # ----------------------------------------------------------------- reading
-    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+    def read_region(self, level: int, y: int, x: int, h: int, w: int, *, cache: bool = True) -> np.ndarray:
         """Pixels ``[y:y+h, x:x+w]`` of ``level`` (level coordinates) as ``(h, w, 3)`` uint8.
 
-        Parts outside the image are white (glass).
+        Parts outside the image are white (glass).  ``cache=False`` leaves the
+        tile cache alone (one-off sweeps such as thumbnails).
         """
         if not 0 <= level < self.level_count:
             raise SlideError(f"{self.name} has levels 0-{self.level_count - 1}, not {level}.")
@@ -316,7 +318,7 @@ class Slide:
             if y0 < y1 and x0 < x1:
                 out[y0 - y : y1 - y, x0 - x : x1 - x] = arr[y0:y1, x0:x1]
             return out
-        return self._segments[level].read(y, x, h, w)  # type: ignore[index]
+        return self._segments[level].read(y, x, h, w, cache)  # type: ignore[index]
 
     def thumbnail(self, max_size: int = 2000) -> tuple[np.ndarray, tuple[float, float]]:
         """An RGB image no larger than ``max_size`` px on its long side, and its downsample ``(y, x)``.
@@ -330,15 +332,15 @@ class Slide:
         if fits:
             i = fits[0]
             h, w = self.level_info[i].shape
-            return self.read_region(i, 0, 0, h, w), self.level_info[i].downsample
+            return self.read_region(i, 0, 0, h, w, cache=False), self.level_info[i].downsample
         i = self.level_count - 1
         H, W = self.level_info[i].shape
         f = math.ceil(max(H, W) / max_size)
         out_rows = []
-        band = f * max(1, 1024 // f)
+        band = f * max(1, 256 // f)  # a few MB at a time
         for y in range(0, H, band):
             rows = min(band, H - y)
-            region = self.read_region(i, y, 0, rows, W)
+            region = self.read_region(i, y, 0, rows, W, cache=False)
             # PIL's reduce() is a box average on uint8: no float copy of the band.
             out_rows.append(np.asarray(Image.fromarray(region).reduce(f)))
         thumb = np.concatenate(out_rows, axis=0)
@@ -369,7 +371,7 @@ def open_slide(
     path: str | os.PathLike[str],
     *,
     mpp: float | tuple[float, float] | None = None,
-    cache_mb: int = 64,
+    cache_mb: int = 16,
 ) -> Slide:
     """Open a slide or image for lazy reading.
 
@@ -380,7 +382,8 @@ def open_slide(
     mpp
         µm per pixel of level 0; overrides (or supplies) the file's own value.
     cache_mb
-        Size of the decoded-tile cache.
+        Size of the decoded-tile cache.  Windows are read in raster order, so
+        what they share is the tile column between neighbours: a few MB.
 
     Raises
     ------
