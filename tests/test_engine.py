@@ -136,9 +136,9 @@ def test_reading_ahead_is_bounded(tiny_model, monkeypatch: pytest.MonkeyPatch) -
     with open_slide(SAMPLE_SLIDE) as slide:
         original = slide.read_region
 
-        def counting(*a):
+        def counting(*a, **kw):
             reads.append(a)
-            return original(*a)
+            return original(*a, **kw)
 
         monkeypatch.setattr(slide, "read_region", counting)
         for p in iter_classify(slide, CountingSpy(tiny_model, device="cpu"), batch_size=2, stride=0.5, prefetch=2):
