@@ -234,3 +234,13 @@ def two_kinds_dataset(root: Path, n: int = 24, px: int = 96) -> Path:
             rows.append(f"{name},{cls}")
     (root / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def drain(gen):
+    """Run a core generator to the end: ``(everything it yielded, what it returned)``."""
+    items = []
+    while True:
+        try:
+            items.append(next(gen))
+        except StopIteration as stop:
+            return items, stop.value

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_SLIDE, write_pyramid
+from conftest import drain as run
 from napari_bcd.engine import ClassMap, Progress, classify, iter_classify
 from napari_bcd.errors import BcdError
 from napari_bcd.io import open_slide
@@ -28,15 +29,6 @@ class SpyPredictor(Predictor):
         out = super().__call__(batch)
         self.calls.append(out)
         return out
-
-
-def run(gen):
-    progress = []
-    while True:
-        try:
-            progress.append(next(gen))
-        except StopIteration as stop:
-            return progress, stop.value
 
 
 def test_classifies_only_tissue_windows_and_reports_progress(tiny_model) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, SAMPLE_SLIDE, load_rgb
+from conftest import drain as run
 from conftest import two_kinds_dataset as _two_kinds
 from napari_bcd.annotations import Annotation
 from napari_bcd.errors import DatasetError
@@ -16,15 +17,6 @@ from napari_bcd.io import open_slide
 from napari_bcd.model import load_checkpoint
 from napari_bcd.train import evaluate, iter_export_patches, iter_finetune, read_iciar
 from napari_bcd.train.finetune import EpochStats, FeatureProgress, dihedral
-
-
-def run(gen):
-    items = []
-    while True:
-        try:
-            items.append(next(gen))
-        except StopIteration as stop:
-            return items, stop.value
 
 
 def _box(y0: float, x0: float, y1: float, x1: float, label: str, cls: int) -> Annotation:

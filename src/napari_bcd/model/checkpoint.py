@@ -9,17 +9,15 @@ tensor names and shapes, the number of classes, and the weights' SHA-256.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .._fileio import atomic_write
+from .._fileio import atomic_path, atomic_write
 from ..errors import BcdError, CheckpointError
 from .card import ModelCard
 from .classifier import Classifier, build_classifier
@@ -81,15 +79,8 @@ def save_checkpoint(
         raise CheckpointError(f"{weights} already exists; choose another name or allow overwriting.")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     card = (card or model.card).stamped(weights_sha256(state))
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={_META_KEY: card.to_json()})
-        os.replace(tmp, weights)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={_META_KEY: card.to_json()})
     with atomic_write(card_path, "w") as fh:
         fh.write(card.to_json())
     model.card = card

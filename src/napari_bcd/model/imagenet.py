@@ -7,7 +7,6 @@ load it without h5py or Keras.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -18,6 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from .._fileio import atomic_path
 from ..config import cache_dir
 from ..errors import KerasWeightsError, WeightsDownloadError
 
@@ -89,16 +89,9 @@ def import_keras_weights(path: str | os.PathLike[str], *, expected_md5: str | No
     net = ResNet152V2()
     load_keras_weights(net, src)
     dest = cache_dir() / CACHE_NAME
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".imagenet.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        state = {k: v.contiguous() for k, v in net.state_dict().items()}
-        save_file(state, tmp, metadata={"source": src.name, "source_md5": _md5(src)})
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(dest) as tmp:
+        save_file(state, str(tmp), metadata={"source": src.name, "source_md5": _md5(src)})
     log.info("Converted %s to %s", src, dest)
     return dest
 
