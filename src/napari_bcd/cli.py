@@ -9,6 +9,7 @@ message and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -156,6 +157,8 @@ def _sample_field(card, image: Path | None):
 
 # --------------------------------------------------------------------------- classify
 def _cmd_classify(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     from .engine import iter_classify
     from .export import write_outputs
     from .io.slide import open_slide
@@ -164,7 +167,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from .summary import summarize
     from .tissue import TissueParams
 
-    model = load_model(args.model)
+    # Importing torch and loading the checkpoint take seconds; the first
+    # slide's thumbnail (for tissue detection) is read meanwhile.
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(load_model, args.model)
+        first = _warm_thumbnail(args.slides[0], args.mpp)
+        model = loading.result()
     predictor = Predictor(model, device=args.device, precision=args.precision)
     print(model.card.describe(), file=sys.stderr)
     out = Path(args.out)
@@ -176,7 +184,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             existing = [p for p in out.glob(f"{stem}.*") if p.suffix in (".tif", ".json", ".csv", ".geojson")]
             if existing and not args.overwrite:
                 raise BcdError(f"outputs already exist in {out} ({existing[0].name}...); pass --overwrite to replace them")
-            with open_slide(slide_path, mpp=args.mpp) as slide:
+            warm, first = (first, None) if slide_path == args.slides[0] else (None, first)
+            with warm or open_slide(slide_path, mpp=args.mpp) as slide:
                 gen = iter_classify(
                     slide,
                     predictor,
@@ -216,6 +225,19 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         print(f"napari-bcd: {len(failed)} of {len(args.slides)} slide(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _warm_thumbnail(path: str, mpp: float | None):
+    """Open a slide and make its (cached) thumbnail ahead of time, or None; errors surface on its turn."""
+    from .io.slide import open_slide
+
+    try:
+        slide = open_slide(path, mpp=mpp)
+    except BcdError:
+        return None
+    with contextlib.suppress(BcdError):
+        slide.thumbnail(2000)
+    return slide
 
 
 # --------------------------------------------------------------------------- training

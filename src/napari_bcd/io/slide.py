@@ -224,6 +224,7 @@ class Slide:
         self._arrays = arrays
         self._tiff = tiff
         self._levels = None
+        self._thumbs: dict[int, tuple[np.ndarray, tuple[float, float]]] = {}
 
     @classmethod
     def from_array(
@@ -324,8 +325,14 @@ class Slide:
         """An RGB image no larger than ``max_size`` px on its long side, and its downsample ``(y, x)``.
 
         Uses the largest level that fits; when none does, reads the smallest
-        level band by band and averages blocks, so memory stays small.
+        level band by band and averages blocks, so memory stays small.  The
+        result is kept (it is small), so asking twice costs nothing.
         """
+        if max_size not in self._thumbs:
+            self._thumbs[max_size] = self._make_thumbnail(max_size)
+        return self._thumbs[max_size]
+
+    def _make_thumbnail(self, max_size: int) -> tuple[np.ndarray, tuple[float, float]]:
         from PIL import Image
 
         fits = [i for i, info in enumerate(self.level_info) if max(info.shape) <= max_size]
