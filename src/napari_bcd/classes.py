@@ -20,7 +20,6 @@ __all__ = [
     "SEVERITY",
     "class_id",
     "class_name",
-    "napari_colormap",
 ]
 
 BACKGROUND = 0
@@ -102,14 +101,3 @@ def class_name(cid: int) -> str:
     if cid not in CLASS_IDS.values():
         raise BcdError(f"{cid} is not a class id; use 1-4 ({', '.join(CLASS_NAMES)}).")
     return CLASS_NAMES[cid - 1]
-
-
-def napari_colormap() -> dict[int | None, tuple[float, float, float, float]]:
-    """Colours for a napari Labels layer: background transparent, classes opaque."""
-    colors: dict[int | None, tuple[float, float, float, float]] = {
-        None: (0.0, 0.0, 0.0, 0.0),
-        0: (0.0, 0.0, 0.0, 0.0),
-    }
-    for cid, (r, g, b) in CLASS_COLORS.items():
-        colors[cid] = (r / 255, g / 255, b / 255, 1.0)
-    return colors
