@@ -17,15 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from ._progress import drive as _drive
+from ._progress import progress_bar as _progress_bar
 from .errors import BcdError
 
 log = logging.getLogger("napari_bcd")
-
-
-def _progress_bar(desc: str, total: int | None, unit: str = "it", unit_scale: bool = False):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- weights
@@ -196,19 +192,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                     min_tissue=args.min_tissue,
                     workers=args.workers,
                 )
-                bar = None
-                try:
-                    while True:
-                        p = next(gen)
-                        if p.stage == "classify":
-                            if bar is None:
-                                bar = _progress_bar(name, p.total, unit="win")
-                            bar.update(p.done - bar.n)
-                except StopIteration as stop:
-                    cmap = stop.value
-                finally:
-                    if bar is not None:
-                        bar.close()
+                cmap = _drive(gen, name, "win")
             paths = write_outputs(cmap, out, stem=stem, min_area_mm2=args.min_area, overwrite=args.overwrite)
             summary = summarize(cmap, min_area_mm2=args.min_area)
             print(f"\n{name}: {cmap.n_windows} windows, {cmap.info.get('windows_per_s', 0):.1f}/s")
@@ -241,37 +225,6 @@ def _warm_thumbnail(path: str, mpp: float | None):
 
 
 # --------------------------------------------------------------------------- training
-def _drive(gen, bar_desc: str, unit: str = "it"):
-    """Run a core generator with a progress bar; returns its result."""
-    bar = None
-    try:
-        while True:
-            item = next(gen)
-            total = getattr(item, "total", None)
-            done = getattr(item, "done", None)
-            if total is not None and done is not None:
-                if bar is None:
-                    bar = _progress_bar(bar_desc, total, unit=unit)
-                bar.update(done - bar.n)
-            else:
-                yield_item = item
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                print(_epoch_line(yield_item), file=sys.stderr)
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def _epoch_line(e) -> str:
-    star = " *best*" if e.best else ""
-    return (f"epoch {e.epoch:>3}/{e.epochs}  loss {e.train_loss:.4f}  acc {e.train_acc:.3f}  "
-            f"val_loss {e.val_loss:.4f}  val_acc {e.val_acc:.3f}  {e.seconds:.2f} s{star}")
-
-
 def _cmd_export_patches(args: argparse.Namespace) -> int:
     from .annotations import read_annotations
     from .io.slide import open_slide

@@ -116,21 +116,9 @@ def run_demo(
     with open_slide(path) as slide:
         class_map = summary = None
         if classifier is not None:
-            from tqdm.auto import tqdm
+            from ._progress import drive
 
-            gen = iter_classify(slide, classifier, device=device, stride=stride)
-            bar = None
-            try:
-                while True:
-                    p = next(gen)
-                    if p.stage == "classify":
-                        bar = bar or tqdm(total=p.total, desc=slide.name, unit="win", file=sys.stderr)
-                        bar.update(p.done - bar.n)
-            except StopIteration as stop:
-                class_map = stop.value
-            finally:
-                if bar is not None:
-                    bar.close()
+            class_map = drive(iter_classify(slide, classifier, device=device, stride=stride), slide.name, "win")
             summary = summarize(class_map)
             paths = write_outputs(class_map, out_dir, overwrite=True)
             print(summary.table())
