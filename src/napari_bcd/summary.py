@@ -14,6 +14,9 @@ from .engine import ClassMap
 
 __all__ = ["ClassSummary", "Summary", "summarize"]
 
+#: ICIAR class names, most severe first.
+_BY_SEVERITY: tuple[str, ...] = tuple(next(n for n, i in CLASS_IDS.items() if i == cid) for cid in SEVERITY)
+
 
 @dataclass(frozen=True)
 class ClassSummary:
@@ -132,9 +135,7 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     call = None
     call_p = None
     by_name = {r.name: r for r in rows}
-    order = [n for n in (CLASS_IDS_BY_SEVERITY()) if n in by_name] + [
-        n for n in by_name if n not in CLASS_IDS_BY_SEVERITY()
-    ]
+    order = [n for n in _BY_SEVERITY if n in by_name] + [n for n in by_name if n not in _BY_SEVERITY]
     for name in order:
         r = by_name[name]
         if r.cells and r.area_mm2 > min_area_mm2:
@@ -154,9 +155,3 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
         min_area_mm2=min_area_mm2,
         info=dict(class_map.info),
     )
-
-
-def CLASS_IDS_BY_SEVERITY() -> list[str]:
-    """ICIAR class names, most severe first."""
-    names = {v: k for k, v in CLASS_IDS.items()}
-    return [names[i] for i in SEVERITY]

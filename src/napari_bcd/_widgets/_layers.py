@@ -33,3 +33,21 @@ def slide_for_layer(layer, mpp: float | None = None):
             log.info("reading %s through the layer's data instead", path)
     data = layer.data[0] if layer.multiscale else layer.data
     return Slide.from_array(data, mpp=mpp, name=layer.name)
+
+
+def refresh_combo(combo, prefer=None, pick: int = -1) -> None:
+    """Re-read a layer combo's choices; when it has no value, choose ``prefer`` if offered, else ``choices[pick]``."""
+    combo.reset_choices()
+    choices = [c for c in combo.choices if c is not None]
+    if combo.value is None and choices:
+        combo.value = prefer if prefer in choices else choices[pick]
+
+
+def readonly_text():
+    """A read-only, monospaced text box (for tables and reports)."""
+    from magicgui.widgets import TextEdit
+
+    box = TextEdit(label="", value="")
+    box.native.setReadOnly(True)
+    box.native.setStyleSheet("font-family: monospace;")
+    return box

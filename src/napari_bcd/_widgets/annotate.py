@@ -12,6 +12,7 @@ from napari.utils.notifications import show_info
 
 from ..classes import CLASS_COLORS, DISPLAY_NAMES
 from ..errors import BcdError
+from ._layers import refresh_combo
 from ._worker import notify_error
 
 if TYPE_CHECKING:
@@ -46,10 +47,7 @@ class AnnotateWidget(Container):
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
 
     def _on_layers_changed(self, event=None) -> None:
-        self._image_combo.reset_choices()
-        choices = [c for c in self._image_combo.choices if c is not None]
-        if self._image_combo.value is None and choices:
-            self._image_combo.value = choices[0]
+        refresh_combo(self._image_combo, pick=0)
 
     def _shapes_layer(self) -> Shapes:
         active = self._viewer.layers.selection.active

@@ -15,13 +15,12 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
     SpinBox,
-    TextEdit,
 )
 from napari.layers import Image
 from napari.utils.notifications import show_info
 
 from ..errors import BcdError
-from ._layers import slide_for_layer
+from ._layers import readonly_text, refresh_combo, slide_for_layer
 from ._worker import notify_error, start_job
 
 if TYPE_CHECKING:
@@ -51,9 +50,7 @@ class ClassifyWidget(Container):
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="", value=0, min=0, max=1, visible=False)
         self._status = Label(label="", value="")
-        self._summary = TextEdit(label="", value="")
-        self._summary.native.setReadOnly(True)
-        self._summary.native.setStyleSheet("font-family: monospace;")
+        self._summary = readonly_text()
         self._hover = Label(label="", value="")
         self._export_geojson = PushButton(text="GeoJSON for QuPath", enabled=False)
         self._export_csv = PushButton(text="CSV summary", enabled=False)
@@ -86,11 +83,7 @@ class ClassifyWidget(Container):
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image) and layer.rgb]
 
     def _on_layers_changed(self, event=None) -> None:
-        self._image_combo.reset_choices()
-        choices = [c for c in self._image_combo.choices if c is not None]
-        if self._image_combo.value is None and choices:
-            active = self._viewer.layers.selection.active
-            self._image_combo.value = active if active in choices else choices[-1]
+        refresh_combo(self._image_combo, prefer=self._viewer.layers.selection.active)
 
     def _model_path(self) -> str | None:
         value = str(self._model_edit.value or "").strip()

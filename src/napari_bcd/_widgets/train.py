@@ -15,13 +15,12 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
     SpinBox,
-    TextEdit,
 )
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_info
 
 from ..errors import BcdError
-from ._layers import slide_for_layer
+from ._layers import readonly_text, refresh_combo, slide_for_layer
 from ._worker import notify_error, start_job
 
 if TYPE_CHECKING:
@@ -49,9 +48,7 @@ class TrainWidget(Container):
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="", value=0, min=0, max=1, visible=False)
         self._status = Label(label="", value="")
-        self._report = TextEdit(label="", value="")
-        self._report.native.setReadOnly(True)
-        self._report.native.setStyleSheet("font-family: monospace;")
+        self._report = readonly_text()
         self._use_button = PushButton(text="Use this model", enabled=False)
         self._plot = _CurvePlot()
         self.extend([
@@ -76,10 +73,7 @@ class TrainWidget(Container):
 
     def _on_layers_changed(self, event=None) -> None:
         for combo in (self._image_combo, self._shapes_combo):
-            combo.reset_choices()
-            choices = [c for c in combo.choices if c is not None]
-            if combo.value is None and choices:
-                combo.value = choices[-1]
+            refresh_combo(combo)
 
     def _job(self, out: Path):
         """The whole job as one generator: (export patches,) then fine-tune."""

@@ -276,7 +276,8 @@ class Slide:
                     levels.append(da.from_array(self._arrays[i], chunks=(1024, 1024, 3)))
                     continue
                 seg = self._segments[i].seg  # type: ignore[index]
-                chunk = (max(seg[0], 512 // seg[0] * seg[0] or seg[0]), max(seg[1], 512 // seg[1] * seg[1] or seg[1]), 3)
+                # whole tiles/strips, about 512 px a side
+                chunk = (seg[0] * max(1, 512 // seg[0]), seg[1] * max(1, 512 // seg[1]), 3)
                 levels.append(
                     da.from_array(
                         _LevelArray(self, i), chunks=chunk, asarray=False, lock=False, fancy=False,
