@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,9 +80,10 @@ def test_official_bach_layout_with_problems_reported(tmp_path: Path) -> None:
 
 def test_learnable_on_real_pixels_and_cached_features(tmp_path: Path) -> None:
     ds = read_iciar(_two_kinds(tmp_path / "ds"))
-    kw = {"backbone": "timm:resnet18", "backbone_weights": None, "input_px": (64, 64), "field_um": (50.0, 50.0),
-              "epochs": 30, "lr": 3e-3, "batch_size": 32, "seed": 0}
-    items, ckpt = run(iter_finetune(ds, out=tmp_path / "m.safetensors", **kw))
+    kw = {"protocol": "paper", "backbone": "timm:resnet18", "backbone_weights": None, "input_px": (64, 64),
+          "field_um": (50.0, 50.0), "epochs": 30, "lr": 3e-3, "batch_size": 32, "seed": 0}
+    items, result = run(iter_finetune(ds, out=tmp_path / "m.safetensors", **kw))
+    ckpt = result.checkpoint
     feats = [i for i in items if isinstance(i, FeatureProgress)]
     epochs = [i for i in items if isinstance(i, EpochStats)]
     assert feats[-1].done == feats[-1].total == len(ds) and feats[-1].cached == 0
@@ -105,6 +107,13 @@ def test_learnable_on_real_pixels_and_cached_features(tmp_path: Path) -> None:
     items2, _ = run(iter_finetune(ds, out=tmp_path / "m2.safetensors", **{**kw, "epochs": 1}))
     f2 = [i for i in items2 if isinstance(i, FeatureProgress)][-1]
     assert f2.cached == len(ds)
+    # Eight views are computed once; a run without flips then takes the identity view from that cache.
+    items3, _ = run(iter_finetune(ds, out=tmp_path / "m3.safetensors", **{**kw, "epochs": 1, "augment": True}))
+    assert [i for i in items3 if isinstance(i, FeatureProgress)][-1].cached == 0
+    os.environ["NAPARI_BCD_CACHE_DIR"] += "-fresh"
+    run(iter_finetune(ds, out=tmp_path / "m4.safetensors", **{**kw, "epochs": 1, "augment": True}))
+    items5, _ = run(iter_finetune(ds, out=tmp_path / "m5.safetensors", **{**kw, "epochs": 1}))
+    assert [i for i in items5 if isinstance(i, FeatureProgress)][-1].cached == len(ds)
 
 
 def test_cancel_keeps_a_loadable_best_checkpoint(tmp_path: Path) -> None:
@@ -114,9 +123,34 @@ def test_cancel_keeps_a_loadable_best_checkpoint(tmp_path: Path) -> None:
     for item in gen:
         if isinstance(item, EpochStats) and item.epoch == 2:
             break
-    gen.close()
+    gen.close()  # as Ctrl-C or a closed worker would
     model = load_checkpoint(tmp_path / "c.safetensors")
-    assert model.card.training["best_epoch"] in (1, 2)
+    assert model.card.training["best_epoch"] in (0, 1, 2) and model.card.training["stopped"] == "stopped by the user"
+
+
+def test_stop_sent_in_ends_after_the_epoch_and_saves(tmp_path: Path) -> None:
+    from napari_bcd.train import STOP
+
+    ds = read_iciar(_two_kinds(tmp_path / "ds", n=8))
+    gen = iter_finetune(ds, out=tmp_path / "s.safetensors", backbone="timm:resnet18", backbone_weights=None,
+                        input_px=(64, 64), field_um=(50.0, 50.0), epochs=50, cache=False)
+    item = next(gen)
+    try:
+        while True:
+            item = gen.send(STOP if isinstance(item, EpochStats) and item.epoch == 3 else None)
+    except StopIteration as stop:
+        result = stop.value
+    assert result.epochs_run == 3 and result.stopped == "stopped by the user"
+    assert load_checkpoint(result.checkpoint).card.training["hyperparameters"]["epochs"] == 50  # planned; 3 ran
+    # Stopped while computing features: nothing to save, and it says so.
+    gen = iter_finetune(ds, out=tmp_path / "f.safetensors", backbone="timm:resnet18", backbone_weights=None,
+                        input_px=(64, 64), field_um=(50.0, 50.0), cache=False)
+    item = next(gen)
+    try:
+        while True:
+            item = gen.send(STOP if isinstance(item, FeatureProgress) else None)
+    except StopIteration as stop:
+        assert stop.value.checkpoint is None and not (tmp_path / "f.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -128,8 +162,9 @@ def test_the_paper_model_trains_its_head(tmp_path: Path) -> None:
     ds = read_iciar(_two_kinds(tmp_path / "ds", n=3, px=128))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackboneWeightsWarning)
-        items, ckpt = run(iter_finetune(ds, out=tmp_path / "p.safetensors", epochs=2, augment=False, batch_size=4))
-    model = load_checkpoint(ckpt)
+        items, result = run(iter_finetune(ds, out=tmp_path / "p.safetensors", protocol="paper", epochs=2,
+                                          batch_size=4))
+    model = load_checkpoint(result.checkpoint)
     assert model.card.backbone == "resnet152v2" and len([i for i in items if isinstance(i, EpochStats)]) == 2
     trainable = sum(p.numel() for p in model.head.parameters())
     assert trainable == 143_620
@@ -146,6 +181,6 @@ def test_bad_training_input(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="split file lists"):
         (tmp_path / "split.txt").write_text("nothere.png\n")
         run(iter_finetune(ds, out=tmp_path / "x", backbone="timm:resnet18", backbone_weights=None,
-                          input_px=(64, 64), split_file=tmp_path / "split.txt"))
+                          input_px=(64, 64), split=tmp_path / "split.txt"))
     with pytest.raises(DatasetError, match="epochs"):
         run(iter_finetune(ds, out=tmp_path / "x", epochs=0))

@@ -1,7 +1,8 @@
-"""Running core generators in a terminal: tqdm bars for counted progress, a line per epoch."""
+"""Running core generators in a terminal: tqdm bars for counted progress and for epochs."""
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Generator
 from typing import Any
@@ -19,8 +20,9 @@ def drive(gen: Generator, desc: str, unit: str = "it") -> Any:
     """Run a core generator to the end with a progress bar and return its result.
 
     Items with ``done``/``total`` move the bar (a new total, e.g. the next
-    stage, starts a new bar; a total of 0 shows nothing); items without them
-    (training epochs) are printed as one line each.
+    stage, starts a new bar; a total of 0 shows nothing); training epochs move
+    an epoch bar with the losses beside it; items with a ``message`` are
+    printed as they come.
     """
     bar = None
     try:
@@ -31,16 +33,24 @@ def drive(gen: Generator, desc: str, unit: str = "it") -> Any:
             if total is not None and done is not None:
                 if not total:
                     continue
-                if bar is None or bar.total != total:
+                d, u = getattr(item, "desc", desc), getattr(item, "unit", unit)
+                if bar is None or bar.total != total or bar.desc != d:
                     if bar is not None:
                         bar.close()
-                    bar = progress_bar(desc, total, unit=unit)
+                    bar = progress_bar(d, total, unit=u, unit_scale=u == "B")
                 bar.update(done - bar.n)
-            else:
+            elif hasattr(item, "train_loss"):
+                if bar is None or bar.desc != "train":
+                    if bar is not None:
+                        bar.close()
+                    bar = progress_bar("train", item.epochs, unit="epoch")
+                bar.set_postfix_str(_epoch_text(item), refresh=False)
+                bar.update(item.epoch - bar.n)
+            elif hasattr(item, "message"):
                 if bar is not None:
                     bar.close()
                     bar = None
-                print(_epoch_line(item), file=sys.stderr)
+                print(item.message, file=sys.stderr)
     except StopIteration as stop:
         return stop.value
     finally:
@@ -48,7 +58,8 @@ def drive(gen: Generator, desc: str, unit: str = "it") -> Any:
             bar.close()
 
 
-def _epoch_line(e) -> str:
-    star = " *best*" if getattr(e, "best", False) else ""
-    return (f"epoch {e.epoch:>3}/{e.epochs}  loss {e.train_loss:.4f}  acc {e.train_acc:.3f}  "
-            f"val_loss {e.val_loss:.4f}  val_acc {e.val_acc:.3f}  {e.seconds:.2f} s{star}")
+def _epoch_text(e) -> str:
+    text = "" if math.isnan(e.train_loss) else f"loss {e.train_loss:.4f} acc {e.train_acc:.3f}"
+    if not math.isnan(e.val_loss):
+        text += f" val_loss {e.val_loss:.4f} val_acc {e.val_acc:.3f}"
+    return text.strip()

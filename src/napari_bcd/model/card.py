@@ -117,8 +117,14 @@ class ModelCard:
             f"backbone  {self.backbone} ({self.backbone_weights})",
             f"input     {self.input_px[0]}x{self.input_px[1]} px showing "
             f"{self.field_um[0]:.0f}x{self.field_um[1]:.0f} µm ({self.mpp[1]:.2f} µm/px)",
+            f"pixels    {self.preprocessing.describe()}",
         ]
-        for key in ("accuracy", "macro_f1", "weighted_f1"):
+        protocol = (self.training.get("protocol") or {}).get("name") if isinstance(self.training, dict) else None
+        if protocol:
+            lines.append(f"trained   protocol {protocol}, {self.training.get('split', {}).get('kind', '')}")
+        if self.training and self.training.get("validation") is False:
+            lines.append("metrics   none: trained without validation data")
+        for key in ("accuracy", "macro_f1", "weighted_f1", "probe_accuracy"):
             if key in self.metrics:
                 lines.append(f"{key:<9} {self.metrics[key]:.4f}")
         return "\n".join(lines)

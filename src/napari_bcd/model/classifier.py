@@ -15,10 +15,10 @@ from ..classes import CLASS_NAMES
 from ..errors import BackboneWeightsWarning, BcdError
 from .card import ModelCard
 from .head import Table2Head
-from .preprocessing import Preprocessing
+from .preprocessing import Preprocessing, weights_preprocessing
 from .resnet152v2 import ResNet152V2
 
-__all__ = ["Classifier", "TimmBackbone", "build_backbone", "build_classifier"]
+__all__ = ["Classifier", "TimmBackbone", "build_backbone", "build_classifier", "weights_preprocessing"]
 
 log = logging.getLogger(__name__)
 PAPER_BACKBONE = "resnet152v2"
@@ -89,6 +89,8 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.head = head
         self.card = card
+        #: Where the preprocessing came from (given, the weights file, the backbone's default...).
+        self.preprocessing_source = ""
         # Not persistent: the card, not the weights file, records preprocessing.
         self.register_buffer("_scale", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("_shift", torch.zeros(1, 3, 1, 1), persistent=False)
@@ -282,8 +284,17 @@ def build_classifier(
     Classifier
     """
     net, desc = build_backbone(backbone, backbone_weights)
-    if preprocessing is None:
-        preprocessing = card.preprocessing if card is not None else _default_preprocessing(net)
+    stated = weights_preprocessing(backbone_weights) if card is None else None
+    if preprocessing is not None:
+        source = "given"
+        if stated is not None and stated != preprocessing:
+            log.warning("The backbone weights state preprocessing %s; using the one given, %s.", stated, preprocessing)
+    elif card is not None:
+        preprocessing, source = card.preprocessing, "model card"
+    elif stated is not None:
+        preprocessing, source = stated, "stated by the backbone weights file"
+    else:
+        preprocessing, source = _default_preprocessing(net), "the backbone's default"
     if card is None:
         card = ModelCard(backbone=backbone, backbone_weights=desc)
     changes: dict[str, Any] = {"classes": tuple(classes), "input_px": tuple(input_px), "preprocessing": preprocessing}
@@ -298,7 +309,9 @@ def build_classifier(
     if freeze_backbone:
         for p in net.parameters():
             p.requires_grad_(False)
-    return Classifier(net, head, card)
+    model = Classifier(net, head, card)
+    model.preprocessing_source = source
+    return model
 
 
 def _default_preprocessing(net: nn.Module) -> Preprocessing:
