@@ -140,8 +140,12 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
                  "--preprocess", "imagenet",
                  "--input-px", "64", "--field-um", "100", "--epochs", "3", "--batch-size", "16"]) == 0
     out = capsys.readouterr()
-    assert "epoch   3/3" in out.err and "macro avg" in out.out and ckpt.is_file()
-    assert default_model_path() == ckpt.resolve()  # the widget and classify now use it
+    assert "up to 3 epochs" in out.err and "3/3" in out.err and "macro avg" in out.out and ckpt.is_file()
+    assert "linear probe" in out.out
+    if "it is now the default model" in out.out:  # it beat chance on its validation patches
+        assert default_model_path() == ckpt.resolve()  # the widget and classify now use it
+    else:
+        assert "NOT made the default" in out.out and default_model_path() is None
     assert main(["evaluate", str(ckpt), str(ds), "--out", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["support"][3] > 0

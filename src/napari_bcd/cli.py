@@ -254,7 +254,6 @@ def _cmd_export_patches(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import set_default_model
     from .model.preprocessing import Preprocessing
     from .train.finetune import iter_finetune
     from .train.iciar import read_iciar
@@ -265,26 +264,135 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"warning: {msg}", file=sys.stderr)
     pre = Preprocessing.parse(args.preprocess, args.mean, args.std) if args.preprocess else None
     field = (args.field_um[0], args.field_um[-1]) if args.field_um else None
-    ckpt = _drive(
+    result = _drive(
         iter_finetune(
-            ds, out=args.out, backbone=args.backbone,
+            ds, out=args.out, protocol=args.protocol, backbone=args.backbone,
             backbone_weights=None if args.backbone_weights == "none" else (args.backbone_weights or "imagenet"),
             input_px=(args.input_px, args.input_px), field_um=field, preprocessing=pre, epochs=args.epochs,
             lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
-            split_file=args.split, augment=not args.no_augment, finetune_last_stage=args.finetune_last_stage,
-            device=args.device,
+            split=args.split, augment=False if args.no_augment else None,
+            finetune_last_stage=args.finetune_last_stage, device=args.device,
         ),
         "features", "img",
     )
-    from .model.checkpoint import load_checkpoint
-    from .train.evaluate import Report
+    return _report_training(result, make_default=args.make_default, no_default=args.no_default)
 
-    card = load_checkpoint(ckpt).card
-    print(Report(**card.training["validation_report"]).to_text())
-    print(f"best epoch {card.training['best_epoch']}: saved {ckpt}")
-    if not args.no_default:
-        set_default_model(ckpt)
-        print("it is now the default model (napari-bcd classify / the napari widget use it)")
+
+def _report_training(result, *, make_default: bool = False, no_default: bool = False) -> int:
+    """Print what a training run gave (head, probe, chance) and decide whether it becomes the default."""
+    from .config import set_default_model
+
+    if result.checkpoint is None:
+        print("napari-bcd: stopped before any epoch: no model was saved.", file=sys.stderr)
+        return 1
+    card = result.card
+    print(f"model     {result.checkpoint}")
+    print(f"pixels    {card.preprocessing.describe()} ({card.training.get('preprocessing_source') or 'given'})")
+    if result.report is not None:
+        print("Table II head on the validation images:")
+        print(result.report.to_text())
+    else:
+        print("no validation images: no validation metrics (see the notes above)")
+    if result.probe is not None and result.probe.report is not None:
+        p = result.probe.report
+        print(f"linear probe (logistic regression on pooled frozen features): accuracy {p.accuracy:.4f}, "
+              f"macro F1 {p.macro['f1']:.4f} ({result.probe.seconds:.1f} s)")
+    print(result.verdict())
+    print(f"best epoch {result.best_epoch} of {result.epochs_run} run ({result.steps_run} optimiser steps, "
+          f"{result.stopped})")
+    if no_default:
+        return 0
+    if result.beats_chance or make_default:
+        set_default_model(result.checkpoint)
+        why = "" if result.beats_chance else " because --make-default asked for it"
+        print(f"it is now the default model{why} (napari-bcd classify and the napari dock use it)")
+    else:
+        reason = ("it has no validation data to show it learned anything" if result.report is None
+                  else f"its validation accuracy {result.report.accuracy:.4f} does not beat chance "
+                       f"({result.chance:.4f})")
+        print(f"NOT made the default model: {reason}. Pass --make-default to use it anyway.")
+    return 0
+
+
+# --------------------------------------------------------------------------- data and the paper
+def _accept_licence(args: argparse.Namespace) -> bool:
+    """--accept-licence, or a yes at the terminal after the licence and citation are shown."""
+    from .train.bach import BACH_CITATION, BACH_LICENCE, BACH_SIZE_TEXT
+
+    if args.accept_licence:
+        return True
+    if not sys.stdin.isatty():
+        return False
+    print(f"The BACH (ICIAR 2018) photos: Zenodo record 3632035, {BACH_SIZE_TEXT}.\nLicence: {BACH_LICENCE} "
+          f"(non-commercial use, no derivatives, attribution).\nCite: {BACH_CITATION}", file=sys.stderr)
+    try:
+        answer = input("Accept the licence and download? [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _fetch_bach(args: argparse.Namespace, root: Path):
+    from .train.bach import ZENODO_API, iter_fetch_bach
+
+    accepted = True if args.from_zip else _accept_licence(args)
+    result = _drive(iter_fetch_bach(root, accept_licence=accepted, from_zip=args.from_zip,
+                                    api=args.api or ZENODO_API, md5=args.md5, keep_zip=args.keep_zip),
+                    "BACH", "B")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return result
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from .config import data_dir
+
+    root = Path(args.dir) if args.dir else data_dir() / "BACH"
+    result = _fetch_bach(args, root)
+    print(f"BACH photos ready: {result.photos} (" + ", ".join(f"{k} {v}" for k, v in result.counts.items()) + ")")
+    print(f"train on them: napari-bcd train {result.photos} --out MODEL [--split bach-patient], or napari-bcd reproduce")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .config import data_dir, set_default_model
+    from .model.imagenet import IMAGENET_MD5, IMAGENET_URL, cached_imagenet_weights, fetch_imagenet_weights
+    from .train.bach import bach_photos_dir
+    from .train.iciar import read_iciar
+    from .train.reproduce import iter_reproduce
+
+    if cached_imagenet_weights() is None:
+        print("ResNet152V2 ImageNet weights: not cached, downloading them", file=sys.stderr)
+        bar = None
+
+        def progress(done: int, total: int | None) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = _progress_bar("weights", total, unit="B", unit_scale=True)
+            bar.update(done - bar.n)
+
+        try:
+            fetch_imagenet_weights(IMAGENET_URL, expected_md5=IMAGENET_MD5, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    root = Path(args.data) if args.data else data_dir() / "BACH"
+    photos = root if (root / "Benign").is_dir() else bach_photos_dir(root)
+    note = ""
+    if not (photos / "Benign").is_dir():
+        result = _fetch_bach(args, root)
+        photos = result.photos
+        note = f"archive md5 {result.md5}" if result.md5 else ""
+    ds = read_iciar(photos)
+    out = Path(args.out)
+    res = _drive(iter_reproduce(ds, out, device=args.device, data_note=note or str(photos)), "features", "img")
+    print(res.report_md.read_text(encoding="utf-8"))
+    print(f"wrote {res.report_md}, {res.report_json.name}, " + ", ".join(p.name for p in res.files))
+    if res.best_checkpoint is not None and not args.no_default:
+        set_default_model(res.best_checkpoint)
+        print(f"{res.best_checkpoint} is now the default model")
+    elif res.best_checkpoint is None:
+        print("no run beat chance, so the default model is unchanged", file=sys.stderr)
     return 0
 
 
@@ -377,28 +485,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float)
     p.set_defaults(func=_cmd_export_patches)
 
-    p = sub.add_parser("train", help="fine-tune the Table II head on an ICIAR folder (the paper's protocol by default)")
+    p = sub.add_parser("train", help="train the Table II head on an ICIAR folder (your regions or the BACH photos)")
     p.add_argument("dataset", help="ICIAR folder (Normal/ Benign/ InSitu/ Invasive/), or the BACH download")
     p.add_argument("--out", required=True, help="checkpoint to write (NAME.safetensors + NAME.json)")
+    p.add_argument("--protocol", choices=["auto", "paper"], default="auto",
+                   help="auto (default): enough optimiser steps for a few regions, class-balanced, early stopping, "
+                        "head started from the linear probe; paper: the paper's hyper-parameters exactly")
     p.add_argument("--backbone", default="resnet152v2", help="resnet152v2 (the paper) or timm:<name>")
     p.add_argument("--backbone-weights", help="local backbone weights (safetensors or a plain state dict); "
-                   "'none' for random weights (experiments only)")
-    p.add_argument("--preprocess", choices=["tf", "unit", "imagenet", "meanstd"], help="pixel normalisation")
+                   "a safetensors file may state its preprocessing in its metadata; 'none' for random weights")
+    p.add_argument("--preprocess", choices=["tf", "unit", "imagenet", "meanstd"],
+                   help="pixel normalisation (default: what the weights file states, else the backbone's own)")
     p.add_argument("--mean", help="R,G,B for --preprocess meanstd")
     p.add_argument("--std", help="R,G,B for --preprocess meanstd")
     p.add_argument("--input-px", type=int, default=256)
     p.add_argument("--field-um", type=float, nargs="+", metavar="UM", help="field h [w] in µm (default ICIAR's)")
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--epochs", type=int, help="fixed number of epochs (default: the protocol's)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-4, the paper's)")
+    p.add_argument("--batch-size", type=int, help="default 128, the paper's")
+    p.add_argument("--val-fraction", type=float, help="share of each class kept to validate (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", help="file listing the validation images (e.g. a patient-aware BACH split)")
+    p.add_argument("--split", help="'bach-patient' (patient-aware split of the 400 BACH photos) or a file listing "
+                   "the validation images")
     p.add_argument("--no-augment", action="store_true", help="no flips/rotations")
     p.add_argument("--finetune-last-stage", action="store_true", help="also train the backbone's last stage")
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-default", action="store_true", help="do not make it the default model")
+    p.add_argument("--no-default", action="store_true", help="never make it the default model")
+    p.add_argument("--make-default", action="store_true",
+                   help="make it the default even when it does not beat chance on its validation data")
     p.set_defaults(func=_cmd_train)
+
+    def bach_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--from", dest="from_zip", metavar="ZIP", help="use ICIAR2018_BACH_Challenge.zip already on disk")
+        p.add_argument("--accept-licence", action="store_true",
+                       help="accept the BACH licence (CC BY-NC-ND 4.0) without asking (for scripts)")
+        p.add_argument("--md5", help="md5 the archive must have (default: the one Zenodo publishes)")
+        p.add_argument("--keep-zip", action="store_true", help="keep the downloaded archive after extracting")
+        p.add_argument("--api", help="Zenodo records API address (default https://zenodo.org/api/records/)")
+
+    d = sub.add_parser("data", help="get public datasets").add_subparsers(dest="data_command", metavar="ACTION")
+    p = d.add_parser("fetch", help="download, verify and extract a dataset (bach: the ICIAR 2018 photos)")
+    p.add_argument("dataset", choices=["bach"])
+    p.add_argument("--dir", help="where to put it (default: the per-user data folder, or $NAPARI_BCD_DATA_DIR)")
+    bach_options(p)
+    p.set_defaults(func=_cmd_data_fetch)
+
+    p = sub.add_parser("reproduce", help="the paper end to end: ImageNet weights + BACH + its protocol on two splits, "
+                                         "with a report beside the paper's claims")
+    p.add_argument("--data", help="BACH folder (default: the per-user data folder; fetched when absent)")
+    p.add_argument("--out", default="bcd-reproduce", help="folder for the checkpoints and the report")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-default", action="store_true", help="do not make the best model the default")
+    bach_options(p)
+    p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("evaluate", help="Table III report of a checkpoint on an ICIAR folder")
     p.add_argument("checkpoint")

@@ -8,6 +8,8 @@ Environment variables (all optional):
     Where downloaded/converted ImageNet weights live.
 ``NAPARI_BCD_CONFIG_DIR``
     Where the remembered default model is stored.
+``NAPARI_BCD_DATA_DIR``
+    Where datasets (the BACH photos) are downloaded.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from ._fileio import atomic_write
 
-__all__ = ["cache_dir", "config_dir", "default_model_path", "set_default_model"]
+__all__ = ["cache_dir", "config_dir", "data_dir", "default_model_path", "set_default_model"]
 
 log = logging.getLogger(__name__)
 _APP = "napari-bcd"
@@ -43,6 +45,16 @@ def config_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_config_dir(_APP))
+
+
+def data_dir() -> Path:
+    """Directory for downloaded datasets (``NAPARI_BCD_DATA_DIR`` or the platform data directory)."""
+    env = os.environ.get("NAPARI_BCD_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(_APP))
 
 
 def _settings_file() -> Path:

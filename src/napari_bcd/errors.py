@@ -8,7 +8,9 @@ __all__ = [
     "BcdError",
     "CheckpointError",
     "DatasetError",
+    "DownloadError",
     "KerasWeightsError",
+    "LicenceNotAcceptedError",
     "ModelNotAvailableError",
     "SlideError",
     "WeightsDownloadError",
@@ -48,6 +50,14 @@ class AnnotationError(BcdError):
 
 class DatasetError(BcdError):
     """A training or evaluation dataset is malformed."""
+
+
+class DownloadError(BcdError):
+    """A download failed, was cut short, or does not match its published checksum."""
+
+
+class LicenceNotAcceptedError(BcdError):
+    """A dataset's licence must be accepted before it is downloaded."""
 
 
 class BackboneWeightsWarning(UserWarning):

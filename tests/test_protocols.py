@@ -1,0 +1,143 @@
+"""Training that learns from a few annotated images: any dataset size, enough steps, the probe beside it."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import drain, four_kinds_dataset
+from napari_bcd.cli import main
+from napari_bcd.config import default_model_path
+from napari_bcd.errors import DatasetError
+from napari_bcd.model import load_checkpoint
+from napari_bcd.train import EpochStats, FeatureProgress, TrainPlan, evaluate, iter_finetune, read_iciar
+from napari_bcd.train.protocol import AUTO, PAPER
+
+SMALL = {"backbone": "timm:resnet18", "backbone_weights": None, "input_px": (64, 64), "field_um": (100.0, 100.0)}
+SMALL_CLI = ["--backbone", "timm:resnet18", "--backbone-weights", "none", "--input-px", "64", "--field-um", "100"]
+
+
+def test_twelve_images_train_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds = four_kinds_dataset(tmp_path / "ds", n=3)
+    assert main(["train", str(ds), "--out", str(tmp_path / "m"), *SMALL_CLI]) == 0
+    out = capsys.readouterr()
+    assert "8 images to train, 4 to validate" in out.err
+    assert "linear probe" in out.out and "Table II head: validation accuracy" in out.out
+    card = load_checkpoint(tmp_path / "m.safetensors").card
+    hyper = card.training["hyperparameters"]
+    # 8 images x 8 views = 64 samples = one step per epoch: the epochs are chosen to give hundreds of steps.
+    assert card.training["protocol"]["name"] == "auto" and hyper["epochs"] == AUTO.min_steps
+    assert hyper["steps_run"] >= AUTO.min_patience_steps and hyper["sampling"].startswith("class-balanced")
+    assert card.training["probe"]["accuracy"] is not None
+
+
+def test_datasets_too_small_to_validate_or_to_learn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # One image per class: nothing to validate on; it trains on all, says so, and is not made the default.
+    ds = four_kinds_dataset(tmp_path / "one", n=1)
+    assert main(["train", str(ds), "--out", str(tmp_path / "one.safetensors"), *SMALL_CLI]) == 0
+    out = capsys.readouterr()
+    assert "nothing is left to validate on" in out.err and "no validation images" in out.out
+    assert "NOT made the default" in out.out and default_model_path() is None
+    card = load_checkpoint(tmp_path / "one.safetensors").card
+    assert card.metrics == {} and card.training["validation"] is False and card.training["split"]["train"] == 4
+    # A class with one image trains only; the others still validate.
+    mixed = four_kinds_dataset(tmp_path / "mixed", n=3)
+    for p in sorted((mixed / "Normal").iterdir())[1:]:
+        p.unlink()
+    items, result = drain(iter_finetune(read_iciar(mixed), out=tmp_path / "mixed.safetensors", **SMALL))
+    plan = items[0]
+    assert isinstance(plan, TrainPlan) and plan.n_val == 3 and "Normal has one image" in plan.message
+    assert result.report is not None and result.report.support[0] == 0
+    # One class only: a clear error before any feature is computed.
+    only = tmp_path / "only"
+    shutil.copytree(ds / "Benign", only / "Benign")
+    with pytest.raises(DatasetError, match="at least two classes"):
+        iter_finetune(read_iciar(only), out=tmp_path / "x.safetensors", **SMALL)  # checked when called
+    assert main(["train", str(only), "--out", str(tmp_path / "x"), *SMALL_CLI]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_default_protocol_reaches_the_linear_probe(tmp_path: Path) -> None:
+    ds = read_iciar(four_kinds_dataset(tmp_path / "ds", n=6))
+    items, auto = drain(iter_finetune(ds, out=tmp_path / "auto.safetensors", **SMALL))
+    _, paper = drain(iter_finetune(ds, out=tmp_path / "paper.safetensors", protocol="paper", **SMALL))
+    assert auto.probe.report is not None
+    assert auto.report.accuracy >= auto.probe.report.accuracy
+    assert auto.report.accuracy >= paper.report.accuracy
+    assert auto.beats_chance and not auto.head_below_probe
+    # The first epoch reported is the probe-initialised head; the saved head gives the report's predictions
+    # from raw features (the standardisation is folded into its first conv).
+    epochs = [i for i in items if isinstance(i, EpochStats)]
+    assert epochs[0].epoch == 0 and math.isnan(epochs[0].train_loss)
+    val = [i for i, p in enumerate(ds.paths) if p.name in auto.card.training["split"]["val_files"]]
+    assert evaluate(auto.checkpoint, ds, indices=val).accuracy == pytest.approx(auto.report.accuracy)
+    hyper = auto.card.training["hyperparameters"]
+    assert hyper["head_start"].startswith("the linear probe") and hyper["feature_standardisation"].startswith("per-channel")
+    assert auto.card.metrics["probe_accuracy"] == pytest.approx(auto.probe.report.accuracy)
+
+
+def test_paper_protocol_is_the_papers_exactly(tmp_path: Path) -> None:
+    ds = read_iciar(four_kinds_dataset(tmp_path / "ds", n=5))
+    items, result = drain(iter_finetune(ds, out=tmp_path / "p.safetensors", protocol="paper", **SMALL))
+    card = load_checkpoint(result.checkpoint).card
+    hyper = card.training["hyperparameters"]
+    assert (hyper["optimizer"], hyper["lr"], hyper["batch_size"], hyper["epochs"]) == ("Adam", 1e-4, 128, 25)
+    assert hyper["augment"] == "none" and hyper["sampling"] == "shuffled" and hyper["early_stopping"] is None
+    assert hyper["head_start"].startswith("random") and hyper["feature_standardisation"] == "none"
+    assert card.training["split"]["kind"] == "stratified 80%/20%, seed 0" and hyper["epochs_run"] == 25
+    assert len([i for i in items if isinstance(i, EpochStats)]) == 25
+    assert PAPER.to_dict() == card.training["protocol"]["settings"]
+
+
+def test_backbone_weights_state_their_preprocessing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()}
+    save_file(state, tmp_path / "unit.safetensors", metadata={"preprocess": "unit"})
+    save_file(state, tmp_path / "ms.safetensors", metadata={"mean": "[123.675, 116.28, 103.53]", "std": "58.395,57.12,57.375"})
+    ds = four_kinds_dataset(tmp_path / "ds", n=2)
+    args = ["--backbone", "timm:resnet18", "--input-px", "64", "--field-um", "100", "--epochs", "1"]
+    assert main(["train", str(ds), "--out", str(tmp_path / "a"), "--backbone-weights", str(tmp_path / "unit.safetensors"), *args]) == 0
+    assert "unit (x / 255) (stated by the backbone weights file)" in capsys.readouterr().out
+    card = json.loads((tmp_path / "a.json").read_text())
+    assert card["preprocessing"]["mode"] == "unit"
+    assert main(["train", str(ds), "--out", str(tmp_path / "b"), "--backbone-weights", str(tmp_path / "ms.safetensors"), *args]) == 0
+    pre = json.loads((tmp_path / "b.json").read_text())["preprocessing"]
+    assert pre["mode"] == "meanstd" and np.allclose(pre["mean"], (0.485, 0.456, 0.406), atol=1e-3)
+    # What the user says wins.
+    assert main(["train", str(ds), "--out", str(tmp_path / "c"), "--backbone-weights", str(tmp_path / "unit.safetensors"),
+                 "--preprocess", "tf", *args]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["preprocessing"]["mode"] == "tf"
+    assert "pixels    tf" in load_checkpoint(tmp_path / "c.safetensors").card.describe()
+
+
+def test_a_model_that_does_not_beat_chance_is_not_made_the_default(tmp_path: Path, capsys) -> None:
+    # Two classes holding the very same pixels: no model can tell them apart on validation.
+    ds = four_kinds_dataset(tmp_path / "ds", n=4)
+    for cls in ("InSitu", "Invasive", "Normal"):
+        shutil.rmtree(ds / cls)
+    (ds / "Normal").mkdir()
+    for p in (ds / "Benign").iterdir():
+        shutil.copy(p, ds / "Normal" / ("n-" + p.name))
+    (ds / "microscopy_ground_truth.csv").unlink()
+    (tmp_path / "val.txt").write_text("benign000.png\nn-benign000.png\n")
+    args = ["train", str(ds), "--out", str(tmp_path / "m"), "--split", str(tmp_path / "val.txt"), *SMALL_CLI]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "does not beat chance" in out and "NOT made the default" in out and default_model_path() is None
+    assert main([*args, "--make-default"]) == 0
+    assert default_model_path() == (tmp_path / "m.safetensors").resolve()
+    assert "because --make-default asked for it" in capsys.readouterr().out
+
+
+def test_features_are_not_recomputed_for_the_probe(tmp_path: Path) -> None:
+    ds = read_iciar(four_kinds_dataset(tmp_path / "ds", n=3))
+    items, result = drain(iter_finetune(ds, out=tmp_path / "m.safetensors", **SMALL))
+    feats = [i for i in items if isinstance(i, FeatureProgress)]
+    assert feats[-1].done == len(ds) and result.probe.seconds < 30
