@@ -237,11 +237,12 @@ def test_writers_round_trip(viewer, tmp_path: Path) -> None:
 
 
 def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: Path) -> None:
-    import timm
+    from napari_bcd._widgets.train import TrainWidget  # first: its guard keeps Triton's LLVM away from Mesa's
+
+    import timm  # isort: skip
     from safetensors.torch import save_file
 
     from conftest import two_kinds_dataset
-    from napari_bcd._widgets.train import TrainWidget
     from napari_bcd.config import default_model_path
 
     folder = two_kinds_dataset(tmp_path / "ds", n=10)
@@ -254,12 +255,14 @@ def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: P
     widget._out_edit.value = str(tmp_path / "trained.safetensors")
     widget._backbone_edit.value = "timm:resnet18"
     widget._weights_edit.value = str(tmp_path / "r18.safetensors")
+    assert widget._pixels_label.value == "the backbone's default"
     widget._epochs_spin.value = 3
     widget._batch_spin.value = 16
     widget._on_run_clicked()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=180_000)
-    assert len(widget._plot.epochs) == 3  # the live curves got every epoch
+    assert [e.epoch for e in widget._plot.epochs] == [0, 1, 2, 3]  # the probe-started head, then every epoch
     assert "macro avg" in widget._report.value and "confusion matrix" in widget._report.value
+    assert "linear probe" in widget._report.value and "chance" in widget._report.value
     assert widget._use_button.enabled
     widget._on_use_clicked()
     assert default_model_path() == (tmp_path / "trained.safetensors").resolve()
@@ -285,3 +288,77 @@ def test_demo_without_a_model_says_how_and_still_shows_the_slide(tmp_path: Path,
     assert "No trained model" in err and "napari-bcd train" in err and "--model" in err
     assert (tmp_path / "demo" / "CMU-1-Small-Region.overview.png").is_file()
     assert (tmp_path / "demo" / "CMU-1-Small-Region.screenshot.png").is_file()
+
+
+def _trainable_widget(viewer, qtbot, tmp_path: Path):
+    from napari_bcd._widgets.train import TrainWidget  # first: its guard keeps Triton's LLVM away from Mesa's
+
+    import timm  # isort: skip
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()}
+    save_file(state, tmp_path / "r18.safetensors", metadata={"preprocess": "imagenet"})
+    widget = TrainWidget(viewer)
+    qtbot.addWidget(widget.native)
+    widget._out_edit.value = str(tmp_path / "trained.safetensors")
+    widget._backbone_edit.value = "timm:resnet18"
+    widget._weights_edit.value = str(tmp_path / "r18.safetensors")
+    return widget
+
+
+def test_train_widget_from_regions_warns_and_reports_without_validation(viewer, qtbot, tmp_path: Path) -> None:
+    from napari_bcd.annotations import Annotation
+    from napari_bcd.annotations.napari import annotations_to_shapes
+
+    image = viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")[0]
+    box = lambda y0, x0, y1, x1: np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)  # noqa: E731
+    widget = _trainable_widget(viewer, qtbot, tmp_path)
+    assert widget._pixels_label.value == "imagenet mean/std, stated by the weights file"
+    # One class only: refused before any work.
+    one = [Annotation("Invasive carcinoma", 4, box(0, 0, 1483, 2220))]
+    data, kwargs, _ = annotations_to_shapes(one, scale=tuple(image.scale[-2:]), name="one class")
+    viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
+    widget._image_combo.value = image
+    widget._shapes_combo.value = viewer.layers["one class"]
+    widget._on_run_clicked()
+    assert widget._worker is None and widget._run_button.enabled
+    # Two classes, one region each: trains, after saying the regions are few.
+    two = [Annotation("Invasive carcinoma", 4, box(0, 0, 1483, 2220)), Annotation("Benign", 2, box(1483, 0, 2967, 2220))]
+    data, kwargs, _ = annotations_to_shapes(two, scale=tuple(image.scale[-2:]), name="two classes")
+    viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
+    widget._shapes_combo.value = viewer.layers["two classes"]
+    widget._epochs_spin.value = 2
+    widget._on_run_clicked()
+    assert "Few regions for Benign (1), Invasive (1)" in widget._status.value
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=180_000)
+    result = widget._result
+    assert result is not None and result.checkpoint == tmp_path / "trained.safetensors"
+    assert result.card.preprocessing.describe() == "imagenet mean/std"
+    assert "stated by the backbone weights file" in widget._report.value
+    assert (tmp_path / "trained-patches" / "provenance.csv").is_file()
+    # The paper's field makes one patch per region here: nothing to validate on, and the dock says so.
+    assert result.report is None and "No validation data" in widget._report.value
+
+
+def test_train_widget_cancel_keeps_the_best_epoch(viewer, qtbot, tmp_path: Path) -> None:
+    from conftest import four_kinds_dataset
+    from napari_bcd.train import EpochStats
+
+    widget = _trainable_widget(viewer, qtbot, tmp_path)
+    widget._source_combo.value = "ICIAR folder"
+    widget._folder_edit.value = str(four_kinds_dataset(tmp_path / "ds", n=4))
+    widget._epochs_spin.value = 2000
+    seen: list = []
+
+    def cancel_after_two(item) -> None:
+        if isinstance(item, EpochStats) and item.epoch == 2 and not seen:
+            seen.append(item)
+            widget._on_cancel_clicked()
+
+    widget._on_run_clicked()
+    widget._worker.yielded.connect(cancel_after_two)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=180_000)
+    result = widget._result
+    assert result.stopped == "stopped by the user" and result.epochs_run < 2000
+    assert "stopped by the user" in widget._status.value and widget._use_button.enabled
+    assert widget._run_button.enabled and not widget._cancel_button.enabled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.layers import Image, Shapes
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_info, show_warning
 
 from ..errors import BcdError
 from ._layers import readonly_text, refresh_combo, slide_for_layer
@@ -27,8 +28,16 @@ if TYPE_CHECKING:
     import napari
 
 
+PROTOCOLS = {
+    "auto: learns from a few regions": "auto",
+    "paper: its hyper-parameters exactly": "paper",
+}
+#: Fewer regions than this for a class draws a warning before training.
+MIN_REGIONS = 3
+
+
 class TrainWidget(Container):
-    """Fine-tune the Table II head (the paper's defaults) from annotated regions or an ICIAR folder."""
+    """Train the Table II head from annotated regions or an ICIAR folder, with the probe beside it."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
@@ -38,10 +47,17 @@ class TrainWidget(Container):
         self._shapes_combo = ComboBox(label="regions", choices=lambda w: self._layers(Shapes), nullable=True)
         self._folder_edit = FileEdit(label="ICIAR folder", mode="d", value="")
         self._out_edit = FileEdit(label="save model as", mode="w", filter="*.safetensors", value="bcd-model.safetensors")
+        self._protocol_combo = ComboBox(label="protocol", choices=list(PROTOCOLS), value=next(iter(PROTOCOLS)),
+                                        tooltip="auto: at least 600 optimiser steps, class-balanced, early stopping, "
+                                                "head started from the linear probe. paper: Adam 1e-4, batch 128, "
+                                                "25 epochs, no augmentation.")
         self._backbone_edit = LineEdit(label="backbone", value="resnet152v2", tooltip="resnet152v2 or timm:<name>")
         self._weights_edit = FileEdit(label="backbone weights", mode="r", value="",
-                                      tooltip="empty = ImageNet; or a local safetensors / state dict (offline, foundation models)")
-        self._epochs_spin = SpinBox(label="epochs", value=25, min=1, max=1000)
+                                      tooltip="empty = ImageNet; or a local safetensors / state dict (offline, foundation "
+                                              "models). A safetensors file may state its preprocessing in its metadata.")
+        self._pixels_label = Label(label="pixels", value="the backbone's default")
+        self._epochs_spin = SpinBox(label="epochs", value=0, min=0, max=5000,
+                                    tooltip="0 = the protocol's choice (auto: from the dataset size; paper: 25)")
         self._lr_spin = FloatSpinBox(label="learning rate", value=1e-4, min=1e-6, max=1.0, step=1e-5)
         self._batch_spin = SpinBox(label="batch size", value=128, min=1, max=4096)
         self._run_button = PushButton(text="Train")
@@ -53,17 +69,19 @@ class TrainWidget(Container):
         self._plot = _CurvePlot()
         self.extend([
             self._source_combo, self._image_combo, self._shapes_combo, self._folder_edit, self._out_edit,
-            self._backbone_edit, self._weights_edit, self._epochs_spin, self._lr_spin, self._batch_spin,
+            self._protocol_combo, self._backbone_edit, self._weights_edit, self._pixels_label, self._epochs_spin,
+            self._lr_spin, self._batch_spin,
             Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False),
             self._progress, self._status,
         ])
         self.native.layout().addWidget(self._plot.canvas)
         self.extend([self._report, self._use_button])
         self._worker = None
-        self._checkpoint: Path | None = None
+        self._result = None
         self._run_button.changed.connect(self._on_run_clicked)
         self._cancel_button.changed.connect(self._on_cancel_clicked)
         self._use_button.changed.connect(self._on_use_clicked)
+        self._weights_edit.changed.connect(self._on_weights_changed)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
         self._on_layers_changed()
@@ -75,28 +93,72 @@ class TrainWidget(Container):
         for combo in (self._image_combo, self._shapes_combo):
             refresh_combo(combo)
 
+    def _weights_path(self) -> str | None:
+        value = str(self._weights_edit.value or "").strip()
+        return value if value not in ("", ".") else None
+
+    def _on_weights_changed(self) -> None:
+        from ..model.preprocessing import weights_preprocessing
+
+        try:
+            stated = weights_preprocessing(self._weights_path())
+        except BcdError as err:
+            self._pixels_label.value = str(err)
+            return
+        self._pixels_label.value = (f"{stated.describe()}, stated by the weights file" if stated is not None
+                                    else "the backbone's default")
+
+    def _region_warning(self) -> str:
+        """Before training: classes with too few regions on the chosen Shapes layer."""
+        from ..annotations.napari import shapes_to_annotations
+        from ..classes import CLASS_NAMES
+
+        image, shapes = self._image_combo.value, self._shapes_combo.value
+        if image is None or shapes is None:
+            raise BcdError("Choose the image and the Shapes layer holding its classified regions.")
+        anns = shapes_to_annotations(shapes, image)
+        per = {name: sum(1 for a in anns if a.cls == i + 1) for i, name in enumerate(CLASS_NAMES)}
+        used = {k: v for k, v in per.items() if v}
+        if len(used) < 2:
+            raise BcdError("The regions cover fewer than two classes: draw regions of at least two classes and set "
+                           "their class in the Annotations dock.")
+        few = [f"{k} ({v})" for k, v in used.items() if v < MIN_REGIONS]
+        if few:
+            return (f"Few regions for {', '.join(few)}: with fewer than {MIN_REGIONS} regions a class has little to "
+                    "validate on. Draw more regions of it for a model you can trust.")
+        return ""
+
     def _job(self, out: Path):
-        """The whole job as one generator: (export patches,) then fine-tune."""
+        """The whole job as one generator: (export patches,) then train; STOP ends it at the next step."""
         from ..annotations.napari import shapes_to_annotations
         from ..model.card import ICIAR_FIELD_UM
-        from ..train.finetune import iter_finetune
+        from ..train.finetune import STOP, iter_finetune
         from ..train.iciar import iter_export_patches, read_iciar
 
         if self._source_combo.value == "ICIAR folder":
             folder = Path(str(self._folder_edit.value))
         else:
             image, shapes = self._image_combo.value, self._shapes_combo.value
-            if image is None or shapes is None:
-                raise BcdError("Choose the image and the Shapes layer holding its classified regions.")
             anns = shapes_to_annotations(shapes, image)
             folder = out.with_name(f"{out.stem}-patches")
-            slide = slide_for_layer(image)
-            yield from iter_export_patches(slide, anns, folder, field_um=ICIAR_FIELD_UM)
+            export = iter_export_patches(slide_for_layer(image), anns, folder, field_um=ICIAR_FIELD_UM)
+            try:
+                item = next(export)
+                while True:
+                    if (yield item) == STOP:
+                        export.close()
+                        return None
+                    item = next(export)
+            except StopIteration as done:
+                exported = done.value
+            if exported is not None and exported.too_few:
+                yield _Note(f"Few patches for {', '.join(exported.too_few)} ({exported}).")
         ds = read_iciar(folder)
-        weights = str(self._weights_edit.value or "").strip()
+        epochs = self._epochs_spin.value or None
         return (yield from iter_finetune(
-            ds, out=out, backbone=self._backbone_edit.value.strip() or "resnet152v2",
-            backbone_weights=weights if weights not in ("", ".") else "imagenet", epochs=self._epochs_spin.value,
+            ds, out=out, protocol=PROTOCOLS[self._protocol_combo.value],
+            backbone=self._backbone_edit.value.strip() or "resnet152v2",
+            backbone_weights=self._weights_path() or "imagenet", epochs=epochs,
             lr=self._lr_spin.value, batch_size=self._batch_spin.value,
         ))
 
@@ -104,36 +166,60 @@ class TrainWidget(Container):
         out = Path(str(self._out_edit.value or "bcd-model.safetensors"))
         if out.suffix != ".safetensors":
             out = out.with_suffix(".safetensors")
+        warning = ""
+        if self._source_combo.value != "ICIAR folder":
+            try:
+                warning = self._region_warning()
+            except BcdError as err:
+                notify_error(err)
+                return
         self._plot.clear()
+        self._result = None
+        self._report.value = ""
+        self._use_button.enabled = False
         self._run_button.enabled, self._cancel_button.enabled, self._progress.visible = False, True, True
-        self._status.value = "Preparing…"
+        self._status.value = warning or "Preparing…"
+        if warning:
+            show_warning(warning)
         self._worker = start_job(self._job(out), self._on_progress, self._on_result, self._on_finished)
 
     def _on_cancel_clicked(self) -> None:
+        from ..train.finetune import STOP
+
         if self._worker is not None:
-            self._worker.quit()
-            self._status.value = "Cancelling… (the best model so far is kept)"
+            self._worker.send(STOP)  # ends after the current step; the best model so far is saved
+            self._status.value = "Stopping… (the best model so far is kept)"
 
     def _on_progress(self, item) -> None:
-        from ..train.finetune import EpochStats, FeatureProgress
+        from ..train.finetune import EpochStats, FeatureProgress, TrainPlan
 
         if isinstance(item, EpochStats):
             self._progress.max, self._progress.value = item.epochs, item.epoch
-            self._status.value = f"epoch {item.epoch}/{item.epochs}: val loss {item.val_loss:.3f}, val acc {item.val_acc:.3f}"
+            val = "" if item.val_loss != item.val_loss else f": val loss {item.val_loss:.3f}, val acc {item.val_acc:.3f}"
+            self._status.value = f"epoch {item.epoch}/{item.epochs}{val}"
             self._plot.add(item)
+        elif isinstance(item, TrainPlan | _Note):
+            self._status.value = item.message
         else:
             self._progress.max, self._progress.value = max(item.total, 1), item.done
             what = "backbone features" if isinstance(item, FeatureProgress) else "patches"
             self._status.value = f"{what}: {item.done} / {item.total}"
 
-    def _on_result(self, checkpoint: Path) -> None:
-        from ..model.checkpoint import load_checkpoint
-        from ..train.evaluate import Report
-
-        self._checkpoint = Path(checkpoint)
-        card = load_checkpoint(checkpoint).card
-        self._report.value = Report(**card.training["validation_report"]).to_text()
-        self._status.value = f"Saved {checkpoint} (best epoch {card.training['best_epoch']})"
+    def _on_result(self, result) -> None:
+        self._result = result
+        if result is None or result.checkpoint is None:
+            self._status.value = "Stopped before any epoch: no model was saved."
+            return
+        lines = [f"pixels: {result.card.preprocessing.describe()} ({result.card.training.get('preprocessing_source')})"]
+        if result.report is not None:
+            lines += ["Table II head on the validation images:", result.report.to_text()]
+        if result.probe is not None and result.probe.report is not None:
+            lines.append(f"linear probe (pooled frozen features): accuracy {result.probe.report.accuracy:.4f}, "
+                         f"macro F1 {result.probe.report.macro['f1']:.4f}")
+        lines.append(result.verdict())
+        self._report.value = "\n".join(lines)
+        self._status.value = (f"Saved {result.checkpoint.name} (best epoch {result.best_epoch} of {result.epochs_run}, "
+                              f"{result.stopped})")
         self._use_button.enabled = True
 
     def _on_finished(self) -> None:
@@ -144,16 +230,25 @@ class TrainWidget(Container):
         from ..config import set_default_model
         from .classify import ClassifyWidget
 
-        if self._checkpoint is None:
+        result = self._result
+        if result is None or result.checkpoint is None:
             return
+        if not result.beats_chance:
+            show_warning("This model does not beat chance on its validation images (or has none); it is used "
+                         "because you asked.")
         try:
-            set_default_model(self._checkpoint)
+            set_default_model(result.checkpoint)
         except OSError as err:
             notify_error(BcdError(f"Could not remember the model: {err}"))
         for widget in self._viewer.window.dock_widgets.values():
             if isinstance(widget, ClassifyWidget):
-                widget._model_edit.value = str(self._checkpoint)
-        show_info(f"{self._checkpoint.name} is now the model for classification.")
+                widget._model_edit.value = str(result.checkpoint)
+        show_info(f"{result.checkpoint.name} is now the model for classification.")
+
+
+@dataclass(frozen=True)
+class _Note:
+    message: str
 
 
 class _CurvePlot:
@@ -179,7 +274,7 @@ class _CurvePlot:
         self._draw()
 
     def _draw(self) -> None:
-        e = [s.epoch for s in self.epochs]
+        e = [s.epoch for s in self.epochs]  # NaN points (no validation, epoch 0's training) are not drawn
         for ax, keys, title in ((self.ax_loss, ("train_loss", "val_loss"), "loss"), (self.ax_acc, ("train_acc", "val_acc"), "accuracy")):
             ax.clear()
             for key in keys:
