@@ -137,11 +137,11 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert "patches to" in out.out and "too few patches for" not in out.err
     ckpt = tmp_path / "model.safetensors"
     assert main(["train", str(ds), "--out", str(ckpt), "--backbone", "timm:resnet18", "--backbone-weights", "none",
-                 "--preprocess", "imagenet",
-                 "--input-px", "64", "--field-um", "100", "--epochs", "3", "--batch-size", "16"]) == 0
+                 "--preprocess", "imagenet", "--input-px", "64", "--epochs", "3", "--batch-size", "16"]) == 0
     out = capsys.readouterr()
     assert "up to 3 epochs" in out.err and "3/3" in out.err and "macro avg" in out.out and ckpt.is_file()
     assert "linear probe" in out.out
+    assert json.loads(ckpt.with_suffix(".json").read_text())["field_um"] == [100.0, 100.0]  # from the patches
     if "it is now the default model" in out.out:  # it beat chance on its validation patches
         assert default_model_path() == ckpt.resolve()  # the widget and classify now use it
     else:

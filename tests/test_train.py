@@ -38,6 +38,9 @@ def test_export_patches_from_regions_on_the_cmu_slide(tmp_path: Path) -> None:
     assert result.too_few == ["Normal"]  # annotated, but no tissue patch came out of it
     ds = read_iciar(tmp_path / "iciar")
     assert ds.counts() == result.counts and not ds.problems
+    assert ds.field_um == (100.0, 100.0)  # recorded, so training takes the field the patches show
+    with open_slide(SAMPLE_SLIDE) as slide, pytest.raises(DatasetError, match="100 x 100 µm field"):
+        run(iter_export_patches(slide, regions, tmp_path / "iciar", field_um=(200.0, 200.0)))
     img = ds.load(0)
     assert img.shape == (512, 512, 3) and img.dtype == np.uint8
     with open(tmp_path / "iciar" / "provenance.csv") as fh:

@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", help="R,G,B for --preprocess meanstd")
     p.add_argument("--std", help="R,G,B for --preprocess meanstd")
     p.add_argument("--input-px", type=int, default=256)
-    p.add_argument("--field-um", type=float, nargs="+", metavar="UM", help="field h [w] in µm (default ICIAR's)")
+    p.add_argument("--field-um", type=float, nargs="+", metavar="UM",
+                   help="field h [w] in µm (default: the one the patches record, else the ICIAR photo's)")
     p.add_argument("--epochs", type=int, help="fixed number of epochs (default: the protocol's)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-4, the paper's)")
     p.add_argument("--batch-size", type=int, help="default 128, the paper's")

@@ -252,6 +252,8 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
 
     dev = choose_device(device)
     torch.manual_seed(seed)
+    if field_um is None and dataset.field_um is not None:
+        field_um = dataset.field_um  # patches napari-bcd cut record the field they show
     model = build_classifier(backbone, backbone_weights=backbone_weights, input_px=input_px, field_um=field_um,
                              preprocessing=preprocessing, classes=tuple(dataset.classes))
     model.to(dev)

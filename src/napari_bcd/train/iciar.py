@@ -5,6 +5,7 @@ Layout (the challenge's, and what :func:`iter_export_patches` writes)::
     Normal/ Benign/ InSitu/ Invasive/      images
     microscopy_ground_truth.csv            no header: filename,label
     provenance.csv                         (ours) slide, level-0 box, annotation, coverage
+    napari-bcd-dataset.json                (ours) the field in µm every patch shows
 
 The official download nests it as ``ICIAR2018_BACH_Challenge/Photos/``.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 from collections import Counter
@@ -33,6 +35,7 @@ __all__ = ["Dataset", "ExportProgress", "ExportResult", "iter_export_patches", "
 log = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 GROUND_TRUTH = "microscopy_ground_truth.csv"
+DATASET_INFO = "napari-bcd-dataset.json"
 
 
 @dataclass
@@ -44,6 +47,8 @@ class Dataset:
     labels: np.ndarray
     classes: tuple[str, ...] = CLASS_NAMES
     problems: list[str] = field(default_factory=list)
+    #: The field (µm, h x w) every image shows, when the folder records it (patches napari-bcd cut).
+    field_um: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -116,7 +121,15 @@ def read_iciar(root: str | os.PathLike[str]) -> Dataset:
         for name, (p, _) in by_name.items():
             if name not in listed:
                 problems.append(f"{p} is not listed in {gt.name}")
-    ds = Dataset(r, paths, np.asarray(labels, np.int64), CLASS_NAMES, problems)
+    field_um = None
+    info = r / DATASET_INFO
+    if info.is_file():
+        try:
+            fu = json.loads(info.read_text(encoding="utf-8")).get("field_um")
+            field_um = (float(fu[0]), float(fu[-1])) if fu else None
+        except (ValueError, TypeError, IndexError):
+            problems.append(f"{info} is not valid; the field it records is ignored")
+    ds = Dataset(r, paths, np.asarray(labels, np.int64), CLASS_NAMES, problems, field_um)
     for msg in problems:
         log.warning("%s", msg)
     return ds
@@ -214,6 +227,17 @@ def iter_export_patches(
     out = Path(out_dir)
     for name in CLASS_NAMES:
         (out / name).mkdir(parents=True, exist_ok=True)
+    info = out / DATASET_INFO
+    if info.is_file():
+        try:
+            old = json.loads(info.read_text(encoding="utf-8")).get("field_um")
+        except ValueError:
+            old = None
+        if old and not np.allclose(old, field_um, rtol=1e-3):
+            raise DatasetError(f"{out} holds patches of a {old[0]:.0f} x {old[1]:.0f} µm field; these would be "
+                               f"{field_um[0]:.0f} x {field_um[1]:.0f} µm. Use another folder or the same field.")
+    with atomic_write(info, "w") as fh:
+        json.dump({"field_um": list(field_um), "patch_px": list(patch_px)}, fh)
     stem = Path(slide.name).stem
     gt_rows, prov_rows = [], []
     counts = Counter()
