@@ -10,10 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,6 +101,9 @@ def fetch_imagenet_weights(
 ) -> Path:
     """Download the official Keras weights, check the md5 and convert them into the cache.
 
+    An interrupted download resumes where it stopped the next time (HTTP
+    range request on a ``.part`` file in the cache directory).
+
     Parameters
     ----------
     url
@@ -119,22 +118,22 @@ def fetch_imagenet_weights(
     -------
     Path of the cached safetensors file.
     """
-    tmpdir = Path(tempfile.mkdtemp(prefix="napari-bcd-download-"))
-    target = tmpdir / IMAGENET_FILENAME
+    from .._download import iter_download
+    from ..errors import DownloadError
+
+    target = cache_dir() / "downloads" / IMAGENET_FILENAME
     try:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(target, "wb") as out:
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                done = 0
-                for chunk in iter(lambda: resp.read(1 << 20), b""):
-                    out.write(chunk)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, total)
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            reason = getattr(err, "reason", err)
-            raise WeightsDownloadError(f"Could not download the ImageNet weights from {url}: {reason}. {_HOW}") from err
-        return import_keras_weights(target, expected_md5=expected_md5)
+        gen = iter_download(url, target, md5=expected_md5, timeout=timeout)
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration:
+                break
+            if progress is not None:
+                progress(item.done, item.total or None)
+    except DownloadError as err:
+        raise WeightsDownloadError(f"Could not download the ImageNet weights from {url}: {err} {_HOW}") from err
+    try:
+        return import_keras_weights(target, expected_md5=None)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        target.unlink(missing_ok=True)
