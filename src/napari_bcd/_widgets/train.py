@@ -57,7 +57,8 @@ class TrainWidget(Container):
                                               "models). A safetensors file may state its preprocessing in its metadata.")
         self._pixels_label = Label(label="pixels", value="the backbone's default")
         self._epochs_spin = SpinBox(label="epochs", value=0, min=0, max=5000,
-                                    tooltip="0 = the protocol's choice (auto: from the dataset size; paper: 25)")
+                                    tooltip="auto = the protocol's choice (auto: from the dataset size; paper: 25)")
+        self._epochs_spin.native.setSpecialValueText("auto")  # 0 reads "auto"
         self._lr_spin = FloatSpinBox(label="learning rate", value=1e-4, min=1e-6, max=1.0, step=1e-5)
         self._batch_spin = SpinBox(label="batch size", value=128, min=1, max=4096)
         self._run_button = PushButton(text="Train")
@@ -210,13 +211,14 @@ class TrainWidget(Container):
         if result is None or result.checkpoint is None:
             self._status.value = "Stopped before any epoch: no model was saved."
             return
-        lines = [f"pixels: {result.card.preprocessing.describe()} ({result.card.training.get('preprocessing_source')})"]
-        if result.report is not None:
-            lines += ["Table II head on the validation images:", result.report.to_text()]
+        # The verdict first: head, probe and chance in one line, then the details.
+        lines = [result.verdict()]
         if result.probe is not None and result.probe.report is not None:
             lines.append(f"linear probe (pooled frozen features): accuracy {result.probe.report.accuracy:.4f}, "
                          f"macro F1 {result.probe.report.macro['f1']:.4f}")
-        lines.append(result.verdict())
+        lines.append(f"pixels: {result.card.preprocessing.describe()} ({result.card.training.get('preprocessing_source')})")
+        if result.report is not None:
+            lines += ["", "Table II head on the validation images:", result.report.to_text()]
         self._report.value = "\n".join(lines)
         self._status.value = (f"Saved {result.checkpoint.name} (best epoch {result.best_epoch} of {result.epochs_run}, "
                               f"{result.stopped})")
