@@ -36,10 +36,10 @@ def start_job(
     The generator is closed when the worker finishes, so a cancelled job
     releases its reading threads and files at once.
     """
-    worker = create_worker(_drive, gen, _start_thread=False)
-    worker.yielded.connect(on_yield)
-    worker.returned.connect(on_return)
-    worker.errored.connect(notify_error)
+    # Handing "errored" to create_worker matters: without it superqt also connects a handler that re-raises
+    # the error in the Qt event loop, and napari shows the user a traceback.
+    worker = create_worker(_drive, gen, _start_thread=False,
+                           _connect={"yielded": on_yield, "returned": on_return, "errored": notify_error})
 
     def finished() -> None:
         gen.close()
