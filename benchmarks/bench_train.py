@@ -92,18 +92,28 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from napari_bcd.model.imagenet import cached_imagenet_weights as _cached
     from napari_bcd.model.inference import choose_device
     from napari_bcd.train import read_iciar
 
+    cached_imagenet_weights_path = _cached()
     with tempfile.TemporaryDirectory(prefix="bcd-train-") as d:
+        imagenet = args.backbone == "resnet152v2" and cached_imagenet_weights_path is not None
         os.environ["NAPARI_BCD_CACHE_DIR"] = str(Path(d) / "cache")  # a cold feature cache
         os.environ["NAPARI_BCD_CONFIG_DIR"] = str(Path(d) / "config")
         ds = read_iciar(make_dataset(Path(d) / "iciar", args.images))
-        weights = None if args.backbone != "resnet152v2" else "imagenet"
+        weights = None
+        if imagenet:  # the cached ImageNet weights, linked into the benchmark's cold cache
+            from napari_bcd.model.imagenet import CACHE_NAME
+
+            (Path(d) / "cache").mkdir()
+            os.symlink(cached_imagenet_weights_path, Path(d) / "cache" / CACHE_NAME)
+            weights = "imagenet"
         common = {"backbone": args.backbone, "backbone_weights": weights, "device": args.device,
                   "input_px": (args.input_px, args.input_px)}
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {choose_device(args.device)}; "
-              f"backbone {args.backbone} at {args.input_px} px; {len(ds)} images (an ICIAR folder)")
+              f"backbone {args.backbone} ({weights or 'random weights'}) at {args.input_px} px; {len(ds)} images "
+              "(an ICIAR folder)")
         print(f"{'run':<22} {'build':>7} {'features':>9} {'probe':>7} {'head':>8} {'save+default':>13} {'total':>8}"
               f"  epochs/steps   head acc / probe acc")
         with warnings.catch_warnings():

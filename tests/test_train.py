@@ -166,7 +166,7 @@ def test_the_paper_model_trains_its_head(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackboneWeightsWarning)
         items, result = run(iter_finetune(ds, out=tmp_path / "p.safetensors", protocol="paper", epochs=2,
-                                          batch_size=4))
+                                          batch_size=4, backbone_weights=None))
     model = load_checkpoint(result.checkpoint)
     assert model.card.backbone == "resnet152v2" and len([i for i in items if isinstance(i, EpochStats)]) == 2
     trainable = sum(p.numel() for p in model.head.parameters())

@@ -18,7 +18,14 @@ from .head import Table2Head
 from .preprocessing import Preprocessing, weights_preprocessing
 from .resnet152v2 import ResNet152V2
 
-__all__ = ["Classifier", "TimmBackbone", "build_backbone", "build_classifier", "weights_preprocessing"]
+__all__ = [
+    "Classifier",
+    "TimmBackbone",
+    "build_backbone",
+    "build_classifier",
+    "check_backbone_weights",
+    "weights_preprocessing",
+]
 
 log = logging.getLogger(__name__)
 PAPER_BACKBONE = "resnet152v2"
@@ -161,6 +168,76 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BcdError(f"{path} does not hold a dict of tensors.")
     return state
+
+
+def check_backbone_weights(backbone: str, backbone_weights: str | os.PathLike[str] | None, *,
+                           timeout: float = 3.0) -> None:
+    """Refuse at once a backbone whose starting weights cannot be had, saying how to get them.
+
+    ``"imagenet"`` for ResNet152V2 needs the converted Keras file in the
+    cache; for a timm model it needs timm's pretrained weights in the Hugging
+    Face cache or the hub within reach (checked with one connection, not
+    timm's minute of retries).  A file must exist.  None (random weights) is
+    always possible: the explicit choice for experiments.
+
+    Raises
+    ------
+    BcdError
+    """
+    if backbone_weights is None:
+        return
+    if str(backbone_weights) != "imagenet":
+        if not Path(backbone_weights).is_file():
+            raise BcdError(f"Backbone weights file {backbone_weights} does not exist.")
+        return
+    if _is_paper_backbone(backbone):
+        from .imagenet import IMAGENET_FILENAME, IMAGENET_URL, cached_imagenet_weights
+
+        if cached_imagenet_weights() is None:
+            raise BcdError(
+                "ResNet152V2's ImageNet weights are not on this machine, and without them the backbone is random, "
+                "not the paper's model. Get them either way: `napari-bcd weights fetch` (needs internet), or "
+                f"download {IMAGENET_URL} elsewhere and run `napari-bcd weights import {IMAGENET_FILENAME}`. "
+                "Random weights (experiments only): --backbone-weights none, or 'random' in the dock."
+            )
+        return
+    if backbone.startswith("timm:") and not _timm_weights_reachable(backbone.removeprefix("timm:"), timeout):
+        raise BcdError(
+            f"{backbone} needs its pretrained weights from the Hugging Face hub, which cannot be reached from here, "
+            "and they are not in the local cache. Give a local weights file (--backbone-weights FILE.safetensors), "
+            "or choose random weights (--backbone-weights none; experiments only)."
+        )
+
+
+def _timm_weights_reachable(name: str, timeout: float) -> bool:
+    """Whether timm can get ``name``'s pretrained weights: in the local HF cache, or the hub answers."""
+    import socket
+
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown name is reported when the model is built
+        return True
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo = hub_id.split("@")[0]
+            for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+                if isinstance(try_to_load_from_cache(repo, fname), str):
+                    return True
+        except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+            pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = "huggingface.co" if hub_id else "github.com"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def build_backbone(

@@ -223,6 +223,9 @@ def iter_finetune(
     if (proto.epochs is not None and proto.epochs < 1) or proto.batch_size < 1 or proto.lr <= 0:
         raise DatasetError("epochs and batch size must be at least 1 and the learning rate positive.")
     check_trainable(dataset)
+    from ..model.classifier import check_backbone_weights
+
+    check_backbone_weights(backbone, backbone_weights)  # missing pretrained weights stop the run here
     the_split = split_dataset(dataset, proto.val_fraction, seed, split)
     if not the_split.train:
         raise DatasetError("The split left no training images; use more images or another split.")
