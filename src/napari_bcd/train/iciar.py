@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from ..classes import CLASS_NAMES, class_id
 from ..errors import DatasetError
 from ..io.slide import Slide
 
-__all__ = ["Dataset", "ExportProgress", "ExportResult", "iter_export_patches", "read_iciar"]
+__all__ = ["Dataset", "ExportProgress", "ExportResult", "PatchPlan", "iter_export_patches", "plan_patches", "read_iciar"]
 
 log = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
@@ -156,10 +157,61 @@ class ExportResult:
         return f"wrote {sum(self.counts.values())} patches to {self.root} ({counts}){few}"
 
 
-def iter_export_patches(
+@dataclass
+class PatchPlan:
+    """Which windows of a slide become training patches, per class, before any pixel is read.
+
+    Attributes
+    ----------
+    jobs
+        ``(window row, window col, class id, coverage)`` of every window kept.
+    counts
+        Windows per class name (every class, 0 included).
+    regions
+        Annotated regions per class name (classes with at least one region).
+    field_um, coverage, min_tissue, stride
+        The settings that gave these counts.
+    """
+
+    jobs: list[tuple[int, int, int, float]]
+    counts: dict[str, int]
+    regions: dict[str, int]
+    field_um: tuple[float, float]
+    coverage: float
+    min_tissue: float
+    stride: float
+    grid: Any = None
+    unknown: int = 0
+    off_slide: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def empty_classes(self) -> list[str]:
+        """Classes with regions but no window."""
+        return [k for k in self.regions if self.counts.get(k, 0) == 0]
+
+    def table(self) -> str:
+        return ", ".join(f"{k} {self.counts.get(k, 0)} window(s) from {v} region(s)" for k, v in self.regions.items())
+
+    def advice(self, min_per_class: int = 1) -> str:
+        """What to do when a class yields fewer than ``min_per_class`` windows ("" when none does)."""
+        few = [k for k in self.regions if self.counts.get(k, 0) < min_per_class]
+        if not few:
+            return ""
+        fh, fw = self.field_um
+        parts = [f"{', '.join(few)}: {', '.join(str(self.counts.get(k, 0)) for k in few)} window(s). A training window "
+                 f"is {fh:.0f} x {fw:.0f} µm and must lie at least {self.coverage:.0%} inside regions of one class, "
+                 f"on at least {self.min_tissue:.0%} tissue."]
+        off = [k for k in few if self.off_slide.get(k)]
+        if off:
+            parts.append(f"Regions of {', '.join(off)} lie outside the slide: draw them on the image.")
+        parts.append("Draw larger regions, lower the coverage, choose a smaller field (e.g. 200 µm), or overlap the "
+                     "windows (stride 0.5).")
+        return " ".join(parts)
+
+
+def plan_patches(
     slide: Slide,
     annotations: Sequence,
-    out_dir: str | os.PathLike[str],
     *,
     field_um: tuple[float, float],
     patch_px: tuple[int, int] | None = None,
@@ -167,21 +219,25 @@ def iter_export_patches(
     coverage: float = 0.5,
     min_tissue: float = 0.25,
     tissue=None,
-    min_per_class: int = 20,
     mpp: float | None = None,
-) -> Generator[ExportProgress, None, ExportResult]:
-    """Cut ICIAR-style patches from annotated regions of a slide.
+) -> PatchPlan:
+    """Choose the windows :func:`iter_export_patches` would cut, and count them per class.
 
-    Windows of the model's ``field_um`` on a grid of ``stride`` (fraction of
-    the field) are kept when at least ``coverage`` of the window lies inside
-    one class's regions and ``min_tissue`` of it is tissue.  Each patch is
-    read from the nearest finer level and saved as PNG at ``patch_px``
-    (default: the field's aspect, 512 px on its long side).
+    A window of ``field_um`` on a grid of ``stride`` (fraction of the field)
+    is kept when at least ``coverage`` of it lies inside one class's regions
+    and at least ``min_tissue`` of it is tissue.  Fast: polygons and a tissue
+    mask from the thumbnail, no pixel of level 0 read.
+
+    Raises
+    ------
+    DatasetError
+        For settings that cannot work (a non-positive field, coverage outside
+        (0, 1], no pixel size) or annotations without any of our classes.
     """
     from shapely import STRtree, union_all
     from shapely.geometry import box
 
-    from ..engine import _resize_area, window_tissue_fraction
+    from ..engine import window_tissue_fraction
     from ..tiling import make_grid
     from ..tissue import detect_tissue
 
@@ -189,10 +245,12 @@ def iter_export_patches(
         slide.mpp = (float(mpp), float(mpp))
     if slide.mpp is None:
         raise DatasetError(f"{slide.name} has no pixel size; give mpp= (--mpp).")
+    if not all(np.isfinite(v) and v > 0 for v in field_um):
+        raise DatasetError(f"The field must be positive µm, got {field_um}.")
+    if not (0 < coverage <= 1) or not (0 <= min_tissue <= 1):
+        raise DatasetError(f"coverage must be in (0, 1] and min_tissue in [0, 1], got {coverage} and {min_tissue}.")
     if patch_px is None:
-        long = 512
-        ratio = field_um[0] / field_um[1]
-        patch_px = (round(long * ratio), long) if ratio <= 1 else (long, round(long / ratio))
+        patch_px = _patch_px(field_um)
     grid = make_grid(slide.dimensions, slide.mpp, field_um, patch_px, [i.downsample for i in slide.level_info], stride=stride)
     per_class: dict[int, list] = {}
     unknown = 0
@@ -204,6 +262,9 @@ def iter_export_patches(
     if not per_class:
         raise DatasetError("None of the annotations has one of our classes; map your labels (label_map) first.")
     unions = {cid: union_all(polys) for cid, polys in per_class.items()}
+    slide_box = box(0, 0, slide.dimensions[1], slide.dimensions[0])
+    off_slide = {CLASS_NAMES[cid - 1]: sum(1 for p in polys if not p.intersects(slide_box))
+                 for cid, polys in per_class.items()}
     thumb, tds = slide.thumbnail(2000)
     mask = detect_tissue(thumb, mpp=slide.mpp[1] * tds[1], params=tissue)
     win_tissue, _ = window_tissue_fraction(mask, tds, grid)
@@ -224,6 +285,53 @@ def iter_export_patches(
                     best, best_cov = cids[int(idx)], cov
             if best is not None and best_cov >= coverage:
                 jobs.append((r, c, best, best_cov))
+    counts = Counter(CLASS_NAMES[cid - 1] for _, _, cid, _ in jobs)
+    return PatchPlan(
+        jobs=jobs,
+        counts={n: counts.get(n, 0) for n in CLASS_NAMES},
+        regions={CLASS_NAMES[cid - 1]: len(polys) for cid, polys in sorted(per_class.items())},
+        field_um=(float(field_um[0]), float(field_um[1])),
+        coverage=coverage, min_tissue=min_tissue, stride=stride, grid=grid, unknown=unknown,
+        off_slide={k: v for k, v in off_slide.items() if v},
+    )
+
+
+def _patch_px(field_um: tuple[float, float]) -> tuple[int, int]:
+    """The field's aspect, 512 px on its long side."""
+    long = 512
+    ratio = field_um[0] / field_um[1]
+    return (round(long * ratio), long) if ratio <= 1 else (long, round(long / ratio))
+
+
+def iter_export_patches(
+    slide: Slide,
+    annotations: Sequence,
+    out_dir: str | os.PathLike[str],
+    *,
+    field_um: tuple[float, float],
+    patch_px: tuple[int, int] | None = None,
+    stride: float = 1.0,
+    coverage: float = 0.5,
+    min_tissue: float = 0.25,
+    tissue=None,
+    min_per_class: int = 20,
+    mpp: float | None = None,
+    plan: PatchPlan | None = None,
+) -> Generator[ExportProgress, None, ExportResult]:
+    """Cut ICIAR-style patches from annotated regions of a slide.
+
+    The windows are those of :func:`plan_patches` (pass ``plan`` to reuse
+    one).  Each patch is read from the nearest finer level and saved as PNG
+    at ``patch_px`` (default: the field's aspect, 512 px on its long side).
+    """
+    from ..engine import _resize_area
+
+    if patch_px is None:
+        patch_px = _patch_px(field_um)
+    if plan is None:
+        plan = plan_patches(slide, annotations, field_um=field_um, patch_px=patch_px, stride=stride,
+                            coverage=coverage, min_tissue=min_tissue, tissue=tissue, mpp=mpp)
+    grid, jobs, unknown = plan.grid, plan.jobs, plan.unknown
     out = Path(out_dir)
     for name in CLASS_NAMES:
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -248,20 +356,21 @@ def iter_export_patches(
         y, x, h, w = grid.read_box(r, c)
         patch = _resize_area(slide.read_region(grid.level, y, x, h, w), patch_px)
         cname = CLASS_NAMES[cid - 1]
-        fname = f"{stem}_r{r:04d}_c{c:04d}.png"
+        by, bx, bh, bw = grid.window_box(r, c)
+        # Named by the window's level-0 box: unique per slide and geometry, whatever the grid's stride.
+        fname = f"{stem}_y{round(by)}_x{round(bx)}_{round(bh)}x{round(bw)}.png"
         buf = io.BytesIO()
         Image.fromarray(patch).save(buf, format="PNG")
         with atomic_write(out / cname / fname, "wb") as fh:
             fh.write(buf.getvalue())
         gt_rows.append((fname, cname))
-        by, bx, bh, bw = grid.window_box(r, c)
         prov_rows.append((fname, cname, slide.name, round(by, 2), round(bx, 2), round(bh, 2), round(bw, 2), round(cov, 4)))
         counts[cname] += 1
         yield ExportProgress(k + 1, len(jobs))
     _append_csv(out / GROUND_TRUTH, gt_rows, None)
     _append_csv(out / "provenance.csv", prov_rows, ("filename", "label", "slide", "y", "x", "h", "w", "coverage"))
     all_counts = {n: counts.get(n, 0) for n in CLASS_NAMES}
-    too_few = [n for n, v in all_counts.items() if 0 < v < min_per_class or (v == 0 and any(CLASS_NAMES.index(n) + 1 == c for c in per_class))]
+    too_few = [n for n, v in all_counts.items() if 0 < v < min_per_class or (v == 0 and n in plan.regions)]
     return ExportResult(out, all_counts, too_few, unknown)
 
 
