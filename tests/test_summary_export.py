@@ -129,3 +129,29 @@ def test_write_outputs_writes_everything_atomically(tmp_path: Path) -> None:
         ring = f["geometry"]["coordinates"][0] if f["geometry"]["type"] == "Polygon" else f["geometry"]["coordinates"][0][0]
         assert ring[0] == ring[-1]  # closed rings, [x, y] level-0 pixels
     assert json.loads(paths["summary_json"].read_text())["call"] == "Invasive"
+
+
+def test_areas_and_hover_stop_at_the_image_edge(tiny_model) -> None:
+    """Cells of a large field run past the image: only their part on the image counts, and hover is silent there."""
+    from conftest import SAMPLE_SLIDE, drain
+    from napari_bcd.engine import iter_classify
+    from napari_bcd.io import open_slide
+    from napari_bcd.layers import describe_hover
+    from napari_bcd.summary import summarize
+
+    big = tiny_model.__class__(tiny_model.backbone, tiny_model.head, tiny_model.card.replace(field_um=(645.0, 860.0)))
+    with open_slide(SAMPLE_SLIDE) as slide:
+        _, cmap = drain(iter_classify(slide, big, min_tissue=0.0))
+        h, w = slide.dimensions
+        image_mm2 = h * w * slide.mpp[0] * slide.mpp[1] / 1e6
+    g = cmap.grid
+    assert g.n_cells[0] * g.stride_px[0] > h  # the last row of cells runs past the bottom edge
+    s = summarize(cmap)
+    assert sum(c.area_mm2 for c in s.classes) <= image_mm2 + 1e-5  # areas are rounded to 1e-6 mm²
+    assert s.classified_area_mm2 <= image_mm2 + 1e-5
+    assert abs(sum(c.percent_of_tissue for c in s.classes) - 100) < 1e-6
+    mpp = slide.mpp
+    inside = describe_hover(cmap, ((h - 10) * mpp[0], 10 * mpp[1]))
+    below = describe_hover(cmap, ((h + 200) * mpp[0], 10 * mpp[1]))  # 100 µm below the image, still on a cell
+    assert g.cell_of_point(h + 200, 10) is not None
+    assert inside != "" and below == ""

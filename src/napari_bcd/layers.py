@@ -82,6 +82,9 @@ def describe_hover(class_map: ClassMap, world_yx: tuple[float, float], image_tra
     # world (µm) -> level-0 continuous pixels (pixel centres at i * mpp)
     y = (world_yx[0] - image_translate[0]) / my
     x = (world_yx[1] - image_translate[1]) / mx
+    h, w = class_map.slide_shape
+    if h and w and not (-0.5 <= y < h - 0.5 and -0.5 <= x < w - 0.5):
+        return ""  # off the image: nothing to say
     label, probs = class_map.at_level0(y, x)
     if probs is None:
         return ""

@@ -105,9 +105,14 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     cell_mm2 = g.cell_um[0] * g.cell_um[1] / 1e6
     labels = class_map.labels
     classified = labels > 0
-    # Tissue area: the tissue fraction of every cell (the detector's estimate).
-    tissue_mm2 = float(np.clip(class_map.tissue, 0, 1).sum() * cell_mm2)
-    classified_mm2 = float(classified.sum() * cell_mm2)
+    # Only the part of a cell on the image counts (edge cells run past it), and "% of tissue" weighs each
+    # cell by its tissue (the detector's fraction, which is 0 off the image).
+    inside = (g.cell_inside_fraction(class_map.slide_shape) if all(class_map.slide_shape)
+              else np.ones(labels.shape))
+    tissue = np.clip(class_map.tissue, 0, 1)
+    tissue_mm2 = float(tissue.sum() * cell_mm2)
+    classified_mm2 = float((inside * classified).sum() * cell_mm2)
+    classified_tissue = float((tissue * classified).sum())
     kh, kw = g.cells_per_window
     rows: list[ClassSummary] = []
     win_idx = np.argwhere(class_map.window_done)
@@ -127,8 +132,8 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
                 display_name=DISPLAY_NAMES.get(CLASS_IDS.get(name, -1), name),
                 windows=int((win_label_arr == cid).sum()),
                 cells=n,
-                area_mm2=round(n * cell_mm2, 6),
-                percent_of_tissue=round(100.0 * n / max(int(classified.sum()), 1), 3),
+                area_mm2=round(float(inside[sel].sum()) * cell_mm2, 6),
+                percent_of_tissue=round(100.0 * float(tissue[sel].sum()) / classified_tissue, 3) if classified_tissue else 0.0,
                 mean_probability=round(mean_p, 6),
             )
         )

@@ -98,6 +98,16 @@ class Grid:
         y0, x0 = int(round(y / dy)), int(round(x / dx))
         return y0, x0, max(1, int(round(h / dy))), max(1, int(round(w / dx)))
 
+    def cell_inside_fraction(self, slide_shape: tuple[int, int]) -> np.ndarray:
+        """``(rows, cols)`` fraction of each cell's area that lies on the image (edge cells run past it)."""
+        def along(n: int, origin: float, step: float, size: int) -> np.ndarray:
+            start = origin + np.arange(n) * step
+            return np.clip(np.minimum(start + step, size) - np.maximum(start, 0), 0, None) / step
+
+        rows = along(self.n_cells[0], self.origin_px[0], self.stride_px[0], int(slide_shape[0]))
+        cols = along(self.n_cells[1], self.origin_px[1], self.stride_px[1], int(slide_shape[1]))
+        return np.outer(rows, cols)
+
     def cell_of_point(self, y: float, x: float) -> tuple[int, int] | None:
         """The cell containing level-0 point ``(y, x)``, or None outside the grid."""
         r = int(np.floor((y - self.origin_px[0]) / self.stride_px[0]))
