@@ -75,7 +75,7 @@ class AnnotateWidget(Container):
             return None
         data, kwargs, _ = annotations_to_shapes(
             anns, scale=tuple(image.scale[-2:]), translate=tuple(image.translate[-2:]),
-            name=f"{Path(path).stem} annotations",
+            name=f"{Path(path).stem} annotations", units=tuple(str(u) for u in image.units[-2:]),
         )
         layer = self._viewer.add_shapes(data, **kwargs)
         self._report.value = str(anns.report)

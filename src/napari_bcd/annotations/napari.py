@@ -42,6 +42,7 @@ def annotations_to_shapes(
     scale: tuple[float, float] = (1.0, 1.0),
     translate: tuple[float, float] = (0.0, 0.0),
     name: str = "annotations",
+    units: tuple[str, str] | None = None,
 ) -> tuple[list[np.ndarray], dict[str, Any], str]:
     """A napari Shapes layer-data tuple: polygons with ``class``, ``label`` and ``parent`` features.
 
@@ -51,6 +52,8 @@ def annotations_to_shapes(
         Regions in level-0 pixels.
     scale, translate
         The image layer's (µm per pixel, µm), so the shapes overlay it.
+    units
+        The image layer's units (napari warns when layers' units differ).
     """
     data: list[np.ndarray] = []
     classes: list[str] = []
@@ -82,10 +85,23 @@ def annotations_to_shapes(
         "features": {"class": classes, "label": labels, "parent": parents},
         "edge_color": edge if edge else "white",
         "face_color": face if face else "transparent",
-        "edge_width": max(1.0, 2.0 * float(scale[-1])) if data else 1.0,
+        "edge_width": _edge_width(data),
+        # The class name on every region, so a pathologist reads what each outline is.
+        "text": {"string": "{class}", "color": "white", "size": 10, "anchor": "upper_left"},
         "metadata": {"napari_bcd": {"annotations": True}},
     }
+    if units is not None:
+        kwargs["units"] = tuple(str(u) for u in units)
     return data, kwargs, "shapes"
+
+
+def _edge_width(data: Sequence[np.ndarray]) -> float:
+    """An outline that stays visible when the whole slide is on screen: 0.3 % of the regions' extent (data px)."""
+    if not data:
+        return 1.0
+    pts = np.concatenate([np.asarray(d, float) for d in data])
+    extent = float(np.max(pts.max(0) - pts.min(0)))
+    return max(2.0, 0.003 * extent)
 
 
 def shapes_data_to_annotations(
