@@ -254,6 +254,7 @@ def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: P
     widget._folder_edit.value = str(folder)
     widget._out_edit.value = str(tmp_path / "trained.safetensors")
     widget._backbone_edit.value = "timm:resnet18"
+    widget._weights_combo.value = "a file"
     widget._weights_edit.value = str(tmp_path / "r18.safetensors")
     assert widget._pixels_label.value == "the backbone's default"
     widget._epochs_spin.value = 3
@@ -262,7 +263,7 @@ def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: P
     qtbot.waitUntil(lambda: widget._worker is None, timeout=180_000)
     assert [e.epoch for e in widget._plot.epochs] == [0, 1, 2, 3]  # the probe-started head, then every epoch
     assert "macro avg" in widget._report.value and "confusion matrix" in widget._report.value
-    assert "linear probe" in widget._report.value and "chance" in widget._report.value
+    assert "linear probe" in widget._report.value and "chance" in widget._verdict.value
     assert widget._use_button.enabled
     widget._on_use_clicked()
     assert default_model_path() == (tmp_path / "trained.safetensors").resolve()
@@ -302,6 +303,7 @@ def _trainable_widget(viewer, qtbot, tmp_path: Path):
     qtbot.addWidget(widget.native)
     widget._out_edit.value = str(tmp_path / "trained.safetensors")
     widget._backbone_edit.value = "timm:resnet18"
+    widget._weights_combo.value = "a file"
     widget._weights_edit.value = str(tmp_path / "r18.safetensors")
     return widget
 
@@ -327,6 +329,7 @@ def test_train_widget_from_regions_warns_and_reports_without_validation(viewer, 
     data, kwargs, _ = annotations_to_shapes(two, scale=tuple(image.scale[-2:]), name="two classes")
     viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
     widget._shapes_combo.value = viewer.layers["two classes"]
+    widget._field_combo.value = "ICIAR photo, 645 × 860 µm (the paper's)"
     widget._epochs_spin.value = 2
     widget._on_run_clicked()
     assert "Few regions for Benign (1), Invasive (1)" in widget._status.value
@@ -337,7 +340,7 @@ def test_train_widget_from_regions_warns_and_reports_without_validation(viewer, 
     assert "stated by the backbone weights file" in widget._report.value
     assert (tmp_path / "trained-patches" / "provenance.csv").is_file()
     # The paper's field makes one patch per region here: nothing to validate on, and the dock says so.
-    assert result.report is None and "No validation data" in widget._report.value
+    assert result.report is None and "No validation data" in widget._verdict.value
 
 
 def test_train_widget_cancel_keeps_the_best_epoch(viewer, qtbot, tmp_path: Path) -> None:
@@ -360,5 +363,5 @@ def test_train_widget_cancel_keeps_the_best_epoch(viewer, qtbot, tmp_path: Path)
     qtbot.waitUntil(lambda: widget._worker is None, timeout=180_000)
     result = widget._result
     assert result.stopped == "stopped by the user" and result.epochs_run < 2000
-    assert "stopped by the user" in widget._status.value and widget._use_button.enabled
+    assert widget._status.value.startswith("Cancelled: kept the best epoch") and widget._use_button.enabled
     assert widget._run_button.enabled and not widget._cancel_button.enabled

@@ -44,10 +44,33 @@ def refresh_combo(combo, prefer=None, pick: int = -1) -> None:
 
 
 def readonly_text():
-    """A read-only, monospaced text box (for tables and reports)."""
+    """A read-only, monospaced text box (for tables and reports); lines scroll instead of wrapping."""
     from magicgui.widgets import TextEdit
+    from qtpy.QtWidgets import QTextEdit
 
     box = TextEdit(label="", value="")
     box.native.setReadOnly(True)
-    box.native.setStyleSheet("font-family: monospace;")
+    box.native.setLineWrapMode(QTextEdit.LineWrapMode.NoWrap)
+    box.native.setStyleSheet("font-family: monospace; font-size: 9pt;")
     return box
+
+
+def scrolling(inner):
+    """``inner`` (a QWidget) in a vertical scroll area, so a tall dock never makes the window taller than the screen.
+
+    (magicgui's ``Container(scrollable=True)`` loses its scroll area when napari
+    docks ``widget.native``, hence a plain Qt one here.)
+    """
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setWidget(inner)
+    # Tall enough to work in when three docks share the side, never taller than the content; as wide as the
+    # content needs (a scroll area does not pass its content's minimum width on by itself).
+    area.setMinimumHeight(min(inner.sizeHint().height(), 300))
+    area.setMinimumWidth(inner.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
+    return area

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import (
@@ -20,7 +21,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_info
 
 from ..errors import BcdError
-from ._layers import readonly_text, refresh_combo, slide_for_layer
+from ._layers import readonly_text, refresh_combo, scrolling, slide_for_layer
 from ._worker import notify_error, start_job
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class ClassifyWidget(Container):
     """Classify the chosen image layer into Normal / Benign / In situ / Invasive."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=False)
         self._viewer = viewer
         self._image_combo = ComboBox(label="image", choices=self._image_choices, nullable=True)
         self._mpp_edit = FloatSpinBox(label="µm / pixel", value=0.0, min=0.0, max=100.0, step=0.0001,
@@ -55,13 +56,14 @@ class ClassifyWidget(Container):
         self._export_geojson = PushButton(text="GeoJSON for QuPath", enabled=False)
         self._export_csv = PushButton(text="CSV summary", enabled=False)
         self._export_tiff = PushButton(text="Label TIFF", enabled=False)
-        self.extend([
+        form = Container(labels=True, widgets=[
             self._image_combo, self._mpp_edit, self._model_edit, self._card_label, self._device_combo,
             self._batch_spin, self._overlap_combo, self._tissue_spin, self._probs_check,
             Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False),
             self._progress, self._status, self._summary, self._hover,
             Container(widgets=[self._export_geojson, self._export_csv, self._export_tiff], layout="horizontal", labels=False),
         ])
+        self.native.layout().addWidget(scrolling(form.native))  # a tall dock scrolls; the window stays on screen
         self._worker = None
         self._result = None  # (ClassMap, image layer name, image translate)
         self._model = None
@@ -89,16 +91,44 @@ class ClassifyWidget(Container):
         value = str(self._model_edit.value or "").strip()
         return value if value not in ("", ".") else None
 
+    def use_model(self, path: str | Path) -> None:
+        """Classify with this checkpoint from now on (reloaded even when the path is the one shown)."""
+        self._model_key = None
+        if str(self._model_edit.value) != str(path):
+            self._model_edit.value = str(path)  # fires _on_model_changed
+        else:
+            self._on_model_changed()
+
+    def _current_key(self) -> tuple | None:
+        """What identifies the model on disk: the checkpoint's path, size and modification time.
+
+        A retrained checkpoint written to the same path gets a new key, so it is
+        reloaded instead of classifying with the weights loaded before.
+        """
+        from ..config import default_model_path
+        from ..model.checkpoint import checkpoint_paths
+
+        path = self._model_path() or default_model_path()
+        if path is None:
+            return None
+        weights = checkpoint_paths(path)[0]
+        try:
+            st = weights.stat()
+        except OSError:
+            return (str(weights),)
+        return (str(weights.resolve()), st.st_size, st.st_mtime_ns)
+
     def _on_model_changed(self) -> None:
         from ..model.checkpoint import load_model
 
+        key = self._current_key()
         try:
             model = load_model(self._model_path())
         except BcdError as err:
             self._model, self._model_key = None, None
             self._card_label.value = str(err) if self._model_path() else "No model yet: train one or choose a checkpoint."
             return
-        self._model, self._model_key = model, (self._model_path(),)
+        self._model, self._model_key = model, key
         self._card_label.value = model.card.describe()
 
     # ------------------------------------------------------------------ run / cancel
@@ -110,8 +140,8 @@ class ClassifyWidget(Container):
         try:
             if layer is None:
                 raise BcdError("Open an H&E image first (File > Open, or File > Open Sample > Breast Cancer Classifier).")
-            if self._model is None:
-                self._on_model_changed()
+            if self._model is None or self._model_key != self._current_key():
+                self._on_model_changed()  # first use, or the checkpoint on disk changed
             if self._model is None:
                 raise BcdError(self._card_label.value)
             slide = slide_for_layer(layer, self._mpp_edit.value or None)

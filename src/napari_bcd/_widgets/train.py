@@ -1,7 +1,14 @@
-"""The "Train" dock widget: regions or an ICIAR folder -> fine-tuned checkpoint, with live curves."""
+"""The "Train" dock widget: regions or an ICIAR folder -> a trained checkpoint, with the probe beside it.
+
+A thin shell over :func:`~napari_bcd.train.plan_patches`,
+:func:`~napari_bcd.train.iter_export_patches` and
+:func:`~napari_bcd.train.iter_finetune`: it reads the fields, runs one
+generator in a thread worker, and shows what it yields.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,40 +28,64 @@ from napari.layers import Image, Shapes
 from napari.utils.notifications import show_info, show_warning
 
 from ..errors import BcdError
-from ._layers import readonly_text, refresh_combo, slide_for_layer
+from ._layers import readonly_text, refresh_combo, scrolling, slide_for_layer
 from ._worker import notify_error, start_job
 
 if TYPE_CHECKING:
     import napari
 
-
+REGIONS, FOLDER = "regions on an image", "ICIAR folder"
 PROTOCOLS = {
     "auto: learns from a few regions": "auto",
     "paper: its hyper-parameters exactly": "paper",
 }
+PAPER_FIELD = "ICIAR photo, 645 × 860 µm (the paper's)"
+FIELDS = {PAPER_FIELD: None, "256 µm (1 µm/px at 256 px)": 256.0, "128 µm (0.5 µm/px)": 128.0, "custom": -1.0}
+WEIGHTS = {"ImageNet / pretrained": "imagenet", "a file": "file", "random (experiments only)": None}
 #: Fewer regions than this for a class draws a warning before training.
 MIN_REGIONS = 3
+#: The curves are redrawn at most this often (ms): drawing on the Qt thread at every epoch froze the viewer.
+REDRAW_MS = 500
+
+
+@dataclass(frozen=True)
+class RegionCheck:
+    """Windows per class with the current field and coverage (the first thing a run yields)."""
+
+    plan: object
+
+    @property
+    def message(self) -> str:
+        return "windows per class: " + self.plan.table()  # type: ignore[attr-defined]
 
 
 class TrainWidget(Container):
-    """Train the Table II head from annotated regions or an ICIAR folder, with the probe beside it."""
+    """Train the Table II head from annotated regions or an ICIAR folder, with the linear probe beside it."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=False)
         self._viewer = viewer
-        self._source_combo = ComboBox(label="data", choices=["regions on an image", "ICIAR folder"])
+        self._source_combo = ComboBox(label="data", choices=[REGIONS, FOLDER])
         self._image_combo = ComboBox(label="image", choices=lambda w: self._layers(Image), nullable=True)
         self._shapes_combo = ComboBox(label="regions", choices=lambda w: self._layers(Shapes), nullable=True)
         self._folder_edit = FileEdit(label="ICIAR folder", mode="d", value="")
+        self._field_combo = ComboBox(label="field", choices=list(FIELDS), value="256 µm (1 µm/px at 256 px)",
+                                     tooltip="What one training window shows. A window must lie at least 'coverage' "
+                                             "inside regions of one class.")
+        self._field_spin = FloatSpinBox(label="field µm", value=200.0, min=10.0, max=5000.0, step=10.0, visible=False)
+        self._coverage_spin = FloatSpinBox(label="coverage", value=0.5, min=0.05, max=1.0, step=0.05,
+                                           tooltip="Share of a window that must lie inside regions of one class")
+        self._check_button = PushButton(text="Count windows per class")
         self._out_edit = FileEdit(label="save model as", mode="w", filter="*.safetensors", value="bcd-model.safetensors")
         self._protocol_combo = ComboBox(label="protocol", choices=list(PROTOCOLS), value=next(iter(PROTOCOLS)),
                                         tooltip="auto: at least 600 optimiser steps, class-balanced, early stopping, "
                                                 "head started from the linear probe. paper: Adam 1e-4, batch 128, "
                                                 "25 epochs, no augmentation.")
         self._backbone_edit = LineEdit(label="backbone", value="resnet152v2", tooltip="resnet152v2 or timm:<name>")
-        self._weights_edit = FileEdit(label="backbone weights", mode="r", value="",
-                                      tooltip="empty = ImageNet; or a local safetensors / state dict (offline, foundation "
-                                              "models). A safetensors file may state its preprocessing in its metadata.")
+        self._weights_combo = ComboBox(label="backbone weights", choices=list(WEIGHTS), value="ImageNet / pretrained")
+        self._weights_edit = FileEdit(label="weights file", mode="r", value="", visible=False,
+                                      tooltip="a local safetensors / state dict (offline, foundation models); it may "
+                                              "state its preprocessing in its metadata")
         self._pixels_label = Label(label="pixels", value="the backbone's default")
         self._epochs_spin = SpinBox(label="epochs", value=0, min=0, max=5000,
                                     tooltip="auto = the protocol's choice (auto: from the dataset size; paper: 25)")
@@ -65,28 +96,42 @@ class TrainWidget(Container):
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="", value=0, min=0, max=1, visible=False)
         self._status = Label(label="", value="")
+        self._status.native.setWordWrap(True)
+        self._verdict = Label(value="")  # head, probe and chance in words, wrapped
+        self._verdict.native.setWordWrap(True)
         self._report = readonly_text()
         self._use_button = PushButton(text="Use this model", enabled=False)
         self._plot = _CurvePlot()
-        self.extend([
-            self._source_combo, self._image_combo, self._shapes_combo, self._folder_edit, self._out_edit,
-            self._protocol_combo, self._backbone_edit, self._weights_edit, self._pixels_label, self._epochs_spin,
+        form = Container(labels=True, widgets=[
+            self._source_combo, self._image_combo, self._shapes_combo, self._folder_edit, self._field_combo,
+            self._field_spin, self._coverage_spin, self._check_button, self._out_edit, self._protocol_combo,
+            self._backbone_edit, self._weights_combo, self._weights_edit, self._pixels_label, self._epochs_spin,
             self._lr_spin, self._batch_spin,
             Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False),
             self._progress, self._status,
         ])
-        self.native.layout().addWidget(self._plot.canvas)
-        self.extend([self._report, self._use_button])
+        body = Container(labels=False, widgets=[form, self._verdict, self._report, self._use_button])
+        body.native.layout().insertWidget(1, self._plot.canvas)  # the curves above the verdict, report and button
+        self._scroll = scrolling(body.native)
+        self.native.layout().addWidget(self._scroll)
         self._worker = None
         self._result = None
+        self._cancelled = False
         self._run_button.changed.connect(self._on_run_clicked)
+        self._check_button.changed.connect(self._on_check_clicked)
         self._cancel_button.changed.connect(self._on_cancel_clicked)
         self._use_button.changed.connect(self._on_use_clicked)
+        self._weights_combo.changed.connect(self._on_weights_changed)
         self._weights_edit.changed.connect(self._on_weights_changed)
+        self._source_combo.changed.connect(self._on_source_changed)
+        self._field_combo.changed.connect(self._on_field_changed)
+        self._protocol_combo.changed.connect(self._on_protocol_changed)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
         self._on_layers_changed()
+        self._on_source_changed()
 
+    # ------------------------------------------------------------------ inputs
     def _layers(self, kind: type) -> list:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, kind)]
 
@@ -94,55 +139,114 @@ class TrainWidget(Container):
         for combo in (self._image_combo, self._shapes_combo):
             refresh_combo(combo)
 
-    def _weights_path(self) -> str | None:
+    def _on_source_changed(self) -> None:
+        regions = self._source_combo.value == REGIONS
+        for w in (self._image_combo, self._shapes_combo, self._field_combo, self._coverage_spin, self._check_button):
+            w.visible = regions
+        self._field_spin.visible = regions and FIELDS[self._field_combo.value] == -1.0
+        self._folder_edit.visible = not regions
+
+    def _on_field_changed(self) -> None:
+        self._field_spin.visible = self._source_combo.value == REGIONS and FIELDS[self._field_combo.value] == -1.0
+
+    def _on_protocol_changed(self) -> None:
+        # The paper's protocol goes with the paper's field; auto with a field small regions can hold.
+        if FIELDS[self._field_combo.value] != -1.0:
+            paper = PROTOCOLS[self._protocol_combo.value] == "paper"
+            self._field_combo.value = PAPER_FIELD if paper else "256 µm (1 µm/px at 256 px)"
+
+    def _field_um(self) -> tuple[float, float]:
+        from ..model.card import ICIAR_FIELD_UM
+
+        value = FIELDS[self._field_combo.value]
+        if value is None:
+            return ICIAR_FIELD_UM
+        side = self._field_spin.value if value == -1.0 else value
+        return (side, side)
+
+    def _weights(self):
+        choice = WEIGHTS[self._weights_combo.value]
+        if choice != "file":
+            return choice
         value = str(self._weights_edit.value or "").strip()
-        return value if value not in ("", ".") else None
+        if value in ("", "."):
+            raise BcdError("Choose the backbone weights file, or another choice under 'backbone weights'.")
+        return value
 
     def _on_weights_changed(self) -> None:
         from ..model.preprocessing import weights_preprocessing
 
+        from_file = WEIGHTS[self._weights_combo.value] == "file"
+        self._weights_edit.visible = from_file
+        if from_file and str(self._weights_edit.value or "").strip() in ("", "."):
+            self._pixels_label.value = "choose the weights file"
+            return
         try:
-            stated = weights_preprocessing(self._weights_path())
+            stated = weights_preprocessing(self._weights()) if from_file else None
         except BcdError as err:
             self._pixels_label.value = str(err)
             return
         self._pixels_label.value = (f"{stated.describe()}, stated by the weights file" if stated is not None
                                     else "the backbone's default")
 
-    def _region_warning(self) -> str:
-        """Before training: classes with too few regions on the chosen Shapes layer."""
+    def _regions(self):
+        """The chosen image and its classified regions, checked before any work."""
         from ..annotations.napari import shapes_to_annotations
-        from ..classes import CLASS_NAMES
 
         image, shapes = self._image_combo.value, self._shapes_combo.value
         if image is None or shapes is None:
             raise BcdError("Choose the image and the Shapes layer holding its classified regions.")
         anns = shapes_to_annotations(shapes, image)
-        per = {name: sum(1 for a in anns if a.cls == i + 1) for i, name in enumerate(CLASS_NAMES)}
-        used = {k: v for k, v in per.items() if v}
-        if len(used) < 2:
+        classes = {a.cls for a in anns if a.cls is not None}
+        if len(classes) < 2:
             raise BcdError("The regions cover fewer than two classes: draw regions of at least two classes and set "
                            "their class in the Annotations dock.")
-        few = [f"{k} ({v})" for k, v in used.items() if v < MIN_REGIONS]
+        return image, anns
+
+    def _region_warning(self, anns) -> str:
+        from ..classes import CLASS_NAMES
+
+        per = {name: sum(1 for a in anns if a.cls == i + 1) for i, name in enumerate(CLASS_NAMES)}
+        few = [f"{k} ({v})" for k, v in per.items() if 0 < v < MIN_REGIONS]
         if few:
             return (f"Few regions for {', '.join(few)}: with fewer than {MIN_REGIONS} regions a class has little to "
                     "validate on. Draw more regions of it for a model you can trust.")
         return ""
 
-    def _job(self, out: Path):
-        """The whole job as one generator: (export patches,) then train; STOP ends it at the next step."""
-        from ..annotations.napari import shapes_to_annotations
-        from ..model.card import ICIAR_FIELD_UM
+    # ------------------------------------------------------------------ the job
+    def _plan(self, image, anns):
+        from ..train.iciar import plan_patches
+
+        return plan_patches(slide_for_layer(image), anns, field_um=self._field_um(),
+                            coverage=self._coverage_spin.value)
+
+    def _check_job(self, image, anns):
+        plan = self._plan(image, anns)
+        yield RegionCheck(plan)
+        return plan
+
+    def _job(self, out: Path, image=None, anns=None):
+        """The whole job as one generator: weights check, windows per class, patches, then training.
+
+        :data:`~napari_bcd.train.STOP` sent in ends it at the next step.
+        """
+        from ..model.classifier import check_backbone_weights
         from ..train.finetune import STOP, iter_finetune
         from ..train.iciar import iter_export_patches, read_iciar
 
-        if self._source_combo.value == "ICIAR folder":
+        backbone = self._backbone_edit.value.strip() or "resnet152v2"
+        weights = self._weights()
+        check_backbone_weights(backbone, weights)  # at once, not after the patches were cut
+        if self._source_combo.value == FOLDER:
             folder = Path(str(self._folder_edit.value))
         else:
-            image, shapes = self._image_combo.value, self._shapes_combo.value
-            anns = shapes_to_annotations(shapes, image)
+            plan = self._plan(image, anns)
+            if (yield RegionCheck(plan)) == STOP:
+                return None
+            if plan.empty_classes:
+                raise BcdError(plan.advice())
             folder = out.with_name(f"{out.stem}-patches")
-            export = iter_export_patches(slide_for_layer(image), anns, folder, field_um=ICIAR_FIELD_UM)
+            export = iter_export_patches(slide_for_layer(image), anns, folder, field_um=plan.field_um, plan=plan)
             try:
                 item = next(export)
                 while True:
@@ -150,69 +254,104 @@ class TrainWidget(Container):
                         export.close()
                         return None
                     item = next(export)
-            except StopIteration as done:
-                exported = done.value
-            if exported is not None and exported.too_few:
-                yield _Note(f"Few patches for {', '.join(exported.too_few)} ({exported}).")
+            except StopIteration:
+                pass
         ds = read_iciar(folder)
-        epochs = self._epochs_spin.value or None
         return (yield from iter_finetune(
-            ds, out=out, protocol=PROTOCOLS[self._protocol_combo.value],
-            backbone=self._backbone_edit.value.strip() or "resnet152v2",
-            backbone_weights=self._weights_path() or "imagenet", epochs=epochs,
+            ds, out=out, protocol=PROTOCOLS[self._protocol_combo.value], backbone=backbone,
+            backbone_weights=weights, epochs=self._epochs_spin.value or None,
             lr=self._lr_spin.value, batch_size=self._batch_spin.value,
         ))
+
+    def _start(self, gen, on_result) -> None:
+        self._set_running(True)
+        self._worker = start_job(gen, self._on_progress, on_result, self._on_finished)
+        self._worker.errored.connect(self._on_error)
+
+    def _on_check_clicked(self) -> None:
+        try:
+            image, anns = self._regions()
+        except BcdError as err:
+            self._status.value = str(err)
+            notify_error(err)
+            return
+        self._status.value = "Counting windows…"
+        self._start(self._check_job(image, anns), self._on_checked)
+
+    def _on_checked(self, plan) -> None:
+        advice = plan.advice(min_per_class=MIN_REGIONS)
+        self._status.value = "windows per class: " + plan.table() + (f". {advice}" if advice else "")
 
     def _on_run_clicked(self) -> None:
         out = Path(str(self._out_edit.value or "bcd-model.safetensors"))
         if out.suffix != ".safetensors":
             out = out.with_suffix(".safetensors")
+        image = anns = None
         warning = ""
-        if self._source_combo.value != "ICIAR folder":
-            try:
-                warning = self._region_warning()
-            except BcdError as err:
-                notify_error(err)
-                return
+        try:
+            self._weights()
+            if self._source_combo.value == REGIONS:
+                image, anns = self._regions()
+                warning = self._region_warning(anns)
+        except BcdError as err:
+            self._status.value = str(err)
+            notify_error(err)
+            return
         self._plot.clear()
         self._result = None
-        self._report.value = ""
-        self._use_button.enabled = False
-        self._run_button.enabled, self._cancel_button.enabled, self._progress.visible = False, True, True
+        self._report.value = self._verdict.value = ""
         self._status.value = warning or "Preparing…"
         if warning:
             show_warning(warning)
-        self._worker = start_job(self._job(out), self._on_progress, self._on_result, self._on_finished)
+        self._start(self._job(out, image, anns), self._on_result)
 
     def _on_cancel_clicked(self) -> None:
         from ..train.finetune import STOP
 
         if self._worker is not None:
-            self._worker.send(STOP)  # ends after the current step; the best model so far is saved
-            self._status.value = "Stopping… (the best model so far is kept)"
+            self._cancelled = True
+            self._worker.send(STOP)  # ends after the current epoch; the best model so far is saved
+            self._status.value = "Cancelling after this epoch…"
+
+    def _set_running(self, running: bool) -> None:
+        self._run_button.enabled = self._check_button.enabled = not running
+        self._cancel_button.enabled = running
+        self._progress.visible = running
+        if running:
+            self._cancelled = False
+            self._use_button.enabled = False  # acts only on the run that has just finished
+            self._scroll.ensureWidgetVisible(self._status.native)  # progress in view while it runs
 
     def _on_progress(self, item) -> None:
         from ..train.finetune import EpochStats, FeatureProgress, TrainPlan
 
         if isinstance(item, EpochStats):
             self._progress.max, self._progress.value = item.epochs, item.epoch
-            val = "" if item.val_loss != item.val_loss else f": val loss {item.val_loss:.3f}, val acc {item.val_acc:.3f}"
-            self._status.value = f"epoch {item.epoch}/{item.epochs}{val}"
+            val = "" if math.isnan(item.val_loss) else f": val loss {item.val_loss:.3f}, val acc {item.val_acc:.3f}"
+            if not self._cancelled:
+                self._status.value = f"epoch {item.epoch}/{item.epochs}{val}"
             self._plot.add(item)
-        elif isinstance(item, TrainPlan | _Note):
+        elif isinstance(item, TrainPlan | RegionCheck):
             self._status.value = item.message
         else:
             self._progress.max, self._progress.value = max(item.total, 1), item.done
             what = "backbone features" if isinstance(item, FeatureProgress) else "patches"
-            self._status.value = f"{what}: {item.done} / {item.total}"
+            if not self._cancelled:
+                self._status.value = f"{what}: {item.done} / {item.total}"
+
+    def _on_error(self, err: BaseException) -> None:
+        self._status.value = f"Stopped: {err}" if isinstance(err, BcdError) else f"Failed: {type(err).__name__}: {err}"
 
     def _on_result(self, result) -> None:
         self._result = result
+        self._plot.flush()
         if result is None or result.checkpoint is None:
-            self._status.value = "Stopped before any epoch: no model was saved."
+            self._status.value = ("Cancelled before the first epoch: nothing was saved." if self._cancelled
+                                  else "Stopped before the first epoch: nothing was saved.")
             return
-        # The verdict first: head, probe and chance in one line, then the details.
-        lines = [result.verdict()]
+        # The verdict in words above; the figures in the report box.
+        self._verdict.value = result.verdict()
+        lines = []
         if result.probe is not None and result.probe.report is not None:
             lines.append(f"linear probe (pooled frozen features): accuracy {result.probe.report.accuracy:.4f}, "
                          f"macro F1 {result.probe.report.macro['f1']:.4f}")
@@ -220,13 +359,20 @@ class TrainWidget(Container):
         if result.report is not None:
             lines += ["", "Table II head on the validation images:", result.report.to_text()]
         self._report.value = "\n".join(lines)
-        self._status.value = (f"Saved {result.checkpoint.name} (best epoch {result.best_epoch} of {result.epochs_run}, "
-                              f"{result.stopped})")
+        self._scroll.ensureWidgetVisible(self._use_button.native)  # the verdict and the button in view
+        kept = f"best epoch {result.best_epoch} of {result.epochs_run}"
+        if result.stopped == "stopped by the user":
+            self._status.value = f"Cancelled: kept the {kept} in {result.checkpoint.name}."
+        else:
+            self._status.value = f"Saved {result.checkpoint.name} ({kept}, {result.stopped})."
         self._use_button.enabled = True
 
     def _on_finished(self) -> None:
         self._worker = None
-        self._run_button.enabled, self._cancel_button.enabled, self._progress.visible = True, False, False
+        self._plot.flush()
+        self._set_running(False)
+        if self._result is not None and self._result.checkpoint is not None:
+            self._use_button.enabled = True
 
     def _on_use_clicked(self) -> None:
         from ..config import set_default_model
@@ -244,40 +390,51 @@ class TrainWidget(Container):
             notify_error(BcdError(f"Could not remember the model: {err}"))
         for widget in self._viewer.window.dock_widgets.values():
             if isinstance(widget, ClassifyWidget):
-                widget._model_edit.value = str(result.checkpoint)
+                widget.use_model(result.checkpoint)
         show_info(f"{result.checkpoint.name} is now the model for classification.")
 
 
-@dataclass(frozen=True)
-class _Note:
-    message: str
-
-
 class _CurvePlot:
-    """Live loss and accuracy curves (matplotlib in a Qt canvas)."""
+    """Live loss and accuracy curves (matplotlib in a Qt canvas), redrawn at most every REDRAW_MS."""
 
     def __init__(self) -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
+        from qtpy.QtCore import QTimer
 
-        self.figure = Figure(figsize=(4, 2.2), dpi=90, tight_layout=True)
+        self.figure = Figure(figsize=(4, 2.0), dpi=90, tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(180)
+        self.canvas.setMinimumHeight(150)
+        self.canvas.setVisible(False)  # no empty axes before the first epoch
         self.ax_loss = self.figure.add_subplot(121)
         self.ax_acc = self.figure.add_subplot(122)
         self.epochs: list = []
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(REDRAW_MS)
+        self._timer.timeout.connect(self._draw)
 
     def clear(self) -> None:
         self.epochs = []
-        self._draw()
+        self._timer.stop()
+        self.canvas.setVisible(False)
 
     def add(self, stats) -> None:
         self.epochs.append(stats)
-        self._draw()
+        if not self._timer.isActive():
+            self._timer.start()
+
+    def flush(self) -> None:
+        """Draw what has arrived now (the run ended)."""
+        self._timer.stop()
+        if self.epochs:
+            self._draw()
 
     def _draw(self) -> None:
+        self.canvas.setVisible(True)
         e = [s.epoch for s in self.epochs]  # NaN points (no validation, epoch 0's training) are not drawn
-        for ax, keys, title in ((self.ax_loss, ("train_loss", "val_loss"), "loss"), (self.ax_acc, ("train_acc", "val_acc"), "accuracy")):
+        for ax, keys, title in ((self.ax_loss, ("train_loss", "val_loss"), "loss"),
+                                (self.ax_acc, ("train_acc", "val_acc"), "accuracy")):
             ax.clear()
             for key in keys:
                 ax.plot(e, [getattr(s, key) for s in self.epochs], label=key.split("_")[0])
