@@ -42,6 +42,7 @@ class ClassifyWidget(Container):
         self._model_edit = FileEdit(label="model", mode="r", filter="*.safetensors *.json", value="",
                                     tooltip="empty = the default model (last trained or chosen)")
         self._card_label = Label(label="", value="")
+        self._card_label.native.setWordWrap(True)
         self._device_combo = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._batch_spin = SpinBox(label="batch size", value=0, min=0, max=1024, tooltip="0 = automatic")
         self._overlap_combo = ComboBox(label="overlap", choices=["none", "50 %", "75 %"], value="none")
@@ -63,7 +64,8 @@ class ClassifyWidget(Container):
             self._progress, self._status, self._summary, self._hover,
             Container(widgets=[self._export_geojson, self._export_csv, self._export_tiff], layout="horizontal", labels=False),
         ])
-        self.native.layout().addWidget(scrolling(form.native))  # a tall dock scrolls; the window stays on screen
+        self._scroll = scrolling(form.native)  # a tall dock scrolls; the window stays on screen
+        self.native.layout().addWidget(self._scroll)
         self._worker = None
         self._result = None  # (ClassMap, image layer name, image translate)
         self._model = None
@@ -210,6 +212,7 @@ class ClassifyWidget(Container):
         self._result = (class_map, image_name, translate)
         summary = summarize(class_map)
         self._summary.value = summary.table(compact=True)
+        self._scroll.ensureWidgetVisible(self._summary.native)  # the result in view
         self._status.value = f"Done: {class_map.n_windows} windows in {class_map.info.get('seconds', 0):.1f} s"
         for b in (self._export_geojson, self._export_csv, self._export_tiff):
             b.enabled = True
