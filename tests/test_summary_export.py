@@ -117,8 +117,13 @@ def test_probabilities_tiff_and_no_overwrite(tmp_path: Path) -> None:
 
 
 def test_write_outputs_writes_everything_atomically(tmp_path: Path) -> None:
-    paths = write_outputs(_cmap(LABELS), tmp_path, stem="hand")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
+    from napari_bcd.export import outputs_complete
+
+    paths = write_outputs(_cmap(LABELS), tmp_path, stem="hand", record={"settings": {"stride": 1.0}})
+    # The five outputs and the done-record written last; no temporary file or folder left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in paths.values()), "hand.done.json"])
+    done = outputs_complete(tmp_path, "hand")
+    assert done is not None and set(done["files"]) == set(paths) and done["settings"] == {"stride": 1.0}
     gj = json.loads(paths["geojson"].read_text())
     assert gj["type"] == "FeatureCollection"
     names = {f["properties"]["classification"]["name"] for f in gj["features"]}
@@ -129,6 +134,8 @@ def test_write_outputs_writes_everything_atomically(tmp_path: Path) -> None:
         ring = f["geometry"]["coordinates"][0] if f["geometry"]["type"] == "Polygon" else f["geometry"]["coordinates"][0][0]
         assert ring[0] == ring[-1]  # closed rings, [x, y] level-0 pixels
     assert json.loads(paths["summary_json"].read_text())["call"] == "Invasive"
+    paths["geojson"].write_text("{}")  # a file changed after the record: the set no longer counts as complete
+    assert outputs_complete(tmp_path, "hand") is None
 
 
 def test_areas_and_hover_stop_at_the_image_edge(tiny_model) -> None:

@@ -24,6 +24,46 @@ from .errors import BcdError
 log = logging.getLogger("napari_bcd")
 
 
+# --------------------------------------------------------------------------- option types
+def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = True,
+            high_open: bool = False):
+    """An argparse type: a finite number within bounds, or a message naming what is wrong."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'above' if low_open else 'at least'} {low:g}, got {text}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"must be {'below' if high_open else 'at most'} {high:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_POSITIVE = _number(float, 0)  # (0, inf)
+_SHARE = _number(float, 0, 1, low_open=False)  # [0, 1]
+_COVERAGE = _number(float, 0, 1)  # (0, 1]
+_VAL_SHARE = _number(float, 0, 1, low_open=False, high_open=True)  # [0, 1)
+_COUNT = _number(int, 1, low_open=False)  # 1, 2, ...
+_NON_NEGATIVE = _number(float, 0, low_open=False)
+_NON_NEGATIVE_INT = _number(int, 0, low_open=False)
+_INPUT_PX = _number(int, 32, 4096, low_open=False)
+
+
+def _label_pair(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0].strip() or not text.split("=", 1)[1].strip():
+        raise argparse.ArgumentTypeError(f"give YOUR_LABEL=CLASS, e.g. Tumor=Invasive; got {text!r}")
+    return text
+
+
 # --------------------------------------------------------------------------- weights
 def _cmd_weights_fetch(args: argparse.Namespace) -> int:
     from .model.imagenet import IMAGENET_MD5, IMAGENET_URL, fetch_imagenet_weights
@@ -152,17 +192,43 @@ def _sample_field(card, image: Path | None):
 
 
 # --------------------------------------------------------------------------- classify
+def _check_out_dir(out: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be written."""
+    import tempfile
+
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BcdError(f"--out {out}: {parent} is a file, not a folder. Choose a folder for the outputs.")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise BcdError(f"--out {out} cannot be written ({err.strerror or err}). Choose a folder you can write to.") from err
+
+
 def _cmd_classify(args: argparse.Namespace) -> int:
+    from collections import Counter
     from concurrent.futures import ThreadPoolExecutor
 
     from .engine import iter_classify
-    from .export import write_outputs
+    from .export import output_paths, outputs_complete, slide_lock, write_outputs
     from .io.slide import open_slide
     from .model.checkpoint import load_model
     from .model.inference import Predictor
     from .summary import summarize
     from .tissue import TissueParams
 
+    out = Path(args.out)
+    _check_out_dir(out)
+    stems = Counter(Path(p).stem for p in args.slides)
+    twice = sorted(s for s, n in stems.items() if n > 1)
+    if twice:
+        same = [p for p in args.slides if Path(p).stem in twice]
+        raise BcdError(f"{', '.join(same)} would write the same outputs ({twice[0]}.*) in {out}. Rename one, or "
+                       "classify them into different --out folders.")
     # Importing torch and loading the checkpoint take seconds; the first
     # slide's thumbnail (for tissue detection) is read meanwhile.
     with ThreadPoolExecutor(1) as pool:
@@ -171,40 +237,53 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         model = loading.result()
     predictor = Predictor(model, device=args.device, precision=args.precision)
     print(model.card.describe(), file=sys.stderr)
-    out = Path(args.out)
     failed: list[str] = []
     for slide_path in args.slides:
         name = Path(slide_path).name
+        warm, first = (first, None) if slide_path == args.slides[0] else (None, first)
         try:
             stem = Path(slide_path).stem
-            existing = [p for p in out.glob(f"{stem}.*") if p.suffix in (".tif", ".json", ".csv", ".geojson")]
-            if existing and not args.overwrite:
-                raise BcdError(f"outputs already exist in {out} ({existing[0].name}...); pass --overwrite to replace them")
-            warm, first = (first, None) if slide_path == args.slides[0] else (None, first)
-            with warm or open_slide(slide_path, mpp=args.mpp) as slide:
-                gen = iter_classify(
-                    slide,
-                    predictor,
-                    stride=args.stride,
-                    stride_um=args.stride_um,
-                    batch_size=args.batch_size,
-                    tissue=TissueParams(threshold=args.tissue_threshold),
-                    min_tissue=args.min_tissue,
-                    workers=args.workers,
-                )
-                cmap = _drive(gen, name, "win")
-            paths = write_outputs(cmap, out, stem=stem, min_area_mm2=args.min_area, overwrite=args.overwrite)
-            summary = summarize(cmap, min_area_mm2=args.min_area)
+            with slide_lock(out, stem):
+                existing = [p for p in output_paths(out, stem).values() if p.exists()]
+                if existing and not args.overwrite:
+                    state = "complete" if outputs_complete(out, stem) else "incomplete (an interrupted run)"
+                    raise BcdError(f"outputs already exist in {out} ({existing[0].name}…, {state}); pass --overwrite "
+                                   "to replace them")
+                with warm or open_slide(slide_path, mpp=args.mpp) as slide:
+                    gen = iter_classify(
+                        slide,
+                        predictor,
+                        stride=args.stride,
+                        stride_um=args.stride_um,
+                        batch_size=args.batch_size,
+                        tissue=TissueParams(threshold=args.tissue_threshold),
+                        min_tissue=args.min_tissue,
+                        workers=args.workers,
+                    )
+                    cmap = _drive(gen, name, "win")
+                summary = summarize(cmap, min_area_mm2=args.min_area)
+                record = {"model_weights_sha256": model.card.weights_sha256,
+                          "settings": {"stride": args.stride, "stride_um": args.stride_um, "mpp": args.mpp,
+                                       "tissue_threshold": args.tissue_threshold, "min_tissue": args.min_tissue,
+                                       "min_area_mm2": args.min_area}}
+                paths = write_outputs(cmap, out, stem=stem, min_area_mm2=args.min_area, overwrite=args.overwrite,
+                                      summary=summary, record=record)
             print(f"\n{name}: {cmap.n_windows} windows, {cmap.info.get('windows_per_s', 0):.1f}/s")
             print(summary.table())
             print("wrote " + ", ".join(p.name for p in paths.values()))
         except BcdError as err:
             failed.append(name)
             print(f"napari-bcd: {name}: {err}", file=sys.stderr)
+        except MemoryError:
+            failed.append(name)
+            print(f"napari-bcd: {name}: not enough memory to read it (is the file what it claims?)", file=sys.stderr)
         except Exception as err:
             failed.append(name)
             log.debug("unexpected failure", exc_info=True)
             print(f"napari-bcd: {name}: unexpected {type(err).__name__}: {err} (run with -v and report it)", file=sys.stderr)
+        finally:
+            if warm is not None:
+                warm.close()
     if failed:
         print(f"napari-bcd: {len(failed)} of {len(args.slides)} slide(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -217,10 +296,13 @@ def _warm_thumbnail(path: str, mpp: float | None):
 
     try:
         slide = open_slide(path, mpp=mpp)
-    except BcdError:
+    except Exception:  # noqa: BLE001 - reported when the slide's turn comes
         return None
-    with contextlib.suppress(BcdError):
+    try:
         slide.thumbnail(2000)
+    except Exception:  # noqa: BLE001 - same: this slide fails on its turn, the others go on
+        slide.close()
+        return None
     return slide
 
 
@@ -271,7 +353,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             input_px=(args.input_px, args.input_px), field_um=field, preprocessing=pre, epochs=args.epochs,
             lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
             split=args.split, augment=False if args.no_augment else None,
-            finetune_last_stage=args.finetune_last_stage, device=args.device,
+            finetune_last_stage=args.finetune_last_stage, device=args.device, overwrite=args.overwrite,
         ),
         "features", "img",
     )
@@ -459,16 +541,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="SVS, NDPI, OME-TIFF, TIFF, PNG or JPEG files")
     p.add_argument("--model", help="checkpoint (default: the last trained/chosen model, or $NAPARI_BCD_MODEL)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--stride", type=float, default=1.0, help="window step as a fraction of the field (0.5 = overlap)")
-    p.add_argument("--stride-um", type=float, help="window step in µm (overrides --stride)")
-    p.add_argument("--batch-size", type=int, help="windows per model call (default: 128 on CUDA, 4 on the CPU)")
+    p.add_argument("--stride", type=_POSITIVE, default=1.0, help="window step as a fraction of the field (0.5 = overlap)")
+    p.add_argument("--stride-um", type=_POSITIVE, help="window step in µm (overrides --stride)")
+    p.add_argument("--batch-size", type=_COUNT, help="windows per model call (default: 128 on CUDA, 4 on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--tissue-threshold", type=float, default=0.1, help="minimum saturation of tissue (0-1)")
-    p.add_argument("--min-tissue", type=float, default=0.25, help="classify windows with at least this tissue fraction")
-    p.add_argument("--min-area", type=float, default=0.0, help="mm² a class must exceed to count for the slide call")
-    p.add_argument("--mpp", type=float, help="µm per pixel of level 0, for files that do not say")
-    p.add_argument("--workers", type=int, help="reading threads (default: up to 4)")
+    p.add_argument("--tissue-threshold", type=_SHARE, default=0.1, help="minimum saturation of tissue (0-1)")
+    p.add_argument("--min-tissue", type=_SHARE, default=0.25, help="classify windows with at least this tissue fraction")
+    p.add_argument("--min-area", type=_NON_NEGATIVE, default=0.0, help="mm² a class must exceed to count for the slide call")
+    p.add_argument("--mpp", type=_POSITIVE, help="µm per pixel of level 0, for files that do not say")
+    p.add_argument("--workers", type=_COUNT, help="reading threads (default: up to 4)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_classify)
 
@@ -477,12 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("annotations", help="QuPath GeoJSON, ImageScope XML or ASAP XML")
     p.add_argument("--out", required=True, help="ICIAR folder to write (or add to)")
     p.add_argument("--model", help="take the field from this checkpoint (default: the ICIAR photo's 645 x 860 µm)")
-    p.add_argument("--field-um", type=float, nargs="+", metavar="UM", help="field h [w] in µm")
-    p.add_argument("--stride", type=float, default=1.0, help="window step as a fraction of the field")
-    p.add_argument("--coverage", type=float, default=0.5, help="fraction of a window that must lie in one class")
-    p.add_argument("--min-per-class", type=int, default=20, help="warn about classes with fewer patches")
-    p.add_argument("--label", action="append", metavar="TEXT=CLASS", help="map your label to a class, e.g. Tumor=Invasive")
-    p.add_argument("--mpp", type=float)
+    p.add_argument("--field-um", type=_POSITIVE, nargs="+", metavar="UM", help="field h [w] in µm")
+    p.add_argument("--stride", type=_POSITIVE, default=1.0, help="window step as a fraction of the field")
+    p.add_argument("--coverage", type=_COVERAGE, default=0.5, help="fraction of a window that must lie in one class")
+    p.add_argument("--min-per-class", type=_NON_NEGATIVE_INT, default=20, help="warn about classes with fewer patches")
+    p.add_argument("--label", action="append", type=_label_pair, metavar="TEXT=CLASS",
+                   help="map your label to a class, e.g. Tumor=Invasive")
+    p.add_argument("--mpp", type=_POSITIVE, help="µm per pixel of level 0, for files that do not say")
     p.set_defaults(func=_cmd_export_patches)
 
     p = sub.add_parser("train", help="train the Table II head on an ICIAR folder (your regions or the BACH photos)")
@@ -498,19 +581,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixel normalisation (default: what the weights file states, else the backbone's own)")
     p.add_argument("--mean", help="R,G,B for --preprocess meanstd")
     p.add_argument("--std", help="R,G,B for --preprocess meanstd")
-    p.add_argument("--input-px", type=int, default=256)
-    p.add_argument("--field-um", type=float, nargs="+", metavar="UM",
+    p.add_argument("--input-px", type=_INPUT_PX, default=256, help="network input size in pixels (32-4096)")
+    p.add_argument("--field-um", type=_POSITIVE, nargs="+", metavar="UM",
                    help="field h [w] in µm (default: the one the patches record, else the ICIAR photo's)")
-    p.add_argument("--epochs", type=int, help="fixed number of epochs (default: the protocol's)")
-    p.add_argument("--lr", type=float, help="learning rate (default 1e-4, the paper's)")
-    p.add_argument("--batch-size", type=int, help="default 128, the paper's")
-    p.add_argument("--val-fraction", type=float, help="share of each class kept to validate (default 0.2)")
+    p.add_argument("--epochs", type=_COUNT, help="fixed number of epochs (default: the protocol's)")
+    p.add_argument("--lr", type=_POSITIVE, help="learning rate (default 1e-4, the paper's)")
+    p.add_argument("--batch-size", type=_COUNT, help="default 128, the paper's")
+    p.add_argument("--val-fraction", type=_VAL_SHARE, help="share of each class kept to validate (default 0.2; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", help="'bach-patient' (patient-aware split of the 400 BACH photos) or a file listing "
                    "the validation images")
     p.add_argument("--no-augment", action="store_true", help="no flips/rotations")
     p.add_argument("--finetune-last-stage", action="store_true", help="also train the backbone's last stage")
     p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint of that name")
     p.add_argument("--no-default", action="store_true", help="never make it the default model")
     p.add_argument("--make-default", action="store_true",
                    help="make it the default even when it does not beat chance on its validation data")
@@ -553,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headless", action="store_true", help="no window: write the outputs and a screenshot")
     p.add_argument("--out", default="napari-bcd-demo", help="output folder for --headless")
     p.add_argument("--device", default="auto")
-    p.add_argument("--stride", type=float, default=1.0)
+    p.add_argument("--stride", type=_POSITIVE, default=1.0, help="window step as a fraction of the field")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("selfcheck", help="build the model and run it on a real H&E field")
@@ -562,6 +646,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.set_defaults(func=_cmd_selfcheck)
     return parser
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: clean-up code runs, no temporary file is left."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -573,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 1
+    _terminate_as_interrupt()
     try:
         return int(func(args) or 0)
     except BcdError as err:

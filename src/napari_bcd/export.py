@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import hashlib
 import json
 import math
 import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +20,19 @@ from ._fileio import atomic_path, atomic_write, check_writable
 from .annotations import Annotation, write_geojson
 from .classes import CLASS_COLORS, CLASS_IDS, DISPLAY_NAMES
 from .engine import ClassMap
+from .errors import BcdError
 from .summary import Summary, summarize
 
-__all__ = ["class_regions", "label_image", "write_label_tiff", "write_outputs", "write_probabilities"]
+__all__ = [
+    "class_regions",
+    "label_image",
+    "output_paths",
+    "outputs_complete",
+    "slide_lock",
+    "write_label_tiff",
+    "write_outputs",
+    "write_probabilities",
+]
 
 
 def class_regions(class_map: ClassMap) -> list[Annotation]:
@@ -151,6 +168,106 @@ def write_probabilities(class_map: ClassMap, path: str | os.PathLike[str], *, ov
     return p
 
 
+DONE_SUFFIX = ".done.json"
+
+
+def output_paths(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:
+    """The files one slide's outputs are, by kind (the done-record not included)."""
+    d = Path(out_dir)
+    return {
+        "labels": d / f"{stem}.labels.tif",
+        "probabilities": d / f"{stem}.probabilities.tif",
+        "summary_json": d / f"{stem}.summary.json",
+        "summary_csv": d / f"{stem}.summary.csv",
+        "geojson": d / f"{stem}.geojson",
+    }
+
+
+def outputs_complete(out_dir: str | os.PathLike[str], stem: str) -> dict | None:
+    """The done-record of a slide whose outputs are complete, or None.
+
+    The record is written last, after every file is in place, and lists each
+    file's size and SHA-256: outputs without a valid record are incomplete
+    (an interrupted run) or not ours.
+    """
+    record = Path(out_dir) / f"{stem}{DONE_SUFFIX}"
+    try:
+        doc = json.loads(record.read_text(encoding="utf-8"))
+        files = doc["files"]
+        for info in files.values():
+            if (Path(out_dir) / info["name"]).stat().st_size != info["bytes"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return doc
+
+
+@contextlib.contextmanager
+def slide_lock(out_dir: str | os.PathLike[str], stem: str) -> Iterator[None]:
+    """Hold ``out_dir/.<stem>.lock`` while one run checks, computes and writes a slide's outputs.
+
+    A second run for the same slide and folder stops at once instead of mixing
+    its files with this one's.  A lock left by a process that no longer runs
+    (on this machine) is taken over, and that run's temporary folders removed.
+
+    Raises
+    ------
+    BcdError
+        When another live run holds the lock.
+    """
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    lock = d / f".{stem}.lock"
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = lock.read_text(encoding="utf-8", errors="replace").strip() if lock.exists() else ""
+            if _alive(owner):
+                raise BcdError(
+                    f"Another napari-bcd run ({owner}) is writing {stem}'s outputs in {d}. Wait for it to finish, "
+                    "or write to another --out folder."
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        break
+    else:  # pragma: no cover - lost a race twice
+        raise BcdError(f"Could not lock {lock}; try again.")
+    try:
+        for stale in d.glob(f".{stem}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(owner: str) -> bool:
+    """Whether the ``pid@host`` that wrote a lock still runs (other hosts are assumed alive)."""
+    pid_text, _, host = owner.partition("@")
+    if not pid_text.isdigit():
+        return False
+    if host and host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_outputs(
     class_map: ClassMap,
     out_dir: str | os.PathLike[str],
@@ -158,26 +275,45 @@ def write_outputs(
     stem: str | None = None,
     min_area_mm2: float = 0.0,
     overwrite: bool = False,
+    summary: Summary | None = None,
+    record: dict | None = None,
 ) -> dict[str, Path]:
-    """Write every output of one slide into ``out_dir``; returns them by kind."""
+    """Write every output of one slide into ``out_dir`` as one set; returns them by kind.
+
+    The files are written into a temporary folder beside them, moved into
+    place, and a done-record (``<stem>.done.json``: each file's size and
+    SHA-256, plus ``record``) is written last.  With ``overwrite`` the old
+    record goes first, so an interrupted replacement never leaves a record
+    vouching for a mixed set.  Hold :func:`slide_lock` around the whole run when
+    several processes may write the same folder.
+    """
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     stem = stem or Path(class_map.slide_name).stem
-    paths = {
-        "labels": d / f"{stem}.labels.tif",
-        "probabilities": d / f"{stem}.probabilities.tif",
-        "summary_json": d / f"{stem}.summary.json",
-        "summary_csv": d / f"{stem}.summary.csv",
-        "geojson": d / f"{stem}.geojson",
-    }
-    for p in paths.values():
+    paths = output_paths(d, stem)
+    done = d / f"{stem}{DONE_SUFFIX}"
+    for p in [*paths.values(), done]:
         check_writable(p, overwrite)
-    summary: Summary = summarize(class_map, min_area_mm2=min_area_mm2)
-    write_label_tiff(class_map, paths["labels"], overwrite=overwrite)
-    write_probabilities(class_map, paths["probabilities"], overwrite=overwrite)
-    with atomic_write(paths["summary_json"], "w") as fh:
-        fh.write(summary.to_json())
-    with atomic_write(paths["summary_csv"], "w") as fh:
-        fh.write(summary.to_csv())
-    write_geojson(class_regions(class_map), paths["geojson"], overwrite=overwrite)
+    summary = summary or summarize(class_map, min_area_mm2=min_area_mm2)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=d))
+    try:
+        staged = {k: tmp / p.name for k, p in paths.items()}
+        write_label_tiff(class_map, staged["labels"], overwrite=True)
+        write_probabilities(class_map, staged["probabilities"], overwrite=True)
+        staged["summary_json"].write_text(summary.to_json(), encoding="utf-8")
+        staged["summary_csv"].write_text(summary.to_csv(), encoding="utf-8")
+        write_geojson(class_regions(class_map), staged["geojson"], overwrite=True)
+        files = {k: {"name": paths[k].name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for k, p in staged.items()}
+        done.unlink(missing_ok=True)
+        for k, p in staged.items():
+            os.replace(p, paths[k])
+        from . import __version__
+
+        doc = {"slide": class_map.slide_name, "model": class_map.model_name, "files": files,
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "package_version": __version__, **(record or {})}
+        with atomic_write(done, "w") as fh:
+            json.dump(doc, fh, indent=2)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return paths
