@@ -75,8 +75,20 @@ def _edit_card(path: Path, **changes) -> None:
     card_path.write_text(json.dumps(doc))
 
 
-def test_changed_hash_is_refused(saved) -> None:
+def test_a_json_card_that_does_not_match_gives_way_to_the_embedded_card(saved, caplog) -> None:
+    # New weights beside an old JSON (a save interrupted between its two renames): the weights
+    # file carries its own card, which matches it, so that card is used and the JSON named.
+    model, path = saved
+    _edit_card(path, weights_sha256="0" * 64, name="stale")
+    loaded = load_checkpoint(path)
+    assert loaded.card.name == model.card.name and "does not match" in caplog.text
+
+
+def test_changed_hash_is_refused_without_an_embedded_card(saved) -> None:
+    from safetensors.torch import load_file, save_file
+
     _, path = saved
+    save_file(load_file(path), path)  # the same weights, no card in the header
     _edit_card(path, weights_sha256="0" * 64)
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(path)
@@ -110,10 +122,45 @@ def test_card_with_other_classes_is_refused(saved) -> None:
 def test_weights_that_do_not_fit_the_card_are_refused(tmp_path: Path) -> None:
     a = save_checkpoint(_small(), path=tmp_path / "a.safetensors")
     b = save_checkpoint(_small(classes=("Normal", "Tumour")), path=tmp_path / "b.safetensors")
-    # b's weights renamed to a: the JSON card of a, the weights (and embedded card) of b.
+    # b's weights renamed to a: the JSON card of a, the weights (and embedded card) of b. The weights
+    # describe themselves: they load as b, never with a's classes.
     b.replace(a)
-    with pytest.raises(CheckpointError):
+    assert load_checkpoint(a).classes == ("Normal", "Tumour")
+    a.with_suffix(".json").write_text(b.with_suffix(".json").read_text().replace("Tumour", "Invasive"))
+    with pytest.raises(CheckpointError):  # a JSON with the right hash but other classes is refused
         load_checkpoint(a)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"input_px": [0, 0]}, "input_px must be two positive"),
+    ({"field_um": [0, -5]}, "field_um must be two positive"),
+    ({"classes": ["Normal"]}, "two or more distinct"),
+    ({"input_px": "big"}, "malformed"),
+    ({"preprocessing": "zscore"}, "preprocessing"),
+])
+def test_a_card_with_bad_values_names_the_file_and_the_value(saved, change, message) -> None:
+    _, path = saved
+    _edit_card(path, **change)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(path)
+    assert path.with_suffix(".json").name in str(info.value)
+
+
+def test_a_card_may_name_its_preprocessing(saved) -> None:
+    _, path = saved
+    _edit_card(path, preprocessing="imagenet")  # hand-written shorthand
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), path)  # no embedded card to disagree with
+    _edit_card(path, weights_sha256="")
+    assert load_checkpoint(path).card.preprocessing.mode == "meanstd"
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.pth", "weights.ckpt", "model.h5"])
+def test_other_formats_are_named(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"whatever")
+    with pytest.raises(CheckpointError, match="pickle|Keras"):
+        load_checkpoint(tmp_path / name)
 
 
 def test_truncated_and_missing_files(saved, tmp_path: Path) -> None:

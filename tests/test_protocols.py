@@ -131,7 +131,7 @@ def test_a_model_that_does_not_beat_chance_is_not_made_the_default(tmp_path: Pat
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "does not beat chance" in out and "NOT made the default" in out and default_model_path() is None
-    assert main([*args, "--make-default"]) == 0
+    assert main([*args, "--make-default", "--overwrite"]) == 0
     assert default_model_path() == (tmp_path / "m.safetensors").resolve()
     assert "because --make-default asked for it" in capsys.readouterr().out
 

@@ -261,6 +261,7 @@ class TrainWidget(Container):
             ds, out=out, protocol=PROTOCOLS[self._protocol_combo.value], backbone=backbone,
             backbone_weights=weights, epochs=self._epochs_spin.value or None,
             lr=self._lr_spin.value, batch_size=self._batch_spin.value,
+            overwrite=True,  # the save dialog already asked before replacing a file
         ))
 
     def _start(self, gen, on_result) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..classes import CLASS_NAMES
-from ..errors import CheckpointError
+from ..errors import BcdError, CheckpointError
 from .preprocessing import Preprocessing
 
 __all__ = ["CARD_FORMAT", "ICIAR_FIELD_UM", "ModelCard"]
@@ -61,11 +62,29 @@ class ModelCard:
     format: str = CARD_FORMAT
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "classes", tuple(self.classes))
-        object.__setattr__(self, "input_px", tuple(int(v) for v in self.input_px))
-        object.__setattr__(self, "field_um", tuple(float(v) for v in self.field_um))
-        if isinstance(self.preprocessing, dict):
-            object.__setattr__(self, "preprocessing", Preprocessing.from_dict(self.preprocessing))
+        try:
+            object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+            object.__setattr__(self, "input_px", tuple(int(v) for v in self.input_px))
+            object.__setattr__(self, "field_um", tuple(float(v) for v in self.field_um))
+            if isinstance(self.preprocessing, dict):
+                object.__setattr__(self, "preprocessing", Preprocessing.from_dict(self.preprocessing))
+            elif isinstance(self.preprocessing, str):  # "tf", "unit", "imagenet" written by hand
+                object.__setattr__(self, "preprocessing", Preprocessing.parse(self.preprocessing))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"The model card has a malformed value ({err}).") from err
+        except BcdError as err:
+            raise CheckpointError(f"The model card's preprocessing is not usable: {err}") from err
+        problems = []
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            problems.append(f"classes must be two or more distinct names, got {list(self.classes)}")
+        if len(self.input_px) != 2 or min(self.input_px) < 1:
+            problems.append(f"input_px must be two positive sizes, got {list(self.input_px)}")
+        if len(self.field_um) != 2 or not all(math.isfinite(v) and v > 0 for v in self.field_um):
+            problems.append(f"field_um must be two positive µm, got {list(self.field_um)}")
+        if not isinstance(self.preprocessing, Preprocessing):
+            problems.append(f"preprocessing must be an object or a name, got {self.preprocessing!r}")
+        if problems:
+            raise CheckpointError("The model card is not usable: " + "; ".join(problems) + ".")
 
     @property
     def mpp(self) -> tuple[float, float]:

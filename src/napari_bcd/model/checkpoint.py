@@ -22,7 +22,14 @@ from ..errors import BcdError, CheckpointError
 from .card import ModelCard
 from .classifier import Classifier, build_classifier
 
-__all__ = ["checkpoint_paths", "load_checkpoint", "load_model", "save_checkpoint", "weights_sha256"]
+__all__ = [
+    "check_checkpoint_target",
+    "checkpoint_paths",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
+    "weights_sha256",
+]
 
 log = logging.getLogger(__name__)
 _META_KEY = "napari_bcd.card"
@@ -47,6 +54,29 @@ def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def check_checkpoint_target(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Refuse, before any work, a checkpoint name that cannot or must not be written; returns the weights path.
+
+    Raises
+    ------
+    CheckpointError
+        When the name is a folder, lies under a file, or an existing
+        checkpoint would be replaced without ``overwrite``.
+    """
+    raw = Path(path)
+    if raw.is_dir():
+        raise CheckpointError(f"{raw} is a folder. Give a file name for the model, e.g. {raw / 'model.safetensors'}.")
+    weights, card = checkpoint_paths(raw)
+    for parent in weights.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{weights} cannot be written: {parent} is a file, not a folder.")
+            break
+    if not overwrite and (weights.exists() or card.exists()):
+        raise CheckpointError(f"{weights} already exists. Choose another name, or pass --overwrite to replace it.")
+    return weights
+
+
 def save_checkpoint(
     model: Classifier,
     card: ModelCard | None = None,
@@ -55,6 +85,11 @@ def save_checkpoint(
     overwrite: bool = True,
 ) -> Path:
     """Write the model's weights (safetensors) and card (JSON) atomically.
+
+    The weights go first and carry the card in their header; the JSON follows.
+    An interruption between the two leaves new weights beside an old JSON, which
+    :func:`load_checkpoint` recognises (the embedded card matches the weights)
+    and resolves with the embedded card: the pair is consistent by construction.
 
     Parameters
     ----------
@@ -106,6 +141,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    suffix = Path(path).suffix.lower()
+    if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"):
+        raise CheckpointError(f"{path} is a PyTorch pickle, which napari-bcd never loads (it can run code). Use a "
+                              "napari-bcd checkpoint (.safetensors + .json), or convert the weights to safetensors.")
+    if suffix in (".h5", ".keras", ".hdf5"):
+        raise CheckpointError(f"{path} is a Keras file. napari-bcd checkpoints are .safetensors + .json; for the "
+                              "ImageNet backbone weights use `napari-bcd weights import`.")
     weights, card_path = checkpoint_paths(path)
     if not weights.is_file():
         raise CheckpointError(f"No checkpoint weights at {weights}. Give a .safetensors file written by napari-bcd.")
@@ -115,14 +157,22 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({err}). It may be truncated.") from err
+    got = weights_sha256(state)
     if card_path.is_file():
-        card = ModelCard.from_json(card_path.read_text(encoding="utf-8"))
+        card = _read_card(card_path)
+        if card.weights_sha256 and card.weights_sha256 != got and embedded:
+            inner_card = _embedded_card(embedded, weights)
+            if inner_card.weights_sha256 == got:
+                # New weights beside an old JSON: an interrupted save, or weights copied from another
+                # checkpoint. The weights file describes itself; its card is the truth.
+                log.warning("%s does not match %s (an interrupted save, or weights copied from another model); "
+                            "using the card stored inside %s.", card_path.name, weights.name, weights.name)
+                card = inner_card
     elif embedded:
         log.warning("%s is missing; using the card embedded in %s", card_path, weights.name)
-        card = ModelCard.from_json(embedded)
+        card = _embedded_card(embedded, weights)
     else:
         raise CheckpointError(f"{weights} has no model card: {card_path} is missing.")
-    got = weights_sha256(state)
     if card.weights_sha256 and card.weights_sha256 != got:
         raise CheckpointError(
             f"The card {card_path.name} does not match {weights.name}: its weights hash is "
@@ -152,6 +202,22 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         ) from err
     model.card = card
     return model.to(device).eval()
+
+
+def _read_card(path: Path) -> ModelCard:
+    try:
+        return ModelCard.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"The model card {path} cannot be read ({err}).") from err
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def _embedded_card(text: str, weights: Path) -> ModelCard:
+    try:
+        return ModelCard.from_json(text)
+    except CheckpointError as err:
+        raise CheckpointError(f"The card inside {weights}: {err}") from err
 
 
 def _build_for(card: ModelCard, state: dict[str, torch.Tensor]) -> Classifier:

@@ -193,6 +193,7 @@ def iter_finetune(
     feature_batch: int = 8,
     name: str | None = None,
     cache: bool = True,
+    overwrite: bool = False,
 ) -> Generator[TrainPlan | FeatureProgress | EpochStats, Any, TrainResult]:
     """Train the Table II head on an ICIAR dataset; yields progress, returns a :class:`TrainResult`.
 
@@ -211,6 +212,8 @@ def iter_finetune(
         None (stratified), ``"bach-patient"``, or a file of validation names.
     finetune_last_stage
         Also train the backbone's last stage (no feature cache then).
+    overwrite
+        Replace an existing checkpoint at ``out`` (refused otherwise, before any work).
 
     Raises
     ------
@@ -223,8 +226,10 @@ def iter_finetune(
     if (proto.epochs is not None and proto.epochs < 1) or proto.batch_size < 1 or proto.lr <= 0:
         raise DatasetError("epochs and batch size must be at least 1 and the learning rate positive.")
     check_trainable(dataset)
+    from ..model.checkpoint import check_checkpoint_target
     from ..model.classifier import check_backbone_weights
 
+    check_checkpoint_target(out, overwrite)
     check_backbone_weights(backbone, backbone_weights)  # missing pretrained weights stop the run here
     the_split = split_dataset(dataset, proto.val_fraction, seed, split)
     if not the_split.train:

@@ -95,7 +95,7 @@ def iter_reproduce(
         runs[key] = yield from iter_finetune(
             dataset, out=out / f"paper-{key}.safetensors", protocol="paper", split=split, backbone=backbone,
             backbone_weights=backbone_weights, input_px=input_px, device=device, seed=seed,
-            name=f"paper-{key}-split",
+            name=f"paper-{key}-split", overwrite=True,  # a rerun of reproduce replaces its own models
         )
     yield Stage("writing the report")
     files = []
