@@ -70,22 +70,32 @@ def read_annotations(
         When the file is missing, malformed, unsafe, or holds no polygon.
     """
     p = Path(path)
-    if not p.is_file():
-        raise AnnotationError(f"{p} does not exist. Check the path.")
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise AnnotationError(f"{p} does not exist. Check the path.") from None
+    except IsADirectoryError:
+        raise AnnotationError(f"{p} is a folder. Give an annotation file (GeoJSON, ImageScope or ASAP XML).") from None
+    except OSError as err:
+        why = "a symbolic link that leads nowhere (or in a loop)" if p.is_symlink() else (err.strerror or str(err))
+        raise AnnotationError(f"{p} cannot be read: {why}.") from err
+    raw = _as_utf8(raw, p)
     head = raw.lstrip()[:1]
     if raw.startswith(b"\xef\xbb\xbf"):
         head = raw[3:].lstrip()[:1]
     report = ReadReport()
-    if head in (b"{", b"["):
-        report.format = "QuPath GeoJSON"
-        items = _read_geojson(raw, p, report, label_map)
-    elif head == b"<":
-        items = _read_xml(raw, p, report, label_map)
-    else:
-        raise AnnotationError(
-            f"{p.name} is not an annotation file napari-bcd reads (QuPath GeoJSON, ImageScope XML, ASAP XML)."
-        )
+    try:
+        items = _read_any(raw, head, p, report, label_map)
+    except AnnotationError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as err:
+        # Whatever a malformed file trips over inside the readers: one message naming the file.
+        raise AnnotationError(f"{p.name} is malformed ({type(err).__name__}: {str(err)[:200]}). Export it again from "
+                              "the program that made it.") from err
+    except Exception as err:  # shapely's GEOSException and friends on impossible geometry
+        if type(err).__module__.startswith("shapely"):
+            raise AnnotationError(f"{p.name} holds geometry that cannot be used ({err}).") from err
+        raise
     for a in items:
         if a.cls is None:
             report.unknown_labels[a.label] = report.unknown_labels.get(a.label, 0) + 1
@@ -97,16 +107,39 @@ def read_annotations(
     return AnnotationList(items, report)
 
 
+def _as_utf8(raw: bytes, p: Path) -> bytes:
+    """UTF-16 files (Windows tools write them) re-encoded as UTF-8; other bytes as they are."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError as err:
+            raise AnnotationError(f"{p.name} starts like UTF-16 text but does not decode as it ({err}).") from err
+    return raw
+
+
+def _read_any(raw: bytes, head: bytes, p: Path, report: ReadReport, label_map) -> list[Annotation]:
+    if head in (b"{", b"["):
+        report.format = "QuPath GeoJSON"
+        return _read_geojson(raw, p, report, label_map)
+    if head == b"<":
+        return _read_xml(raw, p, report, label_map)
+    raise AnnotationError(
+        f"{p.name} is not an annotation file napari-bcd reads (QuPath GeoJSON, ImageScope XML, ASAP XML)."
+    )
+
+
 # --------------------------------------------------------------------------- geometry helpers
 def _ring(points: Any, where: str) -> np.ndarray:
     try:
         arr = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise AnnotationError(f"{where}: coordinates are not numbers ({err}).") from err
+    except (TypeError, ValueError, OverflowError) as err:
+        raise AnnotationError(f"{where}: coordinates are not usable numbers ({err}).") from err
     if arr.ndim != 2 or arr.shape[1] < 2:
         raise AnnotationError(f"{where}: a ring must be a list of [x, y] pairs.")
     if not np.isfinite(arr[:, :2]).all():
         raise AnnotationError(f"{where}: coordinates include NaN or infinity. Fix or remove that region.")
+    if np.abs(arr[:, :2]).max() > 1e9:
+        raise AnnotationError(f"{where}: coordinates beyond a billion pixels; no slide is that large. Fix that region.")
     return _open_ring(arr[:, 1::-1][:, :2].copy())  # [x, y] -> (y, x)
 
 
@@ -164,6 +197,9 @@ def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[An
             report.skip("entries that are not GeoJSON features")
             continue
         props = feat.get("properties") or {}
+        if not isinstance(props, dict):
+            report.skip("features whose properties are not an object")
+            props = {}
         kind = str(props.get("objectType") or _QP02_IDS.get(str(feat.get("id")), "annotation")).lower()
         if kind in _NOT_ANNOTATIONS:
             report.skip(f"{kind} objects")
@@ -175,6 +211,9 @@ def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[An
         for j, rings in enumerate(geometries):
             where = f"{p.name} feature {i}" + (f" part {j}" if len(geometries) > 1 else "")
             if not rings:
+                continue
+            if not isinstance(rings, list):
+                report.skip("polygons whose rings are not lists")
                 continue
             outer = _ring(rings[0], where)
             holes = [_ring(r, where + " hole") for r in rings[1:]]
@@ -189,10 +228,14 @@ def _polygons_of(geom: Any, report: ReadReport) -> list[list]:
         report.skip("features without geometry")
         return []
     t = geom.get("type")
+    coords = geom.get("coordinates")
+    if t in ("Polygon", "MultiPolygon") and coords is not None and not isinstance(coords, list):
+        report.skip("geometries whose coordinates are not lists")
+        return []
     if t == "Polygon":
-        return [geom.get("coordinates") or []]
+        return [coords or []]
     if t == "MultiPolygon":
-        return list(geom.get("coordinates") or [])
+        return [c for c in (coords or []) if isinstance(c, list)]
     if t == "GeometryCollection":
         return [r for g in geom.get("geometries") or [] for r in _polygons_of(g, report)]
     report.skip(f"{t} geometries (not areas)")
@@ -206,7 +249,7 @@ def _qupath_label(props: dict) -> tuple[str, tuple[int, int, int] | None]:
     if isinstance(cls, dict):
         label = str(cls.get("name") or "")
         if isinstance(cls.get("color"), list | tuple) and len(cls["color"]) >= 3:
-            color = tuple(int(c) for c in cls["color"][:3])  # type: ignore[assignment]
+            color = _rgb(cls["color"])
         elif isinstance(cls.get("colorRGB"), int | float):
             v = int(cls["colorRGB"]) & 0xFFFFFF  # QuPath 0.2/0.3: packed (A)RGB, a signed int
             color = ((v >> 16) & 255, (v >> 8) & 255, v & 255)
@@ -215,8 +258,17 @@ def _qupath_label(props: dict) -> tuple[str, tuple[int, int, int] | None]:
     if not label:
         label = str(props.get("name") or "")
     if color is None and isinstance(props.get("color"), list | tuple) and len(props["color"]) >= 3:
-        color = tuple(int(c) for c in props["color"][:3])  # type: ignore[assignment]
+        color = _rgb(props["color"])
     return label, color
+
+
+def _rgb(values: Any) -> tuple[int, int, int] | None:
+    """Three 0-255 numbers, or None (the class colour is used) for anything else, e.g. ["red", ...]."""
+    try:
+        rgb = tuple(int(v) for v in list(values)[:3])
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return rgb if all(0 <= v <= 255 for v in rgb) else None  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- XML
@@ -284,7 +336,11 @@ def _read_imagescope(root, p: Path, report: ReadReport, label_map) -> list[Annot
             label = label or ann_label.strip()
             pts = [(_num(v, "X", where), _num(v, "Y", where)) for v in region.findall("Vertices/Vertex")]
             if rtype == "2" and len(pts) >= 2:  # ellipse: two corners of its box
-                ring = _ellipse(np.asarray(pts[:2])[:, ::-1])
+                corners = _ring(pts[:2], where)  # checks the numbers: finite, in range
+                if len(corners) < 2:
+                    report.skip("ellipses of zero size")
+                    continue
+                ring = _ellipse(corners)
             elif len(pts) < 3:
                 report.skip("regions with fewer than 3 vertices (points, lines)")
                 continue
@@ -350,7 +406,9 @@ def _read_asap(root, p: Path, report: ReadReport, label_map) -> list[Annotation]
         if kind in ("dot", "pointset", "measurement"):
             report.skip(f"{kind} annotations (not areas)")
             continue
-        coords = sorted(ann.findall("Coordinates/Coordinate"), key=lambda c: float(c.get("Order") or 0))
+        coords = ann.findall("Coordinates/Coordinate")
+        orders = [_num(c, "Order", where) if c.get("Order") is not None else float(k) for k, c in enumerate(coords)]
+        coords = [coords[i] for _, i in sorted(zip(orders, range(len(coords)), strict=True))]
         pts = [(_num(c, "X", where), _num(c, "Y", where)) for c in coords]
         if len(pts) < 3 and not (kind == "rectangle" and len(pts) == 2):
             report.skip("annotations with fewer than 3 points")
