@@ -70,12 +70,11 @@ def default_model_path() -> Path | None:
     env = os.environ.get("NAPARI_BCD_MODEL")
     if env:
         return Path(env).expanduser()
-    try:
-        settings = json.loads(_settings_file().read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return None
-    path = settings.get("default_model")
+    path = _read_settings().get("default_model")
     if not path:
+        return None
+    if not isinstance(path, str):
+        log.warning("%s: default_model is %r, not a path; ignoring it.", _settings_file(), path)
         return None
     p = Path(path)
     if not p.exists():
@@ -84,13 +83,26 @@ def default_model_path() -> Path | None:
     return p
 
 
-def set_default_model(path: str | os.PathLike[str] | None) -> None:
-    """Remember ``path`` as the default model (None forgets it)."""
+def _read_settings() -> dict:
+    """The settings, or {} when the file is missing, unreadable or not a JSON object (logged, never raised)."""
     f = _settings_file()
     try:
         settings = json.loads(f.read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        settings = {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        log.warning("%s cannot be read (%s); starting from empty settings.", f, err)
+        return {}
+    if not isinstance(settings, dict):
+        log.warning("%s is not a JSON object; starting from empty settings.", f)
+        return {}
+    return settings
+
+
+def set_default_model(path: str | os.PathLike[str] | None) -> None:
+    """Remember ``path`` as the default model (None forgets it)."""
+    f = _settings_file()
+    settings = _read_settings()
     settings["default_model"] = str(Path(path).resolve()) if path else None
     with atomic_write(f, "w") as fh:
         json.dump(settings, fh, indent=2)
