@@ -125,6 +125,11 @@ class Grid:
         return d
 
 
+#: One run's limits: the class map holds 4 float32 per cell (1e8 cells: 1.6 GB).
+_MAX_WINDOWS = 20_000_000
+_MAX_CELLS = 100_000_000
+
+
 def make_grid(
     slide_shape: tuple[int, int],
     mpp: tuple[float, float],
@@ -157,8 +162,17 @@ def make_grid(
         When the image is smaller than one window or the stride is not positive.
     """
     H, W = slide_shape
+
+    def positive(values, what: str) -> None:
+        vals = (values, values) if np.isscalar(values) else tuple(values)
+        if not all(np.isfinite(v) and v > 0 for v in vals):
+            raise BcdError(f"{what} must be positive, got {values}.")
+
+    positive(mpp, "The pixel size (µm/px, --mpp)")
+    positive(field_um, "The model's field (µm, field_um in its card or --field-um)")
     win = (field_um[0] / mpp[0], field_um[1] / mpp[1])
     if stride_um is not None:
+        positive(stride_um, "The stride in µm (--stride-um)")
         su = (stride_um, stride_um) if np.isscalar(stride_um) else tuple(stride_um)  # type: ignore[arg-type]
         step = (su[0] / mpp[0], su[1] / mpp[1])
     else:
@@ -183,6 +197,12 @@ def make_grid(
     cols = max(0, int(np.ceil((W - win[1] - tol[1]) / step[1]))) + 1
     origin = (0.0, 0.0)
     k = (max(1, int(round(win[0] / step[0]))), max(1, int(round(win[1] / step[1]))))
+    cells = (rows - 1 + k[0]) * (cols - 1 + k[1])
+    if rows * cols > _MAX_WINDOWS or cells > _MAX_CELLS:
+        raise BcdError(
+            f"This stride gives {rows * cols:,} windows on {cells:,} cells, more than napari-bcd handles in one run "
+            f"({_MAX_WINDOWS:,} windows). Choose a larger stride (e.g. --stride 0.5 or a --stride-um of tens of µm)."
+        )
     need = min(win[0] / input_px[0], win[1] / input_px[1])
     level = 0
     for i, ds in enumerate(level_downsamples):

@@ -37,6 +37,11 @@ __all__ = ["Slide", "open_slide"]
 log = logging.getLogger(__name__)
 
 _PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+#: Limits that keep a damaged or hostile file from allocating more than a machine has.
+_MAX_PIXELS = 10**12  # a terapixel: far above any real slide (200k x 200k = 4e10)
+_MAX_SEGMENT_BYTES = 1 << 30  # one decoded tile or strip
+_MAX_REGION_BYTES = 4 << 30  # one region read
+_MAX_PLAIN_PIXELS = 250_000_000  # plain PNG/JPEG are decoded whole
 _NOT_LEVELS = {"thumbnail", "label", "macro"}
 _MPP_RANGE = (0.02, 200.0)  # µm/px; outside it a resolution tag is a placeholder (72 dpi...)
 _FILL = 255  # missing tiles are glass, not black tissue
@@ -70,19 +75,32 @@ class _Segments:
         self.counts = page.databytecounts
         self.decode = page.decode
         self.jpegtables = getattr(page, "jpegtables", None)
+        # NDPI tiles are restart-marker segments of one JPEG stream: each needs the stream's header.
+        self.jpegheader = getattr(page, "jpegheader", None) if getattr(page.parent, "is_ndpi", False) else None
         self.samples = int(page.samplesperpixel)
         self._fd: int | None = None
         self._fd_lock = threading.Lock()
+        self._local = threading.local()  # per-thread file handles where os.pread does not exist (Windows)
 
     def _read_bytes(self, index: int) -> bytes | None:
         count = int(self.counts[index])
         if count == 0:
             return None
-        if self._fd is None:
-            with self._fd_lock:
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDONLY)
-        data = os.pread(self._fd, count, int(self.offsets[index]))
+        offset = int(self.offsets[index])
+        if hasattr(os, "pread"):
+            if self._fd is None:
+                with self._fd_lock:
+                    if self._fd is None:
+                        self._fd = os.open(self.path, os.O_RDONLY)
+            data = os.pread(self._fd, count, offset)
+        else:  # pragma: no cover - Windows: one handle per thread, so seek + read never interleave
+            fh = getattr(self._local, "fh", None)
+            if fh is None:
+                fh = self._local.fh = open(self.path, "rb")  # noqa: SIM115 - closed with the slide
+                with self._fd_lock:
+                    self._handles = [*getattr(self, "_handles", []), fh]
+            fh.seek(offset)
+            data = fh.read(count)
         if len(data) != count:
             raise SlideError(f"{self.path.name}: the file ends inside a tile; it is truncated. Copy it again.")
         return data
@@ -99,7 +117,8 @@ class _Segments:
             arr = np.full((*self.seg, 3), _FILL, np.uint8)
         else:
             try:
-                decoded, _, _ = self.decode(data, index, jpegtables=self.jpegtables)
+                extra = {"jpegheader": self.jpegheader} if self.jpegheader is not None else {}
+                decoded, _, _ = self.decode(data, index, jpegtables=self.jpegtables, **extra)
             except Exception as err:
                 raise SlideError(
                     f"{self.path.name}: tile {index} cannot be decoded ({type(err).__name__}: {err}). "
@@ -137,13 +156,26 @@ class _Segments:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        for fh in getattr(self, "_handles", []):
+            fh.close()
+        self._handles = []
 
     def check_complete(self, size: int) -> None:
+        """Refuse a truncated file, then sizes no machine can decode (before any pixel is allocated)."""
         ends = np.asarray(self.offsets, dtype=np.int64) + np.asarray(self.counts, dtype=np.int64)
         if len(ends) and int(ends.max()) > size:
             raise SlideError(
                 f"{self.path.name} is truncated: its image data runs to byte {int(ends.max()):,} but the file has "
                 f"{size:,} bytes. Copy or export the slide again."
+            )
+        h, w = self.shape
+        if h * w > _MAX_PIXELS:
+            raise SlideError(f"{self.path.name} declares {w:,} x {h:,} px, larger than any slide; the file is damaged "
+                             "or not a slide.")
+        if self.seg[0] * self.seg[1] * 3 > _MAX_SEGMENT_BYTES:
+            raise SlideError(
+                f"{self.path.name} stores its {w:,} x {h:,} px image in blocks of {self.seg[1]:,} x {self.seg[0]:,} px, "
+                "too large to decode one at a time. Save it as a tiled pyramid TIFF (vips tiffsave --tile --pyramid)."
             )
 
 
@@ -312,6 +344,9 @@ class Slide:
             raise SlideError(f"{self.name} has levels 0-{self.level_count - 1}, not {level}.")
         if h < 0 or w < 0:
             raise SlideError(f"Region size must be positive, got {h}x{w}.")
+        if h * w * 3 > _MAX_REGION_BYTES:
+            raise SlideError(f"A {w:,} x {h:,} px region of {self.name} would need {h * w * 3 / 2**30:.0f} GiB; "
+                             "the slide needs a pyramid (a smaller level) for that.")
         if self._arrays is not None:
             arr = self._arrays[level]
             out = np.full((h, w, 3), _FILL, np.uint8)
@@ -343,6 +378,9 @@ class Slide:
             return self.read_region(i, 0, 0, h, w, cache=False), self.level_info[i].downsample
         i = self.level_count - 1
         H, W = self.level_info[i].shape
+        if W * 3 * 16 > _MAX_REGION_BYTES:  # not even a band of 16 rows fits
+            raise SlideError(f"{self.name}'s smallest level is {W:,} px wide: too large to overview without a "
+                             "pyramid. Save it as a pyramid TIFF (e.g. vips tiffsave --tile --pyramid).")
         f = math.ceil(max(H, W) / max_size)
         out_rows = []
         band = f * max(1, 256 // f)  # a few MB at a time
@@ -417,7 +455,16 @@ def open_slide(
             "If it is a slide in another format (MRXS, iSyntax, CZI), convert it to OME-TIFF first."
         )
     if mpp is not None:
-        slide.mpp = (float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1]))  # type: ignore[index]
+        given = (float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1]))  # type: ignore[index]
+        if not all(math.isfinite(v) and v > 0 for v in given):
+            raise SlideError(f"The pixel size must be a positive number of µm, got {mpp}.")
+        if slide.mpp is not None:
+            ratio = given[1] / slide.mpp[1]
+            if not 0.5 <= ratio <= 2:
+                log.warning("%s: the pixel size given (%.4g µm/px) is %.1fx the file's own (%.4g µm/px); windows will "
+                            "be %.1fx too %s. Leave --mpp out unless the file is wrong.", p.name, given[1], ratio,
+                            slide.mpp[1], max(ratio, 1 / ratio), "small" if ratio > 1 else "large")
+        slide.mpp = given
     if slide.mpp is None:
         log.warning("%s has no pixel size (mpp) metadata; state it with mpp=... (--mpp).", p.name)
     return slide
@@ -440,9 +487,15 @@ def _check_pixels(p: Path, dtype: np.dtype, samples: int, extra: str = "") -> No
 def _open_plain(p: Path) -> Slide:
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = 30_000 * 30_000
     try:
         with Image.open(p) as im:
+            if im.size[0] * im.size[1] > _MAX_PLAIN_PIXELS:
+                w, h = im.size
+                raise SlideError(
+                    f"{p.name} is a plain image of {w:,} x {h:,} px ({w * h * 3 / 2**30:.1f} GiB decoded). napari-bcd "
+                    f"decodes plain images whole, up to {_MAX_PLAIN_PIXELS // 10**6} megapixels; save it as a tiled "
+                    "pyramid TIFF (e.g. vips tiffsave --tile --pyramid, or QuPath's OME-TIFF export)."
+                )
             dpi = im.info.get("dpi")
             mode = im.mode
             if mode in ("I;16", "I;16B", "I", "F"):
@@ -450,6 +503,8 @@ def _open_plain(p: Path) -> Slide:
             if mode in ("L", "1", "P") and mode != "P":
                 raise SlideError(f"{p.name} is grayscale; napari-bcd needs RGB H&E images.")
             arr = np.asarray(im.convert("RGB"))
+    except SlideError:
+        raise
     except Image.DecompressionBombError as err:
         raise SlideError(f"{p.name} is too large for a plain image ({err}); save it as a tiled pyramid TIFF.") from err
     except (OSError, SyntaxError, ValueError) as err:
@@ -465,10 +520,16 @@ def _open_plain(p: Path) -> Slide:
 def _open_tiff(p: Path, cache_mb: int) -> Slide:
     import tifffile
 
-    try:
-        tf = tifffile.TiffFile(p)
-    except Exception as err:
-        raise SlideError(f"{p.name} is not a readable TIFF/SVS/NDPI file ({err}). It may be truncated or corrupt.") from err
+    with _TifffileComplaints() as complaints:
+        try:
+            tf = tifffile.TiffFile(p)
+            _ = tf.series  # parses the page chain: where damage shows
+        except Exception as err:
+            raise SlideError(f"{p.name} is not a readable TIFF/SVS/NDPI file ({err}). It may be truncated or corrupt.") from err
+    if complaints:
+        # tifffile's own log lines ("ERROR ... invalid page offset") mean little to a user: say it in words.
+        log.warning("%s looks damaged (%s); the readable part is used, but copy or export the slide again.",
+                    p.name, complaints[0])
     try:
         pages, vendor = _level_pages(tf, p)
         first = pages[0]
@@ -493,6 +554,32 @@ def _open_tiff(p: Path, cache_mb: int) -> Slide:
     return Slide(p, infos, mpp, segments=segments, tiff=tf, vendor=vendor)
 
 
+class _TifffileComplaints:
+    """Collect (and keep out of the user's terminal) what tifffile logs while a file is parsed."""
+
+    def __enter__(self) -> list[str]:
+        self.messages: list[str] = []
+        self.logger = logging.getLogger("tifffile")
+        self.handler = _ListHandler(self.messages)
+        self.propagate = self.logger.propagate
+        self.logger.addHandler(self.handler)
+        self.logger.propagate = False
+        return self.messages
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.propagate = self.propagate
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage().split("\n")[0][:200])
+
+
 def _level_pages(tf, p: Path) -> tuple[list, str]:
     """The TIFF page of each pyramid level, level 0 first."""
     if not tf.series:
@@ -502,6 +589,13 @@ def _level_pages(tf, p: Path) -> tuple[list, str]:
         )
     series = [s for s in tf.series if (s.name or "").lower() not in _NOT_LEVELS]
     base = series[0] if series else tf.series[0]
+    planes = [(ax, n) for ax, n in zip(base.axes, base.shape, strict=False) if ax not in "YXS" and n > 1]
+    if planes:
+        what = ", ".join(f"{n} along {ax}" for ax, n in planes)
+        raise SlideError(
+            f"{p.name} holds several planes ({what}: a z-stack, time series or channels), not one 2-D RGB image. "
+            "Export the plane you want as an RGB TIFF."
+        )
     vendor = "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "ome" if tf.is_ome else "tiff"
     pages = [lvl.keyframe for lvl in base.levels]
     if len(pages) == 1 and len(series) > 1:
@@ -516,6 +610,9 @@ def _level_pages(tf, p: Path) -> tuple[list, str]:
             if h < pages[-1].shape[0] and w < pages[-1].shape[1] and abs(h / w - h0 / w0) < 0.02 * (h0 / w0) + 2 / w:
                 pages.append(pg)
     for pg in pages:
+        if int(getattr(pg, "planarconfig", 1)) == 2:
+            raise SlideError(f"{p.name} stores its colour planes separately (planar RGB); re-save it as interleaved "
+                             "RGB (e.g. tifffile.imwrite(..., planarconfig='contig') or vips).")
         if pg.ndim not in (2, 3) or (pg.ndim == 3 and pg.shape[-1] not in (1, 3, 4)):
             raise SlideError(
                 f"{p.name} has image shape {tuple(pg.shape)}: not a 2-D RGB image "
