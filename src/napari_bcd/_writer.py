@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ._fileio import atomic_path
-from .classes import CLASS_COLORS
+from .classes import CLASS_NAMES, class_styles
 
 __all__ = ["labels_to_annotations", "write_geojson_labels", "write_geojson_shapes", "write_labels_tiff"]
 
@@ -23,6 +23,12 @@ def _mpp_of(meta: dict) -> tuple[float, float]:
     return (float(scale[-2]), float(scale[-1]))
 
 
+def _classes_of(meta: dict) -> tuple[str, ...]:
+    """The classes a napari-bcd Labels layer was made with (its metadata), else the ICIAR four."""
+    classes = ((meta.get("metadata") or {}).get("napari_bcd") or {}).get("classes")
+    return tuple(classes) if classes else CLASS_NAMES
+
+
 def write_labels_tiff(path: str, data: Any, meta: dict) -> list[str]:
     """A Labels layer as a palette TIFF whose resolution tags carry the layer's scale (µm/px)."""
     import tifffile
@@ -35,8 +41,8 @@ def write_labels_tiff(path: str, data: Any, meta: dict) -> list[str]:
     if arr.max(initial=0) < 256 and arr.min(initial=0) >= 0:
         arr = arr.astype(np.uint8)
         cmap = np.zeros((3, 256), np.uint16)
-        for cid, rgb in CLASS_COLORS.items():
-            cmap[:, cid] = np.asarray(rgb, np.uint16) * 257
+        for st in class_styles(_classes_of(meta)):
+            cmap[:, st.label] = np.asarray(st.color, np.uint16) * 257
         kwargs.update(photometric="palette", colormap=cmap)
     translate = meta.get("translate")
     desc = {"napari_bcd": True, "scale_um": [my, mx], "translate_um": list(map(float, translate)) if translate is not None else [0, 0]}
@@ -57,14 +63,14 @@ def labels_to_annotations(data: Any, meta: dict) -> list:
     from shapely.geometry import MultiPolygon, Polygon, box
 
     from .annotations import Annotation
-    from .classes import CLASS_NAMES
 
     arr = np.asarray(data)
     sy, sx = _mpp_of(meta)
     ty, tx = (float(v) for v in (meta.get("translate") or (0.0, 0.0))[-2:])
     img_mpp = (meta.get("metadata") or {}).get("napari_bcd", {}).get("image_mpp") or (1.0, 1.0)
     out = []
-    for cid in range(1, len(CLASS_NAMES) + 1):
+    for st in class_styles(_classes_of(meta)):
+        cid = st.label
         sel = arr == cid
         if not sel.any():
             continue
@@ -80,8 +86,8 @@ def labels_to_annotations(data: Any, meta: dict) -> list:
             poly = poly.simplify(0)
             out.append(
                 Annotation(
-                    label=CLASS_NAMES[cid - 1], cls=cid, polygon=np.asarray(poly.exterior.coords)[:, ::-1],
-                    holes=[np.asarray(h.coords)[:, ::-1] for h in poly.interiors], color=CLASS_COLORS[cid],
+                    label=st.name, cls=st.iciar_id, polygon=np.asarray(poly.exterior.coords)[:, ::-1],
+                    holes=[np.asarray(h.coords)[:, ::-1] for h in poly.interiors], color=st.color,
                     group=f"class-{cid}",
                 )
             )

@@ -7,7 +7,8 @@ picks the most severe class present: Invasive > InSitu > Benign > Normal.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from .errors import BcdError
 
@@ -18,8 +19,10 @@ __all__ = [
     "CLASS_NAMES",
     "DISPLAY_NAMES",
     "SEVERITY",
+    "ClassStyle",
     "class_id",
     "class_name",
+    "class_styles",
 ]
 
 BACKGROUND = 0
@@ -101,3 +104,57 @@ def class_name(cid: int) -> str:
     if cid not in CLASS_IDS.values():
         raise BcdError(f"{cid} is not a class id; use 1-4 ({', '.join(CLASS_NAMES)}).")
     return CLASS_NAMES[cid - 1]
+
+
+#: Colours for classes a model has that are not ICIAR classes (distinct from the four above).
+_OTHER_COLORS: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (148, 103, 189), (23, 190, 207), (140, 86, 75), (227, 119, 194), (127, 127, 127),
+    (188, 189, 34), (57, 59, 121),
+)
+
+
+@dataclass(frozen=True)
+class ClassStyle:
+    """How one of a model's classes is shown: label value, name, display name, colour, severity.
+
+    Attributes
+    ----------
+    label
+        The value in label maps: the model's output index + 1.
+    name
+        The class name in the model card.
+    display_name
+        For people ("In situ carcinoma" for "InSitu"; the name itself otherwise).
+    color
+        RGB 0-255: the ICIAR colour for an ICIAR class (or alias), another colour otherwise.
+    iciar_id
+        1-4 when the name is an ICIAR class or alias, else None.
+    severity
+        Rank for the slide-level call (0 = most severe); None for non-ICIAR classes.
+    """
+
+    label: int
+    name: str
+    display_name: str
+    color: tuple[int, int, int]
+    iciar_id: int | None
+    severity: int | None
+
+
+def class_styles(names: Sequence[str]) -> list[ClassStyle]:
+    """The style of each of a model's classes, in output order.
+
+    Colours, display names and the slide call follow the *model's* classes, so
+    a checkpoint with other classes (three classes, or "Tumour") never shows
+    its third class in the In-situ colour.
+    """
+    out: list[ClassStyle] = []
+    other = 0
+    for i, name in enumerate(names):
+        cid = class_id(str(name))
+        if cid is not None:
+            out.append(ClassStyle(i + 1, str(name), DISPLAY_NAMES[cid], CLASS_COLORS[cid], cid, SEVERITY.index(cid)))
+        else:
+            out.append(ClassStyle(i + 1, str(name), str(name), _OTHER_COLORS[other % len(_OTHER_COLORS)], None, None))
+            other += 1
+    return out

@@ -26,7 +26,7 @@ def overview_png(slide, class_map, summary, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from .classes import CLASS_COLORS, DISPLAY_NAMES
+    from .classes import class_styles
     from .export import label_image
 
     thumb, _ds = slide.thumbnail(1200)
@@ -36,11 +36,12 @@ def overview_png(slide, class_map, summary, path: Path) -> Path:
     if class_map is not None:
         img, k = label_image(class_map)
         rgba = np.zeros((*img.shape, 4))
-        for cid, rgb in CLASS_COLORS.items():
-            rgba[img == cid] = (*(c / 255 for c in rgb), 0.45)
+        styles = class_styles(class_map.classes)  # the model's classes, not always the four ICIAR ones
+        for st in styles:
+            rgba[img == st.label] = (*(c / 255 for c in st.color), 0.45)
         ax.imshow(rgba, extent=(0, img.shape[1] * k, img.shape[0] * k, 0), interpolation="nearest")
         ax.legend(
-            handles=[Patch(color=np.array(CLASS_COLORS[c]) / 255, label=DISPLAY_NAMES[c]) for c in CLASS_COLORS],
+            handles=[Patch(color=np.array(st.color) / 255, label=st.display_name) for st in styles],
             loc="upper right", fontsize=8, framealpha=0.8,
         )
     ax.set_xlim(0, W)
@@ -73,7 +74,7 @@ def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:
         if class_map is not None:
             for d, kw, kind in classmap_layers(class_map, image.name):
                 if kind == "labels":
-                    viewer.add_labels(d, colormap=DirectLabelColormap(color_dict=label_colors()), **kw)
+                    viewer.add_labels(d, colormap=DirectLabelColormap(color_dict=label_colors(class_map.classes)), **kw)
             widget._on_result(class_map, image.name, (0.0, 0.0))  # the dock shows the summary too
         viewer.scale_bar.visible = True
         viewer.window.resize(1400, 900)
@@ -93,8 +94,9 @@ def run_demo(
     out: str | None = None,
     device: str = "auto",
     stride: float = 1.0,
+    mpp: float | None = None,
 ) -> int:
-    """Run the demo; returns a process exit status."""
+    """Run the demo; returns a process exit status.  ``mpp`` states the pixel size of a slide that lacks it."""
     from ._sample_data import SAMPLE_SLIDE
     from .model.checkpoint import load_model
 
@@ -105,7 +107,7 @@ def run_demo(
         classifier = None
         print(f"napari-bcd: {err}\nShowing the slide without a classification.", file=sys.stderr)
     if not headless:
-        return _interactive(path, classifier, model)
+        return _interactive(path, classifier, model, mpp)
     from .engine import iter_classify
     from .export import write_outputs
     from .io.slide import open_slide
@@ -113,7 +115,7 @@ def run_demo(
 
     out_dir = Path(out or "napari-bcd-demo")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open_slide(path) as slide:
+    with open_slide(path, mpp=mpp) as slide:
         class_map = summary = None
         if classifier is not None:
             from ._progress import drive
@@ -142,7 +144,7 @@ def run_demo(
     return 0
 
 
-def _interactive(path: Path, classifier, model: str | None) -> int:
+def _interactive(path: Path, classifier, model: str | None, mpp: float | None = None) -> int:
     import napari
     from napari.utils.notifications import show_warning
 
@@ -150,6 +152,8 @@ def _interactive(path: Path, classifier, model: str | None) -> int:
     viewer.open(str(path), plugin="napari-bcd")
     _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", "Breast Cancer Classifier")
     viewer.scale_bar.visible = True
+    if mpp:
+        widget._mpp_edit.value = mpp
     if classifier is None:
         show_warning(
             "No trained model yet. Train one with `napari-bcd train DATASET --out model.safetensors`, "
@@ -157,7 +161,7 @@ def _interactive(path: Path, classifier, model: str | None) -> int:
         )
     else:
         if model:
-            widget._model_edit.value = model
+            widget.use_model(model)
         widget._on_run_clicked()
     napari.run()
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._fileio import atomic_path, atomic_write, check_writable
 from .annotations import Annotation, write_geojson
-from .classes import CLASS_COLORS, CLASS_IDS, DISPLAY_NAMES
+from .classes import class_styles
 from .engine import ClassMap
 from .errors import BcdError
 from .summary import Summary, summarize
@@ -45,8 +45,8 @@ def class_regions(class_map: ClassMap) -> list[Annotation]:
     ys = g.origin_px[0] + np.arange(g.n_cells[0] + 1) * g.stride_px[0]
     xs = g.origin_px[1] + np.arange(g.n_cells[1] + 1) * g.stride_px[1]
     out: list[Annotation] = []
-    for i, name in enumerate(class_map.classes):
-        cid = i + 1
+    for st in class_styles(class_map.classes):
+        cid, name = st.label, st.name
         sel = class_map.labels == cid
         if not sel.any():
             continue
@@ -70,10 +70,10 @@ def class_regions(class_map: ClassMap) -> list[Annotation]:
             out.append(
                 Annotation(
                     label=name,
-                    cls=CLASS_IDS.get(name, cid),
+                    cls=st.iciar_id,
                     polygon=np.asarray(poly.exterior.coords)[:, ::-1],
                     holes=[np.asarray(h.coords)[:, ::-1] for h in poly.interiors],
-                    color=CLASS_COLORS.get(CLASS_IDS.get(name, cid)),
+                    color=st.color,
                     group=f"class-{name}",
                 )
             )
@@ -129,8 +129,10 @@ def write_label_tiff(class_map: ClassMap, path: str | os.PathLike[str], *, overw
     img, k = label_image(class_map)
     my, mx = class_map.grid.mpp
     cmap = np.zeros((3, 256), np.uint16)
-    for cid, rgb in CLASS_COLORS.items():
-        cmap[:, cid] = np.asarray(rgb, np.uint16) * 257
+    styles = class_styles(class_map.classes)
+    for st in styles:
+        cmap[:, st.label] = np.asarray(st.color, np.uint16) * 257
+    legend = {"0": "Background", **{str(st.label): st.display_name for st in styles}}
     with atomic_path(p) as tmp:
         tifffile.imwrite(
             tmp,
@@ -141,7 +143,7 @@ def write_label_tiff(class_map: ClassMap, path: str | os.PathLike[str], *, overw
             tile=(256, 256) if min(img.shape) >= 256 else None,
             resolution=(1e4 / (mx * k), 1e4 / (my * k)),
             resolutionunit="CENTIMETER",
-            description=_description(class_map, downsample=k, labels={str(k_): v for k_, v in DISPLAY_NAMES.items()}),
+            description=_description(class_map, downsample=k, labels=legend),
             metadata=None,
         )
     return p

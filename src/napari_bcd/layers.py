@@ -6,17 +6,18 @@ from typing import Any
 
 import numpy as np
 
-from .classes import CLASS_COLORS, CLASS_IDS, DISPLAY_NAMES
+from .classes import CLASS_NAMES, class_styles
 from .engine import ClassMap
 
 __all__ = ["classmap_layers", "describe_hover", "label_colors"]
 
 
-def label_colors() -> dict[int | None, tuple[float, float, float, float]]:
-    """Class colours for a Labels layer; background (0) transparent."""
+def label_colors(classes: tuple[str, ...] | list[str] = CLASS_NAMES) -> dict[int | None, tuple[float, float, float, float]]:
+    """Colours of a model's classes for a Labels layer (label = output index + 1); background transparent."""
     colors: dict[int | None, tuple[float, float, float, float]] = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
-    for cid, (r, g, b) in CLASS_COLORS.items():
-        colors[cid] = (r / 255, g / 255, b / 255, 1.0)
+    for st in class_styles(classes):
+        r, g, b = st.color
+        colors[st.label] = (r / 255, g / 255, b / 255, 1.0)
     return colors
 
 
@@ -49,8 +50,8 @@ def classmap_layers(
         )
     ]
     if probabilities:
-        for i, cname in enumerate(class_map.classes):
-            rgb = CLASS_COLORS.get(CLASS_IDS.get(cname, i + 1), (255, 255, 255))
+        for i, (cname, st) in enumerate(zip(class_map.classes, class_styles(class_map.classes), strict=True)):
+            rgb = st.color
             out.append(
                 (
                     np.nan_to_num(class_map.probs[..., i], nan=0.0),
@@ -89,4 +90,6 @@ def describe_hover(class_map: ClassMap, world_yx: tuple[float, float], image_tra
     if probs is None:
         return ""
     parts = " ".join(f"{n[:3]} {p:.2f}" for n, p in zip(class_map.classes, probs, strict=True))
-    return f"{DISPLAY_NAMES.get(label, 'not classified')}  ({parts})"
+    styles = class_styles(class_map.classes)
+    shown = styles[label - 1].display_name if 0 < label <= len(styles) else "not classified"
+    return f"{shown}  ({parts})"

@@ -9,13 +9,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .classes import CLASS_IDS, DISPLAY_NAMES, SEVERITY
+from .classes import class_styles
 from .engine import ClassMap
 
 __all__ = ["ClassSummary", "Summary", "summarize"]
-
-#: ICIAR class names, most severe first.
-_BY_SEVERITY: tuple[str, ...] = tuple(next(n for n, i in CLASS_IDS.items() if i == cid) for cid in SEVERITY)
 
 
 @dataclass(frozen=True)
@@ -121,7 +118,8 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
         p = np.nanmean(class_map.probs[r : r + kh, c : c + kw].reshape(-1, len(class_map.classes)), axis=0)
         win_label.append(int(np.nanargmax(p)) + 1 if np.isfinite(p).all() else 0)
     win_label_arr = np.asarray(win_label, int)
-    for i, name in enumerate(class_map.classes):
+    styles = class_styles(class_map.classes)
+    for i, (name, st) in enumerate(zip(class_map.classes, styles, strict=True)):
         cid = i + 1
         sel = labels == cid
         n = int(sel.sum())
@@ -129,7 +127,7 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
         rows.append(
             ClassSummary(
                 name=name,
-                display_name=DISPLAY_NAMES.get(CLASS_IDS.get(name, -1), name),
+                display_name=st.display_name,
                 windows=int((win_label_arr == cid).sum()),
                 cells=n,
                 area_mm2=round(float(inside[sel].sum()) * cell_mm2, 6),
@@ -140,7 +138,9 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     call = None
     call_p = None
     by_name = {r.name: r for r in rows}
-    order = [n for n in _BY_SEVERITY if n in by_name] + [n for n in by_name if n not in _BY_SEVERITY]
+    # ICIAR classes by severity (Invasive > InSitu > Benign > Normal), then any other class in model order.
+    ranked = sorted((st for st in styles if st.severity is not None), key=lambda st: st.severity)
+    order = [st.name for st in ranked] + [st.name for st in styles if st.severity is None]
     for name in order:
         r = by_name[name]
         if r.cells and r.area_mm2 > min_area_mm2:

@@ -206,7 +206,7 @@ class ClassifyWidget(Container):
             if kind == "labels":
                 from napari.utils.colormaps import DirectLabelColormap
 
-                self._viewer.add_labels(data, colormap=DirectLabelColormap(color_dict=label_colors()), **kwargs)
+                self._viewer.add_labels(data, colormap=DirectLabelColormap(color_dict=label_colors(class_map.classes)), **kwargs)
             else:
                 self._viewer.add_image(data, **kwargs)
         self._result = (class_map, image_name, translate)

@@ -82,9 +82,12 @@ def report_from_predictions(y_true: Sequence[int], y_pred: Sequence[int], classe
 
     labels = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    # Averages over the classes that have images: a class the data lacks must not pull macro F1 down
+    # (two present classes at 0.816 read as 0.408 when two absent ones were averaged in).
+    present = sorted({int(v) for v in y_true}) or labels
     avg = {}
     for kind in ("macro", "weighted"):
-        ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=kind, zero_division=0)
+        ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average=kind, zero_division=0)
         avg[kind] = {"precision": float(ap), "recall": float(ar), "f1": float(af)}
     return Report(
         classes=list(classes),
@@ -111,11 +114,44 @@ def evaluate(checkpoint, dataset, *, indices: Sequence[int] | None = None, devic
     from ..model.inference import Predictor
 
     model = checkpoint if isinstance(checkpoint, Classifier) else load_checkpoint(checkpoint)
-    pred = Predictor(model, device=device)
     idx = list(range(len(dataset))) if indices is None else list(indices)
+    to_model = _class_mapping(dataset, model.classes, idx)
+    pred = Predictor(model, device=device)
     y_pred: list[int] = []
     for k in range(0, len(idx), batch_size):
         batch = np.stack([_resize_area(dataset.load(i), model.card.input_px) for i in idx[k : k + batch_size]])
         y_pred += pred(batch).argmax(1).tolist()
-    y_true = [int(dataset.labels[i]) for i in idx]
+    y_true = [to_model[int(dataset.labels[i])] for i in idx]
     return report_from_predictions(y_true, y_pred, model.classes)
+
+
+def _class_mapping(dataset, model_classes, idx) -> dict[int, int]:
+    """Dataset class index -> model output index, by class name (aliases included).
+
+    Raises
+    ------
+    DatasetError
+        When the images include a class the model does not have.
+    """
+    from ..classes import class_id
+    from ..errors import DatasetError
+
+    def key(name: str):
+        cid = class_id(name)
+        return cid if cid is not None else name.strip().lower()
+
+    model_keys = {key(n): j for j, n in enumerate(model_classes)}
+    present = sorted({int(dataset.labels[i]) for i in idx})
+    mapping, missing = {}, []
+    for c in present:
+        j = model_keys.get(key(dataset.classes[c]))
+        if j is None:
+            missing.append(dataset.classes[c])
+        else:
+            mapping[c] = j
+    if missing:
+        raise DatasetError(
+            f"The images include {', '.join(missing)}, which the model does not know (its classes: "
+            f"{', '.join(model_classes)}). Evaluate on a folder with the model's classes only."
+        )
+    return mapping
