@@ -185,7 +185,11 @@ def _sample_field(card, image: Path | None):
         y0, x0 = (level0.shape[0] - h) // 2, (level0.shape[1] - w) // 2
         arr = level0[y0 : y0 + h, x0 : x0 + w]
     else:
-        arr = np.asarray(Image.open(image).convert("RGB"))
+        try:
+            with Image.open(image) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:
+            raise BcdError(f"--image {image} cannot be read as an image ({err}). Give a PNG, JPEG or TIFF.") from err
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
     t = F.interpolate(t, size=card.input_px, mode="area")
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -504,7 +508,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args.slide, model=args.model, headless=args.headless, out=args.out, device=args.device,
-                    stride=args.stride)
+                    stride=args.stride, mpp=args.mpp)
 
 
 # --------------------------------------------------------------------------- parser
@@ -638,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="napari-bcd-demo", help="output folder for --headless")
     p.add_argument("--device", default="auto")
     p.add_argument("--stride", type=_POSITIVE, default=1.0, help="window step as a fraction of the field")
+    p.add_argument("--mpp", type=_POSITIVE, help="µm per pixel of level 0, for a slide that does not say")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("selfcheck", help="build the model and run it on a real H&E field")

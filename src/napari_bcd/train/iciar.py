@@ -59,14 +59,39 @@ class Dataset:
         return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
 
     def load(self, i: int) -> np.ndarray:
-        """Image ``i`` as uint8 RGB."""
+        """Image ``i`` as uint8 RGB.
+
+        Held to what ``classify`` accepts of a slide: 8-bit RGB (RGBA loses its
+        alpha), at least 32 px on each side, no more than 4:1 (it is resized to
+        the model's square-ish input; a sliver would be stretched beyond use).
+
+        Raises
+        ------
+        DatasetError
+            Naming the file and what to do.
+        """
         from PIL import Image
 
+        p = self.paths[i]
         try:
-            with Image.open(self.paths[i]) as im:
+            with Image.open(p) as im:
+                mode, (w, h) = im.mode, im.size
+                if mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+                    kind = "grayscale" if mode in ("1", "L", "LA") else f"{mode} (not 8-bit RGB)"
+                    raise DatasetError(f"{p} is {kind}; training needs 8-bit RGB H&E images, as classify does. "
+                                       "Remove it or convert it to RGB.")
+                if min(w, h) < 32:
+                    raise DatasetError(f"{p} is {w} x {h} px; training images need at least 32 px on each side.")
+                if max(w, h) / min(w, h) > 4:
+                    raise DatasetError(f"{p} is {w} x {h} px, a sliver: resized to the model's input it would be "
+                                       "stretched beyond use. Crop it closer to square.")
+                if mode == "P" and "transparency" in im.info:
+                    im = im.convert("RGBA")
                 return np.asarray(im.convert("RGB"))
+        except DatasetError:
+            raise
         except (OSError, SyntaxError, ValueError) as err:
-            raise DatasetError(f"{self.paths[i]} cannot be read ({err}). Remove or replace it.") from err
+            raise DatasetError(f"{p} cannot be read ({err}). Remove or replace it.") from err
 
 
 def read_iciar(root: str | os.PathLike[str]) -> Dataset:
@@ -349,26 +374,33 @@ def iter_export_patches(
     stem = Path(slide.name).stem
     gt_rows, prov_rows = [], []
     counts = Counter()
-    yield ExportProgress(0, len(jobs))
     from PIL import Image
 
-    for k, (r, c, cid, cov) in enumerate(jobs):
-        y, x, h, w = grid.read_box(r, c)
-        patch = _resize_area(slide.read_region(grid.level, y, x, h, w), patch_px)
-        cname = CLASS_NAMES[cid - 1]
-        by, bx, bh, bw = grid.window_box(r, c)
-        # Named by the window's level-0 box: unique per slide and geometry, whatever the grid's stride.
-        fname = f"{stem}_y{round(by)}_x{round(bx)}_{round(bh)}x{round(bw)}.png"
-        buf = io.BytesIO()
-        Image.fromarray(patch).save(buf, format="PNG")
-        with atomic_write(out / cname / fname, "wb") as fh:
-            fh.write(buf.getvalue())
-        gt_rows.append((fname, cname))
-        prov_rows.append((fname, cname, slide.name, round(by, 2), round(bx, 2), round(bh, 2), round(bw, 2), round(cov, 4)))
-        counts[cname] += 1
-        yield ExportProgress(k + 1, len(jobs))
-    _append_csv(out / GROUND_TRUTH, gt_rows, None)
-    _append_csv(out / "provenance.csv", prov_rows, ("filename", "label", "slide", "y", "x", "h", "w", "coverage"))
+    try:
+        yield ExportProgress(0, len(jobs))
+        for k, (r, c, cid, cov) in enumerate(jobs):
+            y, x, h, w = grid.read_box(r, c)
+            patch = _resize_area(slide.read_region(grid.level, y, x, h, w), patch_px)
+            cname = CLASS_NAMES[cid - 1]
+            by, bx, bh, bw = grid.window_box(r, c)
+            # Named by the window's level-0 box: unique per slide and geometry, whatever the grid's stride.
+            fname = f"{stem}_y{round(by)}_x{round(bx)}_{round(bh)}x{round(bw)}.png"
+            for other in CLASS_NAMES:  # the same window labelled otherwise by an earlier export: one class wins
+                if other != cname:
+                    (out / other / fname).unlink(missing_ok=True)
+            buf = io.BytesIO()
+            Image.fromarray(patch).save(buf, format="PNG")
+            with atomic_write(out / cname / fname, "wb") as fh:
+                fh.write(buf.getvalue())
+            gt_rows.append((fname, cname))
+            prov_rows.append((fname, cname, slide.name, round(by, 2), round(bx, 2), round(bh, 2), round(bw, 2),
+                              round(cov, 4)))
+            counts[cname] += 1
+            yield ExportProgress(k + 1, len(jobs))
+    finally:
+        # Also when stopped half-way: the CSVs list exactly the patches written.
+        _append_csv(out / GROUND_TRUTH, gt_rows, None)
+        _append_csv(out / "provenance.csv", prov_rows, ("filename", "label", "slide", "y", "x", "h", "w", "coverage"))
     all_counts = {n: counts.get(n, 0) for n in CLASS_NAMES}
     too_few = [n for n, v in all_counts.items() if 0 < v < min_per_class or (v == 0 and n in plan.regions)]
     return ExportResult(out, all_counts, too_few, unknown)

@@ -133,6 +133,9 @@ def split_dataset(
 def _split_from_file(dataset: Dataset, path: Path) -> Split:
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"The split file {path} is not text ({err.reason}). Give a text file listing the "
+                           "validation images, one name per line, or --split bach-patient.") from err
     except OSError as err:
         raise DatasetError(f"Cannot read the split file {path} ({err}). Give a file listing the validation images, "
                            "one name per line, or --split bach-patient.") from err
