@@ -227,5 +227,5 @@ def test_png_bomb_is_refused(tmp_path: Path) -> None:
 
     ihdr = struct.pack(">IIBBBBB", 60_000, 60_000, 8, 2, 0, 0, 0)
     (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-    with pytest.raises(SlideError, match="too large|cannot be read"):
+    with pytest.raises(SlideError, match="60,000 x 60,000 px.*tiled pyramid"):
         open_slide(tmp_path / "bomb.png")

@@ -487,8 +487,11 @@ def _check_pixels(p: Path, dtype: np.dtype, samples: int, extra: str = "") -> No
 def _open_plain(p: Path) -> Slide:
     from PIL import Image
 
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own limit, with a message that says what to do, replaces PIL's here
     try:
         with Image.open(p) as im:
+            Image.MAX_IMAGE_PIXELS = limit
             if im.size[0] * im.size[1] > _MAX_PLAIN_PIXELS:
                 w, h = im.size
                 raise SlideError(
@@ -505,10 +508,12 @@ def _open_plain(p: Path) -> Slide:
             arr = np.asarray(im.convert("RGB"))
     except SlideError:
         raise
-    except Image.DecompressionBombError as err:
+    except Image.DecompressionBombError as err:  # pragma: no cover - our limit comes first
         raise SlideError(f"{p.name} is too large for a plain image ({err}); save it as a tiled pyramid TIFF.") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise SlideError(f"{p.name} cannot be read as an image ({err}). It may be truncated or corrupt.") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     mpp = None
     if dpi and dpi[0] and dpi[1]:
         cand = (25_400 / float(dpi[1]), 25_400 / float(dpi[0]))

@@ -354,6 +354,7 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
     steps = 0
     stopped = "completed"
     result: TrainResult | None = None
+    saving = False
     if proto.probe_init and probe is not None and len(va_arr):
         # Epoch 0 is the probe-initialised head: a candidate like any epoch.
         v_loss, v_acc, v_pred = validate()
@@ -406,12 +407,14 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
             if patience is not None and epoch - best["epoch"] >= patience:
                 stopped = "early stopping"
                 break
+        saving = True
         result = _save(model, dataset, out, proto, the_split, best, history, probe, steps, stopped,
                        backbone_weights, name, epochs, seed)
         return result
     except (GeneratorExit, KeyboardInterrupt):
-        # Cancelled from outside: keep the best weights so far, then let the cancel go on.
-        if best["state"] is not None and result is None:
+        # Cancelled from outside: keep the best weights so far, then let the cancel go on (not when the
+        # cancel came during that very save: the checkpoint is consistent either way, see save_checkpoint).
+        if best["state"] is not None and result is None and not saving:
             _save(model, dataset, out, proto, the_split, best, history, probe, steps, "stopped by the user",
                   backbone_weights, name, epochs, seed)
         raise
