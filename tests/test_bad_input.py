@@ -158,6 +158,19 @@ def test_stacks_and_planar_images_get_their_own_message(tmp_path: Path) -> None:
         open_slide(tmp_path / "planar.tif")
 
 
+def test_a_symlink_loop_is_called_what_it_is(tmp_path: Path) -> None:
+    from napari_bcd.annotations import read_annotations
+    from napari_bcd.io import open_slide
+
+    (tmp_path / "a.svs").symlink_to(tmp_path / "b.svs")
+    (tmp_path / "b.svs").symlink_to(tmp_path / "a.svs")
+    with pytest.raises(SlideError, match="symbolic link"):
+        open_slide(tmp_path / "a.svs")
+    (tmp_path / "c.geojson").symlink_to(tmp_path / "c.geojson")
+    with pytest.raises(AnnotationError, match="symbolic link"):
+        read_annotations(tmp_path / "c.geojson")
+
+
 def test_an_mpp_far_from_the_files_own_is_warned_about(caplog) -> None:
     from napari_bcd.io import open_slide
 

@@ -438,6 +438,8 @@ def open_slide(
     """
     p = Path(path)
     if not p.exists():
+        if p.is_symlink():
+            raise SlideError(f"{p} is a symbolic link that leads nowhere (or loops). Point it at the slide file.")
         raise SlideError(f"{p} does not exist. Check the path.")
     if p.is_dir():
         raise SlideError(f"{p} is a folder; give the slide file itself (e.g. .svs, .ndpi, .tif).")
