@@ -162,3 +162,27 @@ def test_areas_and_hover_stop_at_the_image_edge(tiny_model) -> None:
     below = describe_hover(cmap, ((h + 200) * mpp[0], 10 * mpp[1]))  # 100 µm below the image, still on a cell
     assert g.cell_of_point(h + 200, 10) is not None
     assert inside != "" and below == ""
+
+
+def test_a_hand_drawn_labels_layer_lands_on_its_image_pixels(tmp_path: Path) -> None:
+    """napari's new Labels layer takes the image's scale (0.5 µm/px): its pixels are the image's pixels."""
+    from napari_bcd._writer import labels_to_annotations, write_geojson_labels
+
+    data = np.zeros((100, 120), np.uint8)
+    data[10:20, 30:50] = 2  # Benign
+    meta = {"scale": (0.5, 0.5), "translate": (0.0, 0.0), "metadata": {}}
+    (a,) = labels_to_annotations(data, meta)
+    ys, xs = a.polygon[:, 0], a.polygon[:, 1]
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (10, 20, 30, 50) and a.label == "Benign"
+    write_geojson_labels(str(tmp_path / "l.geojson"), data, meta)
+    coords = json.loads((tmp_path / "l.geojson").read_text())["features"][0]["geometry"]["coordinates"][0]
+    assert {tuple(p) for p in coords} == {(30, 10), (50, 10), (50, 20), (30, 20)}  # QuPath: [x, y] level-0 px
+    # A 512² map painted in 16-px blocks: merged runs, one region per connected patch, area preserved.
+    rng = np.random.default_rng(0)
+    big = np.kron(rng.integers(0, 5, (32, 32)), np.ones((16, 16), int)).astype(np.uint8)
+    regions = labels_to_annotations(big, meta)
+    by_class = {}
+    for r in regions:
+        by_class[r.label] = by_class.get(r.label, 0) + r.to_shapely().area
+    for st_label, name in enumerate(("Normal", "Benign", "InSitu", "Invasive"), start=1):
+        assert by_class.get(name, 0) == pytest.approx(float((big == st_label).sum()))

@@ -56,42 +56,24 @@ def write_labels_tiff(path: str, data: Any, meta: dict) -> list[str]:
 def labels_to_annotations(data: Any, meta: dict) -> list:
     """Polygons of every class region of a Labels layer, in level-0 pixels of its image.
 
-    The layer's ``scale``/``translate`` (µm) are mapped back to image pixels
-    with the image's mpp, which napari-bcd stores in the layer metadata.
+    The layer's own ``scale``/``translate`` (µm) place its pixels; the image's
+    µm/px and translate come from the napari-bcd metadata, or, for a layer drawn
+    by hand (napari's new Labels layer takes the image's scale), from the
+    layer itself: its pixels are then the image's pixels.
     """
-    from shapely import union_all
-    from shapely.geometry import MultiPolygon, Polygon, box
-
-    from .annotations import Annotation
+    from .export import label_regions
 
     arr = np.asarray(data)
     sy, sx = _mpp_of(meta)
     ty, tx = (float(v) for v in (meta.get("translate") or (0.0, 0.0))[-2:])
-    img_mpp = (meta.get("metadata") or {}).get("napari_bcd", {}).get("image_mpp") or (1.0, 1.0)
-    out = []
-    for st in class_styles(_classes_of(meta)):
-        cid = st.label
-        sel = arr == cid
-        if not sel.any():
-            continue
-        rects = []
-        for r, c in np.argwhere(sel):
-            # World (µm) of cell edges -> image pixels (pixel centres at i * mpp).
-            y0 = (ty + (r - 0.5) * sy) / img_mpp[0] + 0.5
-            x0 = (tx + (c - 0.5) * sx) / img_mpp[1] + 0.5
-            rects.append(box(x0, y0, x0 + sx / img_mpp[1], y0 + sy / img_mpp[0]))
-        merged = union_all(rects)
-        polys = list(merged.geoms) if isinstance(merged, MultiPolygon) else [merged] if isinstance(merged, Polygon) else []
-        for poly in polys:
-            poly = poly.simplify(0)
-            out.append(
-                Annotation(
-                    label=st.name, cls=st.iciar_id, polygon=np.asarray(poly.exterior.coords)[:, ::-1],
-                    holes=[np.asarray(h.coords)[:, ::-1] for h in poly.interiors], color=st.color,
-                    group=f"class-{cid}",
-                )
-            )
-    return out
+    info = (meta.get("metadata") or {}).get("napari_bcd") or {}
+    img_mpp = info.get("image_mpp") or (sy, sx)
+    img_t = info.get("image_translate") or ((0.0, 0.0) if info.get("image_mpp") else (ty, tx))
+    # Layer pixel i spans world [t + (i - 0.5) s, t + (i + 0.5) s); image pixel p is centred at p * mpp + image_t,
+    # so world w is the level-0 coordinate (w - image_t) / mpp + 0.5 (pixel p spans [p, p + 1)).
+    origin = ((ty - 0.5 * sy - img_t[0]) / img_mpp[0] + 0.5, (tx - 0.5 * sx - img_t[1]) / img_mpp[1] + 0.5)
+    step = (sy / img_mpp[0], sx / img_mpp[1])
+    return label_regions(arr, _classes_of(meta), origin_px=origin, step_px=step)
 
 
 def write_geojson_labels(path: str, data: Any, meta: dict) -> list[str]:

@@ -24,8 +24,10 @@ from .errors import BcdError
 from .summary import Summary, summarize
 
 __all__ = [
+    "cells_to_image",
     "class_regions",
     "label_image",
+    "label_regions",
     "output_paths",
     "outputs_complete",
     "slide_lock",
@@ -35,56 +37,74 @@ __all__ = [
 ]
 
 
-def class_regions(class_map: ClassMap) -> list[Annotation]:
-    """One (multi-)polygon per class: the union of its cells, in level-0 pixels."""
+def label_regions(
+    labels: np.ndarray,
+    classes: tuple[str, ...] | list[str],
+    *,
+    origin_px: tuple[float, float] = (0.0, 0.0),
+    step_px: tuple[float, float] = (1.0, 1.0),
+    clip_to: tuple[int, int] | None = None,
+) -> list[Annotation]:
+    """One (multi-)polygon per class of a label array, in level-0 pixels.
+
+    Element ``(i, j)`` covers level-0 ``[origin + i * step, origin + (i + 1) * step)``
+    (a class map's cells, or a napari Labels layer's pixels).  Runs along each
+    row are merged before the union, so a 512² map takes well under a second.
+    ``clip_to`` (level-0 ``(h, w)``) cuts the regions at the image's edge.
+    """
     from shapely import union_all
     from shapely.geometry import MultiPolygon, Polygon, box
 
-    g = class_map.grid
     # Shared edges must be bit-identical floats, or the union leaves slivers.
-    ys = g.origin_px[0] + np.arange(g.n_cells[0] + 1) * g.stride_px[0]
-    xs = g.origin_px[1] + np.arange(g.n_cells[1] + 1) * g.stride_px[1]
+    ys = origin_px[0] + np.arange(labels.shape[0] + 1) * step_px[0]
+    xs = origin_px[1] + np.arange(labels.shape[1] + 1) * step_px[1]
+    frame = box(0, 0, clip_to[1], clip_to[0]) if clip_to is not None else None
     out: list[Annotation] = []
-    for st in class_styles(class_map.classes):
-        cid, name = st.label, st.name
-        sel = class_map.labels == cid
+    for st in class_styles(classes):
+        sel = labels == st.label
         if not sel.any():
             continue
         rects = []
-        for r in range(sel.shape[0]):
+        for r in np.flatnonzero(sel.any(axis=1)):
             row = sel[r]
-            c = 0
-            while c < row.size:  # merge runs along the row first: far fewer boxes to union
-                if not row[c]:
-                    c += 1
-                    continue
-                c1 = c
-                while c1 < row.size and row[c1]:
-                    c1 += 1
-                rects.append(box(xs[c], ys[r], xs[c1], ys[r + 1]))
-                c = c1
+            # run starts and ends of True along the row
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], row.view(np.int8), [0]))))
+            for c0, c1 in zip(edges[::2], edges[1::2], strict=True):
+                rects.append(box(xs[c0], ys[r], xs[c1], ys[r + 1]))
         merged = union_all(rects)
+        if frame is not None:
+            merged = merged.intersection(frame)
         polys = list(merged.geoms) if isinstance(merged, MultiPolygon) else [merged] if isinstance(merged, Polygon) else []
         for poly in polys:
+            if poly.is_empty or poly.area <= 0:
+                continue
             poly = poly.simplify(0)  # drop collinear vertices of the cell staircase
             out.append(
                 Annotation(
-                    label=name,
+                    label=st.name,
                     cls=st.iciar_id,
                     polygon=np.asarray(poly.exterior.coords)[:, ::-1],
                     holes=[np.asarray(h.coords)[:, ::-1] for h in poly.interiors],
                     color=st.color,
-                    group=f"class-{name}",
+                    group=f"class-{st.name}",
                 )
             )
     return out
 
 
-def label_image(class_map: ClassMap, max_size: int = 4096) -> tuple[np.ndarray, int]:
-    """The label map over the whole slide at an integer downsample ``k`` of level 0.
+def class_regions(class_map: ClassMap) -> list[Annotation]:
+    """One (multi-)polygon per class: the union of its cells, cut at the image's edge, in level-0 pixels."""
+    g = class_map.grid
+    return label_regions(class_map.labels, class_map.classes, origin_px=g.origin_px, step_px=g.stride_px,
+                         clip_to=class_map.slide_shape if all(class_map.slide_shape) else None)
 
-    ``k`` is 1 (pixel-exact overlay) unless that would exceed ``max_size``.
-    Each output pixel takes the label of the cell containing its centre.
+
+def cells_to_image(class_map: ClassMap, values: np.ndarray, max_size: int = 4096, fill=0) -> tuple[np.ndarray, int]:
+    """Per-cell ``values`` rasterised over exactly the slide, at an integer downsample ``k`` of level 0.
+
+    Each output pixel takes the value of the cell containing its centre; the
+    raster ends where the image ends, so cells that run past the edge are cut
+    there.  ``k`` is 1 (pixel-exact) unless that would exceed ``max_size``.
     """
     g = class_map.grid
     H, W = class_map.slide_shape
@@ -96,9 +116,14 @@ def label_image(class_map: ClassMap, max_size: int = 4096) -> tuple[np.ndarray, 
     c = np.floor((xc - g.origin_px[1]) / g.stride_px[1]).astype(int)
     rv = (r >= 0) & (r < g.n_cells[0])
     cv = (c >= 0) & (c < g.n_cells[1])
-    img = np.zeros((h, w), np.uint8)
-    img[np.ix_(rv, cv)] = class_map.labels[np.ix_(r[rv], c[cv])]
+    img = np.full((h, w), fill, values.dtype)
+    img[np.ix_(rv, cv)] = values[np.ix_(r[rv], c[cv])]
     return img, k
+
+
+def label_image(class_map: ClassMap, max_size: int = 4096) -> tuple[np.ndarray, int]:
+    """The label map over exactly the whole slide at an integer downsample ``k`` of level 0 (see :func:`cells_to_image`)."""
+    return cells_to_image(class_map, class_map.labels, max_size, fill=0)
 
 
 def _description(class_map: ClassMap, **extra) -> str:

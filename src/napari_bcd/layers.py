@@ -26,18 +26,26 @@ def classmap_layers(
     image_name: str,
     image_translate: tuple[float, float] = (0.0, 0.0),
     probabilities: bool = False,
+    max_size: int = 4096,
 ) -> list[tuple[np.ndarray, dict[str, Any], str]]:
     """Layer data for a classification: the Labels layer, and optionally one image per class.
 
-    The cells are placed in the image's world space (µm): see
-    :meth:`ClassMap.layer_transform`.
+    The cells are rasterised over exactly the image (:func:`~napari_bcd.export.cells_to_image`),
+    pixel-exact up to ``max_size`` px, so the class map ends where the slide
+    ends; a raster pixel covering level-0 ``[i k, (i + 1) k)`` is centred at
+    ``(i k + (k - 1) / 2) * mpp`` in the image's world space (µm).
     """
-    scale, translate = class_map.layer_transform()
-    translate = (translate[0] + image_translate[0], translate[1] + image_translate[1])
-    meta = {"napari_bcd": {"image": image_name, "image_mpp": list(class_map.grid.mpp), "classes": list(class_map.classes)}}
+    from .export import cells_to_image
+
+    labels, k = cells_to_image(class_map, class_map.labels, max_size, fill=0)
+    my, mx = class_map.grid.mpp
+    scale = (my * k, mx * k)
+    translate = (image_translate[0] + (k - 1) / 2 * my, image_translate[1] + (k - 1) / 2 * mx)
+    meta = {"napari_bcd": {"image": image_name, "image_mpp": [my, mx], "image_translate": list(image_translate),
+                           "classes": list(class_map.classes), "downsample": k, "grid": class_map.grid.to_dict()}}
     out: list[tuple[np.ndarray, dict[str, Any], str]] = [
         (
-            class_map.labels,
+            labels,
             {
                 "name": f"{image_name} classes",
                 "scale": scale,
@@ -51,16 +59,17 @@ def classmap_layers(
     ]
     if probabilities:
         for i, (cname, st) in enumerate(zip(class_map.classes, class_styles(class_map.classes), strict=True)):
-            rgb = st.color
+            p, pk = cells_to_image(class_map, np.nan_to_num(class_map.probs[..., i], nan=0.0).astype(np.float32),
+                                   min(max_size, 1024))
             out.append(
                 (
-                    np.nan_to_num(class_map.probs[..., i], nan=0.0),
+                    p,
                     {
                         "name": f"{image_name} p({cname})",
-                        "scale": scale,
-                        "translate": translate,
+                        "scale": (my * pk, mx * pk),
+                        "translate": (image_translate[0] + (pk - 1) / 2 * my, image_translate[1] + (pk - 1) / 2 * mx),
                         "contrast_limits": (0.0, 1.0),
-                        "colormap": _ramp(cname, rgb),
+                        "colormap": _ramp(cname, st.color),
                         "blending": "additive",
                         "opacity": 0.6,
                         "visible": False,

@@ -105,17 +105,26 @@ def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_p
     ]
     class_map = widget._result[0]
     g = class_map.grid
-    # Alignment: a label pixel's world coordinate falls on the window it classifies.
-    for r, c in np.argwhere(class_map.window_done)[:8]:
-        world = labels.data_to_world((r, c))
-        py, px = image.world_to_data(world)  # image pixel centres
-        y, x, h, w = g.window_box(r, c)
-        assert y <= py + 0.5 < y + h and x <= px + 0.5 < x + w
+    # Alignment: at the centre of each classified cell (on the image), the layer shows that cell's class.
+    H, W = class_map.slide_shape
+    for r, c in np.argwhere(class_map.labels > 0)[:12]:
+        cy, cx = g.origin_px[0] + (r + 0.5) * g.stride_px[0], g.origin_px[1] + (c + 0.5) * g.stride_px[1]
+        if cy >= H or cx >= W:
+            continue
+        world = image.data_to_world((cy - 0.5, cx - 0.5))  # level-0 continuous -> image pixel-centre coordinates
+        iy, ix = (int(round(v)) for v in labels.world_to_data(world))
+        assert labels.data[iy, ix] == class_map.labels[r, c]
+    # Clipped to the image: the class map ends where the slide ends (it used to overhang by a third of a window).
+    (iy0, ix0), (iy1, ix1) = image.extent.world[0][-2:], image.extent.world[1][-2:]
+    (ly0, lx0), (ly1, lx1) = labels.extent.world[0][-2:], labels.extent.world[1][-2:]
+    assert iy0 - 1e-6 <= ly0 and ix0 - 1e-6 <= lx0 and ly1 <= iy1 + 1e-6 and lx1 <= ix1 + 1e-6
+    assert labels.data.shape == (int(H), int(W))  # pixel-exact on the sample
     assert "slide call:" in widget._summary.value
     assert "Done:" in widget._status.value
     # Hover: the class and probabilities of the window under the mouse.
     r, c = np.argwhere(class_map.window_done)[0]
-    viewer.cursor.position = tuple(labels.data_to_world((r, c)))
+    cy, cx = g.origin_px[0] + (r + 0.5) * g.stride_px[0], g.origin_px[1] + (c + 0.5) * g.stride_px[1]
+    viewer.cursor.position = tuple(image.data_to_world((cy - 0.5, cx - 0.5)))
     widget._on_mouse_move(viewer, None)
     assert "(Nor " in widget._hover.value
     # Exports.
@@ -141,12 +150,14 @@ def test_rerun_replaces_the_result(viewer, qtbot, tiny_checkpoint: Path) -> None
     viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")
     widget = _widget(viewer, qtbot, tiny_checkpoint)
     _run(widget, qtbot)
-    first = viewer.layers["CMU-1-Small-Region classes"].data.shape
+    first = viewer.layers["CMU-1-Small-Region classes"].data.copy()
+    first_cells = widget._result[0].grid.n_cells
     widget._overlap_combo.value = "50 %"
     _run(widget, qtbot)
     assert [layer.name for layer in viewer.layers].count("CMU-1-Small-Region classes") == 1
     assert len(viewer.layers) == 2
-    assert viewer.layers["CMU-1-Small-Region classes"].data.shape != first
+    assert widget._result[0].grid.n_cells != first_cells  # finer cells
+    assert not np.array_equal(viewer.layers["CMU-1-Small-Region classes"].data, first)  # the layer took them
 
 
 def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: Path) -> None:

@@ -1,42 +1,65 @@
 """The model: the Keras-layout ResNet152V2, the Table II head, weights and checkpoints.
 
-Importing this package imports torch.
+Names are imported lazily: ``from napari_bcd.model.card import read_card``
+(the card of a checkpoint, for a dock or ``model info``) costs no torch import;
+anything that builds or runs a network imports torch when first used.
 """
 
 from __future__ import annotations
 
-from .card import ICIAR_FIELD_UM, ModelCard
-from .checkpoint import load_checkpoint, load_model, save_checkpoint, weights_sha256
-from .classifier import Classifier, TimmBackbone, build_backbone, build_classifier
-from .head import TABLE2_TRAINABLE, Table2Head
-from .imagenet import cached_imagenet_weights, fetch_imagenet_weights, import_keras_weights
-from .inference import Predictor, choose_device
-from .keras_weights import load_keras_weights, read_keras_h5
-from .preprocessing import Preprocessing
-from .resnet152v2 import KERAS_PARAM_COUNT, ResNet152V2, keras_param_count
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "ICIAR_FIELD_UM",
-    "KERAS_PARAM_COUNT",
-    "TABLE2_TRAINABLE",
-    "Classifier",
-    "ModelCard",
-    "Predictor",
-    "Preprocessing",
-    "ResNet152V2",
-    "Table2Head",
-    "TimmBackbone",
-    "build_backbone",
-    "build_classifier",
-    "cached_imagenet_weights",
-    "choose_device",
-    "fetch_imagenet_weights",
-    "import_keras_weights",
-    "keras_param_count",
-    "load_checkpoint",
-    "load_keras_weights",
-    "load_model",
-    "read_keras_h5",
-    "save_checkpoint",
-    "weights_sha256",
-]
+# public name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    "ICIAR_FIELD_UM": "card",
+    "ModelCard": "card",
+    "read_card": "card",
+    "checkpoint_paths": "card",
+    "load_checkpoint": "checkpoint",
+    "load_model": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "weights_sha256": "checkpoint",
+    "Classifier": "classifier",
+    "TimmBackbone": "classifier",
+    "build_backbone": "classifier",
+    "build_classifier": "classifier",
+    "TABLE2_TRAINABLE": "head",
+    "Table2Head": "head",
+    "cached_imagenet_weights": "imagenet",
+    "fetch_imagenet_weights": "imagenet",
+    "import_keras_weights": "imagenet",
+    "Predictor": "inference",
+    "choose_device": "inference",
+    "load_keras_weights": "keras_weights",
+    "read_keras_h5": "keras_weights",
+    "Preprocessing": "preprocessing",
+    "KERAS_PARAM_COUNT": "resnet152v2",
+    "ResNet152V2": "resnet152v2",
+    "keras_param_count": "resnet152v2",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .card import ICIAR_FIELD_UM, ModelCard, checkpoint_paths, read_card
+    from .checkpoint import load_checkpoint, load_model, save_checkpoint, weights_sha256
+    from .classifier import Classifier, TimmBackbone, build_backbone, build_classifier
+    from .head import TABLE2_TRAINABLE, Table2Head
+    from .imagenet import cached_imagenet_weights, fetch_imagenet_weights, import_keras_weights
+    from .inference import Predictor, choose_device
+    from .keras_weights import load_keras_weights, read_keras_h5
+    from .preprocessing import Preprocessing
+    from .resnet152v2 import KERAS_PARAM_COUNT, ResNet152V2, keras_param_count
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

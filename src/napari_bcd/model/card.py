@@ -6,14 +6,16 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..classes import CLASS_NAMES
 from ..errors import BcdError, CheckpointError
 from .preprocessing import Preprocessing
 
-__all__ = ["CARD_FORMAT", "ICIAR_FIELD_UM", "ModelCard"]
+__all__ = ["CARD_FORMAT", "ICIAR_FIELD_UM", "ModelCard", "checkpoint_paths", "read_card"]
 
 CARD_FORMAT = "napari-bcd-model/1"
 #: The paper's input: an ICIAR photo, 1536 x 2048 px at 0.42 µm/px, resized
@@ -155,3 +157,46 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, tuple | set):
         return list(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(weights.safetensors, card.json)`` for a checkpoint named by either file or its stem."""
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def read_card(path: str | os.PathLike[str]) -> ModelCard:
+    """A checkpoint's card alone: its JSON, else the copy in the safetensors header. No torch, no weights.
+
+    For showing a model (a dock's model box, ``model info``) before loading
+    it; :func:`~napari_bcd.model.load_checkpoint` still checks card against
+    weights when the model is loaded.
+
+    Raises
+    ------
+    CheckpointError
+    """
+    import struct
+
+    weights, card = checkpoint_paths(path)
+    if card.is_file():
+        try:
+            return ModelCard.from_json(card.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"The model card {card} cannot be read ({err}).") from err
+        except CheckpointError as err:
+            raise CheckpointError(f"{card}: {err}") from err
+    if not weights.is_file():
+        raise CheckpointError(f"No checkpoint at {weights}. Give a .safetensors file written by napari-bcd.")
+    try:
+        with open(weights, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(fh.read(n))
+        text = header["__metadata__"]["napari_bcd.card"]
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise CheckpointError(f"{weights} holds no napari-bcd model card ({err}).") from err
+    return ModelCard.from_json(text)

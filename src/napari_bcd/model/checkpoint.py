@@ -19,7 +19,7 @@ import torch
 
 from .._fileio import atomic_path, atomic_write
 from ..errors import BcdError, CheckpointError
-from .card import ModelCard
+from .card import ModelCard, checkpoint_paths
 from .classifier import Classifier, build_classifier
 
 __all__ = [
@@ -44,14 +44,6 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``(weights.safetensors, card.json)`` for a checkpoint named by either file or its stem."""
-    p = Path(path)
-    if p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
 def check_checkpoint_target(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
