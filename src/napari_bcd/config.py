@@ -21,7 +21,15 @@ from pathlib import Path
 
 from ._fileio import atomic_write
 
-__all__ = ["cache_dir", "config_dir", "data_dir", "default_model_path", "set_default_model"]
+__all__ = [
+    "cache_dir",
+    "config_dir",
+    "data_dir",
+    "default_model_path",
+    "measured_rate",
+    "remember_rate",
+    "set_default_model",
+]
 
 log = logging.getLogger(__name__)
 _APP = "napari-bcd"
@@ -106,3 +114,23 @@ def set_default_model(path: str | os.PathLike[str] | None) -> None:
     settings["default_model"] = str(Path(path).resolve()) if path else None
     with atomic_write(f, "w") as fh:
         json.dump(settings, fh, indent=2)
+
+
+def measured_rate(key: str) -> float | None:
+    """Windows per second last measured on this machine for ``key`` (backbone@device), or None."""
+    rates = _read_settings().get("windows_per_s")
+    value = rates.get(key) if isinstance(rates, dict) else None
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def remember_rate(key: str, windows_per_s: float) -> None:
+    """Keep a run's speed, so the next estimate of "about how long" is this machine's own."""
+    settings = _read_settings()
+    rates = settings.get("windows_per_s") if isinstance(settings.get("windows_per_s"), dict) else {}
+    rates[key] = round(float(windows_per_s), 3)
+    settings["windows_per_s"] = rates
+    try:
+        with atomic_write(_settings_file(), "w") as fh:
+            json.dump(settings, fh, indent=2)
+    except OSError as err:  # a read-only home: the estimate just stays generic
+        log.info("Could not remember the speed: %s", err)

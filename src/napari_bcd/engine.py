@@ -27,7 +27,7 @@ from .io.slide import Slide
 from .tiling import Grid, make_grid
 from .tissue import TissueParams, detect_tissue
 
-__all__ = ["ClassMap", "Progress", "classify", "iter_classify", "window_tissue_fraction"]
+__all__ = ["ClassMap", "Progress", "WindowPlan", "classify", "iter_classify", "plan_windows", "window_tissue_fraction"]
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,68 @@ def iter_classify(
     return _classify(slide, predictor, grid, tissue, min_tissue, batch_size, workers, prefetch, slide_mpp)
 
 
+@dataclass(frozen=True)
+class WindowPlan:
+    """What a run would do, before it runs: windows in the grid and on tissue, and the cell size.
+
+    Attributes
+    ----------
+    total
+        Windows in the grid over the whole image.
+    on_tissue
+        Windows the run would send to the model (the same selection as :func:`iter_classify`).
+    cell_um
+        One cell of the class map, ``(h, w)`` µm (the stride).
+    cells_on_tissue
+        Cells the map would hold on tissue (a coarse map has few).
+    """
+
+    total: int
+    on_tissue: int
+    cell_um: tuple[float, float]
+    cells_on_tissue: int
+    grid: Grid
+
+    def seconds(self, windows_per_s: float) -> float:
+        return self.on_tissue / max(windows_per_s, 1e-9)
+
+
+def plan_windows(
+    slide: Slide,
+    card,
+    *,
+    stride: float | tuple[float, float] = 1.0,
+    stride_um: float | tuple[float, float] | None = None,
+    tissue: TissueParams | None = None,
+    min_tissue: float = 0.25,
+    mpp: tuple[float, float] | None = None,
+) -> WindowPlan:
+    """Count the windows a run with these settings would classify (reads only the thumbnail).
+
+    ``card`` is the model's :class:`~napari_bcd.model.ModelCard` (no weights needed).
+    """
+    slide_mpp = mpp or slide.mpp
+    if slide_mpp is None:
+        raise BcdError(f"{slide.name} does not say its pixel size; state it to count windows.")
+    grid = make_grid(slide.dimensions, slide_mpp, card.field_um, card.input_px,
+                     [info.downsample for info in slide.level_info], stride=stride, stride_um=stride_um)
+    win_frac, _, _ = _tissue_fractions(slide, grid, tissue, slide_mpp)
+    selected = win_frac >= max(min_tissue, 1e-6)
+    kh, kw = grid.cells_per_window
+    covered = np.zeros(grid.n_cells, bool)
+    for r, c in np.argwhere(selected):
+        covered[r : r + kh, c : c + kw] = True
+    return WindowPlan(int(win_frac.size), int(selected.sum()), grid.cell_um, int(covered.sum()), grid)
+
+
+def _tissue_fractions(slide: Slide, grid: Grid, tissue: TissueParams | None, slide_mpp: tuple[float, float]):
+    """Tissue fraction of every window and cell, and of the whole image, from the slide's (cached) thumbnail."""
+    thumb, tds = slide.thumbnail(2000)
+    mask = detect_tissue(thumb, mpp=slide_mpp[1] * tds[1], params=tissue)
+    win_frac, cell_frac = window_tissue_fraction(mask, tds, grid)
+    return win_frac, cell_frac, float(mask.mean())
+
+
 def _classify(
     slide: Slide,
     predictor,
@@ -236,9 +298,7 @@ def _classify(
 ) -> Generator[Progress, None, ClassMap]:
     card = predictor.model.card
     yield Progress("tissue", 0, 0)
-    thumb, tds = slide.thumbnail(2000)
-    mask = detect_tissue(thumb, mpp=slide_mpp[1] * tds[1], params=tissue)
-    win_frac, cell_frac = window_tissue_fraction(mask, tds, grid)
+    win_frac, cell_frac, tissue_share = _tissue_fractions(slide, grid, tissue, slide_mpp)
     todo = np.argwhere(win_frac >= max(min_tissue, 1e-6))
     total = len(todo)
     n_cls = len(card.classes)
@@ -314,7 +374,7 @@ def _classify(
             "windows_per_s": round(total / elapsed, 3) if elapsed > 0 and total else 0.0,
             "device": str(predictor.device),
             "precision": predictor.precision,
-            "tissue_fraction": float(mask.mean()),
+            "tissue_fraction": tissue_share,
             "min_tissue": min_tissue,
         },
     )
