@@ -59,23 +59,18 @@ def overview_png(slide, class_map, summary, path: Path) -> Path:
 def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:
     """A screenshot of a (hidden) napari viewer with the label layer over the slide."""
     import napari
-    from napari.utils.colormaps import DirectLabelColormap
 
     from ._reader import read_slide
     from ._widgets.classify import ClassifyWidget
-    from .layers import classmap_layers, label_colors
 
     viewer = napari.Viewer(show=False)
     try:
         data, kwargs, _ = read_slide(str(slide_path))[0]
         image = viewer.add_image(data, **kwargs)
         widget = ClassifyWidget(viewer)
-        viewer.window.add_dock_widget(widget, name="Breast Cancer Classifier", area="right")
+        viewer.window.add_dock_widget(widget, name="Classify slide", area="right")
         if class_map is not None:
-            for d, kw, kind in classmap_layers(class_map, image.name):
-                if kind == "labels":
-                    viewer.add_labels(d, colormap=DirectLabelColormap(color_dict=label_colors(class_map.classes)), **kw)
-            widget._on_result(class_map, image.name, (0.0, 0.0))  # the dock shows the summary too
+            widget.show_result(class_map, image.name, (0.0, 0.0))  # the layer, the summary and the legend
         viewer.scale_bar.visible = True
         viewer.window.resize(1400, 900)
         viewer.reset_view()
@@ -150,7 +145,7 @@ def _interactive(path: Path, classifier, model: str | None, mpp: float | None = 
 
     viewer = napari.Viewer(title="napari-bcd demo")
     viewer.open(str(path), plugin="napari-bcd")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", "Breast Cancer Classifier")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", "Classify slide")
     viewer.scale_bar.visible = True
     if mpp:
         widget._mpp_edit.value = mpp

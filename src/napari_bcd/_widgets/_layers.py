@@ -55,6 +55,27 @@ def readonly_text():
     return box
 
 
+def scroll_to(area, widget) -> None:
+    """Scroll ``area`` vertically so ``widget`` is in view (never sideways: ensureWidgetVisible would)."""
+    from qtpy.QtCore import QPoint
+
+    inner = area.widget()
+    if inner is None:
+        return
+    y = widget.mapTo(inner, QPoint(0, 0)).y()
+    area.horizontalScrollBar().setValue(0)
+    area.ensureVisible(0, y + widget.height() // 2, 0, widget.height() // 2 + 12)
+
+
+def compact_combos(container) -> None:
+    """Combo boxes as wide as the dock, not as their longest item (long items widened docks past the screen)."""
+    from qtpy.QtWidgets import QComboBox
+
+    for combo in container.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(10)
+
+
 def scrolling(inner):
     """``inner`` (a QWidget) in a vertical scroll area, so a tall dock never makes the window taller than the screen.
 
@@ -64,6 +85,7 @@ def scrolling(inner):
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QFrame, QScrollArea
 
+    compact_combos(inner)
     area = QScrollArea()
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.Shape.NoFrame)

@@ -28,7 +28,7 @@ from napari.layers import Image, Shapes
 from napari.utils.notifications import show_info, show_warning
 
 from ..errors import BcdError
-from ._layers import readonly_text, refresh_combo, scrolling, slide_for_layer
+from ._layers import readonly_text, refresh_combo, scroll_to, scrolling, slide_for_layer
 from ._worker import notify_error, start_job
 
 if TYPE_CHECKING:
@@ -321,7 +321,7 @@ class TrainWidget(Container):
         if running:
             self._cancelled = False
             self._use_button.enabled = False  # acts only on the run that has just finished
-            self._scroll.ensureWidgetVisible(self._status.native)  # progress in view while it runs
+            scroll_to(self._scroll, self._status.native)  # progress in view while it runs
 
     def _on_progress(self, item) -> None:
         from ..train.finetune import EpochStats, FeatureProgress, TrainPlan
@@ -360,7 +360,7 @@ class TrainWidget(Container):
         if result.report is not None:
             lines += ["", "Table II head on the validation images:", result.report.to_text()]
         self._report.value = "\n".join(lines)
-        self._scroll.ensureWidgetVisible(self._use_button.native)  # the verdict and the button in view
+        scroll_to(self._scroll, self._use_button.native)  # the verdict and the button in view
         kept = f"best epoch {result.best_epoch} of {result.epochs_run}"
         if result.stopped == "stopped by the user":
             self._status.value = f"Cancelled: kept the {kept} in {result.checkpoint.name}."
@@ -404,8 +404,14 @@ class _CurvePlot:
         from qtpy.QtCore import QTimer
 
         self.figure = Figure(figsize=(4, 2.0), dpi=90, tight_layout=True)
+        from qtpy.QtWidgets import QSizePolicy
+
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(150)
+        # Take the dock's width, never widen it (a figure asks for its figsize, which clipped the dock).
+        self.canvas.setMinimumWidth(120)
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.canvas.setFixedHeight(170)
         self.canvas.setVisible(False)  # no empty axes before the first epoch
         self.ax_loss = self.figure.add_subplot(121)
         self.ax_acc = self.figure.add_subplot(122)

@@ -1,0 +1,57 @@
+"""The class legend of the Classify dock: colour, class, area; a click hides or shows a class on the map."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from qtpy.QtWidgets import QCheckBox, QGridLayout, QLabel, QWidget
+
+__all__ = ["Legend"]
+
+
+class Legend(QWidget):
+    """One row per model class: a colour swatch, a check box with the class name, its area and share."""
+
+    def __init__(self, on_toggle: Callable[[set[int]], None]) -> None:
+        super().__init__()
+        self._on_toggle = on_toggle
+        self._grid = QGridLayout(self)
+        self._grid.setContentsMargins(0, 4, 0, 4)
+        self._boxes: dict[int, QCheckBox] = {}
+        self.setVisible(False)  # nothing to explain before a result
+
+    def show_summary(self, summary, classes) -> None:
+        """Rows for the classes of this result (the model's own, in its colours)."""
+        from ..classes import class_styles
+
+        while self._grid.count():
+            item = self._grid.takeAt(0)
+            if item.widget() is not None:
+                item.widget().deleteLater()
+        self._boxes = {}
+        by_name = {c.name: c for c in summary.classes}
+        for row, st in enumerate(class_styles(classes)):
+            swatch = QLabel()
+            swatch.setFixedSize(14, 14)
+            swatch.setStyleSheet(f"background-color: rgb{st.color}; border: 1px solid #888;")
+            box = QCheckBox(st.display_name)
+            box.setChecked(True)
+            box.setToolTip("Show or hide this class on the map")
+            box.toggled.connect(self._changed)
+            c = by_name.get(st.name)
+            area = QLabel(f"{c.area_mm2:.3f} mm²  {c.percent_of_tissue:.0f} %" if c else "")
+            self._grid.addWidget(swatch, row, 0)
+            self._grid.addWidget(box, row, 1)
+            self._grid.addWidget(area, row, 2)
+            self._boxes[st.label] = box
+        self.setVisible(True)
+
+    def hidden(self) -> set[int]:
+        return {label for label, box in self._boxes.items() if not box.isChecked()}
+
+    def set_shown(self, label: int, shown: bool) -> None:
+        """Check or uncheck a class (what a click does)."""
+        self._boxes[label].setChecked(shown)
+
+    def _changed(self, _checked: bool) -> None:
+        self._on_toggle(self.hidden())
