@@ -48,9 +48,10 @@ def paper_model(field_um: float = 128.0):
 
 
 def end_to_end_vs_model(slide_path: Path, batch: int) -> None:
-    from napari_bcd.engine import _resize_area, classify
+    from napari_bcd.engine import classify
     from napari_bcd.io import open_slide
     from napari_bcd.model import Predictor
+    from napari_bcd.windows import resize_area
 
     pred = Predictor(paper_model(), device="cpu", precision="fp32")
     pred(np.zeros((batch, 256, 256, 3), np.uint8))  # warm-up
@@ -62,7 +63,7 @@ def end_to_end_vs_model(slide_path: Path, batch: int) -> None:
             e2e = time.perf_counter() - t0
             g = cmap.grid
             boxes = [g.read_box(int(r), int(c)) for r, c in np.argwhere(cmap.window_done)]
-            inputs = np.stack([_resize_area(slide.read_region(g.level, *b), g.input_px) for b in boxes])
+            inputs = np.stack([resize_area(slide.read_region(g.level, *b), g.input_px) for b in boxes])
         t0 = time.perf_counter()
         for i in range(0, len(inputs), batch):
             pred(inputs[i : i + batch])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from typing import IO
 
 from .errors import BcdError
 
-__all__ = ["atomic_path", "atomic_write", "check_writable"]
+__all__ = ["atomic_path", "atomic_write", "check_writable", "file_digest"]
 
 # mkstemp creates 0600 files; give outputs the permissions a plain open() would.
 _UMASK = os.umask(0)
@@ -55,3 +56,12 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
         yield fh
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", into=None) -> str:
+    """Hex digest of a file, read in 1 MiB chunks; ``into`` is a hash object to continue (resumed downloads)."""
+    h = into if into is not None else hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

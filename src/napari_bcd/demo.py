@@ -1,4 +1,9 @@
-"""``napari-bcd demo``: the sample slide, classified, in napari or headless."""
+"""``napari-bcd demo``: the sample slide, classified, in napari or headless.
+
+The headless half is here (files and a matplotlib overview); what needs napari
+lives with the widgets (:mod:`napari_bcd._widgets._demo`) and drives the
+Classify dock through its public methods.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import numpy as np
 
 from .errors import ModelNotAvailableError
 
-__all__ = ["overview_png", "run_demo", "viewer_screenshot"]
+__all__ = ["overview_png", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +25,8 @@ def overview_png(slide, class_map, summary, path: Path) -> Path:
 
     Needs no display or OpenGL, so it works on any server.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     from .classes import class_styles
@@ -31,7 +34,9 @@ def overview_png(slide, class_map, summary, path: Path) -> Path:
 
     thumb, _ds = slide.thumbnail(1200)
     H, W = slide.dimensions
-    fig, ax = plt.subplots(figsize=(9, 9 * H / W * 0.9 + 1.5), dpi=110)
+    fig = Figure(figsize=(9, 9 * H / W * 0.9 + 1.5), dpi=110)  # no pyplot: napari's own backend stays untouched
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.imshow(thumb, extent=(0, W, H, 0))
     if class_map is not None:
         img, k = label_image(class_map)
@@ -52,33 +57,6 @@ def overview_png(slide, class_map, summary, path: Path) -> Path:
         fig.text(0.02, 0.01, summary.table(), family="monospace", fontsize=8, va="bottom")
     fig.tight_layout(rect=(0, 0.12 if summary is not None else 0, 1, 1))
     fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:
-    """A screenshot of a (hidden) napari viewer with the label layer over the slide."""
-    import napari
-
-    from ._reader import read_slide
-    from ._widgets.classify import ClassifyWidget
-
-    viewer = napari.Viewer(show=False)
-    try:
-        data, kwargs, _ = read_slide(str(slide_path))[0]
-        image = viewer.add_image(data, **kwargs)
-        widget = ClassifyWidget(viewer)
-        viewer.window.add_dock_widget(widget, name="Classify slide", area="right")
-        if class_map is not None:
-            widget.show_result(class_map, image.name, (0.0, 0.0))  # the layer, the summary and the legend
-        viewer.scale_bar.visible = True
-        viewer.window.resize(1400, 900)
-        viewer.reset_view()
-        from imageio.v3 import imwrite
-
-        imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
-    finally:
-        viewer.close()
     return path
 
 
@@ -96,13 +74,21 @@ def run_demo(
     from .model.checkpoint import load_model
 
     path = Path(slide_path) if slide_path else SAMPLE_SLIDE
+    if not headless:
+        # The dock loads the model itself (in its worker); here only whether there is one.
+        from ._widgets._demo import show_in_napari
+        from .config import default_model_path
+
+        have = bool(model) or default_model_path() is not None
+        if not have:
+            print("napari-bcd: No trained model is available; showing the slide without a classification.",
+                  file=sys.stderr)
+        return show_in_napari(path, have, model, mpp)
     try:
         classifier = load_model(model)
     except ModelNotAvailableError as err:
         classifier = None
         print(f"napari-bcd: {err}\nShowing the slide without a classification.", file=sys.stderr)
-    if not headless:
-        return _interactive(path, classifier, model, mpp)
     from .engine import iter_classify
     from .export import write_outputs
     from .io.slide import open_slide
@@ -130,33 +116,12 @@ def run_demo(
               "the overview PNG shows the same result.", file=sys.stderr)
         return 0
     try:
+        from ._widgets._demo import viewer_screenshot
+
         shot = viewer_screenshot(path, class_map, out_dir / f"{stem}.screenshot.png")
         print(f"wrote {shot}")
     except Exception as err:
         log.debug("screenshot failed", exc_info=True)
         print(f"napari-bcd: no napari screenshot ({type(err).__name__}: {err}); "
               "run under a display (or xvfb-run) for one. The overview PNG shows the same result.", file=sys.stderr)
-    return 0
-
-
-def _interactive(path: Path, classifier, model: str | None, mpp: float | None = None) -> int:
-    import napari
-    from napari.utils.notifications import show_warning
-
-    viewer = napari.Viewer(title="napari-bcd demo")
-    viewer.open(str(path), plugin="napari-bcd")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", "Classify slide")
-    viewer.scale_bar.visible = True
-    if mpp:
-        widget._mpp_edit.value = mpp
-    if classifier is None:
-        show_warning(
-            "No trained model yet. Train one with `napari-bcd train DATASET --out model.safetensors`, "
-            "or choose a checkpoint file in the dock's 'model' box."
-        )
-    else:
-        if model:
-            widget.use_model(model)
-        widget._on_run_clicked()
-    napari.run()
     return 0

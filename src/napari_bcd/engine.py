@@ -25,9 +25,10 @@ from .classes import CLASS_NAMES
 from .errors import BcdError
 from .io.slide import Slide
 from .tiling import Grid, make_grid
-from .tissue import TissueParams, detect_tissue
+from .tissue import TissueParams
+from .windows import read_window, tissue_fractions
 
-__all__ = ["ClassMap", "Progress", "WindowPlan", "classify", "iter_classify", "plan_windows", "window_tissue_fraction"]
+__all__ = ["ClassMap", "Progress", "WindowPlan", "classify", "iter_classify", "plan_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -109,41 +110,6 @@ class ClassMap:
             return 0, None
         p = self.probs[cell]
         return int(self.labels[cell]), (None if np.isnan(p).any() else p)
-
-
-def window_tissue_fraction(mask: np.ndarray, mask_downsample: tuple[float, float], grid: Grid) -> np.ndarray:
-    """Fraction of tissue in each window and each cell, from a low-resolution mask.
-
-    Returns ``(window fractions (rows, cols), cell fractions (cell rows, cell cols))``.
-    """
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, 0, dtype=np.float64), 1)
-
-    def boxes(origin: float, step: float, size: float, n: int, ds: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        start = origin + step * np.arange(n)
-        a = np.clip(np.round(start / ds).astype(int), 0, limit)
-        b = np.clip(np.round((start + size) / ds).astype(int), 0, limit)
-        return a, np.maximum(b, np.minimum(a + 1, limit))
-
-    def fractions(n: tuple[int, int], size: tuple[float, float]) -> np.ndarray:
-        ya, yb = boxes(grid.origin_px[0], grid.stride_px[0], size[0], n[0], mask_downsample[0], mask.shape[0])
-        xa, xb = boxes(grid.origin_px[1], grid.stride_px[1], size[1], n[1], mask_downsample[1], mask.shape[1])
-        s = (
-            integral[yb][:, xb] - integral[ya][:, xb] - integral[yb][:, xa] + integral[ya][:, xa]
-        )
-        area = np.maximum((yb - ya)[:, None] * (xb - xa)[None, :], 1)
-        return (s / area).astype(np.float32)
-
-    return fractions(grid.n_windows, grid.window_px), fractions(grid.n_cells, grid.stride_px)
-
-
-def _resize_area(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if region.shape[:2] == tuple(size):
-        return region
-    from PIL import Image
-
-    # BOX = area averaging: every source pixel counts once (no aliasing).
-    return np.asarray(Image.fromarray(region).resize((size[1], size[0]), Image.Resampling.BOX))
 
 
 def iter_classify(
@@ -268,21 +234,13 @@ def plan_windows(
         raise BcdError(f"{slide.name} does not say its pixel size; state it to count windows.")
     grid = make_grid(slide.dimensions, slide_mpp, card.field_um, card.input_px,
                      [info.downsample for info in slide.level_info], stride=stride, stride_um=stride_um)
-    win_frac, _, _ = _tissue_fractions(slide, grid, tissue, slide_mpp)
+    win_frac, _, _ = tissue_fractions(slide, grid, tissue, slide_mpp)
     selected = win_frac >= max(min_tissue, 1e-6)
     kh, kw = grid.cells_per_window
     covered = np.zeros(grid.n_cells, bool)
     for r, c in np.argwhere(selected):
         covered[r : r + kh, c : c + kw] = True
     return WindowPlan(int(win_frac.size), int(selected.sum()), grid.cell_um, int(covered.sum()), grid)
-
-
-def _tissue_fractions(slide: Slide, grid: Grid, tissue: TissueParams | None, slide_mpp: tuple[float, float]):
-    """Tissue fraction of every window and cell, and of the whole image, from the slide's (cached) thumbnail."""
-    thumb, tds = slide.thumbnail(2000)
-    mask = detect_tissue(thumb, mpp=slide_mpp[1] * tds[1], params=tissue)
-    win_frac, cell_frac = window_tissue_fraction(mask, tds, grid)
-    return win_frac, cell_frac, float(mask.mean())
 
 
 def _classify(
@@ -298,7 +256,7 @@ def _classify(
 ) -> Generator[Progress, None, ClassMap]:
     card = predictor.model.card
     yield Progress("tissue", 0, 0)
-    win_frac, cell_frac, tissue_share = _tissue_fractions(slide, grid, tissue, slide_mpp)
+    win_frac, cell_frac, tissue_share = tissue_fractions(slide, grid, tissue, slide_mpp)
     todo = np.argwhere(win_frac >= max(min_tissue, 1e-6))
     total = len(todo)
     n_cls = len(card.classes)
@@ -308,8 +266,7 @@ def _classify(
     kh, kw = grid.cells_per_window
 
     def load(rc: np.ndarray) -> np.ndarray:
-        y, x, h, w = grid.read_box(int(rc[0]), int(rc[1]))
-        return _resize_area(slide.read_region(grid.level, y, x, h, w), card.input_px)
+        return read_window(slide, grid, int(rc[0]), int(rc[1]), card.input_px)
 
     t0 = time.perf_counter()
     yield Progress("classify", 0, total)

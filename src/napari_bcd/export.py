@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._fileio import atomic_path, atomic_write, check_writable
+from ._fileio import atomic_path, atomic_write, check_writable, file_digest
 from .annotations import Annotation, write_geojson
 from .classes import class_styles
 from .engine import ClassMap
@@ -287,14 +286,6 @@ def _alive(owner: str) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_outputs(
     class_map: ClassMap,
     out_dir: str | os.PathLike[str],
@@ -330,7 +321,7 @@ def write_outputs(
         staged["summary_json"].write_text(summary.to_json(), encoding="utf-8")
         staged["summary_csv"].write_text(summary.to_csv(), encoding="utf-8")
         write_geojson(class_regions(class_map), staged["geojson"], overwrite=True)
-        files = {k: {"name": paths[k].name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for k, p in staged.items()}
+        files = {k: {"name": paths[k].name, "bytes": p.stat().st_size, "sha256": file_digest(p)} for k, p in staged.items()}
         done.unlink(missing_ok=True)
         for k, p in staged.items():
             os.replace(p, paths[k])

@@ -163,6 +163,14 @@ class ClassifyWidget(Container):
             self._mpp_source.value = "from the file" if self._file_mpp else "set by you"
         self._update_plan()
 
+    def set_mpp(self, value: float) -> None:
+        """State the pixel size (µm/px) of the chosen image, as a user typing it would."""
+        self._mpp_edit.value = value
+
+    def run(self) -> None:
+        """Classify the chosen image with the chosen model (what Run does)."""
+        self._on_run_clicked()
+
     def _mpp(self) -> float | None:
         return self._mpp_edit.value or None
 

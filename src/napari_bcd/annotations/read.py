@@ -168,10 +168,10 @@ def _valid_parts(outer: np.ndarray, holes: list[np.ndarray], where: str, report:
 
 
 def _make(label: str, color: tuple[int, int, int] | None, parts: list, group: str | None,
-          label_map: Mapping[str, str | int] | None) -> list[Annotation]:
+          label_map: Mapping[str, str | int] | None, where: str = "") -> list[Annotation]:
     cid = class_id(label, label_map) if label else None
     if len(parts) > 1 and group is None:
-        group = f"group-{id(parts)}"
+        group = where or "group"  # the same file gives the same group names on every read
     return [Annotation(label=label, cls=cid, polygon=o, holes=h, color=color, group=group) for o, h in parts]
 
 
@@ -219,7 +219,7 @@ def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[An
             holes = [_ring(r, where + " hole") for r in rings[1:]]
             parts += _valid_parts(outer, holes, where, report)
         if parts:
-            out += _make(label, color, parts, group if len(parts) > 1 else None, label_map)
+            out += _make(label, color, parts, group if len(parts) > 1 else None, label_map, f"{p.name} feature {i}")
     return out
 
 
@@ -350,11 +350,11 @@ def _read_imagescope(root, p: Path, report: ReadReport, label_map) -> list[Annot
                 negatives.append(ring)
             else:
                 positives.append((label, ring))
-        for label, ring in positives:
+        for k, (label, ring) in enumerate(positives):
             holes = [n for n in negatives if _inside(n, ring)]
             negatives = [n for n in negatives if not any(n is h for h in holes)]
             parts = _valid_parts(ring, holes, f"{p.name} annotation {ai + 1}", report)
-            out += _make(label, color, parts, None, label_map)
+            out += _make(label, color, parts, None, label_map, f"{p.name} annotation {ai + 1} region {k + 1}")
         if negatives:
             report.skip("negative regions outside any region")
     return out
@@ -422,5 +422,5 @@ def _read_asap(root, p: Path, report: ReadReport, label_map) -> list[Annotation]
         label = ann.get("PartOfGroup") or ""
         label = "" if label == "None" else label
         color = _hex_color(ann.get("Color")) or group_colors.get(label)
-        out += _make(label, color, _valid_parts(ring, [], where, report), None, label_map)
+        out += _make(label, color, _valid_parts(ring, [], where, report), None, label_map, where)
     return out

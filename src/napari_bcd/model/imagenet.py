@@ -7,13 +7,12 @@ load it without h5py or Keras.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .._fileio import atomic_path
+from .._fileio import atomic_path, file_digest
 from ..config import cache_dir
 from ..errors import KerasWeightsError, WeightsDownloadError
 
@@ -45,11 +44,7 @@ def cached_imagenet_weights() -> Path | None:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def import_keras_weights(path: str | os.PathLike[str], *, expected_md5: str | None = IMAGENET_MD5) -> Path:

@@ -54,14 +54,14 @@ class Report:
         return "\n".join(lines)
 
     def save_confusion_png(self, path: str | os.PathLike[str]) -> Path:
-        """The confusion matrix as a PNG (matplotlib, no display needed)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """The confusion matrix as a PNG (matplotlib's Agg canvas: no display, no global backend switch)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         cm = np.asarray(self.confusion)
-        fig, ax = plt.subplots(figsize=(5, 4.5), dpi=120)
+        fig = Figure(figsize=(5, 4.5), dpi=120)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
@@ -72,7 +72,6 @@ class Report:
         ax.set_title(f"accuracy {self.accuracy:.3f}")
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
         return Path(path)
 
 
@@ -108,10 +107,10 @@ def evaluate(checkpoint, dataset, *, indices: Sequence[int] | None = None, devic
 
     Each image is resized to the model's input (area averaging), as in training.
     """
-    from ..engine import _resize_area
     from ..model.checkpoint import load_checkpoint
     from ..model.classifier import Classifier
     from ..model.inference import Predictor
+    from ..windows import resize_area
 
     model = checkpoint if isinstance(checkpoint, Classifier) else load_checkpoint(checkpoint)
     idx = list(range(len(dataset))) if indices is None else list(indices)
@@ -119,7 +118,7 @@ def evaluate(checkpoint, dataset, *, indices: Sequence[int] | None = None, devic
     pred = Predictor(model, device=device)
     y_pred: list[int] = []
     for k in range(0, len(idx), batch_size):
-        batch = np.stack([_resize_area(dataset.load(i), model.card.input_px) for i in idx[k : k + batch_size]])
+        batch = np.stack([resize_area(dataset.load(i), model.card.input_px) for i in idx[k : k + batch_size]])
         y_pred += pred(batch).argmax(1).tolist()
     y_true = [to_model[int(dataset.labels[i])] for i in idx]
     return report_from_predictions(y_true, y_pred, model.classes)

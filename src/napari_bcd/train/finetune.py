@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .._fileio import file_digest
 from ..errors import DatasetError
 from .evaluate import Report, report_from_predictions
 from .iciar import Dataset
@@ -164,11 +165,7 @@ def dihedral(img: np.ndarray, t: int) -> np.ndarray:
 
 
 def _image_key(dataset: Dataset, i: int) -> str:
-    h = hashlib.sha256()
-    with open(dataset.paths[i], "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(dataset.paths[i])
 
 
 def iter_finetune(
@@ -248,9 +245,9 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
     import torch
     from torch import nn
 
-    from ..engine import _resize_area
     from ..model.classifier import build_classifier
     from ..model.inference import choose_device
+    from ..windows import resize_area
 
     train_idx, val_idx = the_split.train, the_split.val
     T = 8 if proto.augment else 1
@@ -269,7 +266,7 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
     needed = sorted(set(train_idx) | set(val_idx))
 
     def images_of(i: int) -> np.ndarray:
-        return _resize_area(dataset.load(i), model.card.input_px)
+        return resize_area(dataset.load(i), model.card.input_px)
 
     bank = row_of = images = None
     if not finetune_last_stage:

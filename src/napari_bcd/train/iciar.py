@@ -13,7 +13,6 @@ The official download nests it as ``ICIAR2018_BACH_Challenge/Photos/``.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -262,9 +261,8 @@ def plan_patches(
     from shapely import STRtree, union_all
     from shapely.geometry import box
 
-    from ..engine import window_tissue_fraction
     from ..tiling import make_grid
-    from ..tissue import detect_tissue
+    from ..windows import tissue_fractions
 
     if mpp is not None:
         slide.mpp = (float(mpp), float(mpp))
@@ -290,9 +288,7 @@ def plan_patches(
     slide_box = box(0, 0, slide.dimensions[1], slide.dimensions[0])
     off_slide = {CLASS_NAMES[cid - 1]: sum(1 for p in polys if not p.intersects(slide_box))
                  for cid, polys in per_class.items()}
-    thumb, tds = slide.thumbnail(2000)
-    mask = detect_tissue(thumb, mpp=slide.mpp[1] * tds[1], params=tissue)
-    win_tissue, _ = window_tissue_fraction(mask, tds, grid)
+    win_tissue, _, _ = tissue_fractions(slide, grid, tissue, slide.mpp)
     tree = STRtree(list(unions.values()))
     cids = list(unions)
     jobs: list[tuple[int, int, int, float]] = []
@@ -349,7 +345,7 @@ def iter_export_patches(
     one).  Each patch is read from the nearest finer level and saved as PNG
     at ``patch_px`` (default: the field's aspect, 512 px on its long side).
     """
-    from ..engine import _resize_area
+    from ..windows import read_window
 
     if patch_px is None:
         patch_px = _patch_px(field_um)
@@ -379,8 +375,7 @@ def iter_export_patches(
     try:
         yield ExportProgress(0, len(jobs))
         for k, (r, c, cid, cov) in enumerate(jobs):
-            y, x, h, w = grid.read_box(r, c)
-            patch = _resize_area(slide.read_region(grid.level, y, x, h, w), patch_px)
+            patch = read_window(slide, grid, r, c, patch_px)
             cname = CLASS_NAMES[cid - 1]
             by, bx, bh, bw = grid.window_box(r, c)
             # Named by the window's level-0 box: unique per slide and geometry, whatever the grid's stride.
@@ -422,11 +417,3 @@ def _append_csv(path: Path, rows: list[tuple], header: tuple | None) -> None:
             w.writerow(header)
         w.writerows(kept)
         w.writerows(rows)
-
-
-def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

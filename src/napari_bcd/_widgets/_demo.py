@@ -1,0 +1,59 @@
+"""The napari half of ``napari-bcd demo``: a viewer with the slide and the Classify dock, driven
+through the dock's public methods."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["show_in_napari", "viewer_screenshot"]
+
+
+def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:
+    """A screenshot of a (hidden) napari viewer with the label layer over the slide."""
+    import napari
+
+    from .._reader import read_slide
+    from .classify import ClassifyWidget
+
+    viewer = napari.Viewer(show=False)
+    try:
+        data, kwargs, _ = read_slide(str(slide_path))[0]
+        image = viewer.add_image(data, **kwargs)
+        widget = ClassifyWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Classify slide", area="right")
+        if class_map is not None:
+            widget.show_result(class_map, image.name, (0.0, 0.0))  # the layer, the summary and the legend
+        viewer.scale_bar.visible = True
+        viewer.window.resize(1400, 900)
+        viewer.reset_view()
+        from imageio.v3 import imwrite
+
+        imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
+    finally:
+        viewer.close()
+    return path
+
+
+
+def show_in_napari(path: Path, have_model: bool, model: str | None, mpp: float | None = None) -> int:
+    """napari with the slide and the Classify dock; classifies at once when there is a model."""
+    import napari
+    from napari.utils.notifications import show_warning
+
+    viewer = napari.Viewer(title="napari-bcd demo")
+    viewer.open(str(path), plugin="napari-bcd")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", "Classify slide")
+    viewer.scale_bar.visible = True
+    if mpp:
+        widget.set_mpp(mpp)
+    if not have_model:
+        show_warning(
+            "No trained model yet. Train one (Train from annotations, or `napari-bcd reproduce`), "
+            "or choose a checkpoint file in the dock's 'model' box."
+        )
+    else:
+        if model:
+            widget.use_model(model)
+        widget.run()
+    napari.run()
+    return 0
