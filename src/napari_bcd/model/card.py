@@ -167,6 +167,16 @@ def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def read_card_file(path: Path) -> ModelCard:
+    """A card from its JSON file; errors name the file."""
+    try:
+        return ModelCard.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"The model card {path} cannot be read ({err}).") from err
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
 def read_card(path: str | os.PathLike[str]) -> ModelCard:
     """A checkpoint's card alone: its JSON, else the copy in the safetensors header. No torch, no weights.
 
@@ -182,12 +192,7 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
 
     weights, card = checkpoint_paths(path)
     if card.is_file():
-        try:
-            return ModelCard.from_json(card.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"The model card {card} cannot be read ({err}).") from err
-        except CheckpointError as err:
-            raise CheckpointError(f"{card}: {err}") from err
+        return read_card_file(card)
     if not weights.is_file():
         raise CheckpointError(f"No checkpoint at {weights}. Give a .safetensors file written by napari-bcd.")
     try:

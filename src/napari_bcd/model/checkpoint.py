@@ -19,7 +19,7 @@ import torch
 
 from .._fileio import atomic_path, atomic_write
 from ..errors import BcdError, CheckpointError
-from .card import ModelCard, checkpoint_paths
+from .card import ModelCard, checkpoint_paths, read_card_file
 from .classifier import Classifier, build_classifier
 
 __all__ = [
@@ -151,7 +151,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         raise CheckpointError(f"{weights} is not a readable safetensors file ({err}). It may be truncated.") from err
     got = weights_sha256(state)
     if card_path.is_file():
-        card = _read_card(card_path)
+        card = read_card_file(card_path)
         if card.weights_sha256 and card.weights_sha256 != got and embedded:
             inner_card = _embedded_card(embedded, weights)
             if inner_card.weights_sha256 == got:
@@ -194,15 +194,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         ) from err
     model.card = card
     return model.to(device).eval()
-
-
-def _read_card(path: Path) -> ModelCard:
-    try:
-        return ModelCard.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"The model card {path} cannot be read ({err}).") from err
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from err
 
 
 def _embedded_card(text: str, weights: Path) -> ModelCard:

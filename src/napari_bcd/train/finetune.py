@@ -243,7 +243,6 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
               input_px, field_um, preprocessing, seed: int, finetune_last_stage: bool, device, feature_batch: int,
               name, cache: bool):
     import torch
-    from torch import nn
 
     from ..model.classifier import build_classifier
     from ..model.inference import choose_device
@@ -262,7 +261,6 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
     model = build_classifier(backbone, backbone_weights=backbone_weights, input_px=input_px, field_um=field_um,
                              preprocessing=preprocessing, classes=tuple(dataset.classes))
     model.to(dev)
-    labels = torch.as_tensor(dataset.labels)
     needed = sorted(set(train_idx) | set(val_idx))
 
     def images_of(i: int) -> np.ndarray:
@@ -294,57 +292,22 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
                              dataset.classes, seed=seed)
 
     # ---- feature standardisation (folded into the head's first conv when saved)
-    norm = None
-    if bank is not None and proto.standardise:
-        norm = _channel_stats(bank, row_of[train_idx])
-        norm_dev = (norm[0].to(dev).view(1, -1, 1, 1), norm[1].to(dev).view(1, -1, 1, 1))
+    norm = _channel_stats(bank, row_of[train_idx]) if bank is not None and proto.standardise else None
 
     # ---- the head, started from the probe when the protocol says so
     if probe is not None and proto.probe_init and probe.pipeline is not None:
         _probe_init(model.head, probe.pipeline, norm, len(dataset.classes), bank, row_of[train_idx])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.Adam(trainable, lr=proto.lr)
-    loss_fn = nn.CrossEntropyLoss()
-    pairs = np.array([(i, t) for i in train_idx for t in range(T)], dtype=np.int64)
-    if proto.balanced:
-        counts = np.bincount(dataset.labels[pairs[:, 0]], minlength=len(dataset.classes)).astype(float)
-        weights = 1.0 / counts[dataset.labels[pairs[:, 0]]]
-        weights /= weights.sum()
-    rng = np.random.default_rng(seed)
-    va_arr = np.asarray(val_idx, np.int64)
-    patience = proto.patience_epochs(steps_per_epoch) if len(va_arr) else None
-
-    def forward(idx: np.ndarray, ts: np.ndarray) -> torch.Tensor:
-        if bank is not None:
-            f = bank[torch.from_numpy(row_of[idx]), torch.from_numpy(np.asarray(ts, np.int64))].to(dev, torch.float32)
-            if norm is not None:
-                f = (f - norm_dev[0]) / norm_dev[1]
-            return model.head(f)
-        batch = np.stack([dihedral(images[int(i)], int(t)) for i, t in zip(idx, ts, strict=True)])
-        return model(model.normalise(torch.from_numpy(batch).to(dev)))
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        state = model.state_dict()
-        kept = {k: v.detach().clone() for k, v in state.items() if k.startswith("head.") or k in trainable_names}
-        return _fold_standardisation(kept, norm) if norm is not None else kept
-
     if bank is not None and dev.type != "cpu":
         # On a GPU the whole bank usually fits (BACH, ResNet152V2, 8 views: 0.84 GB in fp16): gather there.
         try:
             bank = bank.to(dev)
         except RuntimeError as err:  # out of memory: batches are gathered on the CPU and copied
             log.info("Feature bank stays on the CPU (%s)", err)
-
-    def validate() -> tuple[float, float, Any]:
-        model.eval()
-        with torch.inference_mode():
-            v_logits = torch.cat([forward(va_arr[k : k + proto.batch_size],
-                                          np.zeros(len(va_arr[k : k + proto.batch_size]), np.int64))
-                                  for k in range(0, len(va_arr), proto.batch_size)])
-        v_y = labels[va_arr].to(dev)
-        v_pred = v_logits.argmax(1).cpu()
-        return float(loss_fn(v_logits, v_y)), float((v_pred == v_y.cpu()).float().mean()), v_pred
+    head = _HeadTraining(model, dataset, train_idx, val_idx, T, proto, dev, seed, bank, row_of, images, norm,
+                         finetune_last_stage)
+    va_arr = head.va
+    patience = proto.patience_epochs(steps_per_epoch) if len(va_arr) else None
+    snapshot, validate = head.snapshot, head.validate
 
     history: list[dict] = []
     best: dict[str, Any] = {"loss": math.inf, "epoch": 0, "state": None, "pred": None}
@@ -364,26 +327,8 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
     try:
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
-            model.train()
-            model.backbone.eval()  # BN statistics stay ImageNet's (as Keras' frozen layers)
-            if finetune_last_stage:
-                _last_stage(model).train()
-            if proto.balanced:
-                order = pairs[rng.choice(len(pairs), size=len(pairs), replace=True, p=weights)]
-            else:
-                order = pairs[rng.permutation(len(pairs))]
-            tot_loss, tot_ok = 0.0, 0
-            for k in range(0, len(order), proto.batch_size):
-                b = order[k : k + proto.batch_size]
-                logits = forward(b[:, 0], b[:, 1])
-                y = labels[b[:, 0]].to(dev)
-                loss = loss_fn(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                tot_loss += float(loss.detach()) * len(b)
-                tot_ok += int((logits.argmax(1) == y).sum())
+            train_loss, train_acc, n_steps = head.epoch()
+            steps += n_steps
             v_loss = v_acc = math.nan
             v_pred = None
             if len(va_arr):
@@ -391,8 +336,8 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
                 improved = v_loss < best["loss"]
             else:
                 improved = True  # without validation the last epoch is the one kept
-            stats = EpochStats(epoch, epochs, tot_loss / len(order), tot_ok / len(order), v_loss, v_acc,
-                               time.perf_counter() - t0, improved, steps)
+            stats = EpochStats(epoch, epochs, train_loss, train_acc, v_loss, v_acc, time.perf_counter() - t0,
+                               improved, steps)
             history.append({k: getattr(stats, k) for k in
                             ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "steps")})
             if improved:
@@ -415,6 +360,94 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
             _save(model, dataset, out, proto, the_split, best, history, probe, steps, "stopped by the user",
                   backbone_weights, name, epochs, seed)
         raise
+
+
+class _HeadTraining:
+    """The head's optimisation, one epoch at a time, on cached features (or images, fine-tuning the last stage).
+
+    Holds the optimiser, the sampling (shuffled or class-balanced), the
+    forward pass (standardised features when the protocol says so) and the
+    validation, so the generator above only decides when to stop and what to keep.
+    """
+
+    def __init__(self, model, dataset: Dataset, train_idx: list[int], val_idx: list[int], views: int, proto: Protocol,
+                 dev, seed: int, bank, row_of, images, norm, finetune_last_stage: bool) -> None:
+        import torch
+        from torch import nn
+
+        self.model, self.proto, self.dev, self.bank, self.row_of, self.images = model, proto, dev, bank, row_of, images
+        self.norm = norm
+        self.norm_dev = (norm[0].to(dev).view(1, -1, 1, 1), norm[1].to(dev).view(1, -1, 1, 1)) if norm else None
+        self.finetune_last_stage = finetune_last_stage
+        self.labels = torch.as_tensor(dataset.labels)
+        self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=proto.lr)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.pairs = np.array([(i, t) for i in train_idx for t in range(views)], dtype=np.int64)
+        self.weights = None
+        if proto.balanced:
+            y = dataset.labels[self.pairs[:, 0]]
+            counts = np.bincount(y, minlength=len(dataset.classes)).astype(float)
+            self.weights = 1.0 / counts[y]
+            self.weights /= self.weights.sum()
+        self.rng = np.random.default_rng(seed)
+        self.va = np.asarray(val_idx, np.int64)
+
+    def forward(self, idx: np.ndarray, ts: np.ndarray):
+        import torch
+
+        if self.bank is not None:
+            rows = torch.from_numpy(self.row_of[idx])
+            f = self.bank[rows, torch.from_numpy(np.asarray(ts, np.int64))].to(self.dev, torch.float32)
+            if self.norm_dev is not None:
+                f = (f - self.norm_dev[0]) / self.norm_dev[1]
+            return self.model.head(f)
+        batch = np.stack([dihedral(self.images[int(i)], int(t)) for i, t in zip(idx, ts, strict=True)])
+        return self.model(self.model.normalise(torch.from_numpy(batch).to(self.dev)))
+
+    def epoch(self) -> tuple[float, float, int]:
+        """One pass over the training samples: ``(mean loss, accuracy, optimiser steps)``."""
+        model, proto = self.model, self.proto
+        model.train()
+        model.backbone.eval()  # BN statistics stay ImageNet's (as Keras' frozen layers)
+        if self.finetune_last_stage:
+            _last_stage(model).train()
+        n = len(self.pairs)
+        pick = (self.rng.choice(n, size=n, replace=True, p=self.weights) if self.weights is not None
+                else self.rng.permutation(n))
+        order = self.pairs[pick]
+        tot_loss, tot_ok, steps = 0.0, 0, 0
+        for k in range(0, n, proto.batch_size):
+            b = order[k : k + proto.batch_size]
+            logits = self.forward(b[:, 0], b[:, 1])
+            y = self.labels[b[:, 0]].to(self.dev)
+            loss = self.loss_fn(logits, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            steps += 1
+            tot_loss += float(loss.detach()) * len(b)
+            tot_ok += int((logits.argmax(1) == y).sum())
+        return tot_loss / n, tot_ok / n, steps
+
+    def validate(self) -> tuple[float, float, Any]:
+        """``(loss, accuracy, predictions)`` on the identity view of the validation images."""
+        import torch
+
+        self.model.eval()
+        va, bs = self.va, self.proto.batch_size
+        with torch.inference_mode():
+            logits = torch.cat([self.forward(va[k : k + bs], np.zeros(len(va[k : k + bs]), np.int64))
+                                for k in range(0, len(va), bs)])
+        y = self.labels[va].to(self.dev)
+        pred = logits.argmax(1).cpu()
+        return float(self.loss_fn(logits, y)), float((pred == y.cpu()).float().mean()), pred
+
+    def snapshot(self) -> dict:
+        """The trainable weights now (head, and last stage when fine-tuned), standardisation folded in."""
+        state = self.model.state_dict()
+        kept = {k: v.detach().clone() for k, v in state.items() if k.startswith("head.") or k in self.trainable_names}
+        return _fold_standardisation(kept, self.norm) if self.norm is not None else kept
 
 
 def _features(model, dataset: Dataset, needed: list[int], T: int, images_of, dev, feature_batch: int, cache: bool):
