@@ -9,12 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-try:
-    from importlib.metadata import PackageNotFoundError, version
-
-    __version__ = version("napari-bcd")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0+unknown"
+from ._version import __version__
 
 # public name -> submodule that defines it
 _LAZY: dict[str, str] = {

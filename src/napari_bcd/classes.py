@@ -21,7 +21,6 @@ __all__ = [
     "SEVERITY",
     "ClassStyle",
     "class_id",
-    "class_name",
     "class_styles",
 ]
 
@@ -97,13 +96,6 @@ def class_id(label: str | int, mapping: Mapping[str, str | int] | None = None) -
                 )
             return resolved
     return _ALIASES.get(text)
-
-
-def class_name(cid: int) -> str:
-    """Return the ICIAR folder name of a class id (1-4)."""
-    if cid not in CLASS_IDS.values():
-        raise BcdError(f"{cid} is not a class id; use 1-4 ({', '.join(CLASS_NAMES)}).")
-    return CLASS_NAMES[cid - 1]
 
 
 #: Colours for classes a model has that are not ICIAR classes (distinct from the four above).

@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
 from ._progress import drive as _drive
 from ._progress import progress_bar as _progress_bar
+from ._version import __version__
 from .errors import BcdError
 
 log = logging.getLogger("napari_bcd")
@@ -108,13 +108,10 @@ def _cmd_weights_info(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- model
 def _cmd_model_info(args: argparse.Namespace) -> int:
-    from .model.checkpoint import load_checkpoint
+    from .model.card import read_card
 
-    model = load_checkpoint(args.checkpoint)
-    if args.json:
-        print(model.card.to_json())
-    else:
-        print(model.card.describe())
+    card = read_card(args.checkpoint)  # the card alone: no torch, no 232 MB of weights
+    print(card.to_json() if args.json else card.describe())
     return 0
 
 

@@ -103,7 +103,7 @@ def run_demo(
 
             class_map = drive(iter_classify(slide, classifier, device=device, stride=stride), slide.name, "win")
             summary = summarize(class_map)
-            paths = write_outputs(class_map, out_dir, overwrite=True)
+            paths = write_outputs(class_map, out_dir, overwrite=True, summary=summary)
             print(summary.table())
             print("wrote " + ", ".join(str(p) for p in paths.values()))
         stem = path.stem

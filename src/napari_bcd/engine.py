@@ -23,6 +23,7 @@ import numpy as np
 
 from .classes import CLASS_NAMES
 from .errors import BcdError
+from .geometry import as_pair
 from .io.slide import Slide
 from .tiling import Grid, make_grid
 from .tissue import TissueParams
@@ -163,7 +164,7 @@ def iter_classify(
     predictor = model if isinstance(model, Predictor) else Predictor(model, device=device, precision=precision)
     card = predictor.model.card
     if mpp is not None:
-        slide_mpp = (float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1]))  # type: ignore[index]
+        slide_mpp = as_pair(mpp)
     elif slide.mpp is not None:
         slide_mpp = slide.mpp
     else:

@@ -325,7 +325,7 @@ def write_outputs(
         done.unlink(missing_ok=True)
         for k, p in staged.items():
             os.replace(p, paths[k])
-        from . import __version__
+        from ._version import __version__
 
         doc = {"slide": class_map.slide_name, "model": class_map.model_name, "files": files,
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

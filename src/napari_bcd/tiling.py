@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import BcdError
+from .geometry import as_pair
 
 __all__ = ["Grid", "make_grid"]
 
@@ -69,10 +70,6 @@ class Grid:
     def cell_um(self) -> tuple[float, float]:
         return (self.stride_px[0] * self.mpp[0], self.stride_px[1] * self.mpp[1])
 
-    @property
-    def window_um(self) -> tuple[float, float]:
-        return (self.window_px[0] * self.mpp[0], self.window_px[1] * self.mpp[1])
-
     def window_box(self, row: int, col: int) -> tuple[float, float, float, float]:
         """Level-0 ``(y, x, h, w)`` of window ``(row, col)``."""
         return (
@@ -80,15 +77,6 @@ class Grid:
             self.origin_px[1] + col * self.stride_px[1],
             self.window_px[0],
             self.window_px[1],
-        )
-
-    def cell_box(self, row: int, col: int) -> tuple[float, float, float, float]:
-        """Level-0 ``(y, x, h, w)`` of cell ``(row, col)``."""
-        return (
-            self.origin_px[0] + row * self.stride_px[0],
-            self.origin_px[1] + col * self.stride_px[1],
-            self.stride_px[0],
-            self.stride_px[1],
         )
 
     def read_box(self, row: int, col: int) -> tuple[int, int, int, int]:
@@ -173,10 +161,10 @@ def make_grid(
     win = (field_um[0] / mpp[0], field_um[1] / mpp[1])
     if stride_um is not None:
         positive(stride_um, "The stride in µm (--stride-um)")
-        su = (stride_um, stride_um) if np.isscalar(stride_um) else tuple(stride_um)  # type: ignore[arg-type]
+        su = as_pair(stride_um)
         step = (su[0] / mpp[0], su[1] / mpp[1])
     else:
-        sf = (stride, stride) if np.isscalar(stride) else tuple(stride)  # type: ignore[arg-type]
+        sf = as_pair(stride)
         if not all(0 < f <= 1 for f in sf):  # type: ignore[operator]
             raise BcdError(f"stride is a fraction of the field in (0, 1], got {stride}. Use stride_um for µm.")
         step = (win[0] * sf[0], win[1] * sf[1])  # type: ignore[operator]

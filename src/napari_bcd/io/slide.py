@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlideError
+from ..geometry import as_pair
 
 __all__ = ["Slide", "open_slide"]
 
@@ -278,7 +279,7 @@ class Slide:
             else:
                 raise SlideError(f"{name} has {arr.dtype} pixels; napari-bcd needs 8-bit RGB.")
         arr = np.ascontiguousarray(arr[..., :3])
-        pair = None if mpp is None else ((float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1])))  # type: ignore[index]
+        pair = None if mpp is None else as_pair(mpp)
         h, w = arr.shape[:2]
         return cls(Path(name), [LevelInfo((h, w), (1.0, 1.0))], pair, arrays=[arr], vendor="array")
 
@@ -318,20 +319,6 @@ class Slide:
                 )
             self._levels = levels
         return self._levels
-
-    def level_mpp(self, level: int) -> tuple[float, float] | None:
-        if self.mpp is None:
-            return None
-        dy, dx = self.level_info[level].downsample
-        return (self.mpp[0] * dy, self.mpp[1] * dx)
-
-    def best_level(self, downsample: float) -> int:
-        """The coarsest level whose downsample is at most ``downsample`` (never coarser)."""
-        best = 0
-        for i, info in enumerate(self.level_info):
-            if min(info.downsample) <= downsample * 1.001:
-                best = i
-        return best
 
     # ----------------------------------------------------------------- reading
     def read_region(self, level: int, y: int, x: int, h: int, w: int, *, cache: bool = True) -> np.ndarray:
@@ -457,7 +444,7 @@ def open_slide(
             "If it is a slide in another format (MRXS, iSyntax, CZI), convert it to OME-TIFF first."
         )
     if mpp is not None:
-        given = (float(mpp), float(mpp)) if np.isscalar(mpp) else (float(mpp[0]), float(mpp[1]))  # type: ignore[index]
+        given = as_pair(mpp)
         if not all(math.isfinite(v) and v > 0 for v in given):
             raise SlideError(f"The pixel size must be a positive number of µm, got {mpp}.")
         if slide.mpp is not None:

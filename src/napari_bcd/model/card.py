@@ -125,7 +125,7 @@ class ModelCard:
 
     def stamped(self, weights_sha256: str) -> ModelCard:
         """A copy with the weights hash, package version and creation time set."""
-        from .. import __version__
+        from .._version import __version__
 
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         return self.replace(weights_sha256=weights_sha256, package_version=__version__, created=now)
@@ -167,6 +167,17 @@ def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def refuse_other_formats(path: str | os.PathLike[str]) -> None:
+    """Name the formats that are not napari-bcd checkpoints, with what to do instead."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"):
+        raise CheckpointError(f"{path} is a PyTorch pickle, which napari-bcd never loads (it can run code). Use a "
+                              "napari-bcd checkpoint (.safetensors + .json), or convert the weights to safetensors.")
+    if suffix in (".h5", ".keras", ".hdf5"):
+        raise CheckpointError(f"{path} is a Keras file. napari-bcd checkpoints are .safetensors + .json; for the "
+                              "ImageNet backbone weights use `napari-bcd weights import`.")
+
+
 def read_card_file(path: Path) -> ModelCard:
     """A card from its JSON file; errors name the file."""
     try:
@@ -190,11 +201,12 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
     """
     import struct
 
+    refuse_other_formats(path)
     weights, card = checkpoint_paths(path)
     if card.is_file():
         return read_card_file(card)
     if not weights.is_file():
-        raise CheckpointError(f"No checkpoint at {weights}. Give a .safetensors file written by napari-bcd.")
+        raise CheckpointError(f"No checkpoint weights at {weights}. Give a .safetensors file written by napari-bcd.")
     try:
         with open(weights, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))

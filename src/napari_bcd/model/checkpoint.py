@@ -19,7 +19,7 @@ import torch
 
 from .._fileio import atomic_path, atomic_write
 from ..errors import BcdError, CheckpointError
-from .card import ModelCard, checkpoint_paths, read_card_file
+from .card import ModelCard, checkpoint_paths, read_card_file, refuse_other_formats
 from .classifier import Classifier, build_classifier
 
 __all__ = [
@@ -133,13 +133,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    suffix = Path(path).suffix.lower()
-    if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"):
-        raise CheckpointError(f"{path} is a PyTorch pickle, which napari-bcd never loads (it can run code). Use a "
-                              "napari-bcd checkpoint (.safetensors + .json), or convert the weights to safetensors.")
-    if suffix in (".h5", ".keras", ".hdf5"):
-        raise CheckpointError(f"{path} is a Keras file. napari-bcd checkpoints are .safetensors + .json; for the "
-                              "ImageNet backbone weights use `napari-bcd weights import`.")
+    refuse_other_formats(path)
     weights, card_path = checkpoint_paths(path)
     if not weights.is_file():
         raise CheckpointError(f"No checkpoint weights at {weights}. Give a .safetensors file written by napari-bcd.")
