@@ -117,29 +117,82 @@ def test_cancel_stops_within_a_batch_and_frees_threads(tiny_model) -> None:
 
 
 def test_reading_ahead_is_bounded(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
-    reads = []
-    spy_calls = []
+    import napari_bcd.engine as engine
+
+    produced: list[int] = []
+    at_call: list[int] = []
+    original = engine.window_batches
+
+    def counting(*a, **kw):
+        for item in original(*a, **kw):
+            produced.append(1)
+            yield item
+
+    monkeypatch.setattr(engine, "window_batches", counting)
 
     class CountingSpy(SpyPredictor):
         def __call__(self, batch):
-            spy_calls.append(len(reads))
+            at_call.append(len(produced))
             return super().__call__(batch)
 
     with open_slide(SAMPLE_SLIDE) as slide:
-        original = slide.read_region
+        run(iter_classify(slide, CountingSpy(tiny_model, device="cpu"), batch_size=2, stride=0.5, prefetch=2))
+    assert len(at_call) > 5
+    # Before the k-th model call, at most k + 1 batches + the 2 queued + the one being cut were produced.
+    for k, n in enumerate(at_call):
+        assert n <= (k + 1) + 2 + 1
 
-        def counting(*a, **kw):
-            reads.append(a)
-            return original(*a, **kw)
 
-        monkeypatch.setattr(slide, "read_region", counting)
-        for p in iter_classify(slide, CountingSpy(tiny_model, device="cpu"), batch_size=2, stride=0.5, prefetch=2):
-            if p.stage == "classify" and p.done == 0:
-                reads.clear()  # the thumbnail's reads are not windows
-    assert len(spy_calls) > 5
-    # Before the k-th model call, at most k batches + the read-ahead window were read.
-    for k, n_reads in enumerate(spy_calls):
-        assert n_reads <= (k + 1) * 2 + 2 * 2 + 2
+def test_batches_hold_the_pixels_read_region_gives(tmp_path: Path, cmu_rgb: np.ndarray) -> None:
+    """Windows cut from bands of tile rows: the same pixels as read_region, at any level, aligned or not."""
+    from napari_bcd.windows import window_batches
+
+    path = write_pyramid(tmp_path / "p.tif", cmu_rgb[:1500, :1300], levels=3, mpp=0.5, tile=128)
+    with open_slide(path) as slide:
+        for field, stride, level_want in (((64.0, 64.0), 1.0, 0), ((100.0, 90.0), 0.37, 0), ((100.0, 100.0), 0.5, 1),
+                                          ((200.0, 200.0), 0.3, 2)):
+            ds = [i.downsample for i in slide.level_info]
+            input_px = (128, 128) if level_want == 0 else (100, 100)
+            grid = make_grid(slide.dimensions, slide.mpp, field, input_px, ds, stride=stride)
+            assert grid.level == level_want
+            rc = np.array([(r, c) for r in range(grid.n_windows[0]) for c in range(grid.n_windows[1])])
+            seen = 0
+            for batch_rc, pixels in window_batches(slide, grid, rc, 7):
+                for (r, c), px in zip(batch_rc, pixels, strict=True):
+                    y, x, h, w = grid.read_box(int(r), int(c))
+                    np.testing.assert_array_equal(px, slide.read_region(grid.level, y, x, h, w))
+                    seen += 1
+            assert seen == len(rc)  # including the windows that run past the right and bottom edges
+
+
+def test_each_tile_is_decoded_once_per_pass(tmp_path: Path, cmu_rgb: np.ndarray, tiny_model) -> None:
+    path = write_pyramid(tmp_path / "p.tif", np.concatenate([cmu_rgb[:, 800:2200]] * 2, 0), levels=1, mpp=1.0,
+                         tile=128)
+    with open_slide(path) as slide:
+        cmap = classify(slide, tiny_model, stride=0.25, batch_size=16)  # 75 % overlap: each tile in ~16 windows
+    info = cmap.info
+    assert info["tiles_touched"] > 50
+    assert info["decoded_tiles"] == info["tiles_touched"]
+
+
+def test_the_class_map_matches_the_per_window_path(tiny_model) -> None:
+    """Resizing on the device (PIL's BOX weights) gives the class map PIL resizing per window gave."""
+    from napari_bcd.windows import read_window
+
+    pred = Predictor(tiny_model, device="cpu")
+    with open_slide(SAMPLE_SLIDE) as slide:
+        cmap = classify(slide, pred, stride=0.5, batch_size=8)
+        g = cmap.grid
+        windows = np.argwhere(cmap.window_done)
+        ref = pred(np.stack([read_window(slide, g, int(r), int(c), tiny_model.card.input_px) for r, c in windows]))
+    kh, kw = g.cells_per_window
+    sums = np.zeros((*g.n_cells, 4))
+    counts = np.zeros(g.n_cells)
+    for (r, c), p in zip(windows, ref, strict=True):
+        sums[r : r + kh, c : c + kw] += p
+        counts[r : r + kh, c : c + kw] += 1
+    covered = counts > 0
+    np.testing.assert_allclose(cmap.probs[covered], sums[covered] / counts[covered][:, None], atol=2e-3)
 
 
 def test_no_tissue_means_no_model_calls(tiny_model) -> None:

@@ -11,12 +11,14 @@ batch and releases the threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
+import threading
 import time
-from collections import deque
 from collections.abc import Generator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +29,7 @@ from .geometry import as_pair
 from .io.slide import Slide
 from .tiling import Grid, make_grid
 from .tissue import TissueParams
-from .windows import read_window, tissue_fractions
+from .windows import tissue_fractions, window_batches
 
 __all__ = ["ClassMap", "Progress", "WindowPlan", "classify", "iter_classify", "plan_windows"]
 
@@ -127,6 +129,7 @@ def iter_classify(
     mpp: float | tuple[float, float] | None = None,
     workers: int | None = None,
     prefetch: int = 2,
+    compile: bool = False,
 ) -> Generator[Progress, None, ClassMap]:
     """Classify a slide window by window, yielding progress, returning a :class:`ClassMap`.
 
@@ -150,7 +153,12 @@ def iter_classify(
     mpp
         Level-0 µm/px, for images whose file does not say (or says wrong).
     workers, prefetch
-        Reading threads, and batches read ahead of the model.
+        Decoding threads, and batches read ahead of the model.  Each tile is
+        decoded once per pass (:func:`~napari_bcd.windows.window_batches`);
+        windows are resized on the model's device.
+    compile
+        ``torch.compile`` the model (a GPU's long runs): compiled once, before
+        the timed work, for one padded batch shape.
 
     Returns
     -------
@@ -161,7 +169,8 @@ def iter_classify(
     """
     from .model.inference import Predictor
 
-    predictor = model if isinstance(model, Predictor) else Predictor(model, device=device, precision=precision)
+    predictor = (model if isinstance(model, Predictor)
+                 else Predictor(model, device=device, precision=precision, compile=compile))
     card = predictor.model.card
     if mpp is not None:
         slide_mpp = as_pair(mpp)
@@ -266,37 +275,48 @@ def _classify(
     done_mask = np.zeros(grid.n_windows, bool)
     kh, kw = grid.cells_per_window
 
-    def load(rc: np.ndarray) -> np.ndarray:
-        return read_window(slide, grid, int(rc[0]), int(rc[1]), card.input_px)
-
+    _, _, win_h, win_w = grid.read_box(0, 0)
+    compile_s = 0.0
+    if total and (predictor.compiled or predictor.device.type == "cuda"):
+        compile_s = predictor.warm_up((win_h, win_w), batch_size)  # outside the timed work
+    decoded_before = slide.decoded_tiles
     t0 = time.perf_counter()
     yield Progress("classify", 0, total)
     if total:
         n_workers = workers or min(4, os.cpu_count() or 2)
         pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="bcd-read")
-        pending: deque[tuple[np.ndarray, Future]] = deque()
-        it = iter(todo)
-        try:
-            limit = max(1, prefetch) * batch_size + batch_size
+        stop = threading.Event()
+        ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
 
-            def fill() -> None:
-                while len(pending) < limit:
-                    rc = next(it, None)
-                    if rc is None:
+        def produce() -> None:
+            # Decode tile rows and cut batches ahead of the model, at most `prefetch` batches ahead.
+            try:
+                for item in window_batches(slide, grid, todo, batch_size, pool, stop):
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
                         return
-                    pending.append((rc, pool.submit(load, rc)))
+                ready.put(_END)
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+                ready.put(err)
 
-            fill()
+        producer = threading.Thread(target=produce, name="bcd-read-bands", daemon=True)
+        producer.start()
+        try:
             done = 0
             rate = 0.0
-            while pending:
-                batch_rc, batch_img = [], []
-                while pending and len(batch_rc) < batch_size:
-                    rc, fut = pending.popleft()
-                    batch_rc.append(rc)
-                    batch_img.append(fut.result())
-                fill()  # keep readers busy while the model runs
-                probs = predictor(np.stack(batch_img))
+            while True:
+                item = ready.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                batch_rc, pixels = item
+                probs = predictor(pixels)
                 for (r, c), p in zip(batch_rc, probs, strict=True):
                     sums[r : r + kh, c : c + kw] += p
                     counts[r : r + kh, c : c + kw] += 1
@@ -306,8 +326,11 @@ def _classify(
                 rate = done / elapsed if elapsed > 0 else 0.0
                 yield Progress("classify", done, total, rate, (total - done) / rate if rate else None)
         finally:
-            for _, fut in pending:
-                fut.cancel()
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                with contextlib.suppress(queue.Empty):
+                    ready.get(timeout=0.05)
+            producer.join()
             pool.shutdown(wait=True, cancel_futures=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         probs = (sums / counts[..., None]).astype(np.float32)
@@ -334,8 +357,31 @@ def _classify(
             "precision": predictor.precision,
             "tissue_fraction": tissue_share,
             "min_tissue": min_tissue,
+            "compiled": bool(predictor.compiled),
+            "warmup_seconds": round(compile_s, 3),
+            "decoded_tiles": slide.decoded_tiles - decoded_before,
+            "tiles_touched": _tiles_touched(slide, grid, todo),
         },
     )
+
+
+_END = object()
+
+
+def _tiles_touched(slide: Slide, grid: Grid, windows: np.ndarray) -> int:
+    """Distinct tiles of the grid's level that the windows cover (the floor for decodes per pass)."""
+    if len(windows) == 0:
+        return 0
+    th, tw = slide.tile_shape(grid.level)
+    H, W = slide.level_info[grid.level].shape
+    _, _, h, w = grid.read_box(0, 0)
+    tiles = set()
+    for r, c in windows:
+        y, x, _, _ = grid.read_box(int(r), int(c))
+        for ty in range(max(y, 0) // th, (min(y + h, H) - 1) // th + 1):
+            for tx in range(max(x, 0) // tw, (min(x + w, W) - 1) // tw + 1):
+                tiles.add((ty, tx))
+    return len(tiles)
 
 
 def classify(slide: Slide, model, **kwargs) -> ClassMap:

@@ -15,7 +15,7 @@ from .io.slide import Slide
 from .tiling import Grid
 from .tissue import TissueParams, detect_tissue
 
-__all__ = ["read_window", "resize_area", "tissue_fractions", "window_tissue_fraction"]
+__all__ = ["box_weights", "read_window", "resize_area", "tissue_fractions", "window_batches", "window_tissue_fraction"]
 
 
 def resize_area(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -68,3 +68,100 @@ def window_tissue_fraction(mask: np.ndarray, mask_downsample: tuple[float, float
         return (s / area).astype(np.float32)
 
     return fractions(grid.n_windows, grid.window_px), fractions(grid.n_cells, grid.stride_px)
+
+
+def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: int, pool=None, stop=None):
+    """The pixels of ``windows`` (``(row, col)`` pairs in row-major order), in batches, each tile decoded once.
+
+    Windows are cut from bands of decoded tile rows as array views: a tile row
+    is decoded when the first window needing it comes up (only the tile
+    columns some window needs, in ``pool``'s threads), kept while later window
+    rows overlap it, and dropped after.  No per-window decode, lookup or
+    resize happens here: batches are ``N x h x w x 3`` uint8 at the grid
+    level's resolution, and the model's side resizes them (on its device).
+
+    Yields
+    ------
+    (np.ndarray, np.ndarray)
+        The batch's ``(row, col)`` pairs and its pixels.  ``stop`` (a
+        ``threading.Event``) ends the iteration between tile rows and batches.
+    """
+    if len(windows) == 0:
+        return
+    level = grid.level
+    th, tw = slide.tile_shape(level)
+    _, _, h, w = grid.read_box(int(windows[0][0]), int(windows[0][1]))
+    level_w = slide.level_info[level].shape[1]
+    # Which tile columns of each tile row the windows need: only those are decoded.
+    needed: dict[int, set[int]] = {}
+    boxes = {}
+    for r, c in windows:
+        y, x, _, _ = grid.read_box(int(r), int(c))
+        boxes[(int(r), int(c))] = (y, x)
+        tx0, tx1 = max(x, 0) // tw, (min(x + w, level_w) - 1) // tw
+        for ty in range(max(y, 0) // th, (y + h - 1) // th + 1):
+            needed.setdefault(ty, set()).update(range(tx0, tx1 + 1))
+    rows: dict[int, np.ndarray] = {}
+    batch_rc: list[tuple[int, int]] = []
+    batch_px: list[np.ndarray] = []
+    current_row = None
+    band = None
+    band_y0 = 0
+    for r, c in windows:
+        r, c = int(r), int(c)
+        y, x = boxes[(r, c)]
+        if r != current_row:
+            if stop is not None and stop.is_set():
+                return
+            current_row = r
+            ty0, ty1 = max(y, 0) // th, (y + h - 1) // th
+            for ty in [t for t in rows if t < ty0]:
+                del rows[ty]  # no later window row reaches back above this one
+            for ty in range(ty0, ty1 + 1):
+                if ty not in rows:
+                    rows[ty] = slide.read_tile_row(level, ty, sorted(needed.get(ty, ())), pool)
+            band = np.concatenate([rows[ty] for ty in range(ty0, ty1 + 1)]) if ty1 > ty0 else rows[ty0]
+            band_y0 = ty0 * th
+        batch_rc.append((r, c))
+        batch_px.append(_cut(band, y - band_y0, x, h, w))
+        if len(batch_rc) == batch_size:
+            yield np.asarray(batch_rc), np.stack(batch_px)
+            batch_rc, batch_px = [], []
+            if stop is not None and stop.is_set():
+                return
+    if batch_rc:
+        yield np.asarray(batch_rc), np.stack(batch_px)
+
+
+def _cut(band: np.ndarray, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """``band[y:y+h, x:x+w]``, glass where it runs past the band (a view when it does not)."""
+    H, W = band.shape[:2]
+    if y >= 0 and y + h <= H and x >= 0 and x + w <= W:
+        return band[y : y + h, x : x + w]
+    out = np.full((h, w, 3), 255, np.uint8)
+    y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
+    if y0 < y1 and x0 < x1:
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = band[y0:y1, x0:x1]
+    return out
+
+
+def box_weights(n_in: int, n_out: int) -> np.ndarray:
+    """``n_out x n_in`` weights of PIL's BOX resampling along one axis, so a resize is two matrix products.
+
+    The same coefficients PIL computes (a box of the output pixel's width,
+    input pixels counted by their centres, rows normalised): a model that
+    resizes its batches on its device sees what :func:`resize_area` gives on
+    the CPU, up to PIL's rounding to uint8.
+    """
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    out = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        t = (np.arange(lo, hi) - center + 0.5) / filterscale
+        out[i, lo:hi] = (t > -0.5) & (t <= 0.5)
+        out[i] /= max(out[i].sum(), 1e-12)
+    return out

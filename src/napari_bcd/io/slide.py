@@ -82,6 +82,7 @@ class _Segments:
         self._fd: int | None = None
         self._fd_lock = threading.Lock()
         self._local = threading.local()  # per-thread file handles where os.pread does not exist (Windows)
+        self.decoded = 0  # tiles or strips decoded so far (a counter for benchmarks: tiles per pass)
 
     def _read_bytes(self, index: int) -> bytes | None:
         count = int(self.counts[index])
@@ -117,6 +118,7 @@ class _Segments:
         if data is None:
             arr = np.full((*self.seg, 3), _FILL, np.uint8)
         else:
+            self.decoded += 1  # (not atomic across threads; a benchmark figure, not an invariant)
             try:
                 extra = {"jpegheader": self.jpegheader} if self.jpegheader is not None else {}
                 decoded, _, _ = self.decode(data, index, jpegtables=self.jpegtables, **extra)
@@ -136,6 +138,25 @@ class _Segments:
         if cache:
             self.cache.put(key, arr)
         return arr
+
+    def read_row(self, ty: int, txs, pool=None) -> np.ndarray:
+        """Tile row (or strip) ``ty`` over the page's full width; only the columns ``txs`` are decoded."""
+        sh, sw = self.seg
+        H, W = self.shape
+        out = np.full((sh, W, 3), _FILL, np.uint8)
+        if not 0 <= ty < self.grid[0]:
+            return out
+        cols = [tx for tx in (range(self.grid[1]) if txs is None else txs) if 0 <= tx < self.grid[1]]
+
+        def decode(tx: int) -> tuple[int, np.ndarray]:
+            return tx, self.tile(ty, tx, cache=False)
+
+        for tx, tile in (pool.map(decode, cols) if pool is not None else map(decode, cols)):
+            x0 = tx * sw
+            out[:, x0 : min(x0 + sw, W)] = tile[:, : min(sw, W - x0)]
+        if (ty + 1) * sh > H:  # the last row's tiles run past the image: glass, not the encoder's padding
+            out[H - ty * sh :] = _FILL
+        return out
 
     def read(self, y: int, x: int, h: int, w: int, cache: bool = True) -> np.ndarray:
         out = np.full((h, w, 3), _FILL, np.uint8)
@@ -319,6 +340,37 @@ class Slide:
                 )
             self._levels = levels
         return self._levels
+
+    # ----------------------------------------------------------------- reading by rows of tiles
+    def tile_shape(self, level: int) -> tuple[int, int]:
+        """``(h, w)`` of the blocks ``level`` is stored in (tiles, or strips as wide as the image)."""
+        if self._arrays is not None:
+            return (512, int(self._arrays[level].shape[1]))
+        return self._segments[level].seg  # type: ignore[index]
+
+    def read_tile_row(self, level: int, ty: int, columns=None, pool=None) -> np.ndarray:
+        """Row ``ty`` of ``level``'s tiles, ``tile_shape(level)[0]`` px high and as wide as the level.
+
+        Only the tile columns in ``columns`` (all when None) are decoded, each
+        once, in ``pool``'s threads when given (the decoders release the GIL),
+        bypassing the tile cache; the rest, and anything past the image, is
+        glass.  This is how the engine decodes each tile once per pass.
+        """
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"{self.name} has levels 0-{self.level_count - 1}, not {level}.")
+        if self._arrays is not None:
+            arr = self._arrays[level]
+            th = 512
+            out = np.full((th, arr.shape[1], 3), _FILL, np.uint8)
+            part = arr[ty * th : (ty + 1) * th]
+            out[: part.shape[0]] = part
+            return out
+        return self._segments[level].read_row(ty, columns, pool)  # type: ignore[index]
+
+    @property
+    def decoded_tiles(self) -> int:
+        """Tiles (or strips) decoded so far, all levels (for benchmarks: decodes per pass)."""
+        return sum(seg.decoded for seg in self._segments or [])
 
     # ----------------------------------------------------------------- reading
     def read_region(self, level: int, y: int, x: int, h: int, w: int, *, cache: bool = True) -> np.ndarray:

@@ -122,6 +122,10 @@ class Classifier(nn.Module):
         x = x.permute(0, 3, 1, 2).to(self._scale.dtype)
         return x * self._scale + self._shift
 
+    def normalise_float(self, x: torch.Tensor) -> torch.Tensor:
+        """Float NCHW on the 0-255 scale (a resized uint8 batch) -> normalised input."""
+        return x * self._scale + self._shift
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for preprocessed NCHW input."""
         return self.head(self.backbone(x))

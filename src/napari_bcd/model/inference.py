@@ -84,7 +84,13 @@ class Predictor:
         fmt = torch.channels_last if self.device.type == "cuda" else torch.preserve_format
         self.model = model.eval().to(self.device, memory_format=fmt)
         self.classes = model.classes
+        self.compiled = bool(compile)
         self._forward = torch.compile(self.model.forward_uint8) if compile else self.model.forward_uint8
+        self._forward_float = torch.compile(self.model.forward) if compile else self.model.forward
+        self._memory_format = fmt
+        self._resize: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: With ``compile``, every batch is padded to this size: one shape, one compilation.
+        self.fixed_batch: int | None = None
 
     @property
     def default_batch_size(self) -> int:
@@ -98,14 +104,56 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Probabilities ``N x classes`` (float32) for a uint8 batch ``N x H x W x 3``."""
+        """Probabilities ``N x classes`` (float32) for a uint8 batch ``N x H x W x 3``.
+
+        Windows of another size than the model's input are resized here, on the
+        device, after the uint8 transfer (PIL's BOX weights as two matrix
+        products: see :func:`napari_bcd.windows.box_weights`).
+        """
         x = torch.as_tensor(batch)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise BcdError(f"Expected a uint8 batch N x H x W x 3, got {x.dtype} {tuple(x.shape)}.")
+        n = x.shape[0]
+        if self.fixed_batch and n < self.fixed_batch:  # pad the last batch: no recompilation
+            x = torch.cat([x, x.new_zeros((self.fixed_batch - n, *x.shape[1:]))])
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)
+        size = tuple(self.model.card.input_px)
         with torch.inference_mode(), self._autocast():
-            logits = self._forward(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            if tuple(x.shape[1:3]) == size:
+                logits = self._forward(x)
+            else:
+                logits = self._forward_float(self._resized(x, size))
+        return torch.softmax(logits[:n].float(), dim=1).cpu().numpy()
+
+    def _resized(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 NHWC on the device -> normalised float NCHW at ``size``."""
+        from ..windows import box_weights
+
+        key = (int(x.shape[1]), int(x.shape[2]))
+        if key not in self._resize:
+            ry = torch.as_tensor(box_weights(key[0], size[0]), dtype=torch.float32, device=self.device)
+            rx = torch.as_tensor(box_weights(key[1], size[1]), dtype=torch.float32, device=self.device)
+            self._resize[key] = (ry, rx.T.contiguous())
+        ry, rxt = self._resize[key]
+        f = x.permute(0, 3, 1, 2).float()
+        f = torch.matmul(torch.matmul(ry, f), rxt)  # N x 3 x h x w
+        f = self.model.normalise_float(f)
+        return f.contiguous(memory_format=self._memory_format) if self.device.type == "cuda" else f
+
+    def warm_up(self, window_hw: tuple[int, int], batch_size: int) -> float:
+        """Run one batch of this shape before the timed work (and compile, when asked); returns the seconds.
+
+        With ``compile``, the batch size is fixed from here on (shorter batches are padded).
+        """
+        import time
+
+        if self.compiled:
+            self.fixed_batch = batch_size
+        t0 = time.perf_counter()
+        self(np.zeros((batch_size if self.compiled else 1, *window_hw, 3), np.uint8))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
