@@ -236,7 +236,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         loading = pool.submit(load_model, args.model)
         first = _warm_thumbnail(args.slides[0], args.mpp)
         model = loading.result()
-    predictor = Predictor(model, device=args.device, precision=args.precision)
+    predictor = Predictor(model, device=args.device, precision=args.precision, compile=args.compile)
     print(model.card.describe(), file=sys.stderr)
     failed: list[str] = []
     for slide_path in args.slides:
@@ -265,11 +265,14 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                 summary = summarize(cmap, min_area_mm2=args.min_area)
                 record = {"model_weights_sha256": model.card.weights_sha256,
                           "settings": {"stride": args.stride, "stride_um": args.stride_um, "mpp": args.mpp,
+                                       "compile": args.compile,
                                        "tissue_threshold": args.tissue_threshold, "min_tissue": args.min_tissue,
                                        "min_area_mm2": args.min_area}}
                 paths = write_outputs(cmap, out, stem=stem, min_area_mm2=args.min_area, overwrite=args.overwrite,
                                       summary=summary, record=record)
-            print(f"\n{name}: {cmap.n_windows} windows, {cmap.info.get('windows_per_s', 0):.1f}/s")
+            warmup = cmap.info.get("warmup_seconds") or 0
+            print(f"\n{name}: {cmap.n_windows} windows, {cmap.info.get('windows_per_s', 0):.1f}/s"
+                  + (f" (compiled in {warmup:.1f} s before)" if cmap.info.get("compiled") else ""))
             print(summary.table())
             print("wrote " + ", ".join(p.name for p in paths.values()))
         except BcdError as err:
@@ -547,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_COUNT, help="windows per model call (default: 128 on CUDA, 4 on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (GPU runs of many windows; compiled once per run, before the timing)")
     p.add_argument("--tissue-threshold", type=_SHARE, default=0.1, help="minimum saturation of tissue (0-1)")
     p.add_argument("--min-tissue", type=_SHARE, default=0.25, help="classify windows with at least this tissue fraction")
     p.add_argument("--min-area", type=_NON_NEGATIVE, default=0.0, help="mm² a class must exceed to count for the slide call")
