@@ -51,7 +51,12 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
 
     paths = [path] if isinstance(path, str) else list(path)
     for p in paths:
-        if not Path(p).is_file():
+        q = Path(p)
+        # A folder is ours only when it holds DICOM WSI instances (OpenSlide reads them); any other folder,
+        # e.g. an OME-Zarr, is left to other readers.
+        if q.is_dir() and not any(f.suffix.lower() == ".dcm" for f in q.iterdir()):
+            return None
+        if not q.exists():
             return None
         try:
             open_slide(p).close()

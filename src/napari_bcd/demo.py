@@ -76,7 +76,12 @@ def run_demo(
     path = Path(slide_path) if slide_path else SAMPLE_SLIDE
     if not headless:
         # The dock loads the model itself (in its worker); here only whether there is one.
-        from ._widgets._demo import show_in_napari
+        try:
+            from ._widgets._demo import show_in_napari
+        except ImportError as err:
+            print(f"napari-bcd: napari is not installed here ({err.name}): pip install \"napari-bcd[qt]\" "
+                  "(or [napari] with your own Qt), or use --headless for the files.", file=sys.stderr)
+            return 2
         from .config import default_model_path
 
         have = bool(model) or default_model_path() is not None
@@ -120,6 +125,9 @@ def run_demo(
 
         shot = viewer_screenshot(path, class_map, out_dir / f"{stem}.screenshot.png")
         print(f"wrote {shot}")
+    except ImportError as err:
+        print(f"napari-bcd: no napari screenshot: napari is not installed ({err.name}; pip install "
+              "\"napari-bcd[qt]\"). The overview PNG shows the same result.", file=sys.stderr)
     except Exception as err:
         log.debug("screenshot failed", exc_info=True)
         print(f"napari-bcd: no napari screenshot ({type(err).__name__}: {err}); "

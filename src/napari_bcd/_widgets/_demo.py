@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import napari  # here, so a core-only install finds out when this module is imported
+
 __all__ = ["show_in_napari", "viewer_screenshot"]
 
 
 def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:
     """A screenshot of a (hidden) napari viewer with the label layer over the slide."""
-    import napari
-
     from .._reader import read_slide
     from .classify import ClassifyWidget
 
@@ -37,7 +37,6 @@ def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:
 
 def show_in_napari(path: Path, have_model: bool, model: str | None, mpp: float | None = None) -> int:
     """napari with the slide and the Classify dock; classifies at once when there is a model."""
-    import napari
     from napari.utils.notifications import show_warning
 
     viewer = napari.Viewer(title="napari-bcd demo")

@@ -19,6 +19,7 @@ Label, macro and thumbnail images of SVS files are not levels.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -247,6 +248,64 @@ class _LevelArray:
         return region[(slice(None), slice(None), *key[2:])] if len(key) > 2 else region
 
 
+class _OpenSlideSegments:
+    """One level of a slide read through OpenSlide, with the reading API of :class:`_Segments`.
+
+    OpenSlide reads formats tifffile does not (MRXS, SCN, BIF, VMS, DICOM...).
+    It has no tiles to expose, so this backend cuts its level into virtual
+    512-px tiles; each read converts OpenSlide's premultiplied RGBA to RGB on
+    white (transparent = glass).
+    """
+
+    def __init__(self, osr, level: int, lock: threading.Lock) -> None:
+        self.osr, self.level, self._lock = osr, level, lock
+        w, h = osr.level_dimensions[level]
+        self.shape = (int(h), int(w))
+        self.seg = (512, 512)
+        self.grid = (math.ceil(h / 512), math.ceil(w / 512))
+        self.downsample = float(osr.level_downsamples[level])
+        self.decoded = 0
+
+    def check_complete(self, size: int) -> None:  # OpenSlide checks its own files
+        pass
+
+    def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        # OpenSlide takes level-0 coordinates; level coordinates times the downsample land on the
+        # level's pixels when the downsample is an integer (else OpenSlide resamples, as it always does).
+        x0, y0 = int(round(x * self.downsample)), int(round(y * self.downsample))
+        im = self.osr.read_region((x0, y0), self.level, (w, h))
+        rgba = np.asarray(im)
+        alpha = rgba[..., 3:4].astype(np.float32) / 255
+        rgb = rgba[..., :3].astype(np.float32) + (1 - alpha) * 255  # premultiplied: add white where transparent
+        return np.clip(rgb, 0, 255).round().astype(np.uint8)
+
+    def tile(self, ty: int, tx: int, cache: bool = True) -> np.ndarray:
+        self.decoded += 1
+        return self._read(ty * 512, tx * 512, 512, 512)
+
+    def read_row(self, ty: int, txs, pool=None) -> np.ndarray:
+        out = np.full((512, self.shape[1], 3), _FILL, np.uint8)
+        if 0 <= ty < self.grid[0]:
+            row = self._read(ty * 512, 0, 512, self.shape[1])
+            h = min(512, self.shape[0] - ty * 512)
+            out[:h] = row[:h]
+            self.decoded += self.grid[1]
+        return out
+
+    def read(self, y: int, x: int, h: int, w: int, cache: bool = True) -> np.ndarray:
+        out = np.full((h, w, 3), _FILL, np.uint8)
+        H, W = self.shape
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
+        if y0 < y1 and x0 < x1:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read(y0, x0, y1 - y0, x1 - x0)
+        return out
+
+    def close(self) -> None:
+        # Every level shares one OpenSlide handle: the first close closes it; the others find it closed.
+        with self._lock, contextlib.suppress(Exception):
+            self.osr.close()
+
+
 class Slide:
     """An opened slide or image.  Use :func:`open_slide`.
 
@@ -457,6 +516,7 @@ def open_slide(
     *,
     mpp: float | tuple[float, float] | None = None,
     cache_mb: int = 16,
+    backend: str = "auto",
 ) -> Slide:
     """Open a slide or image for lazy reading.
 
@@ -469,6 +529,11 @@ def open_slide(
     cache_mb
         Size of the decoded-tile cache.  Windows are read in raster order, so
         what they share is the tile column between neighbours: a few MB.
+    backend
+        ``"auto"``: tifffile's fast path for TIFF-based slides, OpenSlide for
+        what only it reads (MRXS, SCN, BIF, VMS, DICOM; a folder of DICOM
+        instances) and for a TIFF the fast path cannot read; ``"tifffile"`` or
+        ``"openslide"`` to choose.
 
     Raises
     ------
@@ -480,21 +545,40 @@ def open_slide(
         if p.is_symlink():
             raise SlideError(f"{p} is a symbolic link that leads nowhere (or loops). Point it at the slide file.")
         raise SlideError(f"{p} does not exist. Check the path.")
+    if backend not in ("auto", "tifffile", "openslide"):
+        raise SlideError(f"Unknown slide backend {backend!r}; use auto, tifffile or openslide.")
     if p.is_dir():
-        raise SlideError(f"{p} is a folder; give the slide file itself (e.g. .svs, .ndpi, .tif).")
-    if p.stat().st_size == 0:
+        dicoms = sorted(q for q in p.iterdir() if q.suffix.lower() == ".dcm")
+        if dicoms:  # OpenSlide finds a DICOM WSI's other instances from any one of them
+            slide = _open_openslide(dicoms[0], "DICOM WSI")
+            slide.path = p
+        else:
+            raise SlideError(f"{p} is a folder; give the slide file itself (e.g. .svs, .ndpi, .tif), or a folder of "
+                             "DICOM WSI instances.")
+    elif p.stat().st_size == 0:
         raise SlideError(f"{p.name} is empty (0 bytes). Copy the slide again.")
-    with open(p, "rb") as fh:
-        magic = fh.read(4)
-    if magic[:2] in (b"II", b"MM"):
-        slide = _open_tiff(p, cache_mb)
-    elif p.suffix.lower() in _PLAIN_SUFFIXES or magic[:4] in (b"\x89PNG",) or magic[:2] == b"\xff\xd8":
-        slide = _open_plain(p)
+    elif backend == "openslide":
+        slide = _open_openslide(p, OPENSLIDE_ONLY.get(p.suffix.lower(), p.suffix.lstrip(".").upper() or "slide"))
+    elif p.suffix.lower() in OPENSLIDE_ONLY:
+        slide = _open_openslide(p, OPENSLIDE_ONLY[p.suffix.lower()])
     else:
-        raise SlideError(
-            f"{p.name} is not a slide or image napari-bcd can read (SVS, NDPI, OME-TIFF, TIFF, PNG, JPEG). "
-            "If it is a slide in another format (MRXS, iSyntax, CZI), convert it to OME-TIFF first."
-        )
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+        if magic[:2] in (b"II", b"MM"):
+            try:
+                slide = _open_tiff(p, cache_mb)
+            except SlideError as err:
+                # The fast path cannot read it (a compression or layout tifffile lacks): OpenSlide may.
+                if backend == "tifffile":
+                    raise
+                slide = _try_openslide(p, err)
+        elif p.suffix.lower() in _PLAIN_SUFFIXES or magic[:4] in (b"\x89PNG",) or magic[:2] == b"\xff\xd8":
+            slide = _open_plain(p)
+        else:
+            raise SlideError(
+                f"{p.name} is not a slide or image napari-bcd can read (SVS, NDPI, OME-TIFF, TIFF, MRXS, SCN, BIF, "
+                "VMS, DICOM, PNG, JPEG). If it is another format (iSyntax, CZI), convert it to OME-TIFF first."
+            )
     if mpp is not None:
         given = as_pair(mpp)
         if not all(math.isfinite(v) and v > 0 for v in given):
@@ -509,6 +593,64 @@ def open_slide(
     if slide.mpp is None:
         log.warning("%s has no pixel size (mpp) metadata; state it with mpp=... (--mpp).", p.name)
     return slide
+
+
+#: Formats only OpenSlide reads here: suffix -> what it is.
+OPENSLIDE_ONLY = {
+    ".mrxs": "3DHISTECH MRXS", ".scn": "Leica SCN", ".bif": "Ventana BIF", ".vms": "Hamamatsu VMS",
+    ".vmu": "Hamamatsu VMU", ".dcm": "DICOM WSI",
+}
+
+
+def openslide_available() -> bool:
+    """Whether the OpenSlide backend can be used (``pip install "napari-bcd[openslide]"``)."""
+    try:
+        import openslide  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _try_openslide(p: Path, err: SlideError) -> Slide:
+    """OpenSlide as the fallback for a TIFF the fast path refused; the fast path's message if it cannot help."""
+    if not openslide_available():
+        raise err
+    try:
+        import openslide
+
+        if openslide.OpenSlide.detect_format(str(p)) is None:
+            raise err
+    except openslide.OpenSlideError:
+        raise err from None
+    return _open_openslide(p, "TIFF (through OpenSlide)")
+
+
+def _open_openslide(p: Path, what: str) -> Slide:
+    """A slide read through OpenSlide behind the same :class:`Slide` API (levels, read_region, mpp)."""
+    try:
+        import openslide
+    except (ImportError, OSError) as err:
+        raise SlideError(
+            f"{p.name} is a {what} slide, which napari-bcd reads through OpenSlide: pip install "
+            '"napari-bcd[openslide]" (openslide-python and openslide-bin).'
+        ) from err
+    try:
+        osr = openslide.OpenSlide(str(p))
+    except (openslide.OpenSlideError, OSError) as err:
+        raise SlideError(f"{p.name} cannot be read as a {what} slide ({err}). It may be incomplete (MRXS and VMS "
+                         "need their companion folder or files beside them).") from err
+    props = osr.properties
+    try:
+        mx, my = float(props.get("openslide.mpp-x", "nan")), float(props.get("openslide.mpp-y", "nan"))
+        mpp = (my, mx) if math.isfinite(mx) and math.isfinite(my) and _MPP_RANGE[0] <= mx <= _MPP_RANGE[1] else None
+    except ValueError:
+        mpp = None
+    lock = threading.Lock()
+    segments = [_OpenSlideSegments(osr, i, lock) for i in range(osr.level_count)]
+    H, W = segments[0].shape
+    infos = [LevelInfo(seg.shape, (H / seg.shape[0], W / seg.shape[1])) for seg in segments]
+    vendor = props.get("openslide.vendor", "openslide")
+    return Slide(p, infos, mpp, segments=segments, vendor=f"openslide:{vendor}")  # type: ignore[arg-type]
 
 
 def _check_pixels(p: Path, dtype: np.dtype, samples: int, extra: str = "") -> None:
