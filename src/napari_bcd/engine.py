@@ -70,6 +70,9 @@ class ClassMap:
         ``(rows, cols)`` fraction of each cell that is tissue (0-1).
     window_done
         ``(window rows, window cols)`` bool: windows sent to the model.
+    quality
+        ``(rows, cols)`` image-quality score of each cell (mean over its
+        windows: :mod:`napari_bcd.review.quality`; NaN on glass), or None.
     grid
         Geometry: cells and windows in level-0 pixels and µm.
     classes
@@ -86,6 +89,12 @@ class ClassMap:
     slide_shape: tuple[int, int] = (0, 0)
     model_name: str = ""
     info: dict = field(default_factory=dict)
+    quality: np.ndarray | None = None
+
+    @property
+    def uncertain_label(self) -> int:
+        """The label of cells the decision rule left uncertain (one past the classes)."""
+        return len(self.classes) + 1
 
     @property
     def n_windows(self) -> int:
@@ -130,6 +139,8 @@ def iter_classify(
     workers: int | None = None,
     prefetch: int = 2,
     compile: bool = False,
+    decision=None,
+    quality: bool = True,
 ) -> Generator[Progress, None, ClassMap]:
     """Classify a slide window by window, yielding progress, returning a :class:`ClassMap`.
 
@@ -159,6 +170,13 @@ def iter_classify(
     compile
         ``torch.compile`` the model (a GPU's long runs): compiled once, before
         the timed work, for one padded batch shape.
+    decision
+        A :class:`~napari_bcd.review.DecisionRule` (or its dict): per-class
+        thresholds and uncertainty cut-offs.  None: the model card's rule
+        (the arg-max when the card has none).
+    quality
+        Score each window's image quality (pen, blur, folds; computed in the
+        reading threads): cells below the rule's ``min_quality`` become uncertain.
 
     Returns
     -------
@@ -187,6 +205,11 @@ def iter_classify(
         raise BcdError(f"batch_size must be at least 1, got {batch_size}.")
     if not 0 <= min_tissue <= 1:
         raise BcdError(f"min_tissue is a fraction between 0 and 1, got {min_tissue}.")
+    from .review.decision import DecisionRule
+
+    rule = (decision if isinstance(decision, DecisionRule)
+            else DecisionRule.from_dict(card.decision if decision is None else decision))
+    rule.check_classes(card.classes)
     grid = make_grid(
         slide.dimensions,
         slide_mpp,
@@ -196,7 +219,8 @@ def iter_classify(
         stride=stride,
         stride_um=stride_um,
     )
-    return _classify(slide, predictor, grid, tissue, min_tissue, batch_size, workers, prefetch, slide_mpp)
+    return _classify(slide, predictor, grid, tissue, min_tissue, batch_size, workers, prefetch, slide_mpp, rule,
+                     quality)
 
 
 @dataclass(frozen=True)
@@ -263,7 +287,12 @@ def _classify(
     workers: int | None,
     prefetch: int,
     slide_mpp: tuple[float, float],
+    rule,
+    score_quality: bool = True,
 ) -> Generator[Progress, None, ClassMap]:
+    from .review.decision import decide
+    from .review.quality import window_quality
+
     card = predictor.model.card
     yield Progress("tissue", 0, 0)
     win_frac, cell_frac, tissue_share = tissue_fractions(slide, grid, tissue, slide_mpp)
@@ -273,6 +302,9 @@ def _classify(
     sums = np.zeros((*grid.n_cells, n_cls), np.float64)
     counts = np.zeros(grid.n_cells, np.int32)
     done_mask = np.zeros(grid.n_windows, bool)
+    q_sums = np.zeros(grid.n_cells, np.float64)
+    q_counts = np.zeros(grid.n_cells, np.int32)
+    level_mpp = float(grid.mpp[1] * grid.level_downsample[1])
     kh, kw = grid.cells_per_window
 
     _, _, win_h, win_w = grid.read_box(0, 0)
@@ -316,11 +348,18 @@ def _classify(
                 if isinstance(item, BaseException):
                     raise item
                 batch_rc, pixels = item
+                # The quality score runs in the reading threads while the model works on the batch.
+                q_future = pool.submit(window_quality, pixels, level_mpp) if score_quality else None
                 probs = predictor(pixels)
                 for (r, c), p in zip(batch_rc, probs, strict=True):
                     sums[r : r + kh, c : c + kw] += p
                     counts[r : r + kh, c : c + kw] += 1
                     done_mask[r, c] = True
+                if q_future is not None:
+                    for (r, c), q in zip(batch_rc, q_future.result(), strict=True):
+                        if np.isfinite(q):
+                            q_sums[r : r + kh, c : c + kw] += q
+                            q_counts[r : r + kh, c : c + kw] += 1
                 done += len(batch_rc)
                 elapsed = time.perf_counter() - t0
                 rate = done / elapsed if elapsed > 0 else 0.0
@@ -335,9 +374,13 @@ def _classify(
     with np.errstate(invalid="ignore", divide="ignore"):
         probs = (sums / counts[..., None]).astype(np.float32)
     probs[counts == 0] = np.nan
-    labels = np.zeros(grid.n_cells, np.uint8)
     covered = (counts > 0) & (cell_frac >= min_tissue * 0.5)
-    labels[covered] = (np.nanargmax(np.where(covered[..., None], probs, 0), axis=-1) + 1)[covered].astype(np.uint8)
+    cell_quality = None
+    if score_quality:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cell_quality = (q_sums / q_counts).astype(np.float32)
+        cell_quality[q_counts == 0] = np.nan
+    labels, reasons = decide(probs, covered, tuple(card.classes), rule, cell_quality)
     elapsed = time.perf_counter() - t0
     return ClassMap(
         probs=probs,
@@ -349,7 +392,9 @@ def _classify(
         slide_name=slide.name,
         slide_shape=slide.dimensions,
         model_name=card.name,
+        quality=cell_quality,
         info={
+            "decision": {**rule.to_dict(), "uncertain_cells": reasons},
             "windows": int(total),
             "seconds": round(elapsed, 3),
             "windows_per_s": round(total / elapsed, 3) if elapsed > 0 and total else 0.0,

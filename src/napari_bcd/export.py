@@ -156,7 +156,9 @@ def write_label_tiff(class_map: ClassMap, path: str | os.PathLike[str], *, overw
     styles = class_styles(class_map.classes)
     for st in styles:
         cmap[:, st.label] = np.asarray(st.color, np.uint16) * 257
-    legend = {"0": "Background", **{str(st.label): st.display_name for st in styles}}
+    unsure = class_map.uncertain_label
+    cmap[:, unsure] = 158 * 257
+    legend = {"0": "Background", **{str(st.label): st.display_name for st in styles}, str(unsure): "Uncertain"}
     with atomic_path(p) as tmp:
         tifffile.imwrite(
             tmp,

@@ -18,7 +18,12 @@ def label_colors(classes: tuple[str, ...] | list[str] = CLASS_NAMES) -> dict[int
     for st in class_styles(classes):
         r, g, b = st.color
         colors[st.label] = (r / 255, g / 255, b / 255, 1.0)
+    colors[len(tuple(classes)) + 1] = UNCERTAIN_RGBA
     return colors
+
+
+#: Uncertain cells (see :mod:`napari_bcd.review.decision`): grey.
+UNCERTAIN_RGBA = (0.62, 0.62, 0.62, 1.0)
 
 
 def classmap_layers(
@@ -100,5 +105,6 @@ def describe_hover(class_map: ClassMap, world_yx: tuple[float, float], image_tra
         return ""
     parts = " ".join(f"{n[:3]} {p:.2f}" for n, p in zip(class_map.classes, probs, strict=True))
     styles = class_styles(class_map.classes)
-    shown = styles[label - 1].display_name if 0 < label <= len(styles) else "not classified"
+    shown = (styles[label - 1].display_name if 0 < label <= len(styles)
+             else "uncertain" if label == class_map.uncertain_label else "not classified")
     return f"{shown}  ({parts})"

@@ -48,6 +48,14 @@ class Summary:
     call_probability: float | None
     min_area_mm2: float
     info: dict = field(default_factory=dict)
+    #: Cells the decision rule left uncertain (low confidence, low image quality, no threshold reached):
+    #: counted here, never in a class or the call.
+    uncertain_area_mm2: float = 0.0
+    uncertain_percent_of_tissue: float = 0.0
+    low_quality_area_mm2: float = 0.0
+    #: The rule that turned probabilities into labels (thresholds, cut-offs), in words and as data.
+    decision: str = "most probable class"
+    decision_rule: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,12 +66,17 @@ class Summary:
     def to_csv(self) -> str:
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
-        w.writerow(["slide", "class", "windows", "area_mm2", "percent_of_tissue", "mean_probability", "slide_call", "call_probability"])
+        w.writerow(["slide", "class", "windows", "area_mm2", "percent_of_tissue", "mean_probability", "slide_call",
+                    "call_probability", "decision"])
+        call_p = "" if self.call_probability is None else f"{self.call_probability:.4f}"
         for c in self.classes:
             w.writerow([
                 self.slide, c.name, c.windows, f"{c.area_mm2:.4f}", f"{c.percent_of_tissue:.2f}",
-                f"{c.mean_probability:.4f}", self.call or "", "" if self.call_probability is None else f"{self.call_probability:.4f}",
+                f"{c.mean_probability:.4f}", self.call or "", call_p, self.decision,
             ])
+        if self.uncertain_area_mm2:
+            w.writerow([self.slide, "(uncertain)", "", f"{self.uncertain_area_mm2:.4f}",
+                        f"{self.uncertain_percent_of_tissue:.2f}", "", self.call or "", call_p, self.decision])
         return out.getvalue()
 
     def table(self, compact: bool = False) -> str:
@@ -80,6 +93,11 @@ class Summary:
                     f"{c.display_name:<20} {c.windows:>7d} {c.area_mm2:>9.3f} {c.percent_of_tissue:>8.1f}% "
                     f"{c.mean_probability:>7.3f}"
                 )
+        if self.uncertain_area_mm2:
+            lines.append(f"uncertain: {self.uncertain_area_mm2:.3f} mm² ({self.uncertain_percent_of_tissue:.1f}% of "
+                         "classified tissue), not in the call")
+        if self.decision != "most probable class":
+            lines.append(f"rule: {self.decision}")
         if self.call is None:
             verdict = "no tissue classified" if self.windows == 0 else f"no class covers more than {self.min_area_mm2} mm²"
             lines.append(f"slide call: none ({verdict})")
@@ -100,8 +118,11 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     """
     g = class_map.grid
     cell_mm2 = g.cell_um[0] * g.cell_um[1] / 1e6
+    from .review.decision import DecisionRule
+
     labels = class_map.labels
-    classified = labels > 0
+    unsure = labels == class_map.uncertain_label
+    classified = (labels > 0) & ~unsure
     # Only the part of a cell on the image counts (edge cells run past it), and "% of tissue" weighs each
     # cell by its tissue (the detector's fraction, which is 0 off the image).
     inside = (g.cell_inside_fraction(class_map.slide_shape) if all(class_map.slide_shape)
@@ -147,6 +168,12 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
             call, call_p = name, r.mean_probability
             break
     display = by_name[call].display_name if call else "none"
+    decision = (class_map.info or {}).get("decision") or {}
+    rule = DecisionRule.from_dict({k: v for k, v in decision.items() if k != "uncertain_cells"})
+    all_tissue = classified_tissue + float((tissue * unsure).sum())
+    low_q = np.zeros(labels.shape, bool)
+    if class_map.quality is not None and rule.min_quality > 0:
+        low_q = unsure & np.isfinite(class_map.quality) & (class_map.quality < rule.min_quality)
     return Summary(
         slide=class_map.slide_name,
         model=class_map.model_name,
@@ -159,4 +186,9 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
         call_probability=call_p,
         min_area_mm2=min_area_mm2,
         info=dict(class_map.info),
+        uncertain_area_mm2=round(float(inside[unsure].sum()) * cell_mm2, 6),
+        uncertain_percent_of_tissue=(round(100.0 * float(tissue[unsure].sum()) / all_tissue, 3) if all_tissue else 0.0),
+        low_quality_area_mm2=round(float(inside[low_q].sum()) * cell_mm2, 6),
+        decision=rule.describe(),
+        decision_rule=rule.to_dict(),
     )

@@ -46,6 +46,10 @@ class ModelCard:
         Pixel normalisation.
     training, metrics
         Provenance (data, split, hyper-parameters, curves) and validation figures.
+    decision
+        How probabilities become labels: per-class thresholds and the
+        uncertainty cut-offs (:class:`~napari_bcd.review.DecisionRule`); empty
+        = the most probable class.
     """
 
     classes: tuple[str, ...] = CLASS_NAMES
@@ -58,6 +62,7 @@ class ModelCard:
     name: str = "untrained"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] = field(default_factory=dict)
     package_version: str = ""
     weights_sha256: str = ""
     created: str = ""
@@ -85,6 +90,15 @@ class ModelCard:
             problems.append(f"field_um must be two positive µm, got {list(self.field_um)}")
         if not isinstance(self.preprocessing, Preprocessing):
             problems.append(f"preprocessing must be an object or a name, got {self.preprocessing!r}")
+        if self.decision:
+            from ..review.decision import DecisionRule
+
+            try:
+                rule = DecisionRule.from_dict(self.decision)
+                rule.check_classes(self.classes)
+                object.__setattr__(self, "decision", rule.to_dict())
+            except BcdError as err:
+                problems.append(f"decision: {err}")
         if problems:
             raise CheckpointError("The model card is not usable: " + "; ".join(problems) + ".")
 
@@ -145,6 +159,14 @@ class ModelCard:
             lines.append(f"trained   protocol {protocol}, {self.training.get('split', {}).get('kind', '')}")
         if self.training and self.training.get("validation") is False:
             lines.append("metrics   none: trained without validation data")
+        if self.decision:
+            from ..review.decision import DecisionRule
+
+            lines.append(f"decision  {DecisionRule.from_dict(self.decision).describe()}")
+        parent = (self.training.get("retrain") or {}).get("parent") if isinstance(self.training, dict) else None
+        if parent:
+            lines.append(f"retrained from {parent.get('name', '')} ({parent.get('path', '')}), "
+                         f"{len(self.training['retrain'].get('corrections', []))} corrected cells")
         for key in ("accuracy", "macro_f1", "weighted_f1", "probe_accuracy"):
             if key in self.metrics:
                 lines.append(f"{key:<9} {self.metrics[key]:.4f}")
