@@ -210,6 +210,105 @@ def _check_out_dir(out: Path) -> None:
         raise BcdError(f"--out {out} cannot be written ({err.strerror or err}). Choose a folder you can write to.") from err
 
 
+def _threshold(text: str) -> tuple[str, float]:
+    """``CLASS=P`` for --threshold."""
+    name, sep, value = text.partition("=")
+    try:
+        p = float(value)
+    except ValueError:
+        p = float("nan")
+    if not sep or not name.strip() or not 0 < p <= 1:
+        raise argparse.ArgumentTypeError(f"expected CLASS=P with P in (0, 1], e.g. Invasive=0.3; got {text!r}")
+    return name.strip(), p
+
+
+def _decision_from(args: argparse.Namespace, card):
+    """The card's decision rule with the command line's changes, or None when nothing was asked."""
+    from .review.decision import DecisionRule
+
+    asked = (args.threshold or args.min_confidence is not None or args.min_quality is not None
+             or args.uncertainty is not None or getattr(args, "clear", False))
+    if not asked:
+        return None
+    rule = DecisionRule() if getattr(args, "clear", False) else DecisionRule.from_dict(card.decision)
+    changes = {}
+    if args.threshold:
+        changes["thresholds"] = {**rule.thresholds, **dict(args.threshold)}
+    if args.min_confidence is not None:
+        changes["min_confidence"] = args.min_confidence
+    if args.min_quality is not None:
+        changes["min_quality"] = args.min_quality
+    if args.uncertainty is not None:
+        changes["measure"] = args.uncertainty
+    rule = rule.replace(**changes)
+    rule.check_classes(card.classes)
+    return rule
+
+
+def _decision_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", action="append", type=_threshold, metavar="CLASS=P",
+                   help="call CLASS when its probability reaches P (most severe class first), e.g. Invasive=0.3; "
+                        "repeat for several classes")
+    p.add_argument("--min-confidence", type=_SHARE, help="cells less confident than this are 'uncertain' (0-1)")
+    p.add_argument("--uncertainty", choices=["max_probability", "margin", "entropy"],
+                   help="the confidence measure of --min-confidence (default max_probability)")
+    p.add_argument("--min-quality", type=_SHARE,
+                   help="cells whose image quality (pen, blur, folds) is below this are 'uncertain' (0-1)")
+
+
+def _cmd_model_decision(args: argparse.Namespace) -> int:
+    from .model.checkpoint import load_checkpoint, save_checkpoint
+
+    model = load_checkpoint(args.checkpoint)
+    rule = _decision_from(args, model.card)
+    if rule is None:
+        from .review.decision import DecisionRule
+
+        print(DecisionRule.from_dict(model.card.decision).describe())
+        return 0
+    save_checkpoint(model, model.card.replace(decision=rule.to_dict()), args.checkpoint, overwrite=True)
+    print(f"{args.checkpoint}: {rule.describe()} (the weights are unchanged)")
+    return 0
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from .io.slide import open_slide
+    from .model.card import read_card
+    from .review.corrections import read_corrections
+    from .review.retrain import iter_retrain
+    from .tiling import make_grid
+
+    card = read_card(args.checkpoint)
+    with open_slide(args.slide, mpp=args.mpp) as slide:
+        if slide.mpp is None:
+            raise BcdError(f"{slide.name} does not say its pixel size; pass --mpp.")
+        grid = make_grid(slide.dimensions, slide.mpp, card.field_um, card.input_px,
+                         [i.downsample for i in slide.level_info], stride=args.stride)
+        corrections = read_corrections(args.corrections, grid, card.classes, slide=slide.name)
+        for note in corrections.notes:
+            print(f"note: {note}", file=sys.stderr)
+        data = None if args.data == "none" else ("card" if args.data is None else args.data)
+        gen = iter_retrain(args.checkpoint, corrections, slide, out=args.out, weight=args.weight, steps=args.steps,
+                           data=data, device=args.device, stride=args.stride, mpp=args.mpp,
+                           whole_slide=args.classify_out is not None)
+        result = _drive(gen, "retrain")
+    if result is None:
+        print("napari-bcd: stopped before training; nothing was saved", file=sys.stderr)
+        return 130
+    print(result.describe())
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.classify_out is not None and result.class_map is not None:
+        from .export import write_outputs
+
+        out = Path(args.classify_out)
+        _check_out_dir(out)
+        paths = write_outputs(result.class_map, out, overwrite=args.overwrite,
+                              record={"model": str(result.checkpoint), "retrained_from": str(result.parent)})
+        print("wrote " + ", ".join(p.name for p in paths.values()))
+    return 0
+
+
 def _cmd_classify(args: argparse.Namespace) -> int:
     from collections import Counter
     from concurrent.futures import ThreadPoolExecutor
@@ -237,7 +336,10 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         first = _warm_thumbnail(args.slides[0], args.mpp)
         model = loading.result()
     predictor = Predictor(model, device=args.device, precision=args.precision, compile=args.compile)
+    decision = _decision_from(args, model.card)
     print(model.card.describe(), file=sys.stderr)
+    if decision is not None:
+        print(f"decision  {decision.describe()} (this run)", file=sys.stderr)
     failed: list[str] = []
     for slide_path in args.slides:
         name = Path(slide_path).name
@@ -260,6 +362,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                         tissue=TissueParams(threshold=args.tissue_threshold),
                         min_tissue=args.min_tissue,
                         workers=args.workers,
+                        decision=decision,
                     )
                     cmap = _drive(gen, name, "win")
                 summary = summarize(cmap, min_area_mm2=args.min_area)
@@ -267,7 +370,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                           "settings": {"stride": args.stride, "stride_um": args.stride_um, "mpp": args.mpp,
                                        "compile": args.compile,
                                        "tissue_threshold": args.tissue_threshold, "min_tissue": args.min_tissue,
-                                       "min_area_mm2": args.min_area}}
+                                       "min_area_mm2": args.min_area},
+                          "decision": cmap.info.get("decision")}
                 paths = write_outputs(cmap, out, stem=stem, min_area_mm2=args.min_area, overwrite=args.overwrite,
                                       summary=summary, record=record)
             warmup = cmap.info.get("warmup_seconds") or 0
@@ -540,6 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="the whole card as JSON")
     p.set_defaults(func=_cmd_model_info)
+    p = m.add_parser("decision", help="show or set a checkpoint's per-class thresholds and uncertainty cut-offs "
+                                      "(stored in its card; the weights are unchanged)")
+    p.add_argument("checkpoint")
+    _decision_options(p)
+    p.add_argument("--clear", action="store_true", help="back to the most probable class, no cut-offs")
+    p.set_defaults(func=_cmd_model_decision)
 
     p = sub.add_parser("classify", help="classify whole slides and write labels, probabilities, summary, GeoJSON")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="SVS, NDPI, OME-TIFF, TIFF, PNG or JPEG files")
@@ -558,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=_POSITIVE, help="µm per pixel of level 0, for files that do not say")
     p.add_argument("--workers", type=_COUNT, help="reading threads (default: up to 4)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _decision_options(p)
     p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser("export-patches", help="cut ICIAR-style patches from annotated regions of a slide")
@@ -629,6 +740,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-default", action="store_true", help="do not make the best model the default")
     bach_options(p)
     p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("retrain", help="learn corrected regions of a slide: a new model beside the old one")
+    p.add_argument("checkpoint", help="the model whose map was corrected")
+    p.add_argument("--corrections", required=True, metavar="FILE",
+                   help="GeoJSON (QuPath, or the dock's export) of polygons classified with the right class")
+    p.add_argument("--slide", required=True, help="the slide the corrections are on")
+    p.add_argument("--out", help="the new checkpoint (default: <checkpoint>-rN.safetensors; never replaces a file)")
+    p.add_argument("--weight", type=_POSITIVE, default=4.0, help="how many training images each corrected cell counts as")
+    p.add_argument("--steps", type=_COUNT, default=300, help="optimiser steps")
+    p.add_argument("--data", help="the model's training images (default: where its card says; 'none' for none)")
+    p.add_argument("--stride", type=_POSITIVE, default=1.0, help="the classify run's --stride (cells must match)")
+    p.add_argument("--mpp", type=_POSITIVE, help="µm per pixel of level 0, for a slide that does not say")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--classify-out", metavar="DIR", help="also classify the slide with the new model into DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --classify-out")
+    p.set_defaults(func=_cmd_retrain)
 
     p = sub.add_parser("evaluate", help="Table III report of a checkpoint on an ICIAR folder")
     p.add_argument("checkpoint")

@@ -67,6 +67,12 @@ def to_feature_collection(annotations: Iterable[Annotation]) -> dict:
                 props["name"] = first.label
         if name:
             props["classification"] = {"name": name, "color": [int(c) for c in color]}
+        if first.name:
+            props["name"] = first.name
+        if first.measurements:
+            # QuPath 0.4+ writes (and reads) measurements as one object of name -> number.
+            props["measurements"] = {str(k): float(v) for k, v in first.measurements.items()
+                                     if v is not None and np.isfinite(v)}
         fid = key if first.group and _is_uuid(key) else str(uuid.uuid4())
         features.append({"type": "Feature", "id": fid, "geometry": geometry, "properties": props})
     return {"type": "FeatureCollection", "features": features}

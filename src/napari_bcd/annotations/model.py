@@ -28,6 +28,11 @@ class Annotation:
         The source file's colour ``(r, g, b)`` 0-255, when it has one.
     group
         Parts of one multi-polygon share a group (e.g. the GeoJSON feature id).
+    measurements
+        Named numbers QuPath shows in its measurement table (written to
+        GeoJSON as ``properties.measurements``).
+    name
+        The object's name (QuPath's "Name" column), when it has one apart from its class.
     """
 
     label: str
@@ -36,6 +41,8 @@ class Annotation:
     holes: list[np.ndarray] = field(default_factory=list)
     color: tuple[int, int, int] | None = None
     group: str | None = None
+    measurements: dict[str, float] = field(default_factory=dict)
+    name: str | None = None
 
     def __post_init__(self) -> None:
         self.polygon = _open_ring(np.asarray(self.polygon, dtype=np.float64).reshape(-1, 2))

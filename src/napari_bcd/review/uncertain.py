@@ -1,0 +1,99 @@
+"""The uncertain places first: neighbouring uncertain cells merged into regions, most uncertain first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .decision import uncertainty
+
+__all__ = ["UncertainRegion", "uncertain_regions"]
+
+
+@dataclass(frozen=True)
+class UncertainRegion:
+    """Neighbouring cells at or above the uncertainty threshold.
+
+    Attributes
+    ----------
+    rank
+        1 = the most uncertain region.
+    score, max_score
+        Mean and highest uncertainty of its cells (0 certain .. 1 uniform).
+    cells
+        Cells in the region; ``cell_rows`` / ``cell_cols`` list them.
+    box_px
+        Level-0 ``(y0, x0, y1, x1)`` around it, cut at the image's edge.
+    probabilities
+        Mean class probabilities over its cells, by class name.
+    """
+
+    rank: int
+    score: float
+    max_score: float
+    cells: int
+    box_px: tuple[float, float, float, float]
+    probabilities: dict[str, float]
+    area_mm2: float
+    cell_rows: tuple[int, ...]
+    cell_cols: tuple[int, ...]
+
+    @property
+    def centre_px(self) -> tuple[float, float]:
+        y0, x0, y1, x1 = self.box_px
+        return ((y0 + y1) / 2, (x0 + x1) / 2)
+
+    @property
+    def likely(self) -> str:
+        """The two most probable classes, e.g. ``"InSitu 0.46 / Invasive 0.41"``."""
+        top = sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:2]
+        return " / ".join(f"{k} {v:.2f}" for k, v in top)
+
+    def describe(self) -> str:
+        return (f"#{self.rank}: uncertainty {self.score:.2f} (max {self.max_score:.2f}), {self.cells} cell(s), "
+                f"{self.area_mm2:.3f} mm²; {self.likely}")
+
+
+def uncertain_regions(class_map, measure: str = "margin", n: int = 10, threshold: float = 0.5) -> list[UncertainRegion]:
+    """The ``n`` most uncertain regions of a class map.
+
+    Cells that were classified and whose :func:`~.decision.uncertainty` is at
+    least ``threshold`` are joined with their 8 neighbours into regions;
+    regions are ordered by their mean uncertainty (then size).  ``threshold``
+    0 makes every classified cell a candidate.
+    """
+    from scipy import ndimage
+
+    u = uncertainty(class_map.probs, measure)
+    covered = (class_map.labels > 0) & np.isfinite(u)
+    cand = covered & (u >= threshold)
+    if not cand.any():
+        return []
+    lab, count = ndimage.label(cand, structure=np.ones((3, 3), int))
+    idx = np.arange(1, count + 1)
+    mean_u = np.asarray(ndimage.mean(u, lab, idx))
+    size = np.asarray(ndimage.sum(cand, lab, idx))
+    order = np.lexsort((-size, -mean_u))[: max(int(n), 0)]
+    slices = ndimage.find_objects(lab)
+    g = class_map.grid
+    H, W = class_map.slide_shape if all(class_map.slide_shape) else (np.inf, np.inf)
+    cell_mm2 = g.cell_um[0] * g.cell_um[1] / 1e6
+    out = []
+    for rank, k in enumerate(order, start=1):
+        sl = slices[k]
+        sel = lab[sl] == k + 1
+        rows, cols = np.nonzero(sel)
+        rows, cols = rows + sl[0].start, cols + sl[1].start
+        y0 = g.origin_px[0] + sl[0].start * g.stride_px[0]
+        x0 = g.origin_px[1] + sl[1].start * g.stride_px[1]
+        y1 = min(g.origin_px[0] + sl[0].stop * g.stride_px[0], H)
+        x1 = min(g.origin_px[1] + sl[1].stop * g.stride_px[1], W)
+        probs = np.nanmean(class_map.probs[rows, cols], axis=0)
+        out.append(UncertainRegion(
+            rank=rank, score=float(mean_u[k]), max_score=float(u[rows, cols].max()), cells=int(len(rows)),
+            box_px=(float(max(y0, 0)), float(max(x0, 0)), float(y1), float(x1)),
+            probabilities={c: float(p) for c, p in zip(class_map.classes, probs, strict=True)},
+            area_mm2=float(len(rows) * cell_mm2), cell_rows=tuple(int(r) for r in rows),
+            cell_cols=tuple(int(c) for c in cols)))
+    return out
