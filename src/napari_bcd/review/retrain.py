@@ -269,7 +269,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     from ..model.checkpoint import load_checkpoint, save_checkpoint
     from ..model.inference import choose_device
     from ..train.finetune import _fold_standardisation, dihedral
-    from ..windows import read_window, resize_area, tissue_fractions, window_batches
+    from ..windows import resize_area, tissue_fractions, window_batches
     from .decision import DecisionRule, decide
 
     t_start = time.perf_counter()
@@ -286,7 +286,6 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     region_win = np.zeros_like(classified_win)
     region_win[max(r0 - kh + 1, 0) : r1, max(c0 - kw + 1, 0) : c1] = True
     region_win &= classified_win
-    corrected_cells = {(c.row, c.col) for c in corrections.cells}
     others = np.argwhere(classified_win & ~region_win)
     spread = others[rng.choice(len(others), size=min(n_anchor, len(others)), replace=False)] if len(others) else others
     region_list = np.argwhere(region_win)
@@ -441,7 +440,6 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     probs_w = (Wt / Wt.sum()).numpy()
     stopped = "completed"
-    corr_z = corr_f[:, 0].to(dev)
     corr_windows = torch.from_numpy(share > 0)
     win_z = win_f[corr_windows].to(dev)
     step = 0
