@@ -9,6 +9,7 @@ dock opens at once and stays responsive.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 OVERLAP = {"none": 1.0, "50 %": 0.5, "75 %": 0.25}
 #: Windows per second assumed before this machine has measured any (ResNet152V2, other backbones).
 _GUESS = {"cpu": (3.0, 30.0), "gpu": (1000.0, 3000.0)}
+
+
+#: Open Classify docks: the Review dock hands them a retrained model (and the parent again on Undo).
+INSTANCES: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class ClassifyWidget(Container):
         self._on_layers_changed()
         self._on_model_changed()
         self._on_image_changed()
+        INSTANCES.add(self)
 
     # ------------------------------------------------------------------ inputs
     def _image_choices(self, _widget=None) -> list:
@@ -307,16 +313,19 @@ class ClassifyWidget(Container):
         from ..tissue import TissueParams
 
         model = self._model if self._model is not None and self._model_key == key else None
+        checkpoint = self._checkpoint()
         if model is None:
             yield _Stage("Loading the model…")
             model = load_model(self._model_path())
             self._model, self._model_key = model, key  # kept for the next run
         yield _Stage("Finding tissue…")
-        return (yield from iter_classify(
+        class_map = yield from iter_classify(
             slide, model, stride=stride, batch_size=self._batch_spin.value or None,
             device=self._device_combo.value, tissue=TissueParams(threshold=self._tissue_spin.value),
             compile=self._compile_check.value,
-        ))
+        )
+        class_map.info["model_path"] = str(checkpoint) if checkpoint else ""  # the Review dock retrains it
+        return class_map
 
     def _on_run_clicked(self) -> None:
         layer = self._image_combo.value
