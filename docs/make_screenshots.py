@@ -105,6 +105,41 @@ def main() -> None:
     pump(1)
     _save(viewer, out / "classify.png")
 
+    # 4. Review: repaint a block of the map, retrain, then the uncertain places and a region's figures.
+    classify.native.parent().setVisible(False)  # room for the Review dock (the Classify dock stays open)
+    _, review = viewer.window.add_plugin_dock_widget("napari-bcd", "Review and retrain")
+    labels = review._map_combo.value
+    cm = review.class_map
+    k = labels.metadata["napari_bcd"]["downsample"]
+    cov = cm.labels > 0
+    r, c = next((r, c) for r, c in np.argwhere(cov)[len(np.argwhere(cov)) // 3:] if cov[r : r + 4, c : c + 4].all())
+    sy, sx = cm.grid.stride_px
+    review._paint_combo.value = review._paint_combo.choices[0]
+    labels.paint_polygon(box(r * sy / k + 1, c * sx / k + 1, (r + 4) * sy / k - 2, (c + 4) * sx / k - 2),
+                         labels.selected_label)
+    pump(1)
+    review.retrain()
+    wait(review)
+    region = viewer.add_shapes([box(700, 800, 1500, 1700) * tuple(image.scale[-2:])], shape_type="rectangle",
+                               name="region", units=units, edge_color="yellow", face_color="transparent",
+                               edge_width=8)
+    review._shapes_combo.value = region
+    viewer.layers.selection.active = labels
+    pump(1)
+    _save(viewer, out / "review.png")
+    from napari_bcd.review import uncertainty
+
+    conf = 1 - uncertainty(review.class_map.probs, "margin")
+    review._conf_spin.value = float(np.ceil(np.nanpercentile(conf[review.class_map.labels > 0], 25) * 100) / 100)
+    review.apply_rule()
+    review.go_to(0)
+    review.explain()
+    wait(review)
+    pump(1)
+    _save(viewer, out / "review-uncertain.png")
+    viewer.window.remove_dock_widget(review.native.parent() if hasattr(review.native, "parent") else review)
+    viewer.layers.remove(region)
+
     # 3. The Annotations dock with the regions opened from the GeoJSON file.
     viewer.window.remove_dock_widget("all")
     for layer in list(viewer.layers):
@@ -117,7 +152,7 @@ def main() -> None:
     pump(1)
     _save(viewer, out / "annotations.png")
     viewer.close()
-    print(f"wrote {out / 'classify.png'}, train.png, annotations.png")
+    print(f"wrote {out / 'classify.png'}, train.png, review.png, review-uncertain.png, annotations.png")
 
 
 def _save(viewer, path: Path) -> None:

@@ -28,7 +28,7 @@ def test_manifest_validates() -> None:
     pm.discover()
     mf = pm.get_manifest("napari-bcd")
     assert [w.display_name for w in mf.contributions.widgets] == [
-        WIDGET, "Train from annotations", "Annotations: open and save"
+        WIDGET, "Train from annotations", "Review and retrain", "Annotations: open and save"
     ]
     assert mf.contributions.sample_data[0].display_name == "H&E breast slide, CMU-1 small region (Aperio, 20x)"
     assert {tuple(w.layer_types) for w in mf.contributions.writers} == {("labels",), ("shapes",)}

@@ -31,7 +31,6 @@ from magicgui.widgets import (
     Label,
     ProgressBar,
     PushButton,
-    SpinBox,
 )
 from napari.layers import Labels, Shapes
 from napari.utils.notifications import show_info
