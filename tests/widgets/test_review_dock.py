@@ -118,3 +118,23 @@ def test_region_table_follows_the_shapes(reviewed, tmp_path) -> None:
     geo = review.export_table("geojson", str(tmp_path / "r.geojson"))
     doc = json.loads(Path(geo).read_text())
     assert "Area mm^2" in doc["features"][0]["properties"]["measurements"]
+
+
+def test_classified_shapes_are_corrections_too(reviewed) -> None:
+    from napari_bcd.annotations import Annotation
+    from napari_bcd.annotations.napari import annotations_to_shapes
+
+    viewer, dock, review, cm, parent = reviewed
+    image = viewer.layers[0]
+    r, c = np.argwhere(cm.labels > 0)[0]
+    new = 1 + int(cm.labels[r, c]) % 4
+    y0, x0, h, w = cm.grid.window_box(int(r), int(c))
+    ann = Annotation(cm.classes[new - 1], new, np.array([[y0 + 5, x0 + 5], [y0 + 5, x0 + w - 5],
+                                                          [y0 + h - 5, x0 + w - 5], [y0 + h - 5, x0 + 5]]))
+    data, kw, _ = annotations_to_shapes([ann], scale=tuple(image.scale[-2:]), name="fixes",
+                                        units=tuple(str(u) for u in image.units[-2:]))
+    shapes = viewer.add_shapes(data, **{k: v for k, v in kw.items() if k != "metadata"})
+    review._shapes_combo.value = shapes
+    corr = review.corrections()
+    assert [(x.row, x.col, x.new) for x in corr.cells] == [(int(r), int(c), cm.classes[new - 1])]
+    assert review._corr_label.value.startswith("1 corrected cell(s)")

@@ -213,10 +213,27 @@ class ReviewWidget(Container):
 
     # ------------------------------------------------------------------ corrections
     def corrections(self):
-        """The cells repainted on the layer so far (:class:`~napari_bcd.review.Corrections`)."""
-        from ..review import corrections_from_labels
+        """The cells repainted on the layer, and those under classified shapes of the chosen Shapes layer.
 
-        return corrections_from_labels(self.class_map, np.asarray(self._layer.data))
+        A shape whose class is one of the model's corrects the cells whose
+        centre it covers (as ``napari-bcd retrain --corrections`` does);
+        unclassified shapes only feed the region table.
+        """
+        from ..review import corrections_from_annotations, corrections_from_labels
+
+        cm = self.class_map
+        painted = corrections_from_labels(cm, np.asarray(self._layer.data))
+        if self._shapes is None or not len(self._shapes.data):
+            return painted
+        anns = [a for a in self._region_annotations() if a.cls is not None]
+        if not anns:
+            return painted
+        drawn = corrections_from_annotations(cm.grid, anns, cm.classes, labels=cm.labels, slide=cm.slide_name,
+                                             uncertain_label=cm.uncertain_label)
+        cells = {(c.row, c.col): c for c in drawn.cells}
+        cells.update({(c.row, c.col): c for c in painted.cells})  # paint wins where both say something
+        painted.cells = [cells[k] for k in sorted(cells)]
+        return painted
 
     def _update_corrections(self) -> None:
         if self.class_map is None:
@@ -420,9 +437,11 @@ class ReviewWidget(Container):
         if self._shapes is not None:
             self._shapes.events.data.connect(self._on_shapes_data)
         self.update_table()
+        self._update_corrections()
 
     def _on_shapes_data(self, event=None) -> None:
         self.update_table()
+        self._update_corrections()
 
     def _region_annotations(self):
         from ..annotations.napari import shapes_to_annotations
