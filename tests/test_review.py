@@ -431,3 +431,24 @@ def test_saliency_layer_on_the_real_resnet152v2(he_256):
     kw = sal.layer_kwargs()
     assert kw["scale"][0] == pytest.approx(grid.window_px[0] / 128 * slide.mpp[0])
     assert sal.origin_px == (0.0, 0.0) and np.isfinite(sal.image).all()
+
+
+def test_retrain_on_the_real_resnet152v2(tmp_path):
+    """The paper's network (random weights here, 128 px inputs to keep it quick): a corrected cell is learnt."""
+    import torch
+
+    from napari_bcd import classify, open_slide
+    from napari_bcd.model import build_classifier, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet152v2", backbone_weights=None, input_px=(128, 128), field_um=(300.0, 300.0))
+    for p in model.head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    path = save_checkpoint(model.eval(), path=tmp_path / "r152.safetensors")
+    with open_slide(SAMPLE_SLIDE) as slide:
+        cm = classify(slide, model)
+        edited, (r, c), target = _block_edit(cm, size=1)
+        corr = corrections_from_labels(cm, edited)
+        _, res = drain(iter_retrain(path, corr, slide, class_map=cm, steps=150, views=4))
+    assert len(corr) == 1 and res.corrected_after == 1.0 and res.class_map.labels[r, c] == target
+    assert res.card.backbone == "resnet152v2" and res.card.training["retrain"]["views"] == 4
