@@ -90,8 +90,15 @@ def test_classify_writes_outputs_and_goes_on_after_a_bad_slide(
         assert (out / f"{stem}{suffix}").is_file()  # ...and the good one was still done
     assert "slide call:" in cap.out
     before = (out / f"{stem}.summary.json").read_bytes()
-    # Existing outputs are kept unless --overwrite.
-    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out)]) == 1
+    table = (out / "cohort.csv").read_text().splitlines()
+    assert table[0].startswith("id,slide,status,error") and len(table) == 3
+    assert table[1].startswith("notes,") and ",failed," in table[1] and ",done," in table[2]
+    # Complete outputs of the same model and settings are skipped: a rerun finishes only what is missing.
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert (out / f"{stem}.summary.json").read_bytes() == before
+    # Outputs of other settings are kept unless --overwrite.
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--stride", "0.5"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (out / f"{stem}.summary.json").read_bytes() == before
     assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--overwrite",

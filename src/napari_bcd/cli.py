@@ -310,111 +310,86 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from collections import Counter
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .engine import iter_classify
-    from .export import output_paths, outputs_complete, slide_lock, write_outputs
-    from .io.slide import open_slide
-    from .model.checkpoint import load_model
-    from .model.inference import Predictor
-    from .summary import summarize
-    from .tissue import TissueParams
+    from .cohort import CohortSettings, collect_slides, connect, iter_cohort, write_cohort_table
+    from .config import default_model_path
+    from .model.card import read_card
 
     out = Path(args.out)
     _check_out_dir(out)
-    stems = Counter(Path(p).stem for p in args.slides)
-    twice = sorted(s for s, n in stems.items() if n > 1)
-    if twice:
-        same = [p for p in args.slides if Path(p).stem in twice]
-        raise BcdError(f"{', '.join(same)} would write the same outputs ({twice[0]}.*) in {out}. Rename one, or "
-                       "classify them into different --out folders.")
-    # Importing torch and loading the checkpoint take seconds; the first
-    # slide's thumbnail (for tissue detection) is read meanwhile.
-    with ThreadPoolExecutor(1) as pool:
-        loading = pool.submit(load_model, args.model)
-        first = _warm_thumbnail(args.slides[0], args.mpp)
-        model = loading.result()
-    predictor = Predictor(model, device=args.device, precision=args.precision, compile=args.compile)
-    decision = _decision_from(args, model.card)
-    print(model.card.describe(), file=sys.stderr)
+    items = collect_slides(args.slides, recursive=args.recursive, manifest=args.manifest, mpp=args.mpp)
+    model_path = args.model or (str(default_model_path()) if default_model_path() else None)
+    card = read_card(model_path) if model_path else None
+    decision = _decision_from(args, card) if card is not None else None
+    settings = CohortSettings(stride=args.stride, stride_um=args.stride_um, tissue_threshold=args.tissue_threshold,
+                              min_tissue=args.min_tissue, min_area=args.min_area,
+                              decision=decision.to_dict() if decision is not None else None,
+                              batch_size=args.batch_size, device=args.device, precision=args.precision,
+                              compile=args.compile, workers=args.workers, overwrite=args.overwrite)
+    if card is not None:
+        print(card.describe(), file=sys.stderr)
     if decision is not None:
         print(f"decision  {decision.describe()} (this run)", file=sys.stderr)
-    failed: list[str] = []
-    for slide_path in args.slides:
-        name = Path(slide_path).name
-        warm, first = (first, None) if slide_path == args.slides[0] else (None, first)
-        try:
-            stem = Path(slide_path).stem
-            with slide_lock(out, stem):
-                existing = [p for p in output_paths(out, stem).values() if p.exists()]
-                if existing and not args.overwrite:
-                    state = "complete" if outputs_complete(out, stem) else "incomplete (an interrupted run)"
-                    raise BcdError(f"outputs already exist in {out} ({existing[0].name}…, {state}); pass --overwrite "
-                                   "to replace them")
-                with warm or open_slide(slide_path, mpp=args.mpp) as slide:
-                    gen = iter_classify(
-                        slide,
-                        predictor,
-                        stride=args.stride,
-                        stride_um=args.stride_um,
-                        batch_size=args.batch_size,
-                        tissue=TissueParams(threshold=args.tissue_threshold),
-                        min_tissue=args.min_tissue,
-                        workers=args.workers,
-                        decision=decision,
-                    )
-                    cmap = _drive(gen, name, "win")
-                summary = summarize(cmap, min_area_mm2=args.min_area)
-                record = {"model_weights_sha256": model.card.weights_sha256,
-                          "settings": {"stride": args.stride, "stride_um": args.stride_um, "mpp": args.mpp,
-                                       "compile": args.compile,
-                                       "tissue_threshold": args.tissue_threshold, "min_tissue": args.min_tissue,
-                                       "min_area_mm2": args.min_area},
-                          "decision": cmap.info.get("decision")}
-                paths = write_outputs(cmap, out, stem=stem, min_area_mm2=args.min_area, overwrite=args.overwrite,
-                                      summary=summary, record=record)
-            warmup = cmap.info.get("warmup_seconds") or 0
-            print(f"\n{name}: {cmap.n_windows} windows, {cmap.info.get('windows_per_s', 0):.1f}/s"
-                  + (f" (compiled in {warmup:.1f} s before)" if cmap.info.get("compiled") else ""))
-            print(summary.table())
-            print("wrote " + ", ".join(p.name for p in paths.values()))
-        except BcdError as err:
-            failed.append(name)
-            print(f"napari-bcd: {name}: {err}", file=sys.stderr)
-        except MemoryError:
-            failed.append(name)
-            print(f"napari-bcd: {name}: not enough memory to read it (is the file what it claims?)", file=sys.stderr)
-        except Exception as err:
-            failed.append(name)
-            log.debug("unexpected failure", exc_info=True)
-            print(f"napari-bcd: {name}: unexpected {type(err).__name__}: {err} (run with -v and report it)", file=sys.stderr)
-        finally:
-            if warm is not None:
-                warm.close()
+    client = None
+    if args.cluster:
+        client = connect(args.cluster)
+        link = getattr(client, "dashboard_link", None)
+        print(f"Dask cluster: {len(client.scheduler_info().get('workers', {}))} worker(s)"
+              + (f"; dashboard {link}" if link else ""), file=sys.stderr)
+    else:
+        from .cohort import _model_for
+
+        _model_for(model_path, settings)  # load once here: a bad model stops the run before any slide
+    rows: list[dict] = []
+    bar = None
+
+    def progress(item, p) -> None:
+        nonlocal bar
+        from ._progress import progress_bar
+
+        if not getattr(p, "total", 0) or p.stage != "classify":
+            return
+        if bar is None or bar.desc != Path(item.path).name:
+            if bar is not None:
+                bar.close()
+            bar = progress_bar(Path(item.path).name, p.total, unit="win")
+        bar.update(p.done - bar.n)
+
+    try:
+        for row in iter_cohort(items, out, model_path, settings, client=client, on_progress=progress):
+            if bar is not None:
+                bar.close()
+                bar = None
+            rows.append(row)
+            name = Path(row["slide"]).name
+            if row["status"] == "failed":
+                print(f"napari-bcd: {name}: {row['error']}", file=sys.stderr)
+            elif row["status"] == "skipped":
+                print(f"{name}: skipped, {row.get('note', 'done')} (--overwrite to compute again)")
+            else:
+                print(f"\n{name}: {row.get('windows', 0)} windows, {row.get('windows_per_s', 0):.1f}/s"
+                      + (f" ({row['note']})" if row.get("note") else ""))
+                print(row.get("table", ""))
+                print(f"wrote {row['id']}.* in {out}")
+    finally:
+        if bar is not None:
+            bar.close()
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None and args.cluster.startswith("local:"):
+                cluster.close()
+        if rows and len(items) > 1:
+            order = {i.stem: k for k, i in enumerate(items)}
+            rows.sort(key=lambda r: order.get(r["id"], len(order)))
+            tables = write_cohort_table(rows, out)
+            print("cohort table: " + ", ".join(str(t) for t in tables))
+    failed = [Path(r["slide"]).name for r in rows if r["status"] == "failed"]
     if failed:
-        print(f"napari-bcd: {len(failed)} of {len(args.slides)} slide(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"napari-bcd: {len(failed)} of {len(items)} slide(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 
 
-def _warm_thumbnail(path: str, mpp: float | None):
-    """Open a slide and make its (cached) thumbnail ahead of time, or None; errors surface on its turn."""
-    from .io.slide import open_slide
-
-    try:
-        slide = open_slide(path, mpp=mpp)
-    except Exception:  # noqa: BLE001 - reported when the slide's turn comes
-        return None
-    try:
-        slide.thumbnail(2000)
-    except Exception:  # noqa: BLE001 - same: this slide fails on its turn, the others go on
-        slide.close()
-        return None
-    return slide
-
-
-# --------------------------------------------------------------------------- training
 def _cmd_export_patches(args: argparse.Namespace) -> int:
     from .annotations import read_annotations
     from .io.slide import open_slide
@@ -652,7 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_model_decision)
 
     p = sub.add_parser("classify", help="classify whole slides and write labels, probabilities, summary, GeoJSON")
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="SVS, NDPI, OME-TIFF, TIFF, PNG or JPEG files")
+    p.add_argument("slides", nargs="*", metavar="SLIDE",
+                   help="SVS, NDPI, OME-TIFF, TIFF, PNG or JPEG files, or folders of slides")
+    p.add_argument("--recursive", action="store_true", help="also take the slides in sub-folders of a folder")
+    p.add_argument("--manifest", metavar="CSV", help="a CSV of slides: path, and optionally mpp and id")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="run the slides on a Dask cluster: tcp://HOST:PORT, or local:N for N worker processes here")
     p.add_argument("--model", help="checkpoint (default: the last trained/chosen model, or $NAPARI_BCD_MODEL)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--stride", type=_POSITIVE, default=1.0, help="window step as a fraction of the field (0.5 = overlap)")
