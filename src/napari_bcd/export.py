@@ -91,11 +91,30 @@ def label_regions(
     return out
 
 
-def class_regions(class_map: ClassMap) -> list[Annotation]:
-    """One (multi-)polygon per class: the union of its cells, cut at the image's edge, in level-0 pixels."""
+def class_regions(class_map: ClassMap, measurements: bool = True) -> list[Annotation]:
+    """One (multi-)polygon per class: the union of its cells, cut at the image's edge, in level-0 pixels.
+
+    With ``measurements`` each class's region carries what QuPath shows in
+    its measurement table: its area (mm²), share of the classified tissue,
+    and the mean probability of every class over its cells.
+    """
     g = class_map.grid
-    return label_regions(class_map.labels, class_map.classes, origin_px=g.origin_px, step_px=g.stride_px,
-                         clip_to=class_map.slide_shape if all(class_map.slide_shape) else None)
+    regions = label_regions(class_map.labels, class_map.classes, origin_px=g.origin_px, step_px=g.stride_px,
+                            clip_to=class_map.slide_shape if all(class_map.slide_shape) else None)
+    if measurements and regions:
+        summary = {c.name: c for c in summarize(class_map).classes}
+        for a in regions:
+            row = summary.get(a.label)
+            if row is None:
+                continue
+            k = class_map.classes.index(a.label) + 1
+            probs = class_map.probs[class_map.labels == k]
+            m = {"Area mm^2": row.area_mm2, "Tissue %": row.percent_of_tissue, "Windows": float(row.windows)}
+            if len(probs):
+                for name, v in zip(class_map.classes, np.nanmean(probs, axis=0), strict=True):
+                    m[f"Mean p({name})"] = round(float(v), 6)
+            a.measurements = m
+    return regions
 
 
 def cells_to_image(class_map: ClassMap, values: np.ndarray, max_size: int = 4096, fill=0) -> tuple[np.ndarray, int]:

@@ -219,7 +219,27 @@ def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[An
             holes = [_ring(r, where + " hole") for r in rings[1:]]
             parts += _valid_parts(outer, holes, where, report)
         if parts:
-            out += _make(label, color, parts, group if len(parts) > 1 else None, label_map, f"{p.name} feature {i}")
+            made = _make(label, color, parts, group if len(parts) > 1 else None, label_map, f"{p.name} feature {i}")
+            measurements = _measurements(props.get("measurements"))
+            name = props.get("name") if isinstance(props.get("name"), str) else None
+            for a in made:
+                a.measurements = dict(measurements)
+                a.name = name
+            out += made
+    return out
+
+
+def _measurements(raw: Any) -> dict[str, float]:
+    """QuPath's measurements: an object of name -> number (0.4+) or a list of ``{name, value}`` (0.2/0.3)."""
+    items: list = []
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    elif isinstance(raw, list):
+        items = [(m.get("name"), m.get("value")) for m in raw if isinstance(m, dict)]
+    out = {}
+    for k, v in items:
+        if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool):
+            out[k] = float(v)
     return out
 
 

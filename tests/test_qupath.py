@@ -1,0 +1,124 @@
+"""What can be tested of the QuPath side without QuPath: the GeoJSON round trip and the scripts' command line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_SLIDE
+
+from napari_bcd.annotations import read_annotations
+from napari_bcd.cli import build_parser, main
+
+QUPATH = Path(__file__).parents[1] / "qupath"
+
+
+def test_the_cli_geojson_round_trips_with_classes_holes_and_measurements(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(tmp_path),
+                 "--stride", "0.5"]) == 0
+    geo = tmp_path / "CMU-1-Small-Region.geojson"
+    doc = json.loads(geo.read_text())
+    summary = json.loads((tmp_path / "CMU-1-Small-Region.summary.json").read_text())
+    anns = read_annotations(geo)
+    by_class: dict[str, list] = {}
+    for a in anns:
+        by_class.setdefault(a.label, []).append(a)
+    classified = {c["name"]: c for c in summary["classes"] if c["cells"]}
+    assert set(by_class) == set(classified)
+    for name, parts in by_class.items():
+        m = parts[0].measurements
+        assert m["Area mm^2"] == pytest.approx(classified[name]["area_mm2"])
+        assert m[f"Mean p({name})"] == pytest.approx(classified[name]["mean_probability"], abs=1e-5)
+        assert set(m) >= {"Tissue %", "Windows", "Mean p(Normal)", "Mean p(Invasive)"}
+        # the polygons' area is the class's area (holes subtracted)
+        area_px = sum(a.area_px for a in parts)
+        assert area_px * 0.499**2 / 1e6 == pytest.approx(classified[name]["area_mm2"], rel=1e-3)
+        assert parts[0].cls is not None and parts[0].to_shapely().is_valid
+    # holes travel too: a ring region with measurements, written and read back
+    from napari_bcd.annotations import Annotation, write_geojson
+
+    ring = Annotation("Invasive", 4, np.array([[0, 0], [0, 100], [100, 100], [100, 0]]),
+                      holes=[np.array([[40, 40], [40, 60], [60, 60], [60, 40]])], measurements={"Area mm^2": 0.5})
+    back = read_annotations(write_geojson([ring], tmp_path / "ring.geojson"))[0]
+    assert back.area_px == pytest.approx(100 * 100 - 20 * 20) and len(back.holes) == 1
+    assert back.measurements == {"Area mm^2": 0.5} and back.cls == 4
+    # QuPath 0.2/0.3 wrote measurements as a list of {name, value}: read too
+    old = tmp_path / "old.geojson"
+    feature = doc["features"][0]
+    feature["properties"]["measurements"] = [{"name": k, "value": v}
+                                             for k, v in feature["properties"]["measurements"].items()]
+    old.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    expected = next(a for a in anns if a.label == feature["properties"]["classification"]["name"]).measurements
+    assert read_annotations(old)[0].measurements == expected
+
+
+def _command_lines(script: str) -> list[str]:
+    text = (QUPATH / script).read_text()
+    block = re.search(r"// napari-bcd command.*?\n(.*?)// end of napari-bcd command", text, re.S)
+    assert block, "the command block markers are missing"
+    return block.group(1).splitlines()
+
+
+def _build(lines: list[str], **values) -> list[str]:
+    """Evaluate the script's command-building lines (a small Groovy subset: list literals, +=, if)."""
+    cmd: list[str] = []
+    env = dict(values)
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("//"):
+            continue
+        cond = re.match(r"if \((.+?)\) cmd \+= \[(.*)\]$", line)
+        if cond:
+            test = cond.group(1)
+            ok = env[test.split()[0]] is not None if "!= null" in test else bool(env[test])
+            if ok:
+                cmd += [_value(v, env) for v in cond.group(2).split(",")]
+            continue
+        if line.startswith("def cmd = ["):
+            cmd = [_value(v, env) for v in line[len("def cmd = ["):-1].split(",")]
+        elif line == "cmd += EXTRA":
+            cmd += env["EXTRA"]
+        else:
+            raise AssertionError(f"unexpected line in the command block: {line}")
+    return cmd
+
+
+def _value(token: str, env: dict) -> str:
+    token = token.strip()
+    if token.startswith('"'):
+        return token.strip('"')
+    m = re.match(r"String\.valueOf\((\w+)\)", token)
+    return str(env[m.group(1) if m else token])
+
+
+@pytest.mark.parametrize("mpp", [None, 0.2527])
+def test_the_classify_script_builds_a_command_napari_bcd_accepts(mpp, tmp_path: Path) -> None:
+    cmd = _build(_command_lines("napari_bcd_classify.groovy"), NAPARI_BCD="napari-bcd",
+                 slidePath="/data/slide 1.svs", outDir=str(tmp_path), mpp=mpp, MODEL="/m/model.safetensors",
+                 EXTRA=["--stride", "0.5"])
+    assert cmd[0] == "napari-bcd" and cmd[1] == "classify"
+    args = build_parser().parse_args(cmd[1:])
+    assert args.slides == ["/data/slide 1.svs"] and args.out == str(tmp_path)
+    assert args.mpp == mpp and args.model == "/m/model.safetensors" and args.stride == 0.5
+    text = (QUPATH / "napari_bcd_classify.groovy").read_text()
+    # it imports the GeoJSON classify writes, named after the slide
+    assert 'stem + ".geojson"' in text and "PathIO.readObjects" in text and "addObjects" in text
+
+
+def test_the_export_script_writes_what_export_patches_reads() -> None:
+    text = (QUPATH / "napari_bcd_export_annotations.groovy").read_text()
+    assert 'exportObjectsToGeoJson(annotations, path, "FEATURE_COLLECTION")' in text
+    assert "napari-bcd export-patches" in text
+
+
+@pytest.mark.skipif(shutil.which("groovy") is None, reason="no Groovy here to check the scripts' syntax")
+@pytest.mark.parametrize("script", ["napari_bcd_classify.groovy", "napari_bcd_export_annotations.groovy"])
+def test_groovy_syntax(script: str) -> None:  # pragma: no cover - needs groovy
+    code = f"new GroovyShell().parse(new File({shlex.quote(str(QUPATH / script))}))"
+    subprocess.run(["groovy", "-e", code], check=True)
