@@ -324,7 +324,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                               min_tissue=args.min_tissue, min_area=args.min_area,
                               decision=decision.to_dict() if decision is not None else None,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,
-                              compile=args.compile, workers=args.workers, overwrite=args.overwrite)
+                              compile=args.compile, workers=args.workers, overwrite=args.overwrite,
+                              stain_normalize=args.stain_normalize)
     if card is not None:
         print(card.describe(), file=sys.stderr)
     if decision is not None:
@@ -369,6 +370,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                 print(f"\n{name}: {row.get('windows', 0)} windows, {row.get('windows_per_s', 0):.1f}/s"
                       + (f" ({row['note']})" if row.get("note") else ""))
                 print(row.get("table", ""))
+                if row.get("stain_warning") and "normalised" not in row["stain_warning"]:
+                    print(f"napari-bcd: {name}: {row['stain_warning']}", file=sys.stderr)
                 print(f"wrote {row['id']}.* in {out}")
     finally:
         if bar is not None:
@@ -631,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SVS, NDPI, OME-TIFF, TIFF, PNG or JPEG files, or folders of slides")
     p.add_argument("--recursive", action="store_true", help="also take the slides in sub-folders of a folder")
     p.add_argument("--manifest", metavar="CSV", help="a CSV of slides: path, and optionally mpp and id")
+    p.add_argument("--stain-normalize", choices=["none", "macenko"], default="none",
+                   help="normalise every window to the stain of the model's training images (Macenko)")
     p.add_argument("--cluster", metavar="ADDRESS",
                    help="run the slides on a Dask cluster: tcp://HOST:PORT, or local:N for N worker processes here")
     p.add_argument("--model", help="checkpoint (default: the last trained/chosen model, or $NAPARI_BCD_MODEL)")

@@ -69,12 +69,14 @@ class CohortSettings:
     compile: bool = False
     workers: int | None = None
     overwrite: bool = False
+    stain_normalize: str = "none"
 
     def result_keys(self, mpp: float | None) -> dict:
         """The settings that change the outputs (recorded in each done-record)."""
         return {"stride": self.stride, "stride_um": self.stride_um, "mpp": mpp,
                 "tissue_threshold": self.tissue_threshold, "min_tissue": self.min_tissue,
-                "min_area_mm2": self.min_area, "decision": self.decision}
+                "min_area_mm2": self.min_area, "decision": self.decision,
+                **({"stain_normalize": self.stain_normalize} if self.stain_normalize != "none" else {})}
 
 
 def _slides_in(folder: Path, recursive: bool) -> list[Path]:
@@ -217,7 +219,7 @@ def _summary_row(summary: dict) -> dict:
     out = {"windows": summary.get("windows", 0), "tissue_mm2": summary.get("tissue_area_mm2"),
            "classified_mm2": summary.get("classified_area_mm2"), "uncertain_mm2": summary.get("uncertain_area_mm2", 0.0),
            "call": summary.get("call") or "", "call_probability": summary.get("call_probability"),
-           "decision": summary.get("decision", "")}
+           "decision": summary.get("decision", ""), "stain_warning": summary.get("stain_warning", "")}
     for c in summary.get("classes", []):
         out[f"{c['name']}_mm2"] = c["area_mm2"]
         out[f"{c['name']}_percent"] = c["percent_of_tissue"]
@@ -259,7 +261,7 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
                                     batch_size=settings.batch_size,
                                     tissue=TissueParams(threshold=settings.tissue_threshold),
                                     min_tissue=settings.min_tissue, workers=settings.workers,
-                                    decision=settings.decision)
+                                    decision=settings.decision, stain_normalize=settings.stain_normalize)
                 while True:
                     try:
                         p = next(gen)
@@ -346,7 +348,8 @@ def iter_cohort(items: list[CohortItem], out: str | os.PathLike[str], model_path
 
 
 _FIRST = ["id", "slide", "status", "error", "call", "call_probability", "tissue_mm2", "classified_mm2",
-          "uncertain_mm2", "windows", "seconds", "windows_per_s", "model", "model_sha256", "decision", "note"]
+          "uncertain_mm2", "windows", "seconds", "windows_per_s", "model", "model_sha256", "decision",
+          "stain_warning", "note"]
 
 
 def write_cohort_table(rows: list[dict], out: str | os.PathLike[str], name: str = TABLE_NAME) -> list[Path]:

@@ -141,6 +141,7 @@ def iter_classify(
     compile: bool = False,
     decision=None,
     quality: bool = True,
+    stain_normalize: str = "none",
 ) -> Generator[Progress, None, ClassMap]:
     """Classify a slide window by window, yielding progress, returning a :class:`ClassMap`.
 
@@ -177,6 +178,11 @@ def iter_classify(
     quality
         Score each window's image quality (pen, blur, folds; computed in the
         reading threads): cells below the rule's ``min_quality`` become uncertain.
+    stain_normalize
+        ``"none"`` or ``"macenko"``: windows are normalised on the device to
+        the stain of the model's training images (its card's ``stain``).  In
+        either case the slide's stain is measured on a sample of its tissue
+        windows and compared with the card's (``info["stain"]``).
 
     Returns
     -------
@@ -210,6 +216,11 @@ def iter_classify(
     rule = (decision if isinstance(decision, DecisionRule)
             else DecisionRule.from_dict(card.decision if decision is None else decision))
     rule.check_classes(card.classes)
+    if stain_normalize not in ("none", "macenko"):
+        raise BcdError(f"Unknown stain normalisation {stain_normalize!r}; use none or macenko.")
+    if stain_normalize == "macenko" and not card.stain:
+        raise BcdError("This model's card has no stain statistics of its training images to normalise to; "
+                       "train it again with this version, or classify without --stain-normalize.")
     grid = make_grid(
         slide.dimensions,
         slide_mpp,
@@ -220,7 +231,7 @@ def iter_classify(
         stride_um=stride_um,
     )
     return _classify(slide, predictor, grid, tissue, min_tissue, batch_size, workers, prefetch, slide_mpp, rule,
-                     quality)
+                     quality, stain_normalize)
 
 
 @dataclass(frozen=True)
@@ -289,6 +300,7 @@ def _classify(
     slide_mpp: tuple[float, float],
     rule,
     score_quality: bool = True,
+    stain_normalize: str = "none",
 ) -> Generator[Progress, None, ClassMap]:
     from .review.decision import decide
     from .review.quality import window_quality
@@ -298,6 +310,7 @@ def _classify(
     win_frac, cell_frac, tissue_share = tissue_fractions(slide, grid, tissue, slide_mpp)
     todo = np.argwhere(win_frac >= max(min_tissue, 1e-6))
     total = len(todo)
+    stain_info = _stain_check(slide, grid, todo, card, predictor, stain_normalize)
     n_cls = len(card.classes)
     sums = np.zeros((*grid.n_cells, n_cls), np.float64)
     counts = np.zeros(grid.n_cells, np.int32)
@@ -395,6 +408,7 @@ def _classify(
         quality=cell_quality,
         info={
             "decision": {**rule.to_dict(), "uncertain_cells": reasons},
+            "stain": stain_info,
             "windows": int(total),
             "seconds": round(elapsed, 3),
             "windows_per_s": round(total / elapsed, 3) if elapsed > 0 and total else 0.0,
@@ -411,6 +425,34 @@ def _classify(
 
 
 _END = object()
+
+
+def _stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, normalize: str) -> dict:
+    """Measure the slide's stain on up to 16 tissue windows (as the model sees them), compare with the card's.
+
+    With ``normalize == "macenko"`` the predictor gets the OD map to the card's stain.
+    """
+    from .stain import StainStats, macenko_transform, stain_distance, stain_stats
+    from .windows import read_window
+
+    predictor.set_stain_map(None)
+    if len(todo) == 0:
+        return {"normalized": "none", "note": "no tissue window"}
+    pick = todo[np.linspace(0, len(todo) - 1, min(16, len(todo))).round().astype(int)]
+    try:
+        stats = stain_stats([read_window(slide, grid, int(r), int(c), tuple(card.input_px)) for r, c in pick])
+    except BcdError as err:
+        return {"normalized": "none", "note": str(err)}
+    info: dict = {"slide": stats.to_dict(), "normalized": "none"}
+    reference = StainStats.from_dict(card.stain) if card.stain else None
+    if reference is None:
+        info["note"] = "the model card has no stain statistics of its training images"
+        return info
+    info["distance"] = stain_distance(stats, reference)
+    if normalize == "macenko":
+        predictor.set_stain_map(macenko_transform(stats, reference))
+        info["normalized"] = "macenko"
+    return info
 
 
 def _tiles_touched(slide: Slide, grid: Grid, windows: np.ndarray) -> int:

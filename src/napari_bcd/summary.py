@@ -56,6 +56,8 @@ class Summary:
     #: The rule that turned probabilities into labels (thresholds, cut-offs), in words and as data.
     decision: str = "most probable class"
     decision_rule: dict = field(default_factory=dict)
+    #: Said when the slide's stain differs from the model's training images (see :mod:`napari_bcd.stain`).
+    stain_warning: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +100,8 @@ class Summary:
                          "classified tissue), not in the call")
         if self.decision != "most probable class":
             lines.append(f"rule: {self.decision}")
+        if self.stain_warning:
+            lines.append(f"WARNING: {self.stain_warning}")
         if self.call is None:
             verdict = "no tissue classified" if self.windows == 0 else f"no class covers more than {self.min_area_mm2} mm²"
             lines.append(f"slide call: none ({verdict})")
@@ -191,4 +195,18 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
         low_quality_area_mm2=round(float(inside[low_q].sum()) * cell_mm2, 6),
         decision=rule.describe(),
         decision_rule=rule.to_dict(),
+        stain_warning=stain_warning(class_map.info.get("stain")),
     )
+
+
+def stain_warning(stain: dict | None) -> str:
+    """The sentence a pathologist reads when the slide's stain is unlike the training images', else ""."""
+    if not stain or not (stain.get("distance") or {}).get("differs"):
+        return ""
+    d = stain["distance"]
+    what = (f"hematoxylin {d['h_angle_deg']:.0f}° and eosin {d['e_angle_deg']:.0f}° apart, "
+            f"strength x{d['h_ratio']:.2f} / x{d['e_ratio']:.2f}")
+    if stain.get("normalized") == "macenko":
+        return f"stain differs from the training set ({what}); normalised to it (Macenko)"
+    return (f"stain differs from the training set ({what}): predictions may be unreliable; "
+            "consider --stain-normalize macenko")

@@ -70,6 +70,8 @@ class ClassifyWidget(Container):
         self._batch_spin = SpinBox(label="batch size", value=0, min=0, max=1024, tooltip="0 = automatic")
         self._overlap_combo = ComboBox(label="overlap", choices=list(OVERLAP), value="none")
         self._tissue_spin = FloatSpinBox(label="tissue threshold", value=0.1, min=0.0, max=1.0, step=0.01)
+        self._stain_combo = ComboBox(label="stain", choices=["as scanned", "normalise (Macenko)"], value="as scanned",
+                                     tooltip="normalise every window to the stain of the model's training images")
         self._probs_check = CheckBox(text="probability layers", value=False)
         self._compile_check = CheckBox(text="compile the model (GPU, long runs)", value=False,
                                        tooltip="torch.compile: tens of seconds once, then faster on a GPU")
@@ -88,7 +90,8 @@ class ClassifyWidget(Container):
         self._export_tiff = PushButton(text="Label TIFF", enabled=False)
         form = Container(labels=True, widgets=[
             self._image_combo, self._mpp_edit, self._mpp_source, self._model_edit, self._card_label,
-            self._device_combo, self._batch_spin, self._overlap_combo, self._tissue_spin, self._probs_check,
+            self._device_combo, self._batch_spin, self._overlap_combo, self._tissue_spin, self._stain_combo,
+            self._probs_check,
             self._compile_check,
             self._plan_label,
             Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False),
@@ -323,6 +326,7 @@ class ClassifyWidget(Container):
             slide, model, stride=stride, batch_size=self._batch_spin.value or None,
             device=self._device_combo.value, tissue=TissueParams(threshold=self._tissue_spin.value),
             compile=self._compile_check.value,
+            stain_normalize="macenko" if self._stain_combo.value.startswith("normalise") else "none",
         )
         class_map.info["model_path"] = str(checkpoint) if checkpoint else ""  # the Review dock retrains it
         return class_map
@@ -425,6 +429,10 @@ class ClassifyWidget(Container):
         self._summary.value = summary.table(compact=True)
         self._legend.show_summary(summary, class_map.classes)
         self._status.value = f"Done: {class_map.n_windows} windows in {class_map.info.get('seconds', 0):.1f} s"
+        if summary.stain_warning:
+            self._status.value += f". {summary.stain_warning[0].upper()}{summary.stain_warning[1:]}."
+            if "normalised" not in summary.stain_warning:
+                show_warning(summary.stain_warning)
         rate = class_map.info.get("windows_per_s")
         if rate and self._card is not None and class_map.n_windows >= 4:
             remember_rate(f"{self._card.backbone}@{self._device_combo.value}", rate)

@@ -46,6 +46,9 @@ class ModelCard:
         Pixel normalisation.
     training, metrics
         Provenance (data, split, hyper-parameters, curves) and validation figures.
+    stain
+        The training images' stain statistics (:class:`~napari_bcd.stain.StainStats`),
+        the reference slides are compared with and normalised to; empty when unknown.
     decision
         How probabilities become labels: per-class thresholds and the
         uncertainty cut-offs (:class:`~napari_bcd.review.DecisionRule`); empty
@@ -63,6 +66,7 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     decision: dict[str, Any] = field(default_factory=dict)
+    stain: dict[str, Any] = field(default_factory=dict)
     package_version: str = ""
     weights_sha256: str = ""
     created: str = ""

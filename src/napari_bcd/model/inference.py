@@ -91,6 +91,12 @@ class Predictor:
         self._resize: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         #: With ``compile``, every batch is padded to this size: one shape, one compilation.
         self.fixed_batch: int | None = None
+        #: A 3 x 3 optical-density map applied to every batch (stain normalisation), or None.
+        self.stain_map: torch.Tensor | None = None
+
+    def set_stain_map(self, m) -> None:
+        """Apply this OD map (:func:`napari_bcd.stain.macenko_transform`) to every batch from now on; None: off."""
+        self.stain_map = None if m is None else torch.as_tensor(m, dtype=torch.float32, device=self.device)
 
     @property
     def default_batch_size(self) -> int:
@@ -121,6 +127,10 @@ class Predictor:
         else:
             x = x.to(self.device)
         size = tuple(self.model.card.input_px)
+        if self.stain_map is not None:
+            with torch.inference_mode():
+                od = -torch.log((x.float() + 1.0) / 255.0)
+                x = (255.0 * torch.exp(-(od @ self.stain_map.T)) - 1.0).clamp_(0.0, 255.0)
         with torch.inference_mode(), self._autocast():
             if tuple(x.shape[1:3]) == size:
                 logits = self._forward(x)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .._fileio import file_digest
-from ..errors import DatasetError
+from ..errors import BcdError, DatasetError
 from .evaluate import Report, report_from_predictions
 from .iciar import Dataset
 from .probe import ProbeResult, linear_probe
@@ -692,7 +692,8 @@ def _save(model, dataset: Dataset, out: Path, proto: Protocol, the_split: Split,
         if probe is not None and probe.report is not None:
             metrics["probe_accuracy"] = probe.report.accuracy
             metrics["probe_macro_f1"] = probe.report.macro["f1"]
-    card = model.card.replace(name=name or out.stem, training=training, metrics=metrics)
+    card = model.card.replace(name=name or out.stem, training=training, metrics=metrics,
+                              stain=_training_stain(dataset, the_split.train, model.card.input_px))
     dev = next(model.parameters()).device
     model.cpu()
     save_checkpoint(model, card, out)
@@ -702,6 +703,21 @@ def _save(model, dataset: Dataset, out: Path, proto: Protocol, the_split: Split,
     result = TrainResult(checkpoint_paths(out)[0], model.card, report, probe, chance,
                          history[-1]["epoch"] if history else 0, steps, best["epoch"], stopped, notes)
     return result
+
+
+def _training_stain(dataset: Dataset, train_idx: list[int], input_px) -> dict:
+    """Stain statistics of up to 32 training images as the model sees them (the reference slides meet)."""
+    from ..stain import stain_stats
+    from ..windows import resize_area
+
+    if not train_idx:
+        return {}
+    pick = [train_idx[int(k)] for k in np.linspace(0, len(train_idx) - 1, min(32, len(train_idx))).round()]
+    try:
+        return stain_stats([resize_area(dataset.load(i), tuple(input_px)) for i in pick]).to_dict()
+    except (DatasetError, BcdError) as err:
+        log.info("no stain statistics for the card: %s", err)
+        return {}
 
 
 def _last_stage(model):

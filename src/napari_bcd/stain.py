@@ -1,0 +1,143 @@
+"""Stain statistics, the distance between two stainings, and Macenko normalisation.
+
+Macenko et al. (ISBI 2009): in optical density (OD = -ln((I + 1) / 255)),
+H&E pixels lie near the plane of two stain vectors.  From the tissue pixels
+(OD above 0.15 in every channel) the plane is the span of the two main
+eigenvectors of their OD covariance; the stain vectors are the directions at
+the 1st and 99th percentiles of the pixels' angle in that plane
+(hematoxylin: the one with more red OD); each pixel's stain concentrations
+are its least-squares coordinates on the two vectors, and their 99th
+percentiles measure how strongly each stain was applied.
+
+:class:`StainStats` holds the two vectors, the two concentration
+percentiles and the mean OD.  :func:`stain_distance` compares two of them:
+the angle between the hematoxylin vectors and between the eosin vectors
+(degrees), and the ratio of the concentration percentiles; a slide *differs*
+from the training set when an angle exceeds 8° or a ratio leaves [1/1.5, 1.5]
+(heuristic thresholds: flips and crops of one image move the statistics by
+well under a degree and a few per cent; a restained copy moves them by
+tens of degrees).  :func:`macenko_transform` is the 3 x 3 OD map that gives
+a slide the reference's vectors and concentration scale; the engine applies
+it to every window on the model's device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BcdError
+
+__all__ = ["StainStats", "apply_od_transform", "macenko_transform", "stain_distance", "stain_stats"]
+
+IO = 255.0
+BETA = 0.15
+ALPHA = 1.0
+MAX_ANGLE_DEG = 8.0
+MAX_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class StainStats:
+    """Macenko stain vectors (unit, OD space, RGB order), the 99th-percentile concentrations, the mean OD."""
+
+    h_vector: tuple[float, float, float]
+    e_vector: tuple[float, float, float]
+    max_conc: tuple[float, float]
+    od_mean: tuple[float, float, float]
+    pixels: int
+
+    def to_dict(self) -> dict:
+        return {"method": "macenko", "h_vector": list(self.h_vector), "e_vector": list(self.e_vector),
+                "max_conc": list(self.max_conc), "od_mean": list(self.od_mean), "pixels": self.pixels}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> StainStats | None:
+        if not d:
+            return None
+        try:
+            return cls(tuple(float(v) for v in d["h_vector"]), tuple(float(v) for v in d["e_vector"]),
+                       tuple(float(v) for v in d["max_conc"]), tuple(float(v) for v in d["od_mean"]),
+                       int(d.get("pixels", 0)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise BcdError(f"The stain statistics are malformed ({err}).") from err
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """3 x 2: hematoxylin and eosin vectors as columns."""
+        return np.stack([self.h_vector, self.e_vector], axis=1)
+
+
+def _od(rgb: np.ndarray) -> np.ndarray:
+    return -np.log((np.asarray(rgb, np.float64).reshape(-1, 3) + 1.0) / IO)
+
+
+def stain_stats(images, max_pixels: int = 200_000, seed: int = 0) -> StainStats:
+    """Stain statistics of the tissue pixels of one RGB image or several (a sample of ``max_pixels``).
+
+    Raises
+    ------
+    BcdError
+        When there are too few tissue pixels (under 500) to estimate them.
+    """
+    imgs = [images] if isinstance(images, np.ndarray) else list(images)
+    rng = np.random.default_rng(seed)
+    per = max(1, max_pixels // max(1, len(imgs)))
+    ods = []
+    for img in imgs:
+        od = _od(np.asarray(img)[..., :3])
+        od = od[(od > BETA).all(axis=1)]
+        if len(od) > per:
+            od = od[rng.choice(len(od), per, replace=False)]
+        ods.append(od)
+    od = np.concatenate(ods) if ods else np.zeros((0, 3))
+    if len(od) < 500:
+        raise BcdError(f"Too little stained tissue ({len(od)} pixels) to measure the stain.")
+    _, vecs = np.linalg.eigh(np.cov(od.T))
+    plane = vecs[:, 1:3]  # the two largest
+    proj = od @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, ALPHA), np.percentile(phi, 100 - ALPHA)
+    v1 = plane @ np.array([math.cos(lo), math.sin(lo)])
+    v2 = plane @ np.array([math.cos(hi), math.sin(hi)])
+    v1 = v1 if v1.sum() >= 0 else -v1
+    v2 = v2 if v2.sum() >= 0 else -v2
+    h, e = (v1, v2) if v1[0] > v2[0] else (v2, v1)
+    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
+    conc, *_ = np.linalg.lstsq(np.stack([h, e], 1), od.T, rcond=None)
+    max_c = np.percentile(conc, 99, axis=1)
+    return StainStats(tuple(float(v) for v in h), tuple(float(v) for v in e), (float(max_c[0]), float(max_c[1])),
+                      tuple(float(v) for v in od.mean(0)), int(len(od)))
+
+
+def stain_distance(slide: StainStats, reference: StainStats) -> dict:
+    """Angles (°) between the H and between the E vectors, concentration ratios, and whether they differ."""
+    def angle(a, b) -> float:
+        c = float(np.clip(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)), -1, 1))
+        return math.degrees(math.acos(c))
+
+    ah, ae = angle(slide.h_vector, reference.h_vector), angle(slide.e_vector, reference.e_vector)
+    rh = slide.max_conc[0] / max(reference.max_conc[0], 1e-9)
+    re_ = slide.max_conc[1] / max(reference.max_conc[1], 1e-9)
+    worst_ratio = max(max(rh, 1 / max(rh, 1e-9)), max(re_, 1 / max(re_, 1e-9)))
+    differs = max(ah, ae) > MAX_ANGLE_DEG or worst_ratio > MAX_RATIO
+    return {"h_angle_deg": round(ah, 3), "e_angle_deg": round(ae, 3), "h_ratio": round(rh, 4),
+            "e_ratio": round(re_, 4), "differs": bool(differs),
+            "thresholds": {"max_angle_deg": MAX_ANGLE_DEG, "max_ratio": MAX_RATIO}}
+
+
+def macenko_transform(source: StainStats, target: StainStats) -> np.ndarray:
+    """3 x 3 map of optical densities: a pixel stained like ``source`` comes out stained like ``target``."""
+    scale = np.diag([target.max_conc[0] / max(source.max_conc[0], 1e-9),
+                     target.max_conc[1] / max(source.max_conc[1], 1e-9)])
+    return target.matrix @ scale @ np.linalg.pinv(source.matrix)
+
+
+def apply_od_transform(rgb: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Apply an OD map to uint8 RGB (N x ... x 3) on the CPU (the engine does the same on its device)."""
+    shape = np.asarray(rgb).shape
+    od = _od(rgb) @ np.asarray(m).T
+    out = IO * np.exp(-od) - 1.0
+    return np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(shape)

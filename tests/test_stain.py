@@ -1,0 +1,123 @@
+"""Stain statistics, the training set's reference in the card, the warning, and Macenko normalisation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import DATA, load_rgb, write_pyramid
+
+from napari_bcd.stain import (
+    StainStats,
+    apply_od_transform,
+    macenko_transform,
+    stain_distance,
+    stain_stats,
+)
+
+TILES = ["tiatoolbox-target-1000.png", "stardist-histo-500x300.jpg", "histolab-tissue-level0-4302-10273-4814-10785.png",
+         "histolab-medium-nuclei-score-level1.png"]
+
+
+#: A known stain matrix: Macenko et al.'s reference H&E vectors (OD, RGB).
+KNOWN_H = (0.65, 0.70, 0.29)
+KNOWN_E = (0.07, 0.99, 0.11)
+
+
+def restain(rgb: np.ndarray, strength=(1.3, 0.8)) -> np.ndarray:
+    """The same tissue stained with the known matrix above, hematoxylin stronger and eosin weaker."""
+    s = stain_stats(rgb)
+    h, e = np.asarray(KNOWN_H), np.asarray(KNOWN_E)
+    target = StainStats(tuple(h / np.linalg.norm(h)), tuple(e / np.linalg.norm(e)),
+                        (s.max_conc[0] * strength[0], s.max_conc[1] * strength[1]), s.od_mean, s.pixels)
+    return apply_od_transform(rgb, macenko_transform(s, target))
+
+
+@pytest.mark.parametrize("name", TILES)
+def test_stats_are_stable_under_flips_and_crops(name: str) -> None:
+    img = load_rgb(DATA / name)
+    ref = stain_stats(img)
+    h, w = img.shape[:2]
+    for other in (img[::-1].copy(), np.rot90(img).copy(), img[: h * 3 // 4, : w * 3 // 4], img[h // 4 :, w // 4 :]):
+        d = stain_distance(stain_stats(other), ref)
+        assert max(d["h_angle_deg"], d["e_angle_deg"]) < 2.5 and not d["differs"], d
+        assert 0.85 < d["h_ratio"] < 1.15 and 0.85 < d["e_ratio"] < 1.15, d
+    assert np.allclose(np.linalg.norm(ref.h_vector), 1) and ref.h_vector[0] > ref.e_vector[0]  # H has more red OD
+    assert StainStats.from_dict(json.loads(json.dumps(ref.to_dict()))) == ref
+
+
+@pytest.mark.parametrize("name", TILES)
+def test_a_restained_tile_is_flagged_and_normalising_brings_it_back(name: str) -> None:
+    img = load_rgb(DATA / name)
+    ref = stain_stats(img)
+    odd = restain(img)
+    d = stain_distance(stain_stats(odd), ref)
+    assert d["differs"] and max(d["h_angle_deg"], d["e_angle_deg"]) > 10, d
+    fixed = apply_od_transform(odd, macenko_transform(stain_stats(odd), ref))
+    back = stain_distance(stain_stats(fixed), ref)
+    assert not back["differs"], back
+    assert np.abs(fixed.astype(int) - img).mean() < 0.6 * np.abs(odd.astype(int) - img).mean()  # closer in colour too
+
+
+def test_training_records_the_stain_and_classify_warns_and_normalises(cmu_rgb, tmp_path, capsys) -> None:
+    """A model whose card holds the CMU slide's stain: a restained copy is flagged; normalising it helps."""
+    import torch
+
+    from napari_bcd import classify, open_slide
+    from napari_bcd.cli import main
+    from napari_bcd.model import build_classifier, save_checkpoint
+    from napari_bcd.summary import summarize
+
+    torch.manual_seed(0)
+    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0))
+    for p in model.head.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    crop = np.ascontiguousarray(cmu_rgb[:2400, :2200])
+    original = write_pyramid(tmp_path / "orig.tif", crop, levels=2, mpp=0.5)
+    odd = write_pyramid(tmp_path / "restained.tif", restain(crop), levels=2, mpp=0.5)
+    with open_slide(original) as slide:
+        plain = classify(slide, model.eval())
+    reference = plain.info["stain"]["slide"]  # the stain the model "was trained on"
+    ckpt = save_checkpoint(model, model.card.replace(stain=reference), tmp_path / "m.safetensors")
+    from napari_bcd.model import load_checkpoint
+
+    m = load_checkpoint(ckpt)
+    with open_slide(original) as slide:
+        same = classify(slide, m)
+    assert not same.info["stain"]["distance"]["differs"] and summarize(same).stain_warning == ""
+    with open_slide(odd) as slide:
+        raw = classify(slide, m)
+        norm = classify(slide, m, stain_normalize="macenko")
+    assert raw.info["stain"]["distance"]["differs"]
+    warning = summarize(raw).stain_warning
+    assert "stain differs from the training set" in warning and "--stain-normalize macenko" in warning
+    assert norm.info["stain"]["normalized"] == "macenko" and "normalised" in summarize(norm).stain_warning
+    sel = np.isfinite(plain.probs).all(-1) & np.isfinite(raw.probs).all(-1) & np.isfinite(norm.probs).all(-1)
+    err_raw = np.abs(raw.probs[sel] - plain.probs[sel]).mean()
+    err_norm = np.abs(norm.probs[sel] - plain.probs[sel]).mean()
+    agree_raw = (raw.labels[sel] == plain.labels[sel]).mean()
+    agree_norm = (norm.labels[sel] == plain.labels[sel]).mean()
+    assert err_norm < err_raw and agree_norm >= agree_raw, (err_raw, err_norm, agree_raw, agree_norm)
+    # the CLI says it, and writes it into the summary JSON
+    assert main(["classify", str(odd), "--model", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    assert "stain differs from the training set" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "restained.summary.json").read_text())
+    assert "stain differs" in summary["stain_warning"] and summary["info"]["stain"]["distance"]["differs"]
+    assert main(["classify", str(odd), "--model", str(ckpt), "--out", str(tmp_path / "out2"),
+                 "--stain-normalize", "macenko"]) == 0
+    assert json.loads((tmp_path / "out2" / "restained.summary.json").read_text())["info"]["stain"]["normalized"] \
+        == "macenko"
+
+
+def test_finetune_writes_the_training_stain_into_the_card(tmp_path) -> None:
+    from conftest import drain, four_kinds_dataset
+
+    from napari_bcd.train import iter_finetune, read_iciar
+
+    root = four_kinds_dataset(tmp_path / "d", n=4, px=96)
+    _, res = drain(iter_finetune(read_iciar(root), out=tmp_path / "m.safetensors", backbone="timm:resnet18",
+                                 backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0), epochs=2))
+    stats = StainStats.from_dict(res.card.stain)
+    assert stats is not None and stats.pixels > 500 and stats.h_vector[0] > stats.e_vector[0]
