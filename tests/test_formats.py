@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -75,3 +76,82 @@ def test_the_reader_claims_what_it_reads_and_declines_the_rest(tmp_path: Path) -
     assert napari_get_reader(str(tmp_path / "broken.mrxs")) is None
     (tmp_path / "image.zarr").mkdir()
     assert napari_get_reader(str(tmp_path / "image.zarr")) is None  # another reader's folder
+
+
+def write_ome_zarr(path: Path, image: np.ndarray, levels: int = 3, mpp: float = 0.5, version: str = "0.4",
+                   unit: str | None = "micrometer", chunk: int = 256) -> list[np.ndarray]:
+    """An OME-NGFF multiscale RGB image (c, y, x) as the spec lays it out: 0.4 on Zarr v2, 0.5 on Zarr v3."""
+    import zarr
+
+    from conftest import halve
+
+    fmt = 2 if version == "0.4" else 3
+    group = zarr.open_group(str(path), mode="w", zarr_format=fmt)
+    pyramid, datasets = [], []
+    lvl = image
+    for i in range(levels):
+        arr = group.create_array(str(i), shape=(3, *lvl.shape[:2]), chunks=(3, chunk, chunk), dtype="uint8")
+        arr[:] = np.moveaxis(lvl, -1, 0)
+        pyramid.append(lvl)
+        datasets.append({"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, mpp * 2**i, mpp * 2**i]}]})
+        lvl = halve(lvl)
+    axes = [{"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in ("y", "x")]
+    ms = [{"version": version, "axes": axes, "datasets": datasets, "name": "slide"}] if version == "0.4" else \
+        [{"axes": axes, "datasets": datasets, "name": "slide"}]
+    if version == "0.4":
+        group.attrs["multiscales"] = ms
+    else:
+        group.attrs["ome"] = {"version": "0.5", "multiscales": ms}
+    return pyramid
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_levels_mpp_and_classify(version: str, tmp_path: Path, cmu_rgb: np.ndarray, tiny_checkpoint,
+                                          capsys) -> None:
+    from napari_bcd import open_slide
+    from napari_bcd._reader import napari_get_reader
+    from napari_bcd.cli import main
+
+    img = np.ascontiguousarray(cmu_rgb[:1500, :1300])
+    path = tmp_path / f"slide-{version}.ome.zarr"
+    pyramid = write_ome_zarr(path, img, version=version)
+    with open_slide(path) as slide:
+        assert slide.mpp == (0.5, 0.5) and slide.vendor == "ome-zarr" and slide.level_count == 3
+        for i, ref in enumerate(pyramid):
+            assert slide.level_info[i].shape == ref.shape[:2]
+            assert np.array_equal(slide.read_region(i, 0, 0, *ref.shape[:2]), ref)
+            assert np.array_equal(np.asarray(slide.levels[i]), ref)
+        # a band of chunk rows, as the engine reads it
+        row = slide.read_tile_row(0, 1, [0, 2])
+        assert np.array_equal(row[:, 512:768], img[256:512, 512:768]) and (row[:, 256:512] == 255).all()
+    assert napari_get_reader(str(path)) is not None
+    assert main(["classify", str(path), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / f"slide-{version}.ome.summary.json").read_text())
+    assert summary["windows"] > 0
+
+
+def test_ome_zarr_units_and_refusals(tmp_path: Path, cmu_rgb: np.ndarray) -> None:
+    import zarr
+
+    from napari_bcd import open_slide
+    from napari_bcd._reader import napari_get_reader
+    from napari_bcd.errors import SlideError
+
+    img = np.ascontiguousarray(cmu_rgb[:600, :600])
+    write_ome_zarr(tmp_path / "nm.zarr", img, levels=1, mpp=499.0, unit="nanometer")
+    with open_slide(tmp_path / "nm.zarr") as slide:
+        assert slide.mpp == pytest.approx((0.499, 0.499))
+    write_ome_zarr(tmp_path / "px.zarr", img, levels=1, mpp=1.0, unit=None)
+    with open_slide(tmp_path / "px.zarr") as slide:
+        assert slide.mpp is None  # a scale of 1 without a unit says nothing
+    fluo = zarr.open_group(str(tmp_path / "fluo.zarr"), mode="w", zarr_format=2)
+    fluo.create_array("0", shape=(2, 64, 64), chunks=(1, 64, 64), dtype="uint16")
+    fluo.attrs["multiscales"] = [{"version": "0.4", "axes": ["c", "y", "x"], "datasets": [{"path": "0"}]}]
+    with pytest.raises(SlideError, match="channel"):
+        open_slide(tmp_path / "fluo.zarr")
+    assert napari_get_reader(str(tmp_path / "fluo.zarr")) is None  # left to other readers
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SlideError, match="OME-Zarr"):
+        open_slide(tmp_path / "plain")

@@ -52,10 +52,13 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
     paths = [path] if isinstance(path, str) else list(path)
     for p in paths:
         q = Path(p)
-        # A folder is ours only when it holds DICOM WSI instances (OpenSlide reads them); any other folder,
-        # e.g. an OME-Zarr, is left to other readers.
-        if q.is_dir() and not any(f.suffix.lower() == ".dcm" for f in q.iterdir()):
-            return None
+        # A folder is ours when it holds DICOM WSI instances (OpenSlide reads them) or is an OME-Zarr RGB
+        # image (other OME-Zarr images, e.g. fluorescence, are declined below when they fail to open as RGB).
+        if q.is_dir():
+            from .io.ngff import is_ngff
+
+            if not is_ngff(q) and not any(f.suffix.lower() == ".dcm" for f in q.iterdir()):
+                return None
         if not q.exists():
             return None
         try:

@@ -79,15 +79,21 @@ class CohortSettings:
                 **({"stain_normalize": self.stain_normalize} if self.stain_normalize != "none" else {})}
 
 
+def _is_slide_folder(folder: Path) -> bool:
+    from .io.ngff import is_ngff
+
+    return is_ngff(folder) or any(f.suffix.lower() == ".dcm" for f in folder.iterdir() if f.is_file())
+
+
 def _slides_in(folder: Path, recursive: bool) -> list[Path]:
-    if any(f.suffix.lower() == ".dcm" for f in folder.iterdir() if f.is_file()):
-        return [folder]  # a DICOM WSI: the folder is one slide
+    if _is_slide_folder(folder):
+        return [folder]  # a DICOM WSI or an OME-Zarr image: the folder is one slide
     pattern = folder.rglob("*") if recursive else folder.iterdir()
     found = []
     for p in sorted(pattern):
         if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith("."):
             found.append(p)
-        elif recursive and p.is_dir() and any(f.suffix.lower() == ".dcm" for f in p.iterdir() if f.is_file()):
+        elif p.is_dir() and (recursive or p.suffix.lower() == ".zarr") and _is_slide_folder(p):
             found.append(p)
     return found
 

@@ -548,13 +548,17 @@ def open_slide(
     if backend not in ("auto", "tifffile", "openslide"):
         raise SlideError(f"Unknown slide backend {backend!r}; use auto, tifffile or openslide.")
     if p.is_dir():
+        from .ngff import is_ngff, open_ngff
+
         dicoms = sorted(q for q in p.iterdir() if q.suffix.lower() == ".dcm")
-        if dicoms:  # OpenSlide finds a DICOM WSI's other instances from any one of them
+        if is_ngff(p):
+            slide = open_ngff(p)
+        elif dicoms:  # OpenSlide finds a DICOM WSI's other instances from any one of them
             slide = _open_openslide(dicoms[0], "DICOM WSI")
             slide.path = p
         else:
-            raise SlideError(f"{p} is a folder; give the slide file itself (e.g. .svs, .ndpi, .tif), or a folder of "
-                             "DICOM WSI instances.")
+            raise SlideError(f"{p} is a folder; give the slide file itself (e.g. .svs, .ndpi, .tif), a folder of "
+                             "DICOM WSI instances, or an OME-Zarr image.")
     elif p.stat().st_size == 0:
         raise SlideError(f"{p.name} is empty (0 bytes). Copy the slide again.")
     elif backend == "openslide":
