@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_SLIDE, write_pyramid
 
+from conftest import SAMPLE_SLIDE, write_pyramid
 from napari_bcd.cli import main
 from napari_bcd.cohort import CohortItem, CohortSettings, collect_slides, iter_cohort, write_cohort_table
 from napari_bcd.errors import BcdError

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_SLIDE
 
+from conftest import SAMPLE_SLIDE
 from napari_bcd.annotations import read_annotations
 from napari_bcd.cli import build_parser, main
 

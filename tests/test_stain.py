@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import DATA, load_rgb, write_pyramid
 
+from conftest import DATA, load_rgb, write_pyramid
 from napari_bcd.stain import (
     StainStats,
     apply_od_transform,
@@ -112,7 +112,6 @@ def test_training_records_the_stain_and_classify_warns_and_normalises(cmu_rgb, t
 
 def test_finetune_writes_the_training_stain_into_the_card(tmp_path) -> None:
     from conftest import drain, four_kinds_dataset
-
     from napari_bcd.train import iter_finetune, read_iciar
 
     root = four_kinds_dataset(tmp_path / "d", n=4, px=96)

@@ -91,9 +91,7 @@ def _slides_in(folder: Path, recursive: bool) -> list[Path]:
     pattern = folder.rglob("*") if recursive else folder.iterdir()
     found = []
     for p in sorted(pattern):
-        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith("."):
-            found.append(p)
-        elif p.is_dir() and (recursive or p.suffix.lower() == ".zarr") and _is_slide_folder(p):
+        if (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")) or (p.is_dir() and (recursive or p.suffix.lower() == ".zarr") and _is_slide_folder(p)):
             found.append(p)
     return found
 

@@ -19,9 +19,9 @@ def viewer(make_napari_viewer):
 @pytest.fixture
 def reviewed(viewer, qtbot, tiny_checkpoint: Path, tmp_path: Path):
     """The sample slide classified by a copy of the tiny model, shown by the Classify dock, and the Review dock."""
+    from napari_bcd import classify, open_slide
     from napari_bcd._widgets.classify import ClassifyWidget
     from napari_bcd._widgets.review import ReviewWidget  # before timm: the LLVM guard
-    from napari_bcd import classify, open_slide
     from napari_bcd.model import load_checkpoint
 
     parent = Path(shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors"))
@@ -76,7 +76,7 @@ def test_paint_retrain_and_undo(reviewed, qtbot) -> None:
 
 
 def test_thresholds_uncertain_regions_and_grad_cam(reviewed, qtbot) -> None:
-    viewer, dock, review, cm, parent = reviewed
+    viewer, _dock, review, cm, _parent = reviewed
     layer = review._map_combo.value
     from napari_bcd.review import uncertainty
 
@@ -102,7 +102,7 @@ def test_thresholds_uncertain_regions_and_grad_cam(reviewed, qtbot) -> None:
 def test_region_table_follows_the_shapes(reviewed, tmp_path) -> None:
     import json
 
-    viewer, dock, review, cm, parent = reviewed
+    viewer, _dock, review, _cm, _parent = reviewed
     image = viewer.layers[0]
     my, mx = image.scale[-2:]
     shapes = viewer.add_shapes([np.array([[100, 100], [100, 600], [700, 600], [700, 100]]) * (my, mx)],
@@ -124,7 +124,7 @@ def test_classified_shapes_are_corrections_too(reviewed) -> None:
     from napari_bcd.annotations import Annotation
     from napari_bcd.annotations.napari import annotations_to_shapes
 
-    viewer, dock, review, cm, parent = reviewed
+    viewer, _dock, review, cm, _parent = reviewed
     image = viewer.layers[0]
     r, c = np.argwhere(cm.labels > 0)[0]
     new = 1 + int(cm.labels[r, c]) % 4

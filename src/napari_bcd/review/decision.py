@@ -34,7 +34,7 @@ import numpy as np
 from ..classes import class_styles
 from ..errors import BcdError
 
-__all__ = ["MEASURES", "DecisionRule", "apply_decision", "decide", "uncertainty", "uncertain_label"]
+__all__ = ["MEASURES", "DecisionRule", "apply_decision", "decide", "uncertain_label", "uncertainty"]
 
 #: Uncertainty measures: each is 0 for a certain cell and 1 for the least certain possible.
 MEASURES = ("max_probability", "margin", "entropy")

@@ -79,7 +79,7 @@ def quality_scores(batch: np.ndarray, level_mpp: float = 1.0) -> dict[str, np.nd
     m = side // f
     crop = crop.reshape(n, m, f, m, f, 3).mean(axis=(2, 4))
     grey = crop @ np.asarray([0.299, 0.587, 0.114], np.float32) / 255.0
-    ch, cs, cv = _hsv(np.clip(crop, 0, 255))
+    _, cs, cv = _hsv(np.clip(crop, 0, 255))
     ct = _tissue(cs, cv)[:, 1:-1, 1:-1]
     lap = np.abs(grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
                  - 4 * grey[:, 1:-1, 1:-1])

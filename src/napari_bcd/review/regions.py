@@ -98,7 +98,7 @@ def region_table(class_map, regions, names=None) -> list[RegionRow]:
         name = (names[i] if names is not None else None) or getattr(region, "name", None) \
             or getattr(region, "label", None) or f"region {i + 1}"
         if geom.is_empty or geom.area <= 0:
-            rows.append(RegionRow(str(name), 0.0, 0.0, 0.0, {c: 0.0 for c in classes}, {c: 0.0 for c in classes},
+            rows.append(RegionRow(str(name), 0.0, 0.0, 0.0, dict.fromkeys(classes, 0.0), dict.fromkeys(classes, 0.0),
                                   {c: float("nan") for c in classes}))
             continue
         minx, miny, maxx, maxy = geom.bounds
@@ -159,8 +159,9 @@ def region_annotations(regions, rows: list[RegionRow], classes=None):
     Each keeps its own label and class; ``classes`` (the model's) only colours
     regions that have none.
     """
-    from ..annotations import Annotation
     from shapely.geometry import MultiPolygon, Polygon
+
+    from ..annotations import Annotation
 
     styles = {st.name: st for st in class_styles(classes)} if classes else {}
     out = []
