@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -60,6 +61,23 @@ def test_a_restained_tile_is_flagged_and_normalising_brings_it_back(name: str) -
     assert np.abs(fixed.astype(int) - img).mean() < 0.6 * np.abs(odd.astype(int) - img).mean()  # closer in colour too
 
 
+@pytest.mark.parametrize("name", TILES)
+def test_vahadane_is_stable_non_negative_and_normalises_a_restained_tile(name: str) -> None:
+    img = load_rgb(DATA / name)
+    ref = stain_stats(img, method="vahadane")
+    assert ref.h_vector[0] > ref.e_vector[0] and min(ref.h_vector + ref.e_vector) >= 0
+    flipped = stain_distance(stain_stats(img[:, ::-1].copy(), method="vahadane"), ref)
+    assert max(flipped["h_angle_deg"], flipped["e_angle_deg"]) < 2.5 and not flipped["differs"]
+    # its hematoxylin lies near the standard H vector (Ruifrok & Johnston: 0.65, 0.70, 0.29)
+    h = np.asarray(ref.h_vector)
+    assert math.degrees(math.acos(h @ np.array([0.65, 0.70, 0.29]) / np.linalg.norm([0.65, 0.70, 0.29]))) < 12
+    odd = restain(img)
+    fixed = apply_od_transform(odd, macenko_transform(stain_stats(odd, method="vahadane"), ref))
+    # judged as the engine judges every slide: by the Macenko statistics
+    assert not stain_distance(stain_stats(fixed), stain_stats(img))["differs"]
+    assert np.abs(fixed.astype(int) - img).mean() < 0.6 * np.abs(odd.astype(int) - img).mean()
+
+
 def test_training_records_the_stain_and_classify_warns_and_normalises(cmu_rgb, tmp_path, capsys) -> None:
     """A model whose card holds the CMU slide's stain: a restained copy is flagged; normalising it helps."""
     import torch
@@ -79,6 +97,11 @@ def test_training_records_the_stain_and_classify_warns_and_normalises(cmu_rgb, t
     with open_slide(original) as slide:
         plain = classify(slide, model.eval())
     reference = plain.info["stain"]["slide"]  # the stain the model "was trained on"
+    with open_slide(original) as slide:  # the Vahadane reference of the same windows
+        from napari_bcd.windows import read_window
+
+        windows = [read_window(slide, plain.grid, int(r), int(c), (64, 64)) for r, c in np.argwhere(plain.window_done)]
+    reference = {**reference, "vahadane": stain_stats(windows[:16], method="vahadane").to_dict("vahadane")}
     ckpt = save_checkpoint(model, model.card.replace(stain=reference), tmp_path / "m.safetensors")
     from napari_bcd.model import load_checkpoint
 
@@ -93,12 +116,17 @@ def test_training_records_the_stain_and_classify_warns_and_normalises(cmu_rgb, t
     warning = summarize(raw).stain_warning
     assert "stain differs from the training set" in warning and "--stain-normalize macenko" in warning
     assert norm.info["stain"]["normalized"] == "macenko" and "normalised" in summarize(norm).stain_warning
+    with open_slide(odd) as slide:
+        vahadane = classify(slide, m, stain_normalize="vahadane")
+    assert vahadane.info["stain"]["normalized"] == "vahadane"
     sel = np.isfinite(plain.probs).all(-1) & np.isfinite(raw.probs).all(-1) & np.isfinite(norm.probs).all(-1)
     err_raw = np.abs(raw.probs[sel] - plain.probs[sel]).mean()
     err_norm = np.abs(norm.probs[sel] - plain.probs[sel]).mean()
     agree_raw = (raw.labels[sel] == plain.labels[sel]).mean()
     agree_norm = (norm.labels[sel] == plain.labels[sel]).mean()
     assert err_norm < err_raw and agree_norm >= agree_raw, (err_raw, err_norm, agree_raw, agree_norm)
+    err_vahadane = np.abs(vahadane.probs[sel] - plain.probs[sel]).mean()
+    assert err_vahadane < err_raw, (err_raw, err_vahadane)
     # the CLI says it, and writes it into the summary JSON
     assert main(["classify", str(odd), "--model", str(ckpt), "--out", str(tmp_path / "out")]) == 0
     assert "stain differs from the training set" in capsys.readouterr().err
@@ -119,3 +147,6 @@ def test_finetune_writes_the_training_stain_into_the_card(tmp_path) -> None:
                                  backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0), epochs=2))
     stats = StainStats.from_dict(res.card.stain)
     assert stats is not None and stats.pixels > 500 and stats.h_vector[0] > stats.e_vector[0]
+    from napari_bcd.stain import reference_stats
+
+    assert reference_stats(res.card.stain, "vahadane") is not None

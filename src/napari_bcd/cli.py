@@ -634,8 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SVS, NDPI, OME-TIFF, TIFF, PNG or JPEG files, or folders of slides")
     p.add_argument("--recursive", action="store_true", help="also take the slides in sub-folders of a folder")
     p.add_argument("--manifest", metavar="CSV", help="a CSV of slides: path, and optionally mpp and id")
-    p.add_argument("--stain-normalize", choices=["none", "macenko"], default="none",
-                   help="normalise every window to the stain of the model's training images (Macenko)")
+    p.add_argument("--stain-normalize", choices=["none", "macenko", "vahadane"], default="none",
+                   help="normalise every window to the stain of the model's training images (Macenko or Vahadane)")
     p.add_argument("--cluster", metavar="ADDRESS",
                    help="run the slides on a Dask cluster: tcp://HOST:PORT, or local:N for N worker processes here")
     p.add_argument("--model", help="checkpoint (default: the last trained/chosen model, or $NAPARI_BCD_MODEL)")

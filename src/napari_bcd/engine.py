@@ -216,11 +216,14 @@ def iter_classify(
     rule = (decision if isinstance(decision, DecisionRule)
             else DecisionRule.from_dict(card.decision if decision is None else decision))
     rule.check_classes(card.classes)
-    if stain_normalize not in ("none", "macenko"):
-        raise BcdError(f"Unknown stain normalisation {stain_normalize!r}; use none or macenko.")
-    if stain_normalize == "macenko" and not card.stain:
-        raise BcdError("This model's card has no stain statistics of its training images to normalise to; "
-                       "train it again with this version, or classify without --stain-normalize.")
+    if stain_normalize not in ("none", "macenko", "vahadane"):
+        raise BcdError(f"Unknown stain normalisation {stain_normalize!r}; use none, macenko or vahadane.")
+    if stain_normalize != "none":
+        from .stain import reference_stats
+
+        if reference_stats(card.stain, stain_normalize) is None:
+            raise BcdError(f"This model's card has no {stain_normalize} stain statistics of its training images to "
+                           "normalise to; train it again with this version, or classify without --stain-normalize.")
     grid = make_grid(
         slide.dimensions,
         slide_mpp,
@@ -432,7 +435,7 @@ def _stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, no
 
     With ``normalize == "macenko"`` the predictor gets the OD map to the card's stain.
     """
-    from .stain import StainStats, macenko_transform, stain_distance, stain_stats
+    from .stain import macenko_transform, reference_stats, stain_distance, stain_stats
     from .windows import resize_area
 
     def sample(r: int, c: int) -> np.ndarray:  # not through the tile cache: the pass decodes each tile once
@@ -444,18 +447,20 @@ def _stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, no
         return {"normalized": "none", "note": "no tissue window"}
     pick = todo[np.linspace(0, len(todo) - 1, min(16, len(todo))).round().astype(int)]
     try:
-        stats = stain_stats([sample(int(r), int(c)) for r, c in pick])
+        images = [sample(int(r), int(c)) for r, c in pick]
+        stats = stain_stats(images)
     except BcdError as err:
         return {"normalized": "none", "note": str(err)}
     info: dict = {"slide": stats.to_dict(), "normalized": "none"}
-    reference = StainStats.from_dict(card.stain) if card.stain else None
+    reference = reference_stats(card.stain)
     if reference is None:
         info["note"] = "the model card has no stain statistics of its training images"
         return info
     info["distance"] = stain_distance(stats, reference)
-    if normalize == "macenko":
-        predictor.set_stain_map(macenko_transform(stats, reference))
-        info["normalized"] = "macenko"
+    if normalize != "none":
+        source = stats if normalize == "macenko" else stain_stats(images, method=normalize)
+        predictor.set_stain_map(macenko_transform(source, reference_stats(card.stain, normalize)))
+        info["normalized"] = normalize
     return info
 
 

@@ -206,7 +206,7 @@ def stain_warning(stain: dict | None) -> str:
     d = stain["distance"]
     what = (f"hematoxylin {d['h_angle_deg']:.0f}° and eosin {d['e_angle_deg']:.0f}° apart, "
             f"strength x{d['h_ratio']:.2f} / x{d['e_ratio']:.2f}")
-    if stain.get("normalized") == "macenko":
-        return f"stain differs from the training set ({what}); normalised to it (Macenko)"
+    if stain.get("normalized") in ("macenko", "vahadane"):
+        return f"stain differs from the training set ({what}); normalised to it ({stain['normalized'].title()})"
     return (f"stain differs from the training set ({what}): predictions may be unreliable; "
-            "consider --stain-normalize macenko")
+            "consider --stain-normalize macenko (or vahadane)")

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OVERLAP = {"none": 1.0, "50 %": 0.5, "75 %": 0.25}
+STAIN = {"as scanned": "none", "normalise (Macenko)": "macenko", "normalise (Vahadane)": "vahadane"}
 #: Windows per second assumed before this machine has measured any (ResNet152V2, other backbones).
 _GUESS = {"cpu": (3.0, 30.0), "gpu": (1000.0, 3000.0)}
 
@@ -70,7 +71,7 @@ class ClassifyWidget(Container):
         self._batch_spin = SpinBox(label="batch size", value=0, min=0, max=1024, tooltip="0 = automatic")
         self._overlap_combo = ComboBox(label="overlap", choices=list(OVERLAP), value="none")
         self._tissue_spin = FloatSpinBox(label="tissue threshold", value=0.1, min=0.0, max=1.0, step=0.01)
-        self._stain_combo = ComboBox(label="stain", choices=["as scanned", "normalise (Macenko)"], value="as scanned",
+        self._stain_combo = ComboBox(label="stain", choices=list(STAIN), value="as scanned",
                                      tooltip="normalise every window to the stain of the model's training images")
         self._probs_check = CheckBox(text="probability layers", value=False)
         self._compile_check = CheckBox(text="compile the model (GPU, long runs)", value=False,
@@ -326,7 +327,7 @@ class ClassifyWidget(Container):
             slide, model, stride=stride, batch_size=self._batch_spin.value or None,
             device=self._device_combo.value, tissue=TissueParams(threshold=self._tissue_spin.value),
             compile=self._compile_check.value,
-            stain_normalize="macenko" if self._stain_combo.value.startswith("normalise") else "none",
+            stain_normalize=STAIN[self._stain_combo.value],
         )
         class_map.info["model_path"] = str(checkpoint) if checkpoint else ""  # the Review dock retrains it
         return class_map

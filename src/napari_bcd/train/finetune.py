@@ -714,7 +714,8 @@ def _training_stain(dataset: Dataset, train_idx: list[int], input_px) -> dict:
         return {}
     pick = [train_idx[int(k)] for k in np.linspace(0, len(train_idx) - 1, min(32, len(train_idx))).round()]
     try:
-        return stain_stats([resize_area(dataset.load(i), tuple(input_px)) for i in pick]).to_dict()
+        images = [resize_area(dataset.load(i), tuple(input_px)) for i in pick]
+        return {**stain_stats(images).to_dict(), "vahadane": stain_stats(images, method="vahadane").to_dict("vahadane")}
     except (DatasetError, BcdError) as err:
         log.info("no stain statistics for the card: %s", err)
         return {}
