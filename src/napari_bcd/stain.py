@@ -119,7 +119,7 @@ def stain_stats(images, max_pixels: int = 200_000, seed: int = 0, method: str = 
     h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
     if method == "vahadane":
         sub = od if len(od) <= 20_000 else od[rng.choice(len(od), 20_000, replace=False)]
-        w, conc_sub = _snmf(sub.T, np.stack([h, e], 1))
+        w, _ = _snmf(sub.T, np.stack([h, e], 1))
         h, e = w[:, 0], w[:, 1]
         conc = _nonneg_conc(np.stack([h, e], 1), od.T)
     elif method == "macenko":
