@@ -150,3 +150,26 @@ def test_finetune_writes_the_training_stain_into_the_card(tmp_path) -> None:
     from napari_bcd.stain import reference_stats
 
     assert reference_stats(res.card.stain, "vahadane") is not None
+
+
+def test_stain_augmentation_trains_on_jittered_copies_and_is_recorded(tmp_path, capsys) -> None:
+    from conftest import DATA, four_kinds_dataset
+    from napari_bcd.cli import main
+    from napari_bcd.model.card import read_card
+    from napari_bcd.train.finetune import hed_jitter
+
+    tile = load_rgb(DATA / "tiatoolbox-target-1000.png")[:256, :256]
+    a, b = hed_jitter(tile, 1), hed_jitter(tile, 2)
+    assert np.array_equal(a, hed_jitter(tile, 1)) and not np.array_equal(a, b)  # seeded
+    d = stain_distance(stain_stats(a), stain_stats(tile))
+    assert 0 < max(d["h_ratio"], 1 / d["h_ratio"], d["e_ratio"], 1 / d["e_ratio"]) < 1.5  # varied, within reason
+    root = four_kinds_dataset(tmp_path / "d", n=4, px=96)
+    args = ["train", str(root), "--backbone", "timm:resnet18", "--backbone-weights", "none", "--input-px", "64",
+            "--field-um", "200", "--epochs", "2", "--no-default"]
+    assert main([*args, "--out", str(tmp_path / "plain.safetensors")]) == 0
+    assert "on 96 samples per epoch" in capsys.readouterr().err  # 12 training images x 8 views
+    assert main([*args, "--out", str(tmp_path / "aug.safetensors"), "--stain-augment"]) == 0
+    assert "on 192 samples per epoch" in capsys.readouterr().err  # and each view again, stain-jittered
+    card = read_card(tmp_path / "aug.safetensors")
+    assert card.training["hyperparameters"]["stain_augment"].startswith("HED jitter")
+    assert read_card(tmp_path / "plain.safetensors").training["hyperparameters"]["stain_augment"] == "none"

@@ -440,6 +440,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
             split=args.split, augment=False if args.no_augment else None,
             finetune_last_stage=args.finetune_last_stage, device=args.device, overwrite=args.overwrite,
+            stain_augment=args.stain_augment,
         ),
         "features", "img",
     )
@@ -695,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the validation images")
     p.add_argument("--no-augment", action="store_true", help="no flips/rotations")
     p.add_argument("--finetune-last-stage", action="store_true", help="also train the backbone's last stage")
+    p.add_argument("--stain-augment", action="store_true",
+                   help="also train on stain-jittered copies (HED: each stain x0.8-1.2), for slides stained unlike "
+                        "the training images; recorded in the card")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint of that name")
     p.add_argument("--no-default", action="store_true", help="never make it the default model")

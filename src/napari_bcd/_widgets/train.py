@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -92,6 +93,8 @@ class TrainWidget(Container):
         self._epochs_spin.native.setSpecialValueText("auto")  # 0 reads "auto"
         self._lr_spin = FloatSpinBox(label="learning rate", value=1e-4, min=1e-6, max=1.0, step=1e-5)
         self._batch_spin = SpinBox(label="batch size", value=128, min=1, max=4096)
+        self._stain_check = CheckBox(text="stain augmentation (slides stained unlike these)", value=False,
+                                     tooltip="also train on stain-jittered copies of every region (HED x0.8-1.2)")
         self._run_button = PushButton(text="Train")
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="", value=0, min=0, max=1, visible=False)
@@ -106,7 +109,7 @@ class TrainWidget(Container):
             self._source_combo, self._image_combo, self._shapes_combo, self._folder_edit, self._field_combo,
             self._field_spin, self._coverage_spin, self._check_button, self._out_edit, self._protocol_combo,
             self._backbone_edit, self._weights_combo, self._weights_edit, self._pixels_label, self._epochs_spin,
-            self._lr_spin, self._batch_spin,
+            self._lr_spin, self._batch_spin, self._stain_check,
             Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False),
             self._progress, self._status,
         ])
@@ -262,6 +265,7 @@ class TrainWidget(Container):
             backbone_weights=weights, epochs=self._epochs_spin.value or None,
             lr=self._lr_spin.value, batch_size=self._batch_spin.value,
             overwrite=True,  # the save dialog already asked before replacing a file
+            stain_augment=self._stain_check.value,
         ))
 
     def _start(self, gen, on_result) -> None:

@@ -38,7 +38,8 @@ from .probe import ProbeResult, linear_probe
 from .protocol import Protocol, get_protocol
 from .split import Split, check_trainable, split_dataset
 
-__all__ = ["STOP", "EpochStats", "FeatureProgress", "TrainPlan", "TrainResult", "dihedral", "iter_finetune"]
+__all__ = ["STOP", "EpochStats", "FeatureProgress", "TrainPlan", "TrainResult", "dihedral", "hed_jitter",
+           "iter_finetune"]
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ def iter_finetune(
     name: str | None = None,
     cache: bool = True,
     overwrite: bool = False,
+    stain_augment: bool = False,
 ) -> Generator[TrainPlan | FeatureProgress | EpochStats, Any, TrainResult]:
     """Train the Table II head on an ICIAR dataset; yields progress, returns a :class:`TrainResult`.
 
@@ -211,6 +213,10 @@ def iter_finetune(
         Also train the backbone's last stage (no feature cache then).
     overwrite
         Replace an existing checkpoint at ``out`` (refused otherwise, before any work).
+    stain_augment
+        Also train on stain-jittered copies of every view (:func:`hed_jitter`:
+        each stain's amount scaled and shifted at random, fixed per image and
+        view so the feature cache serves them), doubling the features computed.
 
     Raises
     ------
@@ -236,12 +242,12 @@ def iter_finetune(
     return _finetune(dataset, out=Path(out), proto=proto, the_split=the_split, backbone=backbone,
                      backbone_weights=backbone_weights, input_px=input_px, field_um=field_um,
                      preprocessing=preprocessing, seed=seed, finetune_last_stage=finetune_last_stage, device=device,
-                     feature_batch=feature_batch, name=name, cache=cache)
+                     feature_batch=feature_batch, name=name, cache=cache, stain_augment=stain_augment)
 
 
 def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split, backbone, backbone_weights,
               input_px, field_um, preprocessing, seed: int, finetune_last_stage: bool, device, feature_batch: int,
-              name, cache: bool):
+              name, cache: bool, stain_augment: bool = False):
     import torch
 
     from ..model.classifier import build_classifier
@@ -250,6 +256,12 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
 
     train_idx, val_idx = the_split.train, the_split.val
     T = 8 if proto.augment else 1
+    if stain_augment and finetune_last_stage:
+        raise DatasetError("--stain-augment works on cached features; it cannot be combined with fine-tuning the "
+                           "last stage.")
+    base_views = T
+    if stain_augment:
+        T = 2 * T  # every view again, stain-jittered
     epochs, steps_per_epoch = proto.plan_epochs(len(train_idx) * T)
     yield TrainPlan(len(train_idx), len(val_idx), len(train_idx) * T, epochs, steps_per_epoch, proto.name,
                     the_split.kind, tuple(the_split.notes))
@@ -268,7 +280,8 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
 
     bank = row_of = images = None
     if not finetune_last_stage:
-        bank_or_none = yield from _features(model, dataset, needed, T, images_of, dev, feature_batch, cache)
+        bank_or_none = yield from _features(model, dataset, needed, base_views, images_of, dev, feature_batch, cache,
+                                            stain_augment)
         if bank_or_none is None:
             return TrainResult(None, stopped="stopped by the user", notes=["Stopped while computing features."])
         bank = bank_or_none
@@ -351,14 +364,14 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
                 break
         saving = True
         result = _save(model, dataset, out, proto, the_split, best, history, probe, steps, stopped,
-                       backbone_weights, name, epochs, seed)
+                       backbone_weights, name, epochs, seed, stain_augment)
         return result
     except (GeneratorExit, KeyboardInterrupt):
         # Cancelled from outside: keep the best weights so far, then let the cancel go on (not when the
         # cancel came during that very save: the checkpoint is consistent either way, see save_checkpoint).
         if best["state"] is not None and result is None and not saving:
             _save(model, dataset, out, proto, the_split, best, history, probe, steps, "stopped by the user",
-                  backbone_weights, name, epochs, seed)
+                  backbone_weights, name, epochs, seed, stain_augment)
         raise
 
 
@@ -450,12 +463,46 @@ class _HeadTraining:
         return _fold_standardisation(kept, self.norm) if self.norm is not None else kept
 
 
-def _features(model, dataset: Dataset, needed: list[int], T: int, images_of, dev, feature_batch: int, cache: bool):
+def hed_jitter(rgb: np.ndarray, seed: int, amount: float = 0.2, shift: float = 0.01) -> np.ndarray:
+    """The image with its stains varied (Tellez et al. 2018): in skimage's HED space each stain's amount is
+    scaled by U(1 - amount, 1 + amount) and shifted by U(-shift, shift); the same ``seed`` gives the same result."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    rng = np.random.default_rng(seed)
+    hed = rgb2hed(rgb)
+    alpha = rng.uniform(1 - amount, 1 + amount, 3)
+    beta = rng.uniform(-shift, shift, 3)
+    out = hed2rgb(hed * alpha + beta)
+    return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
+
+
+def _features(model, dataset: Dataset, needed: list[int], T: int, images_of, dev, feature_batch: int, cache: bool,
+              stain_augment: bool = False):
     """Backbone features of every needed image and view, from the cache or computed once.
 
     Yields :class:`FeatureProgress`; returns an ``images x views x C x H x W``
-    float16 tensor (rows in ``needed`` order), or None when stopped.
+    float16 tensor (rows in ``needed`` order), or None when stopped.  With
+    ``stain_augment`` the views are followed by the same views of a
+    stain-jittered copy (``2 T`` views), cached apart.
     """
+    bank = yield from _feature_bank(model, dataset, needed, T, images_of, dev, feature_batch, cache, "")
+    if bank is None or not stain_augment:
+        return bank
+
+    def jittered(i: int) -> np.ndarray:
+        seed = int(_image_key(dataset, i)[:8], 16)  # from the image's content: the cache stays consistent
+        return hed_jitter(images_of(i), seed)
+
+    aug = yield from _feature_bank(model, dataset, needed, T, jittered, dev, feature_batch, cache, "hed0.2")
+    if aug is None:
+        return None
+    import torch
+
+    return torch.cat([bank, aug], dim=1)
+
+
+def _feature_bank(model, dataset: Dataset, needed: list[int], T: int, images_of, dev, feature_batch: int,
+                  cache: bool, variant: str):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -465,6 +512,8 @@ def _features(model, dataset: Dataset, needed: list[int], T: int, images_of, dev
     model.backbone.eval()
     bkey = weights_sha256(model.backbone.state_dict())[:16]
     pkey = hashlib.sha256(repr((model.card.input_px, model.card.preprocessing)).encode()).hexdigest()[:8]
+    if variant:
+        pkey = f"{pkey}-{variant}"
     cdir = cache_dir() / "features" / f"{bkey}-{pkey}"
     if cache:
         cdir.mkdir(parents=True, exist_ok=True)
@@ -632,7 +681,7 @@ def _fold_standardisation(state: dict, norm) -> dict:
 
 def _save(model, dataset: Dataset, out: Path, proto: Protocol, the_split: Split, best: dict, history: list[dict],
           probe: ProbeResult | None, steps: int, stopped: str, backbone_weights, name, planned_epochs: int,
-          seed: int) -> TrainResult:
+          seed: int, stain_augment: bool = False) -> TrainResult:
     """Write the best epoch's checkpoint with a card that says how it was made."""
     from ..model.checkpoint import checkpoint_paths, save_checkpoint
 
@@ -660,6 +709,8 @@ def _save(model, dataset: Dataset, out: Path, proto: Protocol, the_split: Split,
                             "patience_min_steps": proto.min_patience_steps} if proto.patience else None),
         "sampling": "class-balanced (with replacement)" if proto.balanced else "shuffled",
         "augment": "8 dihedral (flips/rotations)" if proto.augment else "none",
+        "stain_augment": ("HED jitter: each stain x U(0.8, 1.2) + U(-0.01, 0.01), one copy of every view"
+                          if stain_augment else "none"),
         "head_start": "the linear probe (LP-FT)" if proto.probe_init and not finetune else "random (PyTorch default)",
         "feature_standardisation": ("per-channel mean/std of the training features, folded into the head's first "
                                     "1x1 conv" if proto.standardise and not finetune else "none"),
