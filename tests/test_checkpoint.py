@@ -219,3 +219,21 @@ def test_card_geometry() -> None:
     assert card.field_um == pytest.approx((645.12, 860.16))
     assert card.mpp == pytest.approx((2.52, 3.36))
     assert ModelCard.from_json(card.to_json()) == card
+
+
+def test_the_training_record_is_typed_and_keeps_unknown_keys() -> None:
+    from napari_bcd.model.card import ModelCard
+    from napari_bcd.model.record import TrainingRecord
+
+    raw = {"protocol": {"name": "auto"}, "split": {"kind": "stratified", "val_files": ["a.png"]},
+           "data": {"root": "/data"}, "hyperparameters": {"augment": "8 dihedral"}, "curves": [{"train_acc": 0.5}],
+           "validation": True, "someday": {"kept": 1}}
+    card = ModelCard(training=raw)
+    rec = card.record
+    assert isinstance(rec, TrainingRecord)
+    assert rec.protocol_name == "auto" and rec.val_files == ["a.png"] and rec.data_root == "/data"
+    assert rec.augmented and rec.last_train_accuracy == 0.5 and rec.parent is None
+    assert rec.to_dict() == {**raw, **TrainingRecord.from_dict(raw).to_dict()} and rec.to_dict()["someday"] == {"kept": 1}
+    child = rec.with_retrain({"parent": {"name": "m", "path": "/m.safetensors"}})
+    assert child.parent == {"name": "m", "path": "/m.safetensors"} and "retrain" not in rec.to_dict()
+    assert ModelCard().record == TrainingRecord()

@@ -456,7 +456,7 @@ def _report_training(result, *, make_default: bool = False, no_default: bool = F
         return 1
     card = result.card
     print(f"model     {result.checkpoint}")
-    print(f"pixels    {card.preprocessing.describe()} ({card.training.get('preprocessing_source') or 'given'})")
+    print(f"pixels    {card.preprocessing.describe()} ({card.record.preprocessing_source or 'given'})")
     if result.report is not None:
         print("Table II head on the validation images:")
         print(result.report.to_text())

@@ -360,7 +360,7 @@ class TrainWidget(Container):
         if result.probe is not None and result.probe.report is not None:
             lines.append(f"linear probe (pooled frozen features): accuracy {result.probe.report.accuracy:.4f}, "
                          f"macro F1 {result.probe.report.macro['f1']:.4f}")
-        lines.append(f"pixels: {result.card.preprocessing.describe()} ({result.card.training.get('preprocessing_source')})")
+        lines.append(f"pixels: {result.card.preprocessing.describe()} ({result.card.record.preprocessing_source})")
         if result.report is not None:
             lines += ["", "Table II head on the validation images:", result.report.to_text()]
         self._report.value = "\n".join(lines)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 _LAZY: dict[str, str] = {
     "ICIAR_FIELD_UM": "card",
     "ModelCard": "card",
+    "TrainingRecord": "record",
     "read_card": "card",
     "checkpoint_paths": "card",
     "load_checkpoint": "checkpoint",
@@ -43,6 +44,7 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .card import ICIAR_FIELD_UM, ModelCard, checkpoint_paths, read_card
+    from .record import TrainingRecord
     from .checkpoint import load_checkpoint, load_model, save_checkpoint, weights_sha256
     from .classifier import Classifier, TimmBackbone, build_backbone, build_classifier
     from .head import TABLE2_TRAINABLE, Table2Head

@@ -107,6 +107,13 @@ class ModelCard:
             raise CheckpointError("The model card is not usable: " + "; ".join(problems) + ".")
 
     @property
+    def record(self):
+        """The ``training`` object as a typed :class:`~napari_bcd.model.record.TrainingRecord`."""
+        from .record import TrainingRecord
+
+        return TrainingRecord.from_dict(self.training if isinstance(self.training, dict) else None)
+
+    @property
     def mpp(self) -> tuple[float, float]:
         """µm per input pixel, ``(y, x)``: the resolution the network sees."""
         return (self.field_um[0] / self.input_px[0], self.field_um[1] / self.input_px[1])
@@ -158,19 +165,19 @@ class ModelCard:
             f"{self.field_um[0]:.0f}x{self.field_um[1]:.0f} µm ({self.mpp[1]:.2f} µm/px)",
             f"pixels    {self.preprocessing.describe()}",
         ]
-        protocol = (self.training.get("protocol") or {}).get("name") if isinstance(self.training, dict) else None
-        if protocol:
-            lines.append(f"trained   protocol {protocol}, {self.training.get('split', {}).get('kind', '')}")
-        if self.training and self.training.get("validation") is False:
+        record = self.record
+        if record.protocol_name:
+            lines.append(f"trained   protocol {record.protocol_name}, {record.split_kind}")
+        if record.validation is False:
             lines.append("metrics   none: trained without validation data")
         if self.decision:
             from ..review.decision import DecisionRule
 
             lines.append(f"decision  {DecisionRule.from_dict(self.decision).describe()}")
-        parent = (self.training.get("retrain") or {}).get("parent") if isinstance(self.training, dict) else None
+        parent = record.parent
         if parent:
             lines.append(f"retrained from {parent.get('name', '')} ({parent.get('path', '')}), "
-                         f"{len(self.training['retrain'].get('corrections', []))} corrected cells")
+                         f"{len((record.retrain or {}).get('corrections', []))} corrected cells")
         for key in ("accuracy", "macro_f1", "weighted_f1", "probe_accuracy"):
             if key in self.metrics:
                 lines.append(f"{key:<9} {self.metrics[key]:.4f}")

@@ -298,7 +298,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     train_idx: list[int] = []
     root = None
     if data == "card":
-        root = ((card.training or {}).get("data") or {}).get("root")
+        root = card.record.data_root
         if root and not Path(root).is_dir():
             notes.append(f"the model's training images are not at {root}: retrained without them")
             root = None
@@ -313,7 +313,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
             notes.append(f"the training images at {root} cannot be read ({err}): retrained without them")
             dataset = None
     if dataset is not None:
-        val_names = set(((card.training or {}).get("split") or {}).get("val_files") or [])
+        val_names = set(card.record.val_files)
         val_idx = [i for i, p in enumerate(dataset.paths) if p.name in val_names]
         train_idx = [i for i in range(len(dataset)) if i not in set(val_idx)]
         if tuple(dataset.classes) != tuple(card.classes):
@@ -369,7 +369,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     if dataset is not None:
         from ..train.finetune import FeatureProgress, _features
 
-        T = views if ((card.training or {}).get("hyperparameters") or {}).get("augment", "none") != "none" else 1
+        T = views if card.record.augmented else 1
         needed = sorted(set(train_idx) | set(val_idx))
         gen = _features(model, dataset, needed, T, lambda i: resize_area(dataset.load(i), size), dev, feature_batch,
                         True)
@@ -497,8 +497,8 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     metrics = dict(card.metrics)
     if val_after:
         metrics.update(accuracy=val_after["accuracy"], macro_f1=val_after["macro_f1"])
-    new_card = card.replace(name=out_path.name[: -len(".safetensors")], training={**card.training, "retrain": record},
-                            metrics=metrics)
+    new_card = card.replace(name=out_path.name[: -len(".safetensors")],
+                            training=card.record.with_retrain(record).to_dict(), metrics=metrics)
     model.cpu()
     saved = save_checkpoint(model, new_card, out_path, overwrite=False)
     model.to(dev)

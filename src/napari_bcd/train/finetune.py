@@ -143,14 +143,14 @@ class TrainResult:
         """Head against probe and chance, in words."""
         if self.report is None:
             return ("No validation data: nothing shows what this model learned (train accuracy "
-                    f"{self.card.training['curves'][-1]['train_acc']:.3f})." if self.card else "Nothing was trained.")
+                    f"{self.card.record.last_train_accuracy:.3f})." if self.card else "Nothing was trained.")
         p = self.probe.report.accuracy if self.probe is not None and self.probe.report is not None else None
         text = f"Table II head: validation accuracy {self.report.accuracy:.4f}"
         if p is not None:
             text += f"; linear probe on the same frozen features: {p:.4f}"
         text += f"; chance: {self.chance:.4f}."
         if self.head_below_probe:
-            paper = bool(self.card) and (self.card.training.get("protocol") or {}).get("name") == "paper"
+            paper = bool(self.card) and self.card.record.protocol_name == "paper"
             hint = "the auto protocol (--protocol auto) or more images usually help" if paper else \
                 "more or larger annotated regions usually help"
             text += f" The head does WORSE than the linear probe: it has not learned what the features hold ({hint})."
@@ -684,6 +684,7 @@ def _save(model, dataset: Dataset, out: Path, proto: Protocol, the_split: Split,
           seed: int, stain_augment: bool = False) -> TrainResult:
     """Write the best epoch's checkpoint with a card that says how it was made."""
     from ..model.checkpoint import checkpoint_paths, save_checkpoint
+    from ..model.record import TrainingRecord
 
     if best["state"] is None:
         return TrainResult(None, stopped=stopped, probe=probe)
@@ -719,23 +720,23 @@ def _save(model, dataset: Dataset, out: Path, proto: Protocol, the_split: Split,
         "finetune_last_stage": finetune,
         "loss": "cross-entropy",
     }
-    training = {
-        "protocol": {"name": proto.name, "description": proto.describe(), "settings": proto.to_dict()},
-        "data": {"root": str(dataset.root), "counts": dataset.counts(), "images": len(dataset)},
-        "split": {"kind": the_split.kind, "train": len(the_split.train), "val": len(val_idx),
-                  "val_files": [dataset.paths[i].name for i in val_idx], "notes": list(the_split.notes)},
-        "hyperparameters": hyper,
-        "best_epoch": best["epoch"],
-        "stopped": stopped,
-        "curves": [h for h in history if h["epoch"] <= best["epoch"]],
-        "validation": bool(val_idx),
-        "validation_report": report.to_dict() if report is not None else None,
-        "probe": probe.to_dict() if probe is not None else None,
-        "chance_accuracy": chance,
-        "beats_chance": bool(report is not None and chance is not None and report.accuracy > chance + 1e-9),
-        "backbone_weights_source": str(backbone_weights),
-        "preprocessing_source": getattr(model, "preprocessing_source", ""),
-    }
+    training = TrainingRecord(
+        protocol={"name": proto.name, "description": proto.describe(), "settings": proto.to_dict()},
+        data={"root": str(dataset.root), "counts": dataset.counts(), "images": len(dataset)},
+        split={"kind": the_split.kind, "train": len(the_split.train), "val": len(val_idx),
+               "val_files": [dataset.paths[i].name for i in val_idx], "notes": list(the_split.notes)},
+        hyperparameters=hyper,
+        best_epoch=best["epoch"],
+        stopped=stopped,
+        curves=[h for h in history if h["epoch"] <= best["epoch"]],
+        validation=bool(val_idx),
+        validation_report=report.to_dict() if report is not None else None,
+        probe=probe.to_dict() if probe is not None else None,
+        chance_accuracy=chance,
+        beats_chance=bool(report is not None and chance is not None and report.accuracy > chance + 1e-9),
+        backbone_weights_source=str(backbone_weights),
+        preprocessing_source=getattr(model, "preprocessing_source", ""),
+    ).to_dict()
     metrics: dict[str, Any] = {}
     if report is not None:
         metrics = {"accuracy": report.accuracy, "macro_f1": report.macro["f1"], "weighted_f1": report.weighted["f1"],

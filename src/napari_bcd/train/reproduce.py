@@ -135,17 +135,17 @@ def _report_json(dataset: Dataset, runs: dict[str, TrainResult], best: str | Non
         "data": {"root": str(dataset.root), "counts": dataset.counts(), "images": len(dataset), "note": data_note},
         "model": {"backbone": card.backbone if card else None, "backbone_weights": card.backbone_weights if card else None,
                   "input_px": list(card.input_px) if card else None},
-        "protocol": card.training["protocol"] if card else None,
+        "protocol": card.record.protocol if card else None,
         "runs": {
             key: {
                 "split": SPLITS[key][0],
                 "checkpoint": str(r.checkpoint) if r.checkpoint else None,
-                "train_images": r.card.training["split"]["train"] if r.card else None,
-                "val_images": r.card.training["split"]["val"] if r.card else None,
+                "train_images": r.card.record.split["train"] if r.card else None,
+                "val_images": r.card.record.split["val"] if r.card else None,
                 "figures_percent": _figures(r),
                 "table3": r.report.to_dict() if r.report else None,
                 "probe": r.probe.to_dict() if r.probe else None,
-                "hyperparameters": r.card.training["hyperparameters"] if r.card else None,
+                "hyperparameters": r.card.record.hyperparameters if r.card else None,
             }
             for key, r in runs.items()
         },
