@@ -44,7 +44,6 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .card import ICIAR_FIELD_UM, ModelCard, checkpoint_paths, read_card
-    from .record import TrainingRecord
     from .checkpoint import load_checkpoint, load_model, save_checkpoint, weights_sha256
     from .classifier import Classifier, TimmBackbone, build_backbone, build_classifier
     from .head import TABLE2_TRAINABLE, Table2Head
@@ -52,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .inference import Predictor, choose_device
     from .keras_weights import load_keras_weights, read_keras_h5
     from .preprocessing import Preprocessing
+    from .record import TrainingRecord
     from .resnet152v2 import KERAS_PARAM_COUNT, ResNet152V2, keras_param_count
 
 
