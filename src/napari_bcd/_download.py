@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._fileio import file_digest
 from .errors import DownloadError
@@ -39,7 +40,7 @@ class DownloadProgress:
     unit: str = "B"
 
 
-def file_md5(path: str | os.PathLike[str], h=None) -> str:
+def file_md5(path: str | os.PathLike[str], h: Any = None) -> str:
     """md5 of a file (continuing ``h`` when given): what Zenodo and Keras publish."""
     return file_digest(path, "md5", into=h)
 

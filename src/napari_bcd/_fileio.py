@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .errors import BcdError
 
@@ -58,7 +58,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
         os.fsync(fh.fileno())
 
 
-def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", into=None) -> str:
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", into: Any = None) -> str:
     """Hex digest of a file, read in 1 MiB chunks; ``into`` is a hash object to continue (resumed downloads)."""
     h = into if into is not None else hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as fh:

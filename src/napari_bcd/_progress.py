@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["drive", "progress_bar"]
 
 
-def progress_bar(desc: str, total: int | None, unit: str = "it", unit_scale: bool = False):
+def progress_bar(desc: str, total: int | None, unit: str = "it", unit_scale: bool = False) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr, dynamic_ncols=True)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BcdError
+
+if TYPE_CHECKING:
+    from .io.slide import Slide
 
 __all__ = ["napari_get_reader", "read_slide", "slide_layer_data"]
 
@@ -15,7 +18,7 @@ log = logging.getLogger(__name__)
 LayerData = tuple[Any, dict, str]
 
 
-def slide_layer_data(slide) -> LayerData:
+def slide_layer_data(slide: Slide) -> LayerData:
     """``(data, kwargs, "image")`` for a :class:`~napari_bcd.io.Slide`.
 
     ``scale`` is µm per pixel so napari's scale bar reads µm; without mpp the

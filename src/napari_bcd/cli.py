@@ -15,11 +15,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ._progress import drive as _drive
 from ._progress import progress_bar as _progress_bar
 from ._version import __version__
 from .errors import BcdError
+
+if TYPE_CHECKING:
+    from .cohort import CohortItem
 
 log = logging.getLogger("napari_bcd")
 
@@ -30,7 +34,7 @@ def _number(kind: type, low: float | None = None, high: float | None = None, *, 
     """An argparse type: a finite number within bounds, or a message naming what is wrong."""
     import math
 
-    def parse(text: str):
+    def parse(text: str) -> float | int:
         try:
             value = kind(text)
         except ValueError:
@@ -343,7 +347,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     bar = None
 
-    def progress(item, p) -> None:
+    def progress(item: CohortItem, p: Any) -> None:
         nonlocal bar
         from ._progress import progress_bar
 
@@ -779,7 +783,7 @@ def _terminate_as_interrupt() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     with contextlib.suppress(ValueError, OSError):

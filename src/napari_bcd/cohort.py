@@ -300,7 +300,7 @@ def _task(item: CohortItem, out: str, model_path: str | None, settings: CohortSe
     return classify_one(item, out, model_path, settings)
 
 
-def connect(cluster: str):
+def connect(cluster: str) -> Any:
     """A ``distributed.Client`` for ``local:N`` (a LocalCluster of N processes) or a scheduler address."""
     try:
         from distributed import Client, LocalCluster
@@ -320,7 +320,7 @@ def connect(cluster: str):
 
 
 def iter_cohort(items: list[CohortItem], out: str | os.PathLike[str], model_path: str | None,
-                settings: CohortSettings, *, client=None, retries: int = 2,
+                settings: CohortSettings, *, client: Any = None, retries: int = 2,
                 on_progress: Callable[[CohortItem, Any], None] | None = None) -> Iterator[dict]:
     """Classify every slide; yields each slide's row as it finishes (failures included).
 

@@ -10,17 +10,23 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ModelNotAvailableError
+
+if TYPE_CHECKING:
+    from .engine import ClassMap
+    from .io.slide import Slide
+    from .summary import Summary
 
 __all__ = ["overview_png", "run_demo"]
 
 log = logging.getLogger(__name__)
 
 
-def overview_png(slide, class_map, summary, path: Path) -> Path:
+def overview_png(slide: Slide, class_map: ClassMap, summary: Summary, path: Path) -> Path:
     """A matplotlib overview: the slide, the class map over it, a legend and the summary.
 
     Needs no display or OpenGL, so it works on any server.

@@ -20,6 +20,7 @@ import time
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +31,12 @@ from .io.slide import Slide
 from .tiling import Grid, make_grid
 from .tissue import TissueParams
 from .windows import tissue_fractions, window_batches
+
+if TYPE_CHECKING:
+    from .model.card import ModelCard
+    from .model.classifier import Classifier
+    from .model.inference import Predictor
+    from .review.decision import DecisionRule
 
 __all__ = ["ClassMap", "Progress", "WindowPlan", "classify", "iter_classify", "plan_windows"]
 
@@ -126,7 +133,7 @@ class ClassMap:
 
 def iter_classify(
     slide: Slide,
-    model,
+    model: Classifier | Predictor,
     *,
     stride: float | tuple[float, float] = 1.0,
     stride_um: float | tuple[float, float] | None = None,
@@ -139,7 +146,7 @@ def iter_classify(
     workers: int | None = None,
     prefetch: int = 2,
     compile: bool = False,
-    decision=None,
+    decision: DecisionRule | dict | None = None,
     quality: bool = True,
     stain_normalize: str = "none",
 ) -> Generator[Progress, None, ClassMap]:
@@ -265,7 +272,7 @@ class WindowPlan:
 
 def plan_windows(
     slide: Slide,
-    card,
+    card: ModelCard,
     *,
     stride: float | tuple[float, float] = 1.0,
     stride_um: float | tuple[float, float] | None = None,
@@ -480,7 +487,7 @@ def _tiles_touched(slide: Slide, grid: Grid, windows: np.ndarray) -> int:
     return len(tiles)
 
 
-def classify(slide: Slide, model, **kwargs) -> ClassMap:
+def classify(slide: Slide, model: Classifier | Predictor, **kwargs: Any) -> ClassMap:
     """Run :func:`iter_classify` to the end and return its ClassMap."""
     gen = iter_classify(slide, model, **kwargs)
     while True:

@@ -117,7 +117,8 @@ def class_regions(class_map: ClassMap, measurements: bool = True) -> list[Annota
     return regions
 
 
-def cells_to_image(class_map: ClassMap, values: np.ndarray, max_size: int = 4096, fill=0) -> tuple[np.ndarray, int]:
+def cells_to_image(class_map: ClassMap, values: np.ndarray, max_size: int = 4096,
+                   fill: float | int = 0) -> tuple[np.ndarray, int]:
     """Per-cell ``values`` rasterised over exactly the slide, at an integer downsample ``k`` of level 0.
 
     Each output pixel takes the value of the cell containing its centre; the

@@ -30,6 +30,7 @@ it to every window on the model's device.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,7 +84,8 @@ def _od(rgb: np.ndarray) -> np.ndarray:
     return -np.log((np.asarray(rgb, np.float64).reshape(-1, 3) + 1.0) / IO)
 
 
-def stain_stats(images, max_pixels: int = 200_000, seed: int = 0, method: str = "macenko") -> StainStats:
+def stain_stats(images: np.ndarray | Sequence[np.ndarray], max_pixels: int = 200_000, seed: int = 0,
+                method: str = "macenko") -> StainStats:
     """Stain statistics of the tissue pixels of one RGB image or several (a sample of ``max_pixels``).
 
     ``method``: ``"macenko"`` or ``"vahadane"`` (see the module's text).
@@ -167,7 +169,7 @@ def _nonneg_conc(w: np.ndarray, v: np.ndarray, iters: int = 50) -> np.ndarray:
 
 def stain_distance(slide: StainStats, reference: StainStats) -> dict:
     """Angles (°) between the H and between the E vectors, concentration ratios, and whether they differ."""
-    def angle(a, b) -> float:
+    def angle(a: Sequence[float], b: Sequence[float]) -> float:
         c = float(np.clip(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)), -1, 1))
         return math.degrees(math.acos(c))
 

@@ -15,6 +15,7 @@ cell's probabilities are the mean of every window covering it.  With
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,7 +152,7 @@ def make_grid(
     """
     H, W = slide_shape
 
-    def positive(values, what: str) -> None:
+    def positive(values: float | Sequence[float], what: str) -> None:
         vals = (values, values) if np.isscalar(values) else tuple(values)
         if not all(np.isfinite(v) and v > 0 for v in vals):
             raise BcdError(f"{what} must be positive, got {values}.")

@@ -9,6 +9,10 @@ resize to the network's input.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Executor
+
 import numpy as np
 
 from .io.slide import Slide
@@ -33,7 +37,8 @@ def read_window(slide: Slide, grid: Grid, row: int, col: int, size: tuple[int, i
     return resize_area(slide.read_region(grid.level, y, x, h, w), size)
 
 
-def tissue_fractions(slide: Slide, grid: Grid, tissue: TissueParams | None, slide_mpp: tuple[float, float]):
+def tissue_fractions(slide: Slide, grid: Grid, tissue: TissueParams | None,
+                     slide_mpp: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, float]:
     """Tissue fraction of every window and cell, and of the whole image, from the slide's (cached) thumbnail.
 
     Returns ``(window fractions, cell fractions, image fraction)``.
@@ -70,7 +75,8 @@ def window_tissue_fraction(mask: np.ndarray, mask_downsample: tuple[float, float
     return fractions(grid.n_windows, grid.window_px), fractions(grid.n_cells, grid.stride_px)
 
 
-def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: int, pool=None, stop=None):
+def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: int, pool: Executor | None = None,
+                   stop: threading.Event | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The pixels of ``windows`` (``(row, col)`` pairs in row-major order), in batches, each tile decoded once.
 
     Windows are cut from bands of decoded tile rows as array views: a tile row

@@ -4,13 +4,17 @@ through the dock's public methods."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import napari  # here, so a core-only install finds out when this module is imported
+
+if TYPE_CHECKING:
+    from ..engine import ClassMap
 
 __all__ = ["show_in_napari", "viewer_screenshot"]
 
 
-def viewer_screenshot(slide_path: Path, class_map, path: Path) -> Path:
+def viewer_screenshot(slide_path: Path, class_map: ClassMap, path: Path) -> Path:
     """A screenshot of a (hidden) napari viewer with the label layer over the slide."""
     from .._reader import read_slide
     from .classify import ClassifyWidget

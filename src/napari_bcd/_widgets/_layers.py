@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BcdError
+
+if TYPE_CHECKING:
+    from magicgui.widgets import ComboBox, Container, TextEdit
+    from napari.layers import Layer
+    from qtpy.QtWidgets import QScrollArea, QWidget
+
+    from ..io.slide import Slide
 
 log = logging.getLogger(__name__)
 
 
-def slide_for_layer(layer, mpp: float | None = None):
+def slide_for_layer(layer: Layer, mpp: float | None = None) -> Slide:
     """A :class:`~napari_bcd.io.Slide` for an image layer: its file when it has one, else its data.
 
     ``mpp`` (µm/px) wins; otherwise the layer's ``scale`` is taken as µm/px
@@ -35,7 +43,7 @@ def slide_for_layer(layer, mpp: float | None = None):
     return Slide.from_array(data, mpp=mpp, name=layer.name)
 
 
-def refresh_combo(combo, prefer=None, pick: int = -1) -> None:
+def refresh_combo(combo: ComboBox, prefer: Any = None, pick: int = -1) -> None:
     """Re-read a layer combo's choices; when it has no value, choose ``prefer`` if offered, else ``choices[pick]``."""
     combo.reset_choices()
     choices = [c for c in combo.choices if c is not None]
@@ -43,7 +51,7 @@ def refresh_combo(combo, prefer=None, pick: int = -1) -> None:
         combo.value = prefer if prefer in choices else choices[pick]
 
 
-def readonly_text():
+def readonly_text() -> TextEdit:
     """A read-only, monospaced text box (for tables and reports); lines scroll instead of wrapping."""
     from magicgui.widgets import TextEdit
     from qtpy.QtWidgets import QTextEdit
@@ -55,7 +63,7 @@ def readonly_text():
     return box
 
 
-def scroll_to(area, widget) -> None:
+def scroll_to(area: QScrollArea, widget: Any) -> None:
     """Scroll ``area`` vertically so ``widget`` is in view (never sideways: ensureWidgetVisible would)."""
     from qtpy.QtCore import QPoint
 
@@ -67,7 +75,7 @@ def scroll_to(area, widget) -> None:
     area.ensureVisible(0, y + widget.height() // 2, 0, widget.height() // 2 + 12)
 
 
-def compact_combos(container) -> None:
+def compact_combos(container: Container) -> None:
     """Combo boxes as wide as the dock, not as their longest item (long items widened docks past the screen)."""
     from qtpy.QtWidgets import QComboBox
 
@@ -76,7 +84,7 @@ def compact_combos(container) -> None:
         combo.setMinimumContentsLength(10)
 
 
-def scrolling(inner):
+def scrolling(inner: QWidget) -> QScrollArea:
     """``inner`` (a QWidget) in a vertical scroll area, so a tall dock never makes the window taller than the screen.
 
     (magicgui's ``Container(scrollable=True)`` loses its scroll area when napari

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from qtpy.QtWidgets import QCheckBox, QGridLayout, QLabel, QWidget
+
+if TYPE_CHECKING:
+    from ..summary import Summary
 
 __all__ = ["Legend"]
 
@@ -20,7 +24,7 @@ class Legend(QWidget):
         self._boxes: dict[int, QCheckBox] = {}
         self.setVisible(False)  # nothing to explain before a result
 
-    def show_summary(self, summary, classes) -> None:
+    def show_summary(self, summary: Summary, classes: Sequence[str]) -> None:
         """Rows for the classes of this result (the model's own, in its colours)."""
         from ..classes import class_styles
 

@@ -36,6 +36,8 @@ from ._worker import notify_error, start_job
 if TYPE_CHECKING:
     import napari
 
+    from ..engine import ClassMap, WindowPlan
+
 log = logging.getLogger(__name__)
 
 OVERLAP = {"none": 1.0, "50 %": 0.5, "75 %": 0.25}
@@ -279,7 +281,7 @@ class ClassifyWidget(Container):
         stride = OVERLAP[self._overlap_combo.value]
         tissue = TissueParams(threshold=self._tissue_spin.value)
 
-        def count():
+        def count() -> WindowPlan:
             try:
                 return plan_windows(slide, card, stride=stride, tissue=tissue, mpp=(mpp, mpp))
             finally:
@@ -398,7 +400,7 @@ class ClassifyWidget(Container):
             self._status.value = "Cancelled; nothing was changed."
 
     # ------------------------------------------------------------------ results
-    def show_result(self, class_map, image_name: str, translate: tuple[float, float] = (0.0, 0.0)) -> None:
+    def show_result(self, class_map: ClassMap, image_name: str, translate: tuple[float, float] = (0.0, 0.0)) -> None:
         """Show a classification: the layers, the summary and legend, the exports (the demo calls this)."""
         self._on_result(class_map, image_name, translate)
 

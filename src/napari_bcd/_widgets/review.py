@@ -40,7 +40,12 @@ from ._layers import readonly_text, refresh_combo, scrolling, slide_for_layer
 from ._worker import notify_error, start_job
 
 if TYPE_CHECKING:
+    from collections.abc import Generator
+
     import napari
+
+    from ..engine import ClassMap
+    from ..review import Corrections, DecisionRule, SaliencyMap
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +162,7 @@ class ReviewWidget(Container):
         refresh_combo(self._shapes_combo)
 
     @property
-    def class_map(self):
+    def class_map(self) -> ClassMap | None:
         return _meta(self._map_combo.value).get("class_map") if self._map_combo.value is not None else None
 
     def _on_map_changed(self) -> None:
@@ -212,7 +217,7 @@ class ReviewWidget(Container):
         self._update_corrections()
 
     # ------------------------------------------------------------------ corrections
-    def corrections(self):
+    def corrections(self) -> Corrections:
         """The cells repainted on the layer, and those under classified shapes of the chosen Shapes layer.
 
         A shape whose class is one of the model's corrects the cells whose
@@ -355,7 +360,7 @@ class ReviewWidget(Container):
         self._cam_button.enabled = not running
 
     # ------------------------------------------------------------------ uncertainty and thresholds
-    def rule(self):
+    def rule(self) -> DecisionRule:
         from ..review import DecisionRule
 
         return DecisionRule(thresholds={k: s.value for k, s in self._thr_spins.items() if s.value > 0},
@@ -388,7 +393,7 @@ class ReviewWidget(Container):
             return
         rule = self.rule()
 
-        def job():
+        def job() -> Generator[None, None, str]:
             from ..model.checkpoint import load_checkpoint, save_checkpoint
 
             yield None
@@ -539,7 +544,7 @@ class ReviewWidget(Container):
             return
         cls = None if self._cam_class.value == "predicted class" else self._cam_class.value
 
-        def job():
+        def job() -> Generator[tuple[int, int], None, SaliencyMap]:
             from ..model.checkpoint import load_checkpoint
 
             yield (0, 1)

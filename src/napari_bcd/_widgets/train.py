@@ -35,6 +35,8 @@ from ._worker import notify_error, start_job
 if TYPE_CHECKING:
     import napari
 
+    from ..train.finetune import EpochStats
+
 REGIONS, FOLDER = "regions on an image", "ICIAR folder"
 PROTOCOLS = {
     "auto: learns from a few regions": "auto",
@@ -430,7 +432,7 @@ class _CurvePlot:
         self._timer.stop()
         self.canvas.setVisible(False)
 
-    def add(self, stats) -> None:
+    def add(self, stats: EpochStats) -> None:
         self.epochs.append(stats)
         if not self._timer.isActive():
             self._timer.start()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shapely.geometry import Polygon
 
 __all__ = ["Annotation", "ReadReport"]
 
@@ -48,7 +52,7 @@ class Annotation:
         self.polygon = _open_ring(np.asarray(self.polygon, dtype=np.float64).reshape(-1, 2))
         self.holes = [_open_ring(np.asarray(h, dtype=np.float64).reshape(-1, 2)) for h in self.holes]
 
-    def to_shapely(self):
+    def to_shapely(self) -> Polygon:
         """A shapely Polygon in ``(x, y)`` order (shapely's and GeoJSON's)."""
         from shapely.geometry import Polygon
 

@@ -15,13 +15,16 @@ hole drawn by hand in napari can be marked the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..classes import CLASS_COLORS, DISPLAY_NAMES, class_id
 from ..errors import AnnotationError
 from .model import Annotation
+
+if TYPE_CHECKING:
+    from napari.layers import Image, Shapes
 
 __all__ = ["annotations_to_shapes", "shapes_data_to_annotations", "shapes_to_annotations"]
 
@@ -159,7 +162,8 @@ def shapes_data_to_annotations(
     return list(out.values())
 
 
-def shapes_to_annotations(shapes_layer, image_layer=None, label_map: dict[str, str | int] | None = None) -> list[Annotation]:
+def shapes_to_annotations(shapes_layer: Shapes, image_layer: Image | None = None,
+                          label_map: dict[str, str | int] | None = None) -> list[Annotation]:
     """Annotations from a napari Shapes layer, in the pixel space of ``image_layer`` (if given)."""
     meta = {
         "features": shapes_layer.features,

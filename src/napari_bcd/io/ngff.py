@@ -12,11 +12,17 @@ Chunks play the role of tiles: the engine reads whole chunk rows, each once.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import SlideError
+
+if TYPE_CHECKING:
+    from .slide import Slide
 
 __all__ = ["is_ngff", "open_ngff"]
 
@@ -50,7 +56,7 @@ def is_ngff(path: Path) -> bool:
 class _ZarrSegments:
     """One pyramid level of an OME-Zarr image, with the reading API of the TIFF segments (chunks as tiles)."""
 
-    def __init__(self, arr, axes: list[str]) -> None:
+    def __init__(self, arr: Any, axes: list[str]) -> None:
         self.arr = arr
         self.axes = axes
         self.iy, self.ix = axes.index("y"), axes.index("x")
@@ -101,7 +107,7 @@ class _ZarrSegments:
         self.decoded += 1
         return self.read(ty * self.seg[0], tx * self.seg[1], self.seg[0], self.seg[1])
 
-    def read_row(self, ty: int, txs, pool=None) -> np.ndarray:
+    def read_row(self, ty: int, txs: Iterable[int] | None, pool: Executor | None = None) -> np.ndarray:
         th, tw = self.seg
         out = np.full((th, self.shape[1], 3), 255, np.uint8)
         cols = sorted(txs) if txs is not None else list(range(self.grid[1]))
@@ -124,7 +130,7 @@ class _ZarrSegments:
         pass
 
 
-def open_ngff(p: Path):
+def open_ngff(p: Path) -> Slide:
     """A :class:`~napari_bcd.io.Slide` over an OME-Zarr folder."""
     from .slide import LevelInfo, Slide
 
@@ -155,7 +161,7 @@ def open_ngff(p: Path):
     H, W = segments[0].shape
     infos = [LevelInfo(s.shape, (H / s.shape[0], W / s.shape[1])) for s in segments]
 
-    def scale_of(transforms) -> list[float] | None:
+    def scale_of(transforms: list[dict] | None) -> list[float] | None:
         for t in transforms or []:
             if t.get("type") == "scale":
                 return [float(v) for v in t["scale"]]

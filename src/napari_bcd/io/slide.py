@@ -28,11 +28,18 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import SlideError
 from ..geometry import as_pair
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from concurrent.futures import Executor
+
+    from tifffile import TiffFile, TiffPage
 
 __all__ = ["Slide", "open_slide"]
 
@@ -60,7 +67,7 @@ class LevelInfo:
 class _Segments:
     """Random access to the tiles or strips of one TIFF page."""
 
-    def __init__(self, page, path: Path, cache: _TileCache, key: int) -> None:
+    def __init__(self, page: TiffPage, path: Path, cache: _TileCache, key: int) -> None:
         self.page = page
         self.path = path
         self.cache = cache
@@ -140,7 +147,7 @@ class _Segments:
             self.cache.put(key, arr)
         return arr
 
-    def read_row(self, ty: int, txs, pool=None) -> np.ndarray:
+    def read_row(self, ty: int, txs: Iterable[int] | None, pool: Executor | None = None) -> np.ndarray:
         """Tile row (or strip) ``ty`` over the page's full width; only the columns ``txs`` are decoded."""
         sh, sw = self.seg
         H, W = self.shape
@@ -257,7 +264,7 @@ class _OpenSlideSegments:
     white (transparent = glass).
     """
 
-    def __init__(self, osr, level: int, lock: threading.Lock) -> None:
+    def __init__(self, osr: Any, level: int, lock: threading.Lock) -> None:
         self.osr, self.level, self._lock = osr, level, lock
         w, h = osr.level_dimensions[level]
         self.shape = (int(h), int(w))
@@ -283,7 +290,7 @@ class _OpenSlideSegments:
         self.decoded += 1
         return self._read(ty * 512, tx * 512, 512, 512)
 
-    def read_row(self, ty: int, txs, pool=None) -> np.ndarray:
+    def read_row(self, ty: int, txs: Iterable[int] | None, pool: Executor | None = None) -> np.ndarray:
         out = np.full((512, self.shape[1], 3), _FILL, np.uint8)
         if 0 <= ty < self.grid[0]:
             row = self._read(ty * 512, 0, 512, self.shape[1])
@@ -326,7 +333,7 @@ class Slide:
         mpp: tuple[float, float] | None,
         segments: list[_Segments] | None = None,
         arrays: list[np.ndarray] | None = None,
-        tiff=None,
+        tiff: TiffFile | None = None,
         vendor: str = "",
     ) -> None:
         self.path = path
@@ -407,7 +414,8 @@ class Slide:
             return (512, int(self._arrays[level].shape[1]))
         return self._segments[level].seg  # type: ignore[index]
 
-    def read_tile_row(self, level: int, ty: int, columns=None, pool=None) -> np.ndarray:
+    def read_tile_row(self, level: int, ty: int, columns: Iterable[int] | None = None,
+                      pool: Executor | None = None) -> np.ndarray:
         """Row ``ty`` of ``level``'s tiles, ``tile_shape(level)[0]`` px high and as wide as the level.
 
         Only the tile columns in ``columns`` (all when None) are decoded, each

@@ -9,11 +9,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..classes import CLASS_NAMES
 from ..errors import BcdError, CheckpointError
 from .preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from .record import TrainingRecord
 
 __all__ = ["CARD_FORMAT", "ICIAR_FIELD_UM", "ModelCard", "checkpoint_paths", "read_card"]
 
@@ -107,7 +110,7 @@ class ModelCard:
             raise CheckpointError("The model card is not usable: " + "; ".join(problems) + ".")
 
     @property
-    def record(self):
+    def record(self) -> TrainingRecord:
         """The ``training`` object as a typed :class:`~napari_bcd.model.record.TrainingRecord`."""
         from .record import TrainingRecord
 

@@ -94,7 +94,7 @@ class Predictor:
         #: A 3 x 3 optical-density map applied to every batch (stain normalisation), or None.
         self.stain_map: torch.Tensor | None = None
 
-    def set_stain_map(self, m) -> None:
+    def set_stain_map(self, m: np.ndarray | None) -> None:
         """Apply this OD map (:func:`napari_bcd.stain.macenko_transform`) to every batch from now on; None: off."""
         self.stain_map = None if m is None else torch.as_tensor(m, dtype=torch.float32, device=self.device)
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import KerasWeightsError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["load_keras_weights", "read_keras_h5"]
 
@@ -118,7 +122,7 @@ def _expected_vars(module) -> set[str]:
     return {"kernel", "bias"} if module.bias is not None else {"kernel"}
 
 
-def load_keras_weights(module, path: str | os.PathLike[str]) -> None:
+def load_keras_weights(module: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load a Keras HDF5 weights file into a Keras-layout module, in place.
 
     Parameters

@@ -12,12 +12,19 @@ import datetime as _dt
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BcdError
+
+if TYPE_CHECKING:
+    from ..annotations import Annotation
+    from ..engine import ClassMap
+    from ..tiling import Grid
 
 __all__ = ["Correction", "Corrections", "corrections_from_annotations", "corrections_from_labels",
            "read_corrections"]
@@ -74,7 +81,7 @@ class Corrections:
         return {"slide": self.slide, "created": self.created, "classes": list(self.classes),
                 "cells": [c.to_dict() for c in self.cells], "erased": self.erased}
 
-    def to_annotations(self, grid=None):
+    def to_annotations(self, grid: Grid | None = None) -> list[Annotation]:
         """Each corrected cell as a rectangle classified with its new class (level-0 pixels)."""
         from ..annotations import Annotation
         from ..classes import class_styles
@@ -95,7 +102,8 @@ class Corrections:
                                   name=f"corrected from {c.old or 'not classified'} (cell {c.row},{c.col})"))
         return out
 
-    def write_geojson(self, path: str | os.PathLike[str], grid=None, *, overwrite: bool = False) -> Path:
+    def write_geojson(self, path: str | os.PathLike[str], grid: Grid | None = None, *,
+                      overwrite: bool = False) -> Path:
         """QuPath GeoJSON of the corrected cells (classified rectangles), for ``napari-bcd retrain --corrections``."""
         from ..annotations import write_geojson
 
@@ -106,7 +114,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def cell_window(grid, row: int, col: int) -> tuple[float, float, float, float]:
+def cell_window(grid: Grid, row: int, col: int) -> tuple[float, float, float, float]:
     """The model's field centred on cell ``(row, col)``, level-0 ``(y, x, h, w)``."""
     cy = grid.origin_px[0] + (row + 0.5) * grid.stride_px[0]
     cx = grid.origin_px[1] + (col + 0.5) * grid.stride_px[1]
@@ -131,7 +139,7 @@ def _raster_downsample(class_map, shape: tuple[int, int]) -> int:
                    "edit the '<image> classes' layer napari-bcd made.")
 
 
-def cell_majority(class_map, edited: np.ndarray, min_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def cell_majority(class_map: ClassMap, edited: np.ndarray, min_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Per cell: the label covering most of it in ``edited`` and that label's share of the cell."""
     g = class_map.grid
     edited = np.asarray(edited)
@@ -159,7 +167,7 @@ def cell_majority(class_map, edited: np.ndarray, min_share: float = 0.5) -> tupl
     return major, share
 
 
-def corrections_from_labels(class_map, edited_labels: np.ndarray, *, min_share: float = 0.5) -> Corrections:
+def corrections_from_labels(class_map: ClassMap, edited_labels: np.ndarray, *, min_share: float = 0.5) -> Corrections:
     """The cells whose label a user changed on the class-map layer.
 
     Parameters
@@ -191,7 +199,8 @@ def corrections_from_labels(class_map, edited_labels: np.ndarray, *, min_share: 
                        erased, notes)
 
 
-def corrections_from_annotations(grid, annotations, classes, *, labels: np.ndarray | None = None,
+def corrections_from_annotations(grid: Grid, annotations: Sequence[Annotation], classes: Sequence[str], *,
+                                 labels: np.ndarray | None = None,
                                  slide: str = "", uncertain_label: int | None = None) -> Corrections:
     """Cells whose centre lies in a classified polygon take that polygon's class.
 
@@ -243,7 +252,8 @@ def corrections_from_annotations(grid, annotations, classes, *, labels: np.ndarr
     return Corrections(slide, [cells[k] for k in sorted(cells)], classes, grid.to_dict(), _now(), 0, notes)
 
 
-def read_corrections(path: str | os.PathLike[str], grid, classes, *, labels=None, slide: str = "",
+def read_corrections(path: str | os.PathLike[str], grid: Grid, classes: Sequence[str], *,
+                     labels: np.ndarray | None = None, slide: str = "",
                      uncertain_label: int | None = None) -> Corrections:
     """Corrections from a GeoJSON / XML file of classified polygons (level-0 pixels)."""
     from ..annotations import read_annotations

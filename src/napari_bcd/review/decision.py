@@ -27,12 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..classes import class_styles
 from ..errors import BcdError
+
+if TYPE_CHECKING:
+    from ..engine import ClassMap
 
 __all__ = ["MEASURES", "DecisionRule", "apply_decision", "decide", "uncertain_label", "uncertainty"]
 
@@ -40,7 +45,7 @@ __all__ = ["MEASURES", "DecisionRule", "apply_decision", "decide", "uncertain_la
 MEASURES = ("max_probability", "margin", "entropy")
 
 
-def uncertain_label(classes) -> int:
+def uncertain_label(classes: Sequence[str]) -> int:
     """The label value of uncertain cells: one past the model's classes."""
     return len(classes) + 1
 
@@ -111,13 +116,13 @@ class DecisionRule:
     def is_default(self) -> bool:
         return not self.thresholds and self.min_confidence == 0 and self.min_quality == 0
 
-    def check_classes(self, classes) -> None:
+    def check_classes(self, classes: Sequence[str]) -> None:
         unknown = [k for k in self.thresholds if k not in tuple(classes)]
         if unknown:
             raise BcdError(f"Thresholds name classes this model does not have: {', '.join(unknown)} "
                            f"(its classes: {', '.join(classes)}).")
 
-    def replace(self, **changes) -> DecisionRule:
+    def replace(self, **changes: Any) -> DecisionRule:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -147,7 +152,7 @@ class DecisionRule:
         return "; ".join(parts)
 
 
-def decide(probs: np.ndarray, covered: np.ndarray, classes, rule: DecisionRule,
+def decide(probs: np.ndarray, covered: np.ndarray, classes: Sequence[str], rule: DecisionRule,
            quality: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Labels (uint8; 0 = not classified, 1..C classes, C+1 uncertain) and counts of why cells were uncertain."""
     rule.check_classes(classes)
@@ -181,7 +186,7 @@ def decide(probs: np.ndarray, covered: np.ndarray, classes, rule: DecisionRule,
     return labels, reasons
 
 
-def apply_decision(class_map, rule: DecisionRule | dict | None):
+def apply_decision(class_map: ClassMap, rule: DecisionRule | dict | None) -> ClassMap:
     """A copy of a :class:`~napari_bcd.ClassMap` labelled by ``rule`` (probabilities unchanged).
 
     Cells keep being "classified" exactly where the engine classified them;

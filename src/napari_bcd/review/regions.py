@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..classes import class_styles
+
+if TYPE_CHECKING:
+    from shapely.geometry.base import BaseGeometry
+
+    from ..annotations import Annotation
+    from ..engine import ClassMap
 
 __all__ = ["RegionRow", "region_annotations", "region_table", "region_table_csv"]
 
@@ -66,7 +74,8 @@ def _shape_of(region):
     return region.to_shapely() if hasattr(region, "to_shapely") else region
 
 
-def region_table(class_map, regions, names=None) -> list[RegionRow]:
+def region_table(class_map: ClassMap, regions: Sequence[Annotation | BaseGeometry],
+                 names: Sequence[str] | None = None) -> list[RegionRow]:
     """Figures for each region over a class map.
 
     Parameters
@@ -153,7 +162,8 @@ def region_table_csv(rows: list[RegionRow], slide: str = "") -> str:
     return out.getvalue()
 
 
-def region_annotations(regions, rows: list[RegionRow], classes=None):
+def region_annotations(regions: Sequence[Annotation | BaseGeometry], rows: list[RegionRow],
+                       classes: Sequence[str] | None = None) -> list[Annotation]:
     """The regions as annotations carrying their figures as QuPath measurements (for GeoJSON).
 
     Each keeps its own label and class; ``classes`` (the model's) only colours

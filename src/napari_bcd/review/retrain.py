@@ -33,12 +33,19 @@ import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import BcdError
 from .corrections import Corrections
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..engine import ClassMap
+    from ..io.slide import Slide
+    from ..model.classifier import Classifier
 
 __all__ = ["RetrainPlan", "RetrainProgress", "RetrainResult", "iter_retrain", "next_model_path"]
 
@@ -170,9 +177,9 @@ def _affected(grid, corrections: Corrections, margin: int):
 def iter_retrain(
     checkpoint: str | os.PathLike[str],
     corrections: Corrections,
-    slide,
+    slide: Slide,
     *,
-    class_map=None,
+    class_map: ClassMap | None = None,
     out: str | os.PathLike[str] | None = None,
     weight: float = 4.0,
     whole_slide: bool = False,
@@ -328,7 +335,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     total_feat = len(corrections) * views + len(wins) + (len(train_idx) + len(val_idx))
     done = 0
 
-    def backbone(batch: np.ndarray):
+    def backbone(batch: np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
             x = model.normalise(torch.from_numpy(np.ascontiguousarray(batch)).to(dev))
             return model.backbone(x).float().cpu()
@@ -533,7 +540,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
                          anchors_kept, val_before, val_after, time.perf_counter() - t_start, stopped, notes)
 
 
-def backbone_shape(model, size) -> tuple[int, int, int]:
+def backbone_shape(model: Classifier, size: tuple[int, int]) -> tuple[int, int, int]:
     """``(C, h, w)`` of the backbone's output for an input of ``size``."""
     shape = getattr(model, "_bcd_feature_shape", None)
     if shape is None or shape[0] != tuple(size):

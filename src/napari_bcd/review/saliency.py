@@ -15,15 +15,24 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BcdError
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..io.slide import Slide
+    from ..model.classifier import Classifier
+    from ..tiling import Grid
+
 __all__ = ["SaliencyMap", "gradcam", "iter_saliency"]
 
 
-def gradcam(model, batch: np.ndarray, class_index: int | None = None, device=None) -> tuple[np.ndarray, np.ndarray]:
+def gradcam(model: Classifier, batch: np.ndarray, class_index: int | None = None,
+            device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps ``(N, h, w)`` (0..1, each window scaled by its own maximum) and probabilities ``(N, C)``.
 
     ``batch`` is uint8 ``N x h x w x 3`` at the model's input size;
@@ -64,7 +73,7 @@ class SaliencyMap:
     class_name: str | None
     windows: int
 
-    def layer_kwargs(self, image_translate=(0.0, 0.0)) -> dict:
+    def layer_kwargs(self, image_translate: tuple[float, float] = (0.0, 0.0)) -> dict:
         sy, sx = self.step_px[0] * self.mpp[0], self.step_px[1] * self.mpp[1]
         return {
             "scale": (sy, sx),
@@ -76,8 +85,9 @@ class SaliencyMap:
         }
 
 
-def iter_saliency(slide, model, grid, box_px: tuple[float, float, float, float], *, class_name: str | None = None,
-                  max_windows: int = 64, batch_size: int = 8, device=None) -> Generator[tuple[int, int], None, SaliencyMap]:
+def iter_saliency(slide: Slide, model: Classifier, grid: Grid, box_px: tuple[float, float, float, float], *,
+                  class_name: str | None = None, max_windows: int = 64, batch_size: int = 8,
+                  device: str | torch.device | None = None) -> Generator[tuple[int, int], None, SaliencyMap]:
     """Grad-CAM of every window of ``grid`` overlapping level-0 ``box_px = (y0, x0, y1, x1)``; overlaps averaged.
 
     Yields ``(done, total)``; returns a :class:`SaliencyMap`.  ``class_name``

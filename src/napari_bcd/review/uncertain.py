@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .decision import uncertainty
+
+if TYPE_CHECKING:
+    from ..engine import ClassMap
 
 __all__ = ["UncertainRegion", "uncertain_regions"]
 
@@ -55,7 +59,8 @@ class UncertainRegion:
                 f"{self.area_mm2:.3f} mm²; {self.likely}")
 
 
-def uncertain_regions(class_map, measure: str = "margin", n: int = 10, threshold: float = 0.5) -> list[UncertainRegion]:
+def uncertain_regions(class_map: ClassMap, measure: str = "margin", n: int = 10,
+                      threshold: float = 0.5) -> list[UncertainRegion]:
     """The ``n`` most uncertain regions of a class map.
 
     Cells that were classified and whose :func:`~.decision.uncertainty` is at

@@ -7,8 +7,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
+    from .iciar import Dataset
 
 __all__ = ["Report", "evaluate", "report_from_predictions"]
 
@@ -101,7 +106,8 @@ def report_from_predictions(y_true: Sequence[int], y_pred: Sequence[int], classe
     )
 
 
-def evaluate(checkpoint, dataset, *, indices: Sequence[int] | None = None, device: str | None = None,
+def evaluate(checkpoint: str | os.PathLike[str] | Classifier, dataset: Dataset, *, indices: Sequence[int] | None = None,
+             device: str | None = None,
              batch_size: int = 8) -> Report:
     """Classify a dataset's images with a checkpoint (or model) and report Table III figures.
 
@@ -135,7 +141,7 @@ def _class_mapping(dataset, model_classes, idx) -> dict[int, int]:
     from ..classes import class_id
     from ..errors import DatasetError
 
-    def key(name: str):
+    def key(name: str) -> tuple[int, str]:
         cid = class_id(name)
         return cid if cid is not None else name.strip().lower()
 

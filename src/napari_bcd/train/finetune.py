@@ -26,7 +26,7 @@ import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,12 @@ from .iciar import Dataset
 from .probe import ProbeResult, linear_probe
 from .protocol import Protocol, get_protocol
 from .split import Split, check_trainable, split_dataset
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model.classifier import Classifier
+    from ..model.preprocessing import Preprocessing
 
 __all__ = ["STOP", "EpochStats", "FeatureProgress", "TrainPlan", "TrainResult", "dihedral", "hed_jitter",
            "iter_finetune"]
@@ -178,7 +184,7 @@ def iter_finetune(
     backbone_weights: str | os.PathLike[str] | None = "imagenet",
     input_px: tuple[int, int] = (256, 256),
     field_um: tuple[float, float] | None = None,
-    preprocessing=None,
+    preprocessing: Preprocessing | str | None = None,
     epochs: int | None = None,
     lr: float | None = None,
     batch_size: int | None = None,
@@ -383,8 +389,10 @@ class _HeadTraining:
     validation, so the generator above only decides when to stop and what to keep.
     """
 
-    def __init__(self, model, dataset: Dataset, train_idx: list[int], val_idx: list[int], views: int, proto: Protocol,
-                 dev, seed: int, bank, row_of, images, norm, finetune_last_stage: bool) -> None:
+    def __init__(self, model: Classifier, dataset: Dataset, train_idx: list[int], val_idx: list[int], views: int,
+                 proto: Protocol, dev: torch.device, seed: int, bank: torch.Tensor | None, row_of: np.ndarray | None,
+                 images: dict[int, np.ndarray] | None, norm: tuple[torch.Tensor, torch.Tensor] | None,
+                 finetune_last_stage: bool) -> None:
         import torch
         from torch import nn
 
@@ -406,7 +414,7 @@ class _HeadTraining:
         self.rng = np.random.default_rng(seed)
         self.va = np.asarray(val_idx, np.int64)
 
-    def forward(self, idx: np.ndarray, ts: np.ndarray):
+    def forward(self, idx: np.ndarray, ts: np.ndarray) -> torch.Tensor:
         import torch
 
         if self.bank is not None:

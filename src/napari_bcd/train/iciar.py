@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from .._fileio import atomic_write
 from ..classes import CLASS_NAMES, class_id
 from ..errors import DatasetError
 from ..io.slide import Slide
+
+if TYPE_CHECKING:
+    from ..tissue import TissueParams
 
 __all__ = ["Dataset", "ExportProgress", "ExportResult", "PatchPlan", "iter_export_patches", "plan_patches", "read_iciar"]
 
@@ -242,7 +245,7 @@ def plan_patches(
     stride: float = 1.0,
     coverage: float = 0.5,
     min_tissue: float = 0.25,
-    tissue=None,
+    tissue: TissueParams | None = None,
     mpp: float | None = None,
 ) -> PatchPlan:
     """Choose the windows :func:`iter_export_patches` would cut, and count them per class.
@@ -334,7 +337,7 @@ def iter_export_patches(
     stride: float = 1.0,
     coverage: float = 0.5,
     min_tissue: float = 0.25,
-    tissue=None,
+    tissue: TissueParams | None = None,
     min_per_class: int = 20,
     mpp: float | None = None,
     plan: PatchPlan | None = None,
