@@ -34,7 +34,8 @@ def tiled_slide(path: Path, reps: tuple[int, int], levels: int = 3, mpp: float =
             H, W = h * reps[0], w * reps[1]
             tiles_y, tiles_x = -(-H // tile), -(-W // tile)
 
-            def pixel(y0: int, x0: int, src: np.ndarray = src, h: int = h, w: int = w, H: int = H, W: int = W) -> np.ndarray:
+            def pixel(y0: int, x0: int, src: np.ndarray = src, h: int = h, w: int = w, H: int = H,
+                      W: int = W) -> np.ndarray:
                 out = np.full((tile, tile, 3), 255, np.uint8)
                 ys = np.arange(y0, min(y0 + tile, H))
                 xs = np.arange(x0, min(x0 + tile, W))

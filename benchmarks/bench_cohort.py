@@ -83,7 +83,8 @@ def main() -> None:
                   f"(cluster start {t_up:.1f} s; statuses {sorted({r['status'] for r in rows})})")
         t = time.perf_counter()
         rows = list(iter_cohort(items, d / "single", str(ckpt), settings))
-        print(f"  resumed, all done:  {time.perf_counter() - t:6.2f} s  ({[r['status'] for r in rows].count('skipped')} "
+        print(f"  resumed, all done:  {time.perf_counter() - t:6.2f} s  "
+              f"({[r['status'] for r in rows].count('skipped')} "
               "skipped)")
 
 

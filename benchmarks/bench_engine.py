@@ -71,7 +71,8 @@ def end_to_end_vs_model(slide_path: Path, batch: int) -> None:
         n = len(inputs)
         figures.append((n / e2e, n / alone))
     for i, (a, b) in enumerate(figures):
-        print(f"[1] run {i + 1}: {n} windows; end-to-end {a:.2f}/s (incl. tissue detection), model alone {b:.2f}/s, ratio {a / b:.3f}")
+        print(f"[1] run {i + 1}: {n} windows; end-to-end {a:.2f}/s (incl. tissue detection), model alone {b:.2f}/s, "
+              f"ratio {a / b:.3f}")
     ratio = float(np.mean([a / b for a, b in figures]))
     print(f"[1] end-to-end / model-alone = {ratio:.3f}  (target >= 0.90)")
     return figures[-1][1]
@@ -114,7 +115,8 @@ _CLI_CHILD = (
 def peak_rss(small: Path, large: Path) -> None:
     out = []
     for p in (small, large):
-        res = subprocess.run([sys.executable, __file__, "--rss-child", str(p)], capture_output=True, text=True, check=True)
+        res = subprocess.run([sys.executable, __file__, "--rss-child", str(p)], capture_output=True, text=True,
+                             check=True)
         out.append(json.loads(res.stdout.strip().splitlines()[-1]))
     a, b = out
     area = (b["shape"][0] * b["shape"][1]) / (a["shape"][0] * a["shape"][1])
@@ -157,7 +159,8 @@ def classify_cli(model_rate: float, workdir: Path) -> None:
         out = workdir / f"cli-out-{stride}"
         code = _CLI_CHILD.format(here=str(Path(__file__).parent))
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-c", code, "classify", str(SAMPLE), "--model", str(ckpt), "--out", str(out),
+        res = subprocess.run([sys.executable, "-c", code, "classify", str(SAMPLE), "--model", str(ckpt), "--out",
+                              str(out),
                               "--device", "cpu", "--stride", stride], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if res.returncode:

@@ -153,7 +153,8 @@ def main() -> None:
             eager = Predictor(paper, device="cuda")
             figures["model_alone_eager"] = round(model_alone(eager, (256, 256), batch), 1)
             figures["end_to_end_eager"] = end_to_end(slide, eager, batch, None)
-            figures["ratio_eager"] = round(figures["end_to_end_eager"]["windows_per_s"] / figures["model_alone_eager"], 3)
+            figures["ratio_eager"] = round(figures["end_to_end_eager"]["windows_per_s"] / figures["model_alone_eager"],
+                                           3)
             if not args.skip_compile:
                 comp = Predictor(paper, device="cuda", compile=True)
                 t1 = time.perf_counter()

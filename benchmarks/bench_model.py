@@ -52,13 +52,15 @@ def main() -> None:
     if not args.no_cpu:
         rate, n = measure(Predictor(model, device="cpu", precision="fp32"), args.batch, args.seconds)
         gflop = 2 * 15.0  # ~15 GMAC per 256-px input (ResNet152V2), 2 FLOP per MAC
-        print(f"cpu fp32        batch {args.batch:4d}: {rate:8.2f} inputs/s ({n} inputs, ~{rate * gflop:.0f} GFLOP/s)  target >= 3")
+        print(f"cpu fp32        batch {args.batch:4d}: {rate:8.2f} inputs/s ({n} inputs, ~{rate * gflop:.0f} GFLOP/s) "
+              " target >= 3")
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         torch.backends.cudnn.benchmark = True
         rate, n = measure(Predictor(model, device="cuda", precision="bf16"), args.cuda_batch, args.seconds)
         print(f"cuda bf16 eager batch {args.cuda_batch:4d}: {rate:8.0f} inputs/s on {name}  target >= 4500 (H100)")
-        rate, n = measure(Predictor(model, device="cuda", precision="bf16", compile=True), args.cuda_batch, args.seconds)
+        rate, n = measure(Predictor(model, device="cuda", precision="bf16", compile=True), args.cuda_batch,
+                          args.seconds)
         print(f"cuda bf16 compiled batch {args.cuda_batch:4d}: {rate:8.0f} inputs/s on {name}  target >= 10000 (H100)")
     else:
         print("cuda: not available on this machine")

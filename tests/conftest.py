@@ -182,7 +182,8 @@ def write_ome_subifds(path: Path, image: np.ndarray, levels: int = 3, mpp: float
     import tifffile
 
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
-        meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
+        meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
+                "PhysicalSizeYUnit": "µm"}
         opts = {"tile": (256, 256), "compression": "jpeg", "photometric": "rgb"}
         tw.write(image, subifds=levels - 1, metadata=meta, **opts)
         lvl = image

@@ -131,14 +131,17 @@ def test_xml_entities_are_refused(tmp_path: Path) -> None:
     bomb = """<?xml version="1.0"?>
 <!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>
 <Annotations><Annotation><Regions><Region Text="&lol2;"><Vertices>
-<Vertex X="0" Y="0"/><Vertex X="1" Y="0"/><Vertex X="1" Y="1"/></Vertices></Region></Regions></Annotation></Annotations>"""
+<Vertex X="0" Y="0"/><Vertex X="1" Y="0"/><Vertex X="1" Y="1"/></Vertices></Region></Regions>
+</Annotation></Annotations>"""
     (tmp_path / "bomb.xml").write_text(bomb)
     with pytest.raises(AnnotationError, match="entities"):
         read_annotations(tmp_path / "bomb.xml")
 
 
 def test_no_polygons(tmp_path: Path) -> None:
-    doc = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {}}]}
+    doc = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Point",
+                                                                                      "coordinates": [1, 2]},
+        "properties": {}}]}
     (tmp_path / "p.geojson").write_text(json.dumps(doc))
     with pytest.raises(AnnotationError, match="no polygon annotations.*Point"):
         read_annotations(tmp_path / "p.geojson")
@@ -153,7 +156,8 @@ def test_nan_coordinates(tmp_path: Path) -> None:
 
 
 def test_self_intersecting_ring_is_repaired_and_reported(tmp_path: Path) -> None:
-    bowtie = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]},
+    bowtie = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0],
+                                                                                  [0, 100], [0, 0]]]},
               "properties": {"classification": {"name": "Benign"}}}
     (tmp_path / "b.geojson").write_text(json.dumps(bowtie))
     anns = read_annotations(tmp_path / "b.geojson")

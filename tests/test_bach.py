@@ -83,7 +83,8 @@ def test_from_a_zip_on_disk(tmp_path: Path, bach_zip: Path, zenodo: FakeZenodo, 
     assert "BACH photos ready" in capsys.readouterr().out and zenodo.file_requests() == [] and bach_zip.is_file()
     assert len(read_iciar(tmp_path / "a")) == 400
     # A wrong md5 is refused before anything is extracted.
-    assert main(["data", "fetch", "bach", "--from", str(bach_zip), "--dir", str(tmp_path / "b"), "--md5", "0" * 32]) == 2
+    assert main(["data", "fetch", "bach", "--from", str(bach_zip), "--dir", str(tmp_path / "b"), "--md5",
+                 "0" * 32]) == 2
     assert "not the published" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 

@@ -29,11 +29,13 @@ def test_timm_vit_tokens_fold_into_a_map() -> None:
 
 
 def test_preprocessing_can_be_set_and_is_recorded() -> None:
-    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), preprocessing=Preprocessing("tf"))
+    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64),
+                             preprocessing=Preprocessing("tf"))
     assert model.card.preprocessing.mode == "tf"
     x = torch.full((1, 2, 2, 3), 255, dtype=torch.uint8)
     assert torch.allclose(model.normalise(x), torch.ones(1, 3, 2, 2))
-    unit = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), preprocessing=Preprocessing("unit"))
+    unit = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64),
+                            preprocessing=Preprocessing("unit"))
     assert torch.allclose(unit.normalise(x), torch.ones(1, 3, 2, 2))
     assert Preprocessing.parse("meanstd", "0.5,0.5,0.5", "0.25,0.25,0.25").scale_shift()[1] == [-2.0] * 3
     with pytest.raises(BcdError, match="--mean"):

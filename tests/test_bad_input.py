@@ -254,7 +254,8 @@ def test_export_patches_off_the_slide_says_so(tmp_path: Path) -> None:
     from napari_bcd.train.iciar import plan_patches
 
     box = lambda y0, x0, y1, x1: np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)  # noqa: E731
-    anns = [Annotation("Benign", 2, box(10_000, 10_000, 11_000, 11_000)), Annotation("Invasive", 4, box(0, 900, 1500, 1500))]
+    anns = [Annotation("Benign", 2, box(10_000, 10_000, 11_000, 11_000)), Annotation("Invasive", 4, box(0, 900, 1500,
+                                                                                                        1500))]
     with open_slide(SAMPLE_SLIDE) as slide:
         plan = plan_patches(slide, anns, field_um=(100.0, 100.0))
         with pytest.raises(DatasetError, match="coverage"):
@@ -419,7 +420,8 @@ _e.os.replace = _replace
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("where", ["writing", "renaming"])
-def test_interrupting_the_write_phase_leaves_one_set_or_none(tmp_path: Path, two_models, sig, where, monkeypatch) -> None:
+def test_interrupting_the_write_phase_leaves_one_set_or_none(tmp_path: Path, two_models, sig, where,
+                                                             monkeypatch) -> None:
     a, b = two_models
     out = tmp_path / "out"
     assert main(["classify", str(JPG), "--mpp", "1", "--model", str(a), "--out", str(out)]) == 0

@@ -233,7 +233,8 @@ def test_the_training_record_is_typed_and_keeps_unknown_keys() -> None:
     assert isinstance(rec, TrainingRecord)
     assert rec.protocol_name == "auto" and rec.val_files == ["a.png"] and rec.data_root == "/data"
     assert rec.augmented and rec.last_train_accuracy == 0.5 and rec.parent is None
-    assert rec.to_dict() == {**raw, **TrainingRecord.from_dict(raw).to_dict()} and rec.to_dict()["someday"] == {"kept": 1}
+    assert rec.to_dict() == {**raw,
+                             **TrainingRecord.from_dict(raw).to_dict()} and rec.to_dict()["someday"] == {"kept": 1}
     child = rec.with_retrain({"parent": {"name": "m", "path": "/m.safetensors"}})
     assert child.parent == {"name": "m", "path": "/m.safetensors"} and "retrain" not in rec.to_dict()
     assert ModelCard().record == TrainingRecord()

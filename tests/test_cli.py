@@ -81,7 +81,8 @@ def test_classify_writes_outputs_and_goes_on_after_a_bad_slide(
     bad = tmp_path / "notes.svs"
     bad.write_text("not a slide")
     out = tmp_path / "out"
-    rc = main(["classify", str(bad), str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--device", "cpu"])
+    rc = main(["classify", str(bad), str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--device",
+               "cpu"])
     assert rc == 1  # one slide failed...
     cap = capsys.readouterr()
     assert "notes.svs" in cap.err and "not a slide" in cap.err and "Traceback" not in cap.err
@@ -98,7 +99,8 @@ def test_classify_writes_outputs_and_goes_on_after_a_bad_slide(
     assert "skipped" in capsys.readouterr().out
     assert (out / f"{stem}.summary.json").read_bytes() == before
     # Outputs of other settings are kept unless --overwrite.
-    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--stride", "0.5"]) == 1
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--stride",
+                 "0.5"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (out / f"{stem}.summary.json").read_bytes() == before
     assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--overwrite",
@@ -113,7 +115,8 @@ def test_classify_without_a_model_says_how_to_get_one(tmp_path: Path, capsys: py
     assert "No trained model" in err and "napari-bcd train" in err and "--model" in err
 
 
-def test_classify_uses_the_default_model(tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_classify_uses_the_default_model(tmp_path: Path, tiny_checkpoint: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import DATA
 
     monkeypatch.setenv("NAPARI_BCD_MODEL", str(tiny_checkpoint))
@@ -130,9 +133,12 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
     regions = {
         "type": "FeatureCollection",
         "features": [
-            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[900, 0], [1500, 0], [1500, 1500], [900, 1500], [900, 0]]]},
+            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[900, 0], [1500, 0], [1500, 1500],
+                                                                                 [900, 1500], [900, 0]]]},
              "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
-            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[800, 1500], [1600, 1500], [1600, 2967], [800, 2967], [800, 1500]]]},
+            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[800, 1500], [1600, 1500],
+                                                                                 [1600, 2967], [800, 2967], [800,
+                                                                                                             1500]]]},
              "properties": {"objectType": "annotation", "classification": {"name": "Benign", "color": [0, 200, 0]}}},
         ],
     }

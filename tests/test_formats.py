@@ -30,7 +30,8 @@ def test_the_openslide_backend_gives_openslides_pixels_and_the_same_class_map(ti
         assert via_os.dimensions == via_tf.dimensions
         h, w = via_os.dimensions
         np.testing.assert_array_equal(via_os.read_region(0, 0, 0, h, w), _openslide_level(SAMPLE_SLIDE, 0))
-        np.testing.assert_array_equal(via_os.read_region(0, 100, 1000, 300, 257), via_tf.read_region(0, 100, 1000, 300, 257))
+        np.testing.assert_array_equal(via_os.read_region(0, 100, 1000, 300, 257), via_tf.read_region(0, 100, 1000, 300,
+                                                                                                     257))
         a, b = classify(via_os, tiny_model), classify(via_tf, tiny_model)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_allclose(np.nan_to_num(a.probs), np.nan_to_num(b.probs), atol=1e-6)

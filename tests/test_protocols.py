@@ -77,7 +77,8 @@ def test_default_protocol_reaches_the_linear_probe(tmp_path: Path) -> None:
     val = [i for i, p in enumerate(ds.paths) if p.name in auto.card.training["split"]["val_files"]]
     assert evaluate(auto.checkpoint, ds, indices=val).accuracy == pytest.approx(auto.report.accuracy)
     hyper = auto.card.training["hyperparameters"]
-    assert hyper["head_start"].startswith("the linear probe") and hyper["feature_standardisation"].startswith("per-channel")
+    assert hyper["head_start"].startswith("the linear "
+                                          "probe") and hyper["feature_standardisation"].startswith("per-channel")
     assert auto.card.metrics["probe_accuracy"] == pytest.approx(auto.probe.report.accuracy)
 
 
@@ -100,18 +101,22 @@ def test_backbone_weights_state_their_preprocessing(tmp_path: Path, capsys: pyte
 
     state = {k: v.contiguous() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()}
     save_file(state, tmp_path / "unit.safetensors", metadata={"preprocess": "unit"})
-    save_file(state, tmp_path / "ms.safetensors", metadata={"mean": "[123.675, 116.28, 103.53]", "std": "58.395,57.12,57.375"})
+    save_file(state, tmp_path / "ms.safetensors", metadata={"mean": "[123.675, 116.28, 103.53]",
+                                                            "std": "58.395,57.12,57.375"})
     ds = four_kinds_dataset(tmp_path / "ds", n=2)
     args = ["--backbone", "timm:resnet18", "--input-px", "64", "--field-um", "100", "--epochs", "1"]
-    assert main(["train", str(ds), "--out", str(tmp_path / "a"), "--backbone-weights", str(tmp_path / "unit.safetensors"), *args]) == 0
+    assert main(["train", str(ds), "--out", str(tmp_path / "a"), "--backbone-weights",
+                 str(tmp_path / "unit.safetensors"), *args]) == 0
     assert "unit (x / 255) (stated by the backbone weights file)" in capsys.readouterr().out
     card = json.loads((tmp_path / "a.json").read_text())
     assert card["preprocessing"]["mode"] == "unit"
-    assert main(["train", str(ds), "--out", str(tmp_path / "b"), "--backbone-weights", str(tmp_path / "ms.safetensors"), *args]) == 0
+    assert main(["train", str(ds), "--out", str(tmp_path / "b"), "--backbone-weights",
+                 str(tmp_path / "ms.safetensors"), *args]) == 0
     pre = json.loads((tmp_path / "b.json").read_text())["preprocessing"]
     assert pre["mode"] == "meanstd" and np.allclose(pre["mean"], (0.485, 0.456, 0.406), atol=1e-3)
     # What the user says wins.
-    assert main(["train", str(ds), "--out", str(tmp_path / "c"), "--backbone-weights", str(tmp_path / "unit.safetensors"),
+    assert main(["train", str(ds), "--out", str(tmp_path / "c"), "--backbone-weights",
+                 str(tmp_path / "unit.safetensors"),
                  "--preprocess", "tf", *args]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["preprocessing"]["mode"] == "tf"
     assert "pixels    tf" in load_checkpoint(tmp_path / "c.safetensors").card.describe()

@@ -131,7 +131,8 @@ def test_write_outputs_writes_everything_atomically(tmp_path: Path) -> None:
     for f in gj["features"]:
         assert f["properties"]["objectType"] == "annotation"
         assert len(f["properties"]["classification"]["color"]) == 3
-        ring = f["geometry"]["coordinates"][0] if f["geometry"]["type"] == "Polygon" else f["geometry"]["coordinates"][0][0]
+        coords = f["geometry"]["coordinates"]
+        ring = coords[0] if f["geometry"]["type"] == "Polygon" else coords[0][0]
         assert ring[0] == ring[-1]  # closed rings, [x, y] level-0 pixels
     assert json.loads(paths["summary_json"].read_text())["call"] == "Invasive"
     paths["geojson"].write_text("{}")  # a file changed after the record: the set no longer counts as complete

@@ -48,7 +48,8 @@ def test_import_of_a_missing_file_says_both_ways(tmp_path) -> None:
 def test_fetch_downloads_checks_md5_and_converts(keras_reference: KerasReference) -> None:
     seen: list[tuple[int, int | None]] = []
     url = keras_reference.keras2_h5.as_uri()  # the real download code, on a local URL
-    path = fetch_imagenet_weights(url, expected_md5=_md5(keras_reference.keras2_h5), progress=lambda d, t: seen.append((d, t)))
+    path = fetch_imagenet_weights(url, expected_md5=_md5(keras_reference.keras2_h5), progress=lambda d,
+                                  t: seen.append((d, t)))
     assert path == cached_imagenet_weights()
     assert seen and seen[-1][0] == keras_reference.keras2_h5.stat().st_size
 

@@ -45,7 +45,8 @@ def write_labels_tiff(path: str, data: Any, meta: dict) -> list[str]:
             cmap[:, st.label] = np.asarray(st.color, np.uint16) * 257
         kwargs.update(photometric="palette", colormap=cmap)
     translate = meta.get("translate")
-    desc = {"napari_bcd": True, "scale_um": [my, mx], "translate_um": list(map(float, translate)) if translate is not None else [0, 0]}
+    desc = {"napari_bcd": True, "scale_um": [my, mx],
+            "translate_um": list(map(float, translate)) if translate is not None else [0, 0]}
     import json
 
     with atomic_path(path) as tmp:

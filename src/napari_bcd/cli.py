@@ -81,7 +81,8 @@ def _cmd_weights_fetch(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     try:
-        path = fetch_imagenet_weights(args.url or IMAGENET_URL, expected_md5=None if args.skip_md5 else IMAGENET_MD5, progress=progress)
+        path = fetch_imagenet_weights(args.url or IMAGENET_URL, expected_md5=None if args.skip_md5 else IMAGENET_MD5,
+                                      progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -106,7 +107,8 @@ def _cmd_weights_info(args: argparse.Namespace) -> int:
     if cached:
         print(f"ResNet152V2 ImageNet weights  {cached}")
     else:
-        print("ResNet152V2 ImageNet weights  not cached: run `napari-bcd weights fetch` or `napari-bcd weights import FILE.h5`")
+        print("ResNet152V2 ImageNet weights  not cached: run `napari-bcd weights fetch` or `napari-bcd weights import "
+              "FILE.h5`")
     return 0 if cached else 1
 
 
@@ -211,7 +213,8 @@ def _check_out_dir(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
-        raise BcdError(f"--out {out} cannot be written ({err.strerror or err}). Choose a folder you can write to.") from err
+        raise BcdError(f"--out {out} cannot be written ({err.strerror or err}). Choose a folder you can write "
+                       "to.") from err
 
 
 def _threshold(text: str) -> tuple[str, float]:
@@ -523,7 +526,8 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     root = Path(args.dir) if args.dir else data_dir() / "BACH"
     result = _fetch_bach(args, root)
     print(f"BACH photos ready: {result.photos} (" + ", ".join(f"{k} {v}" for k, v in result.counts.items()) + ")")
-    print(f"train on them: napari-bcd train {result.photos} --out MODEL [--split bach-patient], or napari-bcd reproduce")
+    print(f"train on them: napari-bcd train {result.photos} --out MODEL [--split bach-patient], or napari-bcd "
+          "reproduce")
     return 0
 
 
@@ -617,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_weights_fetch)
     p = w.add_parser("import", help="convert and cache a local copy of the Keras file (behind a firewall)")
     p.add_argument("file", help="resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5")
-    p.add_argument("--skip-md5", action="store_true", help="accept a Keras ResNet152V2 file that is not the official one")
+    p.add_argument("--skip-md5", action="store_true",
+                   help="accept a Keras ResNet152V2 file that is not the official one")
     p.set_defaults(func=_cmd_weights_import)
     p = w.add_parser("info", help="where the weights are cached")
     p.set_defaults(func=_cmd_weights_info)
@@ -645,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the slides on a Dask cluster: tcp://HOST:PORT, or local:N for N worker processes here")
     p.add_argument("--model", help="checkpoint (default: the last trained/chosen model, or $NAPARI_BCD_MODEL)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--stride", type=_POSITIVE, default=1.0, help="window step as a fraction of the field (0.5 = overlap)")
+    p.add_argument("--stride", type=_POSITIVE, default=1.0,
+                   help="window step as a fraction of the field (0.5 = overlap)")
     p.add_argument("--stride-um", type=_POSITIVE, help="window step in µm (overrides --stride)")
     p.add_argument("--batch-size", type=_COUNT, help="windows per model call (default: 128 on CUDA, 4 on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -653,8 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (GPU runs of many windows; compiled once per run, before the timing)")
     p.add_argument("--tissue-threshold", type=_SHARE, default=0.1, help="minimum saturation of tissue (0-1)")
-    p.add_argument("--min-tissue", type=_SHARE, default=0.25, help="classify windows with at least this tissue fraction")
-    p.add_argument("--min-area", type=_NON_NEGATIVE, default=0.0, help="mm² a class must exceed to count for the slide call")
+    p.add_argument("--min-tissue", type=_SHARE, default=0.25,
+                   help="classify windows with at least this tissue fraction")
+    p.add_argument("--min-area", type=_NON_NEGATIVE, default=0.0,
+                   help="mm² a class must exceed to count for the slide call")
     p.add_argument("--mpp", type=_POSITIVE, help="µm per pixel of level 0, for files that do not say")
     p.add_argument("--workers", type=_COUNT, help="reading threads (default: up to 4)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -694,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_COUNT, help="fixed number of epochs (default: the protocol's)")
     p.add_argument("--lr", type=_POSITIVE, help="learning rate (default 1e-4, the paper's)")
     p.add_argument("--batch-size", type=_COUNT, help="default 128, the paper's")
-    p.add_argument("--val-fraction", type=_VAL_SHARE, help="share of each class kept to validate (default 0.2; 0: none)")
+    p.add_argument("--val-fraction", type=_VAL_SHARE,
+                   help="share of each class kept to validate (default 0.2; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", help="'bach-patient' (patient-aware split of the 400 BACH photos) or a file listing "
                    "the validation images")
@@ -711,7 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     def bach_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--from", dest="from_zip", metavar="ZIP", help="use ICIAR2018_BACH_Challenge.zip already on disk")
+        p.add_argument("--from", dest="from_zip", metavar="ZIP",
+                       help="use ICIAR2018_BACH_Challenge.zip already on disk")
         p.add_argument("--accept-licence", action="store_true",
                        help="accept the BACH licence (CC BY-NC-ND 4.0) without asking (for scripts)")
         p.add_argument("--md5", help="md5 the archive must have (default: the one Zenodo publishes)")
@@ -740,7 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GeoJSON (QuPath, or the dock's export) of polygons classified with the right class")
     p.add_argument("--slide", required=True, help="the slide the corrections are on")
     p.add_argument("--out", help="the new checkpoint (default: <checkpoint>-rN.safetensors; never replaces a file)")
-    p.add_argument("--weight", type=_POSITIVE, default=4.0, help="how many training images each corrected cell counts as")
+    p.add_argument("--weight", type=_POSITIVE, default=4.0,
+                   help="how many training images each corrected cell counts as")
     p.add_argument("--steps", type=_COUNT, default=300, help="optimiser steps")
     p.add_argument("--data", help="the model's training images (default: where its card says; 'none' for none)")
     p.add_argument("--stride", type=_POSITIVE, default=1.0, help="the classify run's --stride (cells must match)")

@@ -91,7 +91,9 @@ def _slides_in(folder: Path, recursive: bool) -> list[Path]:
     pattern = folder.rglob("*") if recursive else folder.iterdir()
     found = []
     for p in sorted(pattern):
-        if (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")) or (p.is_dir() and (recursive or p.suffix.lower() == ".zarr") and _is_slide_folder(p)):
+        slide_file = p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
+        slide_folder = p.is_dir() and (recursive or p.suffix.lower() == ".zarr") and _is_slide_folder(p)
+        if slide_file or slide_folder:
             found.append(p)
     return found
 
@@ -221,7 +223,8 @@ def _row(item: CohortItem, status: str, **extra) -> dict:
 
 def _summary_row(summary: dict) -> dict:
     out = {"windows": summary.get("windows", 0), "tissue_mm2": summary.get("tissue_area_mm2"),
-           "classified_mm2": summary.get("classified_area_mm2"), "uncertain_mm2": summary.get("uncertain_area_mm2", 0.0),
+           "classified_mm2": summary.get("classified_area_mm2"), "uncertain_mm2": summary.get("uncertain_area_mm2",
+                                                                                              0.0),
            "call": summary.get("call") or "", "call_probability": summary.get("call_probability"),
            "decision": summary.get("decision", ""), "stain_warning": summary.get("stain_warning", "")}
     for c in summary.get("classes", []):

@@ -73,7 +73,8 @@ def label_regions(
         merged = union_all(rects)
         if frame is not None:
             merged = merged.intersection(frame)
-        polys = list(merged.geoms) if isinstance(merged, MultiPolygon) else [merged] if isinstance(merged, Polygon) else []
+        polys = list(merged.geoms) if isinstance(merged, MultiPolygon) else [merged] if isinstance(merged,
+                                                                                                   Polygon) else []
         for poly in polys:
             if poly.is_empty or poly.area <= 0:
                 continue
@@ -141,7 +142,10 @@ def cells_to_image(class_map: ClassMap, values: np.ndarray, max_size: int = 4096
 
 
 def label_image(class_map: ClassMap, max_size: int = 4096) -> tuple[np.ndarray, int]:
-    """The label map over exactly the whole slide at an integer downsample ``k`` of level 0 (see :func:`cells_to_image`)."""
+    """The label map over exactly the whole slide at an integer downsample ``k`` of level 0.
+
+    See :func:`cells_to_image`.
+    """
     return cells_to_image(class_map, class_map.labels, max_size, fill=0)
 
 
@@ -343,7 +347,8 @@ def write_outputs(
         staged["summary_json"].write_text(summary.to_json(), encoding="utf-8")
         staged["summary_csv"].write_text(summary.to_csv(), encoding="utf-8")
         write_geojson(class_regions(class_map), staged["geojson"], overwrite=True)
-        files = {k: {"name": paths[k].name, "bytes": p.stat().st_size, "sha256": file_digest(p)} for k, p in staged.items()}
+        files = {k: {"name": paths[k].name, "bytes": p.stat().st_size, "sha256": file_digest(p)} for k,
+                 p in staged.items()}
         done.unlink(missing_ok=True)
         for k, p in staged.items():
             os.replace(p, paths[k])

@@ -12,7 +12,8 @@ from .engine import ClassMap
 __all__ = ["classmap_layers", "describe_hover", "label_colors"]
 
 
-def label_colors(classes: tuple[str, ...] | list[str] = CLASS_NAMES) -> dict[int | None, tuple[float, float, float, float]]:
+def label_colors(classes: tuple[str, ...] | list[str] = CLASS_NAMES) -> dict[int | None, tuple[float, float, float,
+                                                                                               float]]:
     """Colours of a model's classes for a Labels layer (label = output index + 1); background transparent."""
     colors: dict[int | None, tuple[float, float, float, float]] = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
     for st in class_styles(classes):
@@ -93,7 +94,8 @@ def _ramp(name: str, rgb: tuple[int, int, int]) -> dict:
     return {"name": f"bcd-{name}", "colors": [[0, 0, 0, 0], [rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, 1]]}
 
 
-def describe_hover(class_map: ClassMap, world_yx: tuple[float, float], image_translate: tuple[float, float] = (0, 0)) -> str:
+def describe_hover(class_map: ClassMap, world_yx: tuple[float, float], image_translate: tuple[float,
+                                                                                              float] = (0, 0)) -> str:
     """Text for the window under the mouse: its class and probabilities."""
     my, mx = class_map.grid.mpp
     # world (µm) -> level-0 continuous pixels (pixel centres at i * mpp)

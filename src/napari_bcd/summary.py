@@ -103,7 +103,8 @@ class Summary:
         if self.stain_warning:
             lines.append(f"WARNING: {self.stain_warning}")
         if self.call is None:
-            verdict = "no tissue classified" if self.windows == 0 else f"no class covers more than {self.min_area_mm2} mm²"
+            verdict = ("no tissue classified" if self.windows == 0
+                       else f"no class covers more than {self.min_area_mm2} mm²")
             lines.append(f"slide call: none ({verdict})")
         else:
             lines.append(f"slide call: {self.call_display} (p = {self.call_probability:.3f})")
@@ -156,7 +157,8 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
                 windows=int((win_label_arr == cid).sum()),
                 cells=n,
                 area_mm2=round(float(inside[sel].sum()) * cell_mm2, 6),
-                percent_of_tissue=round(100.0 * float(tissue[sel].sum()) / classified_tissue, 3) if classified_tissue else 0.0,
+                percent_of_tissue=round(100.0 * float(tissue[sel].sum()) / classified_tissue,
+                                        3) if classified_tissue else 0.0,
                 mean_probability=round(mean_p, 6),
             )
         )

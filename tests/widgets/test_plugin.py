@@ -184,7 +184,8 @@ def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: 
     assert widget._run_button.enabled and not widget._cancel_button.enabled
 
 
-def test_errors_become_notifications(viewer, qtbot, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_errors_become_notifications(viewer, qtbot, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                     tmp_path: Path) -> None:
     messages: list[str] = []
     monkeypatch.setattr("napari_bcd._widgets._worker.show_error", messages.append)
     widget = _widget(viewer, qtbot, tiny_checkpoint)
@@ -339,7 +340,8 @@ def test_train_widget_from_regions_warns_and_reports_without_validation(viewer, 
     widget._on_run_clicked()
     assert widget._worker is None and widget._run_button.enabled
     # Two classes, one region each: trains, after saying the regions are few.
-    two = [Annotation("Invasive carcinoma", 4, box(0, 0, 1483, 2220)), Annotation("Benign", 2, box(1483, 0, 2967, 2220))]
+    two = [Annotation("Invasive carcinoma", 4, box(0, 0, 1483, 2220)), Annotation("Benign", 2, box(1483, 0, 2967,
+                                                                                                   2220))]
     data, kwargs, _ = annotations_to_shapes(two, scale=tuple(image.scale[-2:]), name="two classes")
     viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
     widget._shapes_combo.value = viewer.layers["two classes"]

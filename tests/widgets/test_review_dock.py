@@ -1,4 +1,5 @@
-"""The Review dock (issue 13): paint corrections, retrain, Undo; thresholds; uncertain regions; region table; Grad-CAM."""
+"""The Review dock (issue 13): paint corrections, retrain, Undo; thresholds; uncertain regions; region table;
+Grad-CAM."""
 
 from __future__ import annotations
 

@@ -99,7 +99,8 @@ class ClassifyWidget(Container):
             self._plan_label,
             Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False),
             self._progress, self._status, self._summary, self._hover,
-            Container(widgets=[self._export_geojson, self._export_csv, self._export_tiff], layout="horizontal", labels=False),
+            Container(widgets=[self._export_geojson, self._export_csv, self._export_tiff], layout="horizontal",
+                      labels=False),
         ])
         form.native.layout().insertWidget(form.index(self._summary) + 1, self._legend)  # under the summary
         self._summary.native.setMaximumHeight(110)
@@ -232,7 +233,8 @@ class ClassifyWidget(Container):
         path = self._checkpoint()
         self._card = None
         if path is None:
-            self._card_label.value = "No model yet: train one (Train dock, or `napari-bcd reproduce`) or choose a checkpoint."
+            self._card_label.value = ("No model yet: train one (Train dock, or `napari-bcd reproduce`) or choose a "
+                                      "checkpoint.")
         else:
             try:
                 self._card = read_card(path)

@@ -402,7 +402,8 @@ class ReviewWidget(Container):
             return path
 
         self._worker = start_job(job(), lambda _: None,
-                                 lambda p: setattr(self._status, "value", f"Saved in {Path(p).name}: {rule.describe()}"),
+                                 lambda p: setattr(self._status, "value",
+                                                   f"Saved in {Path(p).name}: {rule.describe()}"),
                                  self._on_finished)
 
     def _update_regions(self) -> None:
@@ -476,7 +477,8 @@ class ReviewWidget(Container):
         self._table.setRowCount(len(self._rows))
         for i, r in enumerate(self._rows):
             major = r.majority
-            vals = [r.name, f"{r.area_mm2:.4f}", f"{r.tissue_mm2:.4f}", *[f"{r.class_share[c]:.1f}" for c in cm.classes],
+            vals = [r.name, f"{r.area_mm2:.4f}", f"{r.tissue_mm2:.4f}",
+                    *[f"{r.class_share[c]:.1f}" for c in cm.classes],
                     f"{r.uncertain_share:.1f}", f"{r.mean_probability[major]:.2f} ({major})" if major else ""]
             for j, v in enumerate(vals):
                 self._table.setItem(i, j, QTableWidgetItem(v))

@@ -79,7 +79,8 @@ class TrainWidget(Container):
         self._coverage_spin = FloatSpinBox(label="coverage", value=0.5, min=0.05, max=1.0, step=0.05,
                                            tooltip="Share of a window that must lie inside regions of one class")
         self._check_button = PushButton(text="Count windows per class")
-        self._out_edit = FileEdit(label="save model as", mode="w", filter="*.safetensors", value="bcd-model.safetensors")
+        self._out_edit = FileEdit(label="save model as", mode="w", filter="*.safetensors",
+                                  value="bcd-model.safetensors")
         self._protocol_combo = ComboBox(label="protocol", choices=list(PROTOCOLS), value=next(iter(PROTOCOLS)),
                                         tooltip="auto: at least 600 optimiser steps, class-balanced, early stopping, "
                                                 "head started from the linear probe. paper: Adam 1e-4, batch 128, "

@@ -180,7 +180,8 @@ def _features_dict(features: Any, n: int) -> dict[str, list]:
     if features is None:
         return {}
     if hasattr(features, "to_dict"):
-        return {k: list(v.values()) if isinstance(v, dict) else list(v) for k, v in features.to_dict(orient="list").items()}
+        return {k: list(v.values()) if isinstance(v, dict) else list(v) for k,
+                v in features.to_dict(orient="list").items()}
     if isinstance(features, dict):
         return {k: list(v) for k, v in features.items()}
     return {}

@@ -143,7 +143,8 @@ def _ring(points: Any, where: str) -> np.ndarray:
     return _open_ring(arr[:, 1::-1][:, :2].copy())  # [x, y] -> (y, x)
 
 
-def _valid_parts(outer: np.ndarray, holes: list[np.ndarray], where: str, report: ReadReport) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+def _valid_parts(outer: np.ndarray, holes: list[np.ndarray], where: str, report: ReadReport) -> list[tuple[np.ndarray,
+                                                                                                           list[np.ndarray]]]:
     """The polygon, repaired with shapely's make_valid when it self-intersects."""
     from shapely import make_valid
     from shapely.geometry import MultiPolygon, Polygon
@@ -161,7 +162,8 @@ def _valid_parts(outer: np.ndarray, holes: list[np.ndarray], where: str, report:
         for q in getattr(g, "geoms", [g]):
             if q.area > 0:
                 parts.append(
-                    (_open_ring(np.asarray(q.exterior.coords)[:, ::-1]), [_open_ring(np.asarray(i.coords)[:, ::-1]) for i in q.interiors])
+                    (_open_ring(np.asarray(q.exterior.coords)[:, ::-1]),
+                     [_open_ring(np.asarray(i.coords)[:, ::-1]) for i in q.interiors])
                 )
     report.repaired.append(f"{where}: self-intersecting ring split into {len(parts)} valid polygon(s)")
     return parts
@@ -187,7 +189,7 @@ def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[An
         features = doc.get("features") or []
     elif isinstance(doc, dict) and doc.get("type") == "Feature":
         features = [doc]
-    elif (isinstance(doc, dict) and "coordinates" in doc) or (isinstance(doc, dict) and doc.get("type") == "GeometryCollection"):
+    elif isinstance(doc, dict) and ("coordinates" in doc or doc.get("type") == "GeometryCollection"):
         features = [{"type": "Feature", "geometry": doc, "properties": {}}]
     else:
         raise AnnotationError(f"{p.name} is JSON but not GeoJSON (no FeatureCollection, Feature or geometry).")
@@ -205,7 +207,8 @@ def _read_geojson(raw: bytes, p: Path, report: ReadReport, label_map) -> list[An
             report.skip(f"{kind} objects")
             continue
         label, color = _qupath_label(props)
-        group = str(feat.get("id")) if feat.get("id") and str(feat.get("id")) not in _QP02_IDS and feat.get("id") != "PathAnnotationObject" else None
+        fid = feat.get("id")
+        group = str(fid) if fid and str(fid) not in _QP02_IDS and fid != "PathAnnotationObject" else None
         geometries = _polygons_of(feat.get("geometry"), report)
         parts = []
         for j, rings in enumerate(geometries):
@@ -311,7 +314,8 @@ def _read_xml(raw: bytes, p: Path, report: ReadReport, label_map) -> list[Annota
     if root.tag == "ASAP_Annotations":
         report.format = "ASAP XML"
         return _read_asap(root, p, report, label_map)
-    raise AnnotationError(f"{p.name} is XML with root <{root.tag}>, not ImageScope <Annotations> or <ASAP_Annotations>.")
+    raise AnnotationError(f"{p.name} is XML with root <{root.tag}>, not ImageScope <Annotations> or "
+                          "<ASAP_Annotations>.")
 
 
 def _num(el, key: str, where: str) -> float:
@@ -413,7 +417,8 @@ def _catmull_rom_closed(pts: np.ndarray, per_segment: int = 8) -> np.ndarray:
         p0, p1, p2, p3 = pts[(i - 1) % n], pts[i], pts[(i + 1) % n], pts[(i + 2) % n]
         for t in np.linspace(0, 1, per_segment, endpoint=False):
             t2, t3 = t * t, t * t * t
-            out.append(0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2 + (-p0 + 3 * p1 - 3 * p2 + p3) * t3))
+            out.append(0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2
+                              + (-p0 + 3 * p1 - 3 * p2 + p3) * t3))
     return np.asarray(out)
 
 

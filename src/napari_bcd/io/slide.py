@@ -204,7 +204,8 @@ class _Segments:
                              "or not a slide.")
         if self.seg[0] * self.seg[1] * 3 > _MAX_SEGMENT_BYTES:
             raise SlideError(
-                f"{self.path.name} stores its {w:,} x {h:,} px image in blocks of {self.seg[1]:,} x {self.seg[0]:,} px, "
+                f"{self.path.name} stores its {w:,} x {h:,} px image in blocks of {self.seg[1]:,} x {self.seg[0]:,} "
+                "px, "
                 "too large to decode one at a time. Save it as a tiled pyramid TIFF (vips tiffsave --tile --pyramid)."
             )
 
@@ -725,7 +726,8 @@ def _open_tiff(p: Path, cache_mb: int) -> Slide:
             tf = tifffile.TiffFile(p)
             _ = tf.series  # parses the page chain: where damage shows
         except Exception as err:
-            raise SlideError(f"{p.name} is not a readable TIFF/SVS/NDPI file ({err}). It may be truncated or corrupt.") from err
+            raise SlideError(f"{p.name} is not a readable TIFF/SVS/NDPI file ({err}). It may be truncated or "
+                             "corrupt.") from err
     if complaints:
         # tifffile's own log lines ("ERROR ... invalid page offset") mean little to a user: say it in words.
         log.warning("%s looks damaged (%s); the readable part is used, but copy or export the slide again.",

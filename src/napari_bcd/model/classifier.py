@@ -285,7 +285,8 @@ def build_backbone(
     elif backbone.startswith("timm:"):
         name = backbone.removeprefix("timm:")
         net = TimmBackbone(name, pretrained=backbone_weights == "imagenet")
-        desc = "timm-pretrained" if backbone_weights == "imagenet" else ("random" if path is None else f"file:{path.name}")
+        desc = ("timm-pretrained" if backbone_weights == "imagenet"
+                else "random" if path is None else f"file:{path.name}")
         if path is not None:
             state = _load_state_file(path)
             missing, unexpected = net.model.load_state_dict(state, strict=False)

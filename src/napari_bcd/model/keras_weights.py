@@ -99,7 +99,8 @@ def _assign(module, var: str, array: np.ndarray, layer: str, path: Path) -> None
         target = None
     tensor = getattr(module, target, None) if target else None
     if tensor is None:
-        raise KerasWeightsError(f"{path}: layer {layer!r} has a variable {var!r} that a {type(module).__name__} has not.")
+        raise KerasWeightsError(f"{path}: layer {layer!r} has a variable {var!r} that a {type(module).__name__} has "
+                                "not.")
     if tuple(tensor.shape) != array.shape:
         want = tuple(tensor.shape)
         if var == "kernel" and len(want) == 4:

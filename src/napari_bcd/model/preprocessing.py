@@ -126,7 +126,8 @@ def weights_preprocessing(path: str | os.PathLike[str] | None) -> Preprocessing 
         try:
             d = json.loads(text)
         except ValueError as err:
-            raise BcdError(f"{p.name} states its preprocessing as invalid JSON ({err}); fix it or pass --preprocess.") from err
+            raise BcdError(f"{p.name} states its preprocessing as invalid JSON ({err}); fix it or pass "
+                           "--preprocess.") from err
         text, mean, std = d.get("mode"), _triple(d.get("mean")) or mean, _triple(d.get("std")) or std
     if not text and mean and std:
         text = "meanstd"

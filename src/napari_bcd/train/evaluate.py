@@ -43,13 +43,16 @@ class Report:
         w = max(12, *(len(c) for c in self.classes))
         lines = [f"{'':<{w}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}", ""]
         for i, c in enumerate(self.classes):
-            lines.append(f"{c:<{w}} {self.precision[i]:>9.4f} {self.recall[i]:>9.4f} {self.f1[i]:>9.4f} {self.support[i]:>9d}")
+            lines.append(f"{c:<{w}} {self.precision[i]:>9.4f} {self.recall[i]:>9.4f} {self.f1[i]:>9.4f} "
+                         f"{self.support[i]:>9d}")
         n = sum(self.support)
         lines += [
             "",
             f"{'accuracy':<{w}} {'':>9} {'':>9} {self.accuracy:>9.4f} {n:>9d}",
-            f"{'macro avg':<{w}} {self.macro['precision']:>9.4f} {self.macro['recall']:>9.4f} {self.macro['f1']:>9.4f} {n:>9d}",
-            f"{'weighted avg':<{w}} {self.weighted['precision']:>9.4f} {self.weighted['recall']:>9.4f} {self.weighted['f1']:>9.4f} {n:>9d}",
+            f"{'macro avg':<{w}} {self.macro['precision']:>9.4f} {self.macro['recall']:>9.4f} "
+            f"{self.macro['f1']:>9.4f} {n:>9d}",
+            f"{'weighted avg':<{w}} {self.weighted['precision']:>9.4f} {self.weighted['recall']:>9.4f} "
+            f"{self.weighted['f1']:>9.4f} {n:>9d}",
             "",
             "confusion matrix (rows: true, columns: predicted)",
             " " * w + " " + " ".join(f"{c[:8]:>8}" for c in self.classes),

@@ -33,7 +33,8 @@ from ..io.slide import Slide
 if TYPE_CHECKING:
     from ..tissue import TissueParams
 
-__all__ = ["Dataset", "ExportProgress", "ExportResult", "PatchPlan", "iter_export_patches", "plan_patches", "read_iciar"]
+__all__ = ["Dataset", "ExportProgress", "ExportResult", "PatchPlan", "iter_export_patches", "plan_patches",
+           "read_iciar"]
 
 log = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
@@ -145,7 +146,8 @@ def read_iciar(root: str | os.PathLike[str]) -> Dataset:
                 if name not in by_name:
                     problems.append(f"{gt.name} lists {name}, which is not in any class folder")
                 elif cid is None or CLASS_NAMES[by_name[name][1]] != CLASS_NAMES[cid - 1]:
-                    problems.append(f"{by_name[name][0]}: {gt.name} says {label!r}, its folder says {CLASS_NAMES[by_name[name][1]]}")
+                    problems.append(f"{by_name[name][0]}: {gt.name} says {label!r}, its folder says "
+                                    f"{CLASS_NAMES[by_name[name][1]]}")
         for name, (p, _) in by_name.items():
             if name not in listed:
                 problems.append(f"{p} is not listed in {gt.name}")
@@ -277,7 +279,8 @@ def plan_patches(
         raise DatasetError(f"coverage must be in (0, 1] and min_tissue in [0, 1], got {coverage} and {min_tissue}.")
     if patch_px is None:
         patch_px = _patch_px(field_um)
-    grid = make_grid(slide.dimensions, slide.mpp, field_um, patch_px, [i.downsample for i in slide.level_info], stride=stride)
+    grid = make_grid(slide.dimensions, slide.mpp, field_um, patch_px, [i.downsample for i in slide.level_info],
+                     stride=stride)
     per_class: dict[int, list] = {}
     unknown = 0
     for a in annotations:

@@ -73,6 +73,7 @@ def linear_probe(
     train_acc = float((clf.predict(train_x) == train_y).mean())
     report = None
     if val_x is not None and val_y is not None and len(val_y):
-        report = report_from_predictions(np.asarray(val_y).tolist(), clf.predict(np.asarray(val_x, np.float32)).tolist(),
+        report = report_from_predictions(np.asarray(val_y).tolist(), clf.predict(np.asarray(val_x,
+                                                                                            np.float32)).tolist(),
                                          classes)
     return ProbeResult(report, train_acc, time.perf_counter() - t0, pipeline=clf)

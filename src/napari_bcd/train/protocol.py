@@ -100,7 +100,8 @@ class Protocol:
         if self.name == "paper":
             return (f"the paper's: Adam lr {self.lr:g}, batch {self.batch_size}, {self.epochs} epochs, "
                     "random stratified split, no augmentation")
-        return (f"auto: the paper's head, Adam lr {self.lr:g}, batch {self.batch_size}; at least {self.min_steps} steps "
+        return (f"auto: the paper's head, Adam lr {self.lr:g}, batch {self.batch_size}; at least {self.min_steps} "
+                "steps "
                 f"(≤ {self.max_epochs} epochs), class-balanced sampling, early stopping on validation loss, "
                 "8 flips/rotations, standardised features, head started from the linear probe")
 
@@ -110,7 +111,8 @@ PAPER = Protocol("paper", lr=1e-4, batch_size=128, epochs=25, max_epochs=25, bal
                  val_fraction=0.2)
 #: For a user's own regions: enough steps, balanced classes, early stopping.
 AUTO = Protocol("auto", lr=1e-4, batch_size=128, epochs=None, min_steps=600, max_epochs=800, patience=30,
-                min_patience_steps=150, balanced=True, augment=True, standardise=True, probe_init=True, val_fraction=0.2)
+                min_patience_steps=150, balanced=True, augment=True, standardise=True, probe_init=True,
+    val_fraction=0.2)
 PROTOCOLS = {"paper": PAPER, "auto": AUTO}
 
 

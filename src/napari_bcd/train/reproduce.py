@@ -133,7 +133,8 @@ def _report_json(dataset: Dataset, runs: dict[str, TrainResult], best: str | Non
     return {
         "paper_claims_percent": PAPER_CLAIMS,
         "data": {"root": str(dataset.root), "counts": dataset.counts(), "images": len(dataset), "note": data_note},
-        "model": {"backbone": card.backbone if card else None, "backbone_weights": card.backbone_weights if card else None,
+        "model": {"backbone": card.backbone if card else None,
+                  "backbone_weights": card.backbone_weights if card else None,
                   "input_px": list(card.input_px) if card else None},
         "protocol": card.record.protocol if card else None,
         "runs": {

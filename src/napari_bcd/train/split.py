@@ -143,7 +143,8 @@ def _split_from_file(dataset: Dataset, path: Path) -> Split:
     val = [i for i, p in enumerate(dataset.paths) if p.name in names]
     missing = names - {dataset.paths[i].name for i in val}
     if missing:
-        raise DatasetError(f"The split file lists {len(missing)} file(s) not in the dataset, e.g. {sorted(missing)[0]}.")
+        raise DatasetError(f"The split file lists {len(missing)} file(s) not in the dataset, e.g. "
+                           f"{sorted(missing)[0]}.")
     chosen = set(val)
     train = [i for i in range(len(dataset)) if i not in chosen]
     if not train:
