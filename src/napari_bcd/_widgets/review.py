@@ -256,17 +256,22 @@ class ReviewWidget(Container):
             return self._viewer.layers[name]
         raise BcdError(f"The image {name!r} this map was made on is no longer open; open it again.")
 
+    def _map_and_model(self) -> tuple[ClassMap, str]:
+        """The chosen class map and the checkpoint that made it, or a BcdError saying what is missing."""
+        cm = self.class_map
+        if cm is None:
+            raise BcdError("Choose a class map (classify a slide first).")
+        model_path = _meta(self._layer).get("model_path")
+        if not model_path:
+            raise BcdError("This map does not say which model made it; classify the slide again in this session.")
+        return cm, model_path
+
     def retrain(self) -> None:
         """Retrain from the repainted cells (a new checkpoint) and re-predict, in a worker."""
         from ..review import iter_retrain
 
         try:
-            cm = self.class_map
-            if cm is None:
-                raise BcdError("Choose a class map (classify a slide first).")
-            model_path = _meta(self._layer).get("model_path")
-            if not model_path:
-                raise BcdError("This map does not say which model made it; classify the slide again in this session.")
+            cm, model_path = self._map_and_model()
             corr = self.corrections()
             slide = slide_for_layer(self._image_layer(), cm.grid.mpp[1])
             gen = iter_retrain(model_path, corr, slide, class_map=cm, weight=self._weight_spin.value,
@@ -532,12 +537,7 @@ class ReviewWidget(Container):
         from ..review import iter_saliency
 
         try:
-            cm = self.class_map
-            if cm is None:
-                raise BcdError("Choose a class map (classify a slide first).")
-            model_path = _meta(self._layer).get("model_path")
-            if not model_path:
-                raise BcdError("This map does not say which model made it.")
+            cm, model_path = self._map_and_model()
             image = self._image_layer()
             slide = slide_for_layer(image, cm.grid.mpp[1])
             box = box or self._view_box()

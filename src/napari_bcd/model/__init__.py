@@ -7,8 +7,9 @@ anything that builds or runs a network imports torch when first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 # public name -> submodule that defines it
 _LAZY: dict[str, str] = {
@@ -55,13 +56,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .resnet152v2 import KERAS_PARAM_COUNT, ResNet152V2, keras_param_count
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
