@@ -47,3 +47,19 @@ def test_the_demo_says_what_to_install_without_napari(tmp_path: Path, tiny_check
     res = _core_only(["demo", "--headless", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "d")])
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "d" / "CMU-1-Small-Region.overview.png").is_file()
+
+
+def test_a_models_card_and_the_package_names_cost_no_torch(tiny_checkpoint: Path) -> None:
+    """What the docks and `model info` read first — the card, the public names — never imports torch."""
+    code = f"""
+import sys
+import napari_bcd, napari_bcd.model, napari_bcd.review
+from napari_bcd.model.card import read_card
+card = read_card({str(tiny_checkpoint)!r})
+assert card.classes and card.record is not None
+rule = napari_bcd.review.DecisionRule(thresholds={{"Invasive": 0.3}})
+print("TORCH=" + str("torch" in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "TORCH=False" in out.stdout
