@@ -24,7 +24,8 @@ def lazy_names(package: str, names: dict[str, str], namespace: dict[str, Any]
 
     def __getattr__(name: str) -> Any:
         if name in names:
-            value = getattr(importlib.import_module(f".{names[name]}", package), name)
+            target = names[name]  # ".sub" of this package, or "..sub" of its parent
+            value = getattr(importlib.import_module(target if target.startswith(".") else f".{target}", package), name)
             namespace[name] = value
             return value
         raise AttributeError(f"module {package!r} has no attribute {name!r}")

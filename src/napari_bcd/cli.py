@@ -231,7 +231,7 @@ def _threshold(text: str) -> tuple[str, float]:
 
 def _decision_from(args: argparse.Namespace, card):
     """The card's decision rule with the command line's changes, or None when nothing was asked."""
-    from .review.decision import DecisionRule
+    from .decision import DecisionRule
 
     asked = (args.threshold or args.min_confidence is not None or args.min_quality is not None
              or args.uncertainty is not None or getattr(args, "clear", False))
@@ -269,7 +269,7 @@ def _cmd_model_decision(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint)
     rule = _decision_from(args, model.card)
     if rule is None:
-        from .review.decision import DecisionRule
+        from .decision import DecisionRule
 
         print(DecisionRule.from_dict(model.card.decision).describe())
         return 0

@@ -33,10 +33,10 @@ from .tissue import TissueParams
 from .windows import tissue_fractions, window_batches
 
 if TYPE_CHECKING:
+    from .decision import DecisionRule
     from .model.card import ModelCard
     from .model.classifier import Classifier
     from .model.inference import Predictor
-    from .review.decision import DecisionRule
 
 __all__ = ["ClassMap", "Progress", "WindowPlan", "classify", "iter_classify", "plan_windows"]
 
@@ -79,7 +79,7 @@ class ClassMap:
         ``(window rows, window cols)`` bool: windows sent to the model.
     quality
         ``(rows, cols)`` image-quality score of each cell (mean over its
-        windows: :mod:`napari_bcd.review.quality`; NaN on glass), or None.
+        windows: :mod:`napari_bcd.quality`; NaN on glass), or None.
     grid
         Geometry: cells and windows in level-0 pixels and µm.
     classes
@@ -218,7 +218,7 @@ def iter_classify(
         raise BcdError(f"batch_size must be at least 1, got {batch_size}.")
     if not 0 <= min_tissue <= 1:
         raise BcdError(f"min_tissue is a fraction between 0 and 1, got {min_tissue}.")
-    from .review.decision import DecisionRule
+    from .decision import DecisionRule
 
     rule = (decision if isinstance(decision, DecisionRule)
             else DecisionRule.from_dict(card.decision if decision is None else decision))
@@ -312,8 +312,8 @@ def _classify(
     score_quality: bool = True,
     stain_normalize: str = "none",
 ) -> Generator[Progress, None, ClassMap]:
-    from .review.decision import decide
-    from .review.quality import window_quality
+    from .decision import decide
+    from .quality import window_quality
 
     card = predictor.model.card
     yield Progress("tissue", 0, 0)

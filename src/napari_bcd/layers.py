@@ -23,7 +23,7 @@ def label_colors(classes: tuple[str, ...] | list[str] = CLASS_NAMES) -> dict[int
     return colors
 
 
-#: Uncertain cells (see :mod:`napari_bcd.review.decision`): grey.
+#: Uncertain cells (see :mod:`napari_bcd.decision`): grey.
 UNCERTAIN_RGBA = (0.62, 0.62, 0.62, 1.0)
 
 

@@ -123,7 +123,7 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     """
     g = class_map.grid
     cell_mm2 = g.cell_um[0] * g.cell_um[1] / 1e6
-    from .review.decision import DecisionRule
+    from .decision import DecisionRule
 
     labels = class_map.labels
     unsure = labels == class_map.uncertain_label

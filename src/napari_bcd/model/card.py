@@ -98,7 +98,7 @@ class ModelCard:
         if not isinstance(self.preprocessing, Preprocessing):
             problems.append(f"preprocessing must be an object or a name, got {self.preprocessing!r}")
         if self.decision:
-            from ..review.decision import DecisionRule
+            from ..decision import DecisionRule
 
             try:
                 rule = DecisionRule.from_dict(self.decision)
@@ -174,7 +174,7 @@ class ModelCard:
         if record.validation is False:
             lines.append("metrics   none: trained without validation data")
         if self.decision:
-            from ..review.decision import DecisionRule
+            from ..decision import DecisionRule
 
             lines.append(f"decision  {DecisionRule.from_dict(self.decision).describe()}")
         parent = record.parent

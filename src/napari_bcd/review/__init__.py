@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from .._lazy import lazy_names
 
+# Decision rules and the quality score live below the engine (napari_bcd.decision, napari_bcd.quality);
+# they are named here too, beside the review loop that sets them.
 _LAZY: dict[str, str] = {
-    "DecisionRule": "decision",
-    "MEASURES": "decision",
-    "apply_decision": "decision",
-    "uncertainty": "decision",
+    "DecisionRule": "..decision",
+    "MEASURES": "..decision",
+    "apply_decision": "..decision",
+    "uncertainty": "..decision",
     "UncertainRegion": "uncertain",
     "uncertain_regions": "uncertain",
     "RegionRow": "regions",
@@ -31,8 +33,8 @@ _LAZY: dict[str, str] = {
     "SaliencyMap": "saliency",
     "gradcam": "saliency",
     "iter_saliency": "saliency",
-    "quality_scores": "quality",
-    "window_quality": "quality",
+    "quality_scores": "..quality",
+    "window_quality": "..quality",
 }
 
 __all__ = sorted(_LAZY)

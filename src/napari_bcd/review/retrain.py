@@ -273,11 +273,11 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
              steps, lr, batch_size, views, data, device, min_tissue, seed, feature_batch):
     import torch
 
+    from ..decision import DecisionRule, decide
     from ..model.checkpoint import load_checkpoint, save_checkpoint
     from ..model.inference import choose_device
     from ..train.finetune import _fold_standardisation, dihedral
     from ..windows import resize_area, tissue_fractions, window_batches
-    from .decision import DecisionRule, decide
 
     t_start = time.perf_counter()
     rng = np.random.default_rng(seed)

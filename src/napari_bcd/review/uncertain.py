@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .decision import uncertainty
+from ..decision import uncertainty
 
 if TYPE_CHECKING:
     from ..engine import ClassMap

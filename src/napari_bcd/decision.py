@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..classes import class_styles
-from ..errors import BcdError
+from .classes import class_styles
+from .errors import BcdError
 
 if TYPE_CHECKING:
-    from ..engine import ClassMap
+    from .engine import ClassMap
 
 __all__ = ["MEASURES", "DecisionRule", "apply_decision", "decide", "uncertain_label", "uncertainty"]
 
