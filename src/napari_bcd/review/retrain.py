@@ -269,40 +269,38 @@ def iter_retrain(
                     float(min_tissue), int(seed), int(feature_batch))
 
 
-def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight, whole_slide, margin, n_anchor,
-             steps, lr, batch_size, views, data, device, min_tissue, seed, feature_batch):
-    import torch
+@dataclass
+class _Windows:
+    """The windows a retrain computes features for: the region's (re-predicted, anchors) and spread anchors."""
 
-    from ..decision import DecisionRule, decide
-    from ..model.checkpoint import load_checkpoint, save_checkpoint
-    from ..model.inference import choose_device
-    from ..train.finetune import _fold_standardisation, dihedral
-    from ..windows import resize_area, tissue_fractions, window_batches
+    wins: np.ndarray  # (n, 2) window rows/cols, row-major
+    region: np.ndarray  # (window rows, window cols) bool: re-predicted
+    box: tuple[int, int, int, int]  # the affected cells r0, r1, c0, c1
 
-    t_start = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    notes = list(corrections.notes)
+
+def _choose_windows(grid, corrections: Corrections, slide, class_map, margin: int, n_anchor: int,
+                    min_tissue: float, rng: np.random.Generator) -> _Windows:
+    from ..windows import tissue_fractions
+
     kh, kw = grid.cells_per_window
-    # ---- which windows: the region's (re-predicted and anchors), anchors spread over the slide
     if class_map is not None:
-        classified_win = class_map.window_done.copy()
+        classified = class_map.window_done.copy()
     else:
         win_frac, _, _ = tissue_fractions(slide, grid, None, grid.mpp)
-        classified_win = win_frac >= max(min_tissue, 1e-6)
+        classified = win_frac >= max(min_tissue, 1e-6)
     r0, r1, c0, c1 = _affected(grid, corrections, margin)
-    region_win = np.zeros_like(classified_win)
-    region_win[max(r0 - kh + 1, 0) : r1, max(c0 - kw + 1, 0) : c1] = True
-    region_win &= classified_win
-    others = np.argwhere(classified_win & ~region_win)
+    region = np.zeros_like(classified)
+    region[max(r0 - kh + 1, 0) : r1, max(c0 - kw + 1, 0) : c1] = True
+    region &= classified
+    others = np.argwhere(classified & ~region)
     spread = others[rng.choice(len(others), size=min(n_anchor, len(others)), replace=False)] if len(others) else others
-    region_list = np.argwhere(region_win)
-    wins = np.concatenate([region_list, spread]) if len(spread) else region_list
+    wins = np.concatenate([np.argwhere(region), spread]) if len(spread) else np.argwhere(region)
     order = np.lexsort((wins[:, 1], wins[:, 0])) if len(wins) else np.arange(0)
-    wins = wins[order]
-    # ---- the original training images
-    dataset = None
-    val_idx: list[int] = []
-    train_idx: list[int] = []
+    return _Windows(wins[order], region, (r0, r1, c0, c1))
+
+
+def _original_images(card, data, notes: list[str]):
+    """The parent's training images (where its card says, or ``data``), split as it was: ``(dataset, train, val)``."""
     root = None
     if data == "card":
         root = card.record.data_root
@@ -311,28 +309,49 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
             root = None
     elif data is not None:
         root = str(data)
-    if root:
-        from ..train.iciar import read_iciar
+    if not root:
+        return None, [], []
+    from ..train.iciar import read_iciar
 
-        try:
-            dataset = read_iciar(root)
-        except BcdError as err:
-            notes.append(f"the training images at {root} cannot be read ({err}): retrained without them")
-            dataset = None
-    if dataset is not None:
-        val_names = set(card.record.val_files)
-        val_idx = [i for i, p in enumerate(dataset.paths) if p.name in val_names]
-        train_idx = [i for i in range(len(dataset)) if i not in set(val_idx)]
-        if tuple(dataset.classes) != tuple(card.classes):
-            notes.append("the training images' classes differ from the model's: retrained without them")
-            dataset, val_idx, train_idx = None, [], []
-    yield RetrainPlan(len(corrections), corrections.counts(), int(region_win.sum()), len(wins),
-                      len(train_idx) + len(val_idx), steps, out_path, tuple(notes))
+    try:
+        dataset = read_iciar(root)
+    except BcdError as err:
+        notes.append(f"the training images at {root} cannot be read ({err}): retrained without them")
+        return None, [], []
+    if tuple(dataset.classes) != tuple(card.classes):
+        notes.append("the training images' classes differ from the model's: retrained without them")
+        return None, [], []
+    val_names = set(card.record.val_files)
+    val_idx = [i for i, p in enumerate(dataset.paths) if p.name in val_names]
+    train_idx = [i for i in range(len(dataset)) if i not in set(val_idx)]
+    return dataset, train_idx, val_idx
 
-    dev = choose_device(device)
-    model = load_checkpoint(parent)
-    model.to(dev).eval()
-    total_feat = len(corrections) * views + len(wins) + (len(train_idx) + len(val_idx))
+
+@dataclass
+class _Features:
+    corrected: Any  # n x views x C x h x w
+    windows: Any  # len(wins) x C x h x w (identity view)
+    original: Any = None  # images x T x C x h x w, or None
+    labels: Any = None
+    views: int = 1
+    train_rows: np.ndarray | None = None
+    val_rows: np.ndarray | None = None
+
+
+def _compute_features(model, dev, slide, grid, corrections: Corrections, wins: np.ndarray, views: int, dataset,
+                      train_idx: list[int], val_idx: list[int], feature_batch: int):
+    """Backbone features, once: corrected windows in ``views`` flips, the windows, the original images (cached).
+
+    Yields :class:`RetrainProgress`; returns :class:`_Features`, or None when stopped.
+    """
+    import torch
+
+    from ..train.finetune import dihedral
+    from ..windows import resize_area, window_batches
+
+    card = model.card
+    size = tuple(card.input_px)
+    total = len(corrections) * views + len(wins) + len(train_idx) + len(val_idx)
     done = 0
 
     def backbone(batch: np.ndarray) -> torch.Tensor:
@@ -340,97 +359,112 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
             x = model.normalise(torch.from_numpy(np.ascontiguousarray(batch)).to(dev))
             return model.backbone(x).float().cpu()
 
-    # ---- corrected windows, in `views` flips/rotations
-    yield RetrainProgress("features", 0, total_feat)
+    yield RetrainProgress("features", 0, total)
     corr_feats = []
-    size = tuple(card.input_px)
-    for k in range(0, len(corrections), max(1, feature_batch // views)):
-        chunk = corrections.cells[k : k + max(1, feature_batch // views)]
+    per = max(1, feature_batch // views)
+    dy, dx = grid.level_downsample
+    for k in range(0, len(corrections), per):
+        chunk = corrections.cells[k : k + per]
         imgs = []
         for c in chunk:
             y, x, h, w = c.box_px
-            dy, dx = grid.level_downsample
             px = slide.read_region(grid.level, int(round(y / dy)), int(round(x / dx)),
                                    max(1, int(round(h / dy))), max(1, int(round(w / dx))))
-            img = resize_area(px, size)
-            imgs.extend(dihedral(img, t) for t in range(views))
+            imgs.extend(dihedral(resize_area(px, size), t) for t in range(views))
         corr_feats.append(backbone(np.stack(imgs)).view(len(chunk), views, *backbone_shape(model, size)))
         done += len(chunk) * views
-        if (yield RetrainProgress("features", done, total_feat)) == STOP:
-            return None  # stopped before training: nothing is saved
-    corr_f = torch.cat(corr_feats)  # n x views x C x h x w
-    # ---- region and anchor windows (identity view), each tile decoded once
+        if (yield RetrainProgress("features", done, total)) == STOP:
+            return None
     win_f = torch.zeros((len(wins), *backbone_shape(model, size)))
     pos = {(int(r), int(c)): i for i, (r, c) in enumerate(wins)}
-    for batch_rc, pixels in window_batches(slide, grid, wins, feature_batch):
-        imgs = np.stack([resize_area(p, size) for p in pixels])
-        f = backbone(imgs)
+    for batch_rc, pixels in window_batches(slide, grid, wins, feature_batch):  # each tile decoded once
+        f = backbone(np.stack([resize_area(p, size) for p in pixels]))
         for (r, c), fi in zip(batch_rc, f, strict=True):
             win_f[pos[(int(r), int(c))]] = fi
         done += len(batch_rc)
-        if (yield RetrainProgress("features", done, total_feat)) == STOP:
-            return None  # stopped before training: nothing is saved
-    # ---- original images (the feature cache makes this free when the model was trained here)
-    orig_f = orig_y = None
-    T = 1
-    if dataset is not None:
-        from ..train.finetune import FeatureProgress, _features
+        if (yield RetrainProgress("features", done, total)) == STOP:
+            return None
+    out = _Features(torch.cat(corr_feats), win_f)
+    if dataset is None:
+        return out
+    from ..train.finetune import FeatureProgress, _features
 
-        T = views if card.record.augmented else 1
-        needed = sorted(set(train_idx) | set(val_idx))
-        gen = _features(model, dataset, needed, T, lambda i: resize_area(dataset.load(i), size), dev, feature_batch,
-                        True)
-        try:
-            item = next(gen)
-            while True:
-                if isinstance(item, FeatureProgress):
-                    yield RetrainProgress("features", done + item.done, total_feat)
-                item = gen.send(None)
-        except StopIteration as stop:
-            bank = stop.value
-        done += len(needed)
-        row = {i: k for k, i in enumerate(needed)}
-        orig_f = bank.float()
-        orig_y = torch.as_tensor(dataset.labels)
-        train_rows = np.asarray([row[i] for i in train_idx], np.int64)
-        val_rows = np.asarray([row[i] for i in val_idx], np.int64)
-    n_cls = len(card.classes)
+    out.views = views if card.record.augmented else 1
+    needed = sorted(set(train_idx) | set(val_idx))
+    gen = _features(model, dataset, needed, out.views, lambda i: resize_area(dataset.load(i), size), dev,
+                    feature_batch, True)
+    try:
+        item = next(gen)
+        while True:
+            if isinstance(item, FeatureProgress):
+                yield RetrainProgress("features", done + item.done, total)
+            item = gen.send(None)
+    except StopIteration as stop:
+        bank = stop.value
+    row = {i: k for k, i in enumerate(needed)}
+    out.original = bank.float()
+    out.labels = torch.as_tensor(dataset.labels)
+    out.train_rows = np.asarray([row[i] for i in train_idx], np.int64)
+    out.val_rows = np.asarray([row[i] for i in val_idx], np.int64)
+    return out
 
-    # ---- targets
-    head = model.head
-    parent_head = copy.deepcopy(head).eval()
+
+@dataclass
+class _Pools:
+    """Training samples: features, target distributions, sampling weights; what the windows say before."""
+
+    features: Any
+    targets: Any
+    weights: Any
+    share: np.ndarray  # per window: share of its cells corrected
+    parent_probs: Any  # per window: the parent's probabilities
+    new_idx: Any  # per correction: the new class index
+
+
+def _pools(head, feats: _Features, corrections: Corrections, wins: np.ndarray, grid, n_cls: int, classes,
+           weight: float, views: int, train_idx: list[int], dev) -> _Pools:
+    """Corrections (one-hot), the windows (mixed targets over corrected cells, the parent's elsewhere), originals."""
+    import torch
+
+    kh, kw = grid.cells_per_window
     with torch.inference_mode():
-        parent_win_p = torch.softmax(_head_batches(parent_head, win_f, dev), 1)
-    new_idx = torch.as_tensor([card.classes.index(c.new) for c in corrections.cells])
+        parent_p = torch.softmax(_head_batches(head, feats.windows, dev), 1).cpu()
+    new_idx = torch.as_tensor([classes.index(c.new) for c in corrections.cells])
     # The grid windows over corrected cells decide what the map shows there: each is pulled towards the
     # corrected classes in proportion to the share of its cells corrected, towards the parent elsewhere.
-    new_of = {(c.row, c.col): card.classes.index(c.new) for c in corrections.cells}
+    new_of = {(c.row, c.col): classes.index(c.new) for c in corrections.cells}
     mix = torch.zeros((len(wins), n_cls))
-    share = np.zeros(len(wins))
     for i, (r, c) in enumerate(wins):
         for rr in range(int(r), int(r) + kh):
             for cc in range(int(c), int(c) + kw):
                 if (rr, cc) in new_of:
                     mix[i, new_of[(rr, cc)]] += 1.0 / (kh * kw)
-        share[i] = float(mix[i].sum())
-    win_target = mix + (1.0 - torch.as_tensor(share, dtype=torch.float32)).view(-1, 1) * parent_win_p.cpu()
-    anchor_mask = share == 0
-    corr_cells = [(c.row, c.col) for c in corrections.cells]
-    corrected_before = _cells_agree(wins, parent_win_p.cpu().numpy(), corr_cells, new_idx.numpy(), kh, kw)
-    # pools: (features, target distribution, sampling weight)
-    feats = [corr_f.flatten(0, 1), win_f]
+    share = mix.sum(1).numpy().astype(np.float64)
+    win_target = mix + (1.0 - torch.as_tensor(share, dtype=torch.float32)).view(-1, 1) * parent_p
+    features = [feats.corrected.flatten(0, 1), feats.windows]
     targets = [torch.nn.functional.one_hot(new_idx.repeat_interleave(views), n_cls).float(), win_target]
     weights = [torch.full((len(corrections) * views,), weight / views),
-               torch.as_tensor(np.where(anchor_mask, 1.0, weight * share), dtype=torch.float32)]
-    if orig_f is not None and len(train_rows):
-        f = orig_f[torch.from_numpy(train_rows)].flatten(0, 1)
-        feats.append(f)
-        targets.append(torch.nn.functional.one_hot(orig_y[train_idx].repeat_interleave(T), n_cls).float())
-        weights.append(torch.full((len(f),), 1.0 / T))
-    F = torch.cat(feats)
-    Y = torch.cat(targets)
-    Wt = torch.cat(weights).double()
-    # ---- standardise (fold the inverse into conv1 so training starts from the parent exactly)
+               torch.as_tensor(np.where(share == 0, 1.0, weight * share), dtype=torch.float32)]
+    if feats.original is not None and len(feats.train_rows):
+        f = feats.original[torch.from_numpy(feats.train_rows)].flatten(0, 1)
+        features.append(f)
+        targets.append(torch.nn.functional.one_hot(feats.labels[train_idx].repeat_interleave(feats.views),
+                                                   n_cls).float())
+        weights.append(torch.full((len(f),), 1.0 / feats.views))
+    return _Pools(torch.cat(features), torch.cat(targets), torch.cat(weights).double(), share, parent_p, new_idx)
+
+
+def _train_head(head, pools: _Pools, feats: _Features, wins: np.ndarray, corrections: Corrections, grid, steps: int,
+                lr: float, batch_size: int, dev, rng: np.random.Generator):
+    """Adam on standardised features from the parent's head; yields progress; returns ``(stopped, steps run, norm)``.
+
+    The standardisation is folded into ``head.conv1`` before training (so it
+    starts exactly from the parent) and must be folded back by the caller.
+    """
+    import torch
+
+    kh, kw = grid.cells_per_window
+    F = pools.features
     mean = F.mean(dim=(0, 2, 3))
     std = F.transpose(0, 1).reshape(F.shape[1], -1).std(1)
     std = torch.sqrt(std**2 + (1e-2 * float(std.mean())) ** 2 + 1e-12)
@@ -440,54 +474,96 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
         head.conv1.bias.copy_((b1 + (w1[:, :, 0, 0] * mean).sum(1)).to(head.conv1.bias))
         head.conv1.weight.copy_((w1 * std.view(1, -1, 1, 1)).to(head.conv1.weight))
     mean_d, std_d = mean.to(dev).view(1, -1, 1, 1), std.to(dev).view(1, -1, 1, 1)
-    Fz = F.to(dev)
-    Y = Y.to(dev)
-    for p in model.backbone.parameters():
-        p.requires_grad_(False)
+    Fz, Y = F.to(dev), pools.targets.to(dev)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
-    probs_w = (Wt / Wt.sum()).numpy()
-    stopped = "completed"
-    corr_windows = torch.from_numpy(share > 0)
-    win_z = win_f[corr_windows].to(dev)
-    step = 0
+    probs_w = (pools.weights / pools.weights.sum()).numpy()
+    over = torch.from_numpy(pools.share > 0)
+    win_z = feats.windows[over].to(dev)
+    cells = [(c.row, c.col) for c in corrections.cells]
+    stopped, step = "completed", 0
     for step in range(1, steps + 1):
-        idx = torch.from_numpy(rng.choice(len(Fz), size=min(batch_size, len(Fz)), replace=True, p=probs_w))
-        logits = head((Fz[idx.to(dev)] - mean_d) / std_d)
-        loss = -(Y[idx.to(dev)] * torch.log_softmax(logits, 1)).sum(1).mean()
+        idx = torch.from_numpy(rng.choice(len(Fz), size=min(batch_size, len(Fz)), replace=True, p=probs_w)).to(dev)
+        loss = -(Y[idx] * torch.log_softmax(head((Fz[idx] - mean_d) / std_d), 1)).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 10 == 0 or step == steps:
             with torch.inference_mode():
-                p_now = parent_win_p.cpu().numpy().copy()
-                p_now[corr_windows.numpy()] = torch.softmax(head((win_z - mean_d) / std_d), 1).cpu().numpy()
-                agree = _cells_agree(wins, p_now, corr_cells, new_idx.numpy(), kh, kw)
+                p_now = pools.parent_probs.numpy().copy()
+                p_now[over.numpy()] = torch.softmax(head((win_z - mean_d) / std_d), 1).cpu().numpy()
+                agree = _cells_agree(wins, p_now, cells, pools.new_idx.numpy(), kh, kw)
             if (yield RetrainProgress("training", step, steps, float(loss.detach()), agree)) == STOP:
                 stopped = "stopped by the user"
                 break
     head.eval()
+    return stopped, step, (mean, std)
+
+
+def _validation(parent_head, head, feats: _Features, val_idx: list[int], classes, dev):
+    """Accuracy and macro F1 on the parent's validation images, before and after (None without them)."""
+    if feats.original is None or not len(feats.val_rows):
+        return None, None
+    import torch
+
+    from ..train.evaluate import report_from_predictions
+
+    vf = feats.original[torch.from_numpy(feats.val_rows), 0]
+    y_true = feats.labels[val_idx].tolist()
+    out = []
+    for h in (parent_head, head):
+        with torch.inference_mode():
+            pred = _head_batches(h, vf, dev).argmax(1).tolist()
+        r = report_from_predictions(y_true, pred, classes)
+        out.append({"accuracy": r.accuracy, "macro_f1": r.macro["f1"], "images": len(y_true)})
+    return out[0], out[1]
+
+
+def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight, whole_slide, margin, n_anchor,
+             steps, lr, batch_size, views, data, device, min_tissue, seed, feature_batch):
+    import torch
+
+    from ..decision import DecisionRule, decide
+    from ..model.checkpoint import load_checkpoint, save_checkpoint
+    from ..model.inference import choose_device
+    from ..train.finetune import _fold_standardisation
+
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    notes = list(corrections.notes)
+    kh, kw = grid.cells_per_window
+    chosen = _choose_windows(grid, corrections, slide, class_map, margin, n_anchor, min_tissue, rng)
+    wins = chosen.wins
+    dataset, train_idx, val_idx = _original_images(card, data, notes)
+    yield RetrainPlan(len(corrections), corrections.counts(), int(chosen.region.sum()), len(wins),
+                      len(train_idx) + len(val_idx), steps, out_path, tuple(notes))
+
+    dev = choose_device(device)
+    model = load_checkpoint(parent)
+    model.to(dev).eval()
+    feats = yield from _compute_features(model, dev, slide, grid, corrections, wins, views, dataset, train_idx,
+                                         val_idx, feature_batch)
+    if feats is None:
+        return None  # stopped before training: nothing is saved
+    head = model.head
+    parent_head = copy.deepcopy(head).eval()
+    pools = _pools(parent_head, feats, corrections, wins, grid, len(card.classes), card.classes, weight, views,
+                   train_idx, dev)
+    cells = [(c.row, c.col) for c in corrections.cells]
+    corrected_before = _cells_agree(wins, pools.parent_probs.numpy(), cells, pools.new_idx.numpy(), kh, kw)
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    stopped, step, norm = yield from _train_head(head, pools, feats, wins, corrections, grid, steps, lr, batch_size,
+                                                 dev, rng)
     # fold the standardisation back: a plain Table II head on raw features
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("head.")}
-    state = _fold_standardisation(state, (mean, std))
-    model.load_state_dict({**model.state_dict(), **state})
+    model.load_state_dict({**model.state_dict(), **_fold_standardisation(state, norm)})
     with torch.inference_mode():
-        new_win_p = torch.softmax(_head_batches(head, win_f, dev), 1).cpu()
-    corrected_after = _cells_agree(wins, new_win_p.numpy(), corr_cells, new_idx.numpy(), kh, kw)
-    kept = (new_win_p.argmax(1) == parent_win_p.cpu().argmax(1)).numpy()
+        new_win_p = torch.softmax(_head_batches(head, feats.windows, dev), 1).cpu()
+    corrected_after = _cells_agree(wins, new_win_p.numpy(), cells, pools.new_idx.numpy(), kh, kw)
+    anchor_mask = pools.share == 0
+    kept = (new_win_p.argmax(1) == pools.parent_probs.argmax(1)).numpy()
     anchors_kept = float(kept[anchor_mask].mean()) if anchor_mask.any() else math.nan
-    val_before = val_after = None
-    if orig_f is not None and len(val_rows):
-        from ..train.evaluate import report_from_predictions
-
-        vf = orig_f[torch.from_numpy(val_rows), 0]
-        y_true = orig_y[val_idx].tolist()
-        with torch.inference_mode():
-            pb = _head_batches(parent_head, vf, dev).argmax(1).tolist()
-            pa = _head_batches(head, vf, dev).argmax(1).tolist()
-        rb = report_from_predictions(y_true, pb, card.classes)
-        ra = report_from_predictions(y_true, pa, card.classes)
-        val_before = {"accuracy": rb.accuracy, "macro_f1": rb.macro["f1"], "images": len(y_true)}
-        val_after = {"accuracy": ra.accuracy, "macro_f1": ra.macro["f1"], "images": len(y_true)}
+    val_before, val_after = _validation(parent_head, head, feats, val_idx, card.classes, dev)
     # ---- the new checkpoint: never over an existing file
     record = {
         "parent": {"path": str(parent), "name": card.name, "weights_sha256": card.weights_sha256},
@@ -495,7 +571,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
         "created": corrections.created,
         "corrections": [c.to_dict() for c in corrections.cells],
         "erased_cells": corrections.erased,
-        "weight": weight, "steps": steps, "steps_run": step if steps else 0, "lr": lr, "views": views,
+        "weight": weight, "steps": steps, "steps_run": step, "lr": lr, "views": views,
         "batch_size": batch_size, "anchors": int(anchor_mask.sum()), "original_images": len(train_idx) + len(val_idx),
         "corrected_before": corrected_before, "corrected_after": corrected_after, "anchors_kept": anchors_kept,
         "validation_before": val_before, "validation_after": val_after, "stopped": stopped,
@@ -509,7 +585,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     model.cpu()
     saved = save_checkpoint(model, new_card, out_path, overwrite=False)
     model.to(dev)
-    # ---- re-predict
+    # ---- re-predict: the region from the features already computed, or the whole slide
     new_map = None
     changed = 0
     rule = DecisionRule.from_dict({k: v for k, v in ((class_map.info or {}).get("decision") or {}).items()
@@ -528,7 +604,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
         except StopIteration as stop:
             new_map = stop.value
     elif class_map is not None:
-        new_map = _repredict_region(class_map, grid, wins, region_win, new_win_p.numpy(), (r0, r1, c0, c1), rule,
+        new_map = _repredict_region(class_map, grid, wins, chosen.region, new_win_p.numpy(), chosen.box, rule,
                                     saved, decide)
     if new_map is not None:
         new_map.model_name = new_card.name
