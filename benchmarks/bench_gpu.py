@@ -17,6 +17,8 @@ run, it prints a table and JSON:
   the number of threads; and the ResNet152V2 end to end against model-alone on a small
   crop (fp32).
 
+Both paths also run once with the window quality score (`quality=True`, as the Classify dock does) to
+show its cost.
 Random weights everywhere: speed does not depend on them.
 """
 
@@ -109,7 +111,7 @@ def model_alone(predictor, hw: tuple[int, int], batch: int, seconds: float = 6.0
 
 
 def end_to_end(slide_path: Path, predictor, batch: int, max_windows: int | None, workers: int | None = None,
-               crop: int | None = None) -> dict:
+               crop: int | None = None, quality: bool = False) -> dict:
     from napari_bcd.engine import classify
     from napari_bcd.io import Slide, open_slide
 
@@ -117,7 +119,7 @@ def end_to_end(slide_path: Path, predictor, batch: int, max_windows: int | None,
         if crop:
             slide = Slide.from_array(slide.read_region(0, 0, 0, crop, crop), mpp=slide.mpp, name="crop")
         t0 = time.perf_counter()
-        cmap = classify(slide, predictor, batch_size=batch, workers=workers, min_tissue=0.25)
+        cmap = classify(slide, predictor, batch_size=batch, workers=workers, min_tissue=0.25, quality=quality)
         wall = time.perf_counter() - t0
     info = cmap.info
     return {"windows": cmap.n_windows, "windows_per_s": info["windows_per_s"], "wall_s": round(wall, 2),
@@ -155,6 +157,8 @@ def main() -> None:
             figures["end_to_end_eager"] = end_to_end(slide, eager, batch, None)
             figures["ratio_eager"] = round(figures["end_to_end_eager"]["windows_per_s"] / figures["model_alone_eager"],
                                            3)
+            # the window quality score (pen, blur, folds) runs in the reading threads: its cost, measured
+            figures["end_to_end_eager_with_quality"] = end_to_end(slide, eager, batch, None, quality=True)
             if not args.skip_compile:
                 comp = Predictor(paper, device="cuda", compile=True)
                 t1 = time.perf_counter()
@@ -182,6 +186,8 @@ def main() -> None:
                 pred = Predictor(tiny, device="cpu")
                 figures[name] = end_to_end(slide, pred, 64, None) if px == 64 else end_to_end(small, pred, 64, None)
                 figures[name]["model_alone"] = round(model_alone(pred, (px, px), 64, 3.0), 1)
+                if px == 64:  # the window quality score's cost, in the same run
+                    figures["tiny_64px_with_quality"] = end_to_end(slide, pred, 64, None, quality=True)
             one = figures["raw_decode_tiles_per_s"][1]
             figures["proxy_windows_per_raw_tile_64px"] = round(figures["tiny_64px"]["windows_per_s"] / one, 2)
             figures["proxy_windows_per_raw_tile_256px"] = round(figures["tiny_256px_level0"]["windows_per_s"] / one, 2)

@@ -160,7 +160,9 @@ def test_engine_scores_quality_and_min_quality_marks_bad_cells(tiny_model):
     from napari_bcd import classify, open_slide
 
     with open_slide(SAMPLE_SLIDE) as slide:
-        cm = classify(slide, tiny_model)
+        cm = classify(slide, tiny_model, quality=True)
+        assert classify(slide, tiny_model).quality is None  # only when asked, or when the rule uses it
+        assert classify(slide, tiny_model, decision={"min_quality": 0.5}).quality is not None
     q = cm.quality
     assert q is not None and q.shape == cm.labels.shape
     assert np.isfinite(q[cm.labels > 0]).mean() > 0.9

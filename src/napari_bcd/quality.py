@@ -13,10 +13,11 @@ the pixels the engine already holds (no extra reading):
     has a few such pixels: JPEG fringes, the darkest nuclei), 15 % or more 0.
 ``blur``
     Sharpness = mean |Laplacian| / standard deviation of the grey level, over
-    tissue pixels of the window's centre (96 x 96 px at about 1 µm/px).  It
-    does not depend on contrast.  Real in-focus H&E measures 0.83-2.4 (the
-    CMU slide 0.88-1.77); a Gaussian blur of 1.5 µm brings it to 0.15-0.25.
-    0.3 or less scores 0, 0.6 or more 1.
+    tissue pixels of the window's centre (64 x 64 px at about 1 µm/px, every f-th pixel).  It
+    does not depend on contrast.  Real in-focus H&E measures 0.92-3.5 (the
+    CMU slide 1.0-2.0); a Gaussian blur of 1.5 µm brings it to 0.13-0.4.
+    0.3 or less scores 0, 0.6 or more 1.  About 0.5 ms per window on one CPU
+    core, in the engine's reading threads.
 ``fold``
     Share of pixels with H&E hue (260-345°) that are both very saturated
     (>= 0.7) and dark (value <= 0.5), as two layers of tissue are.  Up to
@@ -34,8 +35,8 @@ import numpy as np
 
 __all__ = ["quality_scores", "window_quality"]
 
-_COLOUR_PX = 64  # side of the strided sample the colour shares are taken on
-_BLUR_PX = 96  # side of the centre crop the sharpness is measured on
+_COLOUR_PX = 32  # side of the strided sample the colour shares are taken on
+_BLUR_PX = 64  # side of the centre crop the sharpness is measured on
 _BLUR_MPP = 1.0  # µm/px the sharpness is measured at
 
 
@@ -70,26 +71,24 @@ def quality_scores(batch: np.ndarray, level_mpp: float = 1.0) -> dict[str, np.nd
     ink = ((s >= 0.25) & (h >= 60) & (h <= 200)) | ((s >= 0.75) & ((h >= 345) | (h <= 15))) | (v <= 0.15)
     pen_share = ink.mean(axis=(1, 2))
     fold_share = ((s >= 0.7) & (v <= 0.5) & (h >= 260) & (h <= 345)).mean(axis=(1, 2))
-    # Sharpness on the centre, block-averaged to about 1 µm/px.
+    # Sharpness on the centre at about 1 µm/px: every f-th pixel (striding keeps what is sharp sharp and what
+    # is blurred smooth, at a fraction of the cost of averaging), vectorised over the batch.
     f = max(1, int(round(_BLUR_MPP / max(level_mpp, 1e-6))))
-    side = min(_BLUR_PX * f, H, W)
-    side -= side % f
-    y0, x0 = (H - side) // 2, (W - side) // 2
-    crop = x[:, y0 : y0 + side, x0 : x0 + side].astype(np.float32)
-    m = side // f
-    crop = crop.reshape(n, m, f, m, f, 3).mean(axis=(2, 4))
+    side = min(_BLUR_PX, H // f, W // f)
+    y0, x0 = (H - side * f) // 2, (W - side * f) // 2
+    crop = x[:, y0 : y0 + side * f : f, x0 : x0 + side * f : f].astype(np.float32)
     grey = crop @ np.asarray([0.299, 0.587, 0.114], np.float32) / 255.0
-    _, cs, cv = _hsv(np.clip(crop, 0, 255))
-    ct = _tissue(cs, cv)[:, 1:-1, 1:-1]
+    mx, mn = crop.max(-1), crop.min(-1)
+    ct = (((mx - mn) / np.maximum(mx, 1e-6) > 0.1) & (mx < 0.92 * 255))[:, 1:-1, 1:-1]
     lap = np.abs(grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
                  - 4 * grey[:, 1:-1, 1:-1])
-    blur = np.ones(n, np.float32)
-    for i in range(n):
-        t = ct[i]
-        if t.sum() >= 0.1 * t.size:
-            g = grey[i, 1:-1, 1:-1][t]
-            sharp = float(lap[i][t].mean() / max(g.std(), 1e-3))
-            blur[i] = np.clip((sharp - 0.3) / (0.6 - 0.3), 0.0, 1.0)
+    g = grey[:, 1:-1, 1:-1]
+    count = ct.sum(axis=(1, 2))
+    safe = np.maximum(count, 1)
+    g_mean = (g * ct).sum(axis=(1, 2)) / safe
+    g_std = np.sqrt(np.maximum((g * g * ct).sum(axis=(1, 2)) / safe - g_mean**2, 0.0))
+    sharp = (lap * ct).sum(axis=(1, 2)) / safe / np.maximum(g_std, 1e-3)
+    blur = np.where(count >= 0.1 * ct[0].size, np.clip((sharp - 0.3) / (0.6 - 0.3), 0.0, 1.0), 1.0)
     pen = np.clip(1.0 - (pen_share - 0.03) / 0.12, 0.0, 1.0)
     fold = np.clip(1.0 - (fold_share - 0.2) / 0.3, 0.0, 1.0)
     quality = np.minimum(np.minimum(pen, blur), fold)

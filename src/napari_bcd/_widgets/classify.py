@@ -332,6 +332,7 @@ class ClassifyWidget(Container):
             device=self._device_combo.value, tissue=TissueParams(threshold=self._tissue_spin.value),
             compile=self._compile_check.value,
             stain_normalize=STAIN[self._stain_combo.value],
+            quality=True,  # the Review dock can then grey out pen, blur and folds
         )
         class_map.info["model_path"] = str(checkpoint) if checkpoint else ""  # the Review dock retrains it
         return class_map

@@ -380,7 +380,11 @@ class ReviewWidget(Container):
         if cm is None:
             return
         try:
-            new = apply_decision(cm, self.rule())
+            rule = self.rule()
+            if rule.min_quality > 0 and cm.quality is None:
+                raise BcdError("This map has no image-quality scores; classify the slide again in the Classify dock "
+                               "to use 'min image quality'.")
+            new = apply_decision(cm, rule)
         except BcdError as err:
             notify_error(err)
             return
