@@ -63,7 +63,7 @@ def quality_scores(batch: np.ndarray, level_mpp: float = 1.0) -> dict[str, np.nd
     x = np.asarray(batch)
     if x.ndim == 3:
         x = x[None]
-    n, H, W = x.shape[:3]
+    H, W = x.shape[1:3]
     # Colour shares on a strided sample of the whole window.
     sy, sx = max(1, H // _COLOUR_PX), max(1, W // _COLOUR_PX)
     h, s, v = _hsv(x[:, ::sy, ::sx])
