@@ -446,18 +446,15 @@ def _stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, no
     With ``normalize == "macenko"`` the predictor gets the OD map to the card's stain.
     """
     from .stain import macenko_transform, reference_stats, stain_distance, stain_stats
-    from .windows import resize_area
-
-    def sample(r: int, c: int) -> np.ndarray:  # not through the tile cache: the pass decodes each tile once
-        y, x, h, w = grid.read_box(r, c)
-        return resize_area(slide.read_region(grid.level, y, x, h, w, cache=False), tuple(card.input_px))
+    from .windows import read_window
 
     predictor.set_stain_map(None)
     if len(todo) == 0:
         return {"normalized": "none", "note": "no tissue window"}
     pick = todo[np.linspace(0, len(todo) - 1, min(16, len(todo))).round().astype(int)]
     try:
-        images = [sample(int(r), int(c)) for r, c in pick]
+        # not through the tile cache: the pass that follows still decodes each tile once
+        images = [read_window(slide, grid, int(r), int(c), tuple(card.input_px), cache=False) for r, c in pick]
         stats = stain_stats(images)
     except BcdError as err:
         return {"normalized": "none", "note": str(err)}

@@ -31,10 +31,14 @@ def resize_area(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(region).resize((size[1], size[0]), Image.Resampling.BOX))
 
 
-def read_window(slide: Slide, grid: Grid, row: int, col: int, size: tuple[int, int]) -> np.ndarray:
-    """Window ``(row, col)`` of ``grid``, read from the grid's level and resized to ``size``."""
+def read_window(slide: Slide, grid: Grid, row: int, col: int, size: tuple[int, int], *,
+                cache: bool = True) -> np.ndarray:
+    """Window ``(row, col)`` of ``grid``, read from the grid's level and resized to ``size``.
+
+    ``cache=False`` reads around the tile cache (a sample that must not spare the engine's pass its decodes).
+    """
     y, x, h, w = grid.read_box(row, col)
-    return resize_area(slide.read_region(grid.level, y, x, h, w), size)
+    return resize_area(slide.read_region(grid.level, y, x, h, w, cache=cache), size)
 
 
 def tissue_fractions(slide: Slide, grid: Grid, tissue: TissueParams | None,

@@ -311,14 +311,16 @@ def build_backbone(
     return net, desc
 
 
-def _feature_shape(backbone: nn.Module, input_px: tuple[int, int]) -> tuple[int, int, int]:
+def feature_shape(backbone: nn.Module, input_px: tuple[int, int]) -> tuple[int, int, int]:
+    """``(channels, h, w)`` of the backbone's feature map for an input of ``input_px``."""
     if isinstance(backbone, ResNet152V2):
         return backbone.num_features, -(-input_px[0] // 32), -(-input_px[1] // 32)
     # Any other network: one small dry run tells the map's shape exactly.
     was_training = backbone.training
     backbone.eval()
     with torch.no_grad():
-        y = backbone(torch.zeros(1, 3, *input_px))
+        device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+        y = backbone(torch.zeros(1, 3, *input_px, device=device))
     backbone.train(was_training)
     return int(y.shape[1]), int(y.shape[2]), int(y.shape[3])
 
@@ -383,7 +385,7 @@ def build_classifier(
     if field_um is not None:
         changes["field_um"] = tuple(field_um)
     card = card.replace(**changes, **card_fields)
-    channels, fh, fw = _feature_shape(net, card.input_px)
+    channels, fh, fw = feature_shape(net, card.input_px)
     head = Table2Head(channels, (fh, fw), num_classes=len(card.classes))
     card = card.replace(
         head={"type": "table2", "activation": "relu", "in_channels": channels, "feature_hw": [fh, fw]}

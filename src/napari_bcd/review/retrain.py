@@ -617,17 +617,14 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
 
 
 def backbone_shape(model: Classifier, size: tuple[int, int]) -> tuple[int, int, int]:
-    """``(C, h, w)`` of the backbone's output for an input of ``size``."""
-    shape = getattr(model, "_bcd_feature_shape", None)
-    if shape is None or shape[0] != tuple(size):
-        import torch
+    """``(C, h, w)`` of the backbone's output for an input of ``size`` (measured once per model)."""
+    from ..model.classifier import feature_shape
 
-        dev = next(model.parameters()).device
-        with torch.inference_mode():
-            out = model.backbone(torch.zeros((1, 3, *size), device=dev))
-        shape = (tuple(size), tuple(int(v) for v in out.shape[1:]))
-        model._bcd_feature_shape = shape
-    return shape[1]
+    cached = getattr(model, "_bcd_feature_shape", None)
+    if cached is None or cached[0] != tuple(size):
+        cached = (tuple(size), feature_shape(model.backbone, tuple(size)))
+        model._bcd_feature_shape = cached
+    return cached[1]
 
 
 def _cells_agree(wins, win_probs, cells, new_idx, kh: int, kw: int) -> float:
