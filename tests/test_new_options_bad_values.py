@@ -1,0 +1,76 @@
+"""Bad values of the options this version added end in a message, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SAMPLE_SLIDE
+
+from napari_bcd.cli import main
+
+
+def _fails(args: list[str], capsys, *, code: int = 2) -> str:
+    """Run the CLI; it must exit with ``code`` and say why (argparse usage errors exit 2 too)."""
+    try:
+        rc = main(args)
+    except SystemExit as stop:
+        rc = stop.code
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert "Traceback" not in err and err.strip()
+    return err
+
+
+@pytest.mark.parametrize("value", ["Invasive", "Invasive=0", "Invasive=nan", "Invasive=1.5", "=0.3", "Invasive=-1"])
+def test_bad_thresholds(value: str, tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    err = _fails(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(tmp_path),
+                  "--threshold", value], capsys)
+    assert "CLASS=P" in err
+
+
+@pytest.mark.parametrize("option,value", [("--min-confidence", "-0.1"), ("--min-confidence", "nan"),
+                                          ("--min-quality", "2"), ("--stain-normalize", "reinhard"),
+                                          ("--uncertainty", "variance")])
+def test_bad_cut_offs_and_choices(option: str, value: str, tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    _fails(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(tmp_path), option, value],
+           capsys)
+
+
+def test_bad_cohort_inputs(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    base = ["classify", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
+    assert "local:N" in _fails([*base, str(SAMPLE_SLIDE), "--cluster", "local:0"], capsys)
+    assert "cannot be read" in _fails([*base, "--manifest", str(tmp_path / "missing.csv")], capsys)
+    (tmp_path / "empty.csv").write_text("")
+    assert "'path' column" in _fails([*base, "--manifest", str(tmp_path / "empty.csv")], capsys)
+    assert "No slides given" in _fails(base, capsys)
+    # a model without stain statistics cannot normalise: that slide fails with the reason, the run says so
+    err = _fails([*base, str(SAMPLE_SLIDE), "--stain-normalize", "macenko"], capsys, code=1)
+    assert "no macenko stain statistics" in err
+
+
+def test_bad_retrain_inputs(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    base = ["retrain", str(tiny_checkpoint), "--slide", str(SAMPLE_SLIDE)]
+    assert "does not exist" in _fails([*base, "--corrections", str(tmp_path / "none.geojson")], capsys)
+    for option, value in (("--weight", "0"), ("--weight", "nan"), ("--steps", "-1"), ("--steps", "0")):
+        _fails([*base, "--corrections", "x.geojson", option, value], capsys)
+    far = tmp_path / "far.geojson"  # a classified polygon nowhere near the slide
+    far.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[9e5, 9e5], [9e5 + 10, 9e5],
+                                                                             [9e5 + 10, 9e5 + 10], [9e5, 9e5]]]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Invasive"}}}]}))
+    assert "No cell centre" in _fails([*base, "--corrections", str(far)], capsys)
+    broken = tmp_path / "broken.geojson"
+    broken.write_text("{not json")
+    assert "not valid JSON" in _fails([*base, "--corrections", str(broken)], capsys)
+
+
+def test_bad_decisions_and_training_options(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    assert "Tumour" in _fails(["model", "decision", str(tiny_checkpoint), "--threshold", "Tumour=0.5"], capsys)
+    from conftest import four_kinds_dataset
+
+    root = four_kinds_dataset(tmp_path / "d", n=2, px=64)
+    err = _fails(["train", str(root), "--out", str(tmp_path / "m"), "--backbone", "timm:resnet18",
+                  "--backbone-weights", "none", "--stain-augment", "--finetune-last-stage"], capsys)
+    assert "stain-augment" in err
