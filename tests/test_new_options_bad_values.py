@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_SLIDE
 
+from conftest import SAMPLE_SLIDE
 from napari_bcd.cli import main
 
 
