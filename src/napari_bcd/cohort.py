@@ -25,7 +25,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -386,13 +386,3 @@ def write_cohort_table(rows: list[dict], out: str | os.PathLike[str], name: str 
     written.append(d / f"{name}.parquet")
     return written
 
-
-@dataclass
-class CohortResult:
-    rows: list[dict] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        return dict(Counter(r["status"] for r in self.rows))
-
-    def to_dict(self) -> dict:
-        return asdict(self)

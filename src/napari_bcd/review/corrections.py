@@ -9,7 +9,6 @@ rectangle classified with its new class and named with its old one.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -268,6 +267,3 @@ def read_corrections(path: str | os.PathLike[str], grid: Grid, classes: Sequence
                        + (f" ({'; '.join(out.notes)})" if out.notes else "") + ".")
     return out
 
-
-def corrections_json(c: Corrections) -> str:
-    return json.dumps(c.to_dict(), indent=2)
