@@ -85,23 +85,30 @@ def detect_tissue(rgb: np.ndarray, mpp: float | None = None, params: TissueParam
     scale = 8.0 if mpp is None else float(mpp)
     f = int(p.work_mpp // scale) if scale < p.work_mpp else 1
     if f > 1:
-        from skimage.transform import downscale_local_mean
-
-        small = downscale_local_mean(rgb[..., :3].astype(np.float32), (f, f, 1), cval=255)
+        small = _block_mean(rgb[..., :3], f)
         mask = _detect(small, scale * f, p)
         full = np.repeat(np.repeat(mask, f, axis=0), f, axis=1)
         return full[: rgb.shape[0], : rgb.shape[1]]
     return _detect(rgb[..., :3].astype(np.float32), scale, p)
 
 
+def _block_mean(rgb: np.ndarray, f: int) -> np.ndarray:
+    """Means of ``f x f`` blocks, the image padded with white to a multiple of ``f``, as float32."""
+    h, w = rgb.shape[:2]
+    H, W = -(-h // f) * f, -(-w // f) * f
+    a = np.full((H, W, 3), 255.0, np.float32)
+    a[:h, :w] = rgb
+    return a.reshape(H // f, f, W // f, f, 3).mean(axis=(1, 3))
+
+
 def _detect(a: np.ndarray, scale: float, p: TissueParams) -> np.ndarray:
+    # scipy.ndimage only: scikit-image's import alone took half a second of every classify run
     from scipy import ndimage
-    from skimage import measure, morphology
 
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
-    vmax = a.max(-1)
-    sat = (vmax - a.min(-1)) / np.maximum(vmax, 1.0)
-    mean = a.mean(-1)
+    vmax = np.maximum(np.maximum(r, g), b)
+    sat = (vmax - np.minimum(np.minimum(r, g), b)) / np.maximum(vmax, 1.0)
+    mean = (r + g + b) / 3.0
     mask = (
         (sat >= p.threshold)
         & (vmax >= p.min_value)
@@ -110,19 +117,21 @@ def _detect(a: np.ndarray, scale: float, p: TissueParams) -> np.ndarray:
     )
     radius = max(0, int(round(p.smooth_um / scale / 2)))
     if radius:
-        fp = morphology.disk(radius).astype(bool)
+        yy, xx = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+        fp = yy * yy + xx * xx <= radius * radius  # a disk
         # Pad so closing does not eat tissue touching the border.
         padded = np.pad(mask, radius, mode="edge")
         padded = ndimage.binary_opening(ndimage.binary_closing(padded, fp), fp)
         mask = padded[radius:-radius, radius:-radius]
     min_px = int(p.min_area_um2 / (scale * scale))
-    labels = measure.label(mask, connectivity=2)
-    if labels.max() == 0:
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))  # 8-connected components
+    if n == 0:
         return mask
-    keep = np.zeros(labels.max() + 1, dtype=bool)
-    for region in measure.regionprops(labels, intensity_image=vmax):
-        if region.area < min_px:
-            continue
-        median = float(np.median(vmax[region.slice][region.image]))
-        keep[region.label] = median >= p.dark_component
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    big = np.flatnonzero(areas >= max(min_px, 1))
+    big = big[big > 0]
+    keep = np.zeros(n + 1, dtype=bool)
+    if len(big):
+        medians = np.asarray(ndimage.median(vmax, labels, big), np.float64).reshape(-1)
+        keep[big] = medians >= p.dark_component
     return keep[labels]
