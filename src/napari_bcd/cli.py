@@ -332,7 +332,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                               decision=decision.to_dict() if decision is not None else None,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,
                               compile=args.compile, workers=args.workers, overwrite=args.overwrite,
-                              stain_normalize=args.stain_normalize)
+                              stain_normalize=args.stain_normalize, decode=args.decode)
     if card is not None:
         print(card.describe(), file=sys.stderr)
     if decision is not None:
@@ -658,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (GPU runs of many windows; compiled once per run, before the timing)")
+    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
+                   help="where JPEG tiles are decoded: auto (nvJPEG on a CUDA GPU when a sample of the slide decodes "
+                        "as on the CPU, else the CPU), cpu, or device (torchvision on the model's device)")
     p.add_argument("--tissue-threshold", type=_SHARE, default=0.1, help="minimum saturation of tissue (0-1)")
     p.add_argument("--min-tissue", type=_SHARE, default=0.25,
                    help="classify windows with at least this tissue fraction")

@@ -70,6 +70,7 @@ class CohortSettings:
     workers: int | None = None
     overwrite: bool = False
     stain_normalize: str = "none"
+    decode: str = "auto"
 
     def result_keys(self, mpp: float | None) -> dict:
         """The settings that change the outputs (recorded in each done-record)."""
@@ -268,7 +269,8 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
                                     batch_size=settings.batch_size,
                                     tissue=TissueParams(threshold=settings.tissue_threshold),
                                     min_tissue=settings.min_tissue, workers=settings.workers,
-                                    decision=settings.decision, stain_normalize=settings.stain_normalize)
+                                    decision=settings.decision, stain_normalize=settings.stain_normalize,
+                                    decode=settings.decode)
                 while True:
                     try:
                         p = next(gen)

@@ -149,6 +149,7 @@ def iter_classify(
     decision: DecisionRule | dict | None = None,
     quality: bool | None = None,
     stain_normalize: str = "none",
+    decode: str = "auto",
 ) -> Generator[Progress, None, ClassMap]:
     """Classify a slide window by window, yielding progress, returning a :class:`ClassMap`.
 
@@ -175,6 +176,12 @@ def iter_classify(
         Decoding threads, and batches read ahead of the model.  Each tile is
         decoded once per pass (:func:`~napari_bcd.windows.window_batches`);
         windows are resized on the model's device.
+    decode
+        Where JPEG tiles are decoded: ``"auto"`` (on a CUDA model's GPU by
+        nvJPEG when the slide's tiles allow it and a sample decodes as the CPU
+        does, else on the CPU), ``"cpu"``, or ``"device"`` (torchvision on the
+        model's device, whatever it is; checked the same way).  What was used
+        and why is ``info["decode"]``.
     compile
         ``torch.compile`` the model (a GPU's long runs): compiled once, before
         the timed work, for one padded batch shape.
@@ -225,6 +232,10 @@ def iter_classify(
     rule = (decision if isinstance(decision, DecisionRule)
             else DecisionRule.from_dict(card.decision if decision is None else decision))
     rule.check_classes(card.classes)
+    from .io.device_decode import DECODE_MODES
+
+    if decode not in DECODE_MODES:
+        raise BcdError(f"Unknown decode mode {decode!r}; use one of {', '.join(DECODE_MODES)}.")
     if stain_normalize not in ("none", "macenko", "vahadane"):
         raise BcdError(f"Unknown stain normalisation {stain_normalize!r}; use none, macenko or vahadane.")
     if stain_normalize != "none":
@@ -244,7 +255,7 @@ def iter_classify(
     )
     score_quality = bool(rule.min_quality > 0) if quality is None else bool(quality)
     return _classify(slide, predictor, grid, tissue, min_tissue, batch_size, workers, prefetch, slide_mpp, rule,
-                     score_quality, stain_normalize)
+                     score_quality, stain_normalize, decode)
 
 
 @dataclass(frozen=True)
@@ -314,8 +325,10 @@ def _classify(
     rule,
     score_quality: bool = True,
     stain_normalize: str = "none",
+    decode: str = "auto",
 ) -> Generator[Progress, None, ClassMap]:
     from .decision import decide
+    from .io.device_decode import device_rows
     from .quality import window_quality
 
     card = predictor.model.card
@@ -337,6 +350,10 @@ def _classify(
     compile_s = 0.0
     if total and (predictor.compiled or predictor.device.type == "cuda"):
         compile_s = predictor.warm_up((win_h, win_w), batch_size)  # outside the timed work
+    rows, decode_note = (None, "cpu")
+    if total and decode != "cpu":
+        rows, decode_note = device_rows(slide, grid.level, predictor.device, decode,
+                                        _sample_tiles(slide, grid, todo))
     decoded_before = slide.decoded_tiles
     t0 = time.perf_counter()
     yield Progress("classify", 0, total)
@@ -349,7 +366,7 @@ def _classify(
         def produce() -> None:
             # Decode tile rows and cut batches ahead of the model, at most `prefetch` batches ahead.
             try:
-                for item in window_batches(slide, grid, todo, batch_size, pool, stop):
+                for item in window_batches(slide, grid, todo, batch_size, pool, stop, read_row=rows):
                     while not stop.is_set():
                         try:
                             ready.put(item, timeout=0.1)
@@ -376,8 +393,9 @@ def _classify(
                 batch_rc, pixels = item
                 # The quality score runs in the reading threads (in chunks, so a big GPU batch spreads over
                 # them) while the model works on the batch.
-                q_futures = [pool.submit(window_quality, pixels[i : i + 64], level_mpp)
-                             for i in range(0, len(pixels), 64)] if score_quality else []
+                host = pixels.cpu().numpy() if score_quality and not isinstance(pixels, np.ndarray) else pixels
+                q_futures = [pool.submit(window_quality, host[i : i + 64], level_mpp)
+                             for i in range(0, len(host), 64)] if score_quality else []
                 probs = predictor(pixels)
                 for (r, c), p in zip(batch_rc, probs, strict=True):
                     sums[r : r + kh, c : c + kw] += p
@@ -434,7 +452,8 @@ def _classify(
             "min_tissue": min_tissue,
             "compiled": bool(predictor.compiled),
             "warmup_seconds": round(compile_s, 3),
-            "decoded_tiles": slide.decoded_tiles - decoded_before,
+            "decoded_tiles": slide.decoded_tiles - decoded_before + (rows.decoded if rows is not None else 0),
+            "decode": decode_note,
             "tiles_touched": _tiles_touched(slide, grid, todo),
         },
     )
@@ -472,6 +491,19 @@ def _stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, no
         predictor.set_stain_map(macenko_transform(source, reference_stats(card.stain, normalize)))
         info["normalized"] = normalize
     return info
+
+
+def _sample_tiles(slide: Slide, grid: Grid, windows: np.ndarray, n: int = 8) -> list[tuple[int, int]]:
+    """Up to ``n`` tiles of the grid's level under windows spread over the pass (to check a decoder on)."""
+    th, tw = slide.tile_shape(grid.level)
+    H, W = slide.level_info[grid.level].shape
+    picks = windows[np.linspace(0, len(windows) - 1, min(n, len(windows))).round().astype(int)]
+    tiles = []
+    for r, c in picks:
+        y, x, h, w = grid.read_box(int(r), int(c))
+        cy, cx = min(max(y + h // 2, 0), H - 1), min(max(x + w // 2, 0), W - 1)
+        tiles.append((cy // th, cx // tw))
+    return list(dict.fromkeys(tiles))
 
 
 def _tiles_touched(slide: Slide, grid: Grid, windows: np.ndarray) -> int:

@@ -10,8 +10,9 @@ resize to the network's input.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,8 @@ def window_tissue_fraction(mask: np.ndarray, mask_downsample: tuple[float, float
 
 
 def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: int, pool: Executor | None = None,
-                   stop: threading.Event | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   stop: threading.Event | None = None,
+                   read_row: Callable[..., Any] | None = None) -> Iterator[tuple[np.ndarray, Any]]:
     """The pixels of ``windows`` (``(row, col)`` pairs in row-major order), in batches, each tile decoded once.
 
     Windows are cut from bands of decoded tile rows as array views: a tile row
@@ -90,12 +92,17 @@ def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: in
     resize happens here: batches are ``N x h x w x 3`` uint8 at the grid
     level's resolution, and the model's side resizes them (on its device).
 
+    ``read_row`` replaces :meth:`Slide.read_tile_row` (same arguments): a
+    :class:`napari_bcd.io.device_decode.DeviceRows` decodes the rows on the
+    model's device, and the batches are then uint8 tensors there.
+
     Yields
     ------
-    (np.ndarray, np.ndarray)
+    (np.ndarray, np.ndarray or torch.Tensor)
         The batch's ``(row, col)`` pairs and its pixels.  ``stop`` (a
         ``threading.Event``) ends the iteration between tile rows and batches.
     """
+    read_row = read_row or slide.read_tile_row
     if len(windows) == 0:
         return
     level = grid.level
@@ -129,26 +136,46 @@ def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: in
                 del rows[ty]  # no later window row reaches back above this one
             for ty in range(ty0, ty1 + 1):
                 if ty not in rows:
-                    rows[ty] = slide.read_tile_row(level, ty, sorted(needed.get(ty, ())), pool)
-            band = np.concatenate([rows[ty] for ty in range(ty0, ty1 + 1)]) if ty1 > ty0 else rows[ty0]
+                    rows[ty] = read_row(level, ty, sorted(needed.get(ty, ())), pool)
+            band = _concat([rows[ty] for ty in range(ty0, ty1 + 1)]) if ty1 > ty0 else rows[ty0]
             band_y0 = ty0 * th
         batch_rc.append((r, c))
         batch_px.append(_cut(band, y - band_y0, x, h, w))
         if len(batch_rc) == batch_size:
-            yield np.asarray(batch_rc), np.stack(batch_px)
+            yield np.asarray(batch_rc), _stack(batch_px)
             batch_rc, batch_px = [], []
             if stop is not None and stop.is_set():
                 return
     if batch_rc:
-        yield np.asarray(batch_rc), np.stack(batch_px)
+        yield np.asarray(batch_rc), _stack(batch_px)
 
 
-def _cut(band: np.ndarray, y: int, x: int, h: int, w: int) -> np.ndarray:
-    """``band[y:y+h, x:x+w]``, glass where it runs past the band (a view when it does not)."""
+def _is_tensor(a: Any) -> bool:
+    return type(a).__module__.startswith("torch")
+
+
+def _concat(parts: list) -> Any:
+    if _is_tensor(parts[0]):
+        import torch
+
+        return torch.cat(parts)
+    return np.concatenate(parts)
+
+
+def _stack(parts: list) -> Any:
+    if _is_tensor(parts[0]):
+        import torch
+
+        return torch.stack(parts)
+    return np.stack(parts)
+
+
+def _cut(band: Any, y: int, x: int, h: int, w: int) -> Any:
+    """``band[y:y+h, x:x+w]``, glass where it runs past the band (a view when it does not); numpy or torch."""
     H, W = band.shape[:2]
     if y >= 0 and y + h <= H and x >= 0 and x + w <= W:
         return band[y : y + h, x : x + w]
-    out = np.full((h, w, 3), 255, np.uint8)
+    out = band.new_full((h, w, 3), 255) if _is_tensor(band) else np.full((h, w, 3), 255, np.uint8)
     y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
     if y0 < y1 and x0 < x1:
         out[y0 - y : y1 - y, x0 - x : x1 - x] = band[y0:y1, x0:x1]

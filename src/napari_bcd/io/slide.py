@@ -36,12 +36,12 @@ from ..errors import SlideError
 from ..geometry import as_pair
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
     from concurrent.futures import Executor
 
     from tifffile import TiffFile, TiffPage
 
-__all__ = ["Slide", "open_slide"]
+__all__ = ["Slide", "complete_jpeg", "open_slide"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,27 @@ class _Segments:
             self.cache.put(key, arr)
         return arr
 
+    def jpeg_kind(self) -> str | None:
+        """``"ycbcr"`` or ``"rgb"`` when the tiles are baseline JPEG a generic decoder can read, else None.
+
+        "rgb" is the TIFF's RGB photometric (Aperio stores RGB-JPEG: no colour
+        transform); a tile that carries a JFIF marker is YCbCr all the same,
+        as tifffile reads it.
+        """
+        page = self.page
+        simple = (int(page.compression) == 7 and page.is_tiled and self.samples == 3 and self.jpegheader is None
+                  and int(page.planarconfig) == 1 and not tuple(getattr(page, "extrasamples", ()) or ()))
+        if not simple:
+            return None
+        return {6: "ycbcr", 2: "rgb"}.get(int(page.photometric))
+
+    def jpeg_stream(self, ty: int, tx: int) -> bytes | None:
+        """Tile ``(ty, tx)`` as a complete JPEG stream any decoder reads as this reader does; None when empty."""
+        data = self._read_bytes(ty * self.grid[1] + tx)
+        if data is None:
+            return None
+        return complete_jpeg(data, self.jpegtables, rgb=self.jpeg_kind() == "rgb")
+
     def read_row(self, ty: int, txs: Iterable[int] | None, pool: Executor | None = None) -> np.ndarray:
         """Tile row (or strip) ``ty`` over the page's full width; only the columns ``txs`` are decoded."""
         sh, sw = self.seg
@@ -208,6 +229,52 @@ class _Segments:
                 "px, "
                 "too large to decode one at a time. Save it as a tiled pyramid TIFF (vips tiffsave --tile --pyramid)."
             )
+
+
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """``(marker, start, length)`` of each marker segment of a JPEG stream up to its first SOS."""
+    j = 2 if data[:2] == b"\xff\xd8" else 0
+    while j + 4 <= len(data) and data[j] == 0xFF:
+        marker = data[j + 1]
+        if marker in (0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:  # no length
+            j += 2
+            continue
+        length = int.from_bytes(data[j + 2 : j + 4], "big")
+        yield marker, j, length
+        if marker == 0xDA:
+            return
+        j += 2 + length
+
+
+def complete_jpeg(data: bytes, tables: bytes | None = None, *, rgb: bool = False) -> bytes:
+    """A TIFF JPEG tile as a standalone JPEG stream: the JPEGTables spliced in, RGB-JPEG made explicit.
+
+    A TIFF tile is often an abbreviated stream whose Huffman and quantisation
+    tables sit in the page's JPEGTables tag; they go in after the tile's SOI.
+    With ``rgb`` (TIFF photometric RGB) and no JFIF marker, the samples are
+    RGB, not YCbCr (Aperio), which only the TIFF tag says: the three
+    components are renamed ``R``, ``G``, ``B`` (82, 71, 66), the way JPEG
+    decoders (libjpeg-turbo, and so torchvision's) recognise RGB.
+    """
+    out = bytearray(data)
+    if tables and len(tables) > 4 and tables[:2] == b"\xff\xd8" and tables[-2:] == b"\xff\xd9":
+        out = bytearray(tables[:-2]) + out[2:]
+    if rgb:
+        segments = list(_jpeg_segments(bytes(out)))
+        jfif = any(m == 0xE0 and out[st + 4 : st + 9] == b"JFIF\x00" for m, st, _ in segments)
+        if not jfif:
+            for marker, start, _ in segments:
+                if marker in (0xC0, 0xC1, 0xC2):  # SOF: precision, h, w, n, then (id, sampling, table) each
+                    n = out[start + 9]
+                    if n == 3:
+                        for k in range(3):
+                            out[start + 10 + 3 * k] = (82, 71, 66)[k]
+                elif marker == 0xDA:  # SOS: n, then (id, tables) each
+                    n = out[start + 4]
+                    if n == 3:
+                        for k in range(3):
+                            out[start + 5 + 2 * k] = (82, 71, 66)[k]
+    return bytes(out)
 
 
 class _TileCache:
@@ -434,6 +501,31 @@ class Slide:
             out[: part.shape[0]] = part
             return out
         return self._segments[level].read_row(ty, columns, pool)  # type: ignore[index]
+
+    def jpeg_tiles(self, level: int) -> str | None:
+        """``"ycbcr"`` / ``"rgb"`` when ``level``'s tiles are baseline JPEG streams (see :meth:`jpeg_tile`), else None.
+
+        None for strips, other codecs, NDPI's restart-marker tiles, OpenSlide,
+        OME-Zarr and in-memory images.
+        """
+        seg = self._segments[level] if self._segments is not None else None
+        kind = getattr(seg, "jpeg_kind", None)
+        return kind() if kind is not None else None
+
+    def jpeg_tile(self, level: int, ty: int, tx: int) -> bytes | None:
+        """Tile ``(ty, tx)`` of ``level`` as a complete JPEG stream (tables spliced in, RGB-JPEG marked as such).
+
+        For decoders other than this reader's (e.g. nvJPEG through torchvision).
+        None for a tile the file leaves empty (glass).
+
+        Raises
+        ------
+        SlideError
+            When the level's tiles are not baseline JPEG (:meth:`jpeg_tiles` is None).
+        """
+        if self.jpeg_tiles(level) is None:
+            raise SlideError(f"{self.name}: level {level} is not stored as JPEG tiles a generic decoder can read.")
+        return self._segments[level].jpeg_stream(ty, tx)  # type: ignore[index]
 
     @property
     def decoded_tiles(self) -> int:

@@ -110,7 +110,7 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Probabilities ``N x classes`` (float32) for a uint8 batch ``N x H x W x 3``.
+        """Probabilities ``N x classes`` (float32) for a uint8 batch ``N x H x W x 3`` (host or device).
 
         Windows of another size than the model's input are resized here, on the
         device, after the uint8 transfer (PIL's BOX weights as two matrix
@@ -122,7 +122,9 @@ class Predictor:
         n = x.shape[0]
         if self.fixed_batch and n < self.fixed_batch:  # pad the last batch: no recompilation
             x = torch.cat([x, x.new_zeros((self.fixed_batch - n, *x.shape[1:]))])
-        if self.device.type == "cuda":
+        if x.device == self.device:
+            pass  # decoded on the device already (napari_bcd.io.device_decode)
+        elif self.device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory().to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)

@@ -1,0 +1,203 @@
+"""JPEG tiles decoded on the model's device: nvJPEG through torchvision on a CUDA GPU.
+
+On a GPU the CPU's JPEG decoders become the bottleneck long before the model
+does.  :class:`DeviceRows` hands the engine tile rows decoded on the model's
+device by TorchCodec's ``decode_jpeg`` when it is installed, else
+torchvision's (deprecated since torchvision 0.29, same API), one batched call per
+tile row, so the pixels never visit the host after the compressed bytes are
+read.  It reads the tiles as complete JPEG streams from
+:meth:`napari_bcd.io.Slide.jpeg_tile` (the TIFF's JPEGTables spliced in,
+Aperio's RGB-JPEG marked as RGB).
+
+A decoder that gets a slide's colours wrong must never be used silently:
+:func:`device_rows` decodes a sample of the tiles the pass will touch both
+ways and uses the device only when the mean absolute difference from the CPU
+decode (tifffile/imagecodecs, the reference) is at most ``tolerance`` grey
+levels; otherwise it says why and the engine decodes on the CPU.  (nvJPEG
+differs from libjpeg-turbo by about 0.4 grey levels on average on ordinary
+YCbCr tiles; a colour-space mistake costs about 50.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import SlideError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from concurrent.futures import Executor
+
+    import torch
+
+    from .slide import Slide
+
+__all__ = ["DECODE_MODES", "DeviceRows", "device_rows", "jpeg_decoder"]
+
+log = logging.getLogger(__name__)
+
+#: ``auto``: on the device when it is a CUDA GPU and the sample check passes; ``cpu``: always imagecodecs in
+#: threads; ``device``: torchvision on the model's device whatever it is (still checked; falls back with a note).
+DECODE_MODES = ("auto", "cpu", "device")
+_FILL = 255
+
+
+def jpeg_decoder(backend: str = "auto") -> tuple[str, Callable[..., Any]]:
+    """``(name, decode_jpeg)``: TorchCodec's when installed (``auto``) or asked for, else torchvision's.
+
+    Both take a list of 1-D uint8 CPU tensors, ``mode="RGB"`` and ``device``
+    (nvJPEG on CUDA) and return a list of ``3 x h x w`` uint8 tensors there.
+    """
+    if backend not in ("auto", "torchcodec", "torchvision"):
+        raise SlideError(f"Unknown JPEG decoder {backend!r}; use auto, torchcodec or torchvision.")
+    if backend in ("auto", "torchcodec"):
+        try:
+            from torchcodec.decoders import decode_jpeg
+
+            return "torchcodec", decode_jpeg
+        except (ImportError, OSError, RuntimeError) as err:  # absent, or built for another torch
+            if backend == "torchcodec":
+                raise SlideError(f"TorchCodec cannot be used here ({err}): pip install torchcodec") from err
+    import warnings
+
+    # torchvision 0.29 warns at every call that TorchCodec supersedes it; we already prefer TorchCodec
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
+    from torchvision.io import decode_jpeg
+
+    return "torchvision", decode_jpeg
+
+
+class DeviceRows:
+    """Tile rows of one level decoded by torchvision on ``device``: uint8 ``(tile_h, level_w, 3)`` tensors there.
+
+    Callable like :meth:`napari_bcd.io.Slide.read_tile_row`; only the tile
+    columns asked for are decoded (one batched call per row), everything else
+    and anything past the image is glass (255).
+    """
+
+    def __init__(self, slide: Slide, level: int, device: str | torch.device, backend: str = "auto") -> None:
+        import torch
+
+        if slide.jpeg_tiles(level) is None:
+            raise SlideError(f"{slide.name}: level {level} is not stored as JPEG tiles; decode it on the CPU.")
+        self.backend, self._decode_jpeg = jpeg_decoder(backend)
+        self.slide, self.level = slide, level
+        self.device = torch.device(device)
+        self.tile_hw = slide.tile_shape(level)
+        self.shape = slide.level_info[level].shape
+        self.decoded = 0  # tiles decoded so far (a benchmark figure: decodes per pass)
+
+    def decode(self, tiles: Sequence[tuple[int, int]], pool: Executor | None = None) -> list[torch.Tensor | None]:
+        """Tiles ``(ty, tx)`` as ``(3, tile_h, tile_w)`` uint8 tensors on the device (None: an empty tile)."""
+        import torch
+
+        def read(t: tuple[int, int]) -> bytes | None:
+            return self.slide.jpeg_tile(self.level, t[0], t[1])
+
+        streams = list(pool.map(read, tiles)) if pool is not None else [read(t) for t in tiles]
+        present = [i for i, s in enumerate(streams) if s is not None]
+        out: list[torch.Tensor | None] = [None] * len(tiles)
+        if present:
+            data = [torch.frombuffer(bytearray(streams[i]), dtype=torch.uint8) for i in present]
+            images = self._decode_jpeg(data, mode="RGB", device=self.device)
+            for i, img in zip(present, images, strict=True):
+                out[i] = img
+            self.decoded += len(present)
+        return out
+
+    def __call__(self, level: int, ty: int, columns: Iterable[int] | None = None,
+                 pool: Executor | None = None) -> torch.Tensor:
+        import torch
+
+        if level != self.level:
+            raise SlideError(f"This reader decodes level {self.level}, not {level}.")
+        th, tw = self.tile_hw
+        H, W = self.shape
+        out = torch.full((th, W, 3), _FILL, dtype=torch.uint8, device=self.device)
+        n_rows, n_cols = math.ceil(H / th), math.ceil(W / tw)
+        if not 0 <= ty < n_rows:
+            return out
+        cols = [tx for tx in (range(n_cols) if columns is None else columns) if 0 <= tx < n_cols]
+        for tx, img in zip(cols, self.decode([(ty, tx) for tx in cols], pool), strict=True):
+            if img is None:
+                continue
+            x0 = tx * tw
+            w = min(tw, W - x0)
+            out[:, x0 : x0 + w] = img.permute(1, 2, 0)[:th, :w]
+        if (ty + 1) * th > H:  # the last row's tiles run past the image: glass, not the encoder's padding
+            out[H - ty * th :] = _FILL
+        return out
+
+
+def device_rows(slide: Slide, level: int, device: str | torch.device, mode: str = "auto",
+                sample: Sequence[tuple[int, int]] = (), tolerance: float = 1.0) -> tuple[DeviceRows | None, str]:
+    """The device's tile-row reader when ``mode`` asks for it and it decodes this slide right, and a note.
+
+    Parameters
+    ----------
+    mode
+        One of :data:`DECODE_MODES`.
+    sample
+        Tiles ``(ty, tx)`` to compare with the CPU decode (up to 8 are used);
+        the tiles the pass touches, spread out.
+    tolerance
+        Largest mean absolute difference (grey levels) from the CPU decode.
+
+    Returns
+    -------
+    (DeviceRows or None, str)
+        None means: decode on the CPU; the note says why (or what was checked).
+    """
+    import torch
+
+    if mode not in DECODE_MODES:
+        raise SlideError(f"Unknown decode mode {mode!r}; use one of {', '.join(DECODE_MODES)}.")
+    device = torch.device(device)
+    if mode == "cpu":
+        return None, "cpu"
+    if mode == "auto" and device.type != "cuda":
+        return None, "cpu"
+    kind = slide.jpeg_tiles(level)
+    if kind is None:
+        return None, "cpu: the tiles are not baseline JPEG"
+    try:
+        reader = DeviceRows(slide, level, device)
+    except ImportError:
+        return None, "cpu: neither TorchCodec nor torchvision is installed"
+    picks = list(sample)
+    if len(picks) > 8:
+        picks = [picks[i] for i in np.linspace(0, len(picks) - 1, 8).round().astype(int)]
+    try:
+        diff = _mean_difference(slide, reader, picks)
+    except Exception as err:  # noqa: BLE001 - any decoder failure means: the CPU decodes this slide
+        log.info("device decode refused for %s: %s", slide.name, err)
+        return None, f"cpu: the device decoder failed on this slide ({type(err).__name__}: {err})"
+    if diff > tolerance:
+        return None, (f"cpu: the device decoder's pixels differ from the CPU decode by {diff:.1f} grey levels "
+                      f"on average ({kind.upper()}-JPEG tiles); decoding on the CPU")
+    reader.decoded = 0
+    return reader, (f"{reader.backend} on {device} ({kind.upper()}-JPEG, mean difference {diff:.2f} "
+                    f"on {len(picks)} tiles)")
+
+
+def _mean_difference(slide: Slide, reader: DeviceRows, tiles: Sequence[tuple[int, int]]) -> float:
+    """Mean absolute difference between the device's and the CPU's decode of ``tiles`` (inside the image)."""
+    th, tw = reader.tile_hw
+    H, W = reader.shape
+    if not tiles:
+        return 0.0
+    total, count = 0.0, 0
+    for (ty, tx), img in zip(tiles, reader.decode(tiles), strict=True):
+        h, w = min(th, H - ty * th), min(tw, W - tx * tw)
+        if img is None or h <= 0 or w <= 0:
+            continue
+        ref = slide.read_region(reader.level, ty * th, tx * tw, h, w, cache=False)
+        got = img.permute(1, 2, 0)[:h, :w].cpu().numpy()
+        total += float(np.abs(got.astype(np.int16) - ref.astype(np.int16)).sum())
+        count += ref.size
+    return total / count if count else 0.0
