@@ -152,12 +152,18 @@ def test_rerun_replaces_the_result(viewer, qtbot, tiny_checkpoint: Path) -> None
     _run(widget, qtbot)
     first = viewer.layers["CMU-1-Small-Region classes"].data.copy()
     first_cells = widget._result[0].grid.n_cells
+    predictor = widget._predictor
     widget._overlap_combo.value = "50 %"
     _run(widget, qtbot)
+    # the same model on the same device: the Predictor is kept (a compiled model compiles once, not per run)
+    assert widget._predictor is predictor and widget._result[0].info["decode"] == "cpu"
     assert [layer.name for layer in viewer.layers].count("CMU-1-Small-Region classes") == 1
     assert len(viewer.layers) == 2
     assert widget._result[0].grid.n_cells != first_cells  # finer cells
     assert not np.array_equal(viewer.layers["CMU-1-Small-Region classes"].data, first)  # the layer took them
+    widget._device_combo.value = "cpu"  # another device setting: a new Predictor
+    _run(widget, qtbot)
+    assert widget._predictor is not predictor and widget._predictor.model is predictor.model
 
 
 def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: Path) -> None:

@@ -114,6 +114,9 @@ class ClassifyWidget(Container):
         self._card = None
         self._model = None
         self._model_key: tuple | None = None
+        # The Predictor is kept too: a compiled model compiles once, not on every run.
+        self._predictor = None
+        self._predictor_key: tuple | None = None
         self._file_mpp: float | None = None
         self._setting_mpp = False
         self._run_button.changed.connect(self._on_run_clicked)
@@ -318,6 +321,7 @@ class ClassifyWidget(Container):
         """Load the model if needed (here, in the worker), then classify."""
         from ..engine import iter_classify
         from ..model.checkpoint import load_model
+        from ..model.inference import Predictor
         from ..tissue import TissueParams
 
         model = self._model if self._model is not None and self._model_key == key else None
@@ -326,11 +330,14 @@ class ClassifyWidget(Container):
             yield _Stage("Loading the model…")
             model = load_model(self._model_path())
             self._model, self._model_key = model, key  # kept for the next run
+        pkey = (key, str(self._device_combo.value), bool(self._compile_check.value))
+        if self._predictor is None or self._predictor_key != pkey or self._predictor.model is not model:
+            self._predictor = Predictor(model, device=self._device_combo.value, compile=self._compile_check.value)
+            self._predictor_key = pkey
         yield _Stage("Finding tissue…")
         class_map = yield from iter_classify(
-            slide, model, stride=stride, batch_size=self._batch_spin.value or None,
-            device=self._device_combo.value, tissue=TissueParams(threshold=self._tissue_spin.value),
-            compile=self._compile_check.value,
+            slide, self._predictor, stride=stride, batch_size=self._batch_spin.value or None,
+            tissue=TissueParams(threshold=self._tissue_spin.value),
             stain_normalize=STAIN[self._stain_combo.value],
             quality=True,  # the Review dock can then grey out pen, blur and folds
         )
