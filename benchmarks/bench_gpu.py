@@ -17,6 +17,9 @@ run, it prints a table and JSON:
   the number of threads; and the ResNet152V2 end to end against model-alone on a small
   crop (fp32).
 
+On a GPU the end-to-end run is timed twice: JPEG tiles decoded on the GPU (nvJPEG through TorchCodec or
+torchvision, chosen automatically when a sample decodes as on the CPU) and on the CPU (``decode="cpu"``);
+the GPU decoder's own rate is printed too.
 Both paths also run once with the window quality score (`quality=True`, as the Classify dock does) to
 show its cost.
 Random weights everywhere: speed does not depend on them.
@@ -133,7 +136,7 @@ def model_alone(predictor, hw: tuple[int, int], batch: int, seconds: float = 6.0
 
 
 def end_to_end(slide_path: Path, predictor, batch: int, max_windows: int | None, workers: int | None = None,
-               crop: int | None = None, quality: bool = False) -> dict:
+               crop: int | None = None, quality: bool = False, decode: str = "auto") -> dict:
     from napari_bcd.engine import classify
     from napari_bcd.io import Slide, open_slide
 
@@ -141,12 +144,34 @@ def end_to_end(slide_path: Path, predictor, batch: int, max_windows: int | None,
         if crop:
             slide = Slide.from_array(slide.read_region(0, 0, 0, crop, crop), mpp=slide.mpp, name="crop")
         t0 = time.perf_counter()
-        cmap = classify(slide, predictor, batch_size=batch, workers=workers, min_tissue=0.25, quality=quality)
+        cmap = classify(slide, predictor, batch_size=batch, workers=workers, min_tissue=0.25, quality=quality,
+                        decode=decode)
         wall = time.perf_counter() - t0
     info = cmap.info
     return {"windows": cmap.n_windows, "windows_per_s": info["windows_per_s"], "wall_s": round(wall, 2),
             "decoded_tiles": info["decoded_tiles"], "tiles_touched": info["tiles_touched"],
-            "warmup_s": info.get("warmup_seconds", 0)}
+            "warmup_s": info.get("warmup_seconds", 0), "decode": info.get("decode")}
+
+
+def device_decode_rate(path: Path, device: str, per_call: int = 2048, calls: int = 3) -> float:
+    """Level-0 JPEG tiles/s decoded on ``device`` (TorchCodec or torchvision), ``per_call`` tiles a call."""
+    from napari_bcd.io import open_slide
+    from napari_bcd.io.device_decode import DeviceRows
+
+    with open_slide(path) as slide:
+        rows = DeviceRows(slide, 0, device)
+        n_cols = -(-slide.dimensions[1] // slide.tile_shape(0)[1])
+        tiles = [(i // n_cols, i % n_cols) for i in range(per_call)]
+        rows.decode(tiles[:64])  # warm (nvJPEG handles, allocations)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = rows.decode(tiles)
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+        assert all(t is not None for t in out)
+        return per_call * calls / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -176,7 +201,9 @@ def main() -> None:
             batch = 256
             eager = Predictor(paper, device="cuda")
             figures["model_alone_eager"] = round(model_alone(eager, (256, 256), batch), 1)
-            figures["end_to_end_eager"] = end_to_end(slide, eager, batch, None)
+            figures["device_decode_tiles_per_s"] = round(device_decode_rate(slide, "cuda"), 1)
+            figures["end_to_end_eager"] = end_to_end(slide, eager, batch, None)  # auto: nvJPEG when it checks out
+            figures["end_to_end_eager_cpu_decode"] = end_to_end(slide, eager, batch, None, decode="cpu")
             figures["ratio_eager"] = round(figures["end_to_end_eager"]["windows_per_s"] / figures["model_alone_eager"],
                                            3)
             # the window quality score (pen, blur, folds) runs in the reading threads: its cost, measured
@@ -205,8 +232,10 @@ def main() -> None:
                 pred = Predictor(tiny_classifier(px), device="cpu")
                 figures[name] = end_to_end(slide, pred, 64, None) if px == 64 else end_to_end(small, pred, 64, None)
                 figures[name]["model_alone"] = round(model_alone(pred, (px, px), 64, 3.0), 1)
-                if px == 64:  # the window quality score's cost, in the same run
+                if px == 64:  # the window quality score's cost, and the device decoder (here: on the CPU)
                     figures["tiny_64px_with_quality"] = end_to_end(slide, pred, 64, None, quality=True)
+                    figures["tiny_64px_decode_device"] = end_to_end(slide, pred, 64, None, decode="device")
+            figures["device_decode_tiles_per_s_on_cpu"] = round(device_decode_rate(slide, "cpu", 256, 2), 1)
             one = figures["raw_decode_tiles_per_s"][1]
             figures["proxy_windows_per_raw_tile_64px"] = round(figures["tiny_64px"]["windows_per_s"] / one, 2)
             figures["proxy_windows_per_raw_tile_256px"] = round(figures["tiny_256px_level0"]["windows_per_s"] / one, 2)
