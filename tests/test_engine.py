@@ -25,10 +25,10 @@ class SpyPredictor(Predictor):
         super().__init__(*a, **k)
         self.calls: list[np.ndarray] = []
 
-    def __call__(self, batch):
-        out = super().__call__(batch)
-        self.calls.append(out)
-        return out
+    def submit(self, batch):  # what the engine calls (__call__ = submit + result)
+        pending = super().submit(batch)
+        self.calls.append(pending.result())
+        return pending
 
 
 def test_classifies_only_tissue_windows_and_reports_progress(tiny_model) -> None:
@@ -131,9 +131,9 @@ def test_reading_ahead_is_bounded(tiny_model, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(engine, "window_batches", counting)
 
     class CountingSpy(SpyPredictor):
-        def __call__(self, batch):
+        def submit(self, batch):
             at_call.append(len(produced))
-            return super().__call__(batch)
+            return super().submit(batch)
 
     with open_slide(SAMPLE_SLIDE) as slide:
         run(iter_classify(slide, CountingSpy(tiny_model, device="cpu"), batch_size=2, stride=0.5, prefetch=2))
@@ -141,6 +141,41 @@ def test_reading_ahead_is_bounded(tiny_model, monkeypatch: pytest.MonkeyPatch) -
     # Before the k-th model call, at most k + 1 batches + the 2 queued + the one being cut were produced.
     for k, n in enumerate(at_call):
         assert n <= (k + 1) + 2 + 1
+
+
+def test_one_batch_in_flight_gives_the_same_map(tiny_model) -> None:
+    """With an asynchronous Predictor (a GPU's) the engine reads batch i after submitting batch i+1."""
+    order: list[str] = []
+
+    class Recording(Predictor):
+        def submit(self, batch):
+            order.append("submit")
+            pending = super().submit(batch)
+            real = pending.result
+
+            def result():
+                order.append("result")
+                return real()
+
+            pending.result = result
+            return pending
+
+    sync = Predictor(tiny_model, device="cpu")
+    lagged = Recording(tiny_model, device="cpu")
+    lagged.asynchronous = True
+    with open_slide(SAMPLE_SLIDE) as slide:
+        a = classify(slide, sync, batch_size=4, stride=0.5)
+        b = classify(slide, lagged, batch_size=4, stride=0.5)
+        np.testing.assert_array_equal(a.probs, b.probs)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert order[:3] == ["submit", "submit", "result"] and order.count("submit") == order.count("result")
+        gen = iter_classify(slide, lagged, batch_size=2, stride=0.5)
+        order.clear()
+        for p in gen:
+            if p.stage == "classify" and p.done >= 2:
+                break
+        gen.close()  # the batch in flight is dropped unread
+    assert order == ["submit", "submit", "result"]
 
 
 def test_batches_hold_the_pixels_read_region_gives(tmp_path: Path, cmu_rgb: np.ndarray) -> None:

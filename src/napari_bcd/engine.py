@@ -384,19 +384,9 @@ def _classify(
         try:
             done = 0
             rate = 0.0
-            while True:
-                item = ready.get()
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                batch_rc, pixels = item
-                # The quality score runs in the reading threads (in chunks, so a big GPU batch spreads over
-                # them) while the model works on the batch.
-                host = pixels.cpu().numpy() if score_quality and not isinstance(pixels, np.ndarray) else pixels
-                q_futures = [pool.submit(window_quality, host[i : i + 64], level_mpp)
-                             for i in range(0, len(host), 64)] if score_quality else []
-                probs = predictor(pixels)
+
+            def take(batch_rc: np.ndarray, pending, q_futures: list) -> None:
+                probs = pending.result()
                 for (r, c), p in zip(batch_rc, probs, strict=True):
                     sums[r : r + kh, c : c + kw] += p
                     counts[r : r + kh, c : c + kw] += 1
@@ -407,10 +397,38 @@ def _classify(
                         if np.isfinite(q):
                             q_sums[r : r + kh, c : c + kw] += q
                             q_counts[r : r + kh, c : c + kw] += 1
-                done += len(batch_rc)
-                elapsed = time.perf_counter() - t0
-                rate = done / elapsed if elapsed > 0 else 0.0
-                yield Progress("classify", done, total, rate, (total - done) / rate if rate else None)
+
+            # On a GPU one batch is in flight: batch i+1 is queued on the device before batch i's probabilities
+            # are read, so the GPU never waits for this loop (a cancel then drops that one batch unread).  On the
+            # CPU submit() computes the batch, so it is taken at once and a cancel stops within one batch.
+            pipelined = predictor.asynchronous
+            in_flight = None
+            while True:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                submitted = None
+                if item is not _END:
+                    batch_rc, pixels = item
+                    # The quality score runs in the reading threads (in chunks, so a big GPU batch spreads
+                    # over them) while the model works on the batch.
+                    host = pixels.cpu().numpy() if score_quality and not isinstance(pixels, np.ndarray) else pixels
+                    q_futures = [pool.submit(window_quality, host[i : i + 64], level_mpp)
+                                 for i in range(0, len(host), 64)] if score_quality else []
+                    submitted = (batch_rc, predictor.submit(pixels), q_futures)
+                finished = [in_flight] if in_flight is not None else []
+                in_flight = submitted
+                if not pipelined and in_flight is not None:  # computed already: no reason to hold it back
+                    finished.append(in_flight)
+                    in_flight = None
+                for batch in finished:
+                    take(*batch)
+                    done += len(batch[0])
+                    elapsed = time.perf_counter() - t0
+                    rate = done / elapsed if elapsed > 0 else 0.0
+                    yield Progress("classify", done, total, rate, (total - done) / rate if rate else None)
+                if item is _END:
+                    break
         finally:
             stop.set()
             while producer.is_alive():  # unblock a producer waiting on a full queue

@@ -11,7 +11,7 @@ import torch
 from ..errors import BcdError
 from .classifier import Classifier
 
-__all__ = ["Predictor", "choose_device"]
+__all__ = ["PendingProbabilities", "Predictor", "choose_device"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,28 @@ def choose_device(preference: str | torch.device | None = None) -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise BcdError("MPS was asked for but is not available here; use --device cpu or auto.")
     return dev
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when the current device is 0."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
+class PendingProbabilities:
+    """A submitted batch's probabilities: ``result()`` waits for the device and returns ``N x classes`` float32."""
+
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None = None) -> None:
+        self._host, self._event = host, event
+
+    def result(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
 
 
 class Predictor:
@@ -93,6 +115,9 @@ class Predictor:
         self.fixed_batch: int | None = None
         #: A 3 x 3 optical-density map applied to every batch (stain normalisation), or None.
         self.stain_map: torch.Tensor | None = None
+        #: Whether :meth:`submit` returns before the batch is computed (CUDA): the engine then keeps one
+        #: batch in flight.
+        self.asynchronous = self.device.type == "cuda"
 
     def set_stain_map(self, m: np.ndarray | None) -> None:
         """Apply this OD map (:func:`napari_bcd.stain.macenko_transform`) to every batch from now on; None: off."""
@@ -116,15 +141,28 @@ class Predictor:
         device, after the uint8 transfer (PIL's BOX weights as two matrix
         products: see :func:`napari_bcd.windows.box_weights`).
         """
+        return self.submit(batch).result()
+
+    def submit(self, batch: np.ndarray | torch.Tensor) -> PendingProbabilities:
+        """Start a batch and return at once (on CUDA); ``.result()`` waits for its probabilities.
+
+        On a GPU the transfer in (from pinned memory), the forward pass and the
+        copy of the probabilities back (into pinned memory) are queued on the
+        device without waiting, so the caller can prepare and submit the next
+        batch, and read this one's result after: the GPU always has the next
+        batch queued.  Elsewhere the batch is computed before this returns.
+        """
         x = torch.as_tensor(batch)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise BcdError(f"Expected a uint8 batch N x H x W x 3, got {x.dtype} {tuple(x.shape)}.")
         n = x.shape[0]
         if self.fixed_batch and n < self.fixed_batch:  # pad the last batch: no recompilation
             x = torch.cat([x, x.new_zeros((self.fixed_batch - n, *x.shape[1:]))])
-        if x.device == self.device:
+        cuda = self.device.type == "cuda"
+        if _same_device(x.device, self.device):
             pass  # decoded on the device already (napari_bcd.io.device_decode)
-        elif self.device.type == "cuda" and x.device.type == "cpu":
+        elif cuda and x.device.type == "cpu":
+            # pinned staging memory comes from torch's caching host allocator (reused, freed after the copy)
             x = x.pin_memory().to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)
@@ -138,7 +176,15 @@ class Predictor:
                 logits = self._forward(x)
             else:
                 logits = self._forward_float(self._resized(x, size))
-        return torch.softmax(logits[:n].float(), dim=1).cpu().numpy()
+        with torch.inference_mode():
+            probs = torch.softmax(logits[:n].float(), dim=1)
+            if not cuda:
+                return PendingProbabilities(probs.cpu())
+            host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+            host.copy_(probs, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return PendingProbabilities(host, done)
 
     def _resized(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 NHWC on the device -> normalised float NCHW at ``size``."""
