@@ -225,6 +225,11 @@ def main() -> None:
                             "--out", str(Path(d) / "out"), "--batch-size", str(batch)], check=True,
                            capture_output=True)
             figures["cli_run_s"] = round(time.perf_counter() - t1, 2)
+            run = json.loads((Path(d) / "out" / "big.summary.json").read_text())["info"]
+            # the target: the run <= 5 s plus the fixed start (imports, checkpoint, tissue, writing)
+            figures["cli_classify_s"] = run["seconds"]
+            figures["cli_fixed_start_and_writing_s"] = round(figures["cli_run_s"] - run["seconds"], 2)
+            figures["cli_decode"] = run.get("decode")
         else:
             # The CPU proxy: a near-free model (one conv), so the pipeline is what is measured:
             # at 64 px (128 µm read from level 2, 16 windows per tile) and at 256 px (level 0, a window per tile).
