@@ -125,6 +125,39 @@ def tiny_classifier(px: int):
     return Classifier(net, Table2Head(8, (side, side), num_classes=len(card.classes)), card)
 
 
+def feeder_rate(path: Path, device: str | None, windows: int = 4096, workers: int | None = None) -> dict:
+    """Windows/s the reading pipeline alone delivers (no model): 128 µm windows at 256 px from level 0.
+
+    ``device`` None: tiles decoded on the CPU (imagecodecs in threads); else on that device.  The figure a
+    GPU's model rate must stay below for the GPU never to wait.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_bcd.io import open_slide
+    from napari_bcd.io.device_decode import device_rows
+    from napari_bcd.tiling import make_grid
+    from napari_bcd.windows import window_batches
+
+    with open_slide(path) as slide:
+        grid = make_grid(slide.dimensions, slide.mpp, (128.0, 128.0), (256, 256),
+                         [i.downsample for i in slide.level_info])
+        rows_n, cols_n = grid.n_windows
+        todo = np.argwhere(np.ones((rows_n, cols_n), bool))[:windows]
+        rows, note = (None, "cpu")
+        if device is not None:
+            rows, note = device_rows(slide, grid.level, device, "device", [(0, tx) for tx in range(0, 64, 8)])
+        n_workers = workers or min(4, os.cpu_count() or 2)
+        with ThreadPoolExecutor(n_workers) as pool:
+            t0 = time.perf_counter()
+            n = sum(len(rc) for rc, _ in window_batches(slide, grid, todo, 256, pool, read_row=rows))
+            if device is not None and device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+    return {"windows": n, "windows_per_s": round(n / dt, 1), "decode": note, "threads": n_workers}
+
+
 def model_alone(predictor, hw: tuple[int, int], batch: int, seconds: float = 6.0) -> float:
     x = np.random.default_rng(0).integers(0, 256, (batch, *hw, 3)).astype(np.uint8)
     predictor(x)  # warm
@@ -195,7 +228,10 @@ def main() -> None:
         raw_decode_rate(slide, 1, 100)  # warm the file cache and the decoder
         figures["raw_decode_tiles_per_s"] = {t: round(raw_decode_rate(slide, t), 1) for t in (1, 2, 4, 8, 16)
                                              if t <= max(2, os.cpu_count() or 2)}
+        figures["feeder_cpu_decode"] = feeder_rate(slide, None)
         if cuda:
+            figures["feeder_cpu_decode_16_threads"] = feeder_rate(slide, None, workers=16)
+            figures["feeder_gpu_decode"] = feeder_rate(slide, "cuda")
             torch.manual_seed(0)
             paper = build_classifier("resnet152v2", backbone_weights=None, field_um=(128.0, 128.0))
             batch = 256

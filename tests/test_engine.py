@@ -198,6 +198,19 @@ def test_batches_hold_the_pixels_read_region_gives(tmp_path: Path, cmu_rgb: np.n
                     np.testing.assert_array_equal(px, slide.read_region(grid.level, y, x, h, w))
                     seen += 1
             assert seen == len(rc)  # including the windows that run past the right and bottom edges
+            # Stacked into given host memory (a GPU run's pinned batches): the same pixels, in that memory.
+            import torch
+
+            given = []
+
+            def alloc(shape, given=given):
+                given.append(torch.empty(shape, dtype=torch.uint8))
+                return given[-1]
+
+            for (_, plain), (_, into) in zip(window_batches(slide, grid, rc, 7),
+                                             window_batches(slide, grid, rc, 7, alloc=alloc), strict=True):
+                assert into is given[-1] and into.dtype == torch.uint8
+                np.testing.assert_array_equal(into.numpy(), plain)
 
 
 def test_each_tile_is_decoded_once_per_pass(tmp_path: Path, cmu_rgb: np.ndarray, tiny_model) -> None:

@@ -366,7 +366,8 @@ def _classify(
         def produce() -> None:
             # Decode tile rows and cut batches ahead of the model, at most `prefetch` batches ahead.
             try:
-                for item in window_batches(slide, grid, todo, batch_size, pool, stop, read_row=rows):
+                for item in window_batches(slide, grid, todo, batch_size, pool, stop, read_row=rows,
+                                           alloc=predictor.host_batch if predictor.device.type == "cuda" else None):
                     while not stop.is_set():
                         try:
                             ready.put(item, timeout=0.1)

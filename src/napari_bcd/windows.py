@@ -82,7 +82,8 @@ def window_tissue_fraction(mask: np.ndarray, mask_downsample: tuple[float, float
 
 def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: int, pool: Executor | None = None,
                    stop: threading.Event | None = None,
-                   read_row: Callable[..., Any] | None = None) -> Iterator[tuple[np.ndarray, Any]]:
+                   read_row: Callable[..., Any] | None = None,
+                   alloc: Callable[[tuple[int, ...]], Any] | None = None) -> Iterator[tuple[np.ndarray, Any]]:
     """The pixels of ``windows`` (``(row, col)`` pairs in row-major order), in batches, each tile decoded once.
 
     Windows are cut from bands of decoded tile rows as array views: a tile row
@@ -94,7 +95,10 @@ def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: in
 
     ``read_row`` replaces :meth:`Slide.read_tile_row` (same arguments): a
     :class:`napari_bcd.io.device_decode.DeviceRows` decodes the rows on the
-    model's device, and the batches are then uint8 tensors there.
+    model's device, and the batches are then uint8 tensors there.  ``alloc``
+    gives the array (or CPU tensor) each host batch is stacked into, e.g. a
+    pinned tensor (:meth:`napari_bcd.model.Predictor.host_batch`), so the
+    copy to a GPU starts from it without another copy.
 
     Yields
     ------
@@ -142,12 +146,12 @@ def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: in
         batch_rc.append((r, c))
         batch_px.append(_cut(band, y - band_y0, x, h, w))
         if len(batch_rc) == batch_size:
-            yield np.asarray(batch_rc), _stack(batch_px)
+            yield np.asarray(batch_rc), _stack(batch_px, alloc)
             batch_rc, batch_px = [], []
             if stop is not None and stop.is_set():
                 return
     if batch_rc:
-        yield np.asarray(batch_rc), _stack(batch_px)
+        yield np.asarray(batch_rc), _stack(batch_px, alloc)
 
 
 def _is_tensor(a: Any) -> bool:
@@ -162,12 +166,16 @@ def _concat(parts: list) -> Any:
     return np.concatenate(parts)
 
 
-def _stack(parts: list) -> Any:
+def _stack(parts: list, alloc: Callable[[tuple[int, ...]], Any] | None = None) -> Any:
     if _is_tensor(parts[0]):
         import torch
 
         return torch.stack(parts)
-    return np.stack(parts)
+    if alloc is None:
+        return np.stack(parts)
+    out = alloc((len(parts), *parts[0].shape))
+    np.stack(parts, out=out.numpy() if _is_tensor(out) else out)
+    return out
 
 
 def _cut(band: Any, y: int, x: int, h: int, w: int) -> Any:

@@ -123,6 +123,16 @@ class Predictor:
         """Apply this OD map (:func:`napari_bcd.stain.macenko_transform`) to every batch from now on; None: off."""
         self.stain_map = None if m is None else torch.as_tensor(m, dtype=torch.float32, device=self.device)
 
+    def host_batch(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An empty uint8 CPU tensor for a batch: pinned when the model is on a CUDA GPU.
+
+        The engine stacks windows straight into it, so :meth:`submit` starts the
+        copy to the GPU from it without another copy.  (A torch tensor, not its
+        numpy view: torch keeps pinned memory from reuse until the copy from it
+        has finished only for its own tensors.)
+        """
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
     @property
     def default_batch_size(self) -> int:
         """A batch that keeps a GPU busy, or CPU memory small (no speed is lost on the CPU)."""
@@ -162,8 +172,9 @@ class Predictor:
         if _same_device(x.device, self.device):
             pass  # decoded on the device already (napari_bcd.io.device_decode)
         elif cuda and x.device.type == "cpu":
-            # pinned staging memory comes from torch's caching host allocator (reused, freed after the copy)
-            x = x.pin_memory().to(self.device, non_blocking=True)
+            # pinned memory comes from torch's caching host allocator (reused once the copy from it is done);
+            # a batch stacked into host_batch() is pinned already
+            x = (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)
         size = tuple(self.model.card.input_px)
