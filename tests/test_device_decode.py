@@ -129,6 +129,10 @@ def test_what_is_not_jpeg_decodes_on_the_cpu_with_a_reason(tmp_path: Path, cmu_r
         assert slide.jpeg_tiles(0) is None
         with pytest.raises(SlideError, match="not stored as JPEG tiles"):
             slide.jpeg_tile(0, 0, 0)
+    off_level = r"no tile \(13, 0\); the level has 13 x 10"
+    with open_slide(SAMPLE_SLIDE) as slide, pytest.raises(SlideError, match=off_level):
+        slide.jpeg_tile(0, 13, 0)
+    with open_slide(zlib) as slide:
         with pytest.raises(SlideError, match="decode it on the CPU"):
             DeviceRows(slide, 0, "cpu")
         cmap = classify(slide, predictor, decode="device")

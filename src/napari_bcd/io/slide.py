@@ -163,6 +163,9 @@ class _Segments:
 
     def jpeg_stream(self, ty: int, tx: int) -> bytes | None:
         """Tile ``(ty, tx)`` as a complete JPEG stream any decoder reads as this reader does; None when empty."""
+        if not (0 <= ty < self.grid[0] and 0 <= tx < self.grid[1]):
+            raise SlideError(f"{self.path.name}: there is no tile ({ty}, {tx}); the level has {self.grid[0]} x "
+                             f"{self.grid[1]} tiles.")
         data = self._read_bytes(ty * self.grid[1] + tx)
         if data is None:
             return None
