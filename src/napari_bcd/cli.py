@@ -344,9 +344,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         print(f"Dask cluster: {len(client.scheduler_info().get('workers', {}))} worker(s)"
               + (f"; dashboard {link}" if link else ""), file=sys.stderr)
     else:
-        from .cohort import _model_for
+        from .cohort import cohort_model
 
-        _model_for(model_path, settings)  # load once here: a bad model stops the run before any slide
+        cohort_model(model_path, settings)  # load once here: a bad model stops the run before any slide
     rows: list[dict] = []
     bar = None
 

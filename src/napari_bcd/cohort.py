@@ -31,7 +31,8 @@ from typing import Any
 
 from .errors import BcdError
 
-__all__ = ["CohortItem", "CohortSettings", "classify_one", "collect_slides", "iter_cohort", "write_cohort_table"]
+__all__ = ["CohortItem", "CohortSettings", "LoadedModel", "classify_one", "cohort_model", "collect_slides",
+           "iter_cohort", "write_cohort_table"]
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +164,16 @@ def collect_slides(inputs: list[str], *, recursive: bool = False, manifest: str 
 
 
 @dataclass
-class _Loaded:
+class LoadedModel:
     predictor: Any
     sha: str
     card: Any
 
 
-_MODELS: dict[tuple, _Loaded] = {}
+_MODELS: dict[tuple, LoadedModel] = {}
 
 
-def _model_for(model_path: str | None, settings: CohortSettings) -> _Loaded:
+def cohort_model(model_path: str | None, settings: CohortSettings) -> LoadedModel:
     """The model, loaded once per process (a Dask worker keeps it between slides)."""
     from .model.checkpoint import load_model
     from .model.inference import Predictor
@@ -184,7 +185,7 @@ def _model_for(model_path: str | None, settings: CohortSettings) -> _Loaded:
     if key not in _MODELS:
         model = load_model(model_path)
         _MODELS.clear()
-        _MODELS[key] = _Loaded(Predictor(model, device=device, precision=settings.precision,
+        _MODELS[key] = LoadedModel(Predictor(model, device=device, precision=settings.precision,
                                          compile=settings.compile), model.card.weights_sha256, model.card)
     return _MODELS[key]
 
@@ -250,7 +251,7 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
     t0 = time.perf_counter()
     out = Path(out)
     try:
-        loaded = _model_for(model_path, settings)
+        loaded = cohort_model(model_path, settings)
         keys = settings.result_keys(item.mpp)
         with slide_lock(out, item.stem):
             paths = output_paths(out, item.stem)

@@ -49,8 +49,8 @@ class Annotation:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        self.polygon = _open_ring(np.asarray(self.polygon, dtype=np.float64).reshape(-1, 2))
-        self.holes = [_open_ring(np.asarray(h, dtype=np.float64).reshape(-1, 2)) for h in self.holes]
+        self.polygon = open_ring(np.asarray(self.polygon, dtype=np.float64).reshape(-1, 2))
+        self.holes = [open_ring(np.asarray(h, dtype=np.float64).reshape(-1, 2)) for h in self.holes]
 
     def to_shapely(self) -> Polygon:
         """A shapely Polygon in ``(x, y)`` order (shapely's and GeoJSON's)."""
@@ -63,7 +63,7 @@ class Annotation:
         return float(self.to_shapely().area)
 
 
-def _open_ring(ring: np.ndarray) -> np.ndarray:
+def open_ring(ring: np.ndarray) -> np.ndarray:
     """Drop repeated closing vertices (ImageScope and GeoJSON repeat the first)."""
     while len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
         ring = ring[:-1]

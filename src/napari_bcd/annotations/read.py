@@ -20,7 +20,7 @@ import numpy as np
 
 from ..classes import class_id
 from ..errors import AnnotationError
-from .model import Annotation, ReadReport, _open_ring
+from .model import Annotation, ReadReport, open_ring
 
 __all__ = ["AnnotationList", "read_annotations"]
 
@@ -140,7 +140,7 @@ def _ring(points: Any, where: str) -> np.ndarray:
         raise AnnotationError(f"{where}: coordinates include NaN or infinity. Fix or remove that region.")
     if np.abs(arr[:, :2]).max() > 1e9:
         raise AnnotationError(f"{where}: coordinates beyond a billion pixels; no slide is that large. Fix that region.")
-    return _open_ring(arr[:, 1::-1][:, :2].copy())  # [x, y] -> (y, x)
+    return open_ring(arr[:, 1::-1][:, :2].copy())  # [x, y] -> (y, x)
 
 
 def _valid_parts(outer: np.ndarray, holes: list[np.ndarray], where: str, report: ReadReport) -> list[tuple[np.ndarray,
@@ -162,8 +162,8 @@ def _valid_parts(outer: np.ndarray, holes: list[np.ndarray], where: str, report:
         for q in getattr(g, "geoms", [g]):
             if q.area > 0:
                 parts.append(
-                    (_open_ring(np.asarray(q.exterior.coords)[:, ::-1]),
-                     [_open_ring(np.asarray(i.coords)[:, ::-1]) for i in q.interiors])
+                    (open_ring(np.asarray(q.exterior.coords)[:, ::-1]),
+                     [open_ring(np.asarray(i.coords)[:, ::-1]) for i in q.interiors])
                 )
     report.repaired.append(f"{where}: self-intersecting ring split into {len(parts)} valid polygon(s)")
     return parts

@@ -387,12 +387,12 @@ def _compute_features(model, dev, slide, grid, corrections: Corrections, wins: n
     out = _Features(torch.cat(corr_feats), win_f)
     if dataset is None:
         return out
-    from ..train.finetune import FeatureProgress, _features
+    from ..train.finetune import FeatureProgress, backbone_features
 
     out.views = views if card.record.augmented else 1
     needed = sorted(set(train_idx) | set(val_idx))
-    gen = _features(model, dataset, needed, out.views, lambda i: resize_area(dataset.load(i), size), dev,
-                    feature_batch, True)
+    gen = backbone_features(model, dataset, needed, out.views, lambda i: resize_area(dataset.load(i), size), dev,
+                            feature_batch, True)
     try:
         item = next(gen)
         while True:
@@ -525,7 +525,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     from ..decision import DecisionRule, decide
     from ..model.checkpoint import load_checkpoint, save_checkpoint
     from ..model.inference import choose_device
-    from ..train.finetune import _fold_standardisation
+    from ..train.finetune import fold_standardisation
 
     t_start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -556,7 +556,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
                                                  dev, rng)
     # fold the standardisation back: a plain Table II head on raw features
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("head.")}
-    model.load_state_dict({**model.state_dict(), **_fold_standardisation(state, norm)})
+    model.load_state_dict({**model.state_dict(), **fold_standardisation(state, norm)})
     with torch.inference_mode():
         new_win_p = torch.softmax(_head_batches(head, feats.windows, dev), 1).cpu()
     corrected_after = _cells_agree(wins, new_win_p.numpy(), cells, pools.new_idx.numpy(), kh, kw)

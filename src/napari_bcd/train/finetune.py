@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from ..model.classifier import Classifier
     from ..model.preprocessing import Preprocessing
 
-__all__ = ["STOP", "EpochStats", "FeatureProgress", "TrainPlan", "TrainResult", "dihedral", "hed_jitter",
-           "iter_finetune"]
+__all__ = ["STOP", "EpochStats", "FeatureProgress", "TrainPlan", "TrainResult", "backbone_features", "dihedral",
+           "fold_standardisation", "hed_jitter", "iter_finetune"]
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,8 @@ def _finetune(dataset: Dataset, *, out: Path, proto: Protocol, the_split: Split,
 
     bank = row_of = images = None
     if not finetune_last_stage:
-        bank_or_none = yield from _features(model, dataset, needed, base_views, images_of, dev, feature_batch, cache,
-                                            stain_augment)
+        bank_or_none = yield from backbone_features(model, dataset, needed, base_views, images_of, dev,
+                                                    feature_batch, cache, stain_augment)
         if bank_or_none is None:
             return TrainResult(None, stopped="stopped by the user", notes=["Stopped while computing features."])
         bank = bank_or_none
@@ -468,7 +468,7 @@ class _HeadTraining:
         """The trainable weights now (head, and last stage when fine-tuned), standardisation folded in."""
         state = self.model.state_dict()
         kept = {k: v.detach().clone() for k, v in state.items() if k.startswith("head.") or k in self.trainable_names}
-        return _fold_standardisation(kept, self.norm) if self.norm is not None else kept
+        return fold_standardisation(kept, self.norm) if self.norm is not None else kept
 
 
 def hed_jitter(rgb: np.ndarray, seed: int, amount: float = 0.2, shift: float = 0.01) -> np.ndarray:
@@ -484,8 +484,9 @@ def hed_jitter(rgb: np.ndarray, seed: int, amount: float = 0.2, shift: float = 0
     return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
 
 
-def _features(model, dataset: Dataset, needed: list[int], T: int, images_of, dev, feature_batch: int, cache: bool,
-              stain_augment: bool = False):
+def backbone_features(model: Classifier, dataset: Dataset, needed: list[int], T: int,
+                      images_of: Callable[[int], np.ndarray], dev: torch.device, feature_batch: int, cache: bool,
+                      stain_augment: bool = False) -> Generator[FeatureProgress, Any, torch.Tensor | None]:
     """Backbone features of every needed image and view, from the cache or computed once.
 
     Yields :class:`FeatureProgress`; returns an ``images x views x C x H x W``
@@ -676,7 +677,7 @@ def _probe_init(head, pipeline, norm, n_classes: int, bank, rows: np.ndarray) ->
         out.bias.copy_(torch.as_tensor(b, dtype=out.bias.dtype))
 
 
-def _fold_standardisation(state: dict, norm) -> dict:
+def fold_standardisation(state: dict, norm: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Fold ``(x - mean) / std`` into ``head.conv1``: the same outputs from raw features."""
     mean, std = norm
     w = state["head.conv1.weight"]  # out x in x 1 x 1
