@@ -84,13 +84,15 @@ def test_the_engine_on_device_decoded_tiles_gives_the_cpu_map(tiny_model) -> Non
 
     predictor = Predictor(tiny_model, device="cpu")
     with open_slide(SAMPLE_SLIDE) as slide:
-        cpu = classify(slide, predictor, stride=0.5, decode="cpu")
-        dev = classify(slide, predictor, stride=0.5, decode="device")
+        cpu = classify(slide, predictor, stride=0.5, decode="cpu", quality=True)
+        dev = classify(slide, predictor, stride=0.5, decode="device", quality=True)  # tensor batches
         auto = classify(slide, predictor, stride=0.5)  # a CPU model: auto decodes on the CPU
     assert cpu.info["decode"] == "cpu" and auto.info["decode"] == "cpu"
     assert dev.info["decode"].startswith(f"{jpeg_decoder()[0]} on cpu (RGB-JPEG, mean difference 0.00")
     np.testing.assert_array_equal(dev.labels, cpu.labels)
     np.testing.assert_allclose(dev.probs, cpu.probs, atol=1e-6)
+    assert np.isfinite(cpu.quality).any()
+    np.testing.assert_array_equal(dev.quality, cpu.quality)
     assert dev.info["decoded_tiles"] == dev.info["tiles_touched"] == cpu.info["decoded_tiles"]
 
 

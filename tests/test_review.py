@@ -154,6 +154,13 @@ def test_quality_flags_pen_and_blur_and_passes_real_tissue(cmu_rgb):
     wins = np.stack([cmu_rgb[y : y + 400, x : x + 400] for y in range(0, 2500, 400) for x in range(0, 1800, 400)])
     q = quality_scores(wins, 0.499)["quality"]
     assert np.nanmin(q) >= 0.7 and np.isfinite(q).sum() >= 15
+    # A batch still on the model's device (a torch tensor) scores the same: only its samples are copied back.
+    import torch
+
+    on_device = quality_scores(torch.from_numpy(np.concatenate([wins[:, :256, :256], blurred])), 0.499)
+    on_host = quality_scores(np.concatenate([wins[:, :256, :256], blurred]), 0.499)
+    for key in on_host:
+        np.testing.assert_array_equal(on_device[key], on_host[key])
 
 
 def test_engine_scores_quality_and_min_quality_marks_bad_cells(tiny_model):

@@ -412,10 +412,10 @@ def _classify(
                 if item is not _END:
                     batch_rc, pixels = item
                     # The quality score runs in the reading threads (in chunks, so a big GPU batch spreads
-                    # over them) while the model works on the batch.
-                    host = pixels.cpu().numpy() if score_quality and not isinstance(pixels, np.ndarray) else pixels
-                    q_futures = [pool.submit(window_quality, host[i : i + 64], level_mpp)
-                                 for i in range(0, len(host), 64)] if score_quality else []
+                    # over them) while the model works on the batch; of a batch on the GPU only its strided
+                    # samples come to the host.
+                    q_futures = [pool.submit(window_quality, pixels[i : i + 64], level_mpp)
+                                 for i in range(0, len(pixels), 64)] if score_quality else []
                     submitted = (batch_rc, predictor.submit(pixels), q_futures)
                 finished = [in_flight] if in_flight is not None else []
                 in_flight = submitted

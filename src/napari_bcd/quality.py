@@ -31,6 +31,8 @@ Calibrated on the real H&E tiles in ``tests/data`` and the CMU slide.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 __all__ = ["quality_scores", "window_quality"]
@@ -71,28 +73,43 @@ def _tissue(s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (s > 0.1) & (v < 0.92)
 
 
-def quality_scores(batch: np.ndarray, level_mpp: float = 1.0) -> dict[str, np.ndarray]:
+def _samples(x: Any, level_mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """The two strided samples the scores read, as numpy: colour (whole window), sharpness (centre, ~1 µm/px).
+
+    ``x`` may be a torch tensor on a GPU: only these samples (about 8 % of a 256-px window) come to the host.
+    """
+    H, W = x.shape[1:3]
+    sy, sx = max(1, H // _COLOUR_PX), max(1, W // _COLOUR_PX)
+    # Every f-th pixel: striding keeps what is sharp sharp and what is blurred smooth, at a fraction of the
+    # cost of averaging.
+    f = max(1, int(round(_BLUR_MPP / max(level_mpp, 1e-6))))
+    side = min(_BLUR_PX, H // f, W // f)
+    y0, x0 = (H - side * f) // 2, (W - side * f) // 2
+    colour, crop = x[:, ::sy, ::sx], x[:, y0 : y0 + side * f : f, x0 : x0 + side * f : f]
+    if not isinstance(x, np.ndarray):  # a torch tensor
+        return colour.cpu().numpy(), crop.cpu().numpy()
+    return colour, crop
+
+
+def quality_scores(batch: Any, level_mpp: float = 1.0) -> dict[str, np.ndarray]:
     """``pen``, ``blur``, ``fold`` and ``quality`` (their minimum), each ``(N,)`` float32, for a uint8 batch.
 
-    ``level_mpp`` is the µm/px of the batch's pixels (the sharpness is measured at about 1 µm/px).
+    ``batch`` is ``N x H x W x 3`` (or one ``H x W x 3`` window), numpy or a
+    torch tensor on any device.  ``level_mpp`` is the µm/px of the batch's
+    pixels (the sharpness is measured at about 1 µm/px).
     """
-    x = np.asarray(batch)
+    x = batch if hasattr(batch, "cpu") else np.asarray(batch)
     if x.ndim == 3:
         x = x[None]
-    H, W = x.shape[1:3]
+    colour, crop = _samples(x, level_mpp)
     # Colour shares on a strided sample of the whole window.
-    sy, sx = max(1, H // _COLOUR_PX), max(1, W // _COLOUR_PX)
-    h, s, v = _hsv(x[:, ::sy, ::sx])
+    h, s, v = _hsv(colour)
     tissue = _tissue(s, v).mean(axis=(1, 2))
     ink = ((s >= 0.25) & (h >= 60) & (h <= 200)) | ((s >= 0.75) & ((h >= 345) | (h <= 15))) | (v <= 0.15)
     pen_share = ink.mean(axis=(1, 2))
     fold_share = ((s >= 0.7) & (v <= 0.5) & (h >= 260) & (h <= 345)).mean(axis=(1, 2))
-    # Sharpness on the centre at about 1 µm/px: every f-th pixel (striding keeps what is sharp sharp and what
-    # is blurred smooth, at a fraction of the cost of averaging), vectorised over the batch.
-    f = max(1, int(round(_BLUR_MPP / max(level_mpp, 1e-6))))
-    side = min(_BLUR_PX, H // f, W // f)
-    y0, x0 = (H - side * f) // 2, (W - side * f) // 2
-    cr, cg, cb = _planes(x[:, y0 : y0 + side * f : f, x0 : x0 + side * f : f])
+    # Sharpness on the centre at about 1 µm/px, vectorised over the batch.
+    cr, cg, cb = _planes(crop)
     grey = (cr * np.float32(0.299 / 255) + cg * np.float32(0.587 / 255)) + cb * np.float32(0.114 / 255)
     mx = _max3(cr, cg, cb).astype(np.float32)
     mn = _min3(cr, cg, cb)
@@ -117,6 +134,6 @@ def quality_scores(batch: np.ndarray, level_mpp: float = 1.0) -> dict[str, np.nd
     return out
 
 
-def window_quality(batch: np.ndarray, level_mpp: float = 1.0) -> np.ndarray:
+def window_quality(batch: Any, level_mpp: float = 1.0) -> np.ndarray:
     """The quality score (min of pen, blur, fold) of each window of a uint8 batch; NaN for glass."""
     return quality_scores(batch, level_mpp)["quality"]
