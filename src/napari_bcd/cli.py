@@ -667,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-area", type=_NON_NEGATIVE, default=0.0,
                    help="mm² a class must exceed to count for the slide call")
     p.add_argument("--mpp", type=_POSITIVE, help="µm per pixel of level 0, for files that do not say")
-    p.add_argument("--workers", type=_COUNT, help="reading threads (default: up to 4)")
+    p.add_argument("--workers", type=_COUNT, help="decoding threads (default: one per core, up to 8)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _decision_options(p)
     p.set_defaults(func=_cmd_classify)
