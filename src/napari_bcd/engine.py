@@ -174,9 +174,9 @@ def iter_classify(
         Level-0 µm/px, for images whose file does not say (or says wrong).
     workers, prefetch
         Decoding threads (default: one per core, up to 8), and batches read
-        ahead of the model.  Each tile is
-        decoded once per pass (:func:`~napari_bcd.windows.window_batches`);
-        windows are resized on the model's device.
+        ahead of the model.  Each tile is decoded once per pass
+        (:func:`~napari_bcd.windows.window_batches`); windows are resized on
+        the model's device.
     decode
         Where JPEG tiles are decoded: ``"auto"`` (on a CUDA model's GPU by
         nvJPEG when the slide's tiles allow it and a sample decodes as the CPU
