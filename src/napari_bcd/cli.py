@@ -604,6 +604,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .io.device_decode import DECODE_MODES
+
     parser = argparse.ArgumentParser(
         prog="napari-bcd",
         description="Breast cancer classification of H&E slides (ICIAR 2018 / BACH classes).",
@@ -658,9 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (GPU runs of many windows; compiled once per run, before the timing)")
-    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
+    p.add_argument("--decode", default="auto", choices=list(DECODE_MODES),
                    help="where JPEG tiles are decoded: auto (nvJPEG on a CUDA GPU when a sample of the slide decodes "
-                        "as on the CPU, else the CPU), cpu, or device (torchvision on the model's device)")
+                        "as on the CPU, else the CPU), cpu, or device (TorchCodec/torchvision on the model's device)")
     p.add_argument("--tissue-threshold", type=_SHARE, default=0.1, help="minimum saturation of tissue (0-1)")
     p.add_argument("--min-tissue", type=_SHARE, default=0.25,
                    help="classify windows with at least this tissue fraction")

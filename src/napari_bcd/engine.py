@@ -180,8 +180,8 @@ def iter_classify(
     decode
         Where JPEG tiles are decoded: ``"auto"`` (on a CUDA model's GPU by
         nvJPEG when the slide's tiles allow it and a sample decodes as the CPU
-        does, else on the CPU), ``"cpu"``, or ``"device"`` (torchvision on the
-        model's device, whatever it is; checked the same way).  What was used
+        does, else on the CPU), ``"cpu"``, or ``"device"`` (TorchCodec or
+        torchvision on the model's device, whatever it is; checked the same way).  What was used
         and why is ``info["decode"]``.
     compile
         ``torch.compile`` the model (a GPU's long runs): compiled once, before

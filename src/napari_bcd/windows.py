@@ -155,7 +155,7 @@ def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: in
 
 
 def _is_tensor(a: Any) -> bool:
-    return type(a).__module__.startswith("torch")
+    return not isinstance(a, np.ndarray)  # a torch tensor (rows from DeviceRows, batches from an alloc)
 
 
 def _concat(parts: list) -> Any:

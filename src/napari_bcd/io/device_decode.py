@@ -41,7 +41,8 @@ __all__ = ["DECODE_MODES", "DeviceRows", "device_rows", "jpeg_decoder"]
 log = logging.getLogger(__name__)
 
 #: ``auto``: on the device when it is a CUDA GPU and the sample check passes; ``cpu``: always imagecodecs in
-#: threads; ``device``: torchvision on the model's device whatever it is (still checked; falls back with a note).
+#: threads; ``device``: TorchCodec/torchvision on the model's device whatever it is (still checked; falls back
+#: with a note).
 DECODE_MODES = ("auto", "cpu", "device")
 _FILL = 255
 
@@ -73,7 +74,7 @@ def jpeg_decoder(backend: str = "auto") -> tuple[str, Callable[..., Any]]:
 
 
 class DeviceRows:
-    """Tile rows of one level decoded by torchvision on ``device``: uint8 ``(tile_h, level_w, 3)`` tensors there.
+    """Tile rows of one level decoded on ``device`` (:func:`jpeg_decoder`): uint8 ``(tile_h, level_w, 3)`` there.
 
     Callable like :meth:`napari_bcd.io.Slide.read_tile_row`; only the tile
     columns asked for are decoded (one batched call per row), everything else

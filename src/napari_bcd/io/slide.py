@@ -20,6 +20,7 @@ Label, macro and thumbnail images of SVS files are not levels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -147,12 +148,13 @@ class _Segments:
             self.cache.put(key, arr)
         return arr
 
+    @functools.cached_property
     def jpeg_kind(self) -> str | None:
         """``"ycbcr"`` or ``"rgb"`` when the tiles are baseline JPEG a generic decoder can read, else None.
 
         "rgb" is the TIFF's RGB photometric (Aperio stores RGB-JPEG: no colour
         transform); a tile that carries a JFIF marker is YCbCr all the same,
-        as tifffile reads it.
+        as tifffile reads it.  A property of the page, worked out once.
         """
         page = self.page
         simple = (int(page.compression) == 7 and page.is_tiled and self.samples == 3 and self.jpegheader is None
@@ -169,7 +171,7 @@ class _Segments:
         data = self._read_bytes(ty * self.grid[1] + tx)
         if data is None:
             return None
-        return complete_jpeg(data, self.jpegtables, rgb=self.jpeg_kind() == "rgb")
+        return complete_jpeg(data, self.jpegtables, rgb=self.jpeg_kind == "rgb")
 
     def read_row(self, ty: int, txs: Iterable[int] | None, pool: Executor | None = None) -> np.ndarray:
         """Tile row (or strip) ``ty`` over the page's full width; only the columns ``txs`` are decoded."""
@@ -512,8 +514,7 @@ class Slide:
         OME-Zarr and in-memory images.
         """
         seg = self._segments[level] if self._segments is not None else None
-        kind = getattr(seg, "jpeg_kind", None)
-        return kind() if kind is not None else None
+        return getattr(seg, "jpeg_kind", None)  # only tifffile's segments have JPEG tiles to hand over
 
     def jpeg_tile(self, level: int, ty: int, tx: int) -> bytes | None:
         """Tile ``(ty, tx)`` of ``level`` as a complete JPEG stream (tables spliced in, RGB-JPEG marked as such).
