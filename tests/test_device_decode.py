@@ -160,3 +160,24 @@ def test_cli_decode_option(tmp_path: Path, tiny_checkpoint: Path, capsys) -> Non
     with pytest.raises(SystemExit) as exc:
         main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--decode", "gpu"])
     assert exc.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_bad_decoder_arguments_end_in_messages() -> None:
+    from napari_bcd.errors import SlideError
+    from napari_bcd.io import open_slide
+    from napari_bcd.io.device_decode import DeviceRows, device_rows, jpeg_decoder
+
+    with pytest.raises(SlideError, match="Unknown JPEG decoder 'nvjpeg'; use auto, torchcodec or torchvision"):
+        jpeg_decoder("nvjpeg")
+    with open_slide(SAMPLE_SLIDE) as slide:
+        with pytest.raises(SlideError, match="Unknown decode mode 'gpu'; use one of auto, cpu, device"):
+            device_rows(slide, 0, "cpu", "gpu")
+        rows = DeviceRows(slide, 0, "cpu")
+        with pytest.raises(SlideError, match="This reader decodes level 0, not 1"):
+            rows(1, 0)
+        with pytest.raises(SlideError, match="no tile"):
+            rows.decode([(-1, 0)])
+        assert (rows(0, 99).numpy() == 255).all()  # a row past the image: glass, as on the CPU path
+        # no sample tile to compare: never trusted
+        reader, note = device_rows(slide, 0, "cpu", "device", sample=[])
+        assert reader is None and "no sample tile to compare" in note
