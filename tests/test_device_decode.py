@@ -160,6 +160,20 @@ def test_cli_decode_option(tmp_path: Path, tiny_checkpoint: Path, capsys) -> Non
     with pytest.raises(SystemExit) as exc:
         main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(out), "--decode", "gpu"])
     assert exc.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
+    # asked for but not possible: said on stderr, and in the cohort table
+    import tifffile
+
+    zlib = write_pyramid(tmp_path / "zlib.tif", tifffile.imread(SAMPLE_SLIDE), levels=2, compression="zlib")
+    copy = tmp_path / "cmu.svs"
+    copy.write_bytes(SAMPLE_SLIDE.read_bytes())
+    out2 = tmp_path / "out2"
+    assert main(["classify", str(zlib), str(copy), "--model", str(tiny_checkpoint), "--out", str(out2),
+                 "--decode", "device"]) == 0
+    err = capsys.readouterr().err
+    assert "zlib.tif: tiles decoded on the CPU: the tiles are not baseline JPEG" in err
+    assert "cmu.svs: tiles decoded on the CPU" not in err
+    table = (out2 / "cohort.csv").read_text()
+    assert "decode" in table.splitlines()[0] and "the tiles are not baseline JPEG" in table
 
 
 def test_bad_decoder_arguments_end_in_messages() -> None:

@@ -379,6 +379,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                 print(row.get("table", ""))
                 if row.get("stain_warning") and "normalised" not in row["stain_warning"]:
                     print(f"napari-bcd: {name}: {row['stain_warning']}", file=sys.stderr)
+                if str(row.get("decode", "")).startswith("cpu: "):  # the device decoder was asked for, not used
+                    print(f"napari-bcd: {name}: tiles decoded on the CPU: {row['decode'][5:]}", file=sys.stderr)
                 print(f"wrote {row['id']}.* in {out}")
     finally:
         if bar is not None:

@@ -287,6 +287,7 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
                           summary=summary, record=record)
         row = _row(item, "done", seconds=round(time.perf_counter() - t0, 3), model=loaded.card.name,
                    model_sha256=loaded.sha, windows_per_s=cmap.info.get("windows_per_s", 0.0),
+                   decode=cmap.info.get("decode", "cpu"),
                    **_summary_row(summary.to_dict()))
         if redo:
             row["note"] = "outputs of an interrupted run were computed again"
@@ -358,7 +359,7 @@ def iter_cohort(items: list[CohortItem], out: str | os.PathLike[str], model_path
 
 
 _FIRST = ["id", "slide", "status", "error", "call", "call_probability", "tissue_mm2", "classified_mm2",
-          "uncertain_mm2", "windows", "seconds", "windows_per_s", "model", "model_sha256", "decision",
+          "uncertain_mm2", "windows", "seconds", "windows_per_s", "decode", "model", "model_sha256", "decision",
           "stain_warning", "note"]
 
 
