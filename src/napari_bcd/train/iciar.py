@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 GROUND_TRUTH = "microscopy_ground_truth.csv"
 DATASET_INFO = "napari-bcd-dataset.json"
+#: provenance.csv: where each patch was cut (slide, level-0 box, coverage) and from which region (annotation).
+PROVENANCE_HEADER = ("filename", "label", "slide", "y", "x", "h", "w", "coverage", "region")
 
 
 @dataclass
@@ -53,9 +55,19 @@ class Dataset:
     problems: list[str] = field(default_factory=list)
     #: The field (µm, h x w) every image shows, when the folder records it (patches napari-bcd cut).
     field_um: tuple[float, float] | None = None
+    #: Per image, what a split must never cut (a patient, slide or region; :mod:`.groups`), or None.
+    groups: tuple[str, ...] | None = None
+    #: What the groups are, in words: "patient", "slide", "region" or "group".
+    group_kind: str = ""
+    #: Where the groups came from (a file, a column, a pattern), for reports.
+    group_source: str = ""
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def n_groups(self) -> int:
+        return len(set(self.groups)) if self.groups else 0
 
     def counts(self) -> dict[str, int]:
         c = Counter(int(v) for v in self.labels)
@@ -131,6 +143,7 @@ def read_iciar(root: str | os.PathLike[str]) -> Dataset:
     if not paths:
         raise DatasetError(f"{r} has class folders but no images (.tif, .png, .jpg).")
     gt = r / GROUND_TRUTH
+    csv_groups: dict[str, str] = {}
     if gt.is_file():
         by_name = {p.name: (p, lab) for p, lab in zip(paths, labels, strict=True)}
         listed = set()
@@ -140,6 +153,8 @@ def read_iciar(root: str | os.PathLike[str]) -> Dataset:
                     continue
                 name, label = row[0].strip(), row[1].strip()
                 listed.add(name)
+                if len(row) > 2 and row[2].strip():
+                    csv_groups[name] = " ".join(row[2].split())
                 cid = class_id(label)
                 if cid is None and label.isdigit():
                     cid = int(label) + 1  # some copies use 0-3
@@ -160,8 +175,24 @@ def read_iciar(root: str | os.PathLike[str]) -> Dataset:
         except (ValueError, TypeError, IndexError):
             problems.append(f"{info} is not valid; the field it records is ignored")
     ds = Dataset(r, paths, np.asarray(labels, np.int64), CLASS_NAMES, problems, field_um)
-    for msg in problems:
+    ds = _known_groups(ds, csv_groups)
+    for msg in ds.problems:
         log.warning("%s", msg)
+    return ds
+
+
+def _known_groups(ds: Dataset, csv_groups: dict[str, str]) -> Dataset:
+    """The folder's own groups: the patches' provenance (slide, region), else the CSV's third column."""
+    from .groups import provenance_groups, with_groups
+
+    prov = provenance_groups(ds.root, [p.name for p in ds.paths])
+    if prov is not None:
+        return with_groups(ds, prov[0], kind=prov[1], source=f"{ds.root.name}/provenance.csv")
+    if csv_groups:
+        if all(p.name in csv_groups for p in ds.paths):
+            return with_groups(ds, csv_groups, kind="group", source=f"{GROUND_TRUTH} (third column)")
+        ds.problems.append(f"{GROUND_TRUTH} gives a group (third column) for only {len(csv_groups)} of {len(ds)} "
+                           "images: the groups are ignored. Give every image its patient, or none.")
     return ds
 
 
@@ -194,6 +225,10 @@ class PatchPlan:
     ----------
     jobs
         ``(window row, window col, class id, coverage)`` of every window kept.
+    regions_of
+        The region (annotation) each job's window lies in most: its id in the
+        annotation file, else its position ("#3"); recorded in ``provenance.csv``
+        so training never splits a region between training and validation.
     counts
         Windows per class name (every class, 0 included).
     regions
@@ -212,6 +247,7 @@ class PatchPlan:
     grid: Any = None
     unknown: int = 0
     off_slide: dict[str, int] = field(default_factory=dict)
+    regions_of: list[str] = field(default_factory=list)
 
     @property
     def empty_classes(self) -> list[str]:
@@ -282,12 +318,14 @@ def plan_patches(
     grid = make_grid(slide.dimensions, slide.mpp, field_um, patch_px, [i.downsample for i in slide.level_info],
                      stride=stride)
     per_class: dict[int, list] = {}
+    region_ids: dict[int, list[str]] = {}
     unknown = 0
-    for a in annotations:
+    for i, a in enumerate(annotations):
         if a.cls is None:
             unknown += 1
             continue
         per_class.setdefault(a.cls, []).append(a.to_shapely().buffer(0))
+        region_ids.setdefault(a.cls, []).append(str(a.group) if a.group else f"#{i + 1}")
     if not per_class:
         raise DatasetError("None of the annotations has one of our classes; map your labels (label_map) first.")
     unions = {cid: union_all(polys) for cid, polys in per_class.items()}
@@ -298,6 +336,7 @@ def plan_patches(
     tree = STRtree(list(unions.values()))
     cids = list(unions)
     jobs: list[tuple[int, int, int, float]] = []
+    regions_of: list[str] = []
     area = grid.window_px[0] * grid.window_px[1]
     for r in range(grid.n_windows[0]):
         for c in range(grid.n_windows[1]):
@@ -312,6 +351,8 @@ def plan_patches(
                     best, best_cov = cids[int(idx)], cov
             if best is not None and best_cov >= coverage:
                 jobs.append((r, c, best, best_cov))
+                areas = [p.intersection(wbox).area for p in per_class[best]]
+                regions_of.append(region_ids[best][int(np.argmax(areas))])
     counts = Counter(CLASS_NAMES[cid - 1] for _, _, cid, _ in jobs)
     return PatchPlan(
         jobs=jobs,
@@ -319,7 +360,7 @@ def plan_patches(
         regions={CLASS_NAMES[cid - 1]: len(polys) for cid, polys in sorted(per_class.items())},
         field_um=(float(field_um[0]), float(field_um[1])),
         coverage=coverage, min_tissue=min_tissue, stride=stride, grid=grid, unknown=unknown,
-        off_slide={k: v for k, v in off_slide.items() if v},
+        off_slide={k: v for k, v in off_slide.items() if v}, regions_of=regions_of,
     )
 
 
@@ -394,14 +435,15 @@ def iter_export_patches(
             with atomic_write(out / cname / fname, "wb") as fh:
                 fh.write(buf.getvalue())
             gt_rows.append((fname, cname))
+            region = plan.regions_of[k] if k < len(plan.regions_of) else ""
             prov_rows.append((fname, cname, slide.name, round(by, 2), round(bx, 2), round(bh, 2), round(bw, 2),
-                              round(cov, 4)))
+                              round(cov, 4), region))
             counts[cname] += 1
             yield ExportProgress(k + 1, len(jobs))
     finally:
         # Also when stopped half-way: the CSVs list exactly the patches written.
         _append_csv(out / GROUND_TRUTH, gt_rows, None)
-        _append_csv(out / "provenance.csv", prov_rows, ("filename", "label", "slide", "y", "x", "h", "w", "coverage"))
+        _append_csv(out / "provenance.csv", prov_rows, PROVENANCE_HEADER)
     all_counts = {n: counts.get(n, 0) for n in CLASS_NAMES}
     too_few = [n for n, v in all_counts.items() if 0 < v < min_per_class or (v == 0 and n in plan.regions)]
     return ExportResult(out, all_counts, too_few, unknown)
@@ -413,8 +455,8 @@ def _append_csv(path: Path, rows: list[tuple], header: tuple | None) -> None:
     if path.is_file():
         with open(path, newline="", encoding="utf-8") as fh:
             existing = [row for row in csv.reader(fh) if row]
-        if header and existing and tuple(existing[0]) == header:
-            existing = existing[1:]
+        if header and existing and existing[0][0] == header[0]:
+            existing = existing[1:]  # this version's header, or an older one with fewer columns
     names = {str(r[0]) for r in rows}
     kept = [row for row in existing if row[0] not in names]
     with atomic_write(path, "w") as fh:

@@ -1,11 +1,14 @@
-"""Training/validation splits that work for any dataset size.
+"""Training/validation splits that never cut a group, for any dataset size.
 
 A pathologist's dataset may be a dozen regions; the BACH photos are 400.
-:func:`split_dataset` gives every class with two or more images at least one
-validation image, keeps single-image classes in training, and says plainly
-when there is nothing left to validate on.  ``"bach-patient"`` is the
-patient-aware split of the 400 BACH photos used by the eva benchmark, so that
-one patient's photos never sit on both sides.
+When the images carry groups (a patient, slide or region: :mod:`.groups`),
+:func:`split_dataset` keeps every group on one side, stratified by class as
+far as the groups allow, and :func:`group_folds` gives grouped folds for
+cross-validation.  Without groups the split is by image, and the
+:class:`Split` says plainly that its figures are optimistic: photos of one
+patient on both sides measure memory, not what a new patient gets.
+``"bach-patient"`` is the patient-aware split of the 400 BACH photos used by
+the eva benchmark.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import numpy as np
 from ..errors import DatasetError
 from .iciar import Dataset
 
-__all__ = ["BACH_PATIENT_VAL_RANGES", "Split", "bach_patient_split", "check_trainable", "split_dataset"]
+__all__ = ["BACH_PATIENT_VAL_RANGES", "Split", "bach_patient_split", "check_trainable", "group_folds",
+           "grouped_holdout", "split_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,9 @@ BACH_PATIENT_VAL_RANGES: tuple[tuple[int, int], ...] = (
     (41, 59), (60, 90), (139, 169), (240, 258), (260, 273), (345, 368),
 )
 BACH_FOLDER_ORDER = ("Benign", "InSitu", "Invasive", "Normal")
+#: What a report says when validation images share patients with training (a split by image).
+OPTIMISTIC = ("validation images share patients (or slides, or regions) with the training images, so this figure "
+              "is optimistic: expect less on new patients")
 
 
 @dataclass(frozen=True)
@@ -46,16 +53,46 @@ class Split:
         Words for the model card, e.g. ``"stratified 80/20, seed 0"``.
     notes
         What a user should know about it (classes kept out of validation...).
+    grouped
+        No group (patient, slide, region) has images on both sides.
+    group_kind
+        What the groups are ("patient", "slide", "region", "group"), "" when none.
+    train_groups, val_groups
+        Groups on each side.
     """
 
     train: list[int]
     val: list[int]
     kind: str
     notes: list[str] = field(default_factory=list)
+    grouped: bool = False
+    group_kind: str = ""
+    train_groups: int = 0
+    val_groups: int = 0
 
     @property
     def has_validation(self) -> bool:
         return bool(self.val)
+
+    @property
+    def optimistic(self) -> bool:
+        """Validation shares patients with training: its figures overstate what new patients get."""
+        return self.has_validation and not self.grouped
+
+    def describe(self) -> str:
+        """How validation was drawn, in words a pathologist reads."""
+        if not self.val:
+            return "no validation images"
+        if self.grouped:
+            what = f"{self.group_kind}s" if self.group_kind and self.group_kind != "group" else "groups"
+            return (f"validated on {self.val_groups} {what} never seen in training ({len(self.val)} images; "
+                    f"{self.train_groups} {what} train)")
+        return f"validated on {len(self.val)} images drawn at random ({OPTIMISTIC})"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "train": len(self.train), "val": len(self.val), "grouped": self.grouped,
+                "group_kind": self.group_kind, "train_groups": self.train_groups, "val_groups": self.val_groups,
+                "description": self.describe(), "notes": list(self.notes)}
 
 
 def check_trainable(dataset: Dataset) -> None:
@@ -105,6 +142,8 @@ def split_dataset(
         return _split_from_file(dataset, Path(split))
     if not 0 <= val_fraction < 1:
         raise DatasetError(f"The validation fraction must be in [0, 1), got {val_fraction}.")
+    if dataset.groups is not None:
+        return _grouped(dataset, val_fraction, seed)
     rng = np.random.default_rng(seed)
     train: list[int] = []
     val: list[int] = []
@@ -127,7 +166,105 @@ def split_dataset(
         notes.append("No class has two images, so nothing is left to validate on: the model trains on every image "
                      "and has no validation metrics. Add images to check what it learned.")
         kind = "none (all images train)"
+    elif val_fraction > 0:
+        notes.append("No patient, slide or region is known for these images, so validation images were drawn at "
+                     f"random: {OPTIMISTIC}. Give the groups (a third column in microscopy_ground_truth.csv, "
+                     "--groups FILE.csv or --group-pattern) for a figure that holds on new patients.")
     return Split(sorted(train), sorted(val), kind, notes)
+
+
+def _grouped(dataset: Dataset, val_fraction: float, seed: int) -> Split:
+    assert dataset.groups is not None
+    kind_word = dataset.group_kind or "group"
+    if val_fraction == 0:
+        return Split(list(range(len(dataset))), [], "none (all images train)", [], True, kind_word,
+                     dataset.n_groups, 0)
+    train, val, notes = grouped_holdout(dataset.labels, dataset.groups, dataset.classes, val_fraction, seed)
+    groups = np.asarray(dataset.groups, dtype=object)
+    n_train, n_val = len(set(groups[train])), len(set(groups[val]))
+    kind = f"grouped by {kind_word} ({n_train} train / {n_val} validate), {val_fraction:.0%} aimed, seed {seed}"
+    if not val:
+        kind = "none (too few groups to hold any out)"
+    return Split(train, val, kind, notes, True, kind_word, n_train, n_val)
+
+
+def _group_table(labels: np.ndarray, groups, n_classes: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(group names, group index of each image, groups x classes image counts)``."""
+    names, inverse = np.unique(np.asarray([str(g) for g in groups], dtype=object), return_inverse=True)
+    table = np.zeros((len(names), n_classes), np.int64)
+    np.add.at(table, (inverse, np.asarray(labels, np.int64)), 1)
+    return list(names), inverse, table
+
+
+def grouped_holdout(labels: np.ndarray, groups, classes, val_fraction: float = 0.2,
+                    seed: int = 0) -> tuple[list[int], list[int], list[str]]:
+    """Hold out whole groups, about ``val_fraction`` of each class: ``(train, val, notes)``.
+
+    Greedy over many random orders of the groups (seeded): a group goes to
+    validation when it brings every class's validation share closer to
+    ``val_fraction`` and no class loses its last training image; the order
+    that ends closest wins.  A class whose images all lie in one group is
+    not validated (said in the notes).  No group is ever on both sides.
+    """
+    names, inverse, table = _group_table(labels, groups, len(classes))
+    totals = table.sum(0)
+    target = val_fraction * totals
+    scale = np.maximum(totals, 1).astype(float)
+    multi = (table > 0).sum(0) >= 2  # classes that can be validated at all
+
+    def error(vc: np.ndarray) -> float:
+        missing = multi & (vc == 0)  # a class that could be validated but is not
+        return float(np.abs(vc - target).__truediv__(scale).sum() + missing.sum())
+
+    rng = np.random.default_rng(seed)
+    best: tuple[float, list[int]] = (np.inf, [])
+    for _ in range(64):
+        chosen: list[int] = []
+        vc = np.zeros(len(classes), np.int64)
+        for g in rng.permutation(len(names)):
+            row = table[g]
+            if ((totals - vc - row) <= 0)[row > 0].any():
+                continue  # would take a class's last training images
+            if error(vc + row) < error(vc):
+                chosen.append(int(g))
+                vc = vc + row
+        e = error(vc)
+        if e < best[0] - 1e-12:
+            best = (e, chosen)
+    val_groups = set(best[1])
+    val = sorted(int(i) for i in np.flatnonzero(np.isin(inverse, list(val_groups))))
+    train = sorted(int(i) for i in np.flatnonzero(~np.isin(inverse, list(val_groups))))
+    notes = []
+    for c, name in enumerate(classes):
+        if totals[c] and not multi[c]:
+            notes.append(f"All {name} images come from one group, which training needs: {name} is not validated. "
+                         f"Add {name} images from another patient, slide or region.")
+    if not val:
+        notes.append("There are too few groups to hold any out (each class needs images from at least two), so "
+                     "nothing is left to validate on.")
+    return train, val, notes
+
+
+def group_folds(labels: np.ndarray, groups, classes, k: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Up to ``k`` grouped, class-stratified cross-validation folds ``(train, val)`` (scikit-learn's
+    ``StratifiedGroupKFold``); folds whose training side lacks a class that has images elsewhere are kept
+    (the class is then missing from that fold's model, as it would be for a new patient set)."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    names, inverse, table = _group_table(labels, groups, len(classes))
+    k = min(k, len(names))
+    if k < 2:
+        return []
+    y = np.asarray(labels)
+    if k <= table.sum(0).max():
+        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, inverse)
+    else:  # too few images of every class to stratify: groups alone
+        splits = GroupKFold(n_splits=k).split(np.zeros(len(y)), y, inverse)
+    folds = []
+    for tr, va in splits:
+        if len(va) and len(np.unique(np.asarray(labels)[tr])) >= 2:
+            folds.append((np.sort(tr), np.sort(va)))
+    return folds
 
 
 def _split_from_file(dataset: Dataset, path: Path) -> Split:
@@ -149,7 +286,16 @@ def _split_from_file(dataset: Dataset, path: Path) -> Split:
     train = [i for i in range(len(dataset)) if i not in chosen]
     if not train:
         raise DatasetError(f"The split file {path.name} puts every image in validation; leave some for training.")
-    return Split(train, sorted(val), f"file:{path.name}")
+    if dataset.groups is None:
+        return Split(train, sorted(val), f"file:{path.name}",
+                     ["The split file's validation images may share patients with the training images: "
+                      f"{OPTIMISTIC} unless the file was drawn by patient."])
+    g = np.asarray(dataset.groups, dtype=object)
+    both = sorted(set(g[train]) & set(g[sorted(val)]))
+    notes = [f"The split file puts {len(both)} {dataset.group_kind or 'group'}(s) on both sides, e.g. {both[0]}: "
+             f"{OPTIMISTIC}."] if both else []
+    return Split(train, sorted(val), f"file:{path.name}", notes, not both, dataset.group_kind or "group",
+                 len(set(g[train])), len(set(g[sorted(val)])))
 
 
 def bach_patient_split(dataset: Dataset) -> Split:
@@ -172,4 +318,4 @@ def bach_patient_split(dataset: Dataset) -> Split:
     val_pos = {k for a, b in BACH_PATIENT_VAL_RANGES for k in range(a, b)}
     val = sorted(order[k] for k in val_pos)
     train = sorted(order[k] for k in range(len(order)) if k not in val_pos)
-    return Split(train, val, "bach-patient (eva's patient-aware split, 268/132)")
+    return Split(train, val, "bach-patient (eva's patient-aware split, 268/132)", [], True, "patient")
