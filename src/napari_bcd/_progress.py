@@ -7,7 +7,10 @@ import sys
 from collections.abc import Generator
 from typing import Any
 
-__all__ = ["drive", "progress_bar"]
+__all__ = ["STOP", "drive", "progress_bar"]
+
+#: Sent into a running job generator (``gen.send(STOP)``): end at the next step and keep what is done so far.
+STOP = "stop"
 
 
 def progress_bar(desc: str, total: int | None, unit: str = "it", unit_scale: bool = False) -> Any:
@@ -20,9 +23,9 @@ def drive(gen: Generator, desc: str, unit: str = "it") -> Any:
     """Run a core generator to the end with a progress bar and return its result.
 
     Items with ``done``/``total`` move the bar (a new total, e.g. the next
-    stage, starts a new bar; a total of 0 shows nothing); training epochs move
-    an epoch bar with the losses beside it; items with a ``message`` are
-    printed as they come.
+    stage, starts a new bar; a total of 0 shows nothing); a head being trained
+    (``step``/``steps``) moves a step bar per fold with the held-out accuracy
+    beside it; items with a ``message`` are printed as they come.
     """
     bar = None
     try:
@@ -39,13 +42,14 @@ def drive(gen: Generator, desc: str, unit: str = "it") -> Any:
                         bar.close()
                     bar = progress_bar(d, total, unit=u, unit_scale=u == "B")
                 bar.update(done - bar.n)
-            elif hasattr(item, "train_loss"):
-                if bar is None or bar.desc != "train":
+            elif hasattr(item, "steps") and hasattr(item, "step"):  # a head being trained (train.FitProgress)
+                d = f"fold {item.fold}/{item.folds}" if item.folds else "train"
+                if bar is None or bar.desc != d or item.step < bar.n:
                     if bar is not None:
                         bar.close()
-                    bar = progress_bar("train", item.epochs, unit="epoch")
-                bar.set_postfix_str(_epoch_text(item), refresh=False)
-                bar.update(item.epoch - bar.n)
+                    bar = progress_bar(d, item.steps, unit="step")
+                bar.set_postfix_str(_fit_text(item), refresh=False)
+                bar.update(item.step - bar.n)
             elif hasattr(item, "message"):
                 if bar is not None:
                     bar.close()
@@ -58,8 +62,8 @@ def drive(gen: Generator, desc: str, unit: str = "it") -> Any:
             bar.close()
 
 
-def _epoch_text(e) -> str:
-    text = "" if math.isnan(e.train_loss) else f"loss {e.train_loss:.4f} acc {e.train_acc:.3f}"
+def _fit_text(e) -> str:
+    text = "" if math.isnan(e.train_loss) else f"loss {e.train_loss:.4f}"
     if not math.isnan(e.val_loss):
-        text += f" val_loss {e.val_loss:.4f} val_acc {e.val_acc:.3f}"
+        text += f" held-out loss {e.val_loss:.4f} accuracy {e.val_acc:.3f}"
     return text.strip()
