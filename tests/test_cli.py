@@ -130,17 +130,15 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
     from conftest import SAMPLE_SLIDE
     from napari_bcd.config import default_model_path
 
-    regions = {
+    def region(x0: int, y0: int, x1: int, y1: int, name: str, fid: str) -> dict:
+        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+        return {"type": "Feature", "id": fid, "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "annotation", "classification": {"name": name}}}
+
+    regions = {  # two regions of each class, apart: a region is what validation must never split
         "type": "FeatureCollection",
-        "features": [
-            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[900, 0], [1500, 0], [1500, 1500],
-                                                                                 [900, 1500], [900, 0]]]},
-             "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
-            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[800, 1500], [1600, 1500],
-                                                                                 [1600, 2967], [800, 2967], [800,
-                                                                                                             1500]]]},
-             "properties": {"objectType": "annotation", "classification": {"name": "Benign", "color": [0, 200, 0]}}},
-        ],
+        "features": [region(900, 0, 1500, 650, "Tumor", "t1"), region(900, 850, 1500, 1500, "Tumor", "t2"),
+                     region(800, 1500, 1600, 2150, "Benign", "b1"), region(800, 2350, 1600, 2967, "Benign", "b2")],
     }
     (tmp_path / "regions.geojson").write_text(json.dumps(regions))
     ds = tmp_path / "iciar"
@@ -152,8 +150,9 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["train", str(ds), "--out", str(ckpt), "--backbone", "timm:resnet18", "--backbone-weights", "none",
                  "--preprocess", "imagenet", "--input-px", "64", "--epochs", "3", "--batch-size", "16"]) == 0
     out = capsys.readouterr()
-    assert "up to 3 epochs" in out.err and "3/3" in out.err and "macro avg" in out.out and ckpt.is_file()
-    assert "linear probe" in out.out
+    assert "4 regions (from iciar/provenance.csv)" in out.err and "cross-validation over 4 regions" in out.err
+    assert "fold 4/4" in out.err and "macro avg" in out.out and ckpt.is_file()
+    assert "simple classifier" in out.out and "Expected accuracy on new patients" in out.out
     assert json.loads(ckpt.with_suffix(".json").read_text())["field_um"] == [100.0, 100.0]  # from the patches
     if "it is now the default model" in out.out:  # it beat chance on its validation patches
         assert default_model_path() == ckpt.resolve()  # the widget and classify now use it

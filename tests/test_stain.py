@@ -167,9 +167,9 @@ def test_stain_augmentation_trains_on_jittered_copies_and_is_recorded(tmp_path, 
     args = ["train", str(root), "--backbone", "timm:resnet18", "--backbone-weights", "none", "--input-px", "64",
             "--field-um", "200", "--epochs", "2", "--no-default"]
     assert main([*args, "--out", str(tmp_path / "plain.safetensors")]) == 0
-    assert "on 96 samples per epoch" in capsys.readouterr().err  # 12 training images x 8 views
+    assert "16 images x 8 view(s)" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "aug.safetensors"), "--stain-augment"]) == 0
-    assert "on 192 samples per epoch" in capsys.readouterr().err  # and each view again, stain-jittered
+    assert "16 images x 16 view(s)" in capsys.readouterr().err  # and each view again, stain-jittered
     card = read_card(tmp_path / "aug.safetensors")
     assert card.training["hyperparameters"]["stain_augment"].startswith("HED jitter")
     assert read_card(tmp_path / "plain.safetensors").training["hyperparameters"]["stain_augment"] == "none"

@@ -433,10 +433,18 @@ def _cmd_export_patches(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .model.preprocessing import Preprocessing
     from .train.finetune import iter_finetune
+    from .train.groups import group_dataset
     from .train.iciar import read_iciar
 
-    ds = read_iciar(args.dataset)
+    ds = group_dataset(read_iciar(args.dataset), groups_csv=args.groups, pattern=args.group_pattern,
+                       kind=args.group_kind)
     print(f"{len(ds)} images: " + ", ".join(f"{k} {v}" for k, v in ds.counts().items()), file=sys.stderr)
+    if ds.groups is not None:
+        print(f"{ds.n_groups} {ds.group_kind or 'group'}s (from {ds.group_source}): a {ds.group_kind or 'group'} is "
+              "never split between training and validation", file=sys.stderr)
+    else:
+        print("no patient, slide or region is known for these images: validation will be by image, and optimistic "
+              "(give --groups FILE.csv or --group-pattern REGEX)", file=sys.stderr)
     for msg in ds.problems[:10]:
         print(f"warning: {msg}", file=sys.stderr)
     pre = Preprocessing.parse(args.preprocess, args.mean, args.std) if args.preprocess else None
@@ -449,7 +457,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
             split=args.split, augment=False if args.no_augment else None,
             finetune_last_stage=args.finetune_last_stage, device=args.device, overwrite=args.overwrite,
-            stain_augment=args.stain_augment,
+            stain_augment=args.stain_augment, validation=args.validation, folds=args.folds,
         ),
         "features", "img",
     )
@@ -457,27 +465,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _report_training(result, *, make_default: bool = False, no_default: bool = False) -> int:
-    """Print what a training run gave (head, probe, chance) and decide whether it becomes the default."""
+    """Print what a training run gave (the verdict in words, the report) and decide whether it becomes the default."""
     from .config import set_default_model
+    from .train.report import report_lines
 
     if result.checkpoint is None:
-        print("napari-bcd: stopped before any epoch: no model was saved.", file=sys.stderr)
+        print("napari-bcd: stopped before anything could be saved: no model was saved.", file=sys.stderr)
         return 1
-    card = result.card
     print(f"model     {result.checkpoint}")
-    print(f"pixels    {card.preprocessing.describe()} ({card.record.preprocessing_source or 'given'})")
-    if result.report is not None:
-        print("Table II head on the validation images:")
-        print(result.report.to_text())
-    else:
-        print("no validation images: no validation metrics (see the notes above)")
-    if result.probe is not None and result.probe.report is not None:
-        p = result.probe.report
-        print(f"linear probe (logistic regression on pooled frozen features): accuracy {p.accuracy:.4f}, "
-              f"macro F1 {p.macro['f1']:.4f} ({result.probe.seconds:.1f} s)")
+    print("\n".join(report_lines(result)))
     print(result.verdict())
-    print(f"best epoch {result.best_epoch} of {result.epochs_run} run ({result.steps_run} optimiser steps, "
-          f"{result.stopped})")
     if no_default:
         return 0
     if result.beats_chance or make_default:
@@ -486,7 +483,7 @@ def _report_training(result, *, make_default: bool = False, no_default: bool = F
         print(f"it is now the default model{why} (napari-bcd classify and the napari dock use it)")
     else:
         reason = ("it has no validation data to show it learned anything" if result.report is None
-                  else f"its validation accuracy {result.report.accuracy:.4f} does not beat chance "
+                  else f"its held-out accuracy {result.report.accuracy:.4f} does not beat chance "
                        f"({result.chance:.4f})")
         print(f"NOT made the default model: {reason}. Pass --make-default to use it anyway.")
     return 0
@@ -714,6 +711,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", help="'bach-patient' (patient-aware split of the 400 BACH photos) or a file listing "
                    "the validation images")
+    p.add_argument("--groups", metavar="CSV", help="file,group rows: the patient (or slide) of every image; no group "
+                   "is ever split between training and validation")
+    p.add_argument("--group-pattern", metavar="REGEX",
+                   help=r"the group is the first capture group of the file name, e.g. '^(P\d+)_'")
+    p.add_argument("--group-kind", choices=["patient", "slide", "region"],
+                   help="what the groups are, for the reports (default: 'group')")
+    p.add_argument("--validation", choices=["auto", "cv", "holdout"],
+                   help="auto (default): cross-validation over the groups when they are known, else a hold-out; "
+                        "cv; holdout (--val-fraction of the groups)")
+    p.add_argument("--folds", type=_number(int, 2, 50, low_open=False), default=5,
+                   help="cross-validation folds (default 5; fewer when there are fewer groups)")
     p.add_argument("--no-augment", action="store_true", help="no flips/rotations")
     p.add_argument("--finetune-last-stage", action="store_true", help="also train the backbone's last stage")
     p.add_argument("--stain-augment", action="store_true",
@@ -794,7 +802,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _terminate_as_interrupt() -> None:
-    """SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: clean-up code runs, no temporary file is left."""
+    """SIGTERM (a scheduler, `kill`) and SIGINT end a run like Ctrl-C: clean-up code runs, no temporary file is left.
+
+    SIGINT gets Python's handler even when the parent ignored it (a shell starts background jobs so): a
+    ``kill -INT`` then still stops the run cleanly instead of being lost.
+    """
     import signal
     import threading
 
@@ -806,6 +818,7 @@ def _terminate_as_interrupt() -> None:
 
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

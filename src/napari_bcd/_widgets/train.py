@@ -35,7 +35,7 @@ from ._worker import notify_error, start_job
 if TYPE_CHECKING:
     import napari
 
-    from ..train.finetune import EpochStats
+    from ..train.headfit import FitProgress
 
 REGIONS, FOLDER = "regions on an image", "ICIAR folder"
 PROTOCOLS = {
@@ -331,15 +331,18 @@ class TrainWidget(Container):
             scroll_to(self._scroll, self._status.native)  # progress in view while it runs
 
     def _on_progress(self, item) -> None:
-        from ..train.finetune import EpochStats, FeatureProgress, TrainPlan
+        from ..train.finetune import FeatureProgress, Stage, TrainPlan
+        from ..train.headfit import FitProgress
 
-        if isinstance(item, EpochStats):
-            self._progress.max, self._progress.value = item.epochs, item.epoch
-            val = "" if math.isnan(item.val_loss) else f": val loss {item.val_loss:.3f}, val acc {item.val_acc:.3f}"
+        if isinstance(item, FitProgress):
+            self._progress.max, self._progress.value = item.steps, item.step
+            val = ("" if math.isnan(item.val_acc) else
+                   f": held-out accuracy {item.val_acc:.3f}")
+            where = f"fold {item.fold}/{item.folds}, " if item.folds else ""
             if not self._cancelled:
-                self._status.value = f"epoch {item.epoch}/{item.epochs}{val}"
+                self._status.value = f"{where}step {item.step}/{item.steps}{val}"
             self._plot.add(item)
-        elif isinstance(item, TrainPlan | RegionCheck):
+        elif isinstance(item, TrainPlan | RegionCheck | Stage):
             self._status.value = item.message
         else:
             self._progress.max, self._progress.value = max(item.total, 1), item.done
@@ -354,21 +357,17 @@ class TrainWidget(Container):
         self._result = result
         self._plot.flush()
         if result is None or result.checkpoint is None:
-            self._status.value = ("Cancelled before the first epoch: nothing was saved." if self._cancelled
-                                  else "Stopped before the first epoch: nothing was saved.")
+            self._status.value = ("Cancelled before anything could be saved." if self._cancelled
+                                  else "Stopped before anything could be saved.")
             return
+        from ..train.report import report_lines
+
         # The verdict in words above; the figures in the report box.
         self._verdict.value = result.verdict()
-        lines = []
-        if result.probe is not None and result.probe.report is not None:
-            lines.append(f"linear probe (pooled frozen features): accuracy {result.probe.report.accuracy:.4f}, "
-                         f"macro F1 {result.probe.report.macro['f1']:.4f}")
-        lines.append(f"pixels: {result.card.preprocessing.describe()} ({result.card.record.preprocessing_source})")
-        if result.report is not None:
-            lines += ["", "Table II head on the validation images:", result.report.to_text()]
-        self._report.value = "\n".join(lines)
+        self._report.value = "\n".join(report_lines(result))
         scroll_to(self._scroll, self._use_button.native)  # the verdict and the button in view
-        kept = f"best epoch {result.best_epoch} of {result.epochs_run}"
+        kept = ("the simple classifier" if result.shipped == "probe"
+                else f"the head after {result.steps} steps")
         if result.stopped == "stopped by the user":
             self._status.value = f"Cancelled: kept the {kept} in {result.checkpoint.name}."
         else:
@@ -433,7 +432,7 @@ class _CurvePlot:
         self._timer.stop()
         self.canvas.setVisible(False)
 
-    def add(self, stats: EpochStats) -> None:
+    def add(self, stats: FitProgress) -> None:
         self.epochs.append(stats)
         if not self._timer.isActive():
             self._timer.start()
@@ -446,14 +445,17 @@ class _CurvePlot:
 
     def _draw(self) -> None:
         self.canvas.setVisible(True)
-        e = [s.epoch for s in self.epochs]  # NaN points (no validation, epoch 0's training) are not drawn
-        for ax, keys, title in ((self.ax_loss, ("train_loss", "val_loss"), "loss"),
-                                (self.ax_acc, ("train_acc", "val_acc"), "accuracy")):
+        # One line per run (a fold and recipe, or the final fit); NaN points (no held-out images) are not drawn.
+        runs: dict[tuple, list] = {}
+        for s in self.epochs:
+            runs.setdefault((s.fold, s.recipe), []).append(s)
+        for ax, key, title in ((self.ax_loss, "val_loss", "held-out loss"), (self.ax_acc, "val_acc",
+                                                                            "held-out accuracy")):
             ax.clear()
-            for key in keys:
-                ax.plot(e, [getattr(s, key) for s in self.epochs], label=key.split("_")[0])
+            for (fold, _recipe), items in runs.items():
+                ax.plot([s.step for s in items], [getattr(s, key) for s in items], lw=1,
+                        label=f"fold {fold}" if fold else "held out")
             ax.set_title(title, fontsize=9)
+            ax.set_xlabel("steps", fontsize=7)
             ax.tick_params(labelsize=7)
-            if self.epochs:
-                ax.legend(fontsize=7)
         self.canvas.draw_idle()

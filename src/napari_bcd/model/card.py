@@ -173,6 +173,7 @@ class ModelCard:
             lines.append(f"trained   protocol {record.protocol_name}, {record.split_kind}")
         if record.validation is False:
             lines.append("metrics   none: trained without validation data")
+        lines += self._validation_lines()
         if self.decision:
             from ..decision import DecisionRule
 
@@ -181,10 +182,34 @@ class ModelCard:
         if parent:
             lines.append(f"retrained from {parent.get('name', '')} ({parent.get('path', '')}), "
                          f"{len((record.retrain or {}).get('corrections', []))} corrected cells")
-        for key in ("accuracy", "macro_f1", "weighted_f1", "probe_accuracy"):
-            if key in self.metrics:
-                lines.append(f"{key:<9} {self.metrics[key]:.4f}")
         return "\n".join(lines)
+
+    def _validation_lines(self) -> list[str]:
+        """The figures, with how they were measured, in words (no jargon)."""
+        m = self.metrics
+        acc = m.get("accuracy")
+        if not isinstance(acc, int | float):
+            return []
+        optimistic = bool(m.get("optimistic", not (self.record.split or {}).get("grouped", False)))
+        how = (self.record.split or {}).get("description") or self.record.split_kind
+        if optimistic:
+            lines = [f"accuracy  {acc:.1%} on {how}"]
+            if "optimistic" not in str(how):
+                lines.append("          optimistic: validation images share patients with training; expect less on "
+                             "new patients")
+        else:
+            lines = [f"accuracy  {acc:.1%} expected on new patients ({how})"]
+        if isinstance(m.get("fold_accuracy_mean"), int | float):
+            lines.append(f"          across folds {m['fold_accuracy_mean']:.1%} ± {m.get('fold_accuracy_sd', 0):.1%}")
+        if isinstance(m.get("macro_f1"), int | float):
+            lines.append(f"macro F1  {m['macro_f1']:.4f}")
+        if isinstance(m.get("probe_accuracy"), int | float):
+            lines.append(f"simple classifier (logistic regression on the averaged features) {m['probe_accuracy']:.1%}")
+        shipped = (self.record.extra.get("selection") or {}).get("shipped")
+        if shipped == "probe":
+            lines.append("this model IS that simple classifier: training the head further did not beat it on unseen "
+                         "images")
+        return lines
 
 
 def _jsonable(obj: Any) -> Any:

@@ -78,7 +78,9 @@ class TrainingRecord:
 
     @property
     def last_train_accuracy(self) -> float | None:
-        return float(self.curves[-1]["train_acc"]) if self.curves else None
+        last = self.curves[-1] if self.curves else {}
+        value = last.get("train_acc") if isinstance(last, dict) else None
+        return float(value) if isinstance(value, int | float) else None
 
     @property
     def parent(self) -> dict[str, Any] | None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._progress import STOP
 from ..errors import BcdError
 from .corrections import Corrections
 
@@ -51,8 +52,6 @@ __all__ = ["RetrainPlan", "RetrainProgress", "RetrainResult", "iter_retrain", "n
 
 log = logging.getLogger(__name__)
 
-#: Send into the generator to stop training early (the weights so far are kept and saved).
-STOP = "stop"
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
-"""Training protocols: the paper's, exactly, and one that learns from a few regions.
+"""Training protocols: the paper's, exactly, and one that holds on new patients.
 
 The paper trains the Table II head with Adam at lr 1e-4, batch 128, for 25
 epochs on a random stratified 80/20 split of the 400 BACH photos.  On a few
-annotated regions the same recipe makes a handful of optimiser steps (8
-images x 8 views is one batch: 25 epochs = 25 steps) and learns nothing.
-``AUTO`` keeps the head, the optimiser and the learning rate, and changes what
-a small dataset needs: enough steps (epochs chosen from the dataset size),
-class-balanced sampling, and early stopping on validation loss.
+annotated regions that recipe makes a handful of optimiser steps and learns
+little, and on any data its validation images share patients with the
+training ones.
+
+``AUTO`` (the default) starts the head from the linear probe (:mod:`.probe`)
+on standardised features, trains it with class-balanced samples of the eight
+flips and rotations, and lets validation on patients, slides or regions the
+model has not seen decide how many steps, and how hard a pull towards the
+probe, to keep, or whether to keep the probe itself (:mod:`.select`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..errors import DatasetError
+from .headfit import Recipe
 
 __all__ = ["AUTO", "PAPER", "PROTOCOLS", "Protocol", "get_protocol"]
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """How the head is trained.
+    """How the head is trained and chosen.
 
     Attributes
     ----------
@@ -31,67 +36,66 @@ class Protocol:
     lr, batch_size
         Adam's learning rate; samples per optimiser step.
     epochs
-        A fixed number of epochs, or None to choose them from the dataset size
-        so that at least ``min_steps`` optimiser steps run (at most
-        ``max_epochs``).
-    min_steps, max_epochs
-        See ``epochs``.
-    patience
-        Early stopping: stop when the validation loss has not improved for
-        this many epochs (None: run every epoch).  The best epoch's weights
-        are kept either way.
-    min_patience_steps
-        Patience is at least this many optimiser steps, so small datasets
-        (one step per epoch) are not stopped by noise.
+        The paper's fixed number of epochs (None: ``max_steps`` steps instead).
+    max_steps
+        Steps each candidate recipe runs; the best number up to it is chosen.
+    anchors
+        The candidate recipes' pulls towards the probe (:class:`~.headfit.Recipe`).
+    eval_every
+        Steps between measurements on the held-out images (the paper: one epoch).
     balanced
-        Draw each epoch's samples with equal weight per class (with
-        replacement) instead of shuffling the dataset.
+        Equal weight per class (else the paper's shuffled epochs).
     augment
-        Train on the eight flips/rotations of each image (features cached).
+        The eight flips/rotations of each image (features cached).
     standardise
-        Train the head on features standardised per channel (mean/std of the
-        training features), then fold that into the head's first 1x1 conv:
-        the saved head is the same Table II network, but its optimisation no
-        longer depends on the backbone's feature scale (tiny for some
-        backbones, large for others).
+        Train on per-channel standardised features (folded into the saved head).
+    probe_init
+        Start the head from the linear probe, and let the probe itself be chosen.
     val_fraction
-        Share of each class held out for validation.
+        Share held out for a hold-out validation.
+    validation
+        ``"auto"`` (cross-validation over groups when they are known) or ``"holdout"``.
+    criterion
+        What chooses among candidates: ``"accuracy"`` (one standard error,
+        simplest first) or the paper's ``"loss"`` (the epoch with the lowest
+        validation loss).
     """
 
     name: str
     lr: float = 1e-4
     batch_size: int = 128
     epochs: int | None = 25
-    min_steps: int = 0
-    max_epochs: int = 25
-    patience: int | None = None
-    min_patience_steps: int = 0
+    max_steps: int = 300
+    anchors: tuple[float, ...] = (0.0,)
+    eval_every: int = 25
     balanced: bool = False
     augment: bool = False
     standardise: bool = False
     probe_init: bool = False
     val_fraction: float = 0.2
+    validation: str = "holdout"
+    criterion: str = "loss"
 
     def with_overrides(self, **changes: Any) -> Protocol:
         """A copy with the user's explicit choices (None values are ignored)."""
-        given = {k: v for k, v in changes.items() if v is not None}
-        if "epochs" in given:
-            given["max_epochs"] = max(given["epochs"], 1)
-        return replace(self, **given)
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def plan_epochs(self, n_samples: int) -> tuple[int, int]:
-        """``(epochs, steps per epoch)`` for ``n_samples`` training samples per epoch."""
+    def steps_per_epoch(self, n_samples: int) -> int:
         if n_samples < 1:
             raise DatasetError("There is nothing to train on.")
-        steps = math.ceil(n_samples / self.batch_size)
-        if self.epochs is not None:
-            return self.epochs, steps
-        return max(1, min(self.max_epochs, math.ceil(self.min_steps / steps))), steps
+        return math.ceil(n_samples / self.batch_size)
 
-    def patience_epochs(self, steps_per_epoch: int) -> int | None:
-        if self.patience is None:
-            return None
-        return max(self.patience, math.ceil(self.min_patience_steps / steps_per_epoch))
+    def recipes(self, n_samples: int) -> list[Recipe]:
+        """The candidate recipes for ``n_samples`` training samples (images x views)."""
+        if self.epochs is not None:
+            steps = self.epochs * self.steps_per_epoch(n_samples)
+        else:
+            steps = self.max_steps
+        return [Recipe(steps=steps, lr=self.lr, batch_size=self.batch_size, anchor=a, balanced=self.balanced)
+                for a in self.anchors]
+
+    def measure_every(self, n_samples: int) -> int:
+        return self.steps_per_epoch(n_samples) if self.name == "paper" else self.eval_every
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,20 +103,21 @@ class Protocol:
     def describe(self) -> str:
         if self.name == "paper":
             return (f"the paper's: Adam lr {self.lr:g}, batch {self.batch_size}, {self.epochs} epochs, "
-                    "random stratified split, no augmentation")
-        return (f"auto: the paper's head, Adam lr {self.lr:g}, batch {self.batch_size}; at least {self.min_steps} "
-                "steps "
-                f"(≤ {self.max_epochs} epochs), class-balanced sampling, early stopping on validation loss, "
-                "8 flips/rotations, standardised features, head started from the linear probe")
+                    "no augmentation, the epoch with the lowest validation loss")
+        pulls = " and ".join(f"{a:g}" for a in self.anchors)
+        return (f"auto: the paper's head started from the linear probe on standardised features, Adam lr "
+                f"{self.lr:g}, batch {self.batch_size}, class-balanced, 8 flips/rotations; up to {self.max_steps} "
+                f"steps with pulls towards the probe of {pulls}, the number of steps (or the probe itself) chosen "
+                "on patients, slides or regions the model has not seen")
 
 
 #: The paper's hyper-parameters exactly (the paper states no augmentation).
-PAPER = Protocol("paper", lr=1e-4, batch_size=128, epochs=25, max_epochs=25, balanced=False, augment=False,
-                 val_fraction=0.2)
-#: For a user's own regions: enough steps, balanced classes, early stopping.
-AUTO = Protocol("auto", lr=1e-4, batch_size=128, epochs=None, min_steps=600, max_epochs=800, patience=30,
-                min_patience_steps=150, balanced=True, augment=True, standardise=True, probe_init=True,
-    val_fraction=0.2)
+PAPER = Protocol("paper", lr=1e-4, batch_size=128, epochs=25, balanced=False, augment=False, val_fraction=0.2,
+                 validation="holdout", criterion="loss")
+#: The default: chosen on held-out groups, never worse than the probe as far as the data can tell.
+AUTO = Protocol("auto", lr=1e-3, batch_size=128, epochs=None, max_steps=300, anchors=(0.0, 1e-2), eval_every=25,
+                balanced=True, augment=True, standardise=True, probe_init=True, val_fraction=0.2, validation="auto",
+                criterion="accuracy")
 PROTOCOLS = {"paper": PAPER, "auto": AUTO}
 
 

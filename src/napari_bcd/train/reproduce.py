@@ -169,7 +169,8 @@ def _report_md(doc: dict, runs: dict[str, TrainResult]) -> str:
         "|---|---|" + "---|" * len(keys),
     ]
     rows = (("accuracy", "accuracy"), ("precision (macro)", "precision"), ("recall (macro)", "recall"),
-            ("F1 (macro)", "f1"), ("F1 (weighted)", "weighted_f1"), ("linear probe accuracy", "probe_accuracy"))
+            ("F1 (macro)", "f1"), ("F1 (weighted)", "weighted_f1"), ("simple classifier (linear probe) accuracy",
+                                                                "probe_accuracy"))
     for label, key in rows:
         cells = []
         for k in keys:
@@ -186,8 +187,9 @@ def _report_md(doc: dict, runs: dict[str, TrainResult]) -> str:
             lines += ["No validation images: no report.", ""]
             continue
         lines += [f"{doc['runs'][k]['train_images']} photos trained, {doc['runs'][k]['val_images']} validated; "
-                  f"best epoch {r.best_epoch} of {r.epochs_run}. {r.verdict()}", "", "```text", r.report.to_text(),
-                  "```", "", f"![confusion matrix, {k} split](confusion-{k}.png)", ""]
+                  f"kept after {r.steps} optimiser steps (the epoch with the lowest validation loss). {r.verdict()}",
+                  "", "```text", r.report.to_text(), "```", "",
+                  f"![confusion matrix, {k} split](confusion-{k}.png)", ""]
     lines += [
         "## Notes",
         "",
@@ -197,8 +199,8 @@ def _report_md(doc: dict, runs: dict[str, TrainResult]) -> str:
         "- The paper's F1 (97.18 %) is above both its precision (96.24 %) and recall (96.63 %). Per class, F1 is at "
         "most the mean of precision and recall, so no macro or weighted average of F1 can exceed both averages: "
         "the printed figures cannot all hold together as stated.",
-        "- The linear probe (logistic regression on pooled frozen features, same split) is the baseline any head "
-        "should reach.",
+        "- The simple classifier (a linear probe: logistic regression on the averaged frozen features, same split) "
+        "is the baseline any head should reach.",
         f"- Default model: {doc['default_model'] + ' split' if doc['default_model'] else 'none (no run beat chance)'} "
         "(the run with the higher validation accuracy among those that beat chance).",
         "",

@@ -1,0 +1,165 @@
+"""Backbone features of training images, computed once and cached on disk.
+
+With the backbone frozen, the backbone's output for an image never changes,
+so it is computed once per image and per view (the eight flips and
+rotations, and optionally stain-jittered copies) and cached in the user's
+cache folder, keyed by the backbone's weights hash, the input size and
+preprocessing, and the image's content hash.  A training run then holds them
+as one tensor (:class:`~.headfit.FeatureBank`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._fileio import file_digest
+from .._progress import STOP
+from .iciar import Dataset
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model.classifier import Classifier
+
+__all__ = ["FeatureProgress", "backbone_features", "dihedral", "fold_standardisation", "hed_jitter"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureProgress:
+    """Backbone features computed (or found in the cache) so far."""
+
+    done: int
+    total: int
+    cached: int
+
+
+def dihedral(img: np.ndarray, t: int) -> np.ndarray:
+    """The ``t``-th of the eight flips/rotations (0 = identity)."""
+    out = np.rot90(img, t % 4)
+    return np.ascontiguousarray(out[:, ::-1] if t >= 4 else out)
+
+
+def _image_key(dataset: Dataset, i: int) -> str:
+    return file_digest(dataset.paths[i])
+
+
+def hed_jitter(rgb: np.ndarray, seed: int, amount: float = 0.2, shift: float = 0.01) -> np.ndarray:
+    """The image with its stains varied (Tellez et al. 2018): in skimage's HED space each stain's amount is
+    scaled by U(1 - amount, 1 + amount) and shifted by U(-shift, shift); the same ``seed`` gives the same result."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    rng = np.random.default_rng(seed)
+    hed = rgb2hed(rgb)
+    alpha = rng.uniform(1 - amount, 1 + amount, 3)
+    beta = rng.uniform(-shift, shift, 3)
+    out = hed2rgb(hed * alpha + beta)
+    return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
+
+
+def backbone_features(model: Classifier, dataset: Dataset, needed: list[int], T: int,
+                      images_of: Callable[[int], np.ndarray], dev: torch.device, feature_batch: int, cache: bool,
+                      stain_augment: bool = False) -> Generator[FeatureProgress, Any, torch.Tensor | None]:
+    """Backbone features of every needed image and view, from the cache or computed once.
+
+    Yields :class:`FeatureProgress`; returns an ``images x views x C x H x W``
+    float16 tensor (rows in ``needed`` order), or None when stopped.  With
+    ``stain_augment`` the views are followed by the same views of a
+    stain-jittered copy (``2 T`` views), cached apart.
+    """
+    bank = yield from _feature_bank(model, dataset, needed, T, images_of, dev, feature_batch, cache, "")
+    if bank is None or not stain_augment:
+        return bank
+
+    def jittered(i: int) -> np.ndarray:
+        seed = int(_image_key(dataset, i)[:8], 16)  # from the image's content: the cache stays consistent
+        return hed_jitter(images_of(i), seed)
+
+    aug = yield from _feature_bank(model, dataset, needed, T, jittered, dev, feature_batch, cache, "hed0.2")
+    if aug is None:
+        return None
+    import torch
+
+    return torch.cat([bank, aug], dim=1)
+
+
+def _feature_bank(model, dataset: Dataset, needed: list[int], T: int, images_of, dev, feature_batch: int,
+                  cache: bool, variant: str):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..config import cache_dir
+    from ..model.checkpoint import weights_sha256
+
+    model.backbone.eval()
+    bkey = weights_sha256(model.backbone.state_dict())[:16]
+    pkey = hashlib.sha256(repr((model.card.input_px, model.card.preprocessing)).encode()).hexdigest()[:8]
+    if variant:
+        pkey = f"{pkey}-{variant}"
+    cdir = cache_dir() / "features" / f"{bkey}-{pkey}"
+    if cache:
+        cdir.mkdir(parents=True, exist_ok=True)
+    feats: dict[int, torch.Tensor] = {}
+    keys: dict[int, str] = {}
+    cached_n = 0
+    if (yield FeatureProgress(0, len(needed), 0)) == STOP:
+        return None
+    todo: list[int] = []
+    for i in needed:
+        keys[i] = _image_key(dataset, i)
+        f = cdir / f"{keys[i]}.safetensors"
+        if cache and f.is_file():
+            try:
+                views = load_file(str(f))["features"]
+            except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+                f.unlink(missing_ok=True)
+                views = None
+            # An entry holds the first k views; the identity view alone serves a run without flips.
+            if views is not None and views.shape[0] >= T:
+                feats[i] = views[:T].clone()
+                cached_n += 1
+                continue
+        todo.append(i)
+    done = cached_n
+    if (yield FeatureProgress(done, len(needed), cached_n)) == STOP:
+        return None
+    per = max(1, feature_batch // T) if T > 1 else feature_batch
+    for k in range(0, len(todo), per):
+        chunk = todo[k : k + per]
+        batch = np.stack([dihedral(images_of(i), t) for i in chunk for t in range(T)])
+        with torch.inference_mode():
+            x = model.normalise(torch.from_numpy(batch).to(dev))
+            out_f = model.backbone(x).to("cpu", torch.float16)
+        for j, i in enumerate(chunk):
+            feats[i] = out_f[j * T : (j + 1) * T].clone(memory_format=torch.contiguous_format)
+            if cache:
+                tmp = cdir / f".{keys[i]}.{os.getpid()}.tmp"
+                save_file({"features": feats[i]}, str(tmp))
+                os.replace(tmp, cdir / f"{keys[i]}.safetensors")
+        done += len(chunk)
+        if (yield FeatureProgress(done, len(needed), cached_n)) == STOP:
+            return None
+    # One contiguous bank: a batch is then one gather, not 128 small copies.
+    bank = torch.stack([feats.pop(i) for i in needed])
+    return bank
+
+
+def fold_standardisation(state: dict, norm: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """Fold ``(x - mean) / std`` into ``head.conv1``: the same outputs from raw features."""
+    mean, std = norm
+    w = state["head.conv1.weight"]  # out x in x 1 x 1
+    b = state["head.conv1.bias"]
+    scale = (1.0 / std).to(w)
+    w2 = w * scale.view(1, -1, 1, 1)
+    b2 = b - (w2[:, :, 0, 0] * mean.to(w)).sum(1)
+    return {**state, "head.conv1.weight": w2, "head.conv1.bias": b2}
+
+

@@ -1,0 +1,83 @@
+"""What a training run means, in a pathologist's words: one text for the command line and the Train dock."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .probe import PROBE_WORDS
+
+if TYPE_CHECKING:
+    from .finetune import TrainResult
+
+__all__ = ["report_lines", "verdict"]
+
+#: The linear probe, glossed once for people who do not train models.
+PROBE_GLOSS = (f"the simple classifier is {PROBE_WORDS}, the baseline any trained model must beat; "
+               "'chance' always answers the most common class")
+
+
+def verdict(result: TrainResult) -> str:
+    """The figures in one paragraph: what new patients can expect, against the simple classifier and chance."""
+    if result.checkpoint is None:
+        return "Nothing was trained."
+    v = result.validation
+    if result.report is None:
+        return ("No validation: no image could be held out, so nothing shows what this model does on new patients. "
+                "Add images (or regions) from more patients, slides or regions.")
+    acc = result.report.accuracy
+    where = v.describe() if v is not None else "held-out images"
+    if v is not None and v.optimistic:
+        head = f"Accuracy {acc:.1%} on {where}."
+    else:
+        head = f"Expected accuracy on new patients: {acc:.1%} ({where})."
+    if len(result.fold_accuracy) > 1:
+        import numpy as np
+
+        head += (f" Across the {len(result.fold_accuracy)} folds: {np.mean(result.fold_accuracy):.1%} ± "
+                 f"{np.std(result.fold_accuracy, ddof=1):.1%}.")
+    parts = [head]
+    p = result.probe.report.accuracy if result.probe is not None and result.probe.report is not None else None
+    if p is not None:
+        parts.append(f"The simple classifier: {p:.1%}; chance: {result.chance:.1%}.")
+    if result.shipped == "probe" and p is not None and result.candidates > 1:
+        parts.append("Training the head further did not beat the simple classifier on unseen images, so the model "
+                     "saved IS the simple classifier (in the paper's network).")
+    elif result.shipped == "head" and result.steps:
+        parts.append(f"The trained head ({result.steps} steps) did better on unseen images than the simple "
+                     "classifier, so it is the model saved.")
+    elif result.head_below_probe:
+        parts.append("The head does WORSE than the simple classifier: it has not learnt what the features hold "
+                     "(the auto protocol, or more images from more patients, usually helps).")
+    if not result.beats_chance:
+        parts.append("It does not beat chance.")
+    if v is not None and v.optimistic:
+        parts.append("CAUTION: no patient, slide or region was known, so validation images share patients with the "
+                     "training images and this figure is optimistic: expect less on new patients.")
+    return " ".join(parts)
+
+
+def report_lines(result: TrainResult) -> list[str]:
+    """The report under the verdict: how it was validated, the simple classifier, the per-class table."""
+    lines: list[str] = []
+    card = result.card
+    if card is not None:
+        lines.append(f"pixels    {card.preprocessing.describe()} ({card.record.preprocessing_source or 'given'})")
+    if result.validation is not None:
+        lines.append(f"validated {result.validation.describe()}")
+    if result.probe is not None and result.probe.report is not None:
+        p = result.probe.report
+        lines.append(f"simple classifier: accuracy {p.accuracy:.4f}, macro F1 {p.macro['f1']:.4f}")
+        lines.append(f"({PROBE_GLOSS})")
+    if result.report is not None:
+        lines += ["", "the model saved, on the held-out images:", result.report.to_text()]
+    t = result.timings
+    if t:
+        per = ""
+        head_s = t.get("choosing", 0.0) + t.get("final", 0.0)
+        if t.get("steps"):
+            per = f" ({int(t['steps']):,} head steps, {100 * head_s / t['steps']:.1f} s per 100)"
+        lines.append("time      " + ", ".join(f"{k} {t[k]:.1f} s" for k in ("features", "choosing", "final", "saving")
+                                              if k in t) + per)
+    for note in result.notes:
+        lines.append(f"note: {note}")
+    return lines

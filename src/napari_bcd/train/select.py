@@ -1,0 +1,331 @@
+"""Choosing how long to train the head, and whether to train it at all, on patients it has not seen.
+
+How validation is drawn (:func:`plan_validation`):
+
+* **cross-validation over groups** (the default when the images carry
+  patients, slides or regions): every image is predicted once by a model
+  that never saw its group; the figure is the share of those predictions
+  that are right, and the final model trains on every image;
+* **a held-out set of groups** (the paper's protocol, or a split file):
+  the model trained on the rest is the one shipped;
+* **images drawn at random** when no group is known: said plainly to be
+  optimistic.
+
+Candidates are the linear probe (step 0: the head started from it,
+:mod:`.probe`) and the head after every ``eval_every`` steps of each
+:class:`~.headfit.Recipe`.  The simplest candidate within one standard error
+of the best is chosen (the probe first, then fewer steps), so a head is
+shipped only when it beats the probe by more than the noise of the
+validation: never worse than the probe on new patients, as far as the data
+can tell.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .headfit import FeatureBank, FitProgress, Recipe, fit_head, standardise
+from .probe import ProbeHead, fit_probe_head
+from .split import OPTIMISTIC, Split, group_folds, split_dataset
+
+if TYPE_CHECKING:
+    from .iciar import Dataset
+
+__all__ = ["Candidate", "Selection", "Validation", "plan_validation", "select_head"]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """How a training run is validated (see the module's text).
+
+    Attributes
+    ----------
+    mode
+        ``"cv"``, ``"holdout"`` or ``"none"``.
+    folds
+        ``(train rows, validation rows)`` per fold (one for a hold-out).
+    split
+        The hold-out :class:`~.split.Split` (None for cross-validation).
+    grouped, group_kind, n_groups
+        Whether no group is on both sides of any fold; what the groups are; how many.
+    notes
+        What a user should know.
+    """
+
+    mode: str
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    split: Split | None
+    grouped: bool
+    group_kind: str = ""
+    n_groups: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def optimistic(self) -> bool:
+        return self.mode != "none" and not self.grouped
+
+    @property
+    def kind(self) -> str:
+        """Short words for the card."""
+        if self.mode == "cv":
+            return f"cross-validation over {self.n_groups} {_plural(self.group_kind)}, {len(self.folds)} folds"
+        if self.mode == "holdout" and self.split is not None:
+            return self.split.kind
+        return "none (all images train)"
+
+    def describe(self) -> str:
+        """How validation was drawn, in words a pathologist reads."""
+        if self.mode == "cv":
+            n = sum(len(v) for _, v in self.folds)
+            return (f"each of {n} images predicted by a model that never saw its {_singular(self.group_kind)} "
+                    f"({len(self.folds)}-fold cross-validation over {self.n_groups} {_plural(self.group_kind)}); "
+                    "the model shipped is trained on all of them")
+        if self.mode == "holdout" and self.split is not None:
+            return self.split.describe()
+        return "no validation: nothing shows what this model does on new images"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "kind": self.kind, "grouped": self.grouped, "group_kind": self.group_kind,
+                "groups": self.n_groups, "folds": len(self.folds), "optimistic": self.optimistic,
+                "description": self.describe(), "notes": list(self.notes)}
+
+
+def _plural(kind: str) -> str:
+    return f"{kind}s" if kind and kind != "group" else "groups"
+
+
+def _singular(kind: str) -> str:
+    return kind if kind and kind != "group" else "group"
+
+
+def plan_validation(dataset: Dataset, *, val_fraction: float = 0.2, seed: int = 0, split: Any = None,
+                    mode: str = "auto", folds: int = 5) -> Validation:
+    """How to validate: cross-validation over groups, a hold-out, or nothing (see the module's text).
+
+    ``mode``: ``"auto"`` (cross-validation when groups are known and no split
+    is given, else a hold-out), ``"cv"`` or ``"holdout"``.
+    """
+    from ..errors import DatasetError
+
+    if mode not in ("auto", "cv", "holdout"):
+        raise DatasetError(f"Unknown validation {mode!r}; use auto, cv or holdout.")
+    grouped_data = dataset.groups is not None
+    if split is None and val_fraction > 0 and (mode == "cv" or (mode == "auto" and grouped_data)):
+        groups = dataset.groups if grouped_data else [str(i) for i in range(len(dataset))]
+        fl = group_folds(dataset.labels, groups, dataset.classes, folds, seed)
+        if fl:
+            notes = [] if grouped_data else [f"No group is known: the folds draw images at random, so {OPTIMISTIC}."]
+            kind = dataset.group_kind or "group" if grouped_data else "image"
+            return Validation("cv", fl, None, grouped_data, kind, dataset.n_groups if grouped_data else len(dataset),
+                              notes)
+        if mode == "cv":
+            raise DatasetError("Cross-validation needs images from at least two groups; there are fewer.")
+    s = split_dataset(dataset, val_fraction, seed, split)
+    if not s.val:
+        return Validation("none", [], s, s.grouped, s.group_kind, dataset.n_groups, list(s.notes))
+    fold = [(np.asarray(s.train, np.int64), np.asarray(s.val, np.int64))]
+    return Validation("holdout", fold, s, s.grouped, s.group_kind, dataset.n_groups, list(s.notes))
+
+
+@dataclass
+class Candidate:
+    """One way to finish: the probe (``recipe`` None, step 0) or a recipe's head after ``step`` steps."""
+
+    recipe: Recipe | None
+    step: int
+    correct: int = 0
+    seen: int = 0
+    loss_sum: float = 0.0
+    fold_acc: list[float] = field(default_factory=list)
+
+    @property
+    def is_probe(self) -> bool:
+        return self.recipe is None
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.seen if self.seen else math.nan
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.seen if self.seen else math.nan
+
+    @property
+    def standard_error(self) -> float:
+        """Of the accuracy: the spread over folds, or the binomial error of one hold-out."""
+        if len(self.fold_acc) > 1:
+            return float(np.std(self.fold_acc, ddof=1) / math.sqrt(len(self.fold_acc)))
+        p = self.accuracy
+        return math.sqrt(max(p * (1 - p), 1e-12) / max(self.seen, 1))
+
+    def describe(self) -> str:
+        if self.is_probe:
+            return "the linear probe"
+        return f"the trained head ({self.step} steps, {self.recipe.describe()})"
+
+
+@dataclass
+class Selection:
+    """The candidates measured on held-out groups and the one chosen.
+
+    Attributes
+    ----------
+    chosen, probe
+        The chosen candidate, and the probe's (for comparison).
+    predictions
+        Per dataset row: the chosen candidate's held-out prediction (-1 where
+        never held out); its logits in ``logits``.
+    states
+        The hold-out's head states by step (a hold-out ships the model trained without its validation images).
+    probe_head
+        The hold-out's probe (fitted on its training rows).
+    """
+
+    candidates: list[Candidate]
+    chosen: Candidate
+    probe: Candidate
+    predictions: np.ndarray
+    logits: np.ndarray
+    fold_accuracy: list[float] = field(default_factory=list)
+    states: dict[int, dict] = field(default_factory=dict)
+    probe_head: ProbeHead | None = None
+    bank: FeatureBank | None = None
+    stopped: bool = False
+    held_out: np.ndarray | None = None
+    probe_predictions: np.ndarray | None = None
+    #: ``(recipe index, step)`` of the chosen head in ``states``; None for the probe.
+    key: tuple[int, int] | None = None
+
+
+def _ce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    return -(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1)))
+
+
+def select_head(bank_raw, labels: np.ndarray, n_classes: int, validation: Validation, recipes: Sequence[Recipe],
+                make_head, *, seed: int = 0, eval_every: int = 25, dtype: Any = None, probe_start: bool = True,
+                standardise_features: bool = True, criterion: str = "accuracy",
+                ) -> Generator[FitProgress, Any, Selection]:
+    """Measure the probe and each recipe's head on every fold; choose (see the module's text).
+
+    Parameters
+    ----------
+    bank_raw
+        ``images x views x C x h x w`` backbone features (rows = ``labels``' rows).
+    make_head
+        A callable giving a fresh, seeded Table II head.
+    probe_start
+        Start each head from the fold's probe (else from ``make_head``'s weights).
+    standardise_features
+        Standardise per channel with each fold's training statistics (else the raw features).
+    criterion
+        ``"accuracy"``: the simplest candidate within one standard error of the
+        best; ``"loss"``: the lowest held-out loss (the paper's best epoch), the
+        probe not among the candidates.
+    """
+    import torch
+
+    from .._progress import STOP
+
+    labels = np.asarray(labels, np.int64)
+    holdout = validation.mode == "holdout"
+    probe_c = Candidate(None, 0)
+    cands: dict[tuple[int, int], Candidate] = {}
+    n = len(labels)
+    oof_logits: dict[tuple[int, int] | None, np.ndarray] = {}
+    sel = Selection([], probe_c, probe_c, np.full(n, -1), np.zeros((n, n_classes)))
+    k = len(validation.folds)
+    for f, (train_rows, val_rows) in enumerate(validation.folds, start=1):
+        bank = _fold_bank(bank_raw, labels, train_rows, dtype, standardise_features)
+        probe, _ = fit_probe_head(bank.z, train_rows, labels, n_classes, seed=seed)
+        with torch.inference_mode():
+            pl = torch.cat([probe.logits(bank.z[torch.from_numpy(val_rows[j : j + 256]), 0])
+                            for j in range(0, len(val_rows), 256)]).numpy()
+        _tally(probe_c, pl, labels[val_rows])
+        oof_logits.setdefault(None, np.zeros((n, n_classes)))[val_rows] = pl
+        if holdout:
+            sel.probe_head, sel.bank = probe, bank
+        for r_i, recipe in enumerate(recipes):
+            head = make_head()
+            if probe_start:
+                probe.fold_into(head)
+            gen = fit_head(head, bank, train_rows, recipe, seed=seed, val_rows=val_rows, eval_every=eval_every,
+                           keep_states=holdout, fold=f if not holdout else 0, folds=k if not holdout else 0)
+            try:
+                item = next(gen)
+                while True:
+                    request = yield item
+                    if request == STOP:
+                        sel.stopped = True
+                    item = gen.send(STOP if sel.stopped else None)
+            except StopIteration as stop:
+                fit = stop.value
+            for step, pred_logits in fit.logits.items():
+                if step == 0:
+                    continue  # the start: the probe (counted once above) or an untrained head
+                c = cands.setdefault((r_i, step), Candidate(recipe, step))
+                _tally(c, pred_logits, labels[val_rows])
+                oof_logits.setdefault((r_i, step), np.zeros((n, n_classes)))[val_rows] = pred_logits
+            if holdout:
+                sel.states.update({(r_i, s): st for s, st in fit.states.items()})
+            if sel.stopped:
+                break
+        if sel.stopped:
+            break
+    sel.candidates = [probe_c, *cands.values()] if probe_start else list(cands.values())
+    complete = [c for c in sel.candidates if c.seen == probe_c.seen]  # a stopped run measured some folds only
+    if criterion == "loss":
+        sel.chosen = min(complete, key=lambda c: c.loss) if complete else probe_c
+    else:
+        sel.chosen = _one_standard_error(complete or [probe_c])
+    key = None if sel.chosen.is_probe else (list(recipes).index(sel.chosen.recipe), sel.chosen.step)
+    held = np.zeros(n, bool)
+    for _, va in validation.folds:
+        held[va] = True
+    sel.held_out = held
+    sel.logits = oof_logits.get(key, oof_logits[None])
+    sel.predictions = np.where(held, sel.logits.argmax(1), -1)
+    sel.probe_predictions = np.where(held, oof_logits[None].argmax(1), -1)
+    sel.fold_accuracy = list(sel.chosen.fold_acc)
+    sel.probe = probe_c
+    sel.key = key
+    return sel
+
+
+def _fold_bank(bank_raw, labels: np.ndarray, train_rows: np.ndarray, dtype, standardise_features: bool):
+    import torch
+
+    if standardise_features:
+        z, mean, std = standardise(bank_raw, train_rows, dtype)
+    else:
+        c = bank_raw.shape[2]
+        z = bank_raw.to(dtype or torch.float32)
+        mean, std = torch.zeros(c), torch.ones(c)
+    return FeatureBank(z, torch.as_tensor(labels), mean, std)
+
+
+def _tally(c: Candidate, logits: np.ndarray, y: np.ndarray) -> None:
+    pred = logits.argmax(1)
+    ok = int((pred == y).sum())
+    c.correct += ok
+    c.seen += len(y)
+    c.loss_sum += float(_ce(logits, y).sum())
+    c.fold_acc.append(ok / max(len(y), 1))
+
+
+def _one_standard_error(cands: list[Candidate]) -> Candidate:
+    """The simplest candidate whose accuracy is within one standard error of the best (ties: lower loss)."""
+    best = max(cands, key=lambda c: (c.accuracy, -c.loss))
+    bar = best.accuracy - best.standard_error
+
+    def simplicity(c: Candidate) -> tuple:
+        # the probe first; then fewer steps; then the recipe that pulls hardest towards the probe
+        return (not c.is_probe, c.step, -(c.recipe.anchor if c.recipe else 0.0))
+
+    ok = [c for c in cands if c.accuracy >= bar - 1e-12]
+    return min(ok, key=simplicity)
