@@ -54,8 +54,9 @@ def main() -> None:
     import torch
     from distributed import Client, LocalCluster
 
-    from napari_bcd.cohort import CohortSettings, collect_slides, iter_cohort
+    from napari_bcd.cohort import collect_slides, iter_cohort
     from napari_bcd.model import build_classifier, save_checkpoint
+    from napari_bcd.settings import ClassifySettings
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -64,11 +65,11 @@ def main() -> None:
         model = build_classifier(args.backbone, backbone_weights=None, input_px=(128, 128), field_um=(200.0, 200.0))
         ckpt = save_checkpoint(model, path=d / "m.safetensors")
         items = collect_slides([str(d)])
-        settings = CohortSettings(stride=args.stride)
+        settings = ClassifySettings(stride=args.stride)
         print(f"{len(items)} slides of 1600 x 1600 px, {args.backbone} 128 px / 200 µm, stride {args.stride}, "
               f"torch threads {torch.get_num_threads()}")
         t = time.perf_counter()
-        rows = list(iter_cohort(items, d / "single", str(ckpt), settings))
+        rows = [r.row() for r in iter_cohort(items, d / "single", str(ckpt), settings)]
         dt = time.perf_counter() - t
         print(f"  one process:        {dt:6.1f} s  {len(rows) / dt * 60:6.1f} slides/min "
               f"({sum(r.get('windows', 0) for r in rows)} windows)")
@@ -77,12 +78,12 @@ def main() -> None:
             with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
                     Client(lc) as client:
                 t_up = time.perf_counter() - t
-                rows = list(iter_cohort(items, d / f"cluster{n}", str(ckpt), settings, client=client))
+                rows = [r.row() for r in iter_cohort(items, d / f"cluster{n}", str(ckpt), settings, client=client)]
             dt = time.perf_counter() - t
             print(f"  LocalCluster({n}):    {dt:6.1f} s  {len(rows) / dt * 60:6.1f} slides/min "
                   f"(cluster start {t_up:.1f} s; statuses {sorted({r['status'] for r in rows})})")
         t = time.perf_counter()
-        rows = list(iter_cohort(items, d / "single", str(ckpt), settings))
+        rows = [r.row() for r in iter_cohort(items, d / "single", str(ckpt), settings)]
         print(f"  resumed, all done:  {time.perf_counter() - t:6.2f} s  "
               f"({[r['status'] for r in rows].count('skipped')} "
               "skipped)")

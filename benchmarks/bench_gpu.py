@@ -147,7 +147,9 @@ def feeder_rate(path: Path, device: str | None, windows: int = 4096, workers: in
         rows, note = (None, "cpu")
         if device is not None:
             n_cols = -(-slide.level_info[grid.level].shape[1] // slide.tile_shape(grid.level)[1])
-            rows, note = device_rows(slide, grid.level, device, "device", [(0, tx % n_cols) for tx in range(0, 64, 8)])
+            rows, choice = device_rows(slide, grid.level, device, "device",
+                                       [(0, tx % n_cols) for tx in range(0, 64, 8)])
+            note = choice.text
         n_workers = workers or min(4, os.cpu_count() or 2)
         with ThreadPoolExecutor(n_workers) as pool:
             t0 = time.perf_counter()

@@ -12,8 +12,9 @@ import pytest
 
 from conftest import SAMPLE_SLIDE, write_pyramid
 from napari_bcd.cli import main
-from napari_bcd.cohort import CohortItem, CohortSettings, collect_slides, iter_cohort, write_cohort_table
+from napari_bcd.cohort import CohortItem, collect_slides, iter_cohort, write_cohort_table
 from napari_bcd.errors import BcdError
+from napari_bcd.settings import ClassifySettings
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,8 @@ def test_a_local_cluster_gives_the_single_process_outputs_and_survives_a_killed_
     from distributed import Client, LocalCluster
 
     items = collect_slides([str(cohort_dir)], recursive=True)
-    settings = CohortSettings(stride=0.25)
-    single = list(iter_cohort(items, tmp_path / "one", str(tiny_checkpoint), settings))
+    settings = ClassifySettings(stride=0.25)
+    single = [r.row() for r in iter_cohort(items, tmp_path / "one", str(tiny_checkpoint), settings)]
     assert sorted(r["status"] for r in single) == ["done"] * 5 + ["failed"]
     assert "broken.svs" in next(r for r in single if r["status"] == "failed")["slide"]
 
@@ -72,8 +73,8 @@ def test_a_local_cluster_gives_the_single_process_outputs_and_survives_a_killed_
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
             Client(lc) as client:
         rows = []
-        for row in iter_cohort(items, tmp_path / "two", str(tiny_checkpoint), settings, client=client):
-            rows.append(row)
+        for result in iter_cohort(items, tmp_path / "two", str(tiny_checkpoint), settings, client=client):
+            rows.append(result.row())
             if not killed:  # end a worker process that is in the middle of a slide
                 busy = {w: keys for w, keys in client.processing().items() if keys}
                 if busy:
@@ -91,7 +92,7 @@ def test_a_local_cluster_gives_the_single_process_outputs_and_survives_a_killed_
             assert done["settings"]["stride"] == 0.25
     assert not [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]  # no lock or partial left
     # A second run skips every finished slide.
-    again = list(iter_cohort(items, tmp_path / "two", str(tiny_checkpoint), settings))
+    again = [r.row() for r in iter_cohort(items, tmp_path / "two", str(tiny_checkpoint), settings)]
     assert sorted(r["status"] for r in again) == ["failed"] + ["skipped"] * 5
     assert {r["call"] for r in again if r["status"] == "skipped"} <= {r.get("call") for r in rows}
 
@@ -130,5 +131,5 @@ def test_cohort_table_columns(tmp_path: Path) -> None:
 
 
 def test_sample_slide_still_runs_alone(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    rows = list(iter_cohort([CohortItem(str(SAMPLE_SLIDE))], tmp_path, str(tiny_checkpoint), CohortSettings()))
-    assert rows[0]["status"] == "done" and rows[0]["windows"] > 0
+    (result,) = iter_cohort([CohortItem(str(SAMPLE_SLIDE))], tmp_path, str(tiny_checkpoint), ClassifySettings())
+    assert result.status == "done" and result.row()["windows"] > 0 and result.run.windows == result.row()["windows"]

@@ -193,5 +193,5 @@ def test_bad_decoder_arguments_end_in_messages() -> None:
             rows.decode([(-1, 0)])
         assert (rows(0, 99).numpy() == 255).all()  # a row past the image: glass, as on the CPU path
         # no sample tile to compare: never trusted
-        reader, note = device_rows(slide, 0, "cpu", "device", sample=[])
-        assert reader is None and "no sample tile to compare" in note
+        reader, choice = device_rows(slide, 0, "cpu", "device", sample=[])
+        assert reader is None and choice.fell_back and "no sample tile to compare" in choice.text

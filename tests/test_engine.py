@@ -117,7 +117,7 @@ def test_cancel_stops_within_a_batch_and_frees_threads(tiny_model) -> None:
 
 
 def test_reading_ahead_is_bounded(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
-    import napari_bcd.engine as engine
+    import napari_bcd.engine.producer as engine
 
     produced: list[int] = []
     at_call: list[int] = []

@@ -16,8 +16,15 @@ from napari_bcd.annotations import Annotation
 from napari_bcd.errors import DatasetError
 from napari_bcd.io import open_slide
 from napari_bcd.model import load_checkpoint
-from napari_bcd.train import evaluate, iter_export_patches, iter_finetune, read_iciar
-from napari_bcd.train import STOP, FeatureProgress, FitProgress
+from napari_bcd.train import (
+    STOP,
+    FeatureProgress,
+    FitProgress,
+    evaluate,
+    iter_export_patches,
+    iter_finetune,
+    read_iciar,
+)
 from napari_bcd.train.features import dihedral
 
 

@@ -18,51 +18,65 @@ __all__ = [
     "CLASS_IDS",
     "CLASS_NAMES",
     "DISPLAY_NAMES",
+    "ICIAR_CLASSES",
     "SEVERITY",
     "ClassStyle",
+    "IciarClass",
     "class_id",
     "class_styles",
 ]
 
 BACKGROUND = 0
-#: ICIAR folder names, in model output order (index 0 of the model is id 1).
-CLASS_NAMES: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")
-CLASS_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(CLASS_NAMES)}
-DISPLAY_NAMES: dict[int, str] = {
-    0: "Background",
-    1: "Normal",
-    2: "Benign",
-    3: "In situ carcinoma",
-    4: "Invasive carcinoma",
-}
-#: RGB 0-255.  Green -> yellow -> orange -> red follows severity, and stays
-#: distinguishable on pink/purple H&E; background is transparent in napari.
-CLASS_COLORS: dict[int, tuple[int, int, int]] = {
-    1: (46, 160, 67),
-    2: (240, 200, 40),
-    3: (245, 130, 30),
-    4: (214, 39, 40),
-}
-#: Most severe first.
-SEVERITY: tuple[int, ...] = (4, 3, 2, 1)
 
-# Lower-case alias -> class id.  The BACH ImageScope XML files spell the
-# labels several ways; QuPath users often type the display names.
-_ALIASES: dict[str, int] = {
-    "normal": 1,
-    "normal tissue": 1,
-    "benign": 2,
-    "benign lesion": 2,
-    "insitu": 3,
-    "in situ": 3,
-    "in-situ": 3,
-    "in_situ": 3,
-    "in situ carcinoma": 3,
-    "carcinoma in situ": 3,
-    "invasive": 4,
-    "invasive carcinoma": 4,
-    "carcinoma invasive": 4,
-}
+
+@dataclass(frozen=True)
+class IciarClass:
+    """One of the ICIAR 2018 (BACH) classes: the one row to add a class to.
+
+    Attributes
+    ----------
+    id
+        Its label value (1-based; 0 is background).
+    name
+        The ICIAR folder name, and the class name in model cards.
+    display
+        For people.
+    color
+        RGB 0-255.  Green -> yellow -> orange -> red follows severity, and stays
+        distinguishable on pink/purple H&E; background is transparent in napari.
+    severity
+        Rank for a slide-level call: 0 is the most severe.
+    aliases
+        Other spellings (lower case) that name it: the BACH ImageScope XML
+        files spell the labels several ways; QuPath users often type the
+        display names.
+    """
+
+    id: int
+    name: str
+    display: str
+    color: tuple[int, int, int]
+    severity: int
+    aliases: tuple[str, ...] = ()
+
+
+#: The classes, in model output order (index 0 of the model is id 1).
+ICIAR_CLASSES: tuple[IciarClass, ...] = (
+    IciarClass(1, "Normal", "Normal", (46, 160, 67), 3, ("normal tissue",)),
+    IciarClass(2, "Benign", "Benign", (240, 200, 40), 2, ("benign lesion",)),
+    IciarClass(3, "InSitu", "In situ carcinoma", (245, 130, 30), 1,
+               ("in situ", "in-situ", "in_situ", "carcinoma in situ")),
+    IciarClass(4, "Invasive", "Invasive carcinoma", (214, 39, 40), 0, ("carcinoma invasive",)),
+)
+
+# Views of the table, for the many places that need one column.
+CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in ICIAR_CLASSES)
+CLASS_IDS: dict[str, int] = {c.name: c.id for c in ICIAR_CLASSES}
+DISPLAY_NAMES: dict[int, str] = {BACKGROUND: "Background", **{c.id: c.display for c in ICIAR_CLASSES}}
+CLASS_COLORS: dict[int, tuple[int, int, int]] = {c.id: c.color for c in ICIAR_CLASSES}
+#: Most severe first.
+SEVERITY: tuple[int, ...] = tuple(c.id for c in sorted(ICIAR_CLASSES, key=lambda c: c.severity))
+_ALIASES: dict[str, int] = {a: c.id for c in ICIAR_CLASSES for a in (c.name.lower(), c.display.lower(), *c.aliases)}
 
 
 def class_id(label: str | int, mapping: Mapping[str, str | int] | None = None) -> int | None:

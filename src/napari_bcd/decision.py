@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,18 +39,47 @@ from .errors import BcdError
 if TYPE_CHECKING:
     from .engine import ClassMap
 
-__all__ = ["MEASURES", "DecisionRule", "apply_decision", "decide", "uncertain_label", "uncertainty"]
-
-#: Uncertainty measures: each is 0 for a certain cell and 1 for the least certain possible.
-MEASURES = ("max_probability", "margin", "entropy")
-
+__all__ = ["DEFAULT_MEASURE", "MEASURES", "DecisionRule", "Measure", "apply_decision", "decide", "uncertain_label",
+           "uncertainty"]
 
 def uncertain_label(classes: Sequence[str]) -> int:
     """The label value of uncertain cells: one past the model's classes."""
     return len(classes) + 1
 
 
-def uncertainty(probs: np.ndarray, measure: str = "max_probability") -> np.ndarray:
+def _max_probability(p: np.ndarray) -> np.ndarray:
+    return (1.0 - p.max(-1)) / (1.0 - 1.0 / p.shape[-1])
+
+
+def _margin(p: np.ndarray) -> np.ndarray:
+    top2 = np.sort(p, axis=-1)[..., -2:]
+    return 1.0 - (top2[..., 1] - top2[..., 0])
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    h = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(-1)
+    return h / math.log(p.shape[-1])
+
+
+@dataclass(frozen=True)
+class Measure:
+    """An uncertainty measure: 0 for a one-hot cell, 1 for a uniform one."""
+
+    name: str
+    label: str
+    fn: Callable[[np.ndarray], np.ndarray]
+
+
+#: Uncertainty measures by name, in the order a user is offered them (the one table a new measure joins).
+MEASURES: dict[str, Measure] = {m.name: m for m in (
+    Measure("max_probability", "max probability", _max_probability),
+    Measure("margin", "margin (top two)", _margin),
+    Measure("entropy", "entropy", _entropy),
+)}
+DEFAULT_MEASURE = "max_probability"
+
+
+def uncertainty(probs: np.ndarray, measure: str = DEFAULT_MEASURE) -> np.ndarray:
     """Per cell (or window) uncertainty in [0, 1] from ``(..., C)`` probabilities; NaN where there are none.
 
     ``max_probability``: ``(1 - p1) / (1 - 1/C)``; ``margin``: ``1 - (p1 - p2)``;
@@ -60,16 +89,8 @@ def uncertainty(probs: np.ndarray, measure: str = "max_probability") -> np.ndarr
     if measure not in MEASURES:
         raise BcdError(f"Unknown uncertainty measure {measure!r}; use one of {', '.join(MEASURES)}.")
     p = np.asarray(probs, np.float64)
-    c = p.shape[-1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        if measure == "max_probability":
-            u = (1.0 - p.max(-1)) / (1.0 - 1.0 / c)
-        elif measure == "margin":
-            top2 = np.sort(p, axis=-1)[..., -2:]
-            u = 1.0 - (top2[..., 1] - top2[..., 0])
-        else:
-            h = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(-1)
-            u = h / math.log(c)
+        u = MEASURES[measure].fn(p)
     u = np.clip(u, 0.0, 1.0)
     u[~np.isfinite(p).all(-1)] = np.nan
     return u.astype(np.float32)
@@ -93,7 +114,7 @@ class DecisionRule:
 
     thresholds: dict[str, float] = field(default_factory=dict)
     min_confidence: float = 0.0
-    measure: str = "max_probability"
+    measure: str = DEFAULT_MEASURE
     min_quality: float = 0.0
 
     def __post_init__(self) -> None:

@@ -123,7 +123,6 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     """
     g = class_map.grid
     cell_mm2 = g.cell_um[0] * g.cell_um[1] / 1e6
-    from .decision import DecisionRule
 
     labels = class_map.labels
     unsure = labels == class_map.uncertain_label
@@ -174,8 +173,7 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
             call, call_p = name, r.mean_probability
             break
     display = by_name[call].display_name if call else "none"
-    decision = (class_map.info or {}).get("decision") or {}
-    rule = DecisionRule.from_dict({k: v for k, v in decision.items() if k != "uncertain_cells"})
+    rule = class_map.rule
     all_tissue = classified_tissue + float((tissue * unsure).sum())
     low_q = np.zeros(labels.shape, bool)
     if class_map.quality is not None and rule.min_quality > 0:

@@ -23,7 +23,7 @@ import numpy as np
 from .errors import BcdError
 from .geometry import as_pair
 
-__all__ = ["Grid", "make_grid"]
+__all__ = ["Grid", "grid_for", "make_grid", "slide_mpp"]
 
 
 @dataclass(frozen=True)
@@ -208,3 +208,36 @@ def make_grid(
         mpp=tuple(mpp),  # type: ignore[arg-type]
         input_px=tuple(input_px),  # type: ignore[arg-type]
     )
+
+
+def slide_mpp(slide, mpp: float | tuple[float, float] | None = None) -> tuple[float, float]:
+    """Level-0 µm/px ``(y, x)``: the one given, else the slide's own; the one message when neither is known."""
+    if mpp is not None:
+        return as_pair(mpp)
+    if slide.mpp is not None:
+        return tuple(slide.mpp)  # type: ignore[return-value]
+    raise BcdError(
+        f"{slide.name} does not say its pixel size (µm per pixel). State it (mpp=..., --mpp, or the dock's "
+        "µm / pixel box); 0.25 is typical for 40x scans, 0.5 for 20x."
+    )
+
+
+def grid_for(slide, card, settings=None, *, input_px: tuple[int, int] | None = None,
+             field_um: tuple[float, float] | None = None) -> Grid:
+    """The window grid a model (its card's field and input) lays over a slide with these settings.
+
+    The one way to a grid: the engine, window counts, retraining, patch export
+    and the docks all come here.  ``settings`` is a
+    :class:`~napari_bcd.settings.ClassifySettings` (stride, stride in µm, mpp);
+    ``input_px``/``field_um`` replace the card's (patches cut at another size).
+    """
+    from .settings import ClassifySettings
+
+    settings = settings or ClassifySettings()
+    if card is None and (field_um is None or input_px is None):
+        raise ValueError("grid_for needs a model card, or both field_um and input_px")
+    return make_grid(slide.dimensions, slide_mpp(slide, settings.mpp),
+                     field_um if field_um is not None else card.field_um,
+                     input_px if input_px is not None else card.input_px,
+                     [info.downsample for info in slide.level_info], stride=settings.stride,
+                     stride_um=settings.stride_um)

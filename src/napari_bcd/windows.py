@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from .io.slide import Slide
+from .settings import MIN_TISSUE
 from .tiling import Grid
 from .tissue import TissueParams, detect_tissue
 
-__all__ = ["box_weights", "read_window", "resize_area", "tissue_fractions", "window_batches", "window_tissue_fraction"]
+__all__ = ["box_weights", "read_window", "resize_area", "sample_tiles", "select_windows", "tile_ranges",
+           "tiles_touched", "tissue_fractions", "window_batches", "window_tissue_fraction"]
 
 
 def resize_area(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -40,6 +42,14 @@ def read_window(slide: Slide, grid: Grid, row: int, col: int, size: tuple[int, i
     """
     y, x, h, w = grid.read_box(row, col)
     return resize_area(slide.read_region(grid.level, y, x, h, w, cache=cache), size)
+
+
+def select_windows(window_fraction: np.ndarray, min_tissue: float = MIN_TISSUE) -> np.ndarray:
+    """Which windows are classified: at least ``min_tissue`` of them tissue, and never none (the one rule).
+
+    Returns the ``(rows, cols)`` bool mask; ``np.argwhere`` of it lists them in row-major order.
+    """
+    return window_fraction >= max(min_tissue, 1e-6)
 
 
 def tissue_fractions(slide: Slide, grid: Grid, tissue: TissueParams | None,
@@ -110,18 +120,17 @@ def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: in
     if len(windows) == 0:
         return
     level = grid.level
-    th, tw = slide.tile_shape(level)
+    th = slide.tile_shape(level)[0]
     _, _, h, w = grid.read_box(int(windows[0][0]), int(windows[0][1]))
-    level_w = slide.level_info[level].shape[1]
     # Which tile columns of each tile row the windows need: only those are decoded.
     needed: dict[int, set[int]] = {}
     boxes = {}
     for r, c in windows:
         y, x, _, _ = grid.read_box(int(r), int(c))
         boxes[(int(r), int(c))] = (y, x)
-        tx0, tx1 = max(x, 0) // tw, (min(x + w, level_w) - 1) // tw
-        for ty in range(max(y, 0) // th, (y + h - 1) // th + 1):
-            needed.setdefault(ty, set()).update(range(tx0, tx1 + 1))
+        rows, cols = tile_ranges(slide, grid, int(r), int(c), clip_rows=False)
+        for ty in rows:
+            needed.setdefault(ty, set()).update(cols)
     rows: dict[int, np.ndarray] = {}
     batch_rc: list[tuple[int, int]] = []
     batch_px: list[np.ndarray] = []
@@ -152,6 +161,43 @@ def window_batches(slide: Slide, grid: Grid, windows: np.ndarray, batch_size: in
                 return
     if batch_rc:
         yield np.asarray(batch_rc), _stack(batch_px, alloc)
+
+
+def tile_ranges(slide: Slide, grid: Grid, row: int, col: int, *, clip_rows: bool = True) -> tuple[range, range]:
+    """The tile rows and columns of the grid's level that window ``(row, col)`` covers, within the level.
+
+    ``clip_rows=False`` keeps tile rows past the level's bottom (a band of
+    windows running past the image is cut from them, as glass).
+    """
+    th, tw = slide.tile_shape(grid.level)
+    H, W = slide.level_info[grid.level].shape
+    y, x, h, w = grid.read_box(row, col)
+    last_row = (min(y + h, H) if clip_rows else y + h) - 1
+    return range(max(y, 0) // th, last_row // th + 1), range(max(x, 0) // tw, (min(x + w, W) - 1) // tw + 1)
+
+
+def tiles_touched(slide: Slide, grid: Grid, windows: np.ndarray) -> int:
+    """Distinct tiles of the grid's level that the windows cover (the floor for decodes per pass)."""
+    tiles = set()
+    for r, c in windows:
+        rows, cols = tile_ranges(slide, grid, int(r), int(c))
+        tiles.update((ty, tx) for ty in rows for tx in cols)
+    return len(tiles)
+
+
+def sample_tiles(slide: Slide, grid: Grid, windows: np.ndarray, n: int = 8) -> list[tuple[int, int]]:
+    """Up to ``n`` tiles of the grid's level under windows spread over a pass (to check a decoder on)."""
+    if not len(windows):
+        return []
+    th, tw = slide.tile_shape(grid.level)
+    H, W = slide.level_info[grid.level].shape
+    picks = windows[np.linspace(0, len(windows) - 1, min(n, len(windows))).round().astype(int)]
+    tiles = []
+    for r, c in picks:
+        y, x, h, w = grid.read_box(int(r), int(c))
+        cy, cx = min(max(y + h // 2, 0), H - 1), min(max(x + w // 2, 0), W - 1)
+        tiles.append((cy // th, cx // tw))
+    return list(dict.fromkeys(tiles))
 
 
 def _is_tensor(a: Any) -> bool:

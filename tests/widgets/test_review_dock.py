@@ -33,7 +33,7 @@ def reviewed(viewer, qtbot, tiny_checkpoint: Path, tmp_path: Path):
     dock.use_model(parent)
     with open_slide(SAMPLE_SLIDE) as slide:
         cm = classify(slide, load_checkpoint(parent))
-    cm.info["model_path"] = str(parent)
+    cm.model_path = str(parent)
     dock.show_result(cm, image.name, tuple(image.translate[-2:]))
     review = ReviewWidget(viewer)
     qtbot.addWidget(review.native)
@@ -83,6 +83,7 @@ def test_thresholds_uncertain_regions_and_grad_cam(reviewed, qtbot) -> None:
 
     conf = 1 - uncertainty(cm.probs, "margin")
     cut = float(np.ceil(np.nanmedian(conf[cm.labels > 0]) * 100) / 100)  # about half the cells below it
+    review._measure_combo.value = "margin (top two)"
     review._conf_spin.value = cut
     review.apply_rule()
     shown = layer.metadata["napari_bcd"]["class_map"]

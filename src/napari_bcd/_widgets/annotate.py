@@ -10,7 +10,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_info
 
-from ..classes import CLASS_COLORS, DISPLAY_NAMES
+from ..classes import CLASS_COLORS, DISPLAY_NAMES, ICIAR_CLASSES
 from ..errors import BcdError
 from ._layers import refresh_combo
 from ._worker import notify_error
@@ -18,7 +18,7 @@ from ._worker import notify_error
 if TYPE_CHECKING:
     import napari
 
-_CLASS_CHOICES = [DISPLAY_NAMES[c] for c in (1, 2, 3, 4)]
+_CLASS_CHOICES = [c.display for c in ICIAR_CLASSES]
 
 
 class AnnotateWidget(Container):

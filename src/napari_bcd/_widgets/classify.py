@@ -267,7 +267,6 @@ class ClassifyWidget(Container):
         from napari.qt.threading import create_worker
 
         from ..engine import plan_windows
-        from ..tissue import TissueParams
 
         layer, card, mpp = self._image_combo.value, self._card, self._mpp()
         if layer is None or card is None:
@@ -284,11 +283,11 @@ class ClassifyWidget(Container):
         self._plan_token += 1
         token = self._plan_token
         stride = OVERLAP[self._overlap_combo.value]
-        tissue = TissueParams(threshold=self._tissue_spin.value)
+        tissue = self._tissue_spin.value
 
         def count() -> WindowPlan:
             try:
-                return plan_windows(slide, card, stride=stride, tissue=tissue, mpp=(mpp, mpp))
+                return plan_windows(slide, card, stride=stride, tissue_threshold=tissue, mpp=(mpp, mpp))
             finally:
                 slide.close()
 
@@ -322,7 +321,6 @@ class ClassifyWidget(Container):
         from ..engine import iter_classify
         from ..model.checkpoint import load_model
         from ..model.inference import Predictor
-        from ..tissue import TissueParams
 
         model = self._model if self._model is not None and self._model_key == key else None
         checkpoint = self._checkpoint()
@@ -337,11 +335,11 @@ class ClassifyWidget(Container):
         yield _Stage("Finding tissue…")
         class_map = yield from iter_classify(
             slide, self._predictor, stride=stride, batch_size=self._batch_spin.value or None,
-            tissue=TissueParams(threshold=self._tissue_spin.value),
+            tissue_threshold=self._tissue_spin.value,
             stain_normalize=STAIN[self._stain_combo.value],
             quality=True,  # the Review dock can then grey out pen, blur and folds
         )
-        class_map.info["model_path"] = str(checkpoint) if checkpoint else ""  # the Review dock retrains it
+        class_map.model_path = str(checkpoint) if checkpoint else ""  # the Review dock retrains it
         return class_map
 
     def _on_run_clicked(self) -> None:

@@ -35,6 +35,7 @@ from magicgui.widgets import (
 from napari.layers import Labels, Shapes
 from napari.utils.notifications import show_info
 
+from ..decision import DEFAULT_MEASURE, MEASURES
 from ..errors import BcdError
 from ._layers import readonly_text, refresh_combo, scrolling, slide_for_layer
 from ._worker import notify_error, start_job
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MEASURE_NAMES = {"margin (top two)": "margin", "max probability": "max_probability", "entropy": "entropy"}
+MEASURE_NAMES = {m.label: name for name, m in MEASURES.items()}
 
 
 def _meta(layer) -> dict:
@@ -80,7 +81,8 @@ class ReviewWidget(Container):
         self._status = Label(label="", value="")
         self._status.native.setWordWrap(True)
         # uncertainty and thresholds
-        self._measure_combo = ComboBox(label="uncertainty", choices=list(MEASURE_NAMES), value="margin (top two)")
+        self._measure_combo = ComboBox(label="uncertainty", choices=list(MEASURE_NAMES),
+                                       value=MEASURES[DEFAULT_MEASURE].label)
         self._conf_spin = FloatSpinBox(label="uncertain below", value=0.0, min=0.0, max=1.0, step=0.05,
                                        tooltip="cells less confident than this are grey and out of the slide call")
         self._quality_spin = FloatSpinBox(label="min image quality", value=0.0, min=0.0, max=1.0, step=0.1,
@@ -314,7 +316,7 @@ class ReviewWidget(Container):
         meta = _meta(layer)
         translate = tuple(meta.get("image_translate") or (0.0, 0.0))
         if model_path is not None:
-            class_map.info["model_path"] = model_path
+            class_map.model_path = model_path
         data, kwargs, _ = classmap_layers(class_map, meta.get("image", ""), translate)[0]
         layer.metadata = kwargs["metadata"]
         layer.data = data

@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import SlideError
+
+# ``auto``: on the device when it is a CUDA GPU and the sample check passes; ``cpu``: always imagecodecs in
+# threads; ``device``: TorchCodec/torchvision on the model's device whatever it is (still checked; falls back
+# with a note).  Defined once, beside the other run settings.
+from ..settings import DECODE_MODES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -36,14 +42,10 @@ if TYPE_CHECKING:
 
     from .slide import Slide
 
-__all__ = ["DECODE_MODES", "DeviceRows", "device_rows", "jpeg_decoder"]
+__all__ = ["DECODE_MODES", "DecodeChoice", "DeviceRows", "device_rows", "jpeg_decoder"]
 
 log = logging.getLogger(__name__)
 
-#: ``auto``: on the device when it is a CUDA GPU and the sample check passes; ``cpu``: always imagecodecs in
-#: threads; ``device``: TorchCodec/torchvision on the model's device whatever it is (still checked; falls back
-#: with a note).
-DECODE_MODES = ("auto", "cpu", "device")
 _FILL = 255
 
 
@@ -138,9 +140,41 @@ class DeviceRows:
         return out
 
 
+@dataclass(frozen=True)
+class DecodeChoice:
+    """Where a pass's JPEG tiles were decoded, and why (typed: nothing reads this from the text).
+
+    Attributes
+    ----------
+    on_device
+        Decoded on the model's device.
+    asked
+        The device decoder was asked for (``"device"``, or ``"auto"`` with a CUDA model).
+    detail
+        What was checked, or why the CPU decodes ("" when nothing was asked).
+    """
+
+    on_device: bool = False
+    asked: bool = False
+    detail: str = ""
+
+    @property
+    def fell_back(self) -> bool:
+        """The device decoder was asked for and not used."""
+        return self.asked and not self.on_device
+
+    @property
+    def text(self) -> str:
+        """In words, for the summary and the cohort table (e.g. ``cpu: the tiles are not baseline JPEG``)."""
+        if self.on_device:
+            return self.detail
+        return f"cpu: {self.detail}" if self.detail else "cpu"
+
+
 def device_rows(slide: Slide, level: int, device: str | torch.device, mode: str = "auto",
-                sample: Sequence[tuple[int, int]] = (), tolerance: float = 1.0) -> tuple[DeviceRows | None, str]:
-    """The device's tile-row reader when ``mode`` asks for it and it decodes this slide right, and a note.
+                sample: Sequence[tuple[int, int]] = (), tolerance: float = 1.0,
+                ) -> tuple[DeviceRows | None, DecodeChoice]:
+    """The device's tile-row reader when ``mode`` asks for it and it decodes this slide right, and why.
 
     Parameters
     ----------
@@ -154,25 +188,27 @@ def device_rows(slide: Slide, level: int, device: str | torch.device, mode: str 
 
     Returns
     -------
-    (DeviceRows or None, str)
-        None means: decode on the CPU; the note says why (or what was checked).
+    (DeviceRows or None, DecodeChoice)
+        None means: decode on the CPU; the choice says why (or what was checked).
     """
     import torch
 
     if mode not in DECODE_MODES:
         raise SlideError(f"Unknown decode mode {mode!r}; use one of {', '.join(DECODE_MODES)}.")
     device = torch.device(device)
-    if mode == "cpu":
-        return None, "cpu"
-    if mode == "auto" and device.type != "cuda":
-        return None, "cpu"
+    if mode == "cpu" or (mode == "auto" and device.type != "cuda"):
+        return None, DecodeChoice()
+
+    def cpu(why: str) -> tuple[None, DecodeChoice]:
+        return None, DecodeChoice(False, True, why)
+
     kind = slide.jpeg_tiles(level)
     if kind is None:
-        return None, "cpu: the tiles are not baseline JPEG"
+        return cpu("the tiles are not baseline JPEG")
     try:
         reader = DeviceRows(slide, level, device)
     except ImportError:
-        return None, "cpu: neither TorchCodec nor torchvision is installed"
+        return cpu("neither TorchCodec nor torchvision is installed")
     picks = list(sample)
     if len(picks) > 8:
         picks = [picks[i] for i in np.linspace(0, len(picks) - 1, 8).round().astype(int)]
@@ -190,12 +226,12 @@ def device_rows(slide: Slide, level: int, device: str | torch.device, mode: str 
         if diff <= tolerance:
             reader.decoded = 0
             how = "" if out_mode == "RGB" else ", components as stored"
-            return reader, (f"{reader.backend} on {device} ({kind.upper()}-JPEG{how}, mean difference {diff:.2f} "
-                            f"on {len(picks)} tiles)")
+            return reader, DecodeChoice(True, True, f"{reader.backend} on {device} ({kind.upper()}-JPEG{how}, mean "
+                                                    f"difference {diff:.2f} on {len(picks)} tiles)")
         tried.append(f"{out_mode}: differs by {diff:.1f} grey levels on average" if np.isfinite(diff)
                      else f"{out_mode}: no sample tile to compare")
-    return None, (f"cpu: the device decoder does not give the CPU decode's pixels on this slide's "
-                  f"{kind.upper()}-JPEG tiles ({'; '.join(tried)}); decoding on the CPU")
+    return cpu(f"the device decoder does not give the CPU decode's pixels on this slide's {kind.upper()}-JPEG tiles "
+               f"({'; '.join(tried)}); decoding on the CPU")
 
 
 def _mean_difference(slide: Slide, reader: DeviceRows, tiles: Sequence[tuple[int, int]]) -> float:

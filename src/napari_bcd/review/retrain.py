@@ -229,7 +229,6 @@ def iter_retrain(
     BcdError
         Before any work: no corrections, an existing ``out``, a grid that does not match.
     """
-    from ..geometry import as_pair
     from ..model.card import checkpoint_paths, read_card
     from ..model.checkpoint import check_checkpoint_target
 
@@ -248,13 +247,10 @@ def iter_retrain(
     if class_map is not None:
         grid = class_map.grid
     else:
-        from ..tiling import make_grid
+        from ..settings import ClassifySettings
+        from ..tiling import grid_for
 
-        slide_mpp = as_pair(mpp) if mpp is not None else slide.mpp
-        if slide_mpp is None:
-            raise BcdError(f"{slide.name} does not say its pixel size; pass --mpp.")
-        grid = make_grid(slide.dimensions, slide_mpp, card.field_um, card.input_px,
-                         [i.downsample for i in slide.level_info], stride=stride)
+        grid = grid_for(slide, card, ClassifySettings(stride=stride, mpp=mpp))
     if corrections.grid:
         want = [round(v, 3) for v in corrections.grid.get("stride_px", grid.stride_px)]
         if want != [round(v, 3) for v in grid.stride_px]:
@@ -279,14 +275,14 @@ class _Windows:
 
 def _choose_windows(grid, corrections: Corrections, slide, class_map, margin: int, n_anchor: int,
                     min_tissue: float, rng: np.random.Generator) -> _Windows:
-    from ..windows import tissue_fractions
+    from ..windows import select_windows, tissue_fractions
 
     kh, kw = grid.cells_per_window
     if class_map is not None:
         classified = class_map.window_done.copy()
     else:
         win_frac, _, _ = tissue_fractions(slide, grid, None, grid.mpp)
-        classified = win_frac >= max(min_tissue, 1e-6)
+        classified = select_windows(win_frac, min_tissue)
     r0, r1, c0, c1 = _affected(grid, corrections, margin)
     region = np.zeros_like(classified)
     region[max(r0 - kh + 1, 0) : r1, max(c0 - kw + 1, 0) : c1] = True
@@ -587,14 +583,15 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     # ---- re-predict: the region from the features already computed, or the whole slide
     new_map = None
     changed = 0
-    rule = DecisionRule.from_dict({k: v for k, v in ((class_map.info or {}).get("decision") or {}).items()
-                                   if k != "uncertain_cells"} if class_map is not None else card.decision)
+    rule = class_map.rule if class_map is not None else DecisionRule.from_dict(card.decision)
     if whole_slide:
         from ..engine import iter_classify
+        from ..settings import ClassifySettings
 
-        gen = iter_classify(slide, model, stride_um=grid.cell_um, device=str(dev), mpp=grid.mpp, decision=rule,
-                            min_tissue=class_map.info.get("min_tissue", min_tissue) if class_map is not None
-                            else min_tissue)
+        settings = ClassifySettings(stride_um=grid.cell_um, device=str(dev), mpp=grid.mpp, decision=rule,
+                                    min_tissue=class_map.run.min_tissue if class_map is not None and class_map.run
+                                    else min_tissue)
+        gen = iter_classify(slide, model, settings)
         try:
             while True:
                 p = next(gen)
@@ -608,6 +605,7 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
     if new_map is not None:
         new_map.model_name = new_card.name
         new_map.info = {**new_map.info, "model_path": str(saved), "retrained_from": str(parent)}
+        new_map.model_path = str(saved)
         if class_map is not None and new_map.labels.shape == class_map.labels.shape:
             changed = int((new_map.labels != class_map.labels).sum())
     yield RetrainProgress("predicting", 1, 1)

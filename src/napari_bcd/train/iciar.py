@@ -302,21 +302,19 @@ def plan_patches(
     from shapely import STRtree, union_all
     from shapely.geometry import box
 
-    from ..tiling import make_grid
-    from ..windows import tissue_fractions
+    from ..settings import ClassifySettings
+    from ..tiling import grid_for
+    from ..windows import select_windows, tissue_fractions
 
     if mpp is not None:
         slide.mpp = (float(mpp), float(mpp))
-    if slide.mpp is None:
-        raise DatasetError(f"{slide.name} has no pixel size; give mpp= (--mpp).")
     if not all(np.isfinite(v) and v > 0 for v in field_um):
         raise DatasetError(f"The field must be positive µm, got {field_um}.")
     if not (0 < coverage <= 1) or not (0 <= min_tissue <= 1):
         raise DatasetError(f"coverage must be in (0, 1] and min_tissue in [0, 1], got {coverage} and {min_tissue}.")
     if patch_px is None:
         patch_px = _patch_px(field_um)
-    grid = make_grid(slide.dimensions, slide.mpp, field_um, patch_px, [i.downsample for i in slide.level_info],
-                     stride=stride)
+    grid = grid_for(slide, None, ClassifySettings(stride=stride), input_px=patch_px, field_um=field_um)
     per_class: dict[int, list] = {}
     region_ids: dict[int, list[str]] = {}
     unknown = 0
@@ -338,21 +336,19 @@ def plan_patches(
     jobs: list[tuple[int, int, int, float]] = []
     regions_of: list[str] = []
     area = grid.window_px[0] * grid.window_px[1]
-    for r in range(grid.n_windows[0]):
-        for c in range(grid.n_windows[1]):
-            if win_tissue[r, c] < min_tissue:
-                continue
-            y, x, h, w = grid.window_box(r, c)
-            wbox = box(x, y, x + w, y + h)
-            best, best_cov = None, 0.0
-            for idx in tree.query(wbox):
-                cov = unions[cids[int(idx)]].intersection(wbox).area / area
-                if cov > best_cov:
-                    best, best_cov = cids[int(idx)], cov
-            if best is not None and best_cov >= coverage:
-                jobs.append((r, c, best, best_cov))
-                areas = [p.intersection(wbox).area for p in per_class[best]]
-                regions_of.append(region_ids[best][int(np.argmax(areas))])
+    for r, c in np.argwhere(select_windows(win_tissue, min_tissue)):
+        r, c = int(r), int(c)
+        y, x, h, w = grid.window_box(r, c)
+        wbox = box(x, y, x + w, y + h)
+        best, best_cov = None, 0.0
+        for idx in tree.query(wbox):
+            cov = unions[cids[int(idx)]].intersection(wbox).area / area
+            if cov > best_cov:
+                best, best_cov = cids[int(idx)], cov
+        if best is not None and best_cov >= coverage:
+            jobs.append((r, c, best, best_cov))
+            areas = [p.intersection(wbox).area for p in per_class[best]]
+            regions_of.append(region_ids[best][int(np.argmax(areas))])
     counts = Counter(CLASS_NAMES[cid - 1] for _, _, cid, _ in jobs)
     return PatchPlan(
         jobs=jobs,

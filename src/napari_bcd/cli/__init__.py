@@ -1,0 +1,83 @@
+"""The ``napari-bcd`` command line: one module per command group, options shared through :mod:`.options`.
+
+argparse (standard library) rather than click/typer: no extra dependency, and
+sub-commands import torch and friends only when they run, so ``--help`` is
+instant.  Every :class:`~napari_bcd.errors.BcdError` becomes one plain
+message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .._version import __version__
+from ..errors import BcdError
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("napari_bcd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import classify, model, review, train
+
+    parser = argparse.ArgumentParser(
+        prog="napari-bcd",
+        description="Breast cancer classification of H&E slides (ICIAR 2018 / BACH classes).",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-bcd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    model.register(sub)
+    classify.register(sub)
+    train.register(sub)
+    review.register(sub)
+    train.register_evaluate(sub)
+    classify.register_demo(sub)
+    model.register_selfcheck(sub)
+    return parser
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a scheduler, `kill`) and SIGINT end a run like Ctrl-C: clean-up code runs, no temporary file is left.
+
+    SIGINT gets Python's handler even when the parent ignored it (a shell starts background jobs so): a
+    ``kill -INT`` then still stops the run cleanly instead of being lost.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``napari-bcd`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 1
+    _terminate_as_interrupt()
+    try:
+        return int(func(args) or 0)
+    except BcdError as err:
+        print(f"napari-bcd: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("napari-bcd: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,157 @@
+"""Option types and options shared by several commands, each defined once (choices from the core's constants)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from ..errors import BcdError
+
+__all__ = ["COUNT", "COVERAGE", "INPUT_PX", "NON_NEGATIVE", "NON_NEGATIVE_INT", "POSITIVE", "SHARE", "VAL_SHARE",
+           "add_classify_options", "add_decision_options", "check_out_dir", "decision_from", "label_pair", "number",
+           "settings_from"]
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = True,
+            high_open: bool = False):
+    """An argparse type: a finite number within bounds, or a message naming what is wrong."""
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'above' if low_open else 'at least'} {low:g}, got {text}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"must be {'below' if high_open else 'at most'} {high:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE = number(float, 0)  # (0, inf)
+SHARE = number(float, 0, 1, low_open=False)  # [0, 1]
+COVERAGE = number(float, 0, 1)  # (0, 1]
+VAL_SHARE = number(float, 0, 1, low_open=False, high_open=True)  # [0, 1)
+COUNT = number(int, 1, low_open=False)  # 1, 2, ...
+NON_NEGATIVE = number(float, 0, low_open=False)
+NON_NEGATIVE_INT = number(int, 0, low_open=False)
+INPUT_PX = number(int, 32, 4096, low_open=False)
+
+
+def label_pair(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0].strip() or not text.split("=", 1)[1].strip():
+        raise argparse.ArgumentTypeError(f"give YOUR_LABEL=CLASS, e.g. Tumor=Invasive; got {text!r}")
+    return text
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be written."""
+    import tempfile
+
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BcdError(f"--out {out}: {parent} is a file, not a folder. Choose a folder for the outputs.")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise BcdError(f"--out {out} cannot be written ({err.strerror or err}). Choose a folder you can write "
+                       "to.") from err
+
+
+def threshold(text: str) -> tuple[str, float]:
+    """``CLASS=P`` for --threshold."""
+    name, sep, value = text.partition("=")
+    try:
+        p = float(value)
+    except ValueError:
+        p = float("nan")
+    if not sep or not name.strip() or not 0 < p <= 1:
+        raise argparse.ArgumentTypeError(f"expected CLASS=P with P in (0, 1], e.g. Invasive=0.3; got {text!r}")
+    return name.strip(), p
+
+
+def decision_from(args: argparse.Namespace, card):
+    """The card's decision rule with the command line's changes, or None when nothing was asked."""
+    from ..decision import DecisionRule
+
+    asked = (args.threshold or args.min_confidence is not None or args.min_quality is not None
+             or args.uncertainty is not None or getattr(args, "clear", False))
+    if not asked:
+        return None
+    rule = DecisionRule() if getattr(args, "clear", False) else DecisionRule.from_dict(card.decision)
+    changes = {}
+    if args.threshold:
+        changes["thresholds"] = {**rule.thresholds, **dict(args.threshold)}
+    if args.min_confidence is not None:
+        changes["min_confidence"] = args.min_confidence
+    if args.min_quality is not None:
+        changes["min_quality"] = args.min_quality
+    if args.uncertainty is not None:
+        changes["measure"] = args.uncertainty
+    rule = rule.replace(**changes)
+    rule.check_classes(card.classes)
+    return rule
+
+
+def add_decision_options(p: argparse.ArgumentParser) -> None:
+    from ..decision import DEFAULT_MEASURE, MEASURES
+
+    p.add_argument("--threshold", action="append", type=threshold, metavar="CLASS=P",
+                   help="call CLASS when its probability reaches P (most severe class first), e.g. Invasive=0.3; "
+                        "repeat for several classes")
+    p.add_argument("--min-confidence", type=SHARE, help="cells less confident than this are 'uncertain' (0-1)")
+    p.add_argument("--uncertainty", choices=list(MEASURES),
+                   help=f"the confidence measure of --min-confidence (default {DEFAULT_MEASURE})")
+    p.add_argument("--min-quality", type=SHARE,
+                   help="cells whose image quality (pen, blur, folds) is below this are 'uncertain' (0-1)")
+
+
+def add_classify_options(p: argparse.ArgumentParser) -> None:
+    """How a classification runs (:class:`~napari_bcd.settings.ClassifySettings`), for classify and demo."""
+    from ..settings import DECODE_MODES, MIN_TISSUE, PRECISIONS, STAIN_NORMALIZATIONS, TISSUE_THRESHOLD
+
+    p.add_argument("--stride", type=POSITIVE, default=1.0,
+                   help="window step as a fraction of the field (0.5 = overlap)")
+    p.add_argument("--stride-um", type=POSITIVE, help="window step in µm (overrides --stride)")
+    p.add_argument("--batch-size", type=COUNT, help="windows per model call (default: 128 on CUDA, 4 on the CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS))
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (GPU runs of many windows; compiled once per run, before the timing)")
+    p.add_argument("--decode", default="auto", choices=list(DECODE_MODES),
+                   help="where JPEG tiles are decoded: auto (nvJPEG on a CUDA GPU when a sample of the slide decodes "
+                        "as on the CPU, else the CPU), cpu, or device (TorchCodec/torchvision on the model's device)")
+    p.add_argument("--stain-normalize", choices=list(STAIN_NORMALIZATIONS), default="none",
+                   help="normalise every window to the stain of the model's training images (Macenko or Vahadane)")
+    p.add_argument("--tissue-threshold", type=SHARE, default=TISSUE_THRESHOLD,
+                   help="minimum saturation of tissue (0-1)")
+    p.add_argument("--min-tissue", type=SHARE, default=MIN_TISSUE,
+                   help="classify windows with at least this tissue fraction")
+    p.add_argument("--min-area", type=NON_NEGATIVE, default=0.0,
+                   help="mm² a class must exceed to count for the slide call")
+    p.add_argument("--mpp", type=POSITIVE, help="µm per pixel of level 0, for files that do not say")
+    p.add_argument("--workers", type=COUNT, help="decoding threads (default: one per core, up to 8)")
+    add_decision_options(p)
+
+
+def settings_from(args: argparse.Namespace, card=None):
+    """The run's :class:`~napari_bcd.settings.ClassifySettings` from the command line (the card's rule, changed
+    by the decision options when any is given)."""
+    from ..settings import ClassifySettings
+
+    decision = decision_from(args, card) if card is not None else None
+    return ClassifySettings(stride=args.stride, stride_um=args.stride_um, tissue_threshold=args.tissue_threshold,
+                            min_tissue=args.min_tissue, min_area=args.min_area, decision=decision,
+                            batch_size=args.batch_size, device=args.device, precision=args.precision,
+                            compile=args.compile, workers=args.workers, stain_normalize=args.stain_normalize,
+                            decode=args.decode)

@@ -1,0 +1,84 @@
+"""What a classification run did, as typed fields: the CLI, cohorts and docks read these, never message text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..io.device_decode import DecodeChoice
+
+__all__ = ["Progress", "RunRecord", "StainCheck"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report.  ``stage`` is ``"tissue"`` or ``"classify"``."""
+
+    stage: str
+    done: int
+    total: int
+    windows_per_s: float = 0.0
+    eta_s: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    def __str__(self) -> str:
+        eta = f", ETA {self.eta_s:.0f} s" if self.eta_s is not None else ""
+        return f"{self.stage}: {self.done}/{self.total} windows, {self.windows_per_s:.1f}/s{eta}"
+
+
+@dataclass(frozen=True)
+class StainCheck:
+    """The slide's stain against the model's training images (:mod:`napari_bcd.stain`).
+
+    ``data`` is the JSON the summary carries; ``normalized`` the method that
+    mapped every window to the training stain ("none" when none did);
+    ``differs`` whether the stain is unlike the training images'.
+    """
+
+    data: dict = field(default_factory=dict)
+    normalized: str = "none"
+    differs: bool = False
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One pass over a slide: how many windows, how fast, on what, decoded where, with which stain."""
+
+    windows: int
+    seconds: float
+    device: str
+    precision: str
+    tissue_fraction: float
+    min_tissue: float
+    compiled: bool
+    warmup_seconds: float
+    decoded_tiles: int
+    tiles_touched: int
+    decode: DecodeChoice = field(default_factory=DecodeChoice)
+    stain: StainCheck = field(default_factory=StainCheck)
+
+    @property
+    def windows_per_s(self) -> float:
+        return round(self.windows / self.seconds, 3) if self.seconds > 0 and self.windows else 0.0
+
+    def info(self, decision: dict) -> dict[str, Any]:
+        """The run as the summary's ``info`` JSON (the decision rule applied, with its counts, first)."""
+        return {
+            "decision": decision,
+            "stain": self.stain.data,
+            "windows": int(self.windows),
+            "seconds": round(self.seconds, 3),
+            "windows_per_s": self.windows_per_s,
+            "device": self.device,
+            "precision": self.precision,
+            "tissue_fraction": self.tissue_fraction,
+            "min_tissue": self.min_tissue,
+            "compiled": bool(self.compiled),
+            "warmup_seconds": round(self.warmup_seconds, 3),
+            "decoded_tiles": self.decoded_tiles,
+            "decode": self.decode.text,
+            "tiles_touched": self.tiles_touched,
+        }

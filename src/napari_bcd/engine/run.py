@@ -1,0 +1,193 @@
+"""The sliding-window engine: slide -> tissue windows -> model -> :class:`ClassMap`.
+
+:func:`iter_classify` is a generator: it yields :class:`Progress` once per
+batch and returns a :class:`ClassMap`.  Reading is overlapped with compute
+(:class:`~.producer.BatchProducer`): threads decode the next batches while
+the model runs on the current one; on a GPU one batch is also in flight on
+the device while the next is prepared.  Closing the generator
+(``gen.close()``, or a napari worker's quit) cancels at the next batch and
+releases the threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import BcdError
+from ..io.slide import Slide
+from ..settings import ClassifySettings
+from ..tiling import Grid, grid_for, slide_mpp
+from ..windows import sample_tiles, select_windows, tiles_touched, tissue_fractions
+from .classmap import CellAccumulator, ClassMap
+from .record import Progress, RunRecord, StainCheck
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
+    from ..model.inference import Predictor
+
+__all__ = ["classify", "iter_classify"]
+
+
+def iter_classify(slide: Slide, model: Classifier | Predictor, settings: ClassifySettings | None = None,
+                  **changes: Any) -> Generator[Progress, None, ClassMap]:
+    """Classify a slide window by window, yielding progress, returning a :class:`ClassMap`.
+
+    Parameters
+    ----------
+    slide
+        From :func:`~napari_bcd.open_slide`.
+    model
+        A :class:`~napari_bcd.model.Classifier` (wrapped in a
+        :class:`~napari_bcd.model.Predictor` on the settings' device) or a Predictor.
+    settings
+        What the run does (:class:`~napari_bcd.settings.ClassifySettings`);
+        keyword arguments change single settings (``stride=0.5``).
+
+    Returns
+    -------
+    Generator[Progress, None, ClassMap]
+        Yields :class:`Progress`, returns the :class:`ClassMap`.  Bad settings
+        (no mpp, an image smaller than one window...) raise here, before the
+        generator is handed to a worker.
+    """
+    from ..decision import DecisionRule
+    from ..model.inference import Predictor
+
+    s = (settings or ClassifySettings()).replace(**changes) if changes else (settings or ClassifySettings())
+    predictor = (model if isinstance(model, Predictor)
+                 else Predictor(model, device=s.device, precision=s.precision, compile=s.compile))
+    card = predictor.model.card
+    rule = s.decision if s.decision is not None else DecisionRule.from_dict(card.decision)
+    rule.check_classes(card.classes)
+    if s.stain_normalize != "none":
+        from ..stain import reference_stats
+
+        if reference_stats(card.stain, s.stain_normalize) is None:
+            raise BcdError(f"This model's card has no {s.stain_normalize} stain statistics of its training images to "
+                           "normalise to; train it again with this version, or classify without --stain-normalize.")
+    grid = grid_for(slide, card, s)
+    quality = bool(rule.min_quality > 0) if s.quality is None else bool(s.quality)
+    return _classify(slide, predictor, grid, s, rule, quality)
+
+
+def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
+              score_quality: bool) -> Generator[Progress, None, ClassMap]:
+    from ..decision import decide
+    from ..io.device_decode import DecodeChoice, device_rows
+    from ..quality import window_quality
+    from .producer import BatchProducer
+
+    card = predictor.model.card
+    batch_size = s.batch_size or predictor.default_batch_size
+    yield Progress("tissue", 0, 0)
+    win_frac, cell_frac, tissue_share = tissue_fractions(slide, grid, s.tissue, slide_mpp(slide, s.mpp))
+    todo = np.argwhere(select_windows(win_frac, s.min_tissue))
+    total = len(todo)
+    stain = stain_check(slide, grid, todo, card, predictor, s.stain_normalize)
+    acc = CellAccumulator(grid, len(card.classes))
+    done_mask = np.zeros(grid.n_windows, bool)
+    level_mpp = float(grid.mpp[1] * grid.level_downsample[1])
+    _, _, win_h, win_w = grid.read_box(0, 0)
+    compile_s = 0.0
+    if total and (predictor.compiled or predictor.device.type == "cuda"):
+        compile_s = predictor.warm_up((win_h, win_w), batch_size)  # outside the timed work
+    rows, decode = (None, DecodeChoice())
+    if total and s.decode != "cpu":
+        rows, decode = device_rows(slide, grid.level, predictor.device, s.decode, sample_tiles(slide, grid, todo))
+    decoded_before = slide.decoded_tiles
+    t0 = time.perf_counter()
+    yield Progress("classify", 0, total)
+    if total:
+        alloc = predictor.host_batch if predictor.device.type == "cuda" else None
+        with BatchProducer(slide, grid, todo, batch_size, workers=s.workers, prefetch=s.prefetch, read_row=rows,
+                           alloc=alloc) as producer:
+
+            def take(batch_rc: np.ndarray, pending, q_futures: list) -> None:
+                scores = np.concatenate([f.result() for f in q_futures]) if q_futures else None
+                acc.add(batch_rc, pending.result(), scores)
+                done_mask[batch_rc[:, 0], batch_rc[:, 1]] = True
+
+            # On a GPU one batch is in flight: batch i+1 is queued on the device before batch i's probabilities
+            # are read, so the GPU never waits for this loop (a cancel then drops that one batch unread).  On the
+            # CPU submit() computes the batch, so it is taken at once and a cancel stops within one batch.
+            done, in_flight = 0, None
+            for batch_rc, pixels in itertools.chain(producer, [(None, None)]):  # the last flushes the one in flight
+                submitted = None
+                if batch_rc is not None:
+                    # The quality score runs in the reading threads (in chunks, so a big GPU batch spreads over
+                    # them) while the model works on the batch; of a batch on the GPU only its strided samples
+                    # come to the host.
+                    q_futures = [producer.pool.submit(window_quality, pixels[i : i + 64], level_mpp)
+                                 for i in range(0, len(pixels), 64)] if score_quality else []
+                    submitted = (batch_rc, predictor.submit(pixels), q_futures)
+                finished = [in_flight] if in_flight is not None else []
+                in_flight = submitted
+                if not predictor.asynchronous and in_flight is not None:  # computed already: no reason to wait
+                    finished.append(in_flight)
+                    in_flight = None
+                for batch in finished:
+                    take(*batch)
+                    done += len(batch[0])
+                    rate = done / max(time.perf_counter() - t0, 1e-9)
+                    yield Progress("classify", done, total, rate, (total - done) / rate if rate else None)
+    probs = acc.probabilities()
+    covered = (acc.counts > 0) & (cell_frac >= s.min_tissue * 0.5)
+    cell_quality = acc.quality() if score_quality else None
+    labels, reasons = decide(probs, covered, tuple(card.classes), rule, cell_quality)
+    record = RunRecord(
+        windows=int(total), seconds=time.perf_counter() - t0, device=str(predictor.device),
+        precision=predictor.precision, tissue_fraction=tissue_share, min_tissue=s.min_tissue,
+        compiled=bool(predictor.compiled), warmup_seconds=compile_s,
+        decoded_tiles=slide.decoded_tiles - decoded_before + (rows.decoded if rows is not None else 0),
+        tiles_touched=tiles_touched(slide, grid, todo), decode=decode, stain=stain)
+    return ClassMap(probs=probs, labels=labels, tissue=cell_frac, window_done=done_mask, grid=grid,
+                    classes=tuple(card.classes), slide_name=slide.name, slide_shape=slide.dimensions,
+                    model_name=card.name, quality=cell_quality, run=record,
+                    info=record.info({**rule.to_dict(), "uncertain_cells": reasons}))
+
+
+def stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, normalize: str) -> StainCheck:
+    """Measure the slide's stain on up to 16 tissue windows (as the model sees them), compare with the card's.
+
+    With ``normalize`` (``"macenko"``, ``"vahadane"``) the predictor gets the map to the card's stain.
+    """
+    from ..stain import macenko_transform, reference_stats, stain_distance, stain_stats
+    from ..windows import read_window
+
+    predictor.set_stain_map(None)
+    if len(todo) == 0:
+        return StainCheck({"normalized": "none", "note": "no tissue window"})
+    pick = todo[np.linspace(0, len(todo) - 1, min(16, len(todo))).round().astype(int)]
+    try:
+        # not through the tile cache: the pass that follows still decodes each tile once
+        images = [read_window(slide, grid, int(r), int(c), tuple(card.input_px), cache=False) for r, c in pick]
+        stats = stain_stats(images)
+    except BcdError as err:
+        return StainCheck({"normalized": "none", "note": str(err)})
+    info: dict = {"slide": stats.to_dict(), "normalized": "none"}
+    reference = reference_stats(card.stain)
+    if reference is None:
+        info["note"] = "the model card has no stain statistics of its training images"
+        return StainCheck(info)
+    info["distance"] = stain_distance(stats, reference)
+    if normalize != "none":
+        source = stats if normalize == "macenko" else stain_stats(images, method=normalize)
+        predictor.set_stain_map(macenko_transform(source, reference_stats(card.stain, normalize)))
+        info["normalized"] = normalize
+    return StainCheck(info, normalize, bool(info["distance"].get("differs")))
+
+
+def classify(slide: Slide, model: Classifier | Predictor, settings: ClassifySettings | None = None,
+             **changes: Any) -> ClassMap:
+    """Run :func:`iter_classify` to the end and return its ClassMap."""
+    gen = iter_classify(slide, model, settings, **changes)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
