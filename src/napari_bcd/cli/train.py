@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .._progress import drive, progress_bar
+from ..model.backbones import BACKBONES, PAPER_BACKBONE
 from .options import COUNT, COVERAGE, INPUT_PX, NON_NEGATIVE_INT, POSITIVE, VAL_SHARE, label_pair, number
 
 
@@ -31,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=["auto", "paper"], default="auto",
                    help="auto (default): enough optimiser steps for a few regions, class-balanced, early stopping, "
                         "head started from the linear probe; paper: the paper's hyper-parameters exactly")
-    p.add_argument("--backbone", default="resnet152v2", help="resnet152v2 (the paper) or timm:<name>")
+    p.add_argument("--backbone", default=PAPER_BACKBONE,
+                   help=f"one of {', '.join(BACKBONES)}, or timm:<any timm model> (default: the paper's)")
     p.add_argument("--backbone-weights", help="local backbone weights (safetensors or a plain state dict); "
                    "a safetensors file may state its preprocessing in its metadata; 'none' for random weights")
     p.add_argument("--preprocess", choices=["tf", "unit", "imagenet", "meanstd"],

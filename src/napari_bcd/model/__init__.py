@@ -22,10 +22,15 @@ _LAZY: dict[str, str] = {
     "load_model": "checkpoint",
     "save_checkpoint": "checkpoint",
     "weights_sha256": "checkpoint",
+    "BACKBONES": "backbones",
+    "BackboneSpec": "backbones",
+    "TimmBackbone": "timm_backbone",
+    "backbone_spec": "backbones",
+    "build_backbone": "backbones",
     "Classifier": "classifier",
-    "TimmBackbone": "classifier",
-    "build_backbone": "classifier",
     "build_classifier": "classifier",
+    "ModelCache": "loaded",
+    "shared_cache": "loaded",
     "TABLE2_TRAINABLE": "head",
     "Table2Head": "head",
     "cached_imagenet_weights": "imagenet",
@@ -44,16 +49,19 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .backbones import BACKBONES, BackboneSpec, backbone_spec, build_backbone
     from .card import ICIAR_FIELD_UM, ModelCard, checkpoint_paths, read_card
     from .checkpoint import load_checkpoint, load_model, save_checkpoint, weights_sha256
-    from .classifier import Classifier, TimmBackbone, build_backbone, build_classifier
+    from .classifier import Classifier, build_classifier
     from .head import TABLE2_TRAINABLE, Table2Head
     from .imagenet import cached_imagenet_weights, fetch_imagenet_weights, import_keras_weights
     from .inference import Predictor, choose_device
     from .keras_weights import load_keras_weights, read_keras_h5
+    from .loaded import ModelCache, shared_cache
     from .preprocessing import Preprocessing
     from .record import TrainingRecord
     from .resnet152v2 import KERAS_PARAM_COUNT, ResNet152V2, keras_param_count
+    from .timm_backbone import TimmBackbone
 
 
 __getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

@@ -36,6 +36,8 @@ class ModelCard:
         Class names in output order (ICIAR folder names by default).
     backbone
         ``"resnet152v2"`` (the paper's Keras-layout network) or ``"timm:<name>"``.
+    backbone_args
+        How the backbone was built beyond its name (timm's ``create_model`` arguments).
     backbone_weights
         Where the backbone's starting weights came from (``"imagenet-keras"``,
         ``"timm-pretrained"``, a file name and hash, or ``"random"``).
@@ -61,6 +63,7 @@ class ModelCard:
     classes: tuple[str, ...] = CLASS_NAMES
     backbone: str = "resnet152v2"
     backbone_weights: str = "imagenet-keras"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
     head: dict[str, Any] = field(default_factory=lambda: {"type": "table2", "activation": "relu"})
     input_px: tuple[int, int] = (256, 256)
     field_um: tuple[float, float] = ICIAR_FIELD_UM

@@ -1,0 +1,60 @@
+"""Any timm model as the backbone: its feature map, NCHW, whatever the model's own layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import BcdError
+
+__all__ = ["TimmBackbone"]
+
+
+class TimmBackbone(nn.Module):
+    """Any timm model as a feature extractor giving an NCHW map.
+
+    Transformers' token sequences (``N x tokens x C``) are turned into a map by
+    dropping the prefix (class/register) tokens and folding the patch tokens
+    back onto their grid, so the Table II head sees the same kind of input.
+    """
+
+    def __init__(self, name: str, pretrained: bool = False) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError as err:  # pragma: no cover - timm is a dependency
+            raise ImportError("timm backbones need timm: pip install timm") from err
+        try:
+            self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+        except RuntimeError as err:
+            raise BcdError(f"timm has no model {name!r}: {err}. See timm.list_models().") from err
+        except OSError as err:
+            raise BcdError(
+                f"Could not get pretrained weights for timm model {name!r} ({err}). When offline, pass "
+                "backbone_weights=PATH (--backbone-weights) with a local safetensors or state-dict file."
+            ) from err
+        self.name = name
+        self.num_features = int(getattr(self.model, "num_features", 0))
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model.forward_features(x)
+        if y.ndim == 3:
+            tokens = y[:, self.num_prefix_tokens :]
+            gh, gw = self._grid(x.shape[-2:], tokens.shape[1])
+            y = tokens.transpose(1, 2).reshape(y.shape[0], y.shape[2], gh, gw)
+        elif y.ndim == 4 and y.shape[1] != self.num_features and y.shape[-1] == self.num_features:
+            y = y.permute(0, 3, 1, 2)  # NHWC models (some ConvNeXt/Swin variants)
+        return y
+
+    def _grid(self, hw: torch.Size, n: int) -> tuple[int, int]:
+        patch = getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
+        if patch is not None:
+            ph, pw = (patch, patch) if isinstance(patch, int) else patch
+            gh, gw = int(hw[0]) // ph, int(hw[1]) // pw
+            if gh * gw == n:
+                return gh, gw
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise BcdError(f"Cannot fold {n} tokens into a feature map; use a square input_px.")
+        return side, side
