@@ -10,7 +10,8 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from .errors import BcdError
 from .summary import Summary, summarize
 
 __all__ = [
+    "OUTPUTS",
+    "Output",
     "cells_to_image",
     "class_regions",
     "label_image",
@@ -31,6 +34,7 @@ __all__ = [
     "outputs_complete",
     "slide_lock",
     "write_label_tiff",
+    "write_output",
     "write_outputs",
     "write_probabilities",
 ]
@@ -223,16 +227,55 @@ def write_probabilities(class_map: ClassMap, path: str | os.PathLike[str], *, ov
 DONE_SUFFIX = ".done.json"
 
 
+def _write_summary_json(class_map: ClassMap, summary: Summary, path: Path) -> None:
+    with atomic_write(path, "w") as fh:
+        fh.write(summary.to_json())
+
+
+def _write_summary_csv(class_map: ClassMap, summary: Summary, path: Path) -> None:
+    with atomic_write(path, "w") as fh:
+        fh.write(summary.to_csv())
+
+
+@dataclass(frozen=True)
+class Output:
+    """One kind of output of a classified slide: the one row to add an output to.
+
+    ``write(class_map, summary, path)`` writes it (atomically); ``label`` names
+    it on the Classify dock's export buttons.
+    """
+
+    kind: str
+    suffix: str
+    label: str
+    write: Callable[[ClassMap, Summary, Path], None]
+
+
+OUTPUTS: tuple[Output, ...] = (
+    Output("labels", ".labels.tif", "Label TIFF",
+           lambda cm, s, p: write_label_tiff(cm, p, overwrite=True)),
+    Output("probabilities", ".probabilities.tif", "Probabilities TIFF",
+           lambda cm, s, p: write_probabilities(cm, p, overwrite=True)),
+    Output("summary_json", ".summary.json", "Summary JSON", _write_summary_json),
+    Output("summary_csv", ".summary.csv", "CSV summary", _write_summary_csv),
+    Output("geojson", ".geojson", "GeoJSON for QuPath",
+           lambda cm, s, p: write_geojson(class_regions(cm), p, overwrite=True)),
+)
+OUTPUT_KINDS = {o.kind: o for o in OUTPUTS}
+
+
 def output_paths(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:
     """The files one slide's outputs are, by kind (the done-record not included)."""
     d = Path(out_dir)
-    return {
-        "labels": d / f"{stem}.labels.tif",
-        "probabilities": d / f"{stem}.probabilities.tif",
-        "summary_json": d / f"{stem}.summary.json",
-        "summary_csv": d / f"{stem}.summary.csv",
-        "geojson": d / f"{stem}.geojson",
-    }
+    return {o.kind: d / f"{stem}{o.suffix}" for o in OUTPUTS}
+
+
+def write_output(kind: str, class_map: ClassMap, path: str | os.PathLike[str],
+                 summary: Summary | None = None) -> Path:
+    """Write one output of a class map (a dock's export button) to ``path``, replacing it."""
+    p = Path(path)
+    OUTPUT_KINDS[kind].write(class_map, summary or summarize(class_map), p)
+    return p
 
 
 def outputs_complete(out_dir: str | os.PathLike[str], stem: str) -> dict | None:
@@ -342,11 +385,8 @@ def write_outputs(
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=d))
     try:
         staged = {k: tmp / p.name for k, p in paths.items()}
-        write_label_tiff(class_map, staged["labels"], overwrite=True)
-        write_probabilities(class_map, staged["probabilities"], overwrite=True)
-        staged["summary_json"].write_text(summary.to_json(), encoding="utf-8")
-        staged["summary_csv"].write_text(summary.to_csv(), encoding="utf-8")
-        write_geojson(class_regions(class_map), staged["geojson"], overwrite=True)
+        for o in OUTPUTS:
+            o.write(class_map, summary, staged[o.kind])
         files = {k: {"name": paths[k].name, "bytes": p.stat().st_size, "sha256": file_digest(p)} for k,
                  p in staged.items()}
         done.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_info
 
+from ..annotations.read import FILE_PATTERNS, FORMAT_NAMES
 from ..classes import CLASS_COLORS, DISPLAY_NAMES, ICIAR_CLASSES
 from ..errors import BcdError
 from ._layers import refresh_combo
@@ -28,7 +29,7 @@ class AnnotateWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer
         self._image_combo = ComboBox(label="image", choices=self._image_choices, nullable=True)
-        self._file_edit = FileEdit(label="annotations", mode="r", filter="*.geojson *.json *.xml", value="")
+        self._file_edit = FileEdit(label="annotations", mode="r", filter=FILE_PATTERNS, value="")
         self._open_button = PushButton(text="Open onto image")
         self._class_combo = ComboBox(label="class", choices=_CLASS_CHOICES, value=_CLASS_CHOICES[-1])
         self._set_button = PushButton(text="Set class of selected shapes")
@@ -68,7 +69,7 @@ class AnnotateWidget(Container):
             if image is None:
                 raise BcdError("Open the slide first: annotations are placed on an image layer.")
             if not path or path == ".":
-                raise BcdError("Choose an annotation file (QuPath .geojson, ImageScope or ASAP .xml).")
+                raise BcdError(f"Choose an annotation file ({FORMAT_NAMES}).")
             anns = read_annotations(path)
         except BcdError as err:
             notify_error(err)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .._progress import drive, progress_bar
+from ..annotations.read import FORMAT_NAMES
 from ..model.backbones import BACKBONES, PAPER_BACKBONE
 from .options import COUNT, COVERAGE, INPUT_PX, NON_NEGATIVE_INT, POSITIVE, VAL_SHARE, label_pair, number
 
@@ -14,7 +15,7 @@ from .options import COUNT, COVERAGE, INPUT_PX, NON_NEGATIVE_INT, POSITIVE, VAL_
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-patches", help="cut ICIAR-style patches from annotated regions of a slide")
     p.add_argument("slide")
-    p.add_argument("annotations", help="QuPath GeoJSON, ImageScope XML or ASAP XML")
+    p.add_argument("annotations", help=FORMAT_NAMES)
     p.add_argument("--out", required=True, help="ICIAR folder to write (or add to)")
     p.add_argument("--model", help="take the field from this checkpoint (default: the ICIAR photo's 645 x 860 µm)")
     p.add_argument("--field-um", type=POSITIVE, nargs="+", metavar="UM", help="field h [w] in µm")
