@@ -40,7 +40,7 @@ def test_aperio_rgb_jpeg_tiles_become_streams_any_decoder_reads_right() -> None:
             ref = slide.read_region(0, ty * th, tx * tw, h, w, cache=False)
             np.testing.assert_array_equal(got[:h, :w], ref)
         # Without the RGB marking a standard decoder takes the samples for YCbCr: the colours are wrong.
-        from napari_bcd.io.slide import complete_jpeg
+        from napari_bcd.io.jpeg import complete_jpeg
 
         seg = slide._segments[0]
         plain = complete_jpeg(seg._read_bytes(4 * seg.grid[1] + 3), seg.jpegtables, rgb=False)
@@ -100,7 +100,7 @@ def test_a_decoder_that_gets_the_colours_wrong_is_not_used(tiny_model, monkeypat
     """nvJPEG reads Aperio's RGB-JPEG as YCbCr: the sample check must catch such a decoder, and say so."""
     from napari_bcd.engine import classify
     from napari_bcd.io import Slide, open_slide
-    from napari_bcd.io.slide import complete_jpeg
+    from napari_bcd.io.jpeg import complete_jpeg
     from napari_bcd.model import Predictor
 
     def ignores_rgb(self, level, ty, tx):  # what a decoder that ignores the RGB marking sees

@@ -18,10 +18,11 @@ _LAZY: dict[str, str] = {
     "Slide": "io.slide",
     "Summary": "summary",
     "TissueParams": "tissue",
+    "ClassifySettings": "settings",
     "classify": "engine",
     "iter_classify": "engine",
     "load_model": "model",
-    "open_slide": "io.slide",
+    "open_slide": "io",
     "summarize": "summary",
     "write_outputs": "export",
     "Annotation": "annotations",
@@ -50,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import ClassMap, classify, iter_classify
     from .errors import BcdError
     from .export import write_outputs
-    from .io.slide import Slide, open_slide
+    from .io import Slide, open_slide
     from .model import (
         Classifier,
         ModelCard,
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
         load_model,
         save_checkpoint,
     )
+    from .settings import ClassifySettings
     from .summary import Summary, summarize
     from .tissue import TissueParams
 

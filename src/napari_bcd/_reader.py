@@ -39,7 +39,7 @@ def slide_layer_data(slide: Slide) -> LayerData:
 
 def read_slide(path: str | list[str]) -> list[LayerData]:
     """Read one slide (or several) into layer data."""
-    from .io.slide import open_slide
+    from .io import open_slide
 
     paths = [path] if isinstance(path, str) else list(path)
     return [slide_layer_data(open_slide(p)) for p in paths]
@@ -50,7 +50,7 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
 
     Declining lets napari's other readers try (a TIFF of another kind, say).
     """
-    from .io.slide import open_slide
+    from .io import open_slide
 
     paths = [path] if isinstance(path, str) else list(path)
     for p in paths:

@@ -175,7 +175,7 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
     """
     from .engine import iter_classify
     from .export import output_paths, outputs_complete, slide_lock, write_outputs
-    from .io.slide import open_slide
+    from .io import open_slide
     from .model.loaded import shared_cache
     from .summary import summarize
 

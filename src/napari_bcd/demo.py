@@ -102,7 +102,7 @@ def run_demo(
         print(f"napari-bcd: {err}\nShowing the slide without a classification.", file=sys.stderr)
     from .engine import iter_classify
     from .export import write_outputs
-    from .io.slide import open_slide
+    from .io import open_slide
     from .summary import summarize
 
     out_dir = Path(out or "napari-bcd-demo")

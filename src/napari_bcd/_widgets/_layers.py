@@ -24,7 +24,7 @@ def slide_for_layer(layer: Layer, mpp: float | None = None) -> Slide:
     ``mpp`` (µm/px) wins; otherwise the layer's ``scale`` is taken as µm/px
     unless it is the default 1 (no pixel size known).
     """
-    from ..io.slide import Slide, open_slide
+    from ..io import Slide, open_slide
 
     if not mpp:
         scale = tuple(float(s) for s in layer.scale[-2:])

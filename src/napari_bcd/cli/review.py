@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from ..io.slide import open_slide
+    from ..io import open_slide
     from ..model.card import read_card
     from ..review.corrections import read_corrections
     from ..review.retrain import iter_retrain

@@ -120,7 +120,7 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_export_patches(args: argparse.Namespace) -> int:
     from ..annotations import read_annotations
-    from ..io.slide import open_slide
+    from ..io import open_slide
     from ..model.card import ICIAR_FIELD_UM
     from ..model.checkpoint import load_checkpoint
     from ..train.iciar import iter_export_patches

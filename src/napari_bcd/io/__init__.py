@@ -1,5 +1,6 @@
 """Reading slides and images."""
 
-from .slide import Slide, open_slide
+from .open import open_slide
+from .slide import Slide
 
 __all__ = ["Slide", "open_slide"]

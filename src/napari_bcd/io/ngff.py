@@ -15,14 +15,13 @@ import math
 from collections.abc import Iterable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import SlideError
-
-if TYPE_CHECKING:
-    from .slide import Slide
+from .segments import FILL, LevelInfo, padded_read
+from .slide import Slide
 
 __all__ = ["is_ngff", "open_ngff"]
 
@@ -96,12 +95,7 @@ class _ZarrSegments:
         return np.ascontiguousarray(np.transpose(block, [kept.index("y"), kept.index("x"), kept.index("c")]))
 
     def read(self, y: int, x: int, h: int, w: int, cache: bool = True) -> np.ndarray:
-        out = np.full((h, w, 3), 255, np.uint8)
-        H, W = self.shape
-        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
-        if y0 < y1 and x0 < x1:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read(y0, x0, y1, x1)
-        return out
+        return padded_read(self.shape, y, x, h, w, self._read)
 
     def tile(self, ty: int, tx: int, cache: bool = True) -> np.ndarray:
         self.decoded += 1
@@ -109,7 +103,7 @@ class _ZarrSegments:
 
     def read_row(self, ty: int, txs: Iterable[int] | None, pool: Executor | None = None) -> np.ndarray:
         th, tw = self.seg
-        out = np.full((th, self.shape[1], 3), 255, np.uint8)
+        out = np.full((th, self.shape[1], 3), FILL, np.uint8)
         cols = sorted(txs) if txs is not None else list(range(self.grid[1]))
         if 0 <= ty < self.grid[0] and cols:
             # one read per run of neighbouring columns: each needed chunk decoded once, the others not at all
@@ -132,7 +126,6 @@ class _ZarrSegments:
 
 def open_ngff(p: Path) -> Slide:
     """A :class:`~napari_bcd.io.Slide` over an OME-Zarr folder."""
-    from .slide import LevelInfo, Slide
 
     try:
         import zarr
