@@ -460,3 +460,37 @@ def test_retrain_on_the_real_resnet152v2(tmp_path):
         _, res = drain(iter_retrain(path, corr, slide, class_map=cm, steps=150, views=4))
     assert len(corr) == 1 and res.corrected_after == 1.0 and res.class_map.labels[r, c] == target
     assert res.card.backbone == "resnet152v2" and res.card.training["retrain"]["views"] == 4
+
+
+def test_a_corrected_box_holds_the_rest_of_the_slide_and_the_report_says_how_much_changed(tiny_checkpoint,
+                                                                                          tmp_path):
+    """Issue 26 #9: one box repainted and retrained, the slide classified again with the new model: the cells
+    outside the box keep their class (within a stated share), and the report states that share."""
+    import math
+    import shutil
+
+    from napari_bcd import classify, open_slide
+    from napari_bcd.model import load_checkpoint
+    from napari_bcd.review.retrain import DRIFT_WARNING, RetrainResult
+
+    parent = Path(shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors"))
+    shutil.copy(tiny_checkpoint.with_suffix(".json"), tmp_path / "tiny.json")
+    with open_slide(SAMPLE_SLIDE) as slide:
+        cm = classify(slide, load_checkpoint(parent), stride=0.5)
+        edited, (r, c), target = _block_edit(cm)
+        _, res = drain(iter_retrain(parent, corrections_from_labels(cm, edited), slide, class_map=cm,
+                                    whole_slide=True, stride=0.5))
+    assert (res.class_map.labels[r : r + 2, c : c + 2] == target).all()
+    from napari_bcd.review.retrain_fit import decided
+
+    outside = (cm.labels > 0) & decided(cm.probs)  # cells the parent calls (its ties have no class to keep)
+    outside[max(r - 3, 0) : r + 5, max(c - 3, 0) : c + 5] = False
+    measured = float((res.class_map.labels[outside] != cm.labels[outside]).mean())
+    assert measured <= 0.10, measured  # the rest of the slide is held
+    assert math.isfinite(res.outside_changed) and res.outside_checked > 0 and res.outside_changed <= 0.10
+    assert "of the slide outside the corrections changes class" in res.describe()
+    card_record = load_checkpoint(res.checkpoint).card.training["retrain"]
+    assert card_record["outside_changed"] == pytest.approx(res.outside_changed)
+    # a model that changes much outside is flagged before it is used
+    loud = RetrainResult(res.checkpoint, parent, None, outside_changed=DRIFT_WARNING + 0.1, outside_checked=40)
+    assert "look at the whole map before you use it" in loud.warning and not res.warning or res.outside_changed > 0.05

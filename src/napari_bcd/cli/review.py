@@ -54,6 +54,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     print(result.describe())
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    if result.warning:
+        print(f"napari-bcd: WARNING: {result.warning}", file=sys.stderr)
     if args.classify_out is not None and result.class_map is not None:
         from ..export import write_outputs
 

@@ -13,8 +13,12 @@ sampled in proportion to their weights:
 * the corrected windows, one-hot on their new class, each cell counting as
   ``weight`` training images;
 * anchors: the region's other windows and up to ``anchors`` classified
-  windows spread over the slide, each pulled towards the parent's own
-  probabilities (soft targets), so cells nobody corrected keep their class;
+  windows spread over the slide, each pulled towards
+  the parent's own probabilities (soft targets), so cells nobody corrected
+  keep their class (on a slide with more windows, up to a quarter as many
+  others are never trained on: they measure how much of the slide outside
+  the corrections the new model changes, and a large change is said before
+  the new model is used);
 * the original training images, one-hot on their labels (when available).
 
 Features are standardised per channel during training and folded back into
@@ -37,21 +41,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._progress import STOP
 from ..errors import BcdError
 from .corrections import Corrections
 
 if TYPE_CHECKING:
-    import torch
-
     from ..engine import ClassMap
     from ..io.slide import Slide
-    from ..model.classifier import Classifier
 
-__all__ = ["RetrainPlan", "RetrainProgress", "RetrainResult", "iter_retrain", "next_model_path"]
+__all__ = ["DRIFT_WARNING", "RetrainJob", "RetrainPlan", "RetrainProgress", "RetrainResult", "iter_retrain",
+           "next_model_path"]
 
 log = logging.getLogger(__name__)
 
+#: A new model that changes more than this share of the slide outside the corrections is flagged.
+DRIFT_WARNING = 0.05
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,10 @@ class RetrainResult:
     corrected_before, corrected_after
         Share of the corrected windows the model puts in their new class.
     anchors_kept
-        Share of the anchor windows that keep the parent's class.
+        Share of the anchor windows trained on that keep the parent's class.
+    outside_changed, outside_checked
+        Share of the held-out anchor windows (spread over the slide outside the
+        corrections, never trained on) whose class changes, and how many.
     validation_before, validation_after
         Accuracy / macro F1 on the parent's validation images (None without them).
     """
@@ -134,10 +140,24 @@ class RetrainResult:
     seconds: float = 0.0
     stopped: str = "completed"
     notes: list[str] = field(default_factory=list)
+    outside_changed: float = math.nan
+    outside_checked: int = 0
+
+    @property
+    def warning(self) -> str:
+        """Said before the new model is used when it changes much of the slide outside the corrections."""
+        if not math.isfinite(self.outside_changed) or self.outside_changed <= DRIFT_WARNING:
+            return ""
+        return (f"The new model changes the class of about {self.outside_changed:.0%} of the slide outside your "
+                f"corrections (measured on {self.outside_checked} windows it was not trained on): look at the whole "
+                "map before you use it, or Undo.")
 
     def describe(self) -> str:
         text = (f"Saved {self.checkpoint.name} (from {self.parent.name}): corrections learnt "
                 f"{self.corrected_before:.0%} -> {self.corrected_after:.0%}, anchors kept {self.anchors_kept:.0%}")
+        if math.isfinite(self.outside_changed):
+            text += (f"; {self.outside_changed:.1%} of the slide outside the corrections changes class (on "
+                     f"{self.outside_checked} windows not trained on)")
         if self.validation_before and self.validation_after:
             text += (f"; validation accuracy {self.validation_before['accuracy']:.3f} -> "
                      f"{self.validation_after['accuracy']:.3f}")
@@ -161,16 +181,30 @@ def next_model_path(parent: str | os.PathLike[str]) -> Path:
         k += 1
 
 
-def _affected(grid, corrections: Corrections, margin: int):
-    """Cells of the region around the corrections: their bounding box grown by ``margin`` windows."""
-    kh, kw = grid.cells_per_window
-    rows = [c.row for c in corrections.cells]
-    cols = [c.col for c in corrections.cells]
-    r0 = max(min(rows) - margin * kh, 0)
-    r1 = min(max(rows) + 1 + margin * kh, grid.n_cells[0])
-    c0 = max(min(cols) - margin * kw, 0)
-    c1 = min(max(cols) + 1 + margin * kw, grid.n_cells[1])
-    return r0, r1, c0, c1
+@dataclass(frozen=True)
+class RetrainJob:
+    """Everything one retrain needs, checked (:func:`iter_retrain`)."""
+
+    parent: Path
+    card: Any
+    corrections: Corrections
+    slide: Any
+    class_map: Any
+    grid: Any
+    out: Path
+    weight: float = 4.0
+    whole_slide: bool = False
+    margin: int = 1
+    anchors: int = 256
+    steps: int = 300
+    lr: float = 3e-4
+    batch_size: int = 64
+    views: int = 8
+    data: Any = "card"
+    device: str | None = None
+    min_tissue: float = 0.25
+    seed: int = 0
+    feature_batch: int = 8
 
 
 def iter_retrain(
@@ -183,7 +217,7 @@ def iter_retrain(
     weight: float = 4.0,
     whole_slide: bool = False,
     margin: int = 1,
-    anchors: int = 64,
+    anchors: int = 256,
     steps: int = 300,
     lr: float = 3e-4,
     batch_size: int = 64,
@@ -220,6 +254,9 @@ def iter_retrain(
     margin
         The region re-predicted (and anchored): the corrections' bounding box
         grown by this many windows.
+    anchors
+        Classified windows spread over the rest of the slide kept to the parent's probabilities (up to a
+        quarter as many others, where the slide has them, measure the change).
     data
         The original training images: ``"card"`` (where the card says),
         a folder, or None.
@@ -259,339 +296,146 @@ def iter_retrain(
     bad = [c for c in corrections.cells if not (0 <= c.row < grid.n_cells[0] and 0 <= c.col < grid.n_cells[1])]
     if bad:
         raise BcdError(f"{len(bad)} corrected cell(s) lie outside this slide's grid: are they from another slide?")
-    return _retrain(parent, card, corrections, slide, class_map, grid, out_path, float(weight), whole_slide,
-                    int(margin), int(anchors), int(steps), float(lr), int(batch_size), int(views), data, device,
-                    float(min_tissue), int(seed), int(feature_batch))
+    job = RetrainJob(parent, card, corrections, slide, class_map, grid, out_path, float(weight), whole_slide,
+                     int(margin), int(anchors), int(steps), float(lr), int(batch_size), int(views), data, device,
+                     float(min_tissue), int(seed), int(feature_batch))
+    return _retrain(job)
 
 
-@dataclass
-class _Windows:
-    """The windows a retrain computes features for: the region's (re-predicted, anchors) and spread anchors."""
-
-    wins: np.ndarray  # (n, 2) window rows/cols, row-major
-    region: np.ndarray  # (window rows, window cols) bool: re-predicted
-    box: tuple[int, int, int, int]  # the affected cells r0, r1, c0, c1
-
-
-def _choose_windows(grid, corrections: Corrections, slide, class_map, margin: int, n_anchor: int,
-                    min_tissue: float, rng: np.random.Generator) -> _Windows:
-    from ..windows import select_windows, tissue_fractions
-
-    kh, kw = grid.cells_per_window
-    if class_map is not None:
-        classified = class_map.window_done.copy()
-    else:
-        win_frac, _, _ = tissue_fractions(slide, grid, None, grid.mpp)
-        classified = select_windows(win_frac, min_tissue)
-    r0, r1, c0, c1 = _affected(grid, corrections, margin)
-    region = np.zeros_like(classified)
-    region[max(r0 - kh + 1, 0) : r1, max(c0 - kw + 1, 0) : c1] = True
-    region &= classified
-    others = np.argwhere(classified & ~region)
-    spread = others[rng.choice(len(others), size=min(n_anchor, len(others)), replace=False)] if len(others) else others
-    wins = np.concatenate([np.argwhere(region), spread]) if len(spread) else np.argwhere(region)
-    order = np.lexsort((wins[:, 1], wins[:, 0])) if len(wins) else np.arange(0)
-    return _Windows(wins[order], region, (r0, r1, c0, c1))
-
-
-def _original_images(card, data, notes: list[str]):
-    """The parent's training images (where its card says, or ``data``), split as it was: ``(dataset, train, val)``."""
-    root = None
-    if data == "card":
-        root = card.record.data_root
-        if root and not Path(root).is_dir():
-            notes.append(f"the model's training images are not at {root}: retrained without them")
-            root = None
-    elif data is not None:
-        root = str(data)
-    if not root:
-        return None, [], []
-    from ..train.iciar import read_iciar
-
-    try:
-        dataset = read_iciar(root)
-    except BcdError as err:
-        notes.append(f"the training images at {root} cannot be read ({err}): retrained without them")
-        return None, [], []
-    if tuple(dataset.classes) != tuple(card.classes):
-        notes.append("the training images' classes differ from the model's: retrained without them")
-        return None, [], []
-    val_names = set(card.record.val_files)
-    val_idx = [i for i, p in enumerate(dataset.paths) if p.name in val_names]
-    train_idx = [i for i in range(len(dataset)) if i not in set(val_idx)]
-    return dataset, train_idx, val_idx
-
-
-@dataclass
-class _Features:
-    corrected: Any  # n x views x C x h x w
-    windows: Any  # len(wins) x C x h x w (identity view)
-    original: Any = None  # images x T x C x h x w, or None
-    labels: Any = None
-    views: int = 1
-    train_rows: np.ndarray | None = None
-    val_rows: np.ndarray | None = None
-
-
-def _compute_features(model, dev, slide, grid, corrections: Corrections, wins: np.ndarray, views: int, dataset,
-                      train_idx: list[int], val_idx: list[int], feature_batch: int):
-    """Backbone features, once: corrected windows in ``views`` flips, the windows, the original images (cached).
-
-    Yields :class:`RetrainProgress`; returns :class:`_Features`, or None when stopped.
-    """
+def _retrain(job: RetrainJob) -> Generator[RetrainPlan | RetrainProgress, Any, RetrainResult | None]:
     import torch
 
-    from ..train.finetune import dihedral
-    from ..windows import resize_area, window_batches
-
-    card = model.card
-    size = tuple(card.input_px)
-    total = len(corrections) * views + len(wins) + len(train_idx) + len(val_idx)
-    done = 0
-
-    def backbone(batch: np.ndarray) -> torch.Tensor:
-        with torch.inference_mode():
-            x = model.normalise(torch.from_numpy(np.ascontiguousarray(batch)).to(dev))
-            return model.backbone(x).float().cpu()
-
-    yield RetrainProgress("features", 0, total)
-    corr_feats = []
-    per = max(1, feature_batch // views)
-    dy, dx = grid.level_downsample
-    for k in range(0, len(corrections), per):
-        chunk = corrections.cells[k : k + per]
-        imgs = []
-        for c in chunk:
-            y, x, h, w = c.box_px
-            px = slide.read_region(grid.level, int(round(y / dy)), int(round(x / dx)),
-                                   max(1, int(round(h / dy))), max(1, int(round(w / dx))))
-            imgs.extend(dihedral(resize_area(px, size), t) for t in range(views))
-        corr_feats.append(backbone(np.stack(imgs)).view(len(chunk), views, *backbone_shape(model, size)))
-        done += len(chunk) * views
-        if (yield RetrainProgress("features", done, total)) == STOP:
-            return None
-    win_f = torch.zeros((len(wins), *backbone_shape(model, size)))
-    pos = {(int(r), int(c)): i for i, (r, c) in enumerate(wins)}
-    for batch_rc, pixels in window_batches(slide, grid, wins, feature_batch):  # each tile decoded once
-        f = backbone(np.stack([resize_area(p, size) for p in pixels]))
-        for (r, c), fi in zip(batch_rc, f, strict=True):
-            win_f[pos[(int(r), int(c))]] = fi
-        done += len(batch_rc)
-        if (yield RetrainProgress("features", done, total)) == STOP:
-            return None
-    out = _Features(torch.cat(corr_feats), win_f)
-    if dataset is None:
-        return out
-    from ..train.finetune import FeatureProgress, backbone_features
-
-    out.views = views if card.record.augmented else 1
-    needed = sorted(set(train_idx) | set(val_idx))
-    gen = backbone_features(model, dataset, needed, out.views, lambda i: resize_area(dataset.load(i), size), dev,
-                            feature_batch, True)
-    try:
-        item = next(gen)
-        while True:
-            if isinstance(item, FeatureProgress):
-                yield RetrainProgress("features", done + item.done, total)
-            item = gen.send(None)
-    except StopIteration as stop:
-        bank = stop.value
-    row = {i: k for k, i in enumerate(needed)}
-    out.original = bank.float()
-    out.labels = torch.as_tensor(dataset.labels)
-    out.train_rows = np.asarray([row[i] for i in train_idx], np.int64)
-    out.val_rows = np.asarray([row[i] for i in val_idx], np.int64)
-    return out
-
-
-@dataclass
-class _Pools:
-    """Training samples: features, target distributions, sampling weights; what the windows say before."""
-
-    features: Any
-    targets: Any
-    weights: Any
-    share: np.ndarray  # per window: share of its cells corrected
-    parent_probs: Any  # per window: the parent's probabilities
-    new_idx: Any  # per correction: the new class index
-
-
-def _pools(head, feats: _Features, corrections: Corrections, wins: np.ndarray, grid, n_cls: int, classes,
-           weight: float, views: int, train_idx: list[int], dev) -> _Pools:
-    """Corrections (one-hot), the windows (mixed targets over corrected cells, the parent's elsewhere), originals."""
-    import torch
-
-    kh, kw = grid.cells_per_window
-    with torch.inference_mode():
-        parent_p = torch.softmax(_head_batches(head, feats.windows, dev), 1).cpu()
-    new_idx = torch.as_tensor([classes.index(c.new) for c in corrections.cells])
-    # The grid windows over corrected cells decide what the map shows there: each is pulled towards the
-    # corrected classes in proportion to the share of its cells corrected, towards the parent elsewhere.
-    new_of = {(c.row, c.col): classes.index(c.new) for c in corrections.cells}
-    mix = torch.zeros((len(wins), n_cls))
-    for i, (r, c) in enumerate(wins):
-        for rr in range(int(r), int(r) + kh):
-            for cc in range(int(c), int(c) + kw):
-                if (rr, cc) in new_of:
-                    mix[i, new_of[(rr, cc)]] += 1.0 / (kh * kw)
-    share = mix.sum(1).numpy().astype(np.float64)
-    win_target = mix + (1.0 - torch.as_tensor(share, dtype=torch.float32)).view(-1, 1) * parent_p
-    features = [feats.corrected.flatten(0, 1), feats.windows]
-    targets = [torch.nn.functional.one_hot(new_idx.repeat_interleave(views), n_cls).float(), win_target]
-    weights = [torch.full((len(corrections) * views,), weight / views),
-               torch.as_tensor(np.where(share == 0, 1.0, weight * share), dtype=torch.float32)]
-    if feats.original is not None and len(feats.train_rows):
-        f = feats.original[torch.from_numpy(feats.train_rows)].flatten(0, 1)
-        features.append(f)
-        targets.append(torch.nn.functional.one_hot(feats.labels[train_idx].repeat_interleave(feats.views),
-                                                   n_cls).float())
-        weights.append(torch.full((len(f),), 1.0 / feats.views))
-    return _Pools(torch.cat(features), torch.cat(targets), torch.cat(weights).double(), share, parent_p, new_idx)
-
-
-def _train_head(head, pools: _Pools, feats: _Features, wins: np.ndarray, corrections: Corrections, grid, steps: int,
-                lr: float, batch_size: int, dev, rng: np.random.Generator):
-    """Adam on standardised features from the parent's head; yields progress; returns ``(stopped, steps run, norm)``.
-
-    The standardisation is folded into ``head.conv1`` before training (so it
-    starts exactly from the parent) and must be folded back by the caller.
-    """
-    import torch
-
-    kh, kw = grid.cells_per_window
-    F = pools.features
-    mean = F.mean(dim=(0, 2, 3))
-    std = F.transpose(0, 1).reshape(F.shape[1], -1).std(1)
-    std = torch.sqrt(std**2 + (1e-2 * float(std.mean())) ** 2 + 1e-12)
-    with torch.no_grad():
-        w1 = head.conv1.weight.detach().cpu()
-        b1 = head.conv1.bias.detach().cpu()
-        head.conv1.bias.copy_((b1 + (w1[:, :, 0, 0] * mean).sum(1)).to(head.conv1.bias))
-        head.conv1.weight.copy_((w1 * std.view(1, -1, 1, 1)).to(head.conv1.weight))
-    mean_d, std_d = mean.to(dev).view(1, -1, 1, 1), std.to(dev).view(1, -1, 1, 1)
-    Fz, Y = F.to(dev), pools.targets.to(dev)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    probs_w = (pools.weights / pools.weights.sum()).numpy()
-    over = torch.from_numpy(pools.share > 0)
-    win_z = feats.windows[over].to(dev)
-    cells = [(c.row, c.col) for c in corrections.cells]
-    stopped, step = "completed", 0
-    for step in range(1, steps + 1):
-        idx = torch.from_numpy(rng.choice(len(Fz), size=min(batch_size, len(Fz)), replace=True, p=probs_w)).to(dev)
-        loss = -(Y[idx] * torch.log_softmax(head((Fz[idx] - mean_d) / std_d), 1)).sum(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0 or step == steps:
-            with torch.inference_mode():
-                p_now = pools.parent_probs.numpy().copy()
-                p_now[over.numpy()] = torch.softmax(head((win_z - mean_d) / std_d), 1).cpu().numpy()
-                agree = _cells_agree(wins, p_now, cells, pools.new_idx.numpy(), kh, kw)
-            if (yield RetrainProgress("training", step, steps, float(loss.detach()), agree)) == STOP:
-                stopped = "stopped by the user"
-                break
-    head.eval()
-    return stopped, step, (mean, std)
-
-
-def _validation(parent_head, head, feats: _Features, val_idx: list[int], classes, dev):
-    """Accuracy and macro F1 on the parent's validation images, before and after (None without them)."""
-    if feats.original is None or not len(feats.val_rows):
-        return None, None
-    import torch
-
-    from ..train.evaluate import report_from_predictions
-
-    vf = feats.original[torch.from_numpy(feats.val_rows), 0]
-    y_true = feats.labels[val_idx].tolist()
-    out = []
-    for h in (parent_head, head):
-        with torch.inference_mode():
-            pred = _head_batches(h, vf, dev).argmax(1).tolist()
-        r = report_from_predictions(y_true, pred, classes)
-        out.append({"accuracy": r.accuracy, "macro_f1": r.macro["f1"], "images": len(y_true)})
-    return out[0], out[1]
-
-
-def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight, whole_slide, margin, n_anchor,
-             steps, lr, batch_size, views, data, device, min_tissue, seed, feature_batch):
-    import torch
-
-    from ..decision import DecisionRule, decide
-    from ..model.checkpoint import load_checkpoint, save_checkpoint
+    from ..model.checkpoint import load_checkpoint
     from ..model.inference import choose_device
-    from ..train.finetune import fold_standardisation
+    from ..train.features import fold_standardisation
+    from . import retrain_data as data
+    from . import retrain_fit as fit
 
     t_start = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    notes = list(corrections.notes)
-    kh, kw = grid.cells_per_window
-    chosen = _choose_windows(grid, corrections, slide, class_map, margin, n_anchor, min_tissue, rng)
-    wins = chosen.wins
-    dataset, train_idx, val_idx = _original_images(card, data, notes)
-    yield RetrainPlan(len(corrections), corrections.counts(), int(chosen.region.sum()), len(wins),
-                      len(train_idx) + len(val_idx), steps, out_path, tuple(notes))
-
-    dev = choose_device(device)
-    model = load_checkpoint(parent)
+    rng = np.random.default_rng(job.seed)
+    notes = list(job.corrections.notes)
+    kh, kw = job.grid.cells_per_window
+    chosen = data.choose_windows(job.grid, job.corrections, job.slide, job.class_map, job.margin, job.anchors,
+                                 job.min_tissue, rng)
+    dataset, train_idx, val_idx = data.original_images(job.card, job.data, notes)
+    yield RetrainPlan(len(job.corrections), job.corrections.counts(), int(chosen.region.sum()), len(chosen.wins),
+                      len(train_idx) + len(val_idx), job.steps, job.out, tuple(notes))
+    dev = choose_device(job.device)
+    model = load_checkpoint(job.parent)
     model.to(dev).eval()
-    feats = yield from _compute_features(model, dev, slide, grid, corrections, wins, views, dataset, train_idx,
-                                         val_idx, feature_batch)
+    feats = yield from data.compute_features(model, dev, job.slide, job.grid, job.corrections, chosen.wins, job.views,
+                                             dataset, train_idx, val_idx, job.feature_batch,
+                                             lambda d, t: RetrainProgress("features", d, t))
     if feats is None:
         return None  # stopped before training: nothing is saved
     head = model.head
     parent_head = copy.deepcopy(head).eval()
-    pools = _pools(parent_head, feats, corrections, wins, grid, len(card.classes), card.classes, weight, views,
-                   train_idx, dev)
-    cells = [(c.row, c.col) for c in corrections.cells]
-    corrected_before = _cells_agree(wins, pools.parent_probs.numpy(), cells, pools.new_idx.numpy(), kh, kw)
+    with torch.inference_mode():
+        parent_p = torch.softmax(fit.head_batches(parent_head, feats.windows, dev), 1).cpu()
+    pools = data.pools(parent_p, feats, job.corrections, chosen, job.grid, job.card.classes, job.weight, job.views,
+                       train_idx)
+    cells = [(c.row, c.col) for c in job.corrections.cells]
+    corrected_before = fit.cells_agree(chosen.wins, parent_p.numpy(), cells, pools.new_idx.numpy(), kh, kw)
     for p in model.backbone.parameters():
         p.requires_grad_(False)
-    stopped, step, norm = yield from _train_head(head, pools, feats, wins, corrections, grid, steps, lr, batch_size,
-                                                 dev, rng)
+    stopped, step, norm = yield from fit.train_head(
+        head, pools, feats, chosen, job.corrections, job.grid, job.steps, job.lr, job.batch_size, dev, rng,
+        lambda s, n, loss, agree: RetrainProgress("training", s, n, loss, agree))
     # fold the standardisation back: a plain Table II head on raw features
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("head.")}
     model.load_state_dict({**model.state_dict(), **fold_standardisation(state, norm)})
     with torch.inference_mode():
-        new_win_p = torch.softmax(_head_batches(head, feats.windows, dev), 1).cpu()
-    corrected_after = _cells_agree(wins, new_win_p.numpy(), cells, pools.new_idx.numpy(), kh, kw)
-    anchor_mask = pools.share == 0
-    kept = (new_win_p.argmax(1) == pools.parent_probs.argmax(1)).numpy()
-    anchors_kept = float(kept[anchor_mask].mean()) if anchor_mask.any() else math.nan
-    val_before, val_after = _validation(parent_head, head, feats, val_idx, card.classes, dev)
-    # ---- the new checkpoint: never over an existing file
-    record = {
-        "parent": {"path": str(parent), "name": card.name, "weights_sha256": card.weights_sha256},
-        "slide": corrections.slide or slide.name,
-        "created": corrections.created,
-        "corrections": [c.to_dict() for c in corrections.cells],
-        "erased_cells": corrections.erased,
-        "weight": weight, "steps": steps, "steps_run": step, "lr": lr, "views": views,
-        "batch_size": batch_size, "anchors": int(anchor_mask.sum()), "original_images": len(train_idx) + len(val_idx),
-        "corrected_before": corrected_before, "corrected_after": corrected_after, "anchors_kept": anchors_kept,
-        "validation_before": val_before, "validation_after": val_after, "stopped": stopped,
-        "notes": notes,
-    }
-    metrics = dict(card.metrics)
-    if val_after:
-        metrics.update(accuracy=val_after["accuracy"], macro_f1=val_after["macro_f1"])
-    new_card = card.replace(name=out_path.name[: -len(".safetensors")],
-                            training=card.record.with_retrain(record).to_dict(), metrics=metrics)
-    model.cpu()
-    saved = save_checkpoint(model, new_card, out_path, overwrite=False)
-    model.to(dev)
-    # ---- re-predict: the region from the features already computed, or the whole slide
-    new_map = None
+        new_p = torch.softmax(fit.head_batches(head, feats.windows, dev), 1).cpu()
+    measured = _measure(job, chosen, feats, pools, parent_head, head, parent_p, new_p, train_idx, val_idx, dev,
+                        corrected_before, cells)
+    new_map = yield from _repredict(job, chosen, model, dev, new_p)
     changed = 0
-    rule = class_map.rule if class_map is not None else DecisionRule.from_dict(card.decision)
-    if whole_slide:
+    if new_map is not None and job.class_map is not None and new_map.labels.shape == job.class_map.labels.shape:
+        changed = int((new_map.labels != job.class_map.labels).sum())
+        if job.whole_slide:  # the change outside the corrections, exactly: every cell was classified again
+            measured["outside_changed"], measured["outside_checked"] = _outside_change(job, chosen, new_map)
+    saved = _save(job, model, dev, measured, stopped, step, notes, len(train_idx) + len(val_idx))
+    if new_map is not None:
+        new_map.model_name = saved.name[: -len(".safetensors")]
+        new_map.info = {**new_map.info, "model_path": str(saved), "retrained_from": str(job.parent)}
+        new_map.model_path = str(saved)
+    yield RetrainProgress("predicting", 1, 1)
+    return RetrainResult(saved, job.parent, model.card, new_map, changed, measured["corrected_before"],
+                         measured["corrected_after"], measured["anchors_kept"], measured["validation_before"],
+                         measured["validation_after"], time.perf_counter() - t_start, stopped, notes,
+                         measured["outside_changed"], measured["outside_checked"])
+
+
+def _measure(job: RetrainJob, chosen, feats, pools, parent_head, head, parent_p, new_p, train_idx, val_idx, dev,
+             corrected_before: float, cells) -> dict:
+    """The figures of a retrain: corrections learnt, anchors kept, the change outside, validation before/after."""
+    from . import retrain_fit as fit
+
+    kh, kw = job.grid.cells_per_window
+    anchor_mask = (pools.share == 0) & ~chosen.held
+    kept = (new_p.argmax(1) == parent_p.argmax(1)).numpy()
+    val_before, val_after = fit.validation(parent_head, head, feats, val_idx, job.card.classes, dev)
+    outside, checked = fit.drift(parent_p.numpy(), new_p.numpy(), chosen)
+    return {"corrected_before": corrected_before,
+            "corrected_after": fit.cells_agree(chosen.wins, new_p.numpy(), cells, pools.new_idx.numpy(), kh, kw),
+            "anchors_kept": float(kept[anchor_mask].mean()) if anchor_mask.any() else math.nan,
+            "anchors": int(anchor_mask.sum()), "validation_before": val_before, "validation_after": val_after,
+            "outside_changed": outside, "outside_checked": checked}
+
+
+def _outside_change(job: RetrainJob, chosen, new_map) -> tuple[float, int]:
+    """Share of the classified cells outside the corrected region whose label the new model changes."""
+    from .retrain_fit import decided
+
+    r0, r1, c0, c1 = chosen.box
+    outside = (job.class_map.labels > 0) & decided(job.class_map.probs)  # a tie has no class to keep
+    outside[r0:r1, c0:c1] = False
+    n = int(outside.sum())
+    return (float((new_map.labels[outside] != job.class_map.labels[outside]).mean()) if n else math.nan), n
+
+
+def _save(job: RetrainJob, model, dev, measured: dict, stopped: str, step: int, notes: list[str],
+          original_images: int) -> Path:
+    """The new checkpoint, never over an existing file; its card records the parent, corrections and figures."""
+    from ..model.checkpoint import save_checkpoint
+
+    c = job.corrections
+    record = {
+        "parent": {"path": str(job.parent), "name": job.card.name, "weights_sha256": job.card.weights_sha256},
+        "slide": c.slide or job.slide.name, "created": c.created, "corrections": [x.to_dict() for x in c.cells],
+        "erased_cells": c.erased, "weight": job.weight, "steps": job.steps, "steps_run": step, "lr": job.lr,
+        "views": job.views, "batch_size": job.batch_size, "original_images": original_images,
+        "stopped": stopped, "notes": notes,
+        **{k: measured[k] for k in ("anchors", "corrected_before", "corrected_after", "anchors_kept",
+                                    "validation_before", "validation_after", "outside_changed", "outside_checked")},
+    }
+    metrics = dict(job.card.metrics)
+    if measured["validation_after"]:
+        metrics.update(accuracy=measured["validation_after"]["accuracy"],
+                       macro_f1=measured["validation_after"]["macro_f1"])
+    new_card = job.card.replace(name=job.out.name[: -len(".safetensors")],
+                                training=job.card.record.with_retrain(record).to_dict(), metrics=metrics)
+    model.cpu()
+    saved = save_checkpoint(model, new_card, job.out, overwrite=False)
+    model.to(dev)
+    return saved
+
+
+def _repredict(job: RetrainJob, chosen, model, dev, new_p):
+    """Re-predict: the region from the features already computed, or the whole slide."""
+    from ..decision import DecisionRule
+    from . import retrain_fit as fit
+
+    cm = job.class_map
+    rule = cm.rule if cm is not None else DecisionRule.from_dict(job.card.decision)
+    new_map = None
+    if job.whole_slide:
         from ..engine import iter_classify
         from ..settings import ClassifySettings
 
-        settings = ClassifySettings(stride_um=grid.cell_um, device=str(dev), mpp=grid.mpp, decision=rule,
-                                    min_tissue=class_map.run.min_tissue if class_map is not None and class_map.run
-                                    else min_tissue)
-        gen = iter_classify(slide, model, settings)
+        settings = ClassifySettings(stride_um=job.grid.cell_um, device=str(dev), mpp=job.grid.mpp, decision=rule,
+                                    min_tissue=cm.run.min_tissue if cm is not None and cm.run else job.min_tissue)
+        gen = iter_classify(job.slide, model, settings)
         try:
             while True:
                 p = next(gen)
@@ -599,81 +443,6 @@ def _retrain(parent, card, corrections, slide, class_map, grid, out_path, weight
                     yield RetrainProgress("predicting", p.done, p.total)
         except StopIteration as stop:
             new_map = stop.value
-    elif class_map is not None:
-        new_map = _repredict_region(class_map, grid, wins, chosen.region, new_win_p.numpy(), chosen.box, rule,
-                                    saved, decide)
-    if new_map is not None:
-        new_map.model_name = new_card.name
-        new_map.info = {**new_map.info, "model_path": str(saved), "retrained_from": str(parent)}
-        new_map.model_path = str(saved)
-        if class_map is not None and new_map.labels.shape == class_map.labels.shape:
-            changed = int((new_map.labels != class_map.labels).sum())
-    yield RetrainProgress("predicting", 1, 1)
-    return RetrainResult(saved, parent, model.card, new_map, changed, corrected_before, corrected_after,
-                         anchors_kept, val_before, val_after, time.perf_counter() - t_start, stopped, notes)
-
-
-def backbone_shape(model: Classifier, size: tuple[int, int]) -> tuple[int, int, int]:
-    """``(C, h, w)`` of the backbone's output for an input of ``size`` (measured once per model)."""
-    from ..model.classifier import feature_shape
-
-    cached = getattr(model, "_bcd_feature_shape", None)
-    if cached is None or cached[0] != tuple(size):
-        cached = (tuple(size), feature_shape(model.backbone, tuple(size)))
-        model._bcd_feature_shape = cached
-    return cached[1]
-
-
-def _cells_agree(wins, win_probs, cells, new_idx, kh: int, kw: int) -> float:
-    """Share of the corrected cells whose mean over their windows (as the map averages) is the new class."""
-    ok = 0
-    n = 0
-    for (r, c), k in zip(cells, new_idx, strict=True):
-        cover = [(i) for i, (wr, wc) in enumerate(wins) if wr <= r < wr + kh and wc <= c < wc + kw]
-        if not cover:
-            continue
-        n += 1
-        ok += int(np.asarray(win_probs)[cover].mean(0).argmax() == k)
-    return ok / n if n else math.nan
-
-
-def _head_batches(head, feats, dev, bs: int = 256):
-    import torch
-
-    with torch.inference_mode():
-        return torch.cat([head(feats[k : k + bs].to(dev)).float() for k in range(0, len(feats), bs)]) \
-            if len(feats) else torch.zeros((0, head.out.out_features), device=dev)
-
-
-def _repredict_region(class_map, grid, wins, region_win, win_probs, box, rule, saved, decide):
-    """The class map with the cells of ``box`` recomputed from the new window probabilities."""
-    import dataclasses
-
-    r0, r1, c0, c1 = box
-    kh, kw = grid.cells_per_window
-    n_cls = len(class_map.classes)
-    sums = np.zeros((r1 - r0, c1 - c0, n_cls))
-    counts = np.zeros((r1 - r0, c1 - c0), np.int32)
-    for (r, c), p in zip(wins, win_probs, strict=True):
-        r, c = int(r), int(c)
-        if not region_win[r, c]:
-            continue
-        ya, yb = max(r, r0), min(r + kh, r1)
-        xa, xb = max(c, c0), min(c + kw, c1)
-        if ya < yb and xa < xb:
-            sums[ya - r0 : yb - r0, xa - c0 : xb - c0] += p
-            counts[ya - r0 : yb - r0, xa - c0 : xb - c0] += 1
-    probs = class_map.probs.copy()
-    covered_old = class_map.labels[r0:r1, c0:c1] > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        region_p = (sums / counts[..., None]).astype(np.float32)
-    upd = counts > 0
-    sub = probs[r0:r1, c0:c1]
-    sub[upd] = region_p[upd]
-    probs[r0:r1, c0:c1] = sub
-    labels = class_map.labels.copy()
-    quality = class_map.quality[r0:r1, c0:c1] if class_map.quality is not None else None
-    new_lab, _ = decide(probs[r0:r1, c0:c1], covered_old, tuple(class_map.classes), rule, quality)
-    labels[r0:r1, c0:c1] = new_lab
-    info = {**class_map.info, "repredicted_cells": [int(r0), int(r1), int(c0), int(c1)]}
-    return dataclasses.replace(class_map, probs=probs, labels=labels, info=info)
+    elif cm is not None:
+        new_map = fit.repredict_region(cm, job.grid, chosen, new_p.numpy(), rule)
+    return new_map
