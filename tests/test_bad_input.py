@@ -251,7 +251,7 @@ def test_training_images_are_held_to_what_classify_accepts(tmp_path: Path, make,
 def test_export_patches_off_the_slide_says_so(tmp_path: Path) -> None:
     from napari_bcd.annotations import Annotation
     from napari_bcd.io import open_slide
-    from napari_bcd.train.iciar import plan_patches
+    from napari_bcd.train.patches import plan_patches
 
     box = lambda y0, x0, y1, x1: np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)  # noqa: E731
     anns = [Annotation("Benign", 2, box(10_000, 10_000, 11_000, 11_000)), Annotation("Invasive", 4, box(0, 900, 1500,
@@ -268,7 +268,7 @@ def test_export_stopped_half_way_lists_exactly_the_patches_written(tmp_path: Pat
 
     from napari_bcd.annotations import Annotation
     from napari_bcd.io import open_slide
-    from napari_bcd.train.iciar import ExportProgress, iter_export_patches
+    from napari_bcd.train.patches import ExportProgress, iter_export_patches
 
     box = lambda y0, x0, y1, x1: np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)  # noqa: E731
     anns = [Annotation("Invasive", 4, box(0, 900, 1500, 1500)), Annotation("Benign", 2, box(1500, 800, 2967, 1600))]

@@ -221,7 +221,7 @@ class TrainWidget(Container):
 
     # ------------------------------------------------------------------ the job
     def _plan(self, image, anns):
-        from ..train.iciar import plan_patches
+        from ..train.patches import plan_patches
 
         return plan_patches(slide_for_layer(image), anns, field_um=self._field_um(),
                             coverage=self._coverage_spin.value)
@@ -238,7 +238,8 @@ class TrainWidget(Container):
         """
         from ..model.classifier import check_backbone_weights
         from ..train.finetune import STOP, iter_finetune
-        from ..train.iciar import iter_export_patches, read_iciar
+        from ..train.iciar import read_iciar
+        from ..train.patches import iter_export_patches
 
         backbone = self._backbone_edit.value.strip() or "resnet152v2"
         weights = self._weights()

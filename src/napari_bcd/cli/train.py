@@ -123,7 +123,7 @@ def _cmd_export_patches(args: argparse.Namespace) -> int:
     from ..io import open_slide
     from ..model.card import ICIAR_FIELD_UM
     from ..model.checkpoint import load_checkpoint
-    from ..train.iciar import iter_export_patches
+    from ..train.patches import iter_export_patches
 
     field = ICIAR_FIELD_UM
     if args.model:

@@ -5,7 +5,8 @@ from .evaluate import Report, evaluate
 from .features import FeatureProgress
 from .finetune import Stage, TrainPlan, TrainResult, iter_finetune
 from .headfit import FitProgress, Recipe
-from .iciar import Dataset, ExportResult, iter_export_patches, read_iciar
+from .iciar import Dataset, read_iciar
+from .patches import ExportResult, iter_export_patches, plan_patches
 from .protocol import AUTO, PAPER, Protocol
 from .select import Validation, plan_validation
 from .split import Split, split_dataset
@@ -29,6 +30,7 @@ __all__ = [
     "evaluate",
     "iter_export_patches",
     "iter_finetune",
+    "plan_patches",
     "plan_validation",
     "read_iciar",
     "split_dataset",
