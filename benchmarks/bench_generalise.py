@@ -25,10 +25,10 @@ Without ``--data``, *simulated patients from real H&E pixels*: no public H&E
 dataset with patient identity could be fetched on the development machines
 (dataset repositories keep their images out of git), so each class is a real
 tissue source (the bundled CMU slide's dermis and epidermis, and the real
-tiles in ``tests/data``) and each "patient" is a sub-area of a source seen
-through its own stain (HED strengths x0.8-1.2), scale (x0.8-1.25) and blur:
-photos of one patient share place and stain, as real ones share patient and
-slide.  It measures the mechanism (does a reported figure hold on unseen
+tiles in ``tests/data``) and each "patient" is a 128-px square of a source
+that no other patient shares, seen through its own stain (HED strengths
+x0.8-1.2), scale and blur: photos of one patient share place and stain, as
+real ones share patient and slide.  It measures the mechanism (does a reported figure hold on unseen
 groups), not breast histology.
 
 Backbone: the real trained H&E DenseNet121 in ``../shared/data/weights``
@@ -77,30 +77,44 @@ def _sources() -> dict[str, list[np.ndarray]]:
     }
 
 
-def simulated_patients(root: Path, patients: int, photos: int, seed: int, prefix: str, crop: int = 160) -> Path:
-    """An ICIAR folder of ``patients`` x ``photos`` per class, the patient in the ground truth's third column."""
+def _areas(images: list[np.ndarray], side: int) -> list[tuple[int, int, int]]:
+    """Disjoint ``side``-px squares of the sources: ``(source, y, x)``. No two patients share a pixel."""
+    return [(k, y, x) for k, img in enumerate(images)
+            for y in range(0, img.shape[0] - side + 1, side) for x in range(0, img.shape[1] - side + 1, side)]
+
+
+def simulated_patients(root: Path, patients: int, photos: int, seed: int, prefix: str, *, first: int = 0,
+                       side: int = 128) -> Path:
+    """An ICIAR folder of ``patients`` x ``photos`` per class, the patient in the ground truth's third column.
+
+    Each patient is a ``side``-px square of a source no other patient shares (the development patients take
+    the squares ``first:first + patients`` of a fixed shuffle, the new ones the next), seen through its own
+    stain, blur and scale; its photos are overlapping crops of its square.
+    """
     from PIL import Image, ImageFilter
     from skimage.color import hed2rgb, rgb2hed
 
-    rng = np.random.default_rng(seed)
     rows = []
-    for cls, images in _sources().items():
+    for ci, (cls, images) in enumerate(_sources().items()):
+        areas = _areas(images, side)
+        order = np.random.default_rng(100 + ci).permutation(len(areas))  # the same shuffle for every call
+        if first + patients > len(areas):
+            raise ValueError(f"{cls} has {len(areas)} areas of {side} px, not {first + patients}")
+        rng = np.random.default_rng(seed * 1000 + ci)
         (root / cls).mkdir(parents=True, exist_ok=True)
         for p in range(patients):
-            img = images[int(rng.integers(len(images)))]
-            h, w = img.shape[:2]
-            c = int(min(crop * rng.uniform(0.8, 1.25), h - 2, w - 2))
-            ah, aw = min(2 * c, h), min(2 * c, w)
-            ay, ax = int(rng.integers(0, h - ah + 1)), int(rng.integers(0, w - aw + 1))
+            k, ay, ax = areas[order[first + p]]
+            img = images[k]
+            c = int(side * rng.uniform(0.65, 0.85))
             alpha, beta, sigma = rng.uniform(0.8, 1.2, 3), rng.uniform(-0.03, 0.03, 3), rng.uniform(0, 1.5)
             patient = f"{prefix}-{cls}-{p}"
-            for k in range(photos):
-                y, x = ay + int(rng.integers(0, ah - c + 1)), ax + int(rng.integers(0, aw - c + 1))
+            for k2 in range(photos):
+                y, x = ay + int(rng.integers(0, side - c + 1)), ax + int(rng.integers(0, side - c + 1))
                 tile = np.clip(np.round(hed2rgb(rgb2hed(img[y : y + c, x : x + c]) * alpha + beta) * 255), 0, 255)
                 im = Image.fromarray(tile.astype(np.uint8)).resize((256, 256), Image.Resampling.BILINEAR)
                 if sigma > 0.2:
                     im = im.filter(ImageFilter.GaussianBlur(sigma))
-                name = f"{patient}-{k:02d}.png"
+                name = f"{patient}-{k2:02d}.png"
                 im.save(root / cls / name)
                 rows.append(f"{name},{cls},{patient}")
     (root / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
@@ -223,8 +237,9 @@ def main() -> None:
             source = f"{args.data}: {dev.n_groups} development groups, {new.n_groups} new"
         else:
             dev = read_iciar(simulated_patients(work / "dev", 8, 10, 1, "dev"))
-            new = read_iciar(simulated_patients(work / "new", 8, 10, 2, "new"))
-            source = "simulated patients from real H&E: 32 development patients, 32 new (10 photos each)"
+            new = read_iciar(simulated_patients(work / "new", 8, 10, 2, "new", first=8))
+            source = ("simulated patients from real H&E: 32 development patients, 32 new (10 photos each; no two "
+                      "patients share a pixel)")
         print(f"data: {source}; backbone {args.backbone} ({args.backbone_weights or 'random'})")
         rows = []
         header = (f"{'per class':>9} {'seed':>4} {'images':>6} {'pat.':>4} {'reported':>8} {'by image':>8} "
