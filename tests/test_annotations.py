@@ -10,6 +10,7 @@ import pytest
 
 from conftest import DATA
 from napari_bcd.annotations import Annotation, read_annotations, write_geojson
+from napari_bcd.classes import DISPLAY_NAMES
 from napari_bcd.errors import AnnotationError
 
 ANN = DATA / "annotations"
@@ -100,8 +101,14 @@ def test_geojson_round_trip(name: str, tmp_path: Path) -> None:
         assert len(f["id"]) == 36  # a UUID, as QuPath writes
     back = read_annotations(out)
     assert len(back) == len(anns)
+    names = {f["properties"].get("name") for f in doc["features"]}
     for a, b in zip(anns, back, strict=True):
-        assert a.label == b.label and a.cls == b.cls
+        assert a.cls == b.cls
+        if a.cls is None:
+            assert a.label == b.label
+        else:  # one name per class in what we write; the file's own label kept as the object's name
+            assert b.label == DISPLAY_NAMES[a.cls]
+            assert a.label == b.label or a.label in names
         np.testing.assert_allclose(a.polygon, b.polygon, atol=1e-3)
         assert len(a.holes) == len(b.holes)
         for ha, hb in zip(a.holes, b.holes, strict=True):
@@ -190,3 +197,16 @@ def test_label_map_to_a_non_class_is_an_error(tmp_path: Path) -> None:
 def test_format_is_known_from_content_not_extension(tmp_path: Path) -> None:
     (tmp_path / "annotations.txt").write_bytes((ANN / "bach-imagescope.xml").read_bytes())
     assert read_annotations(tmp_path / "annotations.txt").report.format == "Aperio ImageScope XML"
+
+
+def test_one_name_per_class_and_no_class_for_unclassified(tmp_path: Path) -> None:
+    """The class map's regions ("Invasive", from the model's classes) and a shape set in napari ("Invasive
+    carcinoma") reach QuPath as one class; an unclassified shape has no classification (not Normal's colour)."""
+    square = np.array([[0, 0], [0, 10], [10, 10], [10, 0]], float)
+    anns = [Annotation("Invasive", 4, square), Annotation("Invasive carcinoma", 4, square + 20),
+            Annotation("unclassified", None, square + 40, color=(0, 255, 0))]
+    doc = json.loads(write_geojson(anns, tmp_path / "a.geojson").read_text())
+    first, second, third = (f["properties"] for f in doc["features"])
+    assert first["classification"] == second["classification"]
+    assert first["classification"]["name"] == "Invasive carcinoma" and first["name"] == "Invasive"
+    assert "classification" not in third

@@ -26,16 +26,20 @@ def test_the_cli_geojson_round_trips_with_classes_holes_and_measurements(tiny_ch
     by_class: dict[str, list] = {}
     for a in anns:
         by_class.setdefault(a.label, []).append(a)
-    classified = {c["name"]: c for c in summary["classes"] if c["cells"]}
+    from napari_bcd.classes import DISPLAY_NAMES, class_id
+
+    # QuPath gets one name per class (the display name, as the Annotations dock's "Set class" writes it)
+    classified = {DISPLAY_NAMES[class_id(c["name"])]: c for c in summary["classes"] if c["cells"]}
     assert set(by_class) == set(classified)
-    for name, parts in by_class.items():
+    for display, parts in by_class.items():
+        name = classified[display]["name"]
         m = parts[0].measurements
-        assert m["Area mm^2"] == pytest.approx(classified[name]["area_mm2"])
-        assert m[f"Mean p({name})"] == pytest.approx(classified[name]["mean_probability"], abs=1e-5)
+        assert m["Area mm^2"] == pytest.approx(classified[display]["area_mm2"])
+        assert m[f"Mean p({name})"] == pytest.approx(classified[display]["mean_probability"], abs=1e-5)
         assert set(m) >= {"Tissue %", "Windows", "Mean p(Normal)", "Mean p(Invasive)"}
         # the polygons' area is the class's area (holes subtracted)
         area_px = sum(a.area_px for a in parts)
-        assert area_px * 0.499**2 / 1e6 == pytest.approx(classified[name]["area_mm2"], rel=1e-3)
+        assert area_px * 0.499**2 / 1e6 == pytest.approx(classified[display]["area_mm2"], rel=1e-3)
         assert parts[0].cls is not None and parts[0].to_shapely().is_valid
     # holes travel too: a ring region with measurements, written and read back
     from napari_bcd.annotations import Annotation, write_geojson

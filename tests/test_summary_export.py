@@ -127,7 +127,7 @@ def test_write_outputs_writes_everything_atomically(tmp_path: Path) -> None:
     gj = json.loads(paths["geojson"].read_text())
     assert gj["type"] == "FeatureCollection"
     names = {f["properties"]["classification"]["name"] for f in gj["features"]}
-    assert names == {"Normal", "Benign", "InSitu", "Invasive"}
+    assert names == {"Normal", "Benign", "In situ carcinoma", "Invasive carcinoma"}  # as "Set class" names them
     for f in gj["features"]:
         assert f["properties"]["objectType"] == "annotation"
         assert len(f["properties"]["classification"]["color"]) == 3

@@ -49,8 +49,7 @@ def classmap_layers(
     translate = (image_translate[0] + (k - 1) / 2 * my, image_translate[1] + (k - 1) / 2 * mx)
     meta = {"napari_bcd": {"image": image_name, "image_mpp": [my, mx], "image_translate": list(image_translate),
                            "classes": list(class_map.classes), "downsample": k, "grid": class_map.grid.to_dict(),
-                           # in memory only: the Review dock corrects, retrains and explains this map
-                           "class_map": class_map, "model_path": class_map.model_path}}
+                           "model_path": class_map.model_path}}
     out: list[tuple[np.ndarray, dict[str, Any], str]] = [
         (
             labels,

@@ -100,15 +100,21 @@ class Summary:
                          "classified tissue), not in the call")
         if self.decision != "most probable class":
             lines.append(f"rule: {self.decision}")
+        if compact:  # the dock shows the call and the stain warning above the table, where they are seen
+            return "\n".join(lines)
         if self.stain_warning:
             lines.append(f"WARNING: {self.stain_warning}")
+        lines.append(self.call_text)
+        return "\n".join(lines)
+
+    @property
+    def call_text(self) -> str:
+        """The slide call in words: ``slide call: Invasive carcinoma (p = 0.912)``, or why there is none."""
         if self.call is None:
             verdict = ("no tissue classified" if self.windows == 0
                        else f"no class covers more than {self.min_area_mm2} mm²")
-            lines.append(f"slide call: none ({verdict})")
-        else:
-            lines.append(f"slide call: {self.call_display} (p = {self.call_probability:.3f})")
-        return "\n".join(lines)
+            return f"slide call: none ({verdict})"
+        return f"slide call: {self.call_display} (p = {self.call_probability:.3f})"
 
 
 def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
@@ -199,8 +205,11 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     )
 
 
-def stain_warning(stain: dict | None) -> str:
-    """The sentence a pathologist reads when the slide's stain is unlike the training images', else ""."""
+def stain_warning(stain: dict | None, advice: str = "consider --stain-normalize macenko (or vahadane)") -> str:
+    """The sentence a pathologist reads when the slide's stain is unlike the training images', else "".
+
+    ``advice`` says what to do in the words of where it is read (the CLI's option, the dock's field).
+    """
     if not stain or not (stain.get("distance") or {}).get("differs"):
         return ""
     d = stain["distance"]
@@ -208,5 +217,4 @@ def stain_warning(stain: dict | None) -> str:
             f"strength x{d['h_ratio']:.2f} / x{d['e_ratio']:.2f}")
     if stain.get("normalized") in ("macenko", "vahadane"):
         return f"stain differs from the training set ({what}); normalised to it ({stain['normalized'].title()})"
-    return (f"stain differs from the training set ({what}): predictions may be unreliable; "
-            "consider --stain-normalize macenko (or vahadane)")
+    return f"stain differs from the training set ({what}): predictions may be unreliable; {advice}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .._fileio import atomic_write, check_writable
-from ..classes import CLASS_COLORS, CLASS_NAMES, class_id
+from ..classes import CLASS_COLORS, DISPLAY_NAMES
 from .model import Annotation
 
 __all__ = ["to_feature_collection", "write_geojson"]
@@ -59,12 +59,14 @@ def to_feature_collection(annotations: Iterable[Annotation]) -> dict:
         color = (CLASS_COLORS.get(first.cls) if first.cls else None) or first.color or (128, 128, 128)
         props: dict = {"objectType": "annotation", "isLocked": False}
         name = first.label
-        if first.cls is not None and class_id(first.label or "") != first.cls:
-            # The class was set (in napari, or by a label map): QuPath gets the class,
-            # and the original label stays as the object's name.
-            name = CLASS_NAMES[first.cls - 1]
-            if first.label:
+        if first.cls is not None:
+            # One name per class whatever the label said ("Invasive", "Invasive carcinoma", "4"); a label that is
+            # not the class's own name stays as the object's name.
+            name = DISPLAY_NAMES[first.cls]
+            if first.label and first.label != name:
                 props["name"] = first.label
+        elif (name or "").strip().lower() == "unclassified":
+            name = ""  # QuPath's unclassified: no classification at all (and no class's colour)
         if name:
             props["classification"] = {"name": name, "color": [int(c) for c in color]}
         if first.name:

@@ -102,16 +102,17 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_decision(args: argparse.Namespace) -> int:
-    from ..model.checkpoint import load_checkpoint, save_checkpoint
+    from ..model.card import read_card
+    from ..model.checkpoint import save_decision
 
-    model = load_checkpoint(args.checkpoint)
-    rule = decision_from(args, model.card)
+    card = read_card(args.checkpoint)
+    rule = decision_from(args, card)
     if rule is None:
         from ..decision import DecisionRule
 
-        print(DecisionRule.from_dict(model.card.decision).describe())
+        print(DecisionRule.from_dict(card.decision).describe())
         return 0
-    save_checkpoint(model, model.card.replace(decision=rule.to_dict()), args.checkpoint, overwrite=True)
+    save_decision(args.checkpoint, rule)
     print(f"{args.checkpoint}: {rule.describe()} (the weights are unchanged)")
     return 0
 

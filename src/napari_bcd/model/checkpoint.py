@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,12 +23,16 @@ from ..errors import BcdError, CheckpointError
 from .card import ModelCard, checkpoint_paths, read_card_file, refuse_other_formats
 from .classifier import Classifier, build_classifier
 
+if TYPE_CHECKING:
+    from ..decision import DecisionRule
+
 __all__ = [
     "check_checkpoint_target",
     "checkpoint_paths",
     "load_checkpoint",
     "load_model",
     "save_checkpoint",
+    "save_decision",
     "weights_sha256",
 ]
 
@@ -113,6 +118,17 @@ def save_checkpoint(
     model.card = card
     log.info("Saved checkpoint %s", weights)
     return weights
+
+
+def save_decision(path: str | os.PathLike[str], rule: DecisionRule | None) -> Path:
+    """Store a decision rule (thresholds, uncertainty cut-offs) in a checkpoint's card; the weights are unchanged.
+
+    ``rule`` is a :class:`~napari_bcd.decision.DecisionRule` (or None to clear it).  The one way the CLI's
+    ``model decision`` and the Review dock's *Save in the model* do it.
+    """
+    model = load_checkpoint(path)
+    decision = rule.to_dict() if rule is not None and not rule.is_default else {}
+    return save_checkpoint(model, model.card.replace(decision=decision), path, overwrite=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Classifier:

@@ -138,20 +138,34 @@ def _raster_downsample(class_map, shape: tuple[int, int]) -> int:
                    "edit the '<image> classes' layer napari-bcd made.")
 
 
-def cell_majority(class_map: ClassMap, edited: np.ndarray, min_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Per cell: the label covering most of it in ``edited`` and that label's share of the cell."""
+def cell_majority(class_map: ClassMap, edited: np.ndarray, min_share: float = 0.5, *,
+                  box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell: the label covering most of it in ``edited`` and that label's share of the cell.
+
+    ``box`` (raster ``y0, y1, x0, x1``, e.g. a brush stroke's extent): only the
+    cells it touches are counted, whole; the others get label -1 and share 0.
+    Cells no raster pixel falls in get -1 too.
+    """
     g = class_map.grid
     edited = np.asarray(edited)
     if edited.ndim != 2:
         raise BcdError(f"The edited labels must be 2-D, got {edited.ndim}-D.")
     if edited.shape == tuple(g.n_cells):
-        return edited.astype(np.int64), np.ones(edited.shape)
+        major, share = edited.astype(np.int64), np.ones(edited.shape)
+        if box is not None:
+            keep = np.zeros(edited.shape, bool)
+            keep[max(box[0], 0):box[1], max(box[2], 0):box[3]] = True
+            major, share = np.where(keep, major, -1), np.where(keep, share, 0.0)
+        return major, share
     k = _raster_downsample(class_map, edited.shape)
     h, w = edited.shape
     r = np.floor(((np.arange(h) + 0.5) * k - g.origin_px[0]) / g.stride_px[0]).astype(np.int64)
     c = np.floor(((np.arange(w) + 0.5) * k - g.origin_px[1]) / g.stride_px[1]).astype(np.int64)
     rv = (r >= 0) & (r < g.n_cells[0])
     cv = (c >= 0) & (c < g.n_cells[1])
+    if box is not None:  # whole cells: every raster row / column of the cells the box touches
+        rv &= _touched(r, box[0], box[1], g.n_cells[0])
+        cv &= _touched(c, box[2], box[3], g.n_cells[1])
     sub = edited[np.ix_(rv, cv)].astype(np.int64)
     n_labels = int(max(sub.max(initial=0), class_map.uncertain_label)) + 1
     if sub.min(initial=0) < 0:
@@ -164,6 +178,15 @@ def cell_majority(class_map: ClassMap, edited: np.ndarray, min_share: float = 0.
     share = np.where(total > 0, counts.max(-1) / np.maximum(total, 1), 0.0)
     major[total == 0] = -1
     return major, share
+
+
+def _touched(cell_of: np.ndarray, lo: int, hi: int, n: int) -> np.ndarray:
+    """Raster lines whose cell is one of the cells of raster lines ``lo:hi``."""
+    seen = cell_of[max(lo, 0):max(min(hi, len(cell_of)), 0)]
+    seen = seen[(seen >= 0) & (seen < n)]
+    if not len(seen):
+        return np.zeros(len(cell_of), bool)
+    return (cell_of >= seen.min()) & (cell_of <= seen.max())
 
 
 def corrections_from_labels(class_map: ClassMap, edited_labels: np.ndarray, *, min_share: float = 0.5) -> Corrections:

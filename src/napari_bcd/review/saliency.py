@@ -141,4 +141,10 @@ def iter_saliency(slide: Slide, model: Classifier, grid: Grid, box_px: tuple[flo
         yield (min(i + batch_size, len(wins)), len(wins))
     with np.errstate(invalid="ignore"):
         img = np.where(cnt > 0, acc / np.maximum(cnt, 1), 0).astype(np.float32)
-    return SaliencyMap(img, (oy, ox), step, tuple(grid.mpp), class_name, len(wins))
+    # Windows overhang the slide's edges (read as glass): the explanation ends where the slide ends.
+    sh, sw = slide.dimensions
+    top, left = max(int(np.ceil(-oy / step[0])), 0), max(int(np.ceil(-ox / step[1])), 0)
+    bottom = min(H, max(int(np.ceil((sh - oy) / step[0])), top))
+    right = min(W, max(int(np.ceil((sw - ox) / step[1])), left))
+    img = img[top:bottom, left:right]
+    return SaliencyMap(img, (oy + top * step[0], ox + left * step[1]), step, tuple(grid.mpp), class_name, len(wins))

@@ -105,8 +105,9 @@ class PatchPlan:
         off = [k for k in few if self.off_slide.get(k)]
         if off:
             parts.append(f"Regions of {', '.join(off)} lie outside the slide: draw them on the image.")
-        parts.append("Draw larger regions, lower the coverage, choose a smaller field (e.g. 200 µm), or overlap the "
-                     "windows (stride 0.5).")
+        smaller = [f for f in (200.0, 128.0, 64.0) if f < min(fh, fw)]
+        field = f"choose a smaller field (e.g. {smaller[0]:.0f} µm)" if smaller else "choose a smaller field"
+        parts.append(f"Draw larger regions, lower the coverage, {field}, or overlap the windows (50 %: stride 0.5).")
         return " ".join(parts)
 
 

@@ -165,7 +165,7 @@ class Candidate:
 
     def describe(self) -> str:
         if self.is_probe:
-            return "the linear probe"
+            return "the simple classifier (the head set to a logistic regression)"
         return f"the trained head ({self.step} steps, {self.recipe.describe()})"
 
 
