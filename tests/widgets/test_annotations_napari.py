@@ -60,7 +60,7 @@ def test_annotate_widget_open_classify_save(viewer, qtbot, tmp_path: Path) -> No
     out = widget._on_save_clicked(str(tmp_path / "out.geojson"))
     doc = json.loads(Path(out).read_text())
     feature = next(f for f in doc["features"] if f["properties"].get("name") == "Tumor")
-    assert feature["properties"]["classification"] == {"name": "Invasive", "color": [214, 39, 40]}
+    assert feature["properties"]["classification"] == {"name": "Invasive carcinoma", "color": [214, 39, 40]}
     back = read_annotations(out)
     assert sorted(a.cls or 0 for a in back) == [0, 1, 2, 4]  # "_2" stays unclassified; "Tumor" is now Invasive
 
@@ -81,3 +81,18 @@ def test_annotate_widget_errors_are_notifications(viewer, qtbot, monkeypatch: py
     widget._on_set_class_clicked()
     assert "no Shapes layer" in messages[-1]
     assert len(viewer.layers) == 1
+
+
+def test_set_class_shows_the_class_on_a_drawn_layer(viewer, qtbot) -> None:
+    from napari_bcd._widgets.annotate import AnnotateWidget
+
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True)
+    drawn = viewer.add_shapes([np.array([[2, 2], [2, 30], [30, 30], [30, 2]])], shape_type="polygon", name="drawn")
+    widget = AnnotateWidget(viewer)
+    qtbot.addWidget(widget.native)
+    drawn.selected_data = {0}
+    widget._class_combo.value = "Benign"
+    widget._on_set_class_clicked()
+    assert list(drawn.features["class"]) == ["Benign"]
+    assert drawn.text.string.format == "{class}"  # the drawn polygon now says what it is
+    assert "1 shape(s) set to Benign" in widget._report.value

@@ -20,28 +20,30 @@ def viewer(make_napari_viewer):
 
 def _dock(viewer, qtbot, checkpoint: Path):
     from napari_bcd._widgets.classify import ClassifyWidget
+    from napari_bcd.model.loaded import ModelCache
 
     widget = ClassifyWidget(viewer)
     qtbot.addWidget(widget.native)
+    widget._controller.cache = ModelCache()  # this test's own: nothing loaded before
     widget.use_model(checkpoint)
     return widget
 
 
 def _plan_done(widget) -> bool:
-    return widget._plan_worker is None or not widget._plan_worker.is_running
+    return widget._plan_jobs is None or not widget._plan_jobs.is_running
 
 
 def test_the_pixel_size_in_use_and_where_it_comes_from(viewer, qtbot, tiny_checkpoint: Path) -> None:
     image = viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")[0]
     widget = _dock(viewer, qtbot, tiny_checkpoint)
     assert widget._image_combo.value is image
-    assert widget._mpp_edit.value == pytest.approx(0.499) and widget._mpp_source.value == "from the file"
-    widget._mpp_edit.value = 0.5
-    assert widget._mpp() == 0.5 and widget._mpp_source.value.startswith("set by you (the file says 0.499")
-    widget._mpp_edit.value = 2.0  # 4x the file's: said plainly
-    assert "4.0x the file's" in widget._mpp_source.value
-    widget._mpp_edit.value = 0.0  # back to the file's
-    assert widget._mpp_edit.value == pytest.approx(0.499) and widget._mpp_source.value == "from the file"
+    assert widget._mpp.edit.value == pytest.approx(0.499) and widget._mpp.source.value == "from the file"
+    widget._mpp.edit.value = 0.5
+    assert widget._mpp.value == 0.5 and widget._mpp.source.value.startswith("set by you (the file says 0.499")
+    widget._mpp.edit.value = 2.0  # 4x the file's: said plainly
+    assert "4.0x the file's" in widget._mpp.source.value
+    widget._mpp.edit.value = 0.0  # back to the file's
+    assert widget._mpp.edit.value == pytest.approx(0.499) and widget._mpp.source.value == "from the file"
     from PIL import Image
 
     from conftest import DATA
@@ -49,7 +51,7 @@ def test_the_pixel_size_in_use_and_where_it_comes_from(viewer, qtbot, tiny_check
     rgb = np.asarray(Image.open(DATA / "stardist-histo-500x300.jpg"))
     viewer.add_image(rgb, name="dragged", rgb=True)
     widget._image_combo.value = viewer.layers["dragged"]
-    assert widget._mpp_edit.value == 0 and widget._mpp_source.value.startswith("unknown")
+    assert widget._mpp.edit.value == 0 and widget._mpp.source.value.startswith("unknown")
 
 
 def test_the_window_count_shown_before_run_is_the_engines(viewer, qtbot, tiny_checkpoint: Path) -> None:
@@ -60,12 +62,12 @@ def test_the_window_count_shown_before_run_is_the_engines(viewer, qtbot, tiny_ch
     text = widget._plan_label.value
     assert "one cell = 100 x 100 µm" in text and "about" in text
     planned = int(text.split(" windows on tissue")[0].replace(",", ""))
-    assert widget._model is None  # counting needed the card, not the model
+    assert widget._controller.cache._loaded is None  # counting needed the card, not the model
     widget._on_run_clicked()
     seen_progress = []
     widget._worker.yielded.connect(lambda _item: seen_progress.append(widget._pbar is not None))
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
-    assert widget._result[0].n_windows == planned
+    assert widget.shown.n_windows == planned
     assert seen_progress and all(seen_progress) and widget._pbar is None  # the activity dock had a bar; closed now
     # The next estimate uses the speed just measured here.
     from napari_bcd.config import measured_rate
@@ -122,5 +124,5 @@ def test_the_dock_opens_without_loading_the_model(viewer, qtbot, tmp_path: Path,
 
     widget = ClassifyWidget(viewer)
     qtbot.addWidget(widget.native)
-    assert loads == [] and widget._model is None
+    assert loads == [] and not widget._controller.cache.is_current(ckpt)
     assert "resnet152v2" in widget._card_label.value and "p" in widget._card_label.value

@@ -30,7 +30,7 @@ def test_manifest_validates() -> None:
     assert [w.display_name for w in mf.contributions.widgets] == [
         WIDGET, "Train from annotations", "Review and retrain", "Annotations: open and save"
     ]
-    assert mf.contributions.sample_data[0].display_name == "H&E breast slide, CMU-1 small region (Aperio, 20x)"
+    assert mf.contributions.sample_data[0].display_name == "H&E slide, CMU-1 small region (Aperio, 20x; not breast: for trying the tools)"
     assert {tuple(w.layer_types) for w in mf.contributions.writers} == {("labels",), ("shapes",)}
 
 
@@ -103,7 +103,7 @@ def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_p
     assert [layer.name for layer in viewer.layers if "p(" in layer.name] == [
         f"CMU-1-Small-Region p({c})" for c in ("Normal", "Benign", "InSitu", "Invasive")
     ]
-    class_map = widget._result[0]
+    class_map = widget.shown
     g = class_map.grid
     # Alignment: at the centre of each classified cell (on the image), the layer shows that cell's class.
     H, W = class_map.slide_shape
@@ -119,7 +119,7 @@ def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_p
     (ly0, lx0), (ly1, lx1) = labels.extent.world[0][-2:], labels.extent.world[1][-2:]
     assert iy0 - 1e-6 <= ly0 and ix0 - 1e-6 <= lx0 and ly1 <= iy1 + 1e-6 and lx1 <= ix1 + 1e-6
     assert labels.data.shape == (int(H), int(W))  # pixel-exact on the sample
-    assert "slide call:" in widget._summary.value
+    assert widget._call.value.startswith("<b>Slide call:")
     assert "Done:" in widget._status.value
     # Hover: the class and probabilities of the window under the mouse.
     r, c = np.argwhere(class_map.window_done)[0]
@@ -128,8 +128,8 @@ def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_p
     widget._on_mouse_move(viewer, None)
     assert "(Nor " in widget._hover.value
     # Exports.
-    for kind, suffix in (("geojson", ".geojson"), ("csv", ".csv"), ("tiff", ".tif")):
-        out = widget._on_export_clicked(kind, str(tmp_path / f"export{suffix}"))
+    for kind, suffix in (("geojson", ".geojson"), ("summary_csv", ".csv"), ("labels", ".tif")):
+        out = widget.export(kind, str(tmp_path / f"export{suffix}"))
         assert out and Path(out).stat().st_size > 0
     assert json.loads((tmp_path / "export.geojson").read_text())["type"] == "FeatureCollection"
     # A screenshot of what the user sees (look at it: NAPARI_BCD_SCREENSHOTS=dir keeps a copy).
@@ -151,19 +151,20 @@ def test_rerun_replaces_the_result(viewer, qtbot, tiny_checkpoint: Path) -> None
     widget = _widget(viewer, qtbot, tiny_checkpoint)
     _run(widget, qtbot)
     first = viewer.layers["CMU-1-Small-Region classes"].data.copy()
-    first_cells = widget._result[0].grid.n_cells
-    predictor = widget._predictor
+    first_cells = widget.shown.grid.n_cells
+    cache = widget._controller.cache
+    predictor = cache._loaded.predictor
     widget._overlap_combo.value = "50 %"
     _run(widget, qtbot)
     # the same model on the same device: the Predictor is kept (a compiled model compiles once, not per run)
-    assert widget._predictor is predictor and widget._result[0].info["decode"] == "cpu"
+    assert cache._loaded.predictor is predictor and widget.shown.info["decode"] == "cpu"
     assert [layer.name for layer in viewer.layers].count("CMU-1-Small-Region classes") == 1
     assert len(viewer.layers) == 2
-    assert widget._result[0].grid.n_cells != first_cells  # finer cells
+    assert widget.shown.grid.n_cells != first_cells  # finer cells
     assert not np.array_equal(viewer.layers["CMU-1-Small-Region classes"].data, first)  # the layer took them
     widget._device_combo.value = "cpu"  # another device setting: a new Predictor
     _run(widget, qtbot)
-    assert widget._predictor is not predictor and widget._predictor.model is predictor.model
+    assert cache._loaded.predictor is not predictor and cache._loaded.predictor.model is predictor.model
 
 
 def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: Path) -> None:
@@ -178,7 +179,7 @@ def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: 
             return  # "Loading the model…" and other steps
         seen.append(p)
         if p.stage == "classify" and p.done >= 1 and widget._worker is not None:
-            widget._on_cancel_clicked()
+            widget.cancel()
 
     widget._on_progress = on_progress  # type: ignore[method-assign]
     _run(widget, qtbot)
@@ -186,7 +187,7 @@ def test_cancel_mid_run_leaves_the_viewer_clean(viewer, qtbot, tiny_checkpoint: 
     total = next(p.total for p in seen if p.stage == "classify")
     assert done and max(done) < total  # stopped early
     assert len(viewer.layers) == 1  # no half-made result
-    assert "Cancelled" in widget._status.value
+    assert "cancelled" in widget._status.value
     assert widget._run_button.enabled and not widget._cancel_button.enabled
 
 
@@ -203,7 +204,7 @@ def test_errors_become_notifications(viewer, qtbot, tiny_checkpoint: Path, monke
     viewer.add_image(rgb, name="dragged png", rgb=True)  # no scale: the widget must ask for mpp
     widget._on_run_clicked()
     assert "no pixel size" in messages[-1] and "µm / pixel" in messages[-1]
-    widget._mpp_edit.value = 0.05  # 15 x 25 µm: smaller than one window
+    widget._mpp.edit.value = 0.05  # 15 x 25 µm: smaller than one window
     _run(widget, qtbot)  # the model loads in the worker, and the engine refuses there
     assert "smaller than one model window" in messages[-1]
     assert "smaller than one model window" in widget._status.value
@@ -215,7 +216,7 @@ def test_errors_become_notifications(viewer, qtbot, tiny_checkpoint: Path, monke
     assert len(viewer.layers) == 1 and widget._worker is None
     # A PNG with its mpp set runs fine.
     widget._model_edit.value = str(tiny_checkpoint)
-    widget._mpp_edit.value = 1.0
+    widget._mpp.edit.value = 1.0
     _run(widget, qtbot)
     assert "dragged png classes" in viewer.layers
 
@@ -241,10 +242,10 @@ def test_writers_round_trip(viewer, tmp_path: Path) -> None:
     write_geojson_labels(str(tmp_path / "labels.geojson"), labels, layer._get_state())
     doc = json.loads((tmp_path / "labels.geojson").read_text())
     names = sorted(f["properties"]["classification"]["name"] for f in doc["features"])
-    assert names == ["Invasive", "Normal"]
+    assert names == ["Invasive carcinoma", "Normal"]  # one name per class, as "Set class" writes it
     from shapely.geometry import shape
 
-    inv = next(f for f in doc["features"] if f["properties"]["classification"]["name"] == "Invasive")
+    inv = next(f for f in doc["features"] if f["properties"]["classification"]["name"] == "Invasive carcinoma")
     # Cells (1..2, 1..3) of 100 µm centred at 50 + 100 i µm span 100..300 x 100..400 µm of world. Image pixel
     # i is centred at 0.5 i µm, and pixel i spans [i, i + 1) in QuPath's coordinates: world w -> w / 0.5 + 0.5.
     assert shape(inv["geometry"]).bounds == pytest.approx((200.5, 200.5, 800.5, 600.5))
@@ -389,5 +390,5 @@ def test_train_widget_cancel_keeps_what_was_validated(viewer, qtbot, tmp_path: P
     qtbot.waitUntil(lambda: widget._worker is None, timeout=180_000)
     result = widget._result
     assert result.stopped == "stopped by the user" and result.steps < 2000
-    assert widget._status.value.startswith("Cancelled: kept") and widget._use_button.enabled
+    assert widget._status.value.startswith("Stopped: kept") and widget._use_button.enabled
     assert widget._run_button.enabled and not widget._cancel_button.enabled

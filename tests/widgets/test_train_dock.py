@@ -62,7 +62,9 @@ def test_retrained_checkpoint_at_the_same_path_is_the_one_classify_uses(viewer, 
     first = widget._result.card.weights_sha256
     widget._on_use_clicked()
     assert classify._card.weights_sha256 == first  # the dock shows the card; the model loads when it runs
-    loaded_key = classify._current_key()
+    from napari_bcd.model.loaded import checkpoint_key
+
+    loaded_key = checkpoint_key(tmp_path / "model.safetensors")
     # Retrain into the same file on other images: other weights on disk.
     widget._folder_edit.value = str(four_kinds_dataset(tmp_path / "ds2", n=4, seed=1))
     widget._on_run_clicked()
@@ -71,7 +73,7 @@ def test_retrained_checkpoint_at_the_same_path_is_the_one_classify_uses(viewer, 
     second = widget._result.card.weights_sha256
     assert second != first
     # Even before "Use this model", Run in the Classify dock sees that the file changed and reloads it.
-    assert loaded_key != classify._current_key()
+    assert loaded_key != checkpoint_key(tmp_path / "model.safetensors")
     widget._on_use_clicked()
     assert classify._card.weights_sha256 == second
 

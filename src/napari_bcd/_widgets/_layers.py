@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BcdError
 
 if TYPE_CHECKING:
-    from magicgui.widgets import ComboBox, Container, TextEdit
+    from magicgui.widgets import ComboBox
     from napari.layers import Layer
-    from qtpy.QtWidgets import QScrollArea, QWidget
 
     from ..io.slide import Slide
 
@@ -43,64 +42,10 @@ def slide_for_layer(layer: Layer, mpp: float | None = None) -> Slide:
     return Slide.from_array(data, mpp=mpp, name=layer.name)
 
 
-def refresh_combo(combo: ComboBox, prefer: Any = None, pick: int = -1) -> None:
-    """Re-read a layer combo's choices; when it has no value, choose ``prefer`` if offered, else ``choices[pick]``."""
+def refresh_combo(combo: ComboBox, prefer: Any = None, pick: int | None = -1) -> None:
+    """Re-read a layer combo's choices; when it has no value, choose ``prefer`` if offered, else ``choices[pick]``
+    (``pick=None``: leave it empty, for what only the user may choose)."""
     combo.reset_choices()
     choices = [c for c in combo.choices if c is not None]
-    if combo.value is None and choices:
-        combo.value = prefer if prefer in choices else choices[pick]
-
-
-def readonly_text() -> TextEdit:
-    """A read-only, monospaced text box (for tables and reports); lines scroll instead of wrapping."""
-    from magicgui.widgets import TextEdit
-    from qtpy.QtWidgets import QTextEdit
-
-    box = TextEdit(label="", value="")
-    box.native.setReadOnly(True)
-    box.native.setLineWrapMode(QTextEdit.LineWrapMode.NoWrap)
-    box.native.setStyleSheet("font-family: monospace; font-size: 9pt;")
-    return box
-
-
-def scroll_to(area: QScrollArea, widget: Any) -> None:
-    """Scroll ``area`` vertically so ``widget`` is in view (never sideways: ensureWidgetVisible would)."""
-    from qtpy.QtCore import QPoint
-
-    inner = area.widget()
-    if inner is None:
-        return
-    y = widget.mapTo(inner, QPoint(0, 0)).y()
-    area.horizontalScrollBar().setValue(0)
-    area.ensureVisible(0, y + widget.height() // 2, 0, widget.height() // 2 + 12)
-
-
-def compact_combos(container: Container) -> None:
-    """Combo boxes as wide as the dock, not as their longest item (long items widened docks past the screen)."""
-    from qtpy.QtWidgets import QComboBox
-
-    for combo in container.findChildren(QComboBox):
-        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        combo.setMinimumContentsLength(10)
-
-
-def scrolling(inner: QWidget) -> QScrollArea:
-    """``inner`` (a QWidget) in a vertical scroll area, so a tall dock never makes the window taller than the screen.
-
-    (magicgui's ``Container(scrollable=True)`` loses its scroll area when napari
-    docks ``widget.native``, hence a plain Qt one here.)
-    """
-    from qtpy.QtCore import Qt
-    from qtpy.QtWidgets import QFrame, QScrollArea
-
-    compact_combos(inner)
-    area = QScrollArea()
-    area.setWidgetResizable(True)
-    area.setFrameShape(QFrame.Shape.NoFrame)
-    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-    area.setWidget(inner)
-    # Tall enough to work in when three docks share the side, never taller than the content; as wide as the
-    # content needs (a scroll area does not pass its content's minimum width on by itself).
-    area.setMinimumHeight(min(inner.sizeHint().height(), 300))
-    area.setMinimumWidth(inner.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
-    return area
+    if combo.value is None and choices and (pick is not None or prefer in choices):
+        combo.value = prefer if prefer in choices else choices[pick]  # type: ignore[index]

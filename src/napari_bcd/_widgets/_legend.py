@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from qtpy.QtWidgets import QCheckBox, QGridLayout, QLabel, QWidget
+from qtpy.QtWidgets import QCheckBox, QGridLayout, QLabel, QSizePolicy, QWidget
 
 if TYPE_CHECKING:
     from ..summary import Summary
@@ -21,13 +21,15 @@ class Legend(QWidget):
         self._on_toggle = on_toggle
         self._grid = QGridLayout(self)
         self._grid.setContentsMargins(0, 4, 0, 4)
+        self._grid.setColumnStretch(1, 1)
         self._boxes: dict[int, QCheckBox] = {}
         self.setVisible(False)  # nothing to explain before a result
 
     def show_summary(self, summary: Summary, classes: Sequence[str]) -> None:
-        """Rows for the classes of this result (the model's own, in its colours)."""
+        """Rows for the classes of this result (the model's own, in its colours); hidden classes stay hidden."""
         from ..classes import class_styles
 
+        hidden = self.hidden()
         while self._grid.count():
             item = self._grid.takeAt(0)
             if item.widget() is not None:
@@ -39,11 +41,13 @@ class Legend(QWidget):
             swatch.setFixedSize(14, 14)
             swatch.setStyleSheet(f"background-color: rgb{st.color}; border: 1px solid #888;")
             box = QCheckBox(st.display_name)
-            box.setChecked(True)
-            box.setToolTip("Show or hide this class on the map")
+            box.setChecked(st.label not in hidden)
+            box.setToolTip(f"Show or hide {st.display_name} on the map")
+            box.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)  # narrow docks cut the name,
+            box.setMinimumWidth(70)  # not the dock
             box.toggled.connect(self._changed)
             c = by_name.get(st.name)
-            area = QLabel(f"{c.area_mm2:.3f} mm²  {c.percent_of_tissue:.0f} %" if c else "")
+            area = QLabel(f"{c.area_mm2:.3f} mm² {c.percent_of_tissue:.0f}%" if c else "")
             self._grid.addWidget(swatch, row, 0)
             self._grid.addWidget(box, row, 1)
             self._grid.addWidget(area, row, 2)

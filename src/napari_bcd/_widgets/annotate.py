@@ -14,6 +14,7 @@ from ..annotations.read import FILE_PATTERNS, FORMAT_NAMES
 from ..classes import CLASS_COLORS, DISPLAY_NAMES, ICIAR_CLASSES
 from ..errors import BcdError
 from ._layers import refresh_combo
+from ._layout import buttons, compact_file_edit, scrolling, wrapped
 from ._worker import notify_error
 
 if TYPE_CHECKING:
@@ -26,17 +27,18 @@ class AnnotateWidget(Container):
     """Bring annotation files onto an image as Shapes, classify shapes, and save them for QuPath."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=False)
         self._viewer = viewer
         self._image_combo = ComboBox(label="image", choices=self._image_choices, nullable=True)
-        self._file_edit = FileEdit(label="annotations", mode="r", filter=FILE_PATTERNS, value="")
+        self._file_edit = compact_file_edit(FileEdit(label="annotations", mode="r", filter=FILE_PATTERNS, value=""))
         self._open_button = PushButton(text="Open onto image")
         self._class_combo = ComboBox(label="class", choices=_CLASS_CHOICES, value=_CLASS_CHOICES[-1])
         self._set_button = PushButton(text="Set class of selected shapes")
         self._save_button = PushButton(text="Save shapes as GeoJSON…")
-        self._report = Label(label="", value="")
-        self.extend([self._image_combo, self._file_edit, self._open_button, self._class_combo, self._set_button,
-                     self._save_button, self._report])
+        self._report = wrapped(Label(label="", value=""))
+        form = Container(labels=True, widgets=[self._image_combo, self._file_edit, self._class_combo])
+        self.native.layout().addWidget(scrolling(form, buttons(self._open_button, self._set_button, per_row=1),
+                                                 buttons(self._save_button), self._report))
         self._open_button.changed.connect(self._on_open_clicked)
         self._set_button.changed.connect(self._on_set_class_clicked)
         self._save_button.changed.connect(lambda: self._on_save_clicked())
@@ -80,7 +82,7 @@ class AnnotateWidget(Container):
         )
         layer = self._viewer.add_shapes(data, **kwargs)
         self._report.value = str(anns.report)
-        show_info(str(anns.report))
+        show_info(f"Opened {len(anns)} region(s) from {Path(path).name}: details in the Annotations dock.")
         return layer
 
     def _on_set_class_clicked(self) -> None:
@@ -108,6 +110,8 @@ class AnnotateWidget(Container):
         layer.features = features
         layer.edge_color = edge
         layer.face_color = face
+        if getattr(layer.text.string, "constant", None) == "":  # a drawn layer shows no text yet: show the class
+            layer.text = {"string": "{class}", "color": "white", "size": 10, "anchor": "upper_left"}
         self._report.value = f"{len(selected)} shape(s) set to {name}"
 
     def _on_save_clicked(self, path: str | None = None) -> str | None:
