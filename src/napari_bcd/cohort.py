@@ -145,7 +145,8 @@ class SlideResult:
         if self.model:
             out.update(model=self.model, model_sha256=self.model_sha256)
         if self.run is not None:
-            out.update(windows_per_s=self.run.windows_per_s, decode=self.run.decode.text)
+            out.update(windows_per_s=self.run.windows_per_s, decode=self.run.decode.text,
+                       precision=self.run.precision)
         if self.summary:
             out.update(_summary_row(self.summary))
         if self.note:
@@ -208,7 +209,8 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
                         on_progress(p)
             summary = summarize(cmap, min_area_mm2=settings.min_area)
             record = {"id": item.stem, "model_weights_sha256": loaded.sha, "settings": keys,
-                      "slide_path": str(item.path), "decision": cmap.info.get("decision")}
+                      "slide_path": str(item.path), "decision": cmap.info.get("decision"),
+                      "precision": cmap.run.precision, "precision_check": cmap.run.precision_check}
             write_outputs(cmap, out, stem=item.stem, min_area_mm2=settings.min_area, overwrite=True,
                           summary=summary, record=record)
         return SlideResult(item, "done", seconds=time.perf_counter() - t0, model=loaded.card.name,
@@ -302,7 +304,7 @@ def iter_cohort(items: list[CohortItem], out: str | os.PathLike[str], model_path
 
 
 _FIRST = ["id", "slide", "status", "error", "call", "call_probability", "tissue_mm2", "classified_mm2",
-          "uncertain_mm2", "windows", "seconds", "windows_per_s", "decode", "model", "model_sha256", "decision",
+          "uncertain_mm2", "windows", "seconds", "windows_per_s", "decode", "precision", "model", "model_sha256", "decision",
           "stain_warning", "note"]
 
 

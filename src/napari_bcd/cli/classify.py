@@ -113,8 +113,14 @@ def _report_slide(result, out: Path) -> None:
     if result.status == "skipped":
         print(f"{name}: skipped, {result.note or 'done'} (--overwrite to compute again)")
         return
+    from ..model.precision import PrecisionCheck
+
     run = result.run
-    print(f"\n{name}: {run.windows} windows, {run.windows_per_s:.1f}/s" + (f" ({result.note})" if result.note else ""))
+    print(f"\n{name}: {run.windows} windows, {run.windows_per_s:.1f}/s, {run.precision} on {run.device}"
+          + (f" ({result.note})" if result.note else ""))
+    if run.precision_check is not None:
+        check = PrecisionCheck(**{k: run.precision_check[k] for k in PrecisionCheck.__dataclass_fields__})
+        print(f"napari-bcd: {name}: {check.describe()}", file=sys.stderr if not check.passed else sys.stdout)
     print(result.table)
     warning = result.summary.get("stain_warning")
     if warning and run.stain.normalized == "none":

@@ -59,6 +59,9 @@ class RunRecord:
     tiles_touched: int
     decode: DecodeChoice = field(default_factory=DecodeChoice)
     stain: StainCheck = field(default_factory=StainCheck)
+    #: fp32 against the fast path on the first batch (:class:`~napari_bcd.model.precision.PrecisionCheck`
+    #: as a dict), when *auto* chose a fast path that needs checking.
+    precision_check: dict | None = None
 
     @property
     def windows_per_s(self) -> float:
@@ -74,6 +77,7 @@ class RunRecord:
             "windows_per_s": self.windows_per_s,
             "device": self.device,
             "precision": self.precision,
+            "precision_check": self.precision_check,
             "tissue_fraction": self.tissue_fraction,
             "min_tissue": self.min_tissue,
             "compiled": bool(self.compiled),

@@ -83,6 +83,7 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     from .producer import BatchProducer
 
     card = predictor.model.card
+    predictor.begin_run()
     batch_size = s.batch_size or predictor.default_batch_size
     yield Progress("tissue", 0, 0)
     win_frac, cell_frac, tissue_share = tissue_fractions(slide, grid, s.tissue, slide_mpp(slide, s.mpp))
@@ -141,7 +142,8 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     labels, reasons = decide(probs, covered, tuple(card.classes), rule, cell_quality)
     record = RunRecord(
         windows=int(total), seconds=time.perf_counter() - t0, device=str(predictor.device),
-        precision=predictor.precision, tissue_fraction=tissue_share, min_tissue=s.min_tissue,
+        precision=predictor.precision, precision_check=predictor.check.to_dict() if predictor.check else None,
+        tissue_fraction=tissue_share, min_tissue=s.min_tissue,
         compiled=bool(predictor.compiled), warmup_seconds=compile_s,
         decoded_tiles=slide.decoded_tiles - decoded_before + (rows.decoded if rows is not None else 0),
         tiles_touched=tiles_touched(slide, grid, todo), decode=decode, stain=stain)

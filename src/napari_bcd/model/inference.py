@@ -10,6 +10,7 @@ import torch
 
 from ..errors import BcdError
 from .classifier import Classifier
+from .precision import PRECISION_TOLERANCE, PrecisionCheck, agreement, bf16_is_fast
 
 __all__ = ["PendingProbabilities", "Predictor", "choose_device"]
 
@@ -83,9 +84,14 @@ class Predictor:
     device
         Device or preference (see :func:`choose_device`).
     precision
-        ``"auto"`` (bf16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        ``"auto"``: bf16 on CUDA; on a CPU with bf16 matrix units (AVX-512 BF16 or AMX) bf16 with
+        channels_last, checked against fp32 on the first batch (:class:`~.precision.PrecisionCheck`,
+        falling back to fp32 beyond ``tolerance``); fp32 elsewhere.  ``"fp32"`` (exact), ``"bf16"``
+        or ``"fp16"`` as asked, unchecked.
     compile
         Wrap the model in :func:`torch.compile` (worth it for long runs on a GPU).
+    tolerance
+        The largest probability change the check accepts (:data:`~.precision.PRECISION_TOLERANCE`).
     """
 
     def __init__(
@@ -94,16 +100,25 @@ class Predictor:
         device: str | torch.device | None = None,
         precision: str = "auto",
         compile: bool = False,
+        tolerance: float = PRECISION_TOLERANCE,
     ) -> None:
         self.device = choose_device(device)
+        cpu = self.device.type == "cpu"
+        #: Whether the first batch is run both ways (CPU *auto* with bf16 matrix units); the result in ``check``.
+        self.check_pending = precision == "auto" and cpu and bf16_is_fast("cpu")
+        self._checked_auto = self.check_pending
+        self.check: PrecisionCheck | None = None
+        self.tolerance = float(tolerance)
         if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
+            precision = "bf16" if self.device.type == "cuda" or self.check_pending else "fp32"
         if precision not in ("fp32", "bf16", "fp16"):
             raise BcdError(f"Unknown precision {precision!r}; use auto, fp32, bf16 or fp16.")
         self.precision = precision
-        # channels_last pays on GPUs (tensor cores); on the CPU it is no faster
-        # for ResNet152V2 here and converting costs a second copy of the weights.
-        fmt = torch.channels_last if self.device.type == "cuda" else torch.preserve_format
+        # channels_last pays on GPUs (tensor cores) and for bf16 on the CPU (oneDNN's blocked kernels: 2x over
+        # bf16 alone here); for fp32 on the CPU it is no faster and converting costs a copy of the weights.
+        # (Set either way: the same model may have been converted by another Predictor, and fp32 results must not
+        # depend on that.)
+        fmt = torch.channels_last if self.device.type == "cuda" or precision != "fp32" else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=fmt)
         self.classes = model.classes
         self.compiled = bool(compile)
@@ -118,6 +133,15 @@ class Predictor:
         #: Whether :meth:`submit` returns before the batch is computed (CUDA): the engine then keeps one
         #: batch in flight.
         self.asynchronous = self.device.type == "cuda"
+
+    def begin_run(self) -> None:
+        """A new run: with a checked *auto*, check its first batch again (the last run may have fallen back)."""
+        if self._checked_auto:
+            if self.precision != "bf16":
+                self.precision = "bf16"
+                self._memory_format = torch.channels_last
+                self.model.to(memory_format=torch.channels_last)
+            self.check_pending, self.check = True, None
 
     def set_stain_map(self, m: np.ndarray | None) -> None:
         """Apply this OD map (:func:`napari_bcd.stain.macenko_transform`) to every batch from now on; None: off."""
@@ -135,14 +159,44 @@ class Predictor:
 
     @property
     def default_batch_size(self) -> int:
-        """A batch that keeps a GPU busy, or CPU memory small (no speed is lost on the CPU)."""
-        return 128 if self.device.type == "cuda" else 4
+        """A batch that keeps a GPU busy; on the CPU the fastest measured by ``benchmarks/bench_cpu.py``.
 
-    def _autocast(self):
-        if self.precision == "fp32":
+        On the CPU fp32 gains nothing beyond 4 windows a batch, while bf16 with channels_last gains up
+        to 16 (oneDNN's bf16 kernels need larger matrices to fill their tiles).
+        """
+        if self.device.type == "cuda":
+            return 128
+        return 4 if self.precision == "fp32" and not self.check_pending else 16
+
+    def _autocast(self, precision: str | None = None):
+        precision = precision or self.precision
+        if precision == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def _checked_logits(self, x: torch.Tensor, forward) -> torch.Tensor:
+        """The first batch both ways: keep the fast path if it agrees with fp32, else fall back for the run."""
+        import time
+
+        self.check_pending = False
+        fast = self.precision
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            exact = forward(x).float()
+        t1 = time.perf_counter()
+        with torch.inference_mode(), self._autocast(fast):
+            quick = forward(x).float()
+        t2 = time.perf_counter()
+        same, change = agreement(torch.softmax(exact, 1).numpy(), torch.softmax(quick, 1).numpy())
+        self.check = PrecisionCheck(fast, len(x), same, change, self.tolerance, t1 - t0, t2 - t1)
+        if self.check.passed:
+            return quick
+        log.warning("napari-bcd: %s", self.check.describe())
+        self.precision = "fp32"
+        self.model.to(memory_format=torch.contiguous_format)
+        self._memory_format = torch.contiguous_format
+        return exact
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Probabilities ``N x classes`` (float32) for a uint8 batch ``N x H x W x 3`` (host or device).
@@ -182,11 +236,17 @@ class Predictor:
             with torch.inference_mode():
                 od = -torch.log((x.float() + 1.0) / 255.0)
                 x = (255.0 * torch.exp(-(od @ self.stain_map.T)) - 1.0).clamp_(0.0, 255.0)
-        with torch.inference_mode(), self._autocast():
-            if tuple(x.shape[1:3]) == size:
-                logits = self._forward(x)
-            else:
-                logits = self._forward_float(self._resized(x, size))
+        if tuple(x.shape[1:3]) == size:
+            forward = self._forward
+        else:
+            with torch.inference_mode():
+                x = self._resized(x, size)
+            forward = self._forward_float
+        if self.check_pending:
+            logits = self._checked_logits(x, forward)
+        else:
+            with torch.inference_mode(), self._autocast():
+                logits = forward(x)
         with torch.inference_mode():
             probs = torch.softmax(logits[:n].float(), dim=1)
             if not cuda:
@@ -210,7 +270,7 @@ class Predictor:
         f = x.permute(0, 3, 1, 2).float()
         f = torch.matmul(torch.matmul(ry, f), rxt)  # N x 3 x h x w
         f = self.model.normalise_float(f)
-        return f.contiguous(memory_format=self._memory_format) if self.device.type == "cuda" else f
+        return f.contiguous(memory_format=torch.channels_last) if self._memory_format == torch.channels_last else f
 
     def warm_up(self, window_hw: tuple[int, int], batch_size: int) -> float:
         """Run one batch of this shape before the timed work (and compile, when asked); returns the seconds.
@@ -222,7 +282,11 @@ class Predictor:
         if self.compiled:
             self.fixed_batch = batch_size
         t0 = time.perf_counter()
-        self(np.zeros((batch_size if self.compiled else 1, *window_hw, 3), np.uint8))
+        pending, self.check_pending = self.check_pending, False  # blank windows tell nothing about agreement
+        try:
+            self(np.zeros((batch_size if self.compiled else 1, *window_hw, 3), np.uint8))
+        finally:
+            self.check_pending = pending
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0

@@ -4,8 +4,13 @@ With the backbone frozen, the backbone's output for an image never changes,
 so it is computed once per image and per view (the eight flips and
 rotations, and optionally stain-jittered copies) and cached in the user's
 cache folder, keyed by the backbone's weights hash, the input size and
-preprocessing, and the image's content hash.  A training run then holds them
-as one tensor (:class:`~.headfit.FeatureBank`).
+preprocessing, the number format they were computed in, and the image's content
+hash.  A training run then holds them as one tensor (:class:`~.headfit.FeatureBank`).
+
+They are computed in bf16 with channels_last where the device has bf16 matrix
+units (as classification does: :mod:`napari_bcd.model.precision`), so training
+sees the features the classifier will; fp32 and bf16 features are cached apart
+and never mix.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ if TYPE_CHECKING:
 
     from ..model.classifier import Classifier
 
-__all__ = ["FeatureProgress", "backbone_features", "dihedral", "fold_standardisation", "hed_jitter"]
+__all__ = ["FeatureProgress", "backbone_features", "dihedral", "feature_precision", "fold_standardisation",
+           "hed_jitter"]
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +71,30 @@ def hed_jitter(rgb: np.ndarray, seed: int, amount: float = 0.2, shift: float = 0
     return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
 
 
+def feature_precision(dev: Any, precision: str = "auto") -> str:
+    """The number format features are computed in: *auto* is bf16 where ``dev`` runs it fast, else fp32."""
+    from ..model.precision import bf16_is_fast
+
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(dev) else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"features are computed in fp32 or bf16, not {precision!r}")
+    return precision
+
+
 def backbone_features(model: Classifier, dataset: Dataset, needed: list[int], T: int,
                       images_of: Callable[[int], np.ndarray], dev: torch.device, feature_batch: int, cache: bool,
-                      stain_augment: bool = False) -> Generator[FeatureProgress, Any, torch.Tensor | None]:
+                      stain_augment: bool = False,
+                      precision: str = "auto") -> Generator[FeatureProgress, Any, torch.Tensor | None]:
     """Backbone features of every needed image and view, from the cache or computed once.
 
     Yields :class:`FeatureProgress`; returns an ``images x views x C x H x W``
     float16 tensor (rows in ``needed`` order), or None when stopped.  With
     ``stain_augment`` the views are followed by the same views of a
-    stain-jittered copy (``2 T`` views), cached apart.
+    stain-jittered copy (``2 T`` views), cached apart.  ``precision``: see :func:`feature_precision`.
     """
-    bank = yield from _feature_bank(model, dataset, needed, T, images_of, dev, feature_batch, cache, "")
+    precision = feature_precision(dev, precision)
+    bank = yield from _feature_bank(model, dataset, needed, T, images_of, dev, feature_batch, cache, "", precision)
     if bank is None or not stain_augment:
         return bank
 
@@ -83,7 +102,8 @@ def backbone_features(model: Classifier, dataset: Dataset, needed: list[int], T:
         seed = int(_image_key(dataset, i)[:8], 16)  # from the image's content: the cache stays consistent
         return hed_jitter(images_of(i), seed)
 
-    aug = yield from _feature_bank(model, dataset, needed, T, jittered, dev, feature_batch, cache, "hed0.2")
+    aug = yield from _feature_bank(model, dataset, needed, T, jittered, dev, feature_batch, cache, "hed0.2",
+                                   precision)
     if aug is None:
         return None
     import torch
@@ -92,18 +112,44 @@ def backbone_features(model: Classifier, dataset: Dataset, needed: list[int], T:
 
 
 def _feature_bank(model, dataset: Dataset, needed: list[int], T: int, images_of, dev, feature_batch: int,
-                  cache: bool, variant: str):
+                  cache: bool, variant: str, precision: str = "fp32"):
+    import torch
+
+    from ..model.checkpoint import weights_sha256
+
+    model.backbone.eval()
+    bkey = weights_sha256(model.backbone.state_dict())[:16]  # of the weights as saved (contiguous)
+    fast = precision != "fp32"
+    if fast:  # oneDNN's bf16 kernels want NHWC; the weights go back to contiguous (safetensors saves only those)
+        model.backbone.to(memory_format=torch.channels_last)
+    try:
+        bank = yield from _feature_bank_in(model, dataset, needed, T, images_of, dev, feature_batch, cache,
+                                           variant, precision, bkey)
+    finally:
+        if fast:
+            model.backbone.to(memory_format=torch.contiguous_format)
+    return bank
+
+
+def _feature_bank_in(model, dataset: Dataset, needed: list[int], T: int, images_of, dev, feature_batch: int,
+                     cache: bool, variant: str, precision: str, bkey: str):
+    import contextlib
+
     import torch
     from safetensors.torch import load_file, save_file
 
     from ..config import cache_dir
-    from ..model.checkpoint import weights_sha256
 
-    model.backbone.eval()
-    bkey = weights_sha256(model.backbone.state_dict())[:16]
     pkey = hashlib.sha256(repr((model.card.input_px, model.card.preprocessing)).encode()).hexdigest()[:8]
     if variant:
         pkey = f"{pkey}-{variant}"
+    if precision != "fp32":  # fp32 entries keep the key they always had
+        pkey = f"{pkey}-{precision}"
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(torch.device(dev).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     cdir = cache_dir() / "features" / f"{bkey}-{pkey}"
     if cache:
         cdir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +183,9 @@ def _feature_bank(model, dataset: Dataset, needed: list[int], T: int, images_of,
         batch = np.stack([dihedral(images_of(i), t) for i in chunk for t in range(T)])
         with torch.inference_mode():
             x = model.normalise(torch.from_numpy(batch).to(dev))
-            out_f = model.backbone(x).to("cpu", torch.float16)
+            with autocast():
+                out_f = model.backbone(x)
+            out_f = out_f.to("cpu", torch.float16)
         for j, i in enumerate(chunk):
             feats[i] = out_f[j * T : (j + 1) * T].clone(memory_format=torch.contiguous_format)
             if cache:

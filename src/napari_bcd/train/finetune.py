@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from .._progress import STOP
 from ..errors import DatasetError
 from .evaluate import Report
-from .features import FeatureProgress, backbone_features, dihedral, fold_standardisation, hed_jitter
+from .features import (FeatureProgress, backbone_features, dihedral, feature_precision, fold_standardisation,
+                       hed_jitter)
 from .headfit import FitProgress
 from .iciar import Dataset
 from .probe import ProbeResult
@@ -254,9 +255,10 @@ def _finetune(dataset: Dataset, out: Path, proto: Protocol, validation: Validati
     model = build_classifier(classes=tuple(dataset.classes), **build)
     model.to(dev)
     everything = list(range(len(dataset)))
+    fprec = feature_precision(dev)
     bank = yield from backbone_features(model, dataset, everything, base_views,
                                         lambda i: resize_area(dataset.load(i), model.card.input_px), dev,
-                                        feature_batch, cache, stain_augment)
+                                        feature_batch, cache, stain_augment, precision=fprec)
     if bank is None:
         return TrainResult(None, stopped="stopped by the user", notes=["Stopped while computing features."])
     bank = bank.cpu()
@@ -289,7 +291,7 @@ def _finetune(dataset: Dataset, out: Path, proto: Protocol, validation: Validati
     clock.lap("final")
     clock.count("steps", shipped.steps if validation.mode != "holdout" else 0)
     result = save_result(model, dataset, out, proto, validation, sel, shipped, build, name=name, seed=seed,
-                         views=views, stain_augment=stain_augment)
+                         views=views, stain_augment=stain_augment, feature_precision=fprec)
     clock.lap("saving")
     result.timings = clock.laps
     return result

@@ -154,7 +154,8 @@ def _reports(dataset: Dataset, sel: Selection | None):
 
 
 def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation: Validation, sel: Selection | None,
-                shipped: Shipped, build: dict, *, name, seed: int, views: int, stain_augment: bool) -> TrainResult:
+                shipped: Shipped, build: dict, *, name, seed: int, views: int, stain_augment: bool,
+                feature_precision: str = "fp32") -> TrainResult:
     """Write the shipped model with a card that says how it was made and validated."""
     from ..model.checkpoint import checkpoint_paths, save_checkpoint
     from ..model.record import TrainingRecord
@@ -188,6 +189,7 @@ def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation:
         "val_fraction": proto.val_fraction,
         "seed": seed,
         "loss": "cross-entropy",
+        "feature_precision": feature_precision,
     }
     training = TrainingRecord(
         protocol={"name": proto.name, "description": proto.describe(), "settings": proto.to_dict()},

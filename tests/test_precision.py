@@ -1,0 +1,140 @@
+"""bf16 where the CPU runs it fast, checked against fp32 on each run's first batch, with fp32 as the fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA, SAMPLE_SLIDE, drain, load_rgb, two_kinds_dataset
+
+from napari_bcd.model.precision import PrecisionCheck, agreement, bf16_is_fast
+
+fast_cpu = pytest.mark.skipif(not bf16_is_fast("cpu"), reason="this CPU has no bf16 matrix units")
+
+
+def _he_windows(n: int = 8, px: int = 64) -> np.ndarray:
+    """Real H&E crops (the test tiles), ``n x px x px x 3``."""
+    src = load_rgb(DATA / "tiatoolbox-target-1000.png")
+    return np.stack([src[k * 97 % 900 : k * 97 % 900 + px, k * 53 % 900 : k * 53 % 900 + px] for k in range(n)])
+
+
+def test_agreement_measures_labels_and_the_largest_change() -> None:
+    exact = np.array([[0.9, 0.1], [0.45, 0.55], [0.5, 0.5]])
+    fast = np.array([[0.85, 0.15], [0.55, 0.45], [0.5, 0.5]])
+    same, change = agreement(exact, fast)
+    assert same == pytest.approx(2 / 3) and change == pytest.approx(0.10)
+    assert agreement(exact, np.full_like(exact, np.nan))[1] == np.inf  # NaN is never "within tolerance"
+    check = PrecisionCheck("bf16", 3, same, change, 0.15, 1.0, 0.4)
+    assert check.passed and check.kept == "bf16" and "checked against fp32" in check.describe()
+    worse = PrecisionCheck("bf16", 3, same, change, 0.05, 1.0, 0.4)
+    assert not worse.passed and worse.kept == "fp32" and worse.describe().startswith("fell back to fp32")
+
+
+@fast_cpu
+def test_auto_runs_bf16_checked_against_fp32(tiny_model) -> None:
+    from napari_bcd.model.inference import Predictor
+
+    x = _he_windows()
+    exact = Predictor(tiny_model, device="cpu", precision="fp32")(x)
+    auto = Predictor(tiny_model, device="cpu")
+    assert auto.precision == "bf16" and auto.check_pending and auto.default_batch_size == 16
+    first = auto(x)
+    check = auto.check
+    assert check is not None and check.passed and auto.precision == "bf16"
+    assert check.windows == len(x) and check.label_agreement == 1.0
+    assert 0 < check.max_change <= check.tolerance
+    assert np.abs(first - exact).max() == pytest.approx(check.max_change, rel=1e-4)
+    auto(x)  # later batches run bf16 unchecked
+    assert auto.check is check and not auto.check_pending
+
+
+@fast_cpu
+def test_auto_falls_back_to_exact_fp32_beyond_the_tolerance(tiny_model) -> None:
+    import torch
+
+    from napari_bcd.model.inference import Predictor
+
+    x = _he_windows()
+    exact = Predictor(tiny_model, device="cpu", precision="fp32")(x)
+    strict = Predictor(tiny_model, device="cpu", tolerance=0.0)
+    first = strict(x)
+    assert strict.precision == "fp32" and not strict.check.passed
+    # the fallback's batch is the fp32 batch (computed in NHWC: the last bits differ), not the bf16 one
+    np.testing.assert_allclose(first, exact, atol=1e-5)
+    np.testing.assert_array_equal(strict(x), exact)  # and the rest of the run is exactly fp32
+    assert all(p.is_contiguous() for p in strict.model.parameters())  # back to the fp32 layout
+    strict.begin_run()  # the next run checks again, starting from bf16
+    assert strict.precision == "bf16" and strict.check is None and strict.check_pending
+
+
+def test_auto_is_plain_fp32_without_bf16_units(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    from napari_bcd.model import inference
+
+    monkeypatch.setattr(inference, "bf16_is_fast", lambda device: False)
+    p = inference.Predictor(tiny_model, device="cpu")
+    assert p.precision == "fp32" and not p.check_pending and p.default_batch_size == 4
+    p(_he_windows(2))
+    assert p.check is None
+    forced = inference.Predictor(tiny_model, device="cpu", precision="fp32")
+    assert forced.precision == "fp32" and not forced.check_pending  # asked for: exact, never checked
+
+
+@fast_cpu
+def test_a_run_records_its_check_and_a_fallback_run_equals_fp32(tiny_model) -> None:
+    from napari_bcd import open_slide
+    from napari_bcd.engine import iter_classify
+    from napari_bcd.model.inference import Predictor
+
+    with open_slide(SAMPLE_SLIDE) as slide:
+        _, auto = drain(iter_classify(slide, Predictor(tiny_model, device="cpu")))
+        _, strict = drain(iter_classify(slide, Predictor(tiny_model, device="cpu", tolerance=0.0)))
+        _, exact = drain(iter_classify(slide, tiny_model, precision="fp32"))
+    check = auto.info["precision_check"]
+    assert auto.info["precision"] == "bf16" and check["kept"] == "bf16" and check["windows"] == 16
+    assert strict.info["precision"] == "fp32" and strict.info["precision_check"]["kept"] == "fp32"
+    assert exact.info["precision_check"] is None
+    np.testing.assert_allclose(strict.probs, exact.probs, atol=1e-6)
+    np.testing.assert_array_equal(strict.labels, exact.labels)
+    assert np.nanmax(np.abs(auto.probs - exact.probs)) < 0.15
+
+
+@fast_cpu
+def test_features_are_cached_apart_by_precision(tiny_model, tmp_path: Path) -> None:
+    from napari_bcd.config import cache_dir
+    from napari_bcd.train.features import backbone_features
+    from napari_bcd.train.iciar import read_iciar
+    from napari_bcd.windows import resize_area
+
+    ds = read_iciar(two_kinds_dataset(tmp_path / "ds", n=3))
+    size = tuple(tiny_model.card.input_px)
+
+    def bank(precision):
+        return drain(backbone_features(tiny_model, ds, list(range(len(ds))), 1,
+                                       lambda i: resize_area(ds.load(i), size), "cpu", 8, True,
+                                       precision=precision))[1]
+
+    fp32, bf16 = bank("fp32"), bank("bf16")
+    entries = sorted(p.name for p in (cache_dir() / "features").iterdir())
+    assert len(entries) == 2 and sum(e.endswith("-bf16") for e in entries) == 1
+    assert not np.array_equal(fp32.numpy(), bf16.numpy())  # bf16 features are not fp32 features
+    np.testing.assert_allclose(bf16.float().numpy(), fp32.float().numpy(), atol=0.1 * float(fp32.abs().max()))
+    np.testing.assert_array_equal(bank("bf16").numpy(), bf16.numpy())  # read back from its own entry
+    assert all(p.is_contiguous() for p in tiny_model.backbone.parameters())  # the weights as saved, after the NHWC pass
+
+
+@fast_cpu
+@pytest.mark.slow
+def test_the_real_resnet152v2_passes_the_check_on_real_he() -> None:
+    import torch
+
+    from napari_bcd.model import build_classifier
+    from napari_bcd.model.inference import Predictor
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet152v2", backbone_weights=None)  # the exact network; random weights offline
+    x = _he_windows(2, 256)
+    p = Predictor(model, device="cpu")
+    p(x)
+    assert p.check is not None and p.check.windows == 2
+    assert p.check.passed, p.check.describe()
