@@ -109,31 +109,38 @@ def main() -> None:
     classify.native.parent().setVisible(False)  # room for the Review dock (the Classify dock stays open)
     _, review = viewer.window.add_plugin_dock_widget("napari-bcd", "Review and retrain")
     labels = review._map_combo.value
-    cm = review.class_map
+    cm = review.state.class_map
     k = labels.metadata["napari_bcd"]["downsample"]
     cov = cm.labels > 0
     r, c = next((r, c) for r, c in np.argwhere(cov)[len(np.argwhere(cov)) // 3:] if cov[r : r + 4, c : c + 4].all())
     sy, sx = cm.grid.stride_px
-    review._paint_combo.value = review._paint_combo.choices[0]
+    review.correct._paint_combo.value = review.correct._paint_combo.choices[0]
     labels.paint_polygon(box(r * sy / k + 1, c * sx / k + 1, (r + 4) * sy / k - 2, (c + 4) * sx / k - 2),
                          labels.selected_label)
     pump(1)
-    review.retrain()
+    review.correct.retrain()
     wait(review)
+    review.correct.decide(True)  # a model with random backbone weights may change much: the user looked
     region = viewer.add_shapes([box(700, 800, 1500, 1700) * tuple(image.scale[-2:])], shape_type="rectangle",
                                name="region", units=units, edge_color="yellow", face_color="transparent",
                                edge_width=8)
-    review._shapes_combo.value = region
+    review.regions.section.set_open(True)
+    review.regions._shapes_combo.value = region
     viewer.layers.selection.active = labels
     pump(1)
     _save(viewer, out / "review.png")
     from napari_bcd.review import uncertainty
 
-    conf = 1 - uncertainty(review.class_map.probs, "margin")
-    review._conf_spin.value = float(np.ceil(np.nanpercentile(conf[review.class_map.labels > 0], 25) * 100) / 100)
-    review.apply_rule()
-    review.go_to(0)
-    review.explain()
+    shown = review.state.shown
+    conf = 1 - uncertainty(shown.probs, "margin")
+    review.correct.section.set_open(False)
+    review.regions.section.set_open(False)
+    review.rule.section.set_open(True)
+    review.explain.section.set_open(True)
+    review.rule._conf_spin.value = float(np.ceil(np.nanpercentile(conf[shown.labels > 0], 25) * 100) / 100)
+    review.rule.apply()
+    review.rule.go_to(0)
+    review.explain.explain()
     wait(review)
     pump(1)
     _save(viewer, out / "review-uncertain.png")

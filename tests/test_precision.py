@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, SAMPLE_SLIDE, drain, load_rgb, two_kinds_dataset
 
+from conftest import DATA, SAMPLE_SLIDE, drain, load_rgb, two_kinds_dataset
 from napari_bcd.model.precision import PrecisionCheck, agreement, bf16_is_fast
 
 fast_cpu = pytest.mark.skipif(not bf16_is_fast("cpu"), reason="this CPU has no bf16 matrix units")
@@ -51,7 +51,6 @@ def test_auto_runs_bf16_checked_against_fp32(tiny_model) -> None:
 
 @fast_cpu
 def test_auto_falls_back_to_exact_fp32_beyond_the_tolerance(tiny_model) -> None:
-    import torch
 
     from napari_bcd.model.inference import Predictor
 

@@ -304,8 +304,8 @@ def iter_cohort(items: list[CohortItem], out: str | os.PathLike[str], model_path
 
 
 _FIRST = ["id", "slide", "status", "error", "call", "call_probability", "tissue_mm2", "classified_mm2",
-          "uncertain_mm2", "windows", "seconds", "windows_per_s", "decode", "precision", "model", "model_sha256", "decision",
-          "stain_warning", "note"]
+          "uncertain_mm2", "windows", "seconds", "windows_per_s", "decode", "precision", "model", "model_sha256",
+          "decision", "stain_warning", "note"]
 
 
 def write_cohort_table(results: list[SlideResult | dict], out: str | os.PathLike[str],

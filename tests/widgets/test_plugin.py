@@ -30,7 +30,8 @@ def test_manifest_validates() -> None:
     assert [w.display_name for w in mf.contributions.widgets] == [
         WIDGET, "Train from annotations", "Review and retrain", "Annotations: open and save"
     ]
-    assert mf.contributions.sample_data[0].display_name == "H&E slide, CMU-1 small region (Aperio, 20x; not breast: for trying the tools)"
+    assert mf.contributions.sample_data[0].display_name == (
+        "H&E slide, CMU-1 small region (Aperio, 20x; not breast: for trying the tools)")
     assert {tuple(w.layer_types) for w in mf.contributions.writers} == {("labels",), ("shapes",)}
 
 

@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .._progress import STOP
 from ..errors import DatasetError
 from .evaluate import Report
-from .features import (FeatureProgress, backbone_features, dihedral, feature_precision, fold_standardisation,
-                       hed_jitter)
+from .features import FeatureProgress, backbone_features, dihedral, feature_precision, fold_standardisation, hed_jitter
 from .headfit import FitProgress
 from .iciar import Dataset
 from .probe import ProbeResult
