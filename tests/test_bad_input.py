@@ -361,8 +361,8 @@ def _set_is_one_run(out: Path, stem: str) -> dict | None:
     return done
 
 
-def _no_leftovers(out: Path) -> None:
-    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+def _no_leftovers(out: Path, allowed: tuple[str, ...] = ()) -> None:
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".") and p.name not in allowed]
     assert hidden == [], f"temporary files left: {hidden}"
 
 
@@ -435,7 +435,8 @@ def test_interrupting_the_write_phase_leaves_one_set_or_none(tmp_path: Path, two
     code = proc.wait(timeout=60)
     err = proc.communicate()[1]
     assert code == 130 and "interrupted" in err and "Traceback" not in err
-    _no_leftovers(out)
+    # half moved, the files are marked as ours (so a rerun may replace them; files without it are the user's)
+    _no_leftovers(out, (f".{JPG.stem}.writing",) if where == "renaming" else ())
     done = _set_is_one_run(out, JPG.stem)
     if where == "writing":
         assert done == first  # nothing was moved yet: the old set stands, whole
@@ -444,6 +445,7 @@ def test_interrupting_the_write_phase_leaves_one_set_or_none(tmp_path: Path, two
         # a rerun computes the incomplete slide again (no record vouches for its files), without --overwrite
         assert main(["classify", str(JPG), "--mpp", "1", "--model", str(b), "--out", str(out)]) == 0
         assert _set_is_one_run(out, JPG.stem)["model"] == "beta"
+        _no_leftovers(out)
 
 
 SLOW_CARD = """
@@ -481,3 +483,72 @@ def test_errors_are_bcd_errors_in_the_api() -> None:
     # The classes of failure above surface as BcdError subclasses to Python callers too.
     for cls in (AnnotationError, DatasetError, SlideError):
         assert issubclass(cls, BcdError)
+
+
+# --------------------------------------------------------------------------- checkpoints that cannot be trusted
+def test_model_info_fails_on_weights_that_cannot_load(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    import shutil
+
+    good = tmp_path / "good.safetensors"
+    shutil.copy(tiny_checkpoint, good)
+    shutil.copy(tiny_checkpoint.with_suffix(".json"), good.with_suffix(".json"))
+    assert main(["model", "info", str(good)]) == 0
+    capsys.readouterr()
+    data = bytearray(good.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte inside the last tensor
+    good.write_bytes(bytes(data))
+    assert main(["model", "info", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "does not load" in err and "does not match" in err and "Traceback" not in err
+    good.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    assert main(["model", "info", str(good)]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_weights_holding_nan_are_refused_before_classifying(tmp_path: Path, tiny_model, capsys) -> None:
+    import copy
+
+    import torch
+
+    from napari_bcd.model import save_checkpoint
+    from napari_bcd.model.checkpoint import CheckpointError, load_checkpoint
+
+    bad = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(bad.head.parameters())[0].fill_(float("nan"))
+    path = save_checkpoint(bad, path=tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_checkpoint(path)
+    code = main(["classify", str(JPG), "--mpp", "1", "--model", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "NaN or infinite" in err and not (tmp_path / "out" / f"{JPG.stem}.done.json").exists()
+
+
+@pytest.mark.parametrize("stats", [
+    {"h_vector": [float("nan"), 0.5, 0.5], "e_vector": [0.1, 0.9, 0.3], "max_conc": [1.0, 1.0], "od_mean": [0, 0, 0]},
+    {"h_vector": [0.6, 0.7, 0.3], "e_vector": [0.1, 0.9, 0.3], "max_conc": [0.0, 1.0], "od_mean": [0, 0, 0]},
+    {"h_vector": [0.6, 0.7], "e_vector": [0.1, 0.9, 0.3], "max_conc": [1.0, 1.0], "od_mean": [0, 0, 0]},
+])
+def test_unusable_stain_statistics_are_named_not_used(stats: dict) -> None:
+    from napari_bcd.stain import StainStats
+
+    with pytest.raises(BcdError, match="model card's stain statistics"):
+        StainStats.from_dict(stats)
+
+
+@pytest.mark.parametrize(("errno_name", "words"), [
+    ("ENOSPC", "the disk is full"), ("ENAMETOOLONG", "too long"), ("EROFS", "read-only"), ("EACCES", "permission"),
+])
+def test_system_errors_end_in_one_sentence(errno_name: str, words: str, tmp_path: Path, monkeypatch,
+                                           capsys) -> None:
+    import errno
+
+    import napari_bcd.cli.classify as cli_classify
+
+    def refuse(args):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), str(tmp_path / "x.tif"))
+
+    monkeypatch.setattr(cli_classify, "_cmd_classify", refuse)  # the parser is built in main(): it takes this one
+    assert main(["classify", str(JPG), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "x.tif" in err and "Traceback" not in err

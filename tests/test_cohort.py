@@ -111,7 +111,8 @@ def test_cli_cohort_from_a_manifest_on_a_local_cluster_then_resumed(cohort_dir: 
     table = pq.read_table(out / "cohort.parquet").to_pydict()
     assert table["id"] == ["P0", "P1", "P2"] and table["status"] == ["done"] * 3
     assert all(table["Invasive_mm2"][k] is not None for k in range(3))
-    (out / "P1.done.json").unlink()  # as if the run had been interrupted while writing P1
+    (out / "P1.done.json").unlink()  # as if the run had been interrupted while writing P1 (its marker left)
+    (out / ".P1.writing").touch()
     assert main(args) == 0
     cap = capsys.readouterr()
     assert cap.out.count("skipped") == 2 and "computed again" in cap.out
@@ -133,3 +134,59 @@ def test_cohort_table_columns(tmp_path: Path) -> None:
 def test_sample_slide_still_runs_alone(tiny_checkpoint: Path, tmp_path: Path) -> None:
     (result,) = iter_cohort([CohortItem(str(SAMPLE_SLIDE))], tmp_path, str(tiny_checkpoint), ClassifySettings())
     assert result.status == "done" and result.row()["windows"] > 0 and result.run.windows == result.row()["windows"]
+
+
+def test_outputs_of_another_slide_or_of_the_user_are_never_replaced_silently(cohort_dir: Path, tiny_checkpoint: Path,
+                                                                           tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    first = iter_cohort([CohortItem(str(cohort_dir / "case0.tif"))], out, str(tiny_checkpoint), ClassifySettings())
+    assert [r.status for r in first] == ["done"]
+    record = json.loads((out / "case0.done.json").read_text())
+    assert record["source"]["path"] == str((cohort_dir / "case0.tif").resolve())
+    # another slide with the same file name, classified into the same folder later
+    other = tmp_path / "elsewhere" / "case0.tif"
+    other.parent.mkdir()
+    shutil.copy(cohort_dir / "case1.tif", other)
+    (again,) = iter_cohort([CohortItem(str(other))], out, str(tiny_checkpoint), ClassifySettings())
+    assert again.status == "failed" and "from another slide" in again.error and "--overwrite" in again.error
+    assert json.loads((out / "case0.done.json").read_text()) == record  # untouched
+    (replaced,) = iter_cohort([CohortItem(str(other))], out, str(tiny_checkpoint), ClassifySettings(), overwrite=True)
+    assert replaced.status == "done"
+    # files of the user's own that carry our output names, with no done-record
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "case2.geojson").write_text("my own annotations")
+    (theirs,) = iter_cohort([CohortItem(str(cohort_dir / "case2.tif"))], mine, str(tiny_checkpoint),
+                            ClassifySettings())
+    assert theirs.status == "failed" and "not written by napari-bcd" in theirs.error
+    assert (mine / "case2.geojson").read_text() == "my own annotations"
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("path,id\ncase0.tif,../escape\n", "cannot name output files"),
+    ("path,id\ncase0.tif,a/b\n", "cannot name output files"),
+    ("path,id\ncase0.tif,.hidden\n", "cannot name output files"),
+    ("path;id\ncase0.tif;P0\n", "semicolons"),
+    ("path,id\n", "no slides"),
+    ("path,id\ncase0.tif,P0,extra\n", "more fields"),
+])
+def test_manifests_that_would_write_elsewhere_or_misread_are_refused(tmp_path: Path, text: str, words: str) -> None:
+    from napari_bcd.cohort import read_manifest
+    from napari_bcd.errors import BcdError
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text)
+    with pytest.raises(BcdError, match=words):
+        read_manifest(manifest)
+
+
+def test_a_bogus_cluster_address_is_named() -> None:
+    from napari_bcd.cohort import connect
+    from napari_bcd.errors import BcdError
+
+    with pytest.raises(BcdError, match="neither local:N nor a scheduler address"):
+        connect("nonsense")
+    with pytest.raises(BcdError, match="local:N needs a number"):
+        connect("local:x")

@@ -90,7 +90,7 @@ def test_a_run_records_its_check_and_a_fallback_run_equals_fp32(tiny_model) -> N
         _, strict = drain(iter_classify(slide, Predictor(tiny_model, device="cpu", tolerance=0.0)))
         _, exact = drain(iter_classify(slide, tiny_model, precision="fp32"))
     check = auto.info["precision_check"]
-    assert auto.info["precision"] == "bf16" and check["kept"] == "bf16" and check["windows"] == 16
+    assert auto.info["precision"] == "bf16" and check["kept"] == "bf16" and check["windows"] == 8
     assert strict.info["precision"] == "fp32" and strict.info["precision_check"]["kept"] == "fp32"
     assert exact.info["precision_check"] is None
     np.testing.assert_allclose(strict.probs, exact.probs, atol=1e-6)
@@ -137,3 +137,24 @@ def test_the_real_resnet152v2_passes_the_check_on_real_he() -> None:
     p(x)
     assert p.check is not None and p.check.windows == 2
     assert p.check.passed, p.check.describe()
+
+
+def test_int8_is_quantised_on_the_run_and_checked(tiny_model) -> None:
+    from napari_bcd.errors import BcdError
+    from napari_bcd.model.inference import Predictor
+
+    x = _he_windows()
+    exact = Predictor(tiny_model, device="cpu", precision="fp32")(x)
+    q = Predictor(tiny_model, device="cpu", precision="int8")
+    probs = q(x)
+    check = q.check
+    assert check is not None and check.fast == "int8" and check.windows == len(x)
+    assert np.abs(probs - (exact if not check.passed else probs)).max() < 1e-5
+    if check.passed:  # kept: the probabilities are int8's, within the tolerance of fp32
+        assert q.precision == "int8" and 0 < np.abs(probs - exact).max() <= check.tolerance
+    strict = Predictor(tiny_model, device="cpu", precision="int8", tolerance=0.0)
+    np.testing.assert_allclose(strict(x), exact, atol=1e-5)
+    assert strict.precision == "fp32" and strict.check.kept == "fp32"
+    np.testing.assert_array_equal(strict(x), exact)
+    with pytest.raises(BcdError, match="CPU"):
+        Predictor(tiny_model, device="meta", precision="int8")

@@ -63,14 +63,29 @@ def read_manifest(path: str | os.PathLike[str]) -> list[CohortItem]:
         text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise BcdError(f"The manifest {p} cannot be read ({err}).") from err
-    rows = list(csv.DictReader(io.StringIO(text)))
-    if not rows or "path" not in {k.strip().lower() for k in rows[0]}:
-        raise BcdError(f"The manifest {p} needs a header with a 'path' column (and optionally 'mpp' and 'id').")
+    reader = csv.DictReader(io.StringIO(text))
+    header = [str(k).strip().lower() for k in (reader.fieldnames or [])]
+    if "path" not in header:
+        hint = (" It looks separated by semicolons or tabs: use commas." if header and any(
+            sep in header[0] for sep in (";", "\t")) else "")
+        raise BcdError(f"The manifest {p} needs a header with a 'path' column (and optionally 'mpp' and 'id')."
+                       + hint)
+    rows = list(reader)
+    if not rows:
+        raise BcdError(f"The manifest {p} lists no slides under its header.")
     items = []
     for n, row in enumerate(rows, start=2):
+        if None in row:  # csv puts a row's extra fields under the key None
+            raise BcdError(f"{p}, line {n}: more fields than the header has ({len(header)}); quote paths that "
+                           "contain commas.")
         row = {str(k).strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
         if not row.get("path"):
             raise BcdError(f"{p}, line {n}: no path.")
+        ident = row.get("id", "")
+        if ident and (ident in (".", "..") or any(c in ident for c in "/\\\0") or ident.startswith(".")
+                      or len(ident.encode()) > 200):
+            raise BcdError(f"{p}, line {n}: the id {ident!r} cannot name output files (ids become file names: no "
+                           "'/', '\\', leading '.', or more than 200 bytes).")
         slide = Path(row["path"])
         if not slide.is_absolute():
             slide = p.parent / slide
@@ -82,7 +97,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[CohortItem]:
                 mpp = -1.0
             if not 0 < mpp < 1000:
                 raise BcdError(f"{p}, line {n}: mpp must be a positive number of µm per pixel, got {row['mpp']!r}.")
-        items.append(CohortItem(str(slide), mpp, row.get("id", "")))
+        items.append(CohortItem(str(slide), mpp, ident))
     return items
 
 
@@ -175,7 +190,15 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
     back as a ``failed`` result with the message; nothing is raised for them.
     """
     from .engine import iter_classify
-    from .export import output_paths, outputs_complete, slide_lock, write_outputs
+    from .export import (
+        output_paths,
+        outputs_complete,
+        same_source,
+        slide_lock,
+        source_identity,
+        write_outputs,
+        written_by_us,
+    )
     from .io import open_slide
     from .model.loaded import shared_cache
     from .summary import summarize
@@ -189,7 +212,12 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
         with slide_lock(out, item.stem):
             paths = output_paths(out, item.stem)
             done = outputs_complete(out, item.stem)
+            source = source_identity(item.path)
             if done is not None and not overwrite:
+                if not same_source(done, source):
+                    raise BcdError(f"{out} holds {item.stem}'s outputs from another slide ("
+                                   f"{done['source'].get('path')}); pass --overwrite to replace them, or write this "
+                                   "slide to another --out folder")
                 if done.get("model_weights_sha256") == loaded.sha and done.get("settings") == keys:
                     summary = json.loads(paths["summary_json"].read_text(encoding="utf-8"))
                     return SlideResult(item, "skipped", model=loaded.card.name, model_sha256=loaded.sha,
@@ -197,6 +225,10 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
                 raise BcdError(f"outputs already exist in {out} ({paths['labels'].name}…) from another model or other "
                                "settings; pass --overwrite to replace them")
             redo = done is None and any(p.exists() for p in paths.values())
+            if redo and not overwrite and not written_by_us(out, item.stem):
+                mine = ", ".join(p.name for p in paths.values() if p.exists())
+                raise BcdError(f"{out} already has {mine}, not written by napari-bcd (no done-record); pass "
+                               "--overwrite to replace them, or choose another --out folder")
             with open_slide(item.path, mpp=item.mpp) as slide:
                 gen = iter_classify(slide, loaded.predictor, settings)
                 while True:
@@ -208,7 +240,7 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
                     if on_progress is not None:
                         on_progress(p)
             summary = summarize(cmap, min_area_mm2=settings.min_area)
-            record = {"id": item.stem, "model_weights_sha256": loaded.sha, "settings": keys,
+            record = {"id": item.stem, "source": source, "model_weights_sha256": loaded.sha, "settings": keys,
                       "slide_path": str(item.path), "decision": cmap.info.get("decision"),
                       "precision": cmap.run.precision, "precision_check": cmap.run.precision_check}
             write_outputs(cmap, out, stem=item.stem, min_area_mm2=settings.min_area, overwrite=True,
@@ -225,7 +257,9 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
 
 def _worker_device(device: str) -> str:
     """On a Dask worker with GPUs and ``device="auto"``: one GPU per worker (by its name); else ``device``."""
-    if device != "auto":
+    import sys
+
+    if device != "auto" or "distributed" not in sys.modules:  # not on a worker: no need to import Dask (0.5 s)
         return device
     try:
         from distributed import get_worker
@@ -262,11 +296,20 @@ def connect(cluster: str) -> Any:
         n = cluster.split(":", 1)[1]
         if not n.isdigit() or int(n) < 1:
             raise BcdError(f"--cluster local:N needs a number of worker processes, got {cluster!r}.")
-        lc = LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True, dashboard_address=":0")
+        # Dask's own INFO lines (workers starting and stopping) and the comm errors of an orderly shutdown are
+        # not the user's business: only its errors are shown.
+        for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny",
+                     "distributed.core", "distributed.comm", "distributed.batched"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        lc = LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True, dashboard_address=":0",
+                          silence_logs=logging.ERROR)
         return Client(lc)
+    if "://" not in cluster and ":" not in cluster:
+        raise BcdError(f"--cluster {cluster!r} is neither local:N nor a scheduler address such as "
+                       "tcp://host:8786.")
     try:
         return Client(cluster, timeout="20s")
-    except OSError as err:
+    except (OSError, ValueError, TypeError, TimeoutError) as err:
         raise BcdError(f"No Dask scheduler answers at {cluster} ({err}). Start one (dask scheduler) or use "
                        "--cluster local:N.") from err
 

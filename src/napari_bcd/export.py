@@ -264,6 +264,31 @@ OUTPUTS: tuple[Output, ...] = (
 OUTPUT_KINDS = {o.kind: o for o in OUTPUTS}
 
 
+WRITING_SUFFIX = ".writing"
+
+
+def source_identity(path: str | os.PathLike[str]) -> dict:
+    """What identifies the slide a done-record vouches for: its resolved path and, for a file, its size."""
+    p = Path(path)
+    try:
+        resolved = p.resolve()
+        size = resolved.stat().st_size if resolved.is_file() else None
+    except OSError:
+        resolved, size = p, None
+    return {"path": str(resolved), "bytes": size}
+
+
+def same_source(record: dict, identity: dict) -> bool:
+    """Whether a done-record's slide is this one (records from before sources were recorded are taken as it)."""
+    recorded = record.get("source")
+    return not isinstance(recorded, dict) or recorded == identity
+
+
+def written_by_us(out_dir: str | os.PathLike[str], stem: str) -> bool:
+    """Whether ``stem``'s outputs in ``out_dir`` without a done-record are an interrupted napari-bcd write."""
+    return (Path(out_dir) / f".{stem}{WRITING_SUFFIX}").exists()
+
+
 def output_paths(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:
     """The files one slide's outputs are, by kind (the done-record not included)."""
     d = Path(out_dir)
@@ -390,6 +415,8 @@ def write_outputs(
         files = {k: {"name": paths[k].name, "bytes": p.stat().st_size, "sha256": file_digest(p)} for k,
                  p in staged.items()}
         done.unlink(missing_ok=True)
+        marker = d / f".{stem}{WRITING_SUFFIX}"  # until the done-record: these files are ours, half-replaced
+        marker.touch()
         for k, p in staged.items():
             os.replace(p, paths[k])
         from ._version import __version__
@@ -399,6 +426,7 @@ def write_outputs(
                "package_version": __version__, **(record or {})}
         with atomic_write(done, "w") as fh:
             json.dump(doc, fh, indent=2)
+        marker.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return paths

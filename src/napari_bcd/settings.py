@@ -23,7 +23,7 @@ MIN_TISSUE = 0.25
 #: Minimum saturation of a tissue pixel (:class:`~napari_bcd.tissue.TissueParams`).
 TISSUE_THRESHOLD = 0.1
 #: Number formats a model runs in (:class:`~napari_bcd.model.Predictor`).
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 #: Stain normalisations (:mod:`napari_bcd.stain`).
 STAIN_NORMALIZATIONS = ("none", "macenko", "vahadane")
 #: Where JPEG tiles are decoded (:mod:`napari_bcd.io.device_decode`).
@@ -60,6 +60,9 @@ class ClassifySettings:
         ``"none"``, ``"macenko"`` or ``"vahadane"``.
     decode
         Where JPEG tiles are decoded: ``"auto"``, ``"cpu"`` or ``"device"``.
+    refine
+        Adaptive overlap (:mod:`napari_bcd.engine.refine`): windows one field apart first, then the
+        overlapping windows of ``stride`` only where neighbouring cells disagree or the margin is low.
     """
 
     stride: float | tuple[float, float] = 1.0
@@ -78,6 +81,7 @@ class ClassifySettings:
     quality: bool | None = None
     stain_normalize: str = "none"
     decode: str = "auto"
+    refine: bool = False
 
     def __post_init__(self) -> None:
         from .decision import DecisionRule
@@ -125,7 +129,7 @@ class ClassifySettings:
     def result_keys(self, mpp: float | None = None) -> dict:
         """The settings that change a run's outputs (recorded in each done-record): a rerun with the same ones
         may skip the slide."""
-        return {"stride": self.stride, "stride_um": self.stride_um, "mpp": mpp,
+        return {"stride": self.stride, "stride_um": self.stride_um, "mpp": mpp, "refine": self.refine,
                 "tissue_threshold": self.tissue_threshold, "min_tissue": self.min_tissue,
                 "min_area_mm2": self.min_area, "decision": self.decision.to_dict() if self.decision else None,
                 **({"stain_normalize": self.stain_normalize} if self.stain_normalize != "none" else {})}

@@ -68,11 +68,20 @@ class StainStats:
         if not d:
             return None
         try:
-            return cls(tuple(float(v) for v in d["h_vector"]), tuple(float(v) for v in d["e_vector"]),
-                       tuple(float(v) for v in d["max_conc"]), tuple(float(v) for v in d["od_mean"]),
-                       int(d.get("pixels", 0)))
+            stats = cls(tuple(float(v) for v in d["h_vector"]), tuple(float(v) for v in d["e_vector"]),
+                        tuple(float(v) for v in d["max_conc"]), tuple(float(v) for v in d["od_mean"]),
+                        int(d.get("pixels", 0)))
         except (KeyError, TypeError, ValueError) as err:
-            raise BcdError(f"The stain statistics are malformed ({err}).") from err
+            raise BcdError(f"The model card's stain statistics are malformed ({err}); train the model again, or "
+                           "remove the card's \"stain\" entry to classify without the stain check.") from err
+        numbers = np.asarray([*stats.h_vector, *stats.e_vector, *stats.max_conc, *stats.od_mean])
+        if (len(stats.h_vector) != 3 or len(stats.e_vector) != 3 or len(stats.max_conc) != 2
+                or not np.isfinite(numbers).all() or min(stats.max_conc) <= 0
+                or np.linalg.norm(stats.h_vector) == 0 or np.linalg.norm(stats.e_vector) == 0):
+            raise BcdError("The model card's stain statistics are not usable (NaN, infinite, zero or the wrong "
+                           "length): train the model again, or remove the card's \"stain\" entry to classify "
+                           "without the stain check.")
+        return stats
 
     @property
     def matrix(self) -> np.ndarray:

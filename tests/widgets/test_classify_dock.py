@@ -73,6 +73,14 @@ def test_the_window_count_shown_before_run_is_the_engines(viewer, qtbot, tiny_ch
     from napari_bcd.config import measured_rate
 
     assert measured_rate("timm:resnet18@auto") is not None
+    # adaptive overlap: promised as a ceiling, run as one
+    widget._overlap_combo.value = "75 % where in doubt"
+    assert widget._settings().refine and widget._settings().stride == 0.25
+    qtbot.waitUntil(lambda: widget._plan_label.value.startswith("at most") and _plan_done(widget), timeout=60_000)
+    ceiling = int(widget._plan_label.value.split("at most ")[1].split(" windows")[0].replace(",", ""))
+    widget._on_run_clicked()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert 0 < widget.shown.run.windows < ceiling
 
 
 def test_a_coarse_map_gets_advice(viewer, qtbot, tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from ..app.mapstate import MapState, MapStore
     from ..engine import ClassMap
 
-OVERLAP = {"none": 1.0, "50 %": 0.5, "75 %": 0.25}
+#: Overlap choices: (stride as a fraction of the field, adaptive refinement).
+OVERLAP = {"none": (1.0, False), "50 %": (0.5, False), "75 %": (0.25, False), "75 % where in doubt": (0.25, True)}
 STAIN = {"as scanned": "none", "normalise (Macenko)": "macenko", "normalise (Vahadane)": "vahadane"}
 #: The exports offered under the map (rows of :data:`~napari_bcd.export.OUTPUTS`).
 EXPORTS = ("geojson", "summary_csv", "labels", "probabilities")
@@ -51,7 +52,9 @@ class ClassifyWidget(Container):
                                                       value="", tooltip="empty = the default model"))
         self._card_label = wrapped(Label(label="", value=""))
         self._overlap_combo = ComboBox(label="overlap", choices=list(OVERLAP), value="none",
-                                       tooltip="more overlap: finer cells, longer runs")
+                                       tooltip="more overlap: finer cells, longer runs; 'where in doubt' "
+                                               "overlaps only where neighbouring cells disagree or the top two "
+                                               "classes are close (a fraction of the windows)")
         self._tissue_spin = FloatSpinBox(label="tissue threshold", value=0.1, min=0.0, max=1.0, step=0.01)
         self._stain_combo = ComboBox(label="stain", choices=list(STAIN), value="as scanned",
                                      tooltip="normalise every window to the stain of the model's training images")
@@ -154,7 +157,8 @@ class ClassifyWidget(Container):
     def _settings(self):
         from ..settings import ClassifySettings
 
-        return ClassifySettings(stride=OVERLAP[self._overlap_combo.value], tissue_threshold=self._tissue_spin.value,
+        stride, refine = OVERLAP[self._overlap_combo.value]
+        return ClassifySettings(stride=stride, refine=refine, tissue_threshold=self._tissue_spin.value,
                                 mpp=self._mpp.value, batch_size=int(self._batch_spin.value) or None,
                                 device=self._device_combo.value, compile=self._compile_check.value,
                                 stain_normalize=STAIN[self._stain_combo.value],

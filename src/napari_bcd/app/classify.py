@@ -39,6 +39,7 @@ class Estimate:
     seconds: float
     measured: bool
     overlapped: bool = False
+    refine: bool = False
 
     @property
     def text(self) -> str:
@@ -49,7 +50,12 @@ class Estimate:
         ch, cw = p.cell_um
         when = f"about {duration(self.seconds)}" + ("" if self.measured else " (a first guess from the model's size; "
                                                                               "runs here will refine it)")
-        text = f"{p.on_tissue:,} windows on tissue (of {p.total:,}); one cell = {ch:.0f} x {cw:.0f} µm; {when}."
+        if self.refine:
+            when = f"at most {when}"
+            text = (f"at most {p.on_tissue:,} windows on tissue (of {p.total:,}): full overlap only where the map is "
+                    f"in doubt; one cell = {ch:.0f} x {cw:.0f} µm; {when}.")
+        else:
+            text = f"{p.on_tissue:,} windows on tissue (of {p.total:,}); one cell = {ch:.0f} x {cw:.0f} µm; {when}."
         if p.cells_on_tissue < 30 and not self.overlapped:
             text += (f" A coarse map ({p.cells_on_tissue} cells on tissue): overlap 50 % gives about 4x the cells, "
                      "75 % about 16x.")
@@ -104,8 +110,8 @@ class ClassifyController:
         overlapped = settings.stride_um is not None or settings.stride != 1.0
         rate = measured_rate(_rate_key(card, settings.device))
         if rate:
-            return Estimate(plan, plan.seconds(rate), True, overlapped)
-        return Estimate(plan, plan.seconds(_guess_rate(card, settings)), False, overlapped)
+            return Estimate(plan, plan.seconds(rate), True, overlapped, settings.refine)
+        return Estimate(plan, plan.seconds(_guess_rate(card, settings)), False, overlapped, settings.refine)
 
     def job(self, slide: Slide, path: str | Path | None, settings: ClassifySettings,
             ) -> Generator[Stage | Progress, Any, ClassMap]:

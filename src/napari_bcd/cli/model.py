@@ -95,9 +95,15 @@ def _cmd_weights_info(args: argparse.Namespace) -> int:
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from ..model.card import read_card
+    from ..model.checkpoint import load_checkpoint
 
-    card = read_card(args.checkpoint)  # the card alone: no torch, no 232 MB of weights
+    card = read_card(args.checkpoint)
     print(card.to_json() if args.json else card.describe())
+    try:  # a card can read well above weights that cannot load: say so, and fail
+        load_checkpoint(args.checkpoint)
+    except BcdError as err:
+        print(f"napari-bcd: this checkpoint does not load: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

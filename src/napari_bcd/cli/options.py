@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 from ..errors import BcdError
 
 __all__ = ["COUNT", "COVERAGE", "INPUT_PX", "NON_NEGATIVE", "NON_NEGATIVE_INT", "POSITIVE", "SHARE", "VAL_SHARE",
-           "add_classify_options", "add_decision_options", "check_out_dir", "decision_from", "label_pair", "number",
-           "settings_from"]
+           "add_classify_options", "add_decision_options", "check_out_dir", "check_out_file", "decision_from",
+           "label_pair", "number", "settings_from"]
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = True,
@@ -58,6 +59,9 @@ def check_out_dir(out: Path) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise BcdError(f"--out {out}: {parent} is a file, not a folder. Choose a folder for the outputs.")
+            if parent != out and not os.access(parent, os.W_OK | os.X_OK):
+                raise BcdError(f"--out {out} cannot be created: {parent} is not writable. Choose a folder you can "
+                               "write to.")
             break
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +70,16 @@ def check_out_dir(out: Path) -> None:
     except OSError as err:
         raise BcdError(f"--out {out} cannot be written ({err.strerror or err}). Choose a folder you can write "
                        "to.") from err
+
+
+def check_out_file(path: str | Path | None, option: str = "--out") -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, or in a folder that cannot be."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise BcdError(f"{option} {p} is a folder; give a file name (e.g. {p / 'model.safetensors'}).")
+    check_out_dir(p.parent if str(p.parent) else Path("."))
 
 
 def threshold(text: str) -> tuple[str, float]:
@@ -123,9 +137,17 @@ def add_classify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=POSITIVE, default=1.0,
                    help="window step as a fraction of the field (0.5 = overlap)")
     p.add_argument("--stride-um", type=POSITIVE, help="window step in µm (overrides --stride)")
-    p.add_argument("--batch-size", type=COUNT, help="windows per model call (default: 128 on CUDA, 4 on the CPU)")
+    p.add_argument("--refine", action="store_true",
+                   help="adaptive overlap: windows one field apart first, then the overlapping windows of --stride "
+                        "only where neighbouring cells disagree or the top two classes are close (e.g. --stride 0.25 "
+                        "--refine: 75%% overlap where it matters, for a fraction of the windows)")
+    p.add_argument("--batch-size", type=COUNT,
+                   help="windows per model call (default: 128 on CUDA; on the CPU 16 in bf16, 4 in fp32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=list(PRECISIONS))
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="number format: auto (bf16 on a GPU; on a CPU with bf16 units bf16, checked against fp32 on "
+                        "the first batch and falling back to it beyond a 0.15 probability change; else fp32), fp32 "
+                        "(exact), bf16, fp16, int8 (CPU, quantised on the first batch and checked the same way)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (GPU runs of many windows; compiled once per run, before the timing)")
     p.add_argument("--decode", default="auto", choices=list(DECODE_MODES),
@@ -154,4 +176,4 @@ def settings_from(args: argparse.Namespace, card=None):
                             min_tissue=args.min_tissue, min_area=args.min_area, decision=decision,
                             batch_size=args.batch_size, device=args.device, precision=args.precision,
                             compile=args.compile, workers=args.workers, stain_normalize=args.stain_normalize,
-                            decode=args.decode)
+                            decode=args.decode, refine=args.refine)

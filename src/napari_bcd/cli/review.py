@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .._progress import drive
-from .options import COUNT, POSITIVE, check_out_dir
+from .options import COUNT, POSITIVE, check_out_dir, check_out_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from ..settings import ClassifySettings
     from ..tiling import grid_for
 
+    check_out_file(args.out)
+    if args.classify_out:
+        check_out_dir(Path(args.classify_out))
     card = read_card(args.checkpoint)
     with open_slide(args.slide, mpp=args.mpp) as slide:
         grid = grid_for(slide, card, ClassifySettings(stride=args.stride))

@@ -9,7 +9,18 @@ from pathlib import Path
 from .._progress import drive, progress_bar
 from ..annotations.read import FORMAT_NAMES
 from ..model.backbones import BACKBONES, PAPER_BACKBONE
-from .options import COUNT, COVERAGE, INPUT_PX, NON_NEGATIVE_INT, POSITIVE, VAL_SHARE, label_pair, number
+from .options import (
+    COUNT,
+    COVERAGE,
+    INPUT_PX,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    VAL_SHARE,
+    check_out_dir,
+    check_out_file,
+    label_pair,
+    number,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -125,6 +136,7 @@ def _cmd_export_patches(args: argparse.Namespace) -> int:
     from ..model.checkpoint import load_checkpoint
     from ..train.patches import iter_export_patches
 
+    check_out_dir(Path(args.out))
     field = ICIAR_FIELD_UM
     if args.model:
         field = load_checkpoint(args.model).card.field_um
@@ -140,6 +152,11 @@ def _cmd_export_patches(args: argparse.Namespace) -> int:
             "patches", "patch",
         )
     print(result)
+    if not sum(result.counts.values()):
+        print("napari-bcd: no patch was written: no region gave a window of the field on tissue inside the slide. "
+              "Check that the annotations belong to this slide (same scan, same pixel size), or use a smaller "
+              "--field-um.", file=sys.stderr)
+        return 1
     if result.too_few:
         print(f"napari-bcd: too few patches for {', '.join(result.too_few)}: annotate more of them, lower "
               "--coverage, or use --stride 0.5", file=sys.stderr)
@@ -151,6 +168,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.groups import group_dataset
     from ..train.iciar import read_iciar
 
+    check_out_file(args.out)
     ds = group_dataset(read_iciar(args.dataset), groups_csv=args.groups, pattern=args.group_pattern,
                        kind=args.group_kind)
     print(f"{len(ds)} images: " + ", ".join(f"{k} {v}" for k, v in ds.counts().items()), file=sys.stderr)
@@ -261,6 +279,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
+    check_out_dir(Path(args.out))
     root = Path(args.data) if args.data else data_dir() / "BACH"
     photos = root if (root / "Benign").is_dir() else bach_photos_dir(root)
     note = ""
@@ -284,6 +303,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..train.evaluate import evaluate
     from ..train.iciar import read_iciar
 
+    if args.out:
+        check_out_dir(Path(args.out))
     ds = read_iciar(args.dataset)
     report = evaluate(args.checkpoint, ds, device=args.device)
     print(report.to_text())

@@ -62,6 +62,8 @@ class RunRecord:
     #: fp32 against the fast path on the first batch (:class:`~napari_bcd.model.precision.PrecisionCheck`
     #: as a dict), when *auto* chose a fast path that needs checking.
     precision_check: dict | None = None
+    #: With adaptive overlap: the windows full overlap would have classified (``windows`` is those used).
+    candidate_windows: int | None = None
 
     @property
     def windows_per_s(self) -> float:
@@ -73,6 +75,9 @@ class RunRecord:
             "decision": decision,
             "stain": self.stain.data,
             "windows": int(self.windows),
+            "refine": None if self.candidate_windows is None else {
+                "full_overlap_windows": self.candidate_windows,
+                "share_used": round(self.windows / self.candidate_windows, 4) if self.candidate_windows else 1.0},
             "seconds": round(self.seconds, 3),
             "windows_per_s": self.windows_per_s,
             "device": self.device,

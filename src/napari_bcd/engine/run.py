@@ -81,6 +81,7 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     from ..io.device_decode import DecodeChoice, device_rows
     from ..quality import window_quality
     from .producer import BatchProducer
+    from .refine import cells_reached, coarse_lattice, next_windows
 
     card = predictor.model.card
     predictor.begin_run()
@@ -102,10 +103,15 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
         rows, decode = device_rows(slide, grid.level, predictor.device, s.decode, sample_tiles(slide, grid, todo))
     decoded_before = slide.decoded_tiles
     t0 = time.perf_counter()
-    yield Progress("classify", 0, total)
-    if total:
+    part = todo[coarse_lattice(todo, grid.cells_per_window)] if s.refine else todo
+    planned, done = len(part), 0
+    yield Progress("classify", 0, planned)
+    candidates = np.zeros(grid.n_windows, bool)
+    candidates[todo[:, 0], todo[:, 1]] = True
+    reachable, level = None, 0
+    while len(part):
         alloc = predictor.host_batch if predictor.device.type == "cuda" else None
-        with BatchProducer(slide, grid, todo, batch_size, workers=s.workers, prefetch=s.prefetch, read_row=rows,
+        with BatchProducer(slide, grid, part, batch_size, workers=s.workers, prefetch=s.prefetch, read_row=rows,
                            alloc=alloc) as producer:
 
             def take(batch_rc: np.ndarray, pending, q_futures: list) -> None:
@@ -116,7 +122,7 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
             # On a GPU one batch is in flight: batch i+1 is queued on the device before batch i's probabilities
             # are read, so the GPU never waits for this loop (a cancel then drops that one batch unread).  On the
             # CPU submit() computes the batch, so it is taken at once and a cancel stops within one batch.
-            done, in_flight = 0, None
+            in_flight = None
             for batch_rc, pixels in itertools.chain(producer, [(None, None)]):  # the last flushes the one in flight
                 submitted = None
                 if batch_rc is not None:
@@ -135,18 +141,27 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
                     take(*batch)
                     done += len(batch[0])
                     rate = done / max(time.perf_counter() - t0, 1e-9)
-                    yield Progress("classify", done, total, rate, (total - done) / rate if rate else None)
+                    yield Progress("classify", done, planned, rate, (planned - done) / rate if rate else None)
+        part = todo[:0]
+        if s.refine:  # the overlapping windows over the cells still in doubt, until none is
+            if reachable is None:
+                reachable = cells_reached(candidates, grid.cells_per_window, grid.n_cells) & (
+                    cell_frac >= s.min_tissue * 0.5)
+            new, level = next_windows(acc, reachable, candidates & ~done_mask, grid, level)
+            part = np.argwhere(new)
+            planned += len(part)
     probs = acc.probabilities()
     covered = (acc.counts > 0) & (cell_frac >= s.min_tissue * 0.5)
     cell_quality = acc.quality() if score_quality else None
     labels, reasons = decide(probs, covered, tuple(card.classes), rule, cell_quality)
     record = RunRecord(
-        windows=int(total), seconds=time.perf_counter() - t0, device=str(predictor.device),
+        windows=int(done), seconds=time.perf_counter() - t0, device=str(predictor.device),
         precision=predictor.precision, precision_check=predictor.check.to_dict() if predictor.check else None,
         tissue_fraction=tissue_share, min_tissue=s.min_tissue,
         compiled=bool(predictor.compiled), warmup_seconds=compile_s,
         decoded_tiles=slide.decoded_tiles - decoded_before + (rows.decoded if rows is not None else 0),
-        tiles_touched=tiles_touched(slide, grid, todo), decode=decode, stain=stain)
+        tiles_touched=tiles_touched(slide, grid, np.argwhere(done_mask)), decode=decode, stain=stain,
+        candidate_windows=int(total) if s.refine else None)
     return ClassMap(probs=probs, labels=labels, tissue=cell_frac, window_done=done_mask, grid=grid,
                     classes=tuple(card.classes), slide_name=slide.name, slide_shape=slide.dimensions,
                     model_name=card.name, quality=cell_quality, run=record,

@@ -159,6 +159,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({err}). It may be truncated.") from err
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(
+            f"{weights} holds NaN or infinite values in {len(broken)} tensor(s) "
+            f"({', '.join(broken[:3])}{', …' if len(broken) > 3 else ''}): the "
+            "training diverged or the file is damaged. Use another checkpoint, or train again.")
     got = weights_sha256(state)
     if card_path.is_file():
         card = read_card_file(card_path)

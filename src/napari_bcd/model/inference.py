@@ -16,6 +16,9 @@ __all__ = ["PendingProbabilities", "Predictor", "choose_device"]
 
 log = logging.getLogger(__name__)
 
+#: Windows of a run's first batch computed in fp32 too, for the precision check.
+CHECK_WINDOWS = 8
+
 
 def choose_device(preference: str | torch.device | None = None) -> torch.device:
     """Pick the device: cuda > mps > cpu, unless one is asked for.
@@ -111,14 +114,21 @@ class Predictor:
         self.tolerance = float(tolerance)
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" or self.check_pending else "fp32"
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise BcdError(f"Unknown precision {precision!r}; use auto, fp32, bf16 or fp16.")
+        if precision not in ("fp32", "bf16", "fp16", "int8"):
+            raise BcdError(f"Unknown precision {precision!r}; use auto, fp32, bf16, fp16 or int8.")
+        if precision == "int8":
+            if not cpu:
+                raise BcdError("int8 runs on the CPU (x86, oneDNN); on a GPU use --precision auto (bf16).")
+            if compile:
+                raise BcdError("int8 and --compile do not go together; choose one.")
+            self.check_pending = True  # quantised on the first batch, and checked against fp32 on it
         self.precision = precision
         # channels_last pays on GPUs (tensor cores) and for bf16 on the CPU (oneDNN's blocked kernels: 2x over
         # bf16 alone here); for fp32 on the CPU it is no faster and converting costs a copy of the weights.
         # (Set either way: the same model may have been converted by another Predictor, and fp32 results must not
         # depend on that.)
-        fmt = torch.channels_last if self.device.type == "cuda" or precision != "fp32" else torch.contiguous_format
+        fmt = (torch.channels_last if self.device.type == "cuda" or precision in ("bf16", "fp16")
+               else torch.contiguous_format)
         self.model = model.eval().to(self.device, memory_format=fmt)
         self.classes = model.classes
         self.compiled = bool(compile)
@@ -170,32 +180,43 @@ class Predictor:
 
     def _autocast(self, precision: str | None = None):
         precision = precision or self.precision
-        if precision == "fp32":
+        if precision in ("fp32", "int8"):
             return nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _checked_logits(self, x: torch.Tensor, forward) -> torch.Tensor:
-        """The first batch both ways: keep the fast path if it agrees with fp32, else fall back for the run."""
+        """The first batch both ways: keep the fast path if it agrees with fp32, else fall back for the run.
+
+        fp32 runs on the first :data:`CHECK_WINDOWS` windows only (it is the check's whole cost); on a
+        fallback the rest of the batch is computed in fp32 too.
+        """
         import time
 
         self.check_pending = False
         fast = self.precision
+        k = min(len(x), CHECK_WINDOWS)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            exact = forward(x).float()
-        t1 = time.perf_counter()
+            exact = forward(x[:k]).float()
+        exact_s = time.perf_counter() - t0
+        fast_forward = self._quantise(x) if fast == "int8" else forward
+        t0 = time.perf_counter()
         with torch.inference_mode(), self._autocast(fast):
-            quick = forward(x).float()
-        t2 = time.perf_counter()
-        same, change = agreement(torch.softmax(exact, 1).numpy(), torch.softmax(quick, 1).numpy())
-        self.check = PrecisionCheck(fast, len(x), same, change, self.tolerance, t1 - t0, t2 - t1)
+            quick = fast_forward(x).float()
+        fast_s = (time.perf_counter() - t0) * k / len(x)
+        same, change = agreement(torch.softmax(exact, 1).numpy(), torch.softmax(quick[:k], 1).numpy())
+        self.check = PrecisionCheck(fast, k, same, change, self.tolerance, exact_s, fast_s)
         if self.check.passed:
             return quick
         log.warning("napari-bcd: %s", self.check.describe())
         self.precision = "fp32"
+        self._forward, self._forward_float = self.model.forward_uint8, self.model.forward
         self.model.to(memory_format=torch.contiguous_format)
         self._memory_format = torch.contiguous_format
+        if k < len(x):
+            with torch.inference_mode():
+                exact = torch.cat([exact, forward(x[k:]).float()])
         return exact
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -256,6 +277,22 @@ class Predictor:
             done = torch.cuda.Event()
             done.record()
         return PendingProbabilities(host, done)
+
+    def _quantise(self, x: torch.Tensor):
+        """Quantise the backbone on this batch; the int8 forward for inputs like ``x`` (and both kept for the run)."""
+        import time
+
+        from .precision import quantise_int8
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            calibration = self.model.normalise(x) if x.dtype == torch.uint8 else x
+        qb = quantise_int8(self.model.backbone, calibration.contiguous())
+        head, normalise = self.model.head, self.model.normalise
+        self._forward = lambda u: head(qb(normalise(u).contiguous()))
+        self._forward_float = lambda f: head(qb(f))
+        log.info("napari-bcd: backbone quantised to int8 in %.1f s", time.perf_counter() - t0)
+        return self._forward if x.dtype == torch.uint8 else self._forward_float
 
     def _resized(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 NHWC on the device -> normalised float NCHW at ``size``."""

@@ -19,7 +19,7 @@ import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["PRECISION_TOLERANCE", "PrecisionCheck", "agreement", "bf16_is_fast", "cpu_features"]
+__all__ = ["PRECISION_TOLERANCE", "PrecisionCheck", "agreement", "bf16_is_fast", "cpu_features", "quantise_int8"]
 
 #: The largest change of any window's class probability (fp32 against the fast path, on the run's first batch)
 #: at which *auto* keeps the fast path.  Measured on real H&E with a trained DenseNet121 head: bf16 moves
@@ -97,3 +97,57 @@ def bf16_is_fast(device: Any) -> bool:
         f = cpu_features()
         return f["avx512_bf16"] or f["amx"]
     return False
+
+
+def quantise_int8(backbone: Any, calibration: Any) -> Any:
+    """``backbone`` quantised to int8 for x86 CPUs with PyTorch's own tooling (FX graph mode, the x86 qconfig).
+
+    Weights per channel, activations calibrated on ``calibration`` (a batch of
+    normalised float NCHW inputs: the run's own windows).  The head stays fp32.
+
+    Raises
+    ------
+    BcdError
+        When the backbone cannot be traced (control flow in its forward).
+    """
+    import warnings
+
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping, quantize_fx
+
+    from ..errors import BcdError
+
+    example = calibration[:1]
+    inner = getattr(backbone, "model", None)
+    timm_net = inner is not None and hasattr(inner, "forward_features") and hasattr(backbone, "to_map")
+    if timm_net:  # trace timm's own network; the layout fix-up (Python control flow) stays outside the graph
+        net = _ForwardFeatures(inner)
+    else:
+        net = backbone
+    try:
+        with warnings.catch_warnings():  # the FX quantisation API warns about its own deprecation
+            warnings.simplefilter("ignore")
+            prepared = quantize_fx.prepare_fx(net.eval(), get_default_qconfig_mapping("x86"), (example,))
+            with torch.inference_mode():
+                prepared(calibration)
+            quantised = quantize_fx.convert_fx(prepared).eval()
+        if timm_net:
+            return lambda x: backbone.to_map(quantised(x), x.shape[-2:])
+        return quantised
+    except (torch.fx.proxy.TraceError, NotImplementedError, RuntimeError, TypeError) as err:
+        raise BcdError(f"int8 is not available for this backbone ({type(err).__name__}: {err}); "
+                       "use --precision auto or bf16.") from err
+
+
+def _ForwardFeatures(net: Any) -> Any:
+    import torch
+
+    class ForwardFeatures(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner.forward_features(x)
+
+    return ForwardFeatures(net)

@@ -38,10 +38,13 @@ class TimmBackbone(nn.Module):
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.model.forward_features(x)
+        return self.to_map(self.model.forward_features(x), x.shape[-2:])
+
+    def to_map(self, y: torch.Tensor, hw: torch.Size) -> torch.Tensor:
+        """timm's ``forward_features`` output (tokens, NHWC or NCHW) as an NCHW feature map for input size ``hw``."""
         if y.ndim == 3:
             tokens = y[:, self.num_prefix_tokens :]
-            gh, gw = self._grid(x.shape[-2:], tokens.shape[1])
+            gh, gw = self._grid(hw, tokens.shape[1])
             y = tokens.transpose(1, 2).reshape(y.shape[0], y.shape[2], gh, gw)
         elif y.ndim == 4 and y.shape[1] != self.num_features and y.shape[-1] == self.num_features:
             y = y.permute(0, 3, 1, 2)  # NHWC models (some ConvNeXt/Swin variants)

@@ -1,0 +1,156 @@
+"""Adaptive overlap: full overlap only where the map is in doubt.
+
+A map at 75 % overlap costs 16 times the windows of one at stride 1, yet on
+most of a slide every overlapping window agrees.  ``refine`` classifies the
+windows one field apart first (the cells of the overlapping grid, each window
+covering ``k x k`` of them), then adds, over the cells that are in doubt, the
+windows half a field apart, and only where doubt remains the windows of the
+full overlap (lattices 4, 2, 1 cells apart at 75 %), repeating each level until
+no cell covered by a window of it is in doubt:
+
+- a cell whose two most probable classes are closer than :data:`REFINE_MARGIN`;
+- a cell whose class differs from a 4-neighbour's (a boundary between classes);
+and a tissue cell that no window has reached yet (the coarse lattice missed it) gets one window centred
+on it, then is judged like the others.  The last step, to full overlap, is taken only for cells whose
+margin is still below :data:`FINAL_MARGIN`: a clear class boundary is settled at half a field.
+
+Cells still in doubt at the last level end with every window that covers them,
+as at full overlap; cells away from doubt keep the fewer windows they had.  How close that comes
+to the full-overlap map is measured by ``benchmarks/bench_cpu.py`` (cells
+equal, windows used), not assumed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FINAL_MARGIN", "REFINE_MARGIN", "cells_reached", "coarse_lattice", "in_doubt", "lattice", "next_windows",
+           "spacings", "windows_over", "windows_reaching"]
+
+#: Cells whose top-two probability margin is below this are refined to the next lattice.
+REFINE_MARGIN = 0.2
+#: The last step, to full overlap, is taken only for cells whose margin is still below this (class boundaries
+#: alone stop at the lattice half a field apart).  Chosen on the bundled slide with real features
+#: (``benchmarks/bench_cpu.py``): boundaries to the end used 53 % of the windows for 100 % of cells equal
+#: to full overlap; this rule 48 % for 99.85 %; 0.05 here 42 % for 98.4 %; stopping at half a field 15 %
+#: for 92 %.
+FINAL_MARGIN = 0.1
+
+
+def coarse_lattice(todo: np.ndarray, cells_per_window: tuple[int, int]) -> np.ndarray:
+    """The rows of ``todo`` (window ``(row, col)`` pairs) on the lattice one field apart."""
+    kh, kw = cells_per_window
+    return (todo[:, 0] % kh == 0) & (todo[:, 1] % kw == 0)
+
+
+def spacings(cells_per_window: tuple[int, int]) -> list[tuple[int, int]]:
+    """The lattices refinement walks through, coarse to fine: one field apart, then half as far, ... then every
+    window (4 cells a window: 4, 2, 1)."""
+    out = [tuple(cells_per_window)]
+    while out[-1] != (1, 1):
+        out.append((max(1, out[-1][0] // 2), max(1, out[-1][1] // 2)))
+    return out
+
+
+def lattice(n_windows: tuple[int, int], spacing: tuple[int, int]) -> np.ndarray:
+    """``n_windows`` mask of the windows on a lattice ``spacing`` apart."""
+    out = np.zeros(n_windows, bool)
+    out[:: spacing[0], :: spacing[1]] = True
+    return out
+
+
+def in_doubt(probs: np.ndarray, counts: np.ndarray, reachable: np.ndarray, margin: float = REFINE_MARGIN,
+             boundaries: bool = True) -> np.ndarray:
+    """Cells to refine: low margin or a class boundary (see the module text); unreached cells are not in doubt
+    until a window has reached them (:func:`windows_reaching`).
+
+    ``probs`` is ``rows x cols x classes`` (NaN where unreached), ``counts`` the windows per cell,
+    ``reachable`` the tissue cells some candidate window covers (only those can be in doubt).
+    """
+    seen = counts > 0
+    doubt = np.zeros(seen.shape, bool)
+    if not seen.any():
+        return doubt
+    p = np.where(seen[..., None], probs, 0.0)
+    top2 = np.sort(p, axis=-1)[..., -2:] if p.shape[-1] > 1 else np.concatenate([np.zeros_like(p), p], -1)
+    doubt |= seen & (top2[..., 1] - top2[..., 0] < margin)
+    if not boundaries:
+        return doubt & reachable
+    label = np.where(seen, p.argmax(-1), -1)
+    for axis in (0, 1):
+        a = np.moveaxis(label, axis, 0)
+        differ = (a[1:] != a[:-1]) & (a[1:] >= 0) & (a[:-1] >= 0)
+        d = np.moveaxis(doubt, axis, 0)  # a view: flags both sides of each boundary
+        d[1:] |= differ
+        d[:-1] |= differ
+    return doubt & reachable
+
+
+def windows_reaching(cells: np.ndarray, candidates: np.ndarray, cells_per_window: tuple[int, int]) -> np.ndarray:
+    """A few ``candidates`` windows that together reach every one of ``cells`` some candidate can reach: one
+    window per cell not reached yet, centred on it where that window is a candidate (a cell no window has
+    seen needs a first look, not full overlap)."""
+    kh, kw = cells_per_window
+    nwr, nwc = candidates.shape
+    chosen = np.zeros_like(candidates)
+    reached = np.zeros_like(cells)
+    for i, j in np.argwhere(cells):
+        if reached[i, j]:
+            continue
+        options = [(r, c) for r in range(max(0, i - kh + 1), min(i, nwr - 1) + 1)
+                   for c in range(max(0, j - kw + 1), min(j, nwc - 1) + 1) if candidates[r, c]]
+        if not options:
+            continue
+        r, c = min(options, key=lambda rc: abs(rc[0] + (kh - 1) / 2 - i) + abs(rc[1] + (kw - 1) / 2 - j))
+        chosen[r, c] = True
+        reached[r : r + kh, c : c + kw] = True
+    return chosen
+
+
+def windows_over(cells: np.ndarray, cells_per_window: tuple[int, int], n_windows: tuple[int, int]) -> np.ndarray:
+    """``n_windows`` mask of the windows covering at least one of ``cells`` (window ``(r, c)`` covers cells
+    ``[r, r + kh) x [c, c + kw)``)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    kh, kw = cells_per_window
+    covered = sliding_window_view(cells, (kh, kw)).any(axis=(2, 3))
+    out = np.zeros(n_windows, bool)
+    h, w = min(n_windows[0], covered.shape[0]), min(n_windows[1], covered.shape[1])
+    out[:h, :w] = covered[:h, :w]
+    return out
+
+
+def cells_reached(windows: np.ndarray, cells_per_window: tuple[int, int], n_cells: tuple[int, int]) -> np.ndarray:
+    """``n_cells`` mask of the cells that at least one window of the ``windows`` mask covers."""
+    kh, kw = cells_per_window
+    h, w = windows.shape
+    out = np.zeros(n_cells, bool)
+    for dr in range(kh):
+        for dc in range(kw):
+            out[dr : dr + h, dc : dc + w] |= windows
+    return out
+
+
+def next_windows(acc: Any, reachable: np.ndarray, open_: np.ndarray, grid: Any, level: int
+                 ) -> tuple[np.ndarray, int]:
+    """The next pass's windows (an ``n_windows`` mask among ``open_``) and the lattice level it is on.
+
+    ``acc`` is the run's :class:`~.classmap.CellAccumulator`; ``reachable`` the tissue cells some candidate
+    window covers.  A level is left for the next, finer one when no window of it covers a cell in doubt.
+    """
+    levels = spacings(grid.cells_per_window)
+    probs = acc.probabilities()
+
+    def over(finest: bool) -> np.ndarray:
+        doubt = (in_doubt(probs, acc.counts, reachable, FINAL_MARGIN, boundaries=False) if finest
+                 else in_doubt(probs, acc.counts, reachable, REFINE_MARGIN))
+        return windows_over(doubt, grid.cells_per_window, grid.n_windows) & open_
+
+    new = over(level + 1 == len(levels)) & lattice(grid.n_windows, levels[level])
+    while not new.any() and level + 1 < len(levels):  # this lattice is settled: the next, finer one
+        level += 1
+        new = over(level + 1 == len(levels)) & lattice(grid.n_windows, levels[level])
+    new |= windows_reaching(reachable & (acc.counts == 0), open_, grid.cells_per_window)
+    return new, level

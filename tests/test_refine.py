@@ -1,0 +1,108 @@
+"""Adaptive overlap: windows one field apart, then full overlap only over the cells in doubt."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_SLIDE, drain
+from napari_bcd.engine import refine
+from napari_bcd.engine.refine import cells_reached, coarse_lattice, in_doubt, windows_over
+
+
+def test_doubt_is_low_margin_boundaries_and_unreached_tissue() -> None:
+    probs = np.zeros((3, 4, 2), np.float32)
+    probs[..., 0] = 0.9
+    probs[..., 1] = 0.1
+    probs[:, 3] = (0.1, 0.9)  # another class in the last column: a boundary between columns 2 and 3
+    probs[0, 0] = (0.55, 0.45)  # a near tie
+    counts = np.ones((3, 4), np.int32)
+    counts[2, 0] = 0
+    probs[2, 0] = np.nan
+    reachable = np.ones((3, 4), bool)
+    doubt = in_doubt(probs, counts, reachable, margin=0.2)
+    expected = np.zeros((3, 4), bool)
+    expected[:, 2:] = True  # both sides of the boundary
+    expected[0, 0] = True  # the near tie
+    np.testing.assert_array_equal(doubt, expected)  # (tissue no window reached needs a first look: below)
+    no_boundaries = in_doubt(probs, counts, reachable, margin=0.2, boundaries=False)
+    assert no_boundaries.sum() == 1 and no_boundaries[0, 0]
+    reachable[0, 0] = False  # glass: never in doubt
+    assert not in_doubt(probs, counts, reachable, margin=0.2)[0, 0]
+
+
+def test_an_unreached_cell_gets_one_window_centred_on_it() -> None:
+    from napari_bcd.engine.refine import windows_reaching
+
+    cells = np.zeros((7, 7), bool)
+    cells[3, 3] = cells[3, 4] = True  # two neighbours: one window reaches both
+    candidates = np.ones((4, 4), bool)  # 4 x 4 windows of 4 x 4 cells over 7 x 7 cells
+    chosen = windows_reaching(cells, candidates, (4, 4))
+    assert (chosen.sum() == 1 and chosen[1, 1]) or chosen[1, 2]
+    candidates[:] = False
+    assert not windows_reaching(cells, candidates, (4, 4)).any()  # no candidate: glass, nothing to add
+
+
+def test_windows_over_cells_and_cells_reached_are_each_others_cover() -> None:
+    kh = kw = 2
+    n_windows = (4, 5)
+    n_cells = (n_windows[0] - 1 + kh, n_windows[1] - 1 + kw)
+    cells = np.zeros(n_cells, bool)
+    cells[2, 3] = True
+    wins = windows_over(cells, (kh, kw), n_windows)
+    assert sorted(map(tuple, np.argwhere(wins))) == [(1, 2), (1, 3), (2, 2), (2, 3)]
+    np.testing.assert_array_equal(cells_reached(wins, (kh, kw), n_cells)[2, 3], True)
+    todo = np.argwhere(np.ones(n_windows, bool))
+    lattice = todo[coarse_lattice(todo, (kh, kw))]
+    assert all(r % 2 == 0 and c % 2 == 0 for r, c in lattice) and len(lattice) == 2 * 3
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model):
+    from napari_bcd import open_slide
+    from napari_bcd.engine import iter_classify
+
+    with open_slide(SAMPLE_SLIDE) as slide:
+        _, full = drain(iter_classify(slide, tiny_model, stride=0.25, precision="fp32"))
+        _, adaptive = drain(iter_classify(slide, tiny_model, stride=0.25, precision="fp32", refine=True))
+    return full, adaptive
+
+
+def test_refine_uses_fewer_windows_and_reports_them(runs) -> None:
+    full, adaptive = runs
+    info = adaptive.info["refine"]
+    assert info["full_overlap_windows"] == full.info["windows"] == full.window_done.sum()
+    assert adaptive.info["windows"] == adaptive.window_done.sum() < full.info["windows"]
+    assert info["share_used"] == pytest.approx(adaptive.info["windows"] / full.info["windows"], abs=1e-4)
+    assert full.info["refine"] is None
+    np.testing.assert_array_equal(adaptive.labels > 0, full.labels > 0)  # every cell full overlap maps is mapped
+    equal = (adaptive.labels == full.labels)[full.labels > 0].mean()
+    assert equal > 0.8, equal  # a random network: the bound the benchmark measures on real features is tighter
+
+
+def test_refine_equals_full_overlap_where_it_refines_everywhere(tiny_model, monkeypatch: pytest.MonkeyPatch,
+                                                               runs) -> None:
+    from napari_bcd import open_slide
+    from napari_bcd.engine import iter_classify
+
+    full, _ = runs
+    monkeypatch.setattr(refine, "REFINE_MARGIN", 1.01)  # every cell is a near tie: everything is refined
+    monkeypatch.setattr(refine, "FINAL_MARGIN", 1.01)
+    with open_slide(SAMPLE_SLIDE) as slide:
+        _, everywhere = drain(iter_classify(slide, tiny_model, stride=0.25, precision="fp32", refine=True))
+    assert everywhere.info["windows"] == full.info["windows"]
+    np.testing.assert_allclose(everywhere.probs, full.probs, atol=1e-6)
+    np.testing.assert_array_equal(everywhere.labels, full.labels)
+
+
+def test_the_cli_offers_refine(tiny_checkpoint, tmp_path) -> None:
+    import json
+
+    from napari_bcd.cli import main
+
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--stride", "0.5", "--refine",
+                 "--precision", "fp32", "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / f"{SAMPLE_SLIDE.stem}.summary.json").read_text())["info"]
+    assert 0 < info["refine"]["share_used"] <= 1
+    done = json.loads((tmp_path / f"{SAMPLE_SLIDE.stem}.done.json").read_text())
+    assert done["settings"]["refine"] is True
