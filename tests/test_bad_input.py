@@ -552,3 +552,23 @@ def test_system_errors_end_in_one_sentence(errno_name: str, words: str, tmp_path
     assert main(["classify", str(JPG), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert words in err and "x.tif" in err and "Traceback" not in err
+
+
+def test_a_decision_save_interrupted_between_its_writes_is_not_lost(tmp_path: Path, tiny_checkpoint: Path,
+                                                                   caplog) -> None:
+    import shutil
+
+    from napari_bcd.decision import DecisionRule
+    from napari_bcd.model.card import read_card
+    from napari_bcd.model.checkpoint import load_checkpoint, save_decision
+
+    path = tmp_path / "m.safetensors"
+    shutil.copy(tiny_checkpoint, path)
+    shutil.copy(tiny_checkpoint.with_suffix(".json"), path.with_suffix(".json"))
+    old_json = path.with_suffix(".json").read_text()
+    time.sleep(1.1)  # the cards' times are to the second
+    save_decision(path, DecisionRule(min_confidence=0.6))
+    path.with_suffix(".json").write_text(old_json)  # as if killed after the weights, before the JSON
+    assert read_card(path).decision.get("min_confidence") == 0.6
+    assert load_checkpoint(path).card.decision.get("min_confidence") == 0.6
+    assert "interrupted save" in caplog.text

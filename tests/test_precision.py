@@ -38,7 +38,7 @@ def test_auto_runs_bf16_checked_against_fp32(tiny_model) -> None:
     x = _he_windows()
     exact = Predictor(tiny_model, device="cpu", precision="fp32")(x)
     auto = Predictor(tiny_model, device="cpu")
-    assert auto.precision == "bf16" and auto.check_pending and auto.default_batch_size == 16
+    assert auto.precision == "bf16" and auto.check_pending and auto.default_batch_size == 8
     first = auto(x)
     check = auto.check
     assert check is not None and check.passed and auto.precision == "bf16"

@@ -142,7 +142,7 @@ def add_classify_options(p: argparse.ArgumentParser) -> None:
                         "only where neighbouring cells disagree or the top two classes are close (e.g. --stride 0.25 "
                         "--refine: 75%% overlap where it matters, for a fraction of the windows)")
     p.add_argument("--batch-size", type=COUNT,
-                   help="windows per model call (default: 128 on CUDA; on the CPU 16 in bf16, 4 in fp32)")
+                   help="windows per model call (default: 128 on CUDA; on the CPU 8 in bf16, 4 in fp32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="number format: auto (bf16 on a GPU; on a CPU with bf16 units bf16, checked against fp32 on "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from ..classes import CLASS_NAMES
 from ..errors import BcdError, CheckpointError
 from .preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .record import TrainingRecord
@@ -263,21 +266,52 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
     ------
     CheckpointError
     """
-    import struct
 
     refuse_other_formats(path)
     weights, card = checkpoint_paths(path)
     if card.is_file():
-        return read_card_file(card)
+        outside = read_card_file(card)
+        if weights.is_file():
+            try:
+                return newer_card(outside, embedded_card_text(weights), card.name)
+            except CheckpointError:
+                return outside  # a damaged header: loading the weights will say so
+        return outside
     if not weights.is_file():
         raise CheckpointError(f"No checkpoint weights at {weights}. Give a .safetensors file written by napari-bcd.")
+    return ModelCard.from_json(embedded_card_text(weights))
+
+
+def embedded_card_text(weights: Path) -> str:
+    """The card in a safetensors file's header (read without torch)."""
+    import struct
+
     try:
         with open(weights, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(fh.read(n))
-        text = header["__metadata__"]["napari_bcd.card"]
+        return header["__metadata__"]["napari_bcd.card"]
     except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
         raise CheckpointError(f"{weights} holds no napari-bcd model card ({err}).") from err
-    return ModelCard.from_json(text)
+
+
+def newer_card(outside: ModelCard, embedded: str | None, json_name: str) -> ModelCard:
+    """The JSON card, unless the card inside the weights is for the same weights and newer.
+
+    A save writes the weights (carrying the card) first and the JSON second, so a save interrupted
+    between the two (``model decision`` killed, a full disk) leaves the newer card inside the weights.
+    """
+    if not embedded:
+        return outside
+    try:
+        inner = ModelCard.from_json(embedded)
+    except CheckpointError:
+        return outside
+    if (inner.weights_sha256 and inner.weights_sha256 == outside.weights_sha256 and inner.created
+            and outside.created and inner.created >= outside.created and inner.to_dict() != outside.to_dict()):
+        log.warning("%s is older than the card inside its weights (an interrupted save): using the newer card. "
+                    "Save the decision again to bring %s up to date.", json_name, json_name)
+        return inner
+    return outside

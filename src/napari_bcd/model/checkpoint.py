@@ -20,7 +20,7 @@ import torch
 
 from .._fileio import atomic_path, atomic_write
 from ..errors import BcdError, CheckpointError
-from .card import ModelCard, checkpoint_paths, read_card_file, refuse_other_formats
+from .card import ModelCard, checkpoint_paths, newer_card, read_card_file, refuse_other_formats
 from .classifier import Classifier, build_classifier
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
             "training diverged or the file is damaged. Use another checkpoint, or train again.")
     got = weights_sha256(state)
     if card_path.is_file():
-        card = read_card_file(card_path)
+        card = newer_card(read_card_file(card_path), embedded, card_path.name)
         if card.weights_sha256 and card.weights_sha256 != got and embedded:
             inner_card = _embedded_card(embedded, weights)
             if inner_card.weights_sha256 == got:
