@@ -13,7 +13,7 @@ from conftest import SAMPLE_SLIDE
 from napari_bcd.annotations import read_annotations
 from napari_bcd.cli import build_parser, main
 
-QUPATH = Path(__file__).parents[1] / "qupath"
+QUPATH = Path(__file__).parents[1] / "src" / "napari_bcd" / "qupath"
 
 
 def test_the_cli_geojson_round_trips_with_classes_holes_and_measurements(tiny_checkpoint: Path, tmp_path: Path) -> None:

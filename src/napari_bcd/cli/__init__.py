@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.register_evaluate(sub)
     classify.register_demo(sub)
     model.register_selfcheck(sub)
+    model.register_qupath(sub)
     return parser
 
 

@@ -42,6 +42,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 
+def register_qupath(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("qupath-scripts", help="copy the QuPath scripts (classify a slide from QuPath; export its "
+                                              "annotations for training) into a folder")
+    p.add_argument("--out", default=".", help="folder to copy them into (default: here)")
+    p.add_argument("--overwrite", action="store_true", help="replace scripts of the same name")
+    p.set_defaults(func=_cmd_qupath_scripts)
+
+
+def _cmd_qupath_scripts(args: argparse.Namespace) -> int:
+    """The scripts ship inside the package: copy them where QuPath's script editor can open them."""
+    import shutil
+    from importlib.resources import files
+
+    from .._fileio import check_writable
+    from .options import check_out_dir
+
+    out = Path(args.out)
+    check_out_dir(out)
+    scripts = sorted(p for p in files("napari_bcd").joinpath("qupath").iterdir() if p.name.endswith(".groovy"))
+    for script in scripts:
+        target = check_writable(out / script.name, args.overwrite)
+        with script.open("rb") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        print(f"wrote {target}")
+    print("In QuPath: Automate > Script editor > File > Open, then set NAPARI_BCD in the script to the full path "
+          f"of this command ({shutil.which('napari-bcd') or 'which napari-bcd'}).")
+    return 0
+
+
 def register_selfcheck(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("selfcheck", help="build the model and run it on a real H&E field")
     p.add_argument("--model", help="a checkpoint (default: the paper's network with an untrained head)")
