@@ -121,3 +121,48 @@ def _subset(ds, root: Path) -> Path:
         (root / p.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(p, root / p.parent.name / p.name)
     return root
+
+
+def test_fetch_refuses_what_would_lose_or_misread_files(tmp_path: Path, bach_zip: Path, capsys) -> None:
+    # files of the user's under Photos/ with no completion marker: left alone, before any work
+    root = tmp_path / "mine"
+    photos = root / "ICIAR2018_BACH_Challenge" / "Photos"
+    (photos / "Benign").mkdir(parents=True)
+    (photos / "Benign" / "b001.tif").write_bytes(b"my photo")
+    with pytest.raises(DatasetError, match="did not finish writing"):
+        drain(iter_fetch_bach(root, from_zip=bach_zip, md5=hashlib.md5(bach_zip.read_bytes()).hexdigest()))
+    assert (photos / "Benign" / "b001.tif").read_bytes() == b"my photo"
+    # --from a folder, --dir a file, --md5 that is not one: named for what they are
+    assert main(["data", "fetch", "bach", "--from", str(tmp_path), "--dir", str(tmp_path / "x")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["data", "fetch", "bach", "--from", str(bach_zip), "--dir", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["data", "fetch", "bach", "--from", str(bach_zip), "--dir", str(tmp_path / "y"), "--md5", "zz"]) == 2
+    assert "is not an md5" in capsys.readouterr().err
+
+
+def test_an_archive_of_unknown_compression_or_encrypted_is_named(tmp_path: Path, bach_zip: Path) -> None:
+    import zipfile
+
+    data = bytearray(bach_zip.read_bytes())
+    with zipfile.ZipFile(bach_zip) as zf:
+        info = next(m for m in zf.infolist() if m.filename.endswith("Photos/Benign/b001.tif"))
+    # the compression method in the member's local header (offset 8) and central directory entry (offset 10)
+    data[info.header_offset + 8 : info.header_offset + 10] = (99).to_bytes(2, "little")
+    cd = data.find(b"PK\x01\x02")
+    while cd >= 0 and data[cd + 46 : cd + 46 + len(info.filename)] != info.filename.encode():
+        cd = data.find(b"PK\x01\x02", cd + 4)
+    data[cd + 10 : cd + 12] = (99).to_bytes(2, "little")
+    odd = tmp_path / "odd.zip"
+    odd.write_bytes(bytes(data))
+    with pytest.raises((DatasetError, DownloadError), match="compression"):
+        drain(iter_fetch_bach(tmp_path / "o", from_zip=odd, md5=hashlib.md5(data).hexdigest()))
+    assert not (tmp_path / "o" / "ICIAR2018_BACH_Challenge" / "Photos.partial").exists()
+    data = bytearray(bach_zip.read_bytes())
+    data[info.header_offset + 6] |= 0x1  # the encryption flag, local header and central directory
+    data[cd + 8] |= 0x1
+    locked = tmp_path / "locked.zip"
+    locked.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="encrypted"):
+        drain(iter_fetch_bach(tmp_path / "l", from_zip=locked, md5=hashlib.md5(data).hexdigest()))

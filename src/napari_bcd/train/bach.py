@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import zipfile
 from collections.abc import Generator
@@ -136,13 +137,24 @@ def iter_fetch_bach(
     LicenceNotAcceptedError, DownloadError, DatasetError
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root} is a file; give a folder to put the BACH photos in (--dir).")
+    if md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", md5.strip()):
+        raise DatasetError(f"--md5 {md5!r} is not an md5 (32 hexadecimal digits).")
     photos = bach_photos_dir(root)
     if (photos / _MARKER).is_file():
         info = json.loads((photos / _MARKER).read_text(encoding="utf-8"))
         return FetchResult(photos, info.get("counts", {}), info.get("md5"), [f"The photos are already in {photos}."])
+    if photos.exists() and any(photos.iterdir()):
+        raise DatasetError(f"{photos} already holds files that napari-bcd did not finish writing (no {_MARKER}): "
+                           "they are left alone. Move them away (or give another --dir), then fetch again; if they "
+                           "are the BACH photos already, train from that folder directly.")
     notes: list[str] = []
     if from_zip is not None:
         zpath = Path(from_zip)
+        if zpath.is_dir():
+            raise DatasetError(f"{zpath} is a folder; give the archive {BACH_FILE} itself (a folder of photos "
+                               "needs no fetching: train from it directly).")
         if not zpath.is_file():
             raise DatasetError(f"{zpath} does not exist. Give the path of {BACH_FILE}.")
         expected = md5
@@ -155,7 +167,7 @@ def iter_fetch_bach(
         got = None
         if expected is not None:
             got = file_md5(zpath)
-            if got != expected.lower():
+            if got != expected.strip().lower():
                 raise DownloadError(f"{zpath} has md5 {got}, not the published {expected}: it is incomplete or "
                                     "another file. Download it again.")
     else:
@@ -216,17 +228,27 @@ def _extract_photos(zpath: Path, photos: Path) -> Generator[ExtractProgress, Non
         members = [(m, rel) for m in zf.infolist() if (rel := _photos_member(m.filename))]
         if not any(rel.endswith((".tif", ".tiff")) for _, rel in members):
             raise DatasetError(f"{zpath} has no Photos/<class>/*.tif: it is not the BACH archive.")
+        if any(m.flag_bits & 0x1 for m, _ in members):
+            raise DatasetError(f"{zpath} is encrypted (password-protected): it is not the archive Zenodo publishes. "
+                               "Download it again.")
         yield ExtractProgress(0, len(members))
-        for k, (m, rel) in enumerate(members):
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(m) as src, open(target, "wb") as dst:  # zipfile checks each member's CRC
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            except (zipfile.BadZipFile, OSError, EOFError) as err:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise DownloadError(f"{m.filename} in {zpath} is damaged ({err}). Download the archive again.") from err
-            yield ExtractProgress(k + 1, len(members))
+        try:
+            for k, (m, rel) in enumerate(members):
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with zf.open(m) as src, open(target, "wb") as dst:  # zipfile checks each member's CRC
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                except NotImplementedError as err:  # a compression method zipfile does not know
+                    raise DatasetError(f"{m.filename} in {zpath} uses a compression this Python cannot read "
+                                       f"({err}); the archive Zenodo publishes does not. Download it again.") from err
+                except (zipfile.BadZipFile, EOFError, RuntimeError) as err:
+                    raise DownloadError(f"{m.filename} in {zpath} is damaged ({err}). Download the archive "
+                                        "again.") from err
+                yield ExtractProgress(k + 1, len(members))
+        except BaseException:  # a damaged member, a full disk, an interruption: no 2 GB Photos.partial left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     # What was extracted: every photo a TIFF, every class there, the ground truth agreeing with the folders.
     ds = read_iciar(tmp)
     bad = []
@@ -246,8 +268,8 @@ def _extract_photos(zpath: Path, photos: Path) -> Generator[ExtractProgress, Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise DatasetError(f"The photos extracted from {zpath} do not check out: {'; '.join(problems[:5])}. "
                            "Download the archive again.")
-    if photos.exists():
-        shutil.rmtree(photos)
+    if photos.exists() and not any(photos.iterdir()):
+        photos.rmdir()  # an empty folder only: files of the user's are refused before anything is fetched
     os.replace(tmp, photos)
     log.info("Extracted %d BACH photos to %s", len(ds), photos)
     return counts
