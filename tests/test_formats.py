@@ -156,3 +156,56 @@ def test_ome_zarr_units_and_refusals(tmp_path: Path, cmu_rgb: np.ndarray) -> Non
     (tmp_path / "plain").mkdir()
     with pytest.raises(SlideError, match="OME-Zarr"):
         open_slide(tmp_path / "plain")
+
+
+def test_ome_zarr_as_other_tools_write_it_or_damaged(tmp_path: Path, cmu_rgb: np.ndarray, caplog) -> None:
+    import shutil
+
+    import zarr
+
+    from napari_bcd import open_slide
+    from napari_bcd.errors import SlideError
+
+    img = np.ascontiguousarray(cmu_rgb[:600, :600])
+
+    def edit(name: str, change) -> Path:
+        path = tmp_path / name
+        write_ome_zarr(path, img, levels=2)
+        group = zarr.open_group(str(path), mode="r+")
+        ms = group.attrs["multiscales"]
+        change(ms[0], path)
+        group.attrs["multiscales"] = ms
+        return path
+
+    def upper(m, _path):
+        for a in m["axes"]:
+            a["name"] = a["name"].upper()  # iohub writes T, C, Z, Y, X
+
+    with open_slide(edit("upper.zarr", upper)) as slide:
+        assert slide.mpp == (0.5, 0.5) and np.array_equal(slide.read_region(0, 0, 0, 600, 600), img)
+    with open_slide(edit("reversed.zarr", lambda m, _p: m["datasets"].reverse())) as slide:  # smallest first
+        assert slide.level_info[0].shape == (600, 600) and slide.mpp == (0.5, 0.5)
+    with pytest.raises(SlideError, match="not a list of named axes"):
+        open_slide(edit("unnamed.zarr", lambda m, _p: [a.pop("name") for a in m["axes"]]))
+
+    def short(m, _path):
+        for d in m["datasets"]:
+            d["coordinateTransformations"][0]["scale"] = [0.5, 0.5]
+
+    with pytest.raises(SlideError, match="2 values for 3 axes"):
+        open_slide(edit("short.zarr", short))
+
+    def broken_array(_m, path):
+        meta = path / "0" / ".zarray"
+        meta.write_text("{ not json")
+
+    with pytest.raises(SlideError, match="damaged"):
+        open_slide(edit("broken.zarr", broken_array))
+
+    def lose_chunks(_m, path):
+        for chunk in sorted((path / "0").glob("0.*"))[:2]:
+            shutil.rmtree(chunk) if chunk.is_dir() else chunk.unlink()
+
+    with open_slide(edit("holes.zarr", lose_chunks)):
+        pass
+    assert "chunks of level 0 are missing" in caplog.text

@@ -11,6 +11,7 @@ Chunks play the role of tiles: the engine reads whole chunk rows, each once.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from concurrent.futures import Executor
@@ -22,6 +23,8 @@ import numpy as np
 from ..errors import SlideError
 from .segments import FILL, LevelInfo, padded_read
 from .slide import Slide
+
+log = logging.getLogger(__name__)
 
 __all__ = ["is_ngff", "open_ngff"]
 
@@ -140,17 +143,32 @@ def open_ngff(p: Path) -> Slide:
     if not ms:
         raise SlideError(f"{p.name} is a Zarr folder without OME-NGFF 'multiscales' metadata.")
     m = ms[0]
-    axes = [a["name"] if isinstance(a, dict) else str(a) for a in m.get("axes", ["c", "y", "x"])]
-    units = {a["name"]: a.get("unit") for a in m.get("axes", []) if isinstance(a, dict)}
+    raw_axes = m.get("axes", ["c", "y", "x"])
+    if not isinstance(raw_axes, list) or any(isinstance(a, dict) and not isinstance(a.get("name"), str)
+                                             for a in raw_axes):
+        raise SlideError(f"{p.name}: the OME-Zarr axes {raw_axes!r} are not a list of named axes; the metadata is "
+                         "damaged.")
+    # NGFF names axes in lower case; some writers (iohub) use upper case, which readers accept
+    axes = [(a["name"] if isinstance(a, dict) else str(a)).lower() for a in raw_axes]
+    units = {a["name"].lower(): a.get("unit") for a in raw_axes if isinstance(a, dict)}
     if "y" not in axes or "x" not in axes:
         raise SlideError(f"{p.name}: the OME-Zarr axes {axes} have no y and x.")
     datasets = m.get("datasets") or []
-    if not datasets:
-        raise SlideError(f"{p.name}: the OME-Zarr multiscales list no datasets.")
+    if not datasets or not all(isinstance(d, dict) and "path" in d for d in datasets):
+        raise SlideError(f"{p.name}: the OME-Zarr multiscales list no datasets (or datasets without a path).")
     try:
         segments = [_ZarrSegments(group[d["path"]], axes) for d in datasets]
     except KeyError as err:
         raise SlideError(f"{p.name}: the dataset {err} named in its metadata is missing.") from err
+    except SlideError:
+        raise
+    except Exception as err:  # a damaged .zarray / zarr.json
+        raise SlideError(f"{p.name}: a level's array metadata cannot be read ({type(err).__name__}: {err}); the "
+                         "OME-Zarr is damaged.") from err
+    # levels largest first, whatever order the metadata lists them in
+    order = sorted(range(len(segments)), key=lambda i: -segments[i].shape[0] * segments[i].shape[1])
+    segments, datasets = [segments[i] for i in order], [datasets[i] for i in order]
+    _warn_missing_chunks(p, segments[0])
     H, W = segments[0].shape
     infos = [LevelInfo(s.shape, (H / s.shape[0], W / s.shape[1])) for s in segments]
 
@@ -166,6 +184,9 @@ def open_ngff(p: Path) -> Slide:
     if scale is not None:
         if outer is not None:
             scale = [a * b for a, b in zip(scale, outer, strict=False)]
+        if len(scale) != len(axes):
+            raise SlideError(f"{p.name}: the OME-Zarr scale {scale} has {len(scale)} values for {len(axes)} axes "
+                             f"{axes}; the metadata is damaged (pass --mpp to give the pixel size).")
         sy, sx = scale[axes.index("y")], scale[axes.index("x")]
         unit_y, unit_x = units.get("y"), units.get("x")
         if unit_y or unit_x:
@@ -176,3 +197,16 @@ def open_ngff(p: Path) -> Slide:
         elif (sy, sx) != (1.0, 1.0):
             mpp = (sy, sx)  # no unit: NGFF images of slides are in micrometres
     return Slide(p, infos, mpp, segments=segments, vendor="ome-zarr")  # type: ignore[arg-type]
+
+
+def _warn_missing_chunks(p: Path, level0: _ZarrSegments) -> None:
+    """Say when level 0 lacks chunks: they read as the fill value (zarr also skips chunks that equal it)."""
+    arr = level0.arr
+    try:
+        have, total = int(arr.nchunks_initialized), int(arr.nchunks)
+    except Exception:  # noqa: BLE001 - a store that cannot count: nothing to say
+        return
+    if have < total:
+        log.warning("%s: %d of %d chunks of level 0 are missing and read as the fill value (%r): if the writer did "
+                    "not skip them on purpose, that part of the slide is lost and reads as background.",
+                    p.name, total - have, total, getattr(arr, "fill_value", None))
