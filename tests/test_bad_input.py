@@ -572,3 +572,18 @@ def test_a_decision_save_interrupted_between_its_writes_is_not_lost(tmp_path: Pa
     assert read_card(path).decision.get("min_confidence") == 0.6
     assert load_checkpoint(path).card.decision.get("min_confidence") == 0.6
     assert "interrupted save" in caplog.text
+
+
+def test_a_torchvision_that_cannot_load_is_named_not_blamed_on_the_weights(tiny_checkpoint: Path,
+                                                                          monkeypatch) -> None:
+    from napari_bcd.model import checkpoint
+    from napari_bcd.model.checkpoint import CheckpointError, load_checkpoint
+
+    def broken(*_a, **_k):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(checkpoint, "build_classifier", broken)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tiny_checkpoint)
+    text = str(info.value)
+    assert "torchvision does not match this torch" in text and "do not fit" not in text

@@ -234,8 +234,15 @@ def _build_for(card: ModelCard, state: dict[str, torch.Tensor]) -> Classifier:
         "preprocessing": card.preprocessing,
         "card": card,
     }
-    with torch.device("meta"):
-        model = build_classifier(card.backbone, **kwargs)
+    try:
+        with torch.device("meta"):
+            model = build_classifier(card.backbone, **kwargs)
+    except (ImportError, RuntimeError) as err:  # the network's code, not the weights: say which
+        hint = (" torchvision does not match this torch (e.g. a CUDA build beside a CPU one): install the two "
+                "together from one index, e.g. pip install torch==2.14.1 torchvision==0.29.1 --index-url "
+                "https://download.pytorch.org/whl/cpu" if "torchvision" in str(err) else "")
+        raise BcdError(f"the {card.backbone} network cannot be built here ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0] if str(err) else err}).{hint}") from err
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_preprocessing()
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
