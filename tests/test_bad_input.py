@@ -587,3 +587,34 @@ def test_a_torchvision_that_cannot_load_is_named_not_blamed_on_the_weights(tiny_
         load_checkpoint(tiny_checkpoint)
     text = str(info.value)
     assert "torchvision does not match this torch" in text and "do not fit" not in text
+
+
+def test_odd_paths_are_called_what_they_are(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    from napari_bcd.model.card import read_card
+    from napari_bcd.model.checkpoint import CheckpointError
+
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(tmp_path / "loop.safetensors")
+    with pytest.raises(CheckpointError, match="symbolic link loop"):
+        read_card(loop)
+    with pytest.raises(CheckpointError, match="is a folder"):
+        read_card(tmp_path)
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "nowhere" / "at-all")
+    assert main(["classify", str(JPG), "--mpp", "1", "--model", str(tiny_checkpoint), "--out", str(dangling)]) == 2
+    assert "which does not exist" in capsys.readouterr().err
+    # a retrain never replaces a checkpoint: its refusal offers no --overwrite it does not have
+    from napari_bcd.model.checkpoint import check_checkpoint_target
+
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_target(tiny_checkpoint, overwrite=None)
+    assert "--overwrite" not in str(info.value)
+    # a Zarr group whose metadata is broken is a damaged OME-Zarr, not "no slide"
+    from napari_bcd import open_slide
+
+    z = tmp_path / "broken.zarr"
+    z.mkdir()
+    (z / ".zgroup").write_text('{"zarr_format": 2}')
+    (z / ".zattrs").write_text("{ broken")
+    with pytest.raises(SlideError, match="OME-Zarr"):
+        open_slide(z)

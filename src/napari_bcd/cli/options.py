@@ -55,6 +55,10 @@ def check_out_dir(out: Path) -> None:
     """Refuse, before any work, an output folder that cannot be written."""
     import tempfile
 
+    if out.is_symlink() and not out.exists():
+        raise BcdError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist. Create its "
+                       "target or choose another folder.")
+
     for parent in [out, *out.parents]:
         if parent.exists():
             if not parent.is_dir():

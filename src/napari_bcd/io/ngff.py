@@ -48,8 +48,8 @@ def is_ngff(path: Path) -> bool:
         if f.is_file():
             try:
                 doc = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return False
+            except (OSError, ValueError):  # a Zarr group with broken metadata: opening it says so
+                return name == "zarr.json" or (path / ".zgroup").is_file()
             attrs = doc.get("attributes", doc) if name == "zarr.json" else doc
             return isinstance(attrs, dict) and bool(_multiscales(attrs))
     return False

@@ -236,7 +236,14 @@ def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
 
 def refuse_other_formats(path: str | os.PathLike[str]) -> None:
     """Name the formats that are not napari-bcd checkpoints, with what to do instead."""
-    suffix = Path(path).suffix.lower()
+    p = Path(path)
+    try:
+        p.resolve(strict=False)
+    except (RuntimeError, OSError) as err:  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise CheckpointError(f"{path} is a symbolic link loop ({err}); give the checkpoint's real path.") from err
+    if p.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the checkpoint's .safetensors file (or its .json card).")
+    suffix = p.suffix.lower()
     if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"):
         raise CheckpointError(f"{path} is a PyTorch pickle, which napari-bcd never loads (it can run code). Use a "
                               "napari-bcd checkpoint (.safetensors + .json), or convert the weights to safetensors.")
@@ -279,7 +286,10 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
         return outside
     if not weights.is_file():
         raise CheckpointError(f"No checkpoint weights at {weights}. Give a .safetensors file written by napari-bcd.")
-    return ModelCard.from_json(embedded_card_text(weights))
+    try:
+        return ModelCard.from_json(embedded_card_text(weights))
+    except CheckpointError as err:
+        raise CheckpointError(f"The card inside {weights}: {err}") from err
 
 
 def embedded_card_text(weights: Path) -> str:

@@ -51,7 +51,7 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def check_checkpoint_target(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+def check_checkpoint_target(path: str | os.PathLike[str], overwrite: bool | None = False) -> Path:
     """Refuse, before any work, a checkpoint name that cannot or must not be written; returns the weights path.
 
     Raises
@@ -70,7 +70,8 @@ def check_checkpoint_target(path: str | os.PathLike[str], overwrite: bool = Fals
                 raise CheckpointError(f"{weights} cannot be written: {parent} is a file, not a folder.")
             break
     if not overwrite and (weights.exists() or card.exists()):
-        raise CheckpointError(f"{weights} already exists. Choose another name, or pass --overwrite to replace it.")
+        advice = "" if overwrite is None else ", or pass --overwrite to replace it"
+        raise CheckpointError(f"{weights} already exists. Choose another name{advice}.")
     return weights
 
 

@@ -280,7 +280,7 @@ def iter_retrain(
     if unknown:
         raise BcdError(f"Corrections name classes the model does not have: {', '.join(unknown)}.")
     out_path = Path(out) if out is not None else next_model_path(parent)
-    out_path = check_checkpoint_target(out_path, overwrite=False)
+    out_path = check_checkpoint_target(out_path, overwrite=None)  # a retrain never replaces a checkpoint
     if class_map is not None:
         grid = class_map.grid
     else:
