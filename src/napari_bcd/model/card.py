@@ -319,8 +319,11 @@ def newer_card(outside: ModelCard, embedded: str | None, json_name: str) -> Mode
         inner = ModelCard.from_json(embedded)
     except CheckpointError:
         return outside
+    a, b = inner.to_dict(), outside.to_dict()
+    changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
     if (inner.weights_sha256 and inner.weights_sha256 == outside.weights_sha256 and inner.created
-            and outside.created and inner.created >= outside.created and inner.to_dict() != outside.to_dict()):
+            and outside.created and inner.created > outside.created and changed
+            and changed <= {"decision", "created", "package_version"}):  # what a decision save changes
         log.warning("%s is older than the card inside its weights (an interrupted save): using the newer card. "
                     "Save the decision again to bring %s up to date.", json_name, json_name)
         return inner
