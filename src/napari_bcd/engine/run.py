@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -79,7 +79,6 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
               score_quality: bool) -> Generator[Progress, None, ClassMap]:
     from ..decision import decide
     from ..io.device_decode import DecodeChoice, device_rows
-    from ..quality import window_quality
     from .producer import BatchProducer
     from .refine import cells_reached, coarse_lattice, next_windows
 
@@ -113,35 +112,10 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
         alloc = predictor.host_batch if predictor.device.type == "cuda" else None
         with BatchProducer(slide, grid, part, batch_size, workers=s.workers, prefetch=s.prefetch, read_row=rows,
                            alloc=alloc) as producer:
-
-            def take(batch_rc: np.ndarray, pending, q_futures: list) -> None:
-                scores = np.concatenate([f.result() for f in q_futures]) if q_futures else None
-                acc.add(batch_rc, pending.result(), scores)
-                done_mask[batch_rc[:, 0], batch_rc[:, 1]] = True
-
-            # On a GPU one batch is in flight: batch i+1 is queued on the device before batch i's probabilities
-            # are read, so the GPU never waits for this loop (a cancel then drops that one batch unread).  On the
-            # CPU submit() computes the batch, so it is taken at once and a cancel stops within one batch.
-            in_flight = None
-            for batch_rc, pixels in itertools.chain(producer, [(None, None)]):  # the last flushes the one in flight
-                submitted = None
-                if batch_rc is not None:
-                    # The quality score runs in the reading threads (in chunks, so a big GPU batch spreads over
-                    # them) while the model works on the batch; of a batch on the GPU only its strided samples
-                    # come to the host.
-                    q_futures = [producer.pool.submit(window_quality, pixels[i : i + 64], level_mpp)
-                                 for i in range(0, len(pixels), 64)] if score_quality else []
-                    submitted = (batch_rc, predictor.submit(pixels), q_futures)
-                finished = [in_flight] if in_flight is not None else []
-                in_flight = submitted
-                if not predictor.asynchronous and in_flight is not None:  # computed already: no reason to wait
-                    finished.append(in_flight)
-                    in_flight = None
-                for batch in finished:
-                    take(*batch)
-                    done += len(batch[0])
-                    rate = done / max(time.perf_counter() - t0, 1e-9)
-                    yield Progress("classify", done, planned, rate, (planned - done) / rate if rate else None)
+            for n in _pass_batches(producer, predictor, acc, done_mask, level_mpp, score_quality):
+                done += n
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                yield Progress("classify", done, planned, rate, (planned - done) / rate if rate else None)
         part = todo[:0]
         if s.refine:  # the overlapping windows over the cells still in doubt, until none is
             if reachable is None:
@@ -166,6 +140,40 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
                     classes=tuple(card.classes), slide_name=slide.name, slide_shape=slide.dimensions,
                     model_name=card.name, quality=cell_quality, run=record,
                     info=record.info({**rule.to_dict(), "uncertain_cells": reasons}))
+
+
+def _pass_batches(producer, predictor, acc: CellAccumulator, done_mask: np.ndarray, level_mpp: float,
+                  score_quality: bool) -> Iterator[int]:
+    """The producer's windows through the model into the accumulator; yields the size of each finished batch.
+
+    On a GPU one batch is in flight: batch i+1 is queued on the device before batch i's probabilities are
+    read, so the GPU never waits for this loop (a cancel then drops that one batch unread).  On the CPU
+    submit() computes the batch, so it is taken at once and a cancel stops within one batch.
+    """
+    from ..quality import window_quality
+
+    def take(batch_rc: np.ndarray, pending, q_futures: list) -> None:
+        scores = np.concatenate([f.result() for f in q_futures]) if q_futures else None
+        acc.add(batch_rc, pending.result(), scores)
+        done_mask[batch_rc[:, 0], batch_rc[:, 1]] = True
+
+    in_flight = None
+    for batch_rc, pixels in itertools.chain(producer, [(None, None)]):  # the last flushes the one in flight
+        submitted = None
+        if batch_rc is not None:
+            # The quality score runs in the reading threads (in chunks, so a big GPU batch spreads over them)
+            # while the model works on the batch; of a batch on the GPU only its strided samples come to the host.
+            q_futures = [producer.pool.submit(window_quality, pixels[i : i + 64], level_mpp)
+                         for i in range(0, len(pixels), 64)] if score_quality else []
+            submitted = (batch_rc, predictor.submit(pixels), q_futures)
+        finished = [in_flight] if in_flight is not None else []
+        in_flight = submitted
+        if not predictor.asynchronous and in_flight is not None:  # computed already: no reason to wait
+            finished.append(in_flight)
+            in_flight = None
+        for batch in finished:
+            take(*batch)
+            yield len(batch[0])
 
 
 def stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, normalize: str) -> StainCheck:
