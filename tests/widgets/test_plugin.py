@@ -126,7 +126,7 @@ def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_p
     r, c = np.argwhere(class_map.window_done)[0]
     cy, cx = g.origin_px[0] + (r + 0.5) * g.stride_px[0], g.origin_px[1] + (c + 0.5) * g.stride_px[1]
     viewer.cursor.position = tuple(image.data_to_world((cy - 0.5, cx - 0.5)))
-    widget._on_mouse_move(viewer, None)
+    widget._map.on_mouse_move(viewer, None)
     assert "(Nor " in widget._hover.value
     # Exports.
     for kind, suffix in (("geojson", ".geojson"), ("summary_csv", ".csv"), ("labels", ".tif")):

@@ -113,7 +113,7 @@ def _views_agree_with_the_layer(viewer, dock, tmp_path: Path, tag: str) -> None:
     for r, c in list(state.corrected)[:4]:
         cy, cx = g.origin_px[0] + (r + 0.5) * g.stride_px[0], g.origin_px[1] + (c + 0.5) * g.stride_px[1]
         viewer.cursor.position = (cy * mpp, cx * mpp)
-        dock._on_mouse_move(viewer, None)
+        dock._map.on_mouse_move(viewer, None)
         assert dock._hover.value.startswith(names[int(raster[int(cy), int(cx)])])
 
 

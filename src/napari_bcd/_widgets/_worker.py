@@ -143,3 +143,31 @@ class DockJobs:
     def _on_layer_removed(self, event: Any) -> None:
         if self.worker is not None and any(event.value is layer for layer in self._layers):
             self.cancel(f"the layer {event.value.name!r} was removed", notify=True)
+
+
+class Latest:
+    """Runs a function in a thread and hands its result (or its exception) to ``deliver`` only when no newer
+    call was made meanwhile: counting windows while the user changes settings shows the last count only."""
+
+    def __init__(self, deliver: Callable[[Any], None]) -> None:
+        self._deliver = deliver
+        self._token = 0
+        #: The newest thread worker (None before the first call).
+        self.worker = None
+
+    def __call__(self, fn: Callable[[], Any]) -> None:
+        from napari.qt.threading import create_worker
+
+        token = self.forget()
+        self.worker = create_worker(fn, _start_thread=False, _connect={
+            "returned": lambda result: self._done(result, token), "errored": lambda err: self._done(err, token)})
+        self.worker.start()
+
+    def forget(self) -> int:
+        """Results of the calls made so far will not be delivered."""
+        self._token += 1
+        return self._token
+
+    def _done(self, result: Any, token: int) -> None:
+        if token == self._token:
+            self._deliver(result)

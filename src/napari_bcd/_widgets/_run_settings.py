@@ -1,0 +1,48 @@
+"""The Classify dock's run settings: overlap, tissue threshold, stain, and the rarer ones folded away."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox
+
+from ._layout import Section
+
+#: Overlap choices: (stride as a fraction of the field, adaptive refinement).
+OVERLAP = {"none": (1.0, False), "50 %": (0.5, False), "75 %": (0.25, False), "75 % where in doubt": (0.25, True)}
+STAIN = {"as scanned": "none", "normalise (Macenko)": "macenko", "normalise (Vahadane)": "vahadane"}
+
+
+class RunSettings:
+    """The widgets of "What a run does" and "More settings", and the :class:`ClassifySettings` they say."""
+
+    def __init__(self, on_change: Callable[..., None]) -> None:
+        self.overlap = ComboBox(label="overlap", choices=list(OVERLAP), value="none",
+                                tooltip="more overlap: finer cells, longer runs; 'where in doubt' overlaps only where "
+                                        "neighbouring cells disagree or the top two classes are close (a fraction of "
+                                        "the windows)")
+        self.tissue = FloatSpinBox(label="tissue threshold", value=0.1, min=0.0, max=1.0, step=0.01)
+        self.stain = ComboBox(label="stain", choices=list(STAIN), value="as scanned",
+                              tooltip="normalise every window to the stain of the model's training images")
+        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.batch = FloatSpinBox(label="batch size", value=0, min=0, max=1024, step=1)
+        self.batch.native.setDecimals(0)
+        self.batch.native.setSpecialValueText("auto")  # 0 reads "auto"
+        self.probabilities = CheckBox(text="probability layers", value=False)
+        self.compile = CheckBox(text="compile (GPU, long runs)", value=False,
+                                tooltip="torch.compile: tens of seconds once, then faster on a GPU")
+        self.sections = (Section("What a run does", [self.overlap, self.tissue, self.stain]),
+                         Section("More settings", [self.device, self.batch, self.probabilities, self.compile],
+                                 open=False))
+        for w in (self.overlap, self.tissue, self.device):
+            w.changed.connect(on_change)
+
+    def settings(self, mpp: Any) -> Any:
+        from ..settings import ClassifySettings
+
+        stride, refine = OVERLAP[self.overlap.value]
+        return ClassifySettings(stride=stride, refine=refine, tissue_threshold=self.tissue.value, mpp=mpp,
+                                batch_size=int(self.batch.value) or None, device=self.device.value,
+                                compile=self.compile.value, stain_normalize=STAIN[self.stain.value],
+                                quality=True)  # the Review dock can then grey out pen, blur and folds
