@@ -339,23 +339,28 @@ def slide_lock(out_dir: str | os.PathLike[str], stem: str) -> Iterator[None]:
     d.mkdir(parents=True, exist_ok=True)
     lock = d / f".{stem}.lock"
     me = f"{os.getpid()}@{socket.gethostname()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = lock.read_text(encoding="utf-8", errors="replace").strip() if lock.exists() else ""
-            if _alive(owner):
-                raise BcdError(
-                    f"Another napari-bcd run ({owner}) is writing {stem}'s outputs in {d}. Wait for it to finish, "
-                    "or write to another --out folder."
-                ) from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me)
-        break
-    else:  # pragma: no cover - lost a race twice
-        raise BcdError(f"Could not lock {lock}; try again.")
+    # The lock appears with its owner already in it (written aside, then hard-linked into place, which fails
+    # when the lock exists): a second run never reads an empty lock and mistakes it for a stale one.
+    mine = d / f".{stem}.lock.{os.getpid()}"
+    mine.write_text(me, encoding="utf-8")
+    try:
+        for _ in range(2):
+            try:
+                os.link(mine, lock)
+            except FileExistsError:
+                owner = lock.read_text(encoding="utf-8", errors="replace").strip() if lock.exists() else ""
+                if _alive(owner):
+                    raise BcdError(
+                        f"Another napari-bcd run ({owner}) is writing {stem}'s outputs in {d}. Wait for it to "
+                        "finish, or write to another --out folder."
+                    ) from None
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            break
+        else:  # pragma: no cover - lost a race twice
+            raise BcdError(f"Could not lock {lock}; try again.")
+    finally:
+        mine.unlink(missing_ok=True)
     try:
         for stale in d.glob(f".{stem}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
