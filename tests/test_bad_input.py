@@ -618,3 +618,34 @@ def test_odd_paths_are_called_what_they_are(tmp_path: Path, tiny_checkpoint: Pat
     (z / ".zattrs").write_text("{ broken")
     with pytest.raises(SlideError, match="OME-Zarr"):
         open_slide(z)
+
+
+def test_a_binary_ground_truth_csv_is_named(tmp_path: Path, capsys) -> None:
+    ds = four_kinds_dataset(tmp_path / "ds", n=2)
+    (ds / "microscopy_ground_truth.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    from napari_bcd.train.iciar import read_iciar
+
+    with pytest.raises(DatasetError, match="not a text CSV"):
+        read_iciar(ds)
+    assert main(["train", str(ds), "--out", str(tmp_path / "m.safetensors"), "--backbone", "timm:resnet18",
+                 "--backbone-weights", "none"]) == 2
+    assert "not a text CSV" in capsys.readouterr().err
+
+
+def test_a_slide_name_that_is_not_utf8_is_printed_not_crashed_on(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    odd = Path(os.fsdecode(str(folder).encode() + b"/caf\xe9.jpg"))  # Latin-1 bytes in a UTF-8 file system
+    shutil.copy(JPG, odd)
+    shutil.copy(JPG, folder / "plain.jpg")  # two slides: a cohort table too
+    proc = subprocess.run([sys.executable, "-m", "napari_bcd.cli", "classify", os.fsencode(odd),
+                           str(folder / "plain.jpg"), "--mpp", "1",
+                           "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out")],
+                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=300)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "caf" in proc.stdout.decode("utf-8", "replace")
+    table = (tmp_path / "out" / "cohort.csv").read_text(encoding="utf-8")
+    assert "caf\ufffd" in table and table.count("done") == 2

@@ -12,12 +12,18 @@ from typing import IO, Any
 
 from .errors import BcdError
 
-__all__ = ["atomic_path", "atomic_write", "check_writable", "file_digest"]
+__all__ = ["atomic_path", "atomic_write", "check_writable", "file_digest", "printable"]
 
 # mkstemp creates 0600 files; give outputs the permissions a plain open() would.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _MODE = 0o666 & ~_UMASK
+
+
+def printable(name: str) -> str:
+    """A file name for text files and people: bytes that were not valid UTF-8 (kept by Python as lone
+    surrogates) become U+FFFD, so writing the name into a CSV, JSON or GeoJSON never fails."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._fileio import printable
 from .errors import BcdError
 from .io.formats import SLIDE_SUFFIXES, slides_in
 from .settings import ClassifySettings
@@ -155,7 +156,8 @@ class SlideResult:
 
     def row(self) -> dict:
         """The slide's row of the cohort table."""
-        out: dict[str, Any] = {"id": self.item.stem, "slide": self.item.path, "status": self.status,
+        out: dict[str, Any] = {"id": printable(self.item.stem), "slide": printable(str(self.item.path)),
+                               "status": self.status,
                                "error": self.error, "seconds": round(self.seconds, 3)}
         if self.model:
             out.update(model=self.model, model_sha256=self.model_sha256)

@@ -66,6 +66,9 @@ def _terminate_as_interrupt() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-bcd`` console script."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 is printed escaped, not a crash
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

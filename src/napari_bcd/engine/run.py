@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._fileio import printable
 from ..errors import BcdError
 from ..io.slide import Slide
 from ..settings import ClassifySettings
@@ -137,7 +138,7 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
         tiles_touched=tiles_touched(slide, grid, np.argwhere(done_mask)), decode=decode, stain=stain,
         candidate_windows=int(total) if s.refine else None)
     return ClassMap(probs=probs, labels=labels, tissue=cell_frac, window_done=done_mask, grid=grid,
-                    classes=tuple(card.classes), slide_name=slide.name, slide_shape=slide.dimensions,
+                    classes=tuple(card.classes), slide_name=printable(slide.name), slide_shape=slide.dimensions,
                     model_name=card.name, quality=cell_quality, run=record,
                     info=record.info({**rule.to_dict(), "uncertain_cells": reasons}))
 

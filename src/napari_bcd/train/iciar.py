@@ -13,6 +13,7 @@ The official download nests it as ``ICIAR2018_BACH_Challenge/Photos/``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -142,22 +143,28 @@ def read_iciar(root: str | os.PathLike[str]) -> Dataset:
     if gt.is_file():
         by_name = {p.name: (p, lab) for p, lab in zip(paths, labels, strict=True)}
         listed = set()
-        with open(gt, newline="", encoding="utf-8-sig") as fh:
-            for row in csv.reader(fh):
-                if len(row) < 2 or not row[0].strip():
-                    continue
-                name, label = row[0].strip(), row[1].strip()
-                listed.add(name)
-                if len(row) > 2 and row[2].strip():
-                    csv_groups[name] = " ".join(row[2].split())
-                cid = class_id(label)
-                if cid is None and label.isdigit():
-                    cid = int(label) + 1  # some copies use 0-3
-                if name not in by_name:
-                    problems.append(f"{gt.name} lists {name}, which is not in any class folder")
-                elif cid is None or CLASS_NAMES[by_name[name][1]] != CLASS_NAMES[cid - 1]:
-                    problems.append(f"{by_name[name][0]}: {gt.name} says {label!r}, its folder says "
-                                    f"{CLASS_NAMES[by_name[name][1]]}")
+        try:
+            text = gt.read_text(encoding="utf-8-sig")
+            if "\0" in text:
+                raise ValueError("it holds NUL bytes")
+        except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+            raise DatasetError(f"{gt} is not a text CSV ({err}); write it as CSV text (file name, class[, group]) "
+                               "or remove it to take the classes from the folders.") from err
+        for row in csv.reader(io.StringIO(text, newline="")):
+            if len(row) < 2 or not row[0].strip():
+                continue
+            name, label = row[0].strip(), row[1].strip()
+            listed.add(name)
+            if len(row) > 2 and row[2].strip():
+                csv_groups[name] = " ".join(row[2].split())
+            cid = class_id(label)
+            if cid is None and label.isdigit():
+                cid = int(label) + 1  # some copies use 0-3
+            if name not in by_name:
+                problems.append(f"{gt.name} lists {name}, which is not in any class folder")
+            elif cid is None or CLASS_NAMES[by_name[name][1]] != CLASS_NAMES[cid - 1]:
+                problems.append(f"{by_name[name][0]}: {gt.name} says {label!r}, its folder says "
+                                f"{CLASS_NAMES[by_name[name][1]]}")
         for name, (p, _) in by_name.items():
             if name not in listed:
                 problems.append(f"{p} is not listed in {gt.name}")
