@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import DATA, load_rgb, write_pyramid
+from conftest import DATA, SAMPLE_SLIDE, load_rgb, write_pyramid
 from napari_bcd.stain import (
     StainStats,
     apply_od_transform,
@@ -173,3 +173,34 @@ def test_stain_augmentation_trains_on_jittered_copies_and_is_recorded(tmp_path, 
     card = read_card(tmp_path / "aug.safetensors")
     assert card.training["hyperparameters"]["stain_augment"].startswith("HED jitter")
     assert read_card(tmp_path / "plain.safetensors").training["hyperparameters"]["stain_augment"] == "none"
+
+
+def test_the_check_does_not_flag_a_slide_against_itself() -> None:
+    """Samples of 16 windows of one slide differ by up to ~12°: beyond the fixed 8° threshold, within the
+    estimate's own noise, which the check now measures (a bootstrap over the windows) before it warns."""
+    import itertools
+
+    from napari_bcd import open_slide
+    from napari_bcd.model import build_classifier
+    from napari_bcd.settings import ClassifySettings
+    from napari_bcd.stain import stain_noise
+    from napari_bcd.tiling import grid_for, slide_mpp
+    from napari_bcd.windows import read_window, select_windows, tissue_fractions
+
+    s = ClassifySettings()
+    card = build_classifier("timm:resnet18", backbone_weights=None, input_px=(128, 128), field_um=(100.0, 100.0)).card
+    rng = np.random.default_rng(0)
+    samples = []
+    with open_slide(SAMPLE_SLIDE) as slide:
+        grid = grid_for(slide, card, s)
+        win, _, _ = tissue_fractions(slide, grid, s.tissue, slide_mpp(slide, None))
+        todo = np.argwhere(select_windows(win, s.min_tissue))
+        for _ in range(8):
+            pick = todo[rng.choice(len(todo), 16, replace=False)]
+            imgs = [read_window(slide, grid, int(r), int(c), (128, 128), cache=False) for r, c in pick]
+            stats = stain_stats(imgs)
+            samples.append((stats, stain_noise(imgs, stats)))
+    pairs = list(itertools.permutations(samples, 2))
+    assert any(stain_distance(a, b)["differs"] for (a, _), (b, _) in pairs)  # the false alarm of the fixed rule
+    assert not any(stain_distance(a, b, noise)["differs"] for (a, noise), (b, _) in pairs)
+    assert all(noise["angle_deg"] > 0 for _, noise in samples)

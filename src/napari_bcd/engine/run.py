@@ -178,11 +178,12 @@ def _pass_batches(producer, predictor, acc: CellAccumulator, done_mask: np.ndarr
 
 
 def stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, normalize: str) -> StainCheck:
-    """Measure the slide's stain on up to 16 tissue windows (as the model sees them), compare with the card's.
+    """Measure the slide's stain on up to 16 tissue windows (as the model sees them), compare with the card's
+    beyond the estimate's own noise (:func:`~napari_bcd.stain.stain_noise`).
 
     With ``normalize`` (``"macenko"``, ``"vahadane"``) the predictor gets the map to the card's stain.
     """
-    from ..stain import macenko_transform, reference_stats, stain_distance, stain_stats
+    from ..stain import macenko_transform, reference_stats, stain_distance, stain_noise, stain_stats
     from ..windows import read_window
 
     predictor.set_stain_map(None)
@@ -200,7 +201,7 @@ def stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, nor
     if reference is None:
         info["note"] = "the model card has no stain statistics of its training images"
         return StainCheck(info)
-    info["distance"] = stain_distance(stats, reference)
+    info["distance"] = stain_distance(stats, reference, stain_noise(images, stats))
     if normalize != "none":
         source = stats if normalize == "macenko" else stain_stats(images, method=normalize)
         predictor.set_stain_map(macenko_transform(source, reference_stats(card.stain, normalize)))
