@@ -209,3 +209,18 @@ def test_ome_zarr_as_other_tools_write_it_or_damaged(tmp_path: Path, cmu_rgb: np
     with open_slide(edit("holes.zarr", lose_chunks)):
         pass
     assert "chunks of level 0 are missing" in caplog.text
+
+
+def test_openslide_failures_name_companions_only_where_they_apply(tmp_path: Path) -> None:
+    from napari_bcd.errors import SlideError
+    from napari_bcd.io.openslide_slides import open_openslide
+
+    lonely = tmp_path / "scan.mrxs"
+    lonely.write_text("[GENERAL]\n")  # an MRXS index without its folder
+    with pytest.raises(SlideError, match="companion folder"):
+        open_openslide(lonely, "MIRAX")
+    broken = tmp_path / "scan.scn"
+    broken.write_bytes(b"II*\x00" + b"\x00" * 64)
+    with pytest.raises(SlideError) as info:
+        open_openslide(broken, "Leica SCN")
+    assert "companion" not in str(info.value) and "damaged or incomplete" in str(info.value)

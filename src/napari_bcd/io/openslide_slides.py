@@ -4,6 +4,7 @@ path cannot read."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 from collections.abc import Iterable
@@ -18,6 +19,8 @@ from .segments import FILL, MPP_RANGE, LevelInfo, padded_read
 from .slide import Slide
 
 __all__ = ["open_openslide", "openslide_available", "try_openslide"]
+
+log = logging.getLogger(__name__)
 
 
 class OpenSlideSegments:
@@ -108,8 +111,12 @@ def open_openslide(p: Path, what: str) -> Slide:
     try:
         osr = openslide.OpenSlide(str(p))
     except (openslide.OpenSlideError, OSError) as err:
-        raise SlideError(f"{p.name} cannot be read as a {what} slide ({err}). It may be incomplete (MRXS and VMS "
-                         "need their companion folder or files beside them).") from err
+        companions = {".mrxs": "its companion folder (same name, no suffix) beside it",
+                      ".vms": "its .jpg/.opt companion files beside it", ".vmu": "its companion files beside it"}
+        hint = companions.get(p.suffix.lower())
+        advice = (f" It may be incomplete: a {p.suffix.lower()} slide needs {hint}." if hint else
+                  " It may be damaged or incomplete (copied only in part?).")
+        raise SlideError(f"{p.name} cannot be read as a {what} slide ({err}).{advice}") from err
     props = osr.properties
     try:
         mx, my = float(props.get("openslide.mpp-x", "nan")), float(props.get("openslide.mpp-y", "nan"))
@@ -120,5 +127,10 @@ def open_openslide(p: Path, what: str) -> Slide:
     segments = [OpenSlideSegments(osr, i, lock) for i in range(osr.level_count)]
     H, W = segments[0].shape
     infos = [LevelInfo(seg.shape, (H / seg.shape[0], W / seg.shape[1])) for seg in segments]
+    odd = [f"level {i} ({seg.downsample:g}x)" for i, seg in enumerate(segments)
+           if abs(seg.downsample - round(seg.downsample)) > 1e-3]
+    if odd:
+        log.warning("%s: %s not a whole downsample of level 0: OpenSlide resamples what is read from it.",
+                    p.name, ", ".join(odd))
     vendor = props.get("openslide.vendor", "openslide")
     return Slide(p, infos, mpp, segments=segments, vendor=f"openslide:{vendor}")  # type: ignore[arg-type]
