@@ -224,3 +224,51 @@ def test_openslide_failures_name_companions_only_where_they_apply(tmp_path: Path
     with pytest.raises(SlideError) as info:
         open_openslide(broken, "Leica SCN")
     assert "companion" not in str(info.value) and "damaged or incomplete" in str(info.value)
+
+
+def test_an_openslide_read_that_fails_stops_that_slide_with_a_message_and_recovers_the_handle(tmp_path: Path,
+                                                                                            monkeypatch) -> None:
+    import threading
+
+    from napari_bcd.errors import SlideError
+    from napari_bcd.io.openslide_slides import OpenSlideSegments
+
+    class Short:
+        """A DICOM whose edge tiles are stored short: OpenSlide fails the read, then every later one."""
+
+        level_dimensions = ((1024, 1024),)
+        level_downsamples = (1.0,)
+
+        def read_region(self, xy, level, size):
+            raise openslide.OpenSlideError("TIFFRGBAImageGet failed")
+
+    opened = []
+    monkeypatch.setattr(openslide, "OpenSlide", lambda path: opened.append(path) or "fresh handle")
+    seg = OpenSlideSegments(Short(), 0, threading.Lock(), tmp_path / "edge.dcm")
+    with pytest.raises(SlideError, match="edge.dcm: OpenSlide could not read level 0 at x=512, y=0"):
+        seg.tile(0, 1)
+    assert opened == [str(tmp_path / "edge.dcm")] and seg.osr == "fresh handle"
+
+
+def test_a_slide_failing_in_its_reader_fails_alone_and_the_cohort_gets_its_table(tmp_path: Path, tiny_checkpoint,
+                                                                                 monkeypatch, capsys) -> None:
+    import napari_bcd.engine as engine
+    from conftest import write_pyramid
+    from napari_bcd.cli import main
+
+    slides = [write_pyramid(tmp_path / f"s{k}.tif", np.full((600, 600, 3), 120, np.uint8), levels=1, mpp=0.5)
+              for k in range(2)]
+    real = engine.iter_classify
+
+    def sometimes(slide, *a, **k):
+        if slide.name == "s0.tif":
+            raise RuntimeError("a reader's own error")
+        return real(slide, *a, **k)
+
+    monkeypatch.setattr(engine, "iter_classify", sometimes)
+    code = main(["classify", *map(str, slides), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out"),
+                 "--tissue-threshold", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "RuntimeError: a reader's own error" in err and "Traceback" not in err
+    rows = (tmp_path / "out" / "cohort.csv").read_text().splitlines()
+    assert [r.split(",")[2] for r in rows[1:]] == ["failed", "done"]

@@ -255,6 +255,11 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
         return SlideResult(item, "failed", error=str(err), seconds=time.perf_counter() - t0)
     except MemoryError:
         return SlideResult(item, "failed", error="not enough memory to read it (is the file what it claims?)")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # a reader's own error: this slide fails, the cohort goes on and gets its table
+        log.debug("slide %s failed", item.path, exc_info=True)
+        return SlideResult(item, "failed", error=f"{type(err).__name__}: {err}", seconds=time.perf_counter() - t0)
 
 
 def _worker_device(device: str) -> str:

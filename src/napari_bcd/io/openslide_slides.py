@@ -32,8 +32,8 @@ class OpenSlideSegments:
     white (transparent = glass).
     """
 
-    def __init__(self, osr: Any, level: int, lock: threading.Lock) -> None:
-        self.osr, self.level, self._lock = osr, level, lock
+    def __init__(self, osr: Any, level: int, lock: threading.Lock, path: Path | None = None) -> None:
+        self.osr, self.level, self._lock, self._path = osr, level, lock, path
         w, h = osr.level_dimensions[level]
         self.shape = (int(h), int(w))
         self.seg = (512, 512)
@@ -48,11 +48,27 @@ class OpenSlideSegments:
         # OpenSlide takes level-0 coordinates; level coordinates times the downsample land on the
         # level's pixels when the downsample is an integer (else OpenSlide resamples, as it always does).
         x0, y0 = int(round(x * self.downsample)), int(round(y * self.downsample))
-        im = self.osr.read_region((x0, y0), self.level, (w, h))
+        try:
+            im = self.osr.read_region((x0, y0), self.level, (w, h))
+        except Exception as err:  # openslide.OpenSlideError; after one, OpenSlide fails every later read
+            self._reopen()
+            name = self._path.name if self._path is not None else "the slide"
+            raise SlideError(f"{name}: OpenSlide could not read level {self.level} at x={x0}, y={y0} ({err}). The "
+                             "file is damaged there (e.g. edge tiles stored short); this slide stops, the others "
+                             "go on. Re-export or re-convert the slide.") from err
         rgba = np.asarray(im)
         alpha = rgba[..., 3:4].astype(np.float32) / 255
         rgb = rgba[..., :3].astype(np.float32) + (1 - alpha) * 255  # premultiplied: add white where transparent
         return np.clip(rgb, 0, 255).round().astype(np.uint8)
+
+    def _reopen(self) -> None:
+        """A fresh handle, so that a later read (the next run in the dock) is not refused for this one's error."""
+        if self._path is None:
+            return
+        import openslide
+
+        with self._lock, contextlib.suppress(Exception):
+            self.osr = openslide.OpenSlide(str(self._path))
 
     def tile(self, ty: int, tx: int, cache: bool = True) -> np.ndarray:
         self.decoded += 1
@@ -124,7 +140,7 @@ def open_openslide(p: Path, what: str) -> Slide:
     except ValueError:
         mpp = None
     lock = threading.Lock()
-    segments = [OpenSlideSegments(osr, i, lock) for i in range(osr.level_count)]
+    segments = [OpenSlideSegments(osr, i, lock, p) for i in range(osr.level_count)]
     H, W = segments[0].shape
     infos = [LevelInfo(seg.shape, (H / seg.shape[0], W / seg.shape[1])) for seg in segments]
     odd = [f"level {i} ({seg.downsample:g}x)" for i, seg in enumerate(segments)
