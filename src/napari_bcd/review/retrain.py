@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BcdError
+from ..settings import MIN_TISSUE
 from .corrections import Corrections
 
 if TYPE_CHECKING:
@@ -202,7 +203,7 @@ class RetrainJob:
     views: int = 8
     data: Any = "card"
     device: str | None = None
-    min_tissue: float = 0.25
+    min_tissue: float = MIN_TISSUE
     seed: int = 0
     feature_batch: int = 8
 
@@ -226,7 +227,7 @@ def iter_retrain(
     device: str | None = None,
     mpp: float | tuple[float, float] | None = None,
     stride: float = 1.0,
-    min_tissue: float = 0.25,
+    min_tissue: float = MIN_TISSUE,
     seed: int = 0,
     feature_batch: int = 8,
 ) -> Generator[RetrainPlan | RetrainProgress, Any, RetrainResult]:

@@ -24,6 +24,7 @@ from .._fileio import atomic_write
 from ..classes import CLASS_NAMES
 from ..errors import DatasetError
 from ..io.slide import Slide
+from ..settings import MIN_TISSUE
 from .iciar import DATASET_INFO, GROUND_TRUTH, PROVENANCE_HEADER
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def plan_patches(
     patch_px: tuple[int, int] | None = None,
     stride: float = 1.0,
     coverage: float = 0.5,
-    min_tissue: float = 0.25,
+    min_tissue: float = MIN_TISSUE,
     tissue: TissueParams | None = None,
     mpp: float | None = None,
 ) -> PatchPlan:
@@ -213,7 +214,7 @@ def iter_export_patches(
     patch_px: tuple[int, int] | None = None,
     stride: float = 1.0,
     coverage: float = 0.5,
-    min_tissue: float = 0.25,
+    min_tissue: float = MIN_TISSUE,
     tissue: TissueParams | None = None,
     min_per_class: int = 20,
     mpp: float | None = None,
