@@ -272,3 +272,41 @@ def test_a_slide_failing_in_its_reader_fails_alone_and_the_cohort_gets_its_table
     assert code == 1 and "RuntimeError: a reader's own error" in err and "Traceback" not in err
     rows = (tmp_path / "out" / "cohort.csv").read_text().splitlines()
     assert [r.split(",")[2] for r in rows[1:]] == ["failed", "done"]
+
+
+def test_a_dicom_folder_opens_its_wsi_series_and_says_when_it_holds_several(tmp_path: Path, caplog) -> None:
+    import shutil
+
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.uid import generate_uid
+
+    from napari_bcd.errors import SlideError
+
+    folder = tmp_path / "case"
+    folder.mkdir()
+    # a non-WSI instance sorted first (a Basic Text structured report): the folder is still the slide
+    sr = pydicom.dcmread(DICOM / "boxes_0.dcm", stop_before_pixels=True)
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID
+    sr.save_as(folder / "0_report.dcm")
+    for f in DICOM.glob("*.dcm"):
+        shutil.copy(f, folder / f.name)
+    with open_slide(folder) as slide:
+        assert slide.vendor == "openslide:dicom" and slide.dimensions == (16, 16)
+    assert "slides" not in caplog.text
+    # a second slide's instances in the same folder: one is opened, and the folder's content is said
+    second = generate_uid()
+    for f in DICOM.glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = second
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / f"other_{f.name}")
+    with open_slide(folder) as slide:
+        assert slide.dimensions == (16, 16)
+    assert "holds the instances of 2 slides" in caplog.text
+    only_report = tmp_path / "report"
+    only_report.mkdir()
+    shutil.copy(folder / "0_report.dcm", only_report / "0_report.dcm")
+    with pytest.raises(SlideError, match="none of them a whole-slide image"):
+        open_slide(only_report)

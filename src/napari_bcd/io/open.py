@@ -62,7 +62,9 @@ def open_slide(
         if is_ngff(p):
             slide = open_ngff(p)
         elif dicoms:  # OpenSlide finds a DICOM WSI's other instances from any one of them
-            slide = open_openslide(dicoms[0], "DICOM WSI")
+            from .dicom import choose_dicom
+
+            slide = open_openslide(choose_dicom(dicoms), "DICOM WSI")
             slide.path = p
         else:
             raise SlideError(f"{p} is a folder; give the slide file itself (e.g. .svs, .ndpi, .tif), a folder of "
