@@ -273,3 +273,15 @@ def four_kinds_dataset(root: Path, n: int = 6, px: int = 96, seed: int = 0) -> P
             rows.append(f"{name},{cls}")
     (root / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def add_regions(viewer, image, boxes, name: str):
+    """A Shapes layer of classified boxes ``(label, class id, (y0, x0, y1, x1))`` in the image's pixels, as the
+    Annotations dock would make it."""
+    from napari_bcd.annotations import Annotation
+    from napari_bcd.annotations.napari import annotations_to_shapes
+
+    anns = [Annotation(label, cls, np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float))
+            for label, cls, (y0, x0, y1, x1) in boxes]
+    data, kwargs, _ = annotations_to_shapes(anns, scale=tuple(image.scale[-2:]), name=name)
+    return viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})

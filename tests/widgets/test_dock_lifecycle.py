@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import SAMPLE_SLIDE, four_kinds_dataset
+from conftest import SAMPLE_SLIDE, add_regions, four_kinds_dataset
 
 
 @pytest.fixture
@@ -81,20 +80,16 @@ def test_closing_the_train_dock_mid_training_saves_nothing(viewer, qtbot, tmp_pa
 
 def test_the_field_is_chosen_from_small_regions_and_shown(viewer, qtbot, tmp_path: Path) -> None:
     from napari_bcd._widgets.train import TrainWidget
-    from napari_bcd.annotations import Annotation
-    from napari_bcd.annotations.napari import annotations_to_shapes
 
     image = viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")[0]
     # Eight regions of 90-250 µm on tissue (0.499 µm/px), as a pathologist draws them: nothing at 256 µm.
-    anns = []
+    boxes = []
     for k in range(8):
         y0, x0 = 300 + 300 * k, 1000 + 60 * (k % 3)
         side = 180 + 40 * k
         cls, label = (4, "Invasive carcinoma") if k % 2 else (2, "Benign")
-        anns.append(Annotation(label, cls, np.array([[y0, x0], [y0, x0 + side], [y0 + side, x0 + side],
-                                                     [y0 + side, x0]], float)))
-    data, kwargs, _ = annotations_to_shapes(anns, scale=tuple(image.scale[-2:]), name="small regions")
-    shapes = viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
+        boxes.append((label, cls, (y0, x0, y0 + side, x0 + side)))
+    shapes = add_regions(viewer, image, boxes, "small regions")
     widget = TrainWidget(viewer)
     qtbot.addWidget(widget.native)
     widget._image_combo.value, widget._shapes_combo.value = image, shapes

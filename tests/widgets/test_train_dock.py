@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_SLIDE, four_kinds_dataset
+from conftest import SAMPLE_SLIDE, add_regions, four_kinds_dataset
 
 WIDGET = "Classify slide"
 
@@ -41,14 +41,7 @@ def _wait(qtbot, widget, timeout: int = 180_000) -> None:
     qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
 
 
-def _regions(viewer, image, boxes, name: str):
-    from napari_bcd.annotations import Annotation
-    from napari_bcd.annotations.napari import annotations_to_shapes
-
-    anns = [Annotation(label, cls, np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float))
-            for label, cls, (y0, x0, y1, x1) in boxes]
-    data, kwargs, _ = annotations_to_shapes(anns, scale=tuple(image.scale[-2:]), name=name)
-    return viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
+_regions = add_regions
 
 
 def test_retrained_checkpoint_at_the_same_path_is_the_one_classify_uses(viewer, qtbot, tmp_path: Path) -> None:
