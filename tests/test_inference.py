@@ -28,7 +28,7 @@ def test_predictor_gives_probabilities_for_uint8_batches() -> None:
     model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64))
     pred = Predictor(model, device="cpu", precision="fp32")  # exact; auto's bf16 is in test_precision.py
     assert pred.precision == "fp32"
-    assert pred.default_batch_size == 4
+    assert pred.default_batch_size == 16 and pred.begin_run(batch_size=4) == 4 and pred.default_batch_size == 4
     batch = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     probs = pred(batch)
     assert probs.shape == (5, 4) and probs.dtype == np.float32

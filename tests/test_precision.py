@@ -38,7 +38,7 @@ def test_auto_runs_bf16_checked_against_fp32(tiny_model) -> None:
     x = _he_windows()
     exact = Predictor(tiny_model, device="cpu", precision="fp32")(x)
     auto = Predictor(tiny_model, device="cpu")
-    assert auto.precision == "bf16" and auto.check_pending and auto.default_batch_size == 8
+    assert auto.precision == "bf16" and auto.check_pending and auto.default_batch_size == 16  # timed in chunks
     first = auto(x)
     check = auto.check
     assert check is not None and check.passed and auto.precision == "bf16"
@@ -72,7 +72,8 @@ def test_auto_is_plain_fp32_without_bf16_units(tiny_model, monkeypatch: pytest.M
 
     monkeypatch.setattr(inference, "bf16_is_fast", lambda device: False)
     p = inference.Predictor(tiny_model, device="cpu")
-    assert p.precision == "fp32" and not p.check_pending and p.default_batch_size == 4
+    assert p.precision == "fp32" and not p.check_pending and p.default_batch_size == 16
+    assert p.begin_run(batch_size=4) == 4 and not p.tune and p.default_batch_size == 4  # as given: never timed
     p(_he_windows(2))
     assert p.check is None
     forced = inference.Predictor(tiny_model, device="cpu", precision="fp32")
@@ -93,6 +94,9 @@ def test_a_run_records_its_check_and_a_fallback_run_equals_fp32(tiny_model) -> N
     assert auto.info["precision"] == "bf16" and check["kept"] == "bf16" and check["windows"] == 8
     assert strict.info["precision"] == "fp32" and strict.info["precision_check"]["kept"] == "fp32"
     assert exact.info["precision_check"] is None
+    for run in (auto, strict, exact):  # the CPU batch chosen by timing the run's own batches
+        batching = run.info["batching"]
+        assert batching["batch"] in (4, 8, 16) and batching["threads"] >= 1 and batching["windows_per_s"]
     np.testing.assert_allclose(strict.probs, exact.probs, atol=1e-6)
     np.testing.assert_array_equal(strict.labels, exact.labels)
     assert np.nanmax(np.abs(auto.probs - exact.probs)) < 0.15
@@ -158,3 +162,101 @@ def test_int8_is_quantised_on_the_run_and_checked(tiny_model) -> None:
     np.testing.assert_array_equal(strict(x), exact)
     with pytest.raises(BcdError, match="CPU"):
         Predictor(tiny_model, device="meta", precision="int8")
+
+
+def test_the_batch_tuner_times_each_candidate_then_keeps_the_fastest() -> None:
+    from napari_bcd.model.tuning import BatchTuner
+
+    t = BatchTuner(threads=2)
+    for config, rate in (((4, 2), 10.0), ((8, 2), 12.0), ((16, 2), 11.0)):
+        assert t.chosen == config and not t.done
+        t.record(config, 16, 16 / rate)
+    assert t.done and t.chosen == (8, 2) and t.best_rate == pytest.approx(12.0)
+    many = BatchTuner(threads=8)  # 4 or more threads: half of them is timed too, at the fastest batch
+    for b, rate in ((4, 10.0), (8, 12.0), (16, 11.0)):
+        many.record((b, 8), 16, 16 / rate)
+    assert not many.done and many.chosen == (8, 4)
+    many.record((8, 4), 16, 1.0)
+    assert many.done and many.chosen == (8, 4) and many.to_dict()["windows_per_s"]["8x4"] == 16.0
+
+
+def test_the_batch_tuner_computes_every_window_once_and_times_only_full_candidates() -> None:
+    from napari_bcd.model.tuning import BatchTuner, describe_tuning
+
+    t, chunks, threads = BatchTuner(threads=2), [], []
+    out = t.run(16, lambda a, b: chunks.append((a, b)) or b - a, threads.append)
+    assert chunks == [(0, 4), (4, 8), (8, 12), (12, 16)] and out == [4, 4, 4, 4] and threads == [2]
+    assert list(t.rates) == [(4, 2)]
+    chunks.clear()
+    t.run(5, lambda a, b: chunks.append((a, b)), threads.append)  # shorter than the next candidate (8): not timed
+    assert chunks == [(0, 5)] and list(t.rates) == [(4, 2)]
+    text = describe_tuning(t.to_dict(), None)[0]
+    assert text.startswith("batch 8 on 2 threads, while timing") and "4 x 2 threads" in text
+
+
+@fast_cpu
+def test_a_tuned_predictor_gives_the_models_probabilities(tiny_model) -> None:
+    import torch
+
+    from napari_bcd.model.inference import Predictor
+
+    x = _he_windows(16)
+    with torch.inference_mode():
+        expected = torch.softmax(tiny_model.eval().forward_uint8(torch.from_numpy(x)), 1).numpy()
+    p = Predictor(tiny_model, device="cpu", precision="fp32")
+    assert p.begin_run(windows=64) == 16
+    for _ in range(4):
+        np.testing.assert_allclose(p(x), expected, atol=1e-5)
+    assert p.tuning["chosen_by_timing"] and set(p.tuning["windows_per_s"]) == {"4x2", "8x2", "16x2"} | (
+        set() if p._threads == 2 else set(p.tuning["windows_per_s"]))
+
+
+@fast_cpu
+def test_auto_tries_int8_only_on_long_runs_and_keeps_it_only_when_close_and_faster(tiny_model) -> None:
+    import torch
+
+    from napari_bcd.model import build_classifier
+    from napari_bcd.model.inference import Predictor
+
+    refused = Predictor(tiny_model, device="cpu")  # its spread head: int8 moves a probability by far more than 0.15
+    refused.begin_run(windows=1_000_000)
+    for _ in range(4):
+        refused(_he_windows(16))
+    assert refused.int8_trial["kept"] is False and refused.precision == "bf16" and refused.check.fast == "bf16"
+    assert refused.int8_trial["why"].startswith("int8 differed from fp32 on the first batch's windows beyond")
+
+    torch.manual_seed(0)
+    tiny_model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0))
+    x = _he_windows(16)
+    exact = Predictor(tiny_model, device="cpu", precision="fp32")(x)
+    short = Predictor(tiny_model, device="cpu")
+    short.begin_run(windows=80)
+    for _ in range(5):
+        short(x)
+    assert short.int8_trial is None and short.precision == "bf16"  # quantising would cost more than it saves
+
+    long = Predictor(tiny_model, device="cpu")
+    long.begin_run(windows=1_000_000)
+    for _ in range(4):  # the check, then bf16 timed at 4, 8 and 16: then int8 is quantised and checked
+        long(x)
+    trial = long.int8_trial
+    assert long.precision == "int8" and trial["kept"] is None and trial["check"]["fast"] == "int8"
+    assert trial["check"]["max_change"] <= trial["check"]["tolerance"]
+    trial["bf16_windows_per_s"] = 1e9  # as if bf16 were faster: timed at 4, 8 and 16, int8 is let go
+    for _ in range(3):
+        probs = long(x)
+    assert trial["kept"] is False and "bf16 1000000000" in trial["why"] and long.precision == "bf16"
+    assert np.abs(probs - exact).max() <= 0.15
+
+    again = long  # the next run reuses the quantised backbone: tried at once, and kept when faster
+    again.begin_run(windows=100)
+    assert again.precision == "bf16" and again.int8_trial is None
+    again(x)  # the check (bf16)
+    again(x)  # bf16 timed already: int8 tried on this run's check windows
+    assert again.precision == "int8" and again.int8_trial["kept"] is None
+    again(x)
+    kept = again.int8_trial["int8_windows_per_s"] > again.int8_trial["bf16_windows_per_s"]
+    assert again.int8_trial["kept"] is kept and again.precision == ("int8" if kept else "bf16")
+    if kept:
+        assert again.check.fast == "int8" and again.check.passed
+

@@ -114,6 +114,7 @@ def _report_slide(result, out: Path) -> None:
         print(f"{name}: skipped, {result.note or 'done'} (--overwrite to compute again)")
         return
     from ..model.precision import PrecisionCheck
+    from ..model.tuning import describe_tuning
 
     run = result.run
     print(f"\n{name}: {run.windows} windows, {run.windows_per_s:.1f}/s, {run.precision} on {run.device}"
@@ -121,6 +122,8 @@ def _report_slide(result, out: Path) -> None:
     if run.precision_check is not None:
         check = PrecisionCheck(**{k: run.precision_check[k] for k in PrecisionCheck.__dataclass_fields__})
         print(f"napari-bcd: {name}: {check.describe()}", file=sys.stderr if not check.passed else sys.stdout)
+    for line in describe_tuning(run.batching, run.int8_trial):
+        print(f"napari-bcd: {name}: {line}")
     print(result.table)
     warning = result.summary.get("stain_warning")
     if warning and run.stain.normalized == "none":

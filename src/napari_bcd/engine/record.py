@@ -64,6 +64,11 @@ class RunRecord:
     precision_check: dict | None = None
     #: With adaptive overlap: the windows full overlap would have classified (``windows`` is those used).
     candidate_windows: int | None = None
+    #: The CPU batch size and thread count, and the rates timed to choose them (:class:`~napari_bcd.model.tuning.
+    #: BatchTuner`); None where they were given or on a GPU.
+    batching: dict | None = None
+    #: CPU *auto*'s int8 trial on a long run: its check against fp32, both rates, and whether int8 was kept.
+    int8_trial: dict | None = None
 
     @property
     def windows_per_s(self) -> float:
@@ -83,6 +88,8 @@ class RunRecord:
             "device": self.device,
             "precision": self.precision,
             "precision_check": self.precision_check,
+            "int8_trial": self.int8_trial,
+            "batching": self.batching,
             "tissue_fraction": self.tissue_fraction,
             "min_tissue": self.min_tissue,
             "compiled": bool(self.compiled),

@@ -84,12 +84,11 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     from .refine import cells_reached, coarse_lattice, next_windows
 
     card = predictor.model.card
-    predictor.begin_run()
-    batch_size = s.batch_size or predictor.default_batch_size
     yield Progress("tissue", 0, 0)
     win_frac, cell_frac, tissue_share = tissue_fractions(slide, grid, s.tissue, slide_mpp(slide, s.mpp))
     todo = np.argwhere(select_windows(win_frac, s.min_tissue))
     total = len(todo)
+    batch_size = predictor.begin_run(windows=total, batch_size=s.batch_size)
     stain = stain_check(slide, grid, todo, card, predictor, s.stain_normalize)
     acc = CellAccumulator(grid, len(card.classes))
     done_mask = np.zeros(grid.n_windows, bool)
@@ -132,6 +131,7 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     record = RunRecord(
         windows=int(done), seconds=time.perf_counter() - t0, device=str(predictor.device),
         precision=predictor.precision, precision_check=predictor.check.to_dict() if predictor.check else None,
+        batching=predictor.tuning, int8_trial=predictor.int8_trial,
         tissue_fraction=tissue_share, min_tissue=s.min_tissue,
         compiled=bool(predictor.compiled), warmup_seconds=compile_s,
         decoded_tiles=slide.decoded_tiles - decoded_before + (rows.decoded if rows is not None else 0),

@@ -11,6 +11,7 @@ import torch
 from ..errors import BcdError
 from .classifier import Classifier
 from .precision import PRECISION_TOLERANCE, PrecisionCheck, agreement, bf16_is_fast
+from .tuning import TUNE_BATCHES, BatchTuner, int8_pays
 
 __all__ = ["PendingProbabilities", "Predictor", "choose_device"]
 
@@ -89,8 +90,10 @@ class Predictor:
     precision
         ``"auto"``: bf16 on CUDA; on a CPU with bf16 matrix units (AVX-512 BF16 or AMX) bf16 with
         channels_last, checked against fp32 on the first batch (:class:`~.precision.PrecisionCheck`,
-        falling back to fp32 beyond ``tolerance``); fp32 elsewhere.  ``"fp32"`` (exact), ``"bf16"``
-        or ``"fp16"`` as asked, unchecked.
+        falling back to fp32 beyond ``tolerance``), and on runs long enough for it to pay
+        (:func:`~.tuning.int8_pays`) int8 tried on the same windows, kept where it agrees and runs faster;
+        fp32 elsewhere.  ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` as asked, unchecked; ``"int8"``
+        quantised on the first batch and checked.
     compile
         Wrap the model in :func:`torch.compile` (worth it for long runs on a GPU).
     tolerance
@@ -135,6 +138,9 @@ class Predictor:
         self.compiled = bool(compile)
         self._forward = torch.compile(self.model.forward_uint8) if compile else self.model.forward_uint8
         self._forward_float = torch.compile(self.model.forward) if compile else self.model.forward
+        self._float_forwards = (self._forward, self._forward_float)
+        self._int8_forwards: tuple | None = None  # quantised once, kept for the predictor's life
+        self._threads = torch.get_num_threads()
         self._memory_format = fmt
         self._resize: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         #: With ``compile``, every batch is padded to this size: one shape, one compilation.
@@ -144,15 +150,36 @@ class Predictor:
         #: Whether :meth:`submit` returns before the batch is computed (CUDA): the engine then keeps one
         #: batch in flight.
         self.asynchronous = self.device.type == "cuda"
+        #: On the CPU, whether batches are computed in chunks whose size (and thread count) is chosen by timing
+        #: (:class:`~.tuning.BatchTuner`, one per precision, kept across runs); :meth:`begin_run` sets it.
+        self.tune = cpu and not compile
+        self._tuners: dict[str, BatchTuner] = {}
+        self._windows_left: int | None = None
+        #: The first batch's windows and fp32 probabilities (CPU *auto*): what an int8 trial is checked on.
+        self._check_windows: tuple[torch.Tensor, np.ndarray] | None = None
+        #: The int8 trial of CPU *auto* ("pending", "kept", "refused: ..."), and its check.
+        self.int8_trial: dict | None = None
 
-    def begin_run(self) -> None:
-        """A new run: with a checked *auto*, check its first batch again (the last run may have fallen back)."""
+    def begin_run(self, windows: int | None = None, batch_size: int | None = None) -> int:
+        """A new run of about ``windows`` windows; returns the batch size the engine should hand over.
+
+        With a checked *auto* its first batch is checked again (the last run may have fallen back; a kept
+        int8 stays, checked again too).  Without ``batch_size`` the CPU chooses its own by timing
+        (:class:`~.tuning.BatchTuner`).
+        """
         if self._checked_auto:
-            if self.precision != "bf16":
-                self.precision = "bf16"
-                self._memory_format = torch.channels_last
-                self.model.to(memory_format=torch.channels_last)
+            self._use("bf16")
             self.check_pending, self.check = True, None
+            self._check_windows, self.int8_trial = None, None
+        self._windows_left = windows
+        self.tune = self.device.type == "cpu" and not self.compiled and batch_size is None
+        return batch_size or self.default_batch_size
+
+    @property
+    def tuning(self) -> dict | None:
+        """The CPU batch and threads of the current precision, and the rates timed to choose them."""
+        tuner = self._tuners.get(self.precision)
+        return tuner.to_dict() if self.tune and tuner is not None else None
 
     def set_stain_map(self, m: np.ndarray | None) -> None:
         """Apply this OD map (:func:`napari_bcd.stain.macenko_transform`) to every batch from now on; None: off."""
@@ -178,6 +205,8 @@ class Predictor:
         """
         if self.device.type == "cuda":
             return 128
+        if self.tune:
+            return max(TUNE_BATCHES)
         return 4 if self.precision == "fp32" and not self.check_pending else 8
 
     def _autocast(self, precision: str | None = None):
@@ -202,6 +231,8 @@ class Predictor:
         with torch.inference_mode():
             exact = forward(x[:k]).float()
         exact_s = time.perf_counter() - t0
+        if self._checked_auto:
+            self._check_windows = (x[:k].clone(), torch.softmax(exact, 1).numpy())
         fast_forward = self._quantise(x) if fast == "int8" else forward
         t0 = time.perf_counter()
         with torch.inference_mode(), self._autocast(fast):
@@ -212,10 +243,7 @@ class Predictor:
         if self.check.passed:
             return quick
         log.warning("napari-bcd: %s", self.check.describe())
-        self.precision = "fp32"
-        self._forward, self._forward_float = self.model.forward_uint8, self.model.forward
-        self.model.to(memory_format=torch.contiguous_format)
-        self._memory_format = torch.contiguous_format
+        self._use("fp32")
         if k < len(x):
             with torch.inference_mode():
                 exact = torch.cat([exact, forward(x[k:]).float()])
@@ -267,9 +295,13 @@ class Predictor:
             forward = self._forward_float
         if self.check_pending:
             logits = self._checked_logits(x, forward)
+        elif self.tune and not cuda:
+            logits = self._tuned_logits(x, forward)
         else:
             with torch.inference_mode(), self._autocast():
                 logits = forward(x)
+        if self._windows_left is not None:
+            self._windows_left -= n
         with torch.inference_mode():
             probs = torch.softmax(logits[:n].float(), dim=1)
             if not cuda:
@@ -281,20 +313,95 @@ class Predictor:
         return PendingProbabilities(host, done)
 
     def _quantise(self, x: torch.Tensor):
-        """Quantise the backbone on this batch; the int8 forward for inputs like ``x`` (and both kept for the run)."""
+        """Quantise the backbone, calibrated on this batch (once: kept for the predictor's life), and use it;
+        returns the int8 forward for inputs like ``x``."""
         import time
 
         from .precision import quantise_int8
 
+        if self._int8_forwards is None:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                calibration = self.model.normalise(x) if x.dtype == torch.uint8 else x
+            qb = quantise_int8(self.model.backbone, calibration.contiguous())
+            head, normalise = self.model.head, self.model.normalise
+            self._int8_forwards = (lambda u: head(qb(normalise(u).contiguous())),
+                                   lambda f: head(qb(f.contiguous())))
+            log.info("napari-bcd: backbone quantised to int8 in %.1f s", time.perf_counter() - t0)
+        self._use("int8")
+        return self._forward if x.dtype == torch.uint8 else self._forward_float
+
+    def _use(self, precision: str) -> None:
+        """Run from now on in ``precision``: its forwards, and the memory format it wants (int8 keeps the float
+        model as it is: the quantised copy has its own weights)."""
+        self.precision = precision
+        self._forward, self._forward_float = (self._int8_forwards if precision == "int8" and self._int8_forwards
+                                              else self._float_forwards)
+        if precision == "int8":
+            return
+        fmt = (torch.channels_last if self.device.type == "cuda" or precision in ("bf16", "fp16")
+               else torch.contiguous_format)
+        if fmt != self._memory_format:
+            self.model.to(memory_format=fmt)
+            self._memory_format = fmt
+
+    def _tuned_logits(self, x: torch.Tensor, forward) -> torch.Tensor:
+        """A CPU batch in chunks of the timed batch size and thread count (:class:`~.tuning.BatchTuner`); then,
+        under *auto*, the int8 trial where the run is long enough for it to pay."""
+        precision = self.precision
+        tuner = self._tuners.setdefault(precision, BatchTuner(self._threads))
+        with torch.inference_mode(), self._autocast():
+            parts = tuner.run(len(x), lambda a, b: forward(x[a:b]), torch.set_num_threads)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self._checked_auto and tuner.done:
+            if precision == "bf16" and self.int8_trial is None:
+                self._try_int8(tuner.best_rate)
+            elif precision == "int8" and self.int8_trial and self.int8_trial.get("kept") is None:
+                self._settle_int8(tuner.best_rate)
+        return logits
+
+    def _try_int8(self, bf16_rate: float) -> None:
+        """Quantise (or reuse the quantised backbone), check int8 on the first batch's windows against their fp32
+        probabilities, and time it on the next batches (:meth:`_settle_int8`); bf16 stays where it does not pay,
+        does not agree or cannot be quantised."""
+        if self._check_windows is None or self.check is None or self._int8_forwards is False:
+            return
+        fp32_s = self.check.fp32_s / max(self.check.windows, 1)
+        if self._int8_forwards is None and not int8_pays(self._windows_left or 0, 1.0 / bf16_rate, fp32_s):
+            return
+        import time
+
+        xs, exact = self._check_windows
+        try:
+            forward = self._quantise(xs)
+        except BcdError as err:
+            self._int8_forwards = False  # not traceable: never again on this predictor
+            self._use("bf16")
+            self.int8_trial = {"kept": False, "why": str(err)}
+            return
         t0 = time.perf_counter()
         with torch.inference_mode():
-            calibration = self.model.normalise(x) if x.dtype == torch.uint8 else x
-        qb = quantise_int8(self.model.backbone, calibration.contiguous())
-        head, normalise = self.model.head, self.model.normalise
-        self._forward = lambda u: head(qb(normalise(u).contiguous()))
-        self._forward_float = lambda f: head(qb(f))
-        log.info("napari-bcd: backbone quantised to int8 in %.1f s", time.perf_counter() - t0)
-        return self._forward if x.dtype == torch.uint8 else self._forward_float
+            quick = torch.softmax(forward(xs).float(), 1).numpy()
+        same, change = agreement(exact, quick)
+        check = PrecisionCheck("int8", len(xs), same, change, self.tolerance, self.check.fp32_s,
+                               time.perf_counter() - t0)
+        self.int8_trial = {"check": check.to_dict(), "bf16_windows_per_s": round(bf16_rate, 2), "kept": None}
+        if not check.passed:
+            self._use("bf16")
+            self.int8_trial.update(kept=False, why=(
+                f"int8 differed from fp32 on the first batch's windows beyond the tolerance {self.tolerance:g} "
+                f"({same:.0%} of {len(xs)} with the same class, largest probability change {change:.3f})."))
+
+    def _settle_int8(self, int8_rate: float) -> None:
+        """int8 timed: keep it where it is faster than bf16, else back to bf16 for the rest of the run."""
+        trial = self.int8_trial
+        trial["int8_windows_per_s"] = round(int8_rate, 2)
+        if int8_rate > trial["bf16_windows_per_s"]:
+            trial["kept"] = True
+            self.check = PrecisionCheck(**{k: trial["check"][k] for k in PrecisionCheck.__dataclass_fields__})
+        else:
+            trial.update(kept=False, why=f"int8 ran {int8_rate:.1f} windows/s, bf16 {trial['bf16_windows_per_s']}")
+            self._use("bf16")
 
     def _resized(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 NHWC on the device -> normalised float NCHW at ``size``."""

@@ -103,7 +103,10 @@ def quantise_int8(backbone: Any, calibration: Any) -> Any:
     """``backbone`` quantised to int8 for x86 CPUs with PyTorch's own tooling (FX graph mode, the x86 qconfig).
 
     Weights per channel, activations calibrated on ``calibration`` (a batch of
-    normalised float NCHW inputs: the run's own windows).  The head stays fp32.
+    normalised float NCHW inputs: the run's own windows) with min/max observers rather than the x86
+    default's histograms: measured on real H&E, as close to fp32 (largest probability change 0.022 against
+    0.023, trained DenseNet121; 0.0005 against 0.0007, ResNet152V2) in half the time (ResNet152V2 4.3 s against
+    8.7 s on 8 windows, 2 threads).  The head stays fp32.
 
     Raises
     ------
@@ -113,7 +116,8 @@ def quantise_int8(backbone: Any, calibration: Any) -> Any:
     import warnings
 
     import torch
-    from torch.ao.quantization import get_default_qconfig_mapping, quantize_fx
+    from torch.ao.quantization import QConfig, get_default_qconfig, get_default_qconfig_mapping, quantize_fx
+    from torch.ao.quantization.observer import MinMaxObserver
 
     from ..errors import BcdError
 
@@ -127,7 +131,10 @@ def quantise_int8(backbone: Any, calibration: Any) -> Any:
     try:
         with warnings.catch_warnings():  # the FX quantisation API warns about its own deprecation
             warnings.simplefilter("ignore")
-            prepared = quantize_fx.prepare_fx(net.eval(), get_default_qconfig_mapping("x86"), (example,))
+            x86 = get_default_qconfig("x86")
+            qconfig = QConfig(activation=MinMaxObserver.with_args(reduce_range=True), weight=x86.weight)
+            mapping = get_default_qconfig_mapping("x86").set_global(qconfig)
+            prepared = quantize_fx.prepare_fx(net.eval(), mapping, (example,))
             with torch.inference_mode():
                 prepared(calibration)
             quantised = quantize_fx.convert_fx(prepared).eval()
