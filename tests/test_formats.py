@@ -158,7 +158,8 @@ def test_ome_zarr_units_and_refusals(tmp_path: Path, cmu_rgb: np.ndarray) -> Non
         open_slide(tmp_path / "plain")
 
 
-def test_ome_zarr_as_other_tools_write_it_or_damaged(tmp_path: Path, cmu_rgb: np.ndarray, caplog) -> None:
+def test_ome_zarr_as_other_tools_write_it_or_damaged(tmp_path: Path, cmu_rgb: np.ndarray, caplog, tiny_checkpoint,
+                                                     capsys) -> None:
     import shutil
 
     import zarr
@@ -209,6 +210,20 @@ def test_ome_zarr_as_other_tools_write_it_or_damaged(tmp_path: Path, cmu_rgb: np
     with open_slide(edit("holes.zarr", lose_chunks)):
         pass
     assert "chunks of level 0 are missing" in caplog.text
+
+    def corrupt_chunk(_m, path):
+        chunk = sorted(c for c in (path / "0").rglob("*") if c.is_file() and not c.name.startswith("."))[0]
+        chunk.write_bytes(b"\x00garbage" * 7)  # a chunk the codec cannot decode
+
+    with open_slide(edit("corrupt.zarr", corrupt_chunk)) as slide:
+        with pytest.raises(SlideError, match=r"corrupt.zarr: the chunk\(s\) at y 0-600, x 0-600 of level 0 cannot be "
+                                             r"decoded .*damaged there"):
+            slide.read_region(0, 0, 0, 600, 600)
+    from napari_bcd.cli import main
+
+    out = tmp_path / "out"
+    assert main(["classify", str(tmp_path / "corrupt.zarr"), "--model", str(tiny_checkpoint), "--out", str(out)]) == 1
+    assert "corrupt.zarr: the chunk(s) at" in capsys.readouterr().err and not list(out.glob("corrupt.*"))
 
 
 def test_openslide_failures_name_companions_only_where_they_apply(tmp_path: Path) -> None:

@@ -58,8 +58,9 @@ def is_ngff(path: Path) -> bool:
 class _ZarrSegments:
     """One pyramid level of an OME-Zarr image, with the reading API of the TIFF segments (chunks as tiles)."""
 
-    def __init__(self, arr: Any, axes: list[str]) -> None:
+    def __init__(self, arr: Any, axes: list[str], name: str = "This OME-Zarr image") -> None:
         self.arr = arr
+        self.name = name
         self.axes = axes
         self.iy, self.ix = axes.index("y"), axes.index("x")
         self.ic = axes.index("c") if "c" in axes else None
@@ -93,7 +94,13 @@ class _ZarrSegments:
                 index.append(slice(0, 3))
             else:
                 index.append(0)
-        block = np.asarray(self.arr[tuple(index)])
+        try:
+            block = np.asarray(self.arr[tuple(index)])
+        except Exception as err:  # noqa: BLE001 - a chunk the codec cannot decode: zarr and numcodecs raise anything
+            raise SlideError(
+                f"{self.name}: the chunk(s) at y {y0}-{y1}, x {x0}-{x1} of level {self.arr.path or '0'} cannot be "
+                f"decoded ({type(err).__name__}: {err}); the OME-Zarr is damaged there. Copy or export it again."
+            ) from err
         kept = [a for i, a in enumerate(self.axes) if not isinstance(index[i], int)]
         return np.ascontiguousarray(np.transpose(block, [kept.index("y"), kept.index("x"), kept.index("c")]))
 
@@ -157,7 +164,7 @@ def open_ngff(p: Path) -> Slide:
     if not datasets or not all(isinstance(d, dict) and "path" in d for d in datasets):
         raise SlideError(f"{p.name}: the OME-Zarr multiscales list no datasets (or datasets without a path).")
     try:
-        segments = [_ZarrSegments(group[d["path"]], axes) for d in datasets]
+        segments = [_ZarrSegments(group[d["path"]], axes, p.name) for d in datasets]
     except KeyError as err:
         raise SlideError(f"{p.name}: the dataset {err} named in its metadata is missing.") from err
     except SlideError:
