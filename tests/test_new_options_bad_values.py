@@ -66,6 +66,34 @@ def test_bad_retrain_inputs(tiny_checkpoint: Path, tmp_path: Path, capsys) -> No
     assert "not valid JSON" in _fails([*base, "--corrections", str(broken)], capsys)
 
 
+def test_retrain_with_a_card_and_weights_of_different_class_counts(tiny_checkpoint: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    card = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
+    card["classes"] = card["classes"][:2]  # a card edited to two classes, its hash removed so it is not caught there
+    card.pop("weights_sha256", None)
+    for embedded in (True, False):  # the four-class card inside the weights, or weights without one
+        stem = tmp_path / f"two-{embedded}"
+        if embedded:
+            stem.with_suffix(".safetensors").write_bytes(tiny_checkpoint.read_bytes())
+        else:
+            save_file(load_file(str(tiny_checkpoint)), str(stem.with_suffix(".safetensors")))
+        stem.with_suffix(".json").write_text(json.dumps(card))
+        before = stem.with_suffix(".safetensors").read_bytes()
+        corrections = tmp_path / "c.geojson"
+        corrections.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+            "type": "Feature", "properties": {"objectType": "annotation", "classification": {"name": "Benign"}},
+            "geometry": {"type": "Polygon", "coordinates": [[[500, 500], [1500, 500], [1500, 1500], [500, 1500],
+                                                             [500, 500]]]}}]}))
+        err = _fails(["retrain", str(stem.with_suffix(".safetensors")), "--slide", str(SAMPLE_SLIDE),
+                      "--corrections", str(corrections), "--out", str(tmp_path / f"out-{embedded}.safetensors")],
+                     capsys)
+        assert ("the weights were saved with" if embedded else "do not fit the card's network") in err
+        assert stem.with_suffix(".safetensors").read_bytes() == before
+        assert not (tmp_path / f"out-{embedded}.safetensors").exists()
+
+
 def test_bad_decisions_and_training_options(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     assert "Tumour" in _fails(["model", "decision", str(tiny_checkpoint), "--threshold", "Tumour=0.5"], capsys)
     from conftest import four_kinds_dataset
