@@ -4,15 +4,16 @@ A map at 75 % overlap costs 16 times the windows of one at stride 1, yet on
 most of a slide every overlapping window agrees.  ``refine`` classifies the
 windows one field apart first (the cells of the overlapping grid, each window
 covering ``k x k`` of them), then adds, over the cells that are in doubt, the
-windows half a field apart, and only where doubt remains the windows of the
-full overlap (lattices 4, 2, 1 cells apart at 75 %), repeating each level until
-no cell covered by a window of it is in doubt:
+windows half a field apart, and where doubt remains the finer lattices down to
+full overlap (at 75 %: 4 x 4 cells apart, 2 x 2, then 2 x 1, 1 x 2 and 1 x 1), repeating
+each level until no cell covered by a window of it is in doubt:
 
 - a cell whose two most probable classes are closer than :data:`REFINE_MARGIN`;
 - a cell whose class differs from a 4-neighbour's (a boundary between classes);
 and a tissue cell that no window has reached yet (the coarse lattice missed it) gets one window centred
-on it, then is judged like the others.  The last step, to full overlap, is taken only for cells whose
-margin is still below :data:`FINAL_MARGIN`: a clear class boundary is settled at half a field.
+on it, then is judged like the others.  Below half a field (the lattices with a step of one cell) only
+cells whose margin is still below :data:`FINAL_MARGIN` are refined: a clear class boundary is settled at
+half a field, and the half-steps (2 x 1, then 1 x 2) sharpen the margin before the last windows are spent.
 
 Cells still in doubt at the last level end with every window that covers them,
 as at full overlap; cells away from doubt keep the fewer windows they had.  How close that comes
@@ -31,12 +32,14 @@ __all__ = ["FINAL_MARGIN", "REFINE_MARGIN", "cells_reached", "coarse_lattice", "
 
 #: Cells whose top-two probability margin is below this are refined to the next lattice.
 REFINE_MARGIN = 0.2
-#: The last step, to full overlap, is taken only for cells whose margin is still below this (class boundaries
-#: alone stop at the lattice half a field apart).  Chosen on the bundled slide with real features
-#: (``benchmarks/bench_cpu.py``): boundaries to the end used 53 % of the windows for 100 % of cells equal
-#: to full overlap; this rule 48 % for 99.85 %; 0.05 here 42 % for 98.4 %; stopping at half a field 15 %
-#: for 92 %.
-FINAL_MARGIN = 0.1
+#: Below half a field, only cells whose margin is still below this are refined (class boundaries alone stop
+#: at the lattice half a field apart).  Chosen on the bundled slide and a 2 x 2 pyramid of it with real
+#: features (``benchmarks/bench_cpu.py``: the trained DenseNet121, windows against full overlap at 75 %,
+#: cells equal): straight from half a field to full overlap, 0.1 used 48 % / 52 % of the windows for
+#: 99.85 % / 99.84 % of cells equal; with the half-steps 0.1 used 41 % / 47 % for 99.6 % / 99.9 %, 0.05
+#: 36 % / 38 % for 98.4 % / 98.1 %, 0.04 34 % / 36 % for 97.8 % / 97.6 %.  Stopping at half a field: 20 %
+#: for 95 %.
+FINAL_MARGIN = 0.05
 
 
 def coarse_lattice(todo: np.ndarray, cells_per_window: tuple[int, int]) -> np.ndarray:
@@ -47,10 +50,13 @@ def coarse_lattice(todo: np.ndarray, cells_per_window: tuple[int, int]) -> np.nd
 
 def spacings(cells_per_window: tuple[int, int]) -> list[tuple[int, int]]:
     """The lattices refinement walks through, coarse to fine: one field apart, then half as far, ... then every
-    window (4 cells a window: 4, 2, 1)."""
+    window, with the half-steps before it (4 cells a window: 4 x 4, 2 x 2, 2 x 1, 1 x 2, 1 x 1)."""
     out = [tuple(cells_per_window)]
     while out[-1] != (1, 1):
         out.append((max(1, out[-1][0] // 2), max(1, out[-1][1] // 2)))
+    if len(out) >= 2 and min(out[-2]) > 1:  # rows of the finest lattice first, then its columns
+        a, b = out[-2]
+        out[-1:] = [(a, 1), (1, b), (1, 1)]
     return out
 
 
@@ -143,14 +149,14 @@ def next_windows(acc: Any, reachable: np.ndarray, open_: np.ndarray, grid: Any, 
     levels = spacings(grid.cells_per_window)
     probs = acc.probabilities()
 
-    def over(finest: bool) -> np.ndarray:
-        doubt = (in_doubt(probs, acc.counts, reachable, FINAL_MARGIN, boundaries=False) if finest
+    def over(spacing: tuple[int, int]) -> np.ndarray:
+        doubt = (in_doubt(probs, acc.counts, reachable, FINAL_MARGIN, boundaries=False) if min(spacing) == 1
                  else in_doubt(probs, acc.counts, reachable, REFINE_MARGIN))
-        return windows_over(doubt, grid.cells_per_window, grid.n_windows) & open_
+        return windows_over(doubt, grid.cells_per_window, grid.n_windows) & open_ & lattice(grid.n_windows, spacing)
 
-    new = over(level + 1 == len(levels)) & lattice(grid.n_windows, levels[level])
+    new = over(levels[level])
     while not new.any() and level + 1 < len(levels):  # this lattice is settled: the next, finer one
         level += 1
-        new = over(level + 1 == len(levels)) & lattice(grid.n_windows, levels[level])
+        new = over(levels[level])
     new |= windows_reaching(reachable & (acc.counts == 0), open_, grid.cells_per_window)
     return new, level
