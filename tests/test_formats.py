@@ -215,10 +215,9 @@ def test_ome_zarr_as_other_tools_write_it_or_damaged(tmp_path: Path, cmu_rgb: np
         chunk = sorted(c for c in (path / "0").rglob("*") if c.is_file() and not c.name.startswith("."))[0]
         chunk.write_bytes(b"\x00garbage" * 7)  # a chunk the codec cannot decode
 
-    with open_slide(edit("corrupt.zarr", corrupt_chunk)) as slide:
-        with pytest.raises(SlideError, match=r"corrupt.zarr: the chunk\(s\) at y 0-600, x 0-600 of level 0 cannot be "
-                                             r"decoded .*damaged there"):
-            slide.read_region(0, 0, 0, 600, 600)
+    damaged = r"corrupt.zarr: the chunk\(s\) at y 0-600, x 0-600 of level 0 cannot be decoded .*damaged there"
+    with open_slide(edit("corrupt.zarr", corrupt_chunk)) as slide, pytest.raises(SlideError, match=damaged):
+        slide.read_region(0, 0, 0, 600, 600)
     from napari_bcd.cli import main
 
     out = tmp_path / "out"

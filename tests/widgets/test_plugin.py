@@ -121,7 +121,9 @@ def test_classify_end_to_end_aligned(viewer, qtbot, tiny_checkpoint: Path, tmp_p
     assert iy0 - 1e-6 <= ly0 and ix0 - 1e-6 <= lx0 and ly1 <= iy1 + 1e-6 and lx1 <= ix1 + 1e-6
     assert labels.data.shape == (int(H), int(W))  # pixel-exact on the sample
     assert widget._call.value.startswith("<b>Slide call:")
-    assert "Done:" in widget._status.value
+    run = class_map.run
+    assert f"Done: {class_map.n_windows} windows" in widget._status.value
+    assert f"{run.precision} on {run.device}" in widget._status.value  # how it ran (auto: bf16 checked, or fp32)
     # Hover: the class and probabilities of the window under the mouse.
     r, c = np.argwhere(class_map.window_done)[0]
     cy, cx = g.origin_px[0] + (r + 0.5) * g.stride_px[0], g.origin_px[1] + (c + 0.5) * g.stride_px[1]

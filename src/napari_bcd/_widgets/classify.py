@@ -218,7 +218,15 @@ class ClassifyWidget(Container):
         if card is not None:
             self._controller.remember(class_map, card, device)
         run = class_map.run
-        self._say(f"Done: {class_map.n_windows} windows in {run.seconds if run else 0:.1f} s.")
+        how = ""
+        if run is not None:
+            how = f", {run.precision} on {run.device}"
+            if run.precision_check is not None:
+                from ..model.precision import PrecisionCheck
+
+                check = PrecisionCheck.from_dict(run.precision_check)
+                how += f" ({check.describe()})" if not check.passed else ", checked against fp32"
+        self._say(f"Done: {class_map.n_windows} windows in {run.seconds if run else 0:.1f} s{how}.")
         scroll_to(self._scroll, self._legend)  # the result in view
 
     @property

@@ -120,7 +120,7 @@ def _report_slide(result, out: Path) -> None:
     print(f"\n{name}: {run.windows} windows, {run.windows_per_s:.1f}/s, {run.precision} on {run.device}"
           + (f" ({result.note})" if result.note else ""))
     if run.precision_check is not None:
-        check = PrecisionCheck(**{k: run.precision_check[k] for k in PrecisionCheck.__dataclass_fields__})
+        check = PrecisionCheck.from_dict(run.precision_check)
         print(f"napari-bcd: {name}: {check.describe()}", file=sys.stderr if not check.passed else sys.stdout)
     for line in describe_tuning(run.batching, run.int8_trial):
         print(f"napari-bcd: {name}: {line}")

@@ -96,7 +96,7 @@ class _ZarrSegments:
                 index.append(0)
         try:
             block = np.asarray(self.arr[tuple(index)])
-        except Exception as err:  # noqa: BLE001 - a chunk the codec cannot decode: zarr and numcodecs raise anything
+        except Exception as err:  # a chunk the codec cannot decode: zarr and numcodecs raise anything
             raise SlideError(
                 f"{self.name}: the chunk(s) at y {y0}-{y1}, x {x0}-{x1} of level {self.arr.path or '0'} cannot be "
                 f"decoded ({type(err).__name__}: {err}); the OME-Zarr is damaged there. Copy or export it again."

@@ -398,7 +398,7 @@ class Predictor:
         trial["int8_windows_per_s"] = round(int8_rate, 2)
         if int8_rate > trial["bf16_windows_per_s"]:
             trial["kept"] = True
-            self.check = PrecisionCheck(**{k: trial["check"][k] for k in PrecisionCheck.__dataclass_fields__})
+            self.check = PrecisionCheck.from_dict(trial["check"])
         else:
             trial.update(kept=False, why=f"int8 ran {int8_rate:.1f} windows/s, bf16 {trial['bf16_windows_per_s']}")
             self._use("bf16")

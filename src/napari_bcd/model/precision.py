@@ -55,6 +55,11 @@ class PrecisionCheck:
         return (f"fell back to fp32: {self.fast} differed from fp32 on the first batch beyond the tolerance "
                 f"{self.tolerance:g} ({same}).")
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrecisionCheck:
+        """The check from :meth:`to_dict`'s JSON (a summary's ``info.precision_check``)."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "kept": self.kept, "fp32_s": round(self.fp32_s, 3), "fast_s": round(self.fast_s, 3),
                 "max_change": round(self.max_change, 5)}
