@@ -139,7 +139,8 @@ class Predictor:
         self._forward = torch.compile(self.model.forward_uint8) if compile else self.model.forward_uint8
         self._forward_float = torch.compile(self.model.forward) if compile else self.model.forward
         self._float_forwards = (self._forward, self._forward_float)
-        self._int8_forwards: tuple | None = None  # quantised once, kept for the predictor's life
+        # quantised once and kept for the predictor's life; False when the backbone cannot be quantised
+        self._int8_forwards: tuple | bool | None = None
         self._threads = torch.get_num_threads()
         self._memory_format = fmt
         self._resize: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -157,14 +158,16 @@ class Predictor:
         self._windows_left: int | None = None
         #: The first batch's windows and fp32 probabilities (CPU *auto*): what an int8 trial is checked on.
         self._check_windows: tuple[torch.Tensor, np.ndarray] | None = None
-        #: The int8 trial of CPU *auto* ("pending", "kept", "refused: ..."), and its check.
+        #: The run's int8 trial under CPU *auto*: its check, both rates and ``kept`` (None while int8 is
+        #: being timed, then True or False with ``why``); None when none was tried.
         self.int8_trial: dict | None = None
 
     def begin_run(self, windows: int | None = None, batch_size: int | None = None) -> int:
         """A new run of about ``windows`` windows; returns the batch size the engine should hand over.
 
-        With a checked *auto* its first batch is checked again (the last run may have fallen back; a kept
-        int8 stays, checked again too).  Without ``batch_size`` the CPU chooses its own by timing
+        With a checked *auto* the run starts in bf16 and its first batch is checked again (the last run may
+        have fallen back, or kept int8: the quantised backbone is kept and tried again on this run's
+        windows at no quantising cost).  Without ``batch_size`` the CPU chooses its own by timing
         (:class:`~.tuning.BatchTuner`).
         """
         if self._checked_auto:
