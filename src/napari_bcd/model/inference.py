@@ -393,7 +393,7 @@ class Predictor:
             self._use("bf16")
             self.int8_trial.update(kept=False, why=(
                 f"int8 differed from fp32 on the first batch's windows beyond the tolerance {self.tolerance:g} "
-                f"({same:.0%} of {len(xs)} with the same class, largest probability change {change:.3f})."))
+                f"({check.agreement_text})."))
 
     def _settle_int8(self, int8_rate: float) -> None:
         """int8 timed: keep it where it is faster than bf16, else back to bf16 for the rest of the run."""

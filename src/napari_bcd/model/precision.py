@@ -47,9 +47,13 @@ class PrecisionCheck:
     def kept(self) -> str:
         return self.fast if self.passed else "fp32"
 
+    @property
+    def agreement_text(self) -> str:
+        return (f"{self.label_agreement:.0%} of {self.windows} windows with the same class, largest probability "
+                f"change {self.max_change:.3f}")
+
     def describe(self) -> str:
-        same = f"{self.label_agreement:.0%} of {self.windows} windows with the same class, largest probability " \
-               f"change {self.max_change:.3f}"
+        same = self.agreement_text
         if self.passed:
             return f"{self.fast} checked against fp32 on the first batch: {same} (tolerance {self.tolerance:g})."
         return (f"fell back to fp32: {self.fast} differed from fp32 on the first batch beyond the tolerance "
