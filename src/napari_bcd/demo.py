@@ -128,8 +128,10 @@ def run_demo(
         return 0
     try:
         from ._widgets._demo import viewer_screenshot
+        from .config import default_model_path
 
-        shot = viewer_screenshot(path, class_map, out_dir / f"{stem}.screenshot.png")
+        used = (model or default_model_path()) if class_map is not None else None
+        shot = viewer_screenshot(path, class_map, out_dir / f"{stem}.screenshot.png", used)
         print(f"wrote {shot}")
     except ImportError as err:
         print(f"napari-bcd: no napari screenshot: napari is not installed ({err.name}; pip install "

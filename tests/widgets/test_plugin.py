@@ -299,14 +299,26 @@ def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: P
     assert "trained" in classify._card_label.value
 
 
-def test_headless_demo_writes_outputs_and_a_screenshot(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+def test_headless_demo_writes_outputs_and_a_screenshot(tmp_path: Path, tiny_checkpoint: Path, capsys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from napari_bcd._widgets.classify import ClassifyWidget
     from napari_bcd.demo import run_demo
 
+    shown = []
+    show = ClassifyWidget.show_result
+
+    def seen(self, class_map, *args, **kwargs):  # what the dock says about the model when the map appears
+        shown.append((self._model_path(), self._card.name if self._card else None, class_map.model_name))
+        return show(self, class_map, *args, **kwargs)
+
+    monkeypatch.setattr(ClassifyWidget, "show_result", seen)
     assert run_demo(model=str(tiny_checkpoint), headless=True, out=str(tmp_path / "demo")) == 0
     names = {p.name for p in (tmp_path / "demo").iterdir()}
     assert {"CMU-1-Small-Region.overview.png", "CMU-1-Small-Region.screenshot.png",
             "CMU-1-Small-Region.geojson", "CMU-1-Small-Region.summary.json"} <= names
     assert "slide call:" in capsys.readouterr().out
+    # the screenshot's dock names the model that made the map, not "no model yet"
+    assert len(shown) == 1 and str(shown[0][0]) == str(tiny_checkpoint) and shown[0][1] == shown[0][2]
 
 
 def test_demo_without_a_model_says_how_and_still_shows_the_slide(tmp_path: Path, capsys) -> None:

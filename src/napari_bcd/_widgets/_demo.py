@@ -14,8 +14,10 @@ if TYPE_CHECKING:
 __all__ = ["show_in_napari", "viewer_screenshot"]
 
 
-def viewer_screenshot(slide_path: Path, class_map: ClassMap, path: Path) -> Path:
-    """A screenshot of a (hidden) napari viewer with the label layer over the slide."""
+def viewer_screenshot(slide_path: Path, class_map: ClassMap, path: Path, model_path: str | Path | None = None
+                      ) -> Path:
+    """A screenshot of a (hidden) napari viewer with the label layer over the slide, the dock showing the model
+    (``model_path``) that made the map."""
     from .._reader import read_slide
     from .classify import ClassifyWidget
 
@@ -25,6 +27,8 @@ def viewer_screenshot(slide_path: Path, class_map: ClassMap, path: Path) -> Path
         image = viewer.add_image(data, **kwargs)
         widget = ClassifyWidget(viewer)
         viewer.window.add_dock_widget(widget, name="Classify slide", area="right")
+        if model_path is not None:
+            widget.use_model(model_path)  # the dock describes the model whose map it shows
         if class_map is not None:
             widget.show_result(class_map, image.name, (0.0, 0.0))  # the layer, the summary and the legend
         viewer.scale_bar.visible = True
