@@ -3,13 +3,14 @@
 1. Model alone (ResNet152V2 + the Table II head, 256 px): fp32; bf16 autocast without and with
    channels_last; int8 (PyTorch's x86 FX quantisation); batch sizes and thread counts for the fast path.
 2. Agreement with fp32 on real H&E windows (the tiles in ``tests/data``): label agreement and the largest
-   probability change, for ResNet152V2 and, where ``../shared`` has it, the real trained DenseNet121 backbone.
+   probability change, for ResNet152V2 and, where ``../shared`` has it, the real trained DenseNet121 backbone;
+   int8 calibrated on 8 windows as a run is, and its agreement on the windows it did not see.
 3. Adaptive overlap (``--refine``) against full overlap at stride 0.25 (75 %), on the bundled slide and on a
    2 x 2 pyramid of it: windows used and cells equal (real features: the trained DenseNet121 where present).
 4. The whole ``napari-bcd classify`` run of the bundled slide at stride 0.5, default settings against
    ``--precision fp32 --batch-size 4`` (the old CPU default), and each run's time outside the windows
-   (start: Python, imports, checkpoint, tissue; and writing), the batch size chosen by timing and, with
-   ``--long`` (stride 0.25, about 700 windows), auto's int8 trial.
+   (start: Python, imports, checkpoint, tissue; and writing), the batch size chosen by timing, auto's int8
+   trial and, with ``--long``, the same at stride 0.25 (about 700 windows).
 
     python benchmarks/bench_cpu.py [--seconds 8] [--json cpu.json] [--skip-cli] [--skip-model-alone]
         [--skip-agreement] [--skip-refine] [--small] [--long]
@@ -128,16 +129,26 @@ def model_alone(model, seconds: float, windows: np.ndarray) -> dict:
 
 
 def agreement_on(model, windows: np.ndarray) -> dict:
+    """bf16 and int8 against fp32; int8 calibrated on the first 8 windows as a run does (its check windows), and
+    its agreement on the windows it never saw given apart."""
+    from napari_bcd.model.inference import CHECK_WINDOWS
     from napari_bcd.model.precision import agreement
 
     exact = predictor(model, "fp32")(windows)
     out = {"windows": len(windows)}
+
+    def figures(a, b):
+        same, change = agreement(a, b)
+        return {"label_agreement": round(same, 4), "max_change": round(change, 4),
+                "median_change": round(float(np.median(np.abs(a - b).max(1))), 5)}
+
     for fmt in ("bf16", "int8"):
-        p = predictor(model, fmt, calibration=windows[:16] if fmt == "int8" else None)
+        p = predictor(model, fmt, calibration=windows[:CHECK_WINDOWS] if fmt == "int8" else None)
         fast = np.concatenate([p(windows[i : i + 16]) for i in range(0, len(windows), 16)])
-        same, change = agreement(exact, fast)
-        out[fmt] = {"label_agreement": round(same, 4), "max_change": round(change, 4),
-                    "median_change": round(float(np.median(np.abs(exact - fast).max(1))), 5)}
+        out[fmt] = figures(exact, fast)
+        if fmt == "int8":
+            out["int8_unseen"] = {"windows": len(windows) - CHECK_WINDOWS,
+                                  **figures(exact[CHECK_WINDOWS:], fast[CHECK_WINDOWS:])}
     predictor(model, "fp32")
     return out
 
@@ -224,7 +235,7 @@ def main() -> None:
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--small", action="store_true", help="adaptive overlap on the bundled slide only")
     ap.add_argument("--long", action="store_true",
-                    help="also the whole CLI run at stride 0.25 (about 700 windows: where auto tries int8)")
+                    help="also the whole CLI run at stride 0.25 (about 700 windows)")
     args = ap.parse_args()
     from napari_bcd.model.precision import cpu_features
 
@@ -262,7 +273,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             figs["cli_stride_0.5"] = cli_runs(Path(tmp), model)
             print(f"  whole CLI run, stride 0.5: {figs['cli_stride_0.5']}")
-            if args.long:  # four times the windows: long enough for auto to try int8
+            if args.long:  # four times the windows: the trial's cost spread over more
                 figs["cli_stride_0.25"] = cli_runs(Path(tmp) / "long", model, stride=0.25)
                 print(f"  whole CLI run, stride 0.25: {figs['cli_stride_0.25']}")
     if args.json:

@@ -212,7 +212,7 @@ def test_a_tuned_predictor_gives_the_models_probabilities(tiny_model) -> None:
 
 
 @fast_cpu
-def test_auto_tries_int8_only_on_long_runs_and_keeps_it_only_when_close_and_faster(tiny_model) -> None:
+def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agrees(tiny_model) -> None:
     import torch
 
     from napari_bcd.model import build_classifier
@@ -233,30 +233,80 @@ def test_auto_tries_int8_only_on_long_runs_and_keeps_it_only_when_close_and_fast
     short.begin_run(windows=80)
     for _ in range(5):
         short(x)
-    assert short.int8_trial is None and short.precision == "bf16"  # quantising would cost more than it saves
+    assert short.int8_trial is None and short.precision == "bf16"  # trying int8 would cost more than it saves
+    assert short._int8_forwards is None  # never quantised
 
     long = Predictor(tiny_model, device="cpu")
     long.begin_run(windows=1_000_000)
-    for _ in range(4):  # the check, then bf16 timed at 4, 8 and 16: then int8 is quantised and checked
-        long(x)
+    first = long(x)  # fp32 on 8 windows (calibrating int8 on the way), then bf16 and int8 on the same 8
     trial = long.int8_trial
-    assert long.precision == "int8" and trial["kept"] is None and trial["check"]["fast"] == "int8"
-    assert trial["check"]["max_change"] <= trial["check"]["tolerance"]
-    trial["bf16_windows_per_s"] = 1e9  # as if bf16 were faster: timed at 4, 8 and 16, int8 is let go
-    for _ in range(3):
+    assert set(long._checks) == {"bf16", "int8"} and all(c.passed for c in long._checks.values())
+    assert trial["check"]["fast"] == "int8" and trial["float_precision"] == "bf16" and trial["kept"] is None
+    assert long.check is long._checks[long.precision]
+    assert np.abs(first[:8] - exact[:8]).max() == pytest.approx(long.check.max_change, rel=1e-4, abs=1e-7)
+    for _ in range(8):  # each format that may be faster is timed at 4, 8 and 16 windows, then the faster is kept
         probs = long(x)
-    assert trial["kept"] is False and "bf16 1000000000" in trial["why"] and long.precision == "bf16"
-    assert np.abs(probs - exact).max() <= 0.15
+    assert trial["kept"] is not None and not long._racing
+    rates = {"int8": trial["int8_windows_per_s"], "bf16": trial["float_windows_per_s"]}
+    assert long.precision == max(rates, key=rates.get) and trial["kept"] is (long.precision == "int8")
+    assert long.check.fast == long.precision and np.abs(probs - exact).max() <= 0.15
+    assert long.tuning["chosen_by_timing"]
 
-    again = long  # the next run reuses the quantised backbone: tried at once, and kept when faster
-    again.begin_run(windows=100)
-    assert again.precision == "bf16" and again.int8_trial is None
-    again(x)  # the check (bf16)
-    again(x)  # bf16 timed already: int8 tried on this run's check windows
-    assert again.precision == "int8" and again.int8_trial["kept"] is None
-    again(x)
-    kept = again.int8_trial["int8_windows_per_s"] > again.int8_trial["bf16_windows_per_s"]
-    assert again.int8_trial["kept"] is kept and again.precision == ("int8" if kept else "bf16")
-    if kept:
-        assert again.check.fast == "int8" and again.check.passed
+    quantised = long._int8_forwards
+    for fast in ("int8", "bf16"):  # the next run reuses the quantised backbone: checked at once, never quantised again
+        long.begin_run(windows=100, batch_size=16)  # a fixed batch: decided on the check
+        assert long.precision == "bf16" and long.int8_trial is None and long.check_pending
+        long._rate = lambda fmt, fast=fast: 100.0 if fmt == fast else 1.0  # as if timed so
+        long(x)
+        assert long._int8_forwards is quantised and long.precision == fast and long.int8_trial["kept"] is (
+            fast == "int8")
+        if fast == "bf16":
+            assert long.int8_trial["why"] == "int8 ran 1.0 windows/s, bf16 100.0" and long.check.fast == "bf16"
 
+
+def test_auto_races_int8_against_fp32_on_a_cpu_without_bf16_units(tiny_model, monkeypatch) -> None:
+    import torch
+
+    from napari_bcd.model import build_classifier, inference
+    from napari_bcd.model.tuning import describe_tuning
+
+    monkeypatch.setattr(inference, "bf16_is_fast", lambda device: False)
+    torch.manual_seed(0)
+    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0))
+    x = _he_windows(16)
+    exact = inference.Predictor(model, device="cpu", precision="fp32")(x)
+    p = inference.Predictor(model, device="cpu")
+    assert p.begin_run(windows=10) == 16 and not p.check_pending  # short: plain fp32, nothing to check
+    np.testing.assert_array_equal(p(x), exact)
+    p.begin_run(windows=1_000_000, batch_size=16)  # a fixed batch: the race is decided on the check's timings
+    probs = p(x)
+    trial = p.int8_trial
+    assert set(p._checks) == {"int8"} and trial["float_precision"] == "fp32" and trial["kept"] is not None
+    assert p.precision == ("int8" if trial["kept"] else "fp32") and not p._racing
+    if trial["kept"]:
+        assert trial["int8_windows_per_s"] > trial["float_windows_per_s"] and p.check.fast == "int8"
+        assert 0 < np.abs(probs - exact).max() <= 0.15
+        assert describe_tuning(None, trial)[0].startswith("int8 kept:") and "against fp32's" in describe_tuning(
+            None, trial)[0]
+    else:
+        assert p.check is None and trial["why"].startswith("int8 ran")
+        np.testing.assert_allclose(probs, exact, atol=1e-5)
+
+
+def test_a_backbone_that_cannot_be_traced_keeps_auto_on_its_float_format(tiny_model, monkeypatch) -> None:
+    from napari_bcd.errors import BcdError
+    from napari_bcd.model import inference, precision
+
+    def untraceable(self, backbone, example):
+        raise BcdError("int8 is not available for this backbone (TraceError: control flow); use --precision auto.")
+
+    monkeypatch.setattr(precision.Int8Quantiser, "__init__", untraceable)
+    p = inference.Predictor(tiny_model, device="cpu", tolerance=1.0)
+    p.begin_run(windows=1_000_000)
+    p(_he_windows(16))
+    assert p.int8_trial["kept"] is False and p.int8_trial["why"].startswith("int8 is not available for this backbone")
+    assert p.precision == p._float and p._int8_forwards is False
+    p.begin_run(windows=1_000_000)
+    assert "int8" not in p._to_check  # never tried again on this predictor
+    with pytest.raises(BcdError, match="not available for this backbone"):  # asked for: said, not swallowed
+        inference.Predictor(tiny_model, device="cpu", precision="int8")(_he_windows(8))

@@ -146,12 +146,14 @@ def add_classify_options(p: argparse.ArgumentParser) -> None:
                         "only where neighbouring cells disagree or the top two classes are close (e.g. --stride 0.25 "
                         "--refine: 75%% overlap where it matters, for a fraction of the windows)")
     p.add_argument("--batch-size", type=COUNT,
-                   help="windows per model call (default: 128 on CUDA; on the CPU 8 in bf16, 4 in fp32)")
+                   help="windows per model call (default: 128 on CUDA; on the CPU 4, 8 or 16, whichever runs fastest "
+                        "on the run's first batches)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="number format: auto (bf16 on a GPU; on a CPU with bf16 units bf16, checked against fp32 on "
-                        "the first batch and falling back to it beyond a 0.15 probability change; else fp32), fp32 "
-                        "(exact), bf16, fp16, int8 (CPU, quantised on the first batch and checked the same way)")
+                   help="number format: auto (bf16 on a GPU; on a CPU bf16 where it has bf16 units, else fp32, and "
+                        "on runs of 150 windows or more int8 too: each checked against fp32 on the first batch, the "
+                        "faster that agrees within a 0.15 probability change kept, fp32 if none does), fp32 (exact), "
+                        "bf16, fp16, int8 (CPU, quantised on the first batch and checked the same way)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (GPU runs of many windows; compiled once per run, before the timing)")
     p.add_argument("--decode", default="auto", choices=list(DECODE_MODES),

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import BcdError
 from .classifier import Classifier
-from .precision import PRECISION_TOLERANCE, PrecisionCheck, agreement, bf16_is_fast
+from .precision import PRECISION_TOLERANCE, PrecisionCheck, agreement, bf16_is_fast, int8_available
 from .tuning import TUNE_BATCHES, BatchTuner, int8_pays
 
 __all__ = ["PendingProbabilities", "Predictor", "choose_device"]
@@ -88,12 +88,13 @@ class Predictor:
     device
         Device or preference (see :func:`choose_device`).
     precision
-        ``"auto"``: bf16 on CUDA; on a CPU with bf16 matrix units (AVX-512 BF16 or AMX) bf16 with
-        channels_last, checked against fp32 on the first batch (:class:`~.precision.PrecisionCheck`,
-        falling back to fp32 beyond ``tolerance``), and on runs long enough for it to pay
-        (:func:`~.tuning.int8_pays`) int8 tried on the same windows, kept where it agrees and runs faster;
-        fp32 elsewhere.  ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` as asked, unchecked; ``"int8"``
-        quantised on the first batch and checked.
+        ``"auto"``: bf16 on CUDA.  On a CPU, bf16 with channels_last where it has bf16 matrix units (AVX-512
+        BF16 or AMX), else fp32; each run's first batch checks bf16 against fp32
+        (:class:`~.precision.PrecisionCheck`), and on runs long enough for it to pay
+        (:func:`~.tuning.int8_pays`) int8 too, on the same windows, calibrated by the same fp32 pass.  The run
+        goes on in the faster format that agrees within ``tolerance`` (timed on its own batches, the
+        ``int8_trial`` says which and why), fp32 if none does.  ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"``
+        as asked, unchecked; ``"int8"`` quantised on the first batch and checked, fp32 where it disagrees.
     compile
         Wrap the model in :func:`torch.compile` (worth it for long runs on a GPU).
     tolerance
@@ -110,13 +111,14 @@ class Predictor:
     ) -> None:
         self.device = choose_device(device)
         cpu = self.device.type == "cpu"
-        #: Whether the first batch is run both ways (CPU *auto* with bf16 matrix units); the result in ``check``.
-        self.check_pending = precision == "auto" and cpu and bf16_is_fast("cpu")
-        self._checked_auto = self.check_pending
         self.check: PrecisionCheck | None = None
         self.tolerance = float(tolerance)
+        #: CPU *auto*: every run starts in the fast float format (bf16 with bf16 matrix units, else fp32), checked
+        #: against fp32 on its first batch together with int8 where the run is long enough (:meth:`begin_run`).
+        self._auto_cpu = precision == "auto" and cpu
+        self._float = "bf16" if self.device.type == "cuda" or (cpu and bf16_is_fast("cpu")) else "fp32"
         if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" or self.check_pending else "fp32"
+            precision = self._float
         if precision not in ("fp32", "bf16", "fp16", "int8"):
             raise BcdError(f"Unknown precision {precision!r}; use auto, fp32, bf16, fp16 or int8.")
         if precision == "int8":
@@ -124,7 +126,15 @@ class Predictor:
                 raise BcdError("int8 runs on the CPU (x86, oneDNN); on a GPU use --precision auto (bf16).")
             if compile:
                 raise BcdError("int8 and --compile do not go together; choose one.")
-            self.check_pending = True  # quantised on the first batch, and checked against fp32 on it
+            if not int8_available():
+                raise BcdError("int8 needs an x86 CPU (PyTorch's x86 quantised engine is not available here); "
+                               "use --precision auto.")
+        #: The formats the next first batch checks against fp32 (int8 is quantised on it, calibrated by the same
+        #: fp32 pass); empty: the first batch is computed like any other.
+        self._to_check: tuple[str, ...] = ((precision,) if precision == "int8" else
+                                           ("bf16",) if self._auto_cpu and precision == "bf16" else ())
+        #: Whether the next batch is the checked first batch; the result in ``check``.
+        self.check_pending = bool(self._to_check)
         self.precision = precision
         # channels_last pays on GPUs (tensor cores) and for bf16 on CPUs with AMX (oneDNN's blocked kernels: about
         # 2x over bf16 alone); with AVX-512 BF16 only it neither gains nor loses (11.9 vs 11.6 windows/s measured);
@@ -155,26 +165,30 @@ class Predictor:
         #: (:class:`~.tuning.BatchTuner`, one per precision, kept across runs); :meth:`begin_run` sets it.
         self.tune = cpu and not compile
         self._tuners: dict[str, BatchTuner] = {}
-        self._windows_left: int | None = None
-        #: The first batch's windows and fp32 probabilities (CPU *auto*): what an int8 trial is checked on.
-        self._check_windows: tuple[torch.Tensor, np.ndarray] | None = None
-        #: The run's int8 trial under CPU *auto*: its check, both rates and ``kept`` (None while int8 is
-        #: being timed, then True or False with ``why``); None when none was tried.
+        #: The run's checks against fp32, by format; the formats that passed and are still being timed against
+        #: each other, with the windows/s each ran in its check (until :class:`~.tuning.BatchTuner` has timed it).
+        self._checks: dict[str, PrecisionCheck] = {}
+        self._racing: dict[str, float] = {}
+        #: The run's int8 trial under CPU *auto*: its check, the float format it ran against, both rates and
+        #: ``kept`` (None while the two are being timed, then True or False with ``why``); None when none was tried.
         self.int8_trial: dict | None = None
 
     def begin_run(self, windows: int | None = None, batch_size: int | None = None) -> int:
         """A new run of about ``windows`` windows; returns the batch size the engine should hand over.
 
-        With a checked *auto* the run starts in bf16 and its first batch is checked again (the last run may
-        have fallen back, or kept int8: the quantised backbone is kept and tried again on this run's
-        windows at no quantising cost).  Without ``batch_size`` the CPU chooses its own by timing
-        (:class:`~.tuning.BatchTuner`).
+        Under CPU *auto* the run starts in the fast float format and its first batch is checked against fp32
+        again (the last run may have fallen back, or kept int8); where the run is long enough for it to pay
+        (:func:`~.tuning.int8_pays`) or the backbone is quantised already, int8 is checked on the same
+        windows and timed against the float format.  Without ``batch_size`` the CPU chooses its own by
+        timing (:class:`~.tuning.BatchTuner`).
         """
-        if self._checked_auto:
-            self._use("bf16")
-            self.check_pending, self.check = True, None
-            self._check_windows, self.int8_trial = None, None
-        self._windows_left = windows
+        if self._auto_cpu:
+            self._use(self._float)
+            int8 = (self._int8_forwards is not False and int8_available()
+                    and (bool(self._int8_forwards) or int8_pays(windows)))
+            self._to_check = (("bf16",) if self._float == "bf16" else ()) + (("int8",) if int8 else ())
+            self.check_pending, self.check = bool(self._to_check), None
+            self._checks, self._racing, self.int8_trial = {}, {}, None
         self.tune = self.device.type == "cpu" and not self.compiled and batch_size is None
         return batch_size or self.default_batch_size
 
@@ -219,38 +233,116 @@ class Predictor:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _checked_logits(self, x: torch.Tensor, forward) -> torch.Tensor:
-        """The first batch both ways: keep the fast path if it agrees with fp32, else fall back for the run.
+    def _forwards(self, precision: str) -> tuple:
+        """The (uint8, float) forwards that compute ``precision``."""
+        return self._int8_forwards if precision == "int8" else self._float_forwards
 
-        fp32 runs on the first :data:`CHECK_WINDOWS` windows only (it is the check's whole cost); on a
-        fallback the rest of the batch is computed in fp32 too.
+    def _checked_logits(self, x: torch.Tensor, forward) -> torch.Tensor:
+        """The first batch: fp32 on its first :data:`CHECK_WINDOWS` windows, then each format to check on the same
+        windows (:class:`~.precision.PrecisionCheck`); the run goes on in the fastest that agrees, fp32 if none.
+
+        Where int8 is to be checked and not quantised yet, the fp32 pass runs through the traced backbone with
+        observers: the check's reference and int8's calibration in one pass.  The rest of the batch is computed
+        in the format chosen.
         """
         import time
 
         self.check_pending = False
-        fast = self.precision
         k = min(len(x), CHECK_WINDOWS)
+        slot = 0 if x.dtype == torch.uint8 else 1
+        exact_forward, quantiser = forward, None
+        if "int8" in self._to_check and self._int8_forwards is None:
+            try:
+                quantiser, exact_forward = self._int8_quantiser(x)
+            except BcdError as err:
+                self._int8_forwards = False  # not traceable: never again on this predictor
+                self._int8_refused(str(err))
         t0 = time.perf_counter()
         with torch.inference_mode():
-            exact = forward(x[:k]).float()
+            exact = exact_forward(x[:k]).float()
         exact_s = time.perf_counter() - t0
-        if self._checked_auto:
-            self._check_windows = (x[:k].clone(), torch.softmax(exact, 1).numpy())
-        fast_forward = self._quantise(x) if fast == "int8" else forward
-        t0 = time.perf_counter()
-        with torch.inference_mode(), self._autocast(fast):
-            quick = fast_forward(x).float()
-        fast_s = (time.perf_counter() - t0) * k / len(x)
-        same, change = agreement(torch.softmax(exact, 1).numpy(), torch.softmax(quick[:k], 1).numpy())
-        self.check = PrecisionCheck(fast, k, same, change, self.tolerance, exact_s, fast_s)
-        if self.check.passed:
-            return quick
-        log.warning("napari-bcd: %s", self.check.describe())
-        self._use("fp32")
+        if quantiser is not None:
+            self._int8_converted(quantiser)
+        exact_p = torch.softmax(exact, 1).numpy()
+        logits = {"fp32": exact}
+        for fmt in self._to_check:
+            if fmt == "int8" and not self._int8_forwards:
+                continue
+            t0 = time.perf_counter()
+            with torch.inference_mode(), self._autocast(fmt):
+                logits[fmt] = self._forwards(fmt)[slot](x[:k]).float()
+            fast_s = time.perf_counter() - t0
+            same, change = agreement(exact_p, torch.softmax(logits[fmt], 1).numpy())
+            self._checks[fmt] = PrecisionCheck(fmt, k, same, change, self.tolerance, exact_s, fast_s)
+        passed = [fmt for fmt, c in self._checks.items() if c.passed]
+        if self._float == "fp32" and self._auto_cpu:
+            passed.append("fp32")  # exact: races int8 on a CPU without bf16 units
+        self._racing = {fmt: k / max(self._checks[fmt].fast_s if fmt in self._checks else exact_s, 1e-9)
+                        for fmt in passed}
+        if "int8" in self._checks:
+            self._int8_trial_started()
+        self._settle(first=True)
+        if self.precision == "fp32" and self.check is not None:
+            log.warning("napari-bcd: %s", self.check.describe())
+        elif self.int8_trial and self.int8_trial["kept"] is False:
+            log.info("napari-bcd: int8 not used: %s", self.int8_trial["why"])
+        kept = self.precision
         if k < len(x):
-            with torch.inference_mode():
-                exact = torch.cat([exact, forward(x[k:]).float()])
-        return exact
+            with torch.inference_mode(), self._autocast(kept):
+                rest = self._forwards(kept)[slot](x[k:]).float()
+            return torch.cat([logits[kept], rest])
+        return logits[kept]
+
+    def _rate(self, fmt: str) -> float:
+        """windows/s of ``fmt``: as timed by its tuner where that is done, else as it ran in the check."""
+        tuner = self._tuners.get(fmt)
+        return tuner.best_rate if tuner is not None and tuner.done else self._racing[fmt]
+
+    def _settle(self, first: bool = False) -> None:
+        """Run in the fastest format that agreed with fp32: one not timed in chunks yet and faster in its check than
+        the current one is timed next; once the fastest has been timed (or nothing is timed) the race ends."""
+        if not self._racing:
+            if first:  # nothing agreed with fp32: fp32 for the rest of the run, and the check that says why
+                self.check = next(iter(self._checks.values()), None)
+                self._use("fp32")
+            return
+        best = max(self._racing, key=self._rate)
+        self._use(best)
+        self.check = self._checks.get(best)  # None for fp32: exact
+        tuner = self._tuners.get(best)
+        if self.tune and (tuner is None or not tuner.done):
+            return  # timed on the next batches, then compared again
+        self._end_race(best)
+
+    def _end_race(self, kept: str) -> None:
+        trial = self.int8_trial
+        if trial is not None and trial.get("kept") is None:
+            int8, other = self._rate("int8"), trial["float_precision"]
+            check = self._checks["int8"]
+            versus = self._rate(other) if other in self._racing else check.windows / max(check.fp32_s, 1e-9)
+            trial.update(float_windows_per_s=round(versus, 2), int8_windows_per_s=round(int8, 2),
+                         kept=kept == "int8")
+            if kept != "int8":
+                trial["why"] = f"int8 ran {int8:.1f} windows/s, {other} {versus:.1f}"
+        self._racing = {}
+
+    def _int8_trial_started(self) -> None:
+        """Record the int8 check (CPU *auto* only: an int8 asked for is no trial)."""
+        if not self._auto_cpu:
+            return
+        check = self._checks["int8"]
+        other = "bf16" if "bf16" in self._racing else "fp32"
+        self.int8_trial = {"check": check.to_dict(), "float_precision": other, "kept": None}
+        if not check.passed:
+            self.int8_trial.update(kept=False, why=(
+                f"int8 differed from fp32 on the first batch's windows beyond the tolerance {self.tolerance:g} "
+                f"({check.agreement_text})."))
+
+    def _int8_refused(self, why: str) -> None:
+        if self._auto_cpu:
+            self.int8_trial = {"float_precision": self._float, "kept": False, "why": why}
+        else:
+            raise BcdError(why)
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Probabilities ``N x classes`` (float32) for a uint8 batch ``N x H x W x 3`` (host or device).
@@ -303,8 +395,6 @@ class Predictor:
         else:
             with torch.inference_mode(), self._autocast():
                 logits = forward(x)
-        if self._windows_left is not None:
-            self._windows_left -= n
         with torch.inference_mode():
             probs = torch.softmax(logits[:n].float(), dim=1)
             if not cuda:
@@ -315,24 +405,33 @@ class Predictor:
             done.record()
         return PendingProbabilities(host, done)
 
-    def _quantise(self, x: torch.Tensor):
-        """Quantise the backbone, calibrated on this batch (once: kept for the predictor's life), and use it;
-        returns the int8 forward for inputs like ``x``."""
+    def _int8_quantiser(self, x: torch.Tensor):
+        """Trace the backbone for int8 (:class:`~.precision.Int8Quantiser`); returns it and the fp32 forward for
+        inputs like ``x`` that also calibrates it."""
+        from .precision import Int8Quantiser
+
+        with torch.inference_mode():
+            example = self.model.normalise(x[:1]) if x.dtype == torch.uint8 else x[:1]
+        quantiser = Int8Quantiser(self.model.backbone, example.contiguous())
+        head, normalise = self.model.head, self.model.normalise
+        if x.dtype == torch.uint8:
+            return quantiser, lambda u: head(quantiser.observe(normalise(u).contiguous()))
+        return quantiser, lambda f: head(quantiser.observe(f.contiguous()))
+
+    def _int8_converted(self, quantiser) -> None:
+        """The int8 forwards from the calibrated quantiser (kept for the predictor's life)."""
         import time
 
-        from .precision import quantise_int8
-
-        if self._int8_forwards is None:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                calibration = self.model.normalise(x) if x.dtype == torch.uint8 else x
-            qb = quantise_int8(self.model.backbone, calibration.contiguous())
-            head, normalise = self.model.head, self.model.normalise
-            self._int8_forwards = (lambda u: head(qb(normalise(u).contiguous())),
-                                   lambda f: head(qb(f.contiguous())))
-            log.info("napari-bcd: backbone quantised to int8 in %.1f s", time.perf_counter() - t0)
-        self._use("int8")
-        return self._forward if x.dtype == torch.uint8 else self._forward_float
+        t0 = time.perf_counter()
+        try:
+            qb = quantiser.convert()
+        except BcdError as err:
+            self._int8_forwards = False
+            self._int8_refused(str(err))
+            return
+        head, normalise = self.model.head, self.model.normalise
+        self._int8_forwards = (lambda u: head(qb(normalise(u).contiguous())), lambda f: head(qb(f.contiguous())))
+        log.info("napari-bcd: backbone converted to int8 in %.1f s", time.perf_counter() - t0)
 
     def _use(self, precision: str) -> None:
         """Run from now on in ``precision``: its forwards, and the memory format it wants (int8 keeps the float
@@ -349,62 +448,16 @@ class Predictor:
             self._memory_format = fmt
 
     def _tuned_logits(self, x: torch.Tensor, forward) -> torch.Tensor:
-        """A CPU batch in chunks of the timed batch size and thread count (:class:`~.tuning.BatchTuner`); then,
-        under *auto*, the int8 trial where the run is long enough for it to pay."""
+        """A CPU batch in chunks of the timed batch size and thread count (:class:`~.tuning.BatchTuner`); once this
+        format is timed, the race between the formats that agreed with fp32 goes on (:meth:`_settle`)."""
         precision = self.precision
         tuner = self._tuners.setdefault(precision, BatchTuner(self._threads))
         with torch.inference_mode(), self._autocast():
             parts = tuner.run(len(x), lambda a, b: forward(x[a:b]), torch.set_num_threads)
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if self._checked_auto and tuner.done:
-            if precision == "bf16" and self.int8_trial is None:
-                self._try_int8(tuner.best_rate)
-            elif precision == "int8" and self.int8_trial and self.int8_trial.get("kept") is None:
-                self._settle_int8(tuner.best_rate)
+        if self._racing and tuner.done:
+            self._settle()
         return logits
-
-    def _try_int8(self, bf16_rate: float) -> None:
-        """Quantise (or reuse the quantised backbone), check int8 on the first batch's windows against their fp32
-        probabilities, and time it on the next batches (:meth:`_settle_int8`); bf16 stays where it does not pay,
-        does not agree or cannot be quantised."""
-        if self._check_windows is None or self.check is None or self._int8_forwards is False:
-            return
-        fp32_s = self.check.fp32_s / max(self.check.windows, 1)
-        if self._int8_forwards is None and not int8_pays(self._windows_left or 0, 1.0 / bf16_rate, fp32_s):
-            return
-        import time
-
-        xs, exact = self._check_windows
-        try:
-            forward = self._quantise(xs)
-        except BcdError as err:
-            self._int8_forwards = False  # not traceable: never again on this predictor
-            self._use("bf16")
-            self.int8_trial = {"kept": False, "why": str(err)}
-            return
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            quick = torch.softmax(forward(xs).float(), 1).numpy()
-        same, change = agreement(exact, quick)
-        check = PrecisionCheck("int8", len(xs), same, change, self.tolerance, self.check.fp32_s,
-                               time.perf_counter() - t0)
-        self.int8_trial = {"check": check.to_dict(), "bf16_windows_per_s": round(bf16_rate, 2), "kept": None}
-        if not check.passed:
-            self._use("bf16")
-            self.int8_trial.update(kept=False, why=(
-                f"int8 differed from fp32 on the first batch's windows beyond the tolerance {self.tolerance:g} "
-                f"({check.agreement_text})."))
-
-    def _settle_int8(self, int8_rate: float) -> None:
-        """int8 timed: keep it where it is faster than bf16, else back to bf16 for the rest of the run."""
-        trial = self.int8_trial
-        trial["int8_windows_per_s"] = round(int8_rate, 2)
-        if int8_rate > trial["bf16_windows_per_s"]:
-            trial["kept"] = True
-            self.check = PrecisionCheck.from_dict(trial["check"])
-        else:
-            trial.update(kept=False, why=f"int8 ran {int8_rate:.1f} windows/s, bf16 {trial['bf16_windows_per_s']}")
-            self._use("bf16")
 
     def _resized(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 NHWC on the device -> normalised float NCHW at ``size``."""

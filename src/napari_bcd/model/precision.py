@@ -5,21 +5,23 @@ alone 5.3 windows/s in fp32, 11.9 in bf16 with or without channels_last, 22 in i
 5.4, 13 and 26-28 with channels_last); without them PyTorch emulates bf16 and it is slower than fp32.  On CUDA GPUs
 bf16 runs on the tensor cores from Ampere on.
 
-*auto* on such a CPU runs the first batch of every run both ways
-(:class:`PrecisionCheck`): bf16 is kept only when no class probability of any
-window moves by more than :data:`PRECISION_TOLERANCE`; otherwise the run falls
-back to fp32 and says why.  A top class can only flip where the fp32 margin is
-below twice the largest change, so the tolerance also bounds which labels can
-change.
+*auto* on a CPU runs the first batch of every run both ways (:class:`PrecisionCheck`): the fast format is
+kept only when no class probability of any window moves by more than :data:`PRECISION_TOLERANCE`;
+otherwise the run falls back to fp32 and says why.  On runs long enough for it to pay, int8
+(:class:`Int8Quantiser`) is checked on the same windows, calibrated by the same fp32 pass, and the
+Predictor keeps the faster of the formats that agree.  A top class can only flip where the fp32 margin is
+below twice the largest change, so the tolerance also bounds which labels can change.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["PRECISION_TOLERANCE", "PrecisionCheck", "agreement", "bf16_is_fast", "cpu_features", "quantise_int8"]
+__all__ = ["PRECISION_TOLERANCE", "Int8Quantiser", "PrecisionCheck", "agreement", "bf16_is_fast", "cpu_features",
+           "int8_available", "quantise_int8"]
 
 #: The largest change of any window's class probability (fp32 against the fast path, on the run's first batch)
 #: at which *auto* keeps the fast path.  Measured on real H&E with a trained DenseNet121 head: bf16 moves
@@ -108,51 +110,100 @@ def bf16_is_fast(device: Any) -> bool:
     return False
 
 
-def quantise_int8(backbone: Any, calibration: Any) -> Any:
-    """``backbone`` quantised to int8 for x86 CPUs with PyTorch's own tooling (FX graph mode, the x86 qconfig).
+def int8_available() -> bool:
+    """Whether this PyTorch runs int8 convolutions on this CPU (the x86 engine: oneDNN and FBGEMM)."""
+    import torch
 
-    Weights per channel, activations calibrated on ``calibration`` (a batch of
-    normalised float NCHW inputs: the run's own windows) with min/max observers rather than the x86
-    default's histograms: measured on real H&E, as close to fp32 (largest probability change 0.022 against
-    0.023, trained DenseNet121; 0.0005 against 0.0007, ResNet152V2) in half the time (ResNet152V2 4.3 s against
-    8.7 s on 8 windows, 2 threads).  The head stays fp32.
+    return "x86" in torch.backends.quantized.supported_engines
+
+
+class Int8Quantiser:
+    """A backbone on its way to int8 for x86 CPUs, with PyTorch's own tooling (FX graph mode, the x86 qconfig).
+
+    Tracing inserts min/max observers (rather than the x86 default's histograms: measured on real H&E as
+    close to fp32, in half the time); :meth:`observe` is the backbone's fp32 forward that also records the
+    activations' ranges, so a run's fp32 check batch calibrates at the same time; :meth:`convert` then gives
+    the int8 backbone (weights per channel; the head stays fp32).  Stack traces are not recorded while
+    tracing (``torch.fx.config.do_not_emit_stack_traces``): recording them took 1.9 of the 2.5 s tracing
+    ResNet152V2 here, and imported torch._dynamo on the way.
 
     Raises
     ------
     BcdError
         When the backbone cannot be traced (control flow in its forward).
     """
-    import warnings
 
-    import torch
-    from torch.ao.quantization import QConfig, get_default_qconfig, get_default_qconfig_mapping, quantize_fx
-    from torch.ao.quantization.observer import MinMaxObserver
+    def __init__(self, backbone: Any, example: Any) -> None:
+        inner = getattr(backbone, "model", None)
+        self._timm = inner is not None and hasattr(inner, "forward_features") and hasattr(backbone, "to_map")
+        self._backbone = backbone
+        # timm networks: trace timm's own network; the layout fix-up (Python control flow) stays outside the graph
+        net = _ForwardFeatures(inner) if self._timm else backbone
+        with _int8_tooling():
+            from torch.ao.quantization import QConfig, get_default_qconfig, get_default_qconfig_mapping, quantize_fx
+            from torch.ao.quantization.observer import MinMaxObserver
 
-    from ..errors import BcdError
-
-    example = calibration[:1]
-    inner = getattr(backbone, "model", None)
-    timm_net = inner is not None and hasattr(inner, "forward_features") and hasattr(backbone, "to_map")
-    if timm_net:  # trace timm's own network; the layout fix-up (Python control flow) stays outside the graph
-        net = _ForwardFeatures(inner)
-    else:
-        net = backbone
-    try:
-        with warnings.catch_warnings():  # the FX quantisation API warns about its own deprecation
-            warnings.simplefilter("ignore")
             x86 = get_default_qconfig("x86")
             qconfig = QConfig(activation=MinMaxObserver.with_args(reduce_range=True), weight=x86.weight)
             mapping = get_default_qconfig_mapping("x86").set_global(qconfig)
-            prepared = quantize_fx.prepare_fx(net.eval(), mapping, (example,))
-            with torch.inference_mode():
-                prepared(calibration)
-            quantised = quantize_fx.convert_fx(prepared).eval()
-        if timm_net:
-            return lambda x: backbone.to_map(quantised(x), x.shape[-2:])
-        return quantised
-    except (torch.fx.proxy.TraceError, NotImplementedError, RuntimeError, TypeError) as err:
-        raise BcdError(f"int8 is not available for this backbone ({type(err).__name__}: {err}); "
-                       "use --precision auto or bf16.") from err
+            self._prepared = quantize_fx.prepare_fx(net.eval(), mapping, (example[:1],))
+
+    def _wrap(self, net: Any) -> Any:
+        backbone = self._backbone
+        return (lambda x: backbone.to_map(net(x), x.shape[-2:])) if self._timm else net
+
+    def observe(self, x: Any) -> Any:
+        """The backbone's fp32 features of ``x`` (normalised float NCHW), recording its activations' ranges."""
+        with _int8_tooling():
+            return self._wrap(self._prepared)(x)
+
+    def convert(self) -> Any:
+        """The int8 backbone, calibrated on everything :meth:`observe` has seen."""
+        with _int8_tooling():
+            from torch.ao.quantization import quantize_fx
+
+            return self._wrap(quantize_fx.convert_fx(self._prepared).eval())
+
+
+def quantise_int8(backbone: Any, calibration: Any) -> Any:
+    """``backbone`` quantised to int8 (:class:`Int8Quantiser`), calibrated on ``calibration``: a batch of
+    normalised float NCHW inputs, the run's own windows."""
+    import torch
+
+    q = Int8Quantiser(backbone, calibration)
+    with torch.inference_mode():
+        q.observe(calibration)
+    return q.convert()
+
+
+class _int8_tooling:
+    """Quiet PyTorch's FX quantisation (it warns about its own deprecation), skip stack traces while tracing,
+    and turn its failures into a :class:`BcdError` that says what to do."""
+
+    def __enter__(self) -> None:
+        import torch.fx
+
+        config = getattr(torch.fx, "config", None)
+        self._config, self._was = config, getattr(config, "do_not_emit_stack_traces", None)
+        if self._was is not None:
+            config.do_not_emit_stack_traces = True
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, kind, err, tb) -> bool:
+        import torch
+
+        self._warnings.__exit__(kind, err, tb)
+        if self._was is not None:
+            self._config.do_not_emit_stack_traces = self._was
+        if err is not None and isinstance(err, (torch.fx.proxy.TraceError, NotImplementedError, RuntimeError,
+                                                TypeError)):
+            from ..errors import BcdError
+
+            raise BcdError(f"int8 is not available for this backbone ({type(err).__name__}: {err}); "
+                           "use --precision auto or bf16.") from err
+        return False
 
 
 def _ForwardFeatures(net: Any) -> Any:

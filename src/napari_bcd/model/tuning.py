@@ -6,8 +6,8 @@ bf16 runs 11.9 windows/s at 4 and 8 and 11.3 at 16, fp32 5.3 at 4 and 5.5 at 16,
 windows the run classifies anyway (nothing is computed twice) and keeps the fastest for the rest of the
 run and for the runs after it on the same predictor.
 
-int8 (:func:`~.precision.quantise_int8`) runs about 1.9x bf16 here, but quantising costs about as long as
-25 fp32 windows; :func:`int8_pays` says when a run has enough windows left for a trial to be worth it.
+int8 (:class:`~.precision.Int8Quantiser`) runs about 1.9x bf16 here, but trying it costs about as long as
+15 fp32 windows; :func:`int8_pays` says when a run has enough windows for the trial to be worth it.
 """
 
 from __future__ import annotations
@@ -17,30 +17,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["INT8_EXPECTED_SAVING", "INT8_QUANTISE_WINDOWS", "TUNE_BATCHES", "BatchTuner", "describe_tuning",
+__all__ = ["INT8_SAVING_FP32_WINDOWS", "INT8_TRIAL_FP32_WINDOWS", "TUNE_BATCHES", "BatchTuner", "describe_tuning",
            "int8_pays"]
 
 #: Batch sizes timed on the CPU; the engine hands the predictor batches of the largest and the predictor
 #: computes them in chunks of the size being timed, then of the fastest.
 TUNE_BATCHES = (4, 8, 16)
-#: Quantising a backbone to int8 (tracing, calibrating on the check windows, converting) costs about as long
-#: as this many windows in fp32 (ResNet152V2: 4.3-6.5 s against 0.18 s a window; DenseNet121 3.6 s).
-INT8_QUANTISE_WINDOWS = 35
-#: The share of the bf16 time int8 is counted on saving when deciding whether to try it (1 - 11.3/21.8 = 0.48
-#: measured here; counted low, so a trial that does not pay is rare).
-INT8_EXPECTED_SAVING = 0.3
+#: What trying int8 costs a run, in fp32 windows: tracing the backbone, observing the fp32 check windows,
+#: converting, and int8's first call on the check windows (ResNet152V2 here: 0.6 + 0.3 + 1.3 + 0.5 s against
+#: 0.18 s a window in fp32).
+INT8_TRIAL_FP32_WINDOWS = 15
+#: What int8 saves a window against the fast float path, in fp32 windows, counted low: 0.22 measured here
+#: (AVX-512 BF16 without AMX: bf16 0.085 s a window, int8 0.046 s, fp32 0.18 s); less where AMX makes bf16
+#: faster.
+INT8_SAVING_FP32_WINDOWS = 0.1
 
 
-def int8_pays(windows_left: int, bf16_s_per_window: float, fp32_s_per_window: float) -> bool:
-    """Whether a run with ``windows_left`` should try int8: the saving, counted low, covers the quantising cost.
-
-    ``fp32_s_per_window`` comes from the precision check, the run's first fp32 batch, which carries the
-    warm-up too (0.28 s a window there against 0.19 s later): with the saving counted at 0.3 rather than
-    0.48 the rule asks for about 2.4 times the windows that would just repay quantising (ResNet152V2 here:
-    about 375 left against 155).
-    """
-    cost = INT8_QUANTISE_WINDOWS * fp32_s_per_window
-    return windows_left * bf16_s_per_window * INT8_EXPECTED_SAVING >= cost
+def int8_pays(windows: int | None) -> bool:
+    """Whether a run of ``windows`` windows should try int8 (quantise the backbone on its first batch): what int8
+    saves, counted low, covers what the trial costs (with the figures above, from 150 windows on).  Known only
+    where the run says how many windows it has."""
+    return windows is not None and windows * INT8_SAVING_FP32_WINDOWS >= INT8_TRIAL_FP32_WINDOWS
 
 
 @dataclass
@@ -111,10 +108,11 @@ def describe_tuning(batching: dict | None, int8_trial: dict | None) -> list[str]
         how = "chosen by timing" if batching["chosen_by_timing"] else "while timing (the run ended first)"
         out.append(f"batch {batching['batch']} on {batching['threads']} threads, {how} ({rates}).")
     if int8_trial:
+        other = int8_trial.get("float_precision", "bf16")
         if int8_trial.get("kept"):
-            out.append(f"int8 kept: {int8_trial['int8_windows_per_s']} windows/s against bf16's "
-                       f"{int8_trial['bf16_windows_per_s']}, largest probability change "
+            out.append(f"int8 kept: {int8_trial['int8_windows_per_s']} windows/s against {other}'s "
+                       f"{int8_trial['float_windows_per_s']}, largest probability change "
                        f"{int8_trial['check']['max_change']} against fp32.")
         elif int8_trial.get("kept") is False:
-            out.append(f"int8 tried, bf16 kept: {int8_trial['why']}")
+            out.append(f"int8 tried, {other} kept: {int8_trial['why']}")
     return out
