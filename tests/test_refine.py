@@ -31,6 +31,27 @@ def test_doubt_is_low_margin_boundaries_and_unreached_tissue() -> None:
     assert not in_doubt(probs, counts, reachable, margin=0.2)[0, 0]
 
 
+def test_doubt_follows_the_decision_rule_thresholds_and_its_labels() -> None:
+    from napari_bcd.decision import DecisionRule
+
+    classes = ("Normal", "Benign", "In situ carcinoma", "Invasive carcinoma")
+    probs = np.zeros((2, 3, 4), np.float32)
+    probs[...] = (0.62, 0.1, 0.05, 0.23)  # Normal by a wide margin: settled under the most probable class
+    probs[0, 1] = (0.6, 0.06, 0.02, 0.32)  # just past the Invasive threshold below
+    counts, reachable = np.ones((2, 3), np.int32), np.ones((2, 3), bool)
+    assert not in_doubt(probs, counts, reachable, margin=0.05).any()
+    rule = DecisionRule(thresholds={"Invasive carcinoma": 0.3})  # "call Invasive at 0.3"
+    margin, labels = refine.decision_margin(probs, counts > 0, rule, classes)
+    assert labels[0, 1] == 4 and (np.delete(labels.ravel(), 1) == 1).all()  # the labels the rule gives
+    assert margin[0, 1] == pytest.approx(0.02) and margin[1, 0] == pytest.approx(0.07)
+    near = in_doubt(probs, counts, reachable, margin=0.05, boundaries=False, rule=rule, classes=classes)
+    assert near.sum() == 1 and near[0, 1]  # 0.32 is 0.02 from its threshold
+    edges = in_doubt(probs, counts, reachable, margin=0.05, rule=rule, classes=classes)
+    np.testing.assert_array_equal(edges, [[True, True, True], [False, True, False]])  # and its label's boundary
+    confident = DecisionRule(min_confidence=0.5, measure="max_probability")
+    assert refine.decision_margin(probs, counts > 0, confident, classes)[0][1, 1] < 0.05  # 1 - (1-0.62)/0.75 ~ 0.49
+
+
 def test_an_unreached_cell_gets_one_window_centred_on_it() -> None:
     from napari_bcd.engine.refine import windows_reaching
 
@@ -93,6 +114,26 @@ def test_refine_equals_full_overlap_where_it_refines_everywhere(tiny_model, monk
     assert everywhere.info["windows"] == full.info["windows"]
     np.testing.assert_allclose(everywhere.probs, full.probs, atol=1e-6)
     np.testing.assert_array_equal(everywhere.labels, full.labels)
+
+
+def test_refine_under_thresholds_refines_where_the_rules_labels_are_in_doubt(tiny_model, runs) -> None:
+    from napari_bcd import open_slide
+    from napari_bcd.decision import DecisionRule, apply_decision
+    from napari_bcd.engine import iter_classify
+
+    full, blind = runs  # blind: refined on the most probable class, then labelled by the rule afterwards
+    mapped = full.labels > 0
+    k = int(np.argsort(np.nanmean(full.probs[mapped], axis=0))[-2])  # the second most probable class, called at a
+    t = float(np.nanpercentile(full.probs[..., k][mapped], 70))  # threshold that about 30 % of the cells reach
+    rule = DecisionRule(thresholds={full.classes[k]: t})
+    want = apply_decision(full, rule).labels
+    assert 0.1 < (want[mapped] == k + 1).mean() < 0.5
+    with open_slide(SAMPLE_SLIDE) as slide:
+        _, aware = drain(iter_classify(slide, tiny_model, stride=0.25, precision="fp32", refine=True, decision=rule))
+    equal_aware = (aware.labels == want)[mapped].mean()
+    equal_blind = (apply_decision(blind, rule).labels == want)[mapped].mean()
+    assert equal_aware > equal_blind, (equal_aware, equal_blind)
+    assert aware.info["windows"] < full.info["windows"]
 
 
 def test_the_cli_offers_refine(tiny_checkpoint, tmp_path) -> None:

@@ -8,8 +8,10 @@ windows half a field apart, and where doubt remains the finer lattices down to
 full overlap (at 75 %: 4 x 4 cells apart, 2 x 2, then 2 x 1, 1 x 2 and 1 x 1), repeating
 each level until no cell covered by a window of it is in doubt:
 
-- a cell whose two most probable classes are closer than :data:`REFINE_MARGIN`;
-- a cell whose class differs from a 4-neighbour's (a boundary between classes);
+- a cell whose label is within :data:`REFINE_MARGIN` of changing: its two most probable classes that close, or,
+  under a decision rule with per-class thresholds, a thresholded class that close to its threshold
+  (:func:`decision_margin`);
+- a cell whose label differs from a 4-neighbour's (a boundary between classes, as the rule labels them);
 and a tissue cell that no window has reached yet (the coarse lattice missed it) gets one window centred
 on it, then is judged like the others.  Below half a field (the lattices with a step of one cell) only
 cells whose margin is still below :data:`FINAL_MARGIN` are refined: a clear class boundary is settled at
@@ -27,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FINAL_MARGIN", "REFINE_MARGIN", "cells_reached", "coarse_lattice", "in_doubt", "lattice", "next_windows",
-           "spacings", "windows_over", "windows_reaching"]
+__all__ = ["FINAL_MARGIN", "REFINE_MARGIN", "cells_reached", "coarse_lattice", "decision_margin", "in_doubt", "lattice",
+           "next_windows", "spacings", "windows_over", "windows_reaching"]
 
 #: Cells whose top-two probability margin is below this are refined to the next lattice.
 REFINE_MARGIN = 0.2
@@ -67,10 +69,46 @@ def lattice(n_windows: tuple[int, int], spacing: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def decision_margin(probs: np.ndarray, seen: np.ndarray, rule: Any = None,
+                    classes: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """How far each seen cell's probabilities are from a change of its label under ``rule``, and the labels.
+
+    The default rule (the most probable class) changes where the two most probable classes swap: the margin is
+    their gap.  With per-class thresholds (:class:`~napari_bcd.decision.DecisionRule`) the label also changes
+    where a thresholded class crosses its threshold, and among the classes without one where the two most
+    probable swap; with ``min_confidence`` where the confidence crosses it.  The margin is the smallest of
+    those distances.  ``probs`` is ``rows x cols x classes`` (NaN where unseen).
+    """
+    from ..decision import decide, uncertainty
+
+    p = np.where(seen[..., None], np.nan_to_num(probs, nan=0.0), 0.0)
+    n = p.shape[-1]
+    thresholds = dict(rule.thresholds) if rule is not None else {}
+    names = tuple(classes) if classes is not None else tuple(str(i) for i in range(n))
+    free = [i for i, name in enumerate(names) if name not in thresholds]
+    margin = np.full(seen.shape, np.inf)
+    if len(free) >= 2 or not thresholds:
+        q = p[..., free] if len(free) >= 2 else p
+        top2 = np.sort(q, axis=-1)[..., -2:] if q.shape[-1] > 1 else np.concatenate([np.zeros_like(q), q], -1)
+        margin = top2[..., 1] - top2[..., 0]
+    for i, name in enumerate(names):
+        if name in thresholds:
+            margin = np.minimum(margin, np.abs(p[..., i] - thresholds[name]))
+    if rule is not None and rule.min_confidence > 0:
+        confidence = 1.0 - uncertainty(p, rule.measure)
+        margin = np.minimum(margin, np.abs(np.nan_to_num(confidence, nan=0.0) - rule.min_confidence))
+    if rule is None or not thresholds:
+        labels = np.where(seen, p.argmax(-1) + 1, 0)
+    else:
+        labels = decide(probs, seen, names, rule.replace(min_confidence=0.0, min_quality=0.0))[0]
+    return margin, labels
+
+
 def in_doubt(probs: np.ndarray, counts: np.ndarray, reachable: np.ndarray, margin: float = REFINE_MARGIN,
-             boundaries: bool = True) -> np.ndarray:
-    """Cells to refine: low margin or a class boundary (see the module text); unreached cells are not in doubt
-    until a window has reached them (:func:`windows_reaching`).
+             boundaries: bool = True, rule: Any = None, classes: tuple[str, ...] | None = None) -> np.ndarray:
+    """Cells to refine: a label within ``margin`` of changing (:func:`decision_margin`, under the run's ``rule``
+    and its model's ``classes``) or a boundary between labels (see the module text); unreached cells are not
+    in doubt until a window has reached them (:func:`windows_reaching`).
 
     ``probs`` is ``rows x cols x classes`` (NaN where unreached), ``counts`` the windows per cell,
     ``reachable`` the tissue cells some candidate window covers (only those can be in doubt).
@@ -79,12 +117,11 @@ def in_doubt(probs: np.ndarray, counts: np.ndarray, reachable: np.ndarray, margi
     doubt = np.zeros(seen.shape, bool)
     if not seen.any():
         return doubt
-    p = np.where(seen[..., None], probs, 0.0)
-    top2 = np.sort(p, axis=-1)[..., -2:] if p.shape[-1] > 1 else np.concatenate([np.zeros_like(p), p], -1)
-    doubt |= seen & (top2[..., 1] - top2[..., 0] < margin)
+    gap, label = decision_margin(probs, seen, rule, classes)
+    doubt |= seen & (gap < margin)
     if not boundaries:
         return doubt & reachable
-    label = np.where(seen, p.argmax(-1), -1)
+    label = np.where(seen, label, -1)
     for axis in (0, 1):
         a = np.moveaxis(label, axis, 0)
         differ = (a[1:] != a[:-1]) & (a[1:] >= 0) & (a[:-1] >= 0)
@@ -139,19 +176,21 @@ def cells_reached(windows: np.ndarray, cells_per_window: tuple[int, int], n_cell
     return out
 
 
-def next_windows(acc: Any, reachable: np.ndarray, open_: np.ndarray, grid: Any, level: int
-                 ) -> tuple[np.ndarray, int]:
+def next_windows(acc: Any, reachable: np.ndarray, open_: np.ndarray, grid: Any, level: int, rule: Any = None,
+                 classes: tuple[str, ...] | None = None) -> tuple[np.ndarray, int]:
     """The next pass's windows (an ``n_windows`` mask among ``open_``) and the lattice level it is on.
 
     ``acc`` is the run's :class:`~.classmap.CellAccumulator`; ``reachable`` the tissue cells some candidate
-    window covers.  A level is left for the next, finer one when no window of it covers a cell in doubt.
+    window covers; ``rule`` and ``classes`` the run's decision rule and its model's classes (doubt is judged
+    on the labels the rule gives).  A level is left for the next, finer one when no window of it covers a
+    cell in doubt.
     """
     levels = spacings(grid.cells_per_window)
     probs = acc.probabilities()
 
     def over(spacing: tuple[int, int]) -> np.ndarray:
-        doubt = (in_doubt(probs, acc.counts, reachable, FINAL_MARGIN, boundaries=False) if min(spacing) == 1
-                 else in_doubt(probs, acc.counts, reachable, REFINE_MARGIN))
+        doubt = (in_doubt(probs, acc.counts, reachable, FINAL_MARGIN, False, rule, classes) if min(spacing) == 1
+                 else in_doubt(probs, acc.counts, reachable, REFINE_MARGIN, True, rule, classes))
         return windows_over(doubt, grid.cells_per_window, grid.n_windows) & open_ & lattice(grid.n_windows, spacing)
 
     new = over(levels[level])

@@ -121,7 +121,8 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
             if reachable is None:
                 reachable = cells_reached(candidates, grid.cells_per_window, grid.n_cells) & (
                     cell_frac >= s.min_tissue * 0.5)
-            new, level = next_windows(acc, reachable, candidates & ~done_mask, grid, level)
+            new, level = next_windows(acc, reachable, candidates & ~done_mask, grid, level, rule,
+                                      tuple(card.classes))
             part = np.argwhere(new)
             planned += len(part)
     probs = acc.probabilities()
