@@ -141,6 +141,10 @@ def test_the_real_resnet152v2_passes_the_check_on_real_he() -> None:
     p(x)
     assert p.check is not None and p.check.windows == 2
     assert p.check.passed, p.check.describe()
+    p.begin_run(windows=1000, batch_size=2)  # long enough: int8 is traced, calibrated by the fp32 pass and checked
+    p(x)
+    assert set(p._checks) == {"bf16", "int8"} and all(c.passed for c in p._checks.values()), p._checks
+    assert p.int8_trial["kept"] is (p.precision == "int8") and p.check.fast == p.precision
 
 
 def test_int8_is_quantised_on_the_run_and_checked(tiny_model) -> None:
@@ -283,11 +287,12 @@ def test_auto_races_int8_against_fp32_on_a_cpu_without_bf16_units(tiny_model, mo
     trial = p.int8_trial
     assert set(p._checks) == {"int8"} and trial["float_precision"] == "fp32" and trial["kept"] is not None
     assert p.precision == ("int8" if trial["kept"] else "fp32") and not p._racing
+    assert trial["float_timed"] == "check"  # a fixed batch: nothing timed in chunks
     if trial["kept"]:
         assert trial["int8_windows_per_s"] > trial["float_windows_per_s"] and p.check.fast == "int8"
         assert 0 < np.abs(probs - exact).max() <= 0.15
-        assert describe_tuning(None, trial)[0].startswith("int8 kept:") and "against fp32's" in describe_tuning(
-            None, trial)[0]
+        text = describe_tuning(None, trial)[0]
+        assert text.startswith("int8 kept:") and "against fp32's" in text and "in its check" in text
     else:
         assert p.check is None and trial["why"].startswith("int8 ran")
         np.testing.assert_allclose(probs, exact, atol=1e-5)

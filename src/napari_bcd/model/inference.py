@@ -320,7 +320,9 @@ class Predictor:
             int8, other = self._rate("int8"), trial["float_precision"]
             check = self._checks["int8"]
             versus = self._rate(other) if other in self._racing else check.windows / max(check.fp32_s, 1e-9)
+            tuner = self._tuners.get(other)
             trial.update(float_windows_per_s=round(versus, 2), int8_windows_per_s=round(int8, 2),
+                         float_timed="batches" if tuner is not None and tuner.done else "check",
                          kept=kept == "int8")
             if kept != "int8":
                 trial["why"] = f"int8 ran {int8:.1f} windows/s, {other} {versus:.1f}"

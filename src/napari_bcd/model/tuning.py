@@ -110,8 +110,9 @@ def describe_tuning(batching: dict | None, int8_trial: dict | None) -> list[str]
     if int8_trial:
         other = int8_trial.get("float_precision", "bf16")
         if int8_trial.get("kept"):
+            where = " in its check" if int8_trial.get("float_timed") == "check" else ""
             out.append(f"int8 kept: {int8_trial['int8_windows_per_s']} windows/s against {other}'s "
-                       f"{int8_trial['float_windows_per_s']}, largest probability change "
+                       f"{int8_trial['float_windows_per_s']}{where}, largest probability change "
                        f"{int8_trial['check']['max_change']} against fp32.")
         elif int8_trial.get("kept") is False:
             out.append(f"int8 tried, {other} kept: {int8_trial['why']}")
