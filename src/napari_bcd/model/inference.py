@@ -10,7 +10,7 @@ import torch
 
 from ..errors import BcdError
 from .classifier import Classifier
-from .precision import PRECISION_TOLERANCE, PrecisionCheck, agreement, bf16_is_fast, int8_available
+from .precision import PRECISION_TOLERANCE, PrecisionCheck, agreement, bf16_is_fast, cpu_features, int8_available
 from .tuning import TUNE_BATCHES, BatchTuner, int8_pays
 
 __all__ = ["PendingProbabilities", "Predictor", "choose_device"]
@@ -88,8 +88,8 @@ class Predictor:
     device
         Device or preference (see :func:`choose_device`).
     precision
-        ``"auto"``: bf16 on CUDA.  On a CPU, bf16 with channels_last where it has bf16 matrix units (AVX-512
-        BF16 or AMX), else fp32; each run's first batch checks bf16 against fp32
+        ``"auto"``: bf16 on CUDA.  On a CPU, bf16 where it has bf16 matrix units (AVX-512 BF16 or AMX; with
+        channels_last on AMX), else fp32; each run's first batch checks bf16 against fp32
         (:class:`~.precision.PrecisionCheck`), and on runs long enough for it to pay
         (:func:`~.tuning.int8_pays`) int8 too, on the same windows, calibrated by the same fp32 pass.  The run
         goes on in the faster format that agrees within ``tolerance`` (timed on its own batches, the
@@ -136,13 +136,9 @@ class Predictor:
         #: Whether the next batch is the checked first batch; the result in ``check``.
         self.check_pending = bool(self._to_check)
         self.precision = precision
-        # channels_last pays on GPUs (tensor cores) and for bf16 on CPUs with AMX (oneDNN's blocked kernels: about
-        # 2x over bf16 alone); with AVX-512 BF16 only it neither gains nor loses (11.9 vs 11.6 windows/s measured);
-        # for fp32 on the CPU it is no faster and converting costs a copy of the weights.
         # (Set either way: the same model may have been converted by another Predictor, and fp32 results must not
         # depend on that.)
-        fmt = (torch.channels_last if self.device.type == "cuda" or precision in ("bf16", "fp16")
-               else torch.contiguous_format)
+        fmt = self._layout(precision)
         self.model = model.eval().to(self.device, memory_format=fmt)
         self.classes = model.classes
         self.compiled = bool(compile)
@@ -435,6 +431,20 @@ class Predictor:
         self._int8_forwards = (lambda u: head(qb(normalise(u).contiguous())), lambda f: head(qb(f.contiguous())))
         log.info("napari-bcd: backbone converted to int8 in %.1f s", time.perf_counter() - t0)
 
+    def _layout(self, precision: str) -> torch.memory_format:
+        """The weights' memory format for ``precision``: channels_last where it pays.
+
+        It pays on GPUs (tensor cores) and for bf16 on CPUs with AMX (oneDNN's blocked kernels: about 2x over
+        bf16 alone); with AVX-512 BF16 only it neither gains nor loses (ResNet152V2, batch 16: 11.5 against 11.8
+        windows/s), and converting ResNet152V2's weights costs 0.14 s at the start of a run; for fp32 on the CPU
+        it is no faster.
+        """
+        if self.device.type == "cuda":
+            return torch.channels_last
+        if precision in ("bf16", "fp16") and (self.device.type != "cpu" or cpu_features()["amx"]):
+            return torch.channels_last
+        return torch.contiguous_format
+
     def _use(self, precision: str) -> None:
         """Run from now on in ``precision``: its forwards, and the memory format it wants (int8 keeps the float
         model as it is: the quantised copy has its own weights)."""
@@ -443,8 +453,7 @@ class Predictor:
                                               else self._float_forwards)
         if precision == "int8":
             return
-        fmt = (torch.channels_last if self.device.type == "cuda" or precision in ("bf16", "fp16")
-               else torch.contiguous_format)
+        fmt = self._layout(precision)
         if fmt != self._memory_format:
             self.model.to(memory_format=fmt)
             self._memory_format = fmt
