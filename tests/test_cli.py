@@ -29,6 +29,21 @@ def test_console_script_is_installed() -> None:
     assert res.returncode == 0 and res.stdout.startswith("napari-bcd ")
 
 
+def test_the_console_script_returns_mains_code_and_freezes_what_is_left_for_a_quick_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    import napari_bcd.cli as cli
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    try:
+        assert cli.console() == 3 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # this test process goes on: give its objects back to the collector
+    script = Path(sys.executable).with_name("napari-bcd").read_text()
+    assert "from napari_bcd.cli import console" in script  # the installed script goes through it
+
+
 @pytest.mark.slow
 def test_weights_import_then_info(keras_reference: KerasReference, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["weights", "info"]) == 1
