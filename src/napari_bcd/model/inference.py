@@ -411,10 +411,12 @@ class Predictor:
         with torch.inference_mode():
             example = self.model.normalise(x[:1]) if x.dtype == torch.uint8 else x[:1]
         quantiser = Int8Quantiser(self.model.backbone, example.contiguous())
+        return quantiser, self._with_head(quantiser.observe)[0 if x.dtype == torch.uint8 else 1]
+
+    def _with_head(self, backbone) -> tuple:
+        """The (uint8, float) forwards of the model with ``backbone`` (a traced copy) in place of its own."""
         head, normalise = self.model.head, self.model.normalise
-        if x.dtype == torch.uint8:
-            return quantiser, lambda u: head(quantiser.observe(normalise(u).contiguous()))
-        return quantiser, lambda f: head(quantiser.observe(f.contiguous()))
+        return lambda u: head(backbone(normalise(u).contiguous())), lambda f: head(backbone(f.contiguous()))
 
     def _int8_converted(self, quantiser) -> None:
         """The int8 forwards from the calibrated quantiser (kept for the predictor's life)."""
@@ -427,8 +429,7 @@ class Predictor:
             self._int8_forwards = False
             self._int8_refused(str(err))
             return
-        head, normalise = self.model.head, self.model.normalise
-        self._int8_forwards = (lambda u: head(qb(normalise(u).contiguous())), lambda f: head(qb(f.contiguous())))
+        self._int8_forwards = self._with_head(qb)
         log.info("napari-bcd: backbone converted to int8 in %.1f s", time.perf_counter() - t0)
 
     def _layout(self, precision: str) -> torch.memory_format:
