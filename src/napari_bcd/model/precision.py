@@ -154,7 +154,7 @@ class Int8Quantiser:
 
     def observe(self, x: Any) -> Any:
         """The backbone's fp32 features of ``x`` (normalised float NCHW), recording its activations' ranges."""
-        with _int8_tooling():
+        with _int8_tooling(translate=False):  # a failure here is the fp32 pass's, not int8's
             return self._wrap(self._prepared)(x)
 
     def convert(self) -> Any:
@@ -178,7 +178,10 @@ def quantise_int8(backbone: Any, calibration: Any) -> Any:
 
 class _int8_tooling:
     """Quiet PyTorch's FX quantisation (it warns about its own deprecation), skip stack traces while tracing,
-    and turn its failures into a :class:`BcdError` that says what to do."""
+    and (with ``translate``) turn its failures into a :class:`BcdError` that says what to do."""
+
+    def __init__(self, translate: bool = True) -> None:
+        self._translate = translate
 
     def __enter__(self) -> None:
         import torch.fx
@@ -197,8 +200,8 @@ class _int8_tooling:
         self._warnings.__exit__(kind, err, tb)
         if self._was is not None:
             self._config.do_not_emit_stack_traces = self._was
-        if err is not None and isinstance(err, (torch.fx.proxy.TraceError, NotImplementedError, RuntimeError,
-                                                TypeError)):
+        failures = (torch.fx.proxy.TraceError, NotImplementedError, RuntimeError, TypeError)
+        if self._translate and err is not None and isinstance(err, failures):
             from ..errors import BcdError
 
             raise BcdError(f"int8 is not available for this backbone ({type(err).__name__}: {err}); "
