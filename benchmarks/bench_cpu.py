@@ -4,7 +4,8 @@
    channels_last; int8 (PyTorch's x86 FX quantisation); batch sizes and thread counts for the fast path.
 2. Agreement with fp32 on real H&E windows (the tiles in ``tests/data``): label agreement and the largest
    probability change, for ResNet152V2 and, where ``../shared`` has it, the real trained DenseNet121 backbone;
-   int8 calibrated on 8 windows as a run is, and its agreement on the windows it did not see.
+   int8 calibrated on a run's check windows (``CHECK_WINDOWS``) as a run is, and its agreement on the windows
+   it did not see.
 3. Adaptive overlap (``--refine``) against full overlap at stride 0.25 (75 %), on the bundled slide and on a
    2 x 2 pyramid of it: windows used and cells equal (real features: the trained DenseNet121 where present).
 4. The whole ``napari-bcd classify`` run of the bundled slide at stride 0.5, default settings against
@@ -129,8 +130,8 @@ def model_alone(model, seconds: float, windows: np.ndarray) -> dict:
 
 
 def agreement_on(model, windows: np.ndarray) -> dict:
-    """bf16 and int8 against fp32; int8 calibrated on the first 8 windows as a run does (its check windows), and
-    its agreement on the windows it never saw given apart."""
+    """bf16 and int8 against fp32; int8 calibrated on the first ``CHECK_WINDOWS`` windows as a run does (its
+    check windows), and its agreement on the windows it never saw given apart."""
     from napari_bcd.model.inference import CHECK_WINDOWS
     from napari_bcd.model.precision import agreement
 
