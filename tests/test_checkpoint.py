@@ -105,6 +105,48 @@ def test_changed_weights_are_refused(saved) -> None:
         load_checkpoint(path)
 
 
+def test_an_unchanged_checkpoint_is_verified_once(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    import napari_bcd.model.checkpoint as ckpt
+
+    model, path = saved
+    hashed = []
+    real = ckpt.weights_sha256
+    monkeypatch.setattr(ckpt, "weights_sha256", lambda state: hashed.append(1) or real(state))
+    now = time.time_ns() + 10**9
+    os.utime(path, ns=(now, now))  # just written: a rewrite within the file clock's tick could keep the time
+    load_checkpoint(path)
+    load_checkpoint(path)
+    assert len(hashed) == 2  # so it was not trusted
+    old = path.stat().st_mtime_ns - 3_600 * 10**9
+    os.utime(path, ns=(old, old))
+    first = load_checkpoint(path)
+    again = load_checkpoint(path)
+    assert len(hashed) == 3 and again.card == first.card == model.card  # the second load trusted the first
+    x = _batch()
+    torch.testing.assert_close(again.forward_uint8(x), model.forward_uint8(x))
+    state = load_file(path)
+    state["head.out.bias"] = state["head.out.bias"] + 1
+    save_file(state, path, metadata={})  # overwritten in place: same size, same inode
+    os.utime(path, ns=(old + 10**9, old + 10**9))
+    with pytest.raises(CheckpointError, match="weights hash"):
+        load_checkpoint(path)
+    assert len(hashed) == 4
+
+
+def test_nan_is_found_even_where_a_sum_overflows() -> None:
+    from napari_bcd.model.checkpoint import _verify
+
+    assert _verify({"w": torch.full((4,), 3e38)}, Path("big.safetensors"))  # finite: the sum is not
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(CheckpointError, match="NaN or infinite"):
+            _verify({"ok": torch.ones(3), "w": torch.tensor([1.0, bad])}, Path("bad.safetensors"))
+
+
 def test_card_of_another_backbone_is_refused(saved) -> None:
     _, path = saved
     _edit_card(path, backbone="timm:resnet34")

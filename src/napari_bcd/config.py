@@ -1,4 +1,5 @@
-"""Per-user directories and the remembered default model.
+"""Per-user directories, and what ``settings.json`` there remembers: the default model, this machine's speeds,
+and the checkpoint files already verified (so an unchanged one is not hashed again at every start).
 
 Environment variables (all optional):
 
@@ -7,7 +8,7 @@ Environment variables (all optional):
 ``NAPARI_BCD_CACHE_DIR``
     Where downloaded/converted ImageNet weights live.
 ``NAPARI_BCD_CONFIG_DIR``
-    Where the remembered default model is stored.
+    Where ``settings.json`` is stored.
 ``NAPARI_BCD_DATA_DIR``
     Where datasets (the BACH photos) are downloaded.
 """
@@ -28,11 +29,17 @@ __all__ = [
     "default_model_path",
     "measured_rate",
     "remember_rate",
+    "remember_weights",
     "set_default_model",
+    "verified_weights",
 ]
 
 log = logging.getLogger(__name__)
 _APP = "napari-bcd"
+#: Checkpoint weight files remembered as verified (:func:`remember_weights`); the oldest are forgotten first.
+_VERIFIED_KEPT = 32
+#: A weights file modified less than this many seconds before it was verified is hashed again next time.
+_RACY_S = 2.0
 
 
 def cache_dir() -> Path:
@@ -134,3 +141,48 @@ def remember_rate(key: str, windows_per_s: float) -> None:
             json.dump(settings, fh, indent=2)
     except OSError as err:  # a read-only home: the estimate just stays generic
         log.info("Could not remember the speed: %s", err)
+
+
+def _file_identity(path: Path) -> list[int] | None:
+    """What changes when a file's content is replaced or rewritten: size, modification time (ns), inode, device."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def verified_weights(path: str | os.PathLike[str]) -> str | None:
+    """The weights hash of a checkpoint file verified before (finite, hashed) and unchanged since, or None.
+
+    Unchanged means the same size, modification time, inode and device, the way git's index trusts a file
+    it has hashed; anything else (rewritten, replaced, copied, touched) is hashed again.  As in git, a file
+    modified less than :data:`_RACY_S` before it was verified is not remembered: a file system stamps times
+    at its clock's tick, and a rewrite within the same tick would keep the time.
+    """
+    p = Path(path).resolve()
+    entry = (_read_settings().get("verified_weights") or {})
+    entry = entry.get(str(p)) if isinstance(entry, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return None
+    return entry["sha256"] if entry.get("file") == _file_identity(p) else None
+
+
+def remember_weights(path: str | os.PathLike[str], sha256: str) -> None:
+    """Keep a checkpoint file's verified weights hash, so the next load of the unchanged file skips hashing it."""
+    import time
+
+    p = Path(path).resolve()
+    identity = _file_identity(p)
+    if identity is None or time.time_ns() - identity[1] < _RACY_S * 1e9:
+        return
+    settings = _read_settings()
+    known = settings.get("verified_weights") if isinstance(settings.get("verified_weights"), dict) else {}
+    known.pop(str(p), None)
+    known[str(p)] = {"file": identity, "sha256": sha256}
+    settings["verified_weights"] = dict(list(known.items())[-_VERIFIED_KEPT:])
+    try:
+        with atomic_write(_settings_file(), "w") as fh:
+            json.dump(settings, fh, indent=2)
+    except OSError as err:  # a read-only home: the file is hashed again next time
+        log.info("Could not remember the verified weights: %s", err)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .._fileio import atomic_path, atomic_write
+from ..config import remember_weights, verified_weights
 from ..errors import BcdError, CheckpointError
 from .card import ModelCard, checkpoint_paths, newer_card, read_card_file, refuse_other_formats
 from .classifier import Classifier, build_classifier
@@ -160,13 +161,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({err}). It may be truncated.") from err
-    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if broken:
-        raise CheckpointError(
-            f"{weights} holds NaN or infinite values in {len(broken)} tensor(s) "
-            f"({', '.join(broken[:3])}{', …' if len(broken) > 3 else ''}): the "
-            "training diverged or the file is damaged. Use another checkpoint, or train again.")
-    got = weights_sha256(state)
+    got = verified_weights(weights)
+    if got is None:  # not verified before, or changed since: check and hash it (0.2 s for ResNet152V2)
+        got = _verify(state, weights)
+        remember_weights(weights, got)
     if card_path.is_file():
         card = newer_card(read_card_file(card_path), embedded, card_path.name)
         if card.weights_sha256 and card.weights_sha256 != got and embedded:
@@ -211,6 +209,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         ) from err
     model.card = card
     return model.to(device).eval()
+
+
+def _verify(state: dict[str, torch.Tensor], weights: Path) -> str:
+    """The weights hash of ``state``, refusing NaN or infinite values (a tensor whose sum is finite has none)."""
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(v.sum().isfinite())
+              and not bool(torch.isfinite(v).all())]  # the sum may overflow: then every value is checked
+    if broken:
+        raise CheckpointError(
+            f"{weights} holds NaN or infinite values in {len(broken)} tensor(s) "
+            f"({', '.join(broken[:3])}{', …' if len(broken) > 3 else ''}): the "
+            "training diverged or the file is damaged. Use another checkpoint, or train again.")
+    return weights_sha256(state)
 
 
 def _embedded_card(text: str, weights: Path) -> ModelCard:
