@@ -78,6 +78,36 @@ def test_windows_over_cells_and_cells_reached_are_each_others_cover() -> None:
     assert all(r % 2 == 0 and c % 2 == 0 for r, c in lattice) and len(lattice) == 2 * 3
 
 
+def test_windows_left_out_are_interpolated_from_the_lattice_around_them() -> None:
+    from napari_bcd.engine.classmap import CellAccumulator
+    from napari_bcd.engine.refine import cell_probabilities, estimate_windows
+    from napari_bcd.tiling import Grid
+
+    n_windows, k = (13, 17), (4, 4)
+    rows, cols = np.mgrid[: n_windows[0], : n_windows[1]].astype(np.float64)
+    field = np.stack([0.1 + 0.02 * rows + 0.01 * cols, 0.9 - 0.02 * rows - 0.01 * cols], -1)  # linear: exact
+    done = np.zeros(n_windows, bool)
+    done[::4, ::4] = True  # the coarse lattice, one field apart
+    candidates = np.ones(n_windows, bool)
+    candidates[:, 13:] = False  # glass on the right: never estimated
+    done &= candidates
+    measured = np.where(done[..., None], field, np.nan)
+    estimated, known = estimate_windows(measured, done, candidates, k)
+    np.testing.assert_array_equal(known, candidates)  # every candidate has a classified window within a field
+    np.testing.assert_allclose(estimated[:, :13], field[:, :13], atol=1e-6)  # between lattice windows: exact
+    assert np.isnan(estimated[:, 13:]).all()
+    off = estimate_windows(measured, done & (rows < 4), candidates, k)[1]
+    assert off[:4, :13].all() and not off[4:].any()  # nothing classified within a field: unknown, not guessed
+    grid = Grid(window_px=(256.0, 256.0), stride_px=(64.0, 64.0), origin_px=(0.0, 0.0), n_windows=n_windows,
+                cells_per_window=k, level=0, level_downsample=(1.0, 1.0), mpp=(0.5, 0.5), input_px=(256, 256))
+    acc = CellAccumulator(grid, 2)  # full overlap's cells: the mean of every candidate window covering them
+    acc.add(np.argwhere(candidates), field[candidates])
+    cells = cell_probabilities(estimated, known, k, grid.n_cells)
+    np.testing.assert_allclose(cells, acc.probabilities(), atol=1e-6)
+    lattice_only = cell_probabilities(measured, done, k, grid.n_cells)  # without the estimates: off the field
+    assert np.nanmax(np.abs(lattice_only - acc.probabilities())) > 0.02
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model):
     from napari_bcd import open_slide
@@ -96,6 +126,7 @@ def test_refine_uses_fewer_windows_and_reports_them(runs) -> None:
     assert adaptive.info["windows"] == adaptive.window_done.sum() < full.info["windows"]
     assert info["share_used"] == pytest.approx(adaptive.info["windows"] / full.info["windows"], abs=1e-4)
     assert full.info["refine"] is None
+    assert 0 < info["estimated_windows"] <= info["full_overlap_windows"] - adaptive.info["windows"]
     np.testing.assert_array_equal(adaptive.labels > 0, full.labels > 0)  # every cell full overlap maps is mapped
     equal = (adaptive.labels == full.labels)[full.labels > 0].mean()
     assert equal > 0.8, equal  # a random network: the bound the benchmark measures on real features is tighter
@@ -112,6 +143,7 @@ def test_refine_equals_full_overlap_where_it_refines_everywhere(tiny_model, monk
     with open_slide(SAMPLE_SLIDE) as slide:
         _, everywhere = drain(iter_classify(slide, tiny_model, stride=0.25, precision="fp32", refine=True))
     assert everywhere.info["windows"] == full.info["windows"]
+    assert everywhere.info["refine"]["estimated_windows"] == 0
     np.testing.assert_allclose(everywhere.probs, full.probs, atol=1e-6)
     np.testing.assert_array_equal(everywhere.labels, full.labels)
 

@@ -64,6 +64,8 @@ class RunRecord:
     precision_check: dict | None = None
     #: With adaptive overlap: the windows full overlap would have classified (``windows`` is those used).
     candidate_windows: int | None = None
+    #: With adaptive overlap: the windows left out but estimated from the classified ones around them.
+    estimated_windows: int | None = None
     #: The CPU batch size and thread count, and the rates timed to choose them (:class:`~napari_bcd.model.tuning.
     #: BatchTuner`); None where they were given or on a GPU.
     batching: dict | None = None
@@ -82,7 +84,8 @@ class RunRecord:
             "windows": int(self.windows),
             "refine": None if self.candidate_windows is None else {
                 "full_overlap_windows": self.candidate_windows,
-                "share_used": round(self.windows / self.candidate_windows, 4) if self.candidate_windows else 1.0},
+                "share_used": round(self.windows / self.candidate_windows, 4) if self.candidate_windows else 1.0,
+                "estimated_windows": int(self.estimated_windows or 0)},
             "seconds": round(self.seconds, 3),
             "windows_per_s": self.windows_per_s,
             "device": self.device,

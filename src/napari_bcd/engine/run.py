@@ -81,7 +81,7 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     from ..decision import decide
     from ..io.device_decode import DecodeChoice, device_rows
     from .producer import BatchProducer
-    from .refine import cells_reached, coarse_lattice, next_windows
+    from .refine import cell_probabilities, cells_reached, coarse_lattice, estimate_windows, next_windows
 
     card = predictor.model.card
     yield Progress("tissue", 0, 0)
@@ -108,11 +108,14 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     candidates = np.zeros(grid.n_windows, bool)
     candidates[todo[:, 0], todo[:, 1]] = True
     reachable, level = None, 0
+    # with refine, each window's probabilities: the windows left out are estimated from them
+    window_probs = np.full((*grid.n_windows, len(card.classes)), np.nan, np.float32) if s.refine else None
+    known = done_mask
     while len(part):
         alloc = predictor.host_batch if predictor.device.type == "cuda" else None
         with BatchProducer(slide, grid, part, batch_size, workers=s.workers, prefetch=s.prefetch, read_row=rows,
                            alloc=alloc) as producer:
-            for n in _pass_batches(producer, predictor, acc, done_mask, level_mpp, score_quality):
+            for n in _pass_batches(producer, predictor, acc, done_mask, level_mpp, score_quality, window_probs):
                 done += n
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 yield Progress("classify", done, planned, rate, (planned - done) / rate if rate else None)
@@ -121,11 +124,15 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
             if reachable is None:
                 reachable = cells_reached(candidates, grid.cells_per_window, grid.n_cells) & (
                     cell_frac >= s.min_tissue * 0.5)
-            new, level = next_windows(acc, reachable, candidates & ~done_mask, grid, level, rule,
+            estimated, known = estimate_windows(window_probs, done_mask, candidates, grid.cells_per_window)
+            probs = cell_probabilities(estimated, known, grid.cells_per_window, grid.n_cells)
+            new, level = next_windows(probs, acc.counts, reachable, candidates & ~done_mask, grid, level, rule,
                                       tuple(card.classes))
             part = np.argwhere(new)
             planned += len(part)
-    probs = acc.probabilities()
+    if not s.refine or done == 0:
+        probs = acc.probabilities()
+    probs[acc.counts == 0] = np.nan  # a cell only estimated windows cover is not mapped
     covered = (acc.counts > 0) & (cell_frac >= s.min_tissue * 0.5)
     cell_quality = acc.quality() if score_quality else None
     labels, reasons = decide(probs, covered, tuple(card.classes), rule, cell_quality)
@@ -137,7 +144,8 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
         compiled=bool(predictor.compiled), warmup_seconds=compile_s,
         decoded_tiles=slide.decoded_tiles - decoded_before + (rows.decoded if rows is not None else 0),
         tiles_touched=tiles_touched(slide, grid, np.argwhere(done_mask)), decode=decode, stain=stain,
-        candidate_windows=int(total) if s.refine else None)
+        candidate_windows=int(total) if s.refine else None,
+        estimated_windows=int((known & ~done_mask).sum()) if s.refine else None)
     return ClassMap(probs=probs, labels=labels, tissue=cell_frac, window_done=done_mask, grid=grid,
                     classes=tuple(card.classes), slide_name=printable(slide.name), slide_shape=slide.dimensions,
                     model_name=card.name, quality=cell_quality, run=record,
@@ -145,7 +153,7 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
 
 
 def _pass_batches(producer, predictor, acc: CellAccumulator, done_mask: np.ndarray, level_mpp: float,
-                  score_quality: bool) -> Iterator[int]:
+                  score_quality: bool, window_probs: np.ndarray | None = None) -> Iterator[int]:
     """The producer's windows through the model into the accumulator; yields the size of each finished batch.
 
     On a GPU one batch is in flight: batch i+1 is queued on the device before batch i's probabilities are
@@ -156,8 +164,11 @@ def _pass_batches(producer, predictor, acc: CellAccumulator, done_mask: np.ndarr
 
     def take(batch_rc: np.ndarray, pending, q_futures: list) -> None:
         scores = np.concatenate([f.result() for f in q_futures]) if q_futures else None
-        acc.add(batch_rc, pending.result(), scores)
+        probs = pending.result()
+        acc.add(batch_rc, probs, scores)
         done_mask[batch_rc[:, 0], batch_rc[:, 1]] = True
+        if window_probs is not None:
+            window_probs[batch_rc[:, 0], batch_rc[:, 1]] = probs
 
     in_flight = None
     for batch_rc, pixels in itertools.chain(producer, [(None, None)]):  # the last flushes the one in flight
