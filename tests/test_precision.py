@@ -131,11 +131,13 @@ def test_features_are_cached_apart_by_precision(tiny_model, tmp_path: Path) -> N
 
 @fast_cpu
 @pytest.mark.slow
-def test_the_real_resnet152v2_passes_the_check_on_real_he() -> None:
+def test_the_real_resnet152v2_passes_the_check_on_real_he(monkeypatch) -> None:
     import torch
 
-    from napari_bcd.model import build_classifier
+    from napari_bcd.model import build_classifier, inference
     from napari_bcd.model.inference import Predictor
+
+    monkeypatch.setattr(inference, "int8_outruns_bf16", lambda: False)  # both checked, as with AMX
 
     torch.manual_seed(0)
     model = build_classifier("resnet152v2", backbone_weights=None)  # the exact network; random weights offline
@@ -219,8 +221,12 @@ def test_a_tuned_predictor_gives_the_models_probabilities(tiny_model) -> None:
 
 
 @fast_cpu
-def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agrees(tiny_model) -> None:
+def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agrees(tiny_model, monkeypatch) -> None:
     import torch
+
+    from napari_bcd.model import inference
+
+    monkeypatch.setattr(inference, "int8_outruns_bf16", lambda: False)  # as with AMX: both are timed
 
     from napari_bcd.model import build_classifier
     from napari_bcd.model.inference import Predictor
@@ -271,6 +277,40 @@ def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agr
             fast == "int8")
         if fast == "bf16":
             assert long.int8_trial["why"] == "int8 ran 1.0 windows/s, bf16 100.0" and long.check.fast == "bf16"
+
+
+def test_without_amx_bf16_is_only_int8s_fallback(tiny_model, monkeypatch) -> None:
+    import torch
+
+    from napari_bcd.model import build_classifier, inference
+    from napari_bcd.model.tuning import describe_tuning
+
+    monkeypatch.setattr(inference, "bf16_is_fast", lambda device: True)
+    monkeypatch.setattr(inference, "int8_outruns_bf16", lambda: True)  # AVX-512 BF16 without AMX
+    # the spread head: int8 calibrated and checked on windows 4-7 moves window 7 by 0.98, so bf16 is checked
+    refused = inference.Predictor(tiny_model, device="cpu")
+    refused.begin_run(windows=1_000_000)
+    refused(_he_windows(20)[4:])
+    assert set(refused._checks) == {"int8", "bf16"} and refused.precision == "bf16" and refused.check.fast == "bf16"
+    assert refused.int8_trial["kept"] is False and refused.int8_trial["float_precision"] == "bf16"
+
+    torch.manual_seed(0)
+    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0))
+    x = _he_windows(16)
+    exact = inference.Predictor(model, device="cpu", precision="fp32")(x)
+    p = inference.Predictor(model, device="cpu")
+    p.begin_run(windows=1_000_000)
+    first = p(x)
+    trial = p.int8_trial
+    assert set(p._checks) == {"int8"} and p._checks["int8"].passed  # int8 agreed: bf16 never ran
+    assert trial["float_precision"] == "bf16" and trial["kept"] is None and p.precision == "int8"
+    for _ in range(4):  # int8 timed at 4, 8 and 16 windows, then the race ends with nothing to race
+        probs = p(x)
+    assert trial["kept"] is True and trial["float_timed"] == "not run" and trial["float_windows_per_s"] is None
+    assert trial["int8_windows_per_s"] > 0 and not p._racing and p.tuning["chosen_by_timing"]
+    assert max(np.abs(first - exact).max(), np.abs(probs - exact).max()) <= 0.15
+    text = describe_tuning(None, trial)[0]
+    assert text.startswith("int8 kept:") and "bf16 not run" in text
 
 
 def test_auto_races_int8_against_fp32_on_a_cpu_without_bf16_units(tiny_model, monkeypatch) -> None:

@@ -10,7 +10,15 @@ import torch
 
 from ..errors import BcdError
 from .classifier import Classifier
-from .precision import PRECISION_TOLERANCE, PrecisionCheck, agreement, bf16_is_fast, cpu_features, int8_available
+from .precision import (
+    PRECISION_TOLERANCE,
+    PrecisionCheck,
+    agreement,
+    bf16_is_fast,
+    cpu_features,
+    int8_available,
+    int8_outruns_bf16,
+)
 from .tuning import TUNE_BATCHES, BatchTuner, int8_pays
 
 __all__ = ["PendingProbabilities", "Predictor", "choose_device"]
@@ -98,8 +106,10 @@ class Predictor:
         (:class:`~.precision.PrecisionCheck`), and on runs long enough for it to pay
         (:func:`~.tuning.int8_pays`) int8 too, on the same windows, calibrated by the same fp32 pass.  The run
         goes on in the faster format that agrees within ``tolerance`` (timed on its own batches, the
-        ``int8_trial`` says which and why), fp32 if none does.  ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"``
-        as asked, unchecked; ``"int8"`` quantised on the first batch and checked, fp32 where it disagrees.
+        ``int8_trial`` says which and why), fp32 if none does; where int8 outruns bf16 without timing (AVX-512
+        BF16 without AMX: :func:`~.precision.int8_outruns_bf16`) bf16 is checked only where int8 is not kept.
+        ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` as asked, unchecked; ``"int8"`` quantised on the first
+        batch and checked, fp32 where it disagrees.
     compile
         Wrap the model in :func:`torch.compile` (worth it for long runs on a GPU).
     tolerance
@@ -170,6 +180,9 @@ class Predictor:
         #: each other, with the windows/s each ran in its check (until :class:`~.tuning.BatchTuner` has timed it).
         self._checks: dict[str, PrecisionCheck] = {}
         self._racing: dict[str, float] = {}
+        #: CPU *auto* on a CPU where int8 outruns bf16 (:func:`~.precision.int8_outruns_bf16`) and int8 is tried:
+        #: bf16 is checked only where int8 is not kept on the check.
+        self._bf16_fallback = False
         #: The run's int8 trial under CPU *auto*: its check, the float format it ran against, both rates and
         #: ``kept`` (None while the two are being timed, then True or False with ``why``); None when none was tried.
         self.int8_trial: dict | None = None
@@ -180,7 +193,8 @@ class Predictor:
         Under CPU *auto* the run starts in the fast float format and its first batch is checked against fp32
         again (the last run may have fallen back, or kept int8); where the run is long enough for it to pay
         (:func:`~.tuning.int8_pays`) or the backbone is quantised already, int8 is checked on the same
-        windows and timed against the float format.  Without ``batch_size`` the CPU chooses its own by
+        windows and timed against the float format (on a CPU where int8 outruns bf16, bf16 is checked only
+        where int8 is not kept).  Without ``batch_size`` the CPU chooses its own by
         timing (:class:`~.tuning.BatchTuner`).
         """
         if self._auto_cpu:
@@ -188,6 +202,11 @@ class Predictor:
             int8 = (self._int8_forwards is not False and int8_available()
                     and (bool(self._int8_forwards) or int8_pays(windows)))
             self._to_check = (("bf16",) if self._float == "bf16" else ()) + (("int8",) if int8 else ())
+            # where int8 outruns bf16 without timing (no AMX), bf16 is int8's fallback: checked where int8 is not
+            # kept on the check, never timed against it
+            self._bf16_fallback = int8 and self._float == "bf16" and int8_outruns_bf16()
+            if self._bf16_fallback:
+                self._to_check = ("int8", "bf16")
             self.check_pending, self.check = bool(self._to_check), None
             self._checks, self._racing, self.int8_trial = {}, {}, None
         self.tune = self.device.type == "cpu" and not self.compiled and batch_size is None
@@ -269,6 +288,8 @@ class Predictor:
         for fmt in self._to_check:
             if fmt == "int8" and not self._int8_forwards:
                 continue
+            if fmt == "bf16" and self._bf16_fallback and "int8" in self._checks and self._checks["int8"].passed:
+                continue
             t0 = time.perf_counter()
             with torch.inference_mode(), self._autocast(fmt):
                 logits[fmt] = self._forwards(fmt)[slot](x[:k]).float()
@@ -320,6 +341,11 @@ class Predictor:
         if trial is not None and trial.get("kept") is None:
             int8, other = self._rate("int8"), trial["float_precision"]
             check = self._checks["int8"]
+            if other not in self._racing and self._bf16_fallback:  # bf16 not run: int8 outruns it on this CPU
+                trial.update(int8_windows_per_s=round(int8, 2), float_windows_per_s=None, float_timed="not run",
+                             kept=kept == "int8")
+                self._racing = {}
+                return
             versus = self._rate(other) if other in self._racing else check.windows / max(check.fp32_s, 1e-9)
             tuner = self._tuners.get(other)
             trial.update(float_windows_per_s=round(versus, 2), int8_windows_per_s=round(int8, 2),
@@ -334,7 +360,7 @@ class Predictor:
         if not self._auto_cpu:
             return
         check = self._checks["int8"]
-        other = "bf16" if "bf16" in self._racing else "fp32"
+        other = "bf16" if "bf16" in self._racing or (self._bf16_fallback and check.passed) else "fp32"
         self.int8_trial = {"check": check.to_dict(), "float_precision": other, "kept": None}
         if not check.passed:
             self.int8_trial.update(kept=False, why=(

@@ -109,7 +109,11 @@ def describe_tuning(batching: dict | None, int8_trial: dict | None) -> list[str]
         out.append(f"batch {batching['batch']} on {batching['threads']} threads, {how} ({rates}).")
     if int8_trial:
         other = int8_trial.get("float_precision", "bf16")
-        if int8_trial.get("kept"):
+        if int8_trial.get("kept") and int8_trial.get("float_timed") == "not run":
+            out.append(f"int8 kept: {int8_trial['int8_windows_per_s']} windows/s, largest probability change "
+                       f"{int8_trial['check']['max_change']} against fp32 ({other} not run: on a CPU with AVX-512 "
+                       f"BF16 and no AMX int8 runs about twice as fast).")
+        elif int8_trial.get("kept"):
             where = " in its check" if int8_trial.get("float_timed") == "check" else ""
             out.append(f"int8 kept: {int8_trial['int8_windows_per_s']} windows/s against {other}'s "
                        f"{int8_trial['float_windows_per_s']}{where}, largest probability change "
