@@ -8,13 +8,16 @@
    it did not see.
 3. Adaptive overlap (``--refine``) against full overlap at stride 0.25 (75 %), on the bundled slide and on a
    2 x 2 pyramid of it: windows used and cells equal (real features: the trained DenseNet121 where present).
-4. The whole ``napari-bcd classify`` run of the bundled slide at stride 0.5, default settings against
+4. The fixed start of a classify run: process start to its first batch of windows (Python, imports,
+   checkpoint, slide, tissue, stain), fp32 and auto, the median of three, and what the
+   ``torch`` import alone takes of it.
+5. The whole ``napari-bcd classify`` run of the bundled slide at stride 0.5, default settings against
    ``--precision fp32 --batch-size 4`` (the old CPU default), and each run's time outside the windows
    (start: Python, imports, checkpoint, tissue; and writing), the batch size chosen by timing, auto's int8
    trial and, with ``--long``, the same at stride 0.25 (about 700 windows).
 
     python benchmarks/bench_cpu.py [--seconds 8] [--json cpu.json] [--skip-cli] [--skip-model-alone]
-        [--skip-agreement] [--skip-refine] [--small] [--long]
+        [--skip-agreement] [--skip-refine] [--skip-start] [--small] [--long]
 
 Weights do not change the speed; the head is spread (normal, std 0.5) so the classes differ and the
 agreement figures mean something.  Ratios are measured in one run: the machine is noisy.
@@ -182,6 +185,36 @@ def cli_runs(work: Path, model, stride: float = 0.5) -> dict:
     return out
 
 
+def start_figures(work: Path, model, repeats: int = 3) -> dict:
+    """Process start to the first batch of a classify run of the bundled slide, median of ``repeats``.
+
+    One run first, not counted: it verifies the new checkpoint (hashed once, then trusted while unchanged),
+    as a user's first run of a model does, and brings the files into the page cache."""
+    from napari_bcd.model import save_checkpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "paper.safetensors"
+    if not ckpt.is_file():
+        save_checkpoint(model, path=ckpt)
+    harness = Path(__file__).parent / "_start.py"
+    out: dict = {}
+    for precision in ("fp32", "auto"):
+        runs = []
+        for i in range(repeats + 1):
+            done = subprocess.run([sys.executable, str(harness), "classify", str(SLIDE), "--model", str(ckpt),
+                                   "--precision", precision, "--out", str(work / f"{precision}{i}")],
+                                  check=True, capture_output=True, text=True)
+            runs.append(float(done.stdout.split("START")[-1]))
+        out[precision] = {"median_s": round(float(np.median(runs[1:])), 2), "runs_s": runs[1:], "first_s": runs[0]}
+    took = []
+    for _ in range(repeats):
+        done = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); import torch; "
+                               "print(time.perf_counter() - t)"], check=True, capture_output=True, text=True)
+        took.append(float(done.stdout))
+    out["import_torch_s"] = round(float(np.median(took)), 2)
+    return out
+
+
 def trained_model(tmp: Path):
     """The real DenseNet121 backbone with the Table II head trained (default protocol) on crops of the real
     H&E tiles in tests/data, four sources standing in for the four classes (tests/conftest.py's dataset)."""
@@ -234,6 +267,7 @@ def main() -> None:
     ap.add_argument("--skip-model-alone", action="store_true")
     ap.add_argument("--skip-refine", action="store_true")
     ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--skip-start", action="store_true")
     ap.add_argument("--small", action="store_true", help="adaptive overlap on the bundled slide only")
     ap.add_argument("--long", action="store_true",
                     help="also the whole CLI run at stride 0.25 (about 700 windows)")
@@ -270,6 +304,10 @@ def main() -> None:
                 big = tiled_slide(Path(tmp) / "pyramid.tif", (2, 2))
                 figs["refine"].append(refine_figures(dn, big))
                 print(f"  refine: {figs['refine'][1]}")
+    if not args.skip_start:
+        with tempfile.TemporaryDirectory() as tmp:
+            figs["start"] = start_figures(Path(tmp), model)
+            print(f"  start of a classify run (to its first batch): {figs['start']}")
     if not args.skip_cli:
         with tempfile.TemporaryDirectory() as tmp:
             figs["cli_stride_0.5"] = cli_runs(Path(tmp), model)
