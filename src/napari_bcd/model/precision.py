@@ -52,7 +52,7 @@ class PrecisionCheck:
     @property
     def agreement_text(self) -> str:
         return (f"{self.label_agreement:.0%} of {self.windows} windows with the same class, largest probability "
-                f"change {self.max_change:.3f}")
+                f"change {self.max_change:.2g}")
 
     def describe(self) -> str:
         same = self.agreement_text
