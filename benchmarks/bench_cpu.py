@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -157,13 +158,22 @@ def agreement_on(model, windows: np.ndarray) -> dict:
     return out
 
 
-def cli_runs(work: Path, model, stride: float = 0.5) -> dict:
+def saved_checkpoint(work: Path, model) -> Path:
+    """``model`` saved in ``work`` (once), dated a minute back as a user's checkpoint is: one verified within
+    2 s of being written is hashed again at the next start (``config.remember_weights``)."""
     from napari_bcd.model import save_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "paper.safetensors"
     if not ckpt.is_file():
         save_checkpoint(model, path=ckpt)
+        past = time.time() - 60
+        os.utime(ckpt, (past, past))
+    return ckpt
+
+
+def cli_runs(work: Path, model, stride: float = 0.5) -> dict:
+    ckpt = saved_checkpoint(work, model)
     ckpt.read_bytes()  # in the page cache for both runs: the first must not pay a cold read the second does not
     out: dict = {}
     for name, extra in (("default", []), ("fp32_batch4", ["--precision", "fp32", "--batch-size", "4"])):
@@ -190,12 +200,7 @@ def start_figures(work: Path, model, repeats: int = 3) -> dict:
 
     One run first, not counted: it verifies the new checkpoint (hashed once, then trusted while unchanged),
     as a user's first run of a model does, and brings the files into the page cache."""
-    from napari_bcd.model import save_checkpoint
-
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / "paper.safetensors"
-    if not ckpt.is_file():
-        save_checkpoint(model, path=ckpt)
+    ckpt = saved_checkpoint(work, model)
     harness = Path(__file__).parent / "_start.py"
     out: dict = {}
     for precision in ("fp32", "auto"):
