@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_bcd.classes import BACH_CLASSES
+
 logging.getLogger("napari_bcd").setLevel(logging.ERROR)
 logging.getLogger("distributed").setLevel(logging.ERROR)
 SLIDE = Path(__file__).parents[1] / "src" / "napari_bcd" / "data" / "CMU-1-Small-Region.svs"
@@ -62,7 +64,8 @@ def main() -> None:
         d = Path(tmp)
         make_cohort(d, args.slides)
         torch.manual_seed(0)
-        model = build_classifier(args.backbone, backbone_weights=None, input_px=(128, 128), field_um=(200.0, 200.0))
+        model = build_classifier(args, classes=BACH_CLASSES.backbone, backbone_weights=None, input_px=(128, 128),
+                                 field_um=(200.0, 200.0))
         ckpt = save_checkpoint(model, path=d / "m.safetensors")
         items = collect_slides([str(d)])
         settings = ClassifySettings(stride=args.stride)

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_bcd.classes import BACH_CLASSES
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 SLIDE = ROOT / "src" / "napari_bcd" / "data" / "CMU-1-Small-Region.svs"
@@ -83,7 +85,8 @@ def paper_model(windows: np.ndarray):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return spread_head(build_classifier("resnet152v2", backbone_weights=None, field_um=(128.0, 128.0)), windows)
+        return spread_head(build_classifier("resnet152v2", classes=BACH_CLASSES, backbone_weights=None,
+                                            field_um=(128.0, 128.0)), windows)
 
 
 def rate(pred, x: np.ndarray, seconds: float) -> float:
@@ -293,7 +296,8 @@ def main() -> None:
     if CAPRICORN.is_file() and not args.skip_agreement:
         from napari_bcd.model import build_classifier
 
-        dn = spread_head(build_classifier("timm:densenet121", backbone_weights=str(CAPRICORN)), windows)
+        dn = spread_head(build_classifier("timm:densenet121", classes=BACH_CLASSES, backbone_weights=str(CAPRICORN)),
+                         windows)
         figs["agreement_densenet121_trained"] = agreement_on(dn, windows)
         print(f"  agreement trained DenseNet121: {figs['agreement_densenet121_trained']}")
     if CAPRICORN.is_file() and not args.skip_refine:

@@ -35,6 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _slides import SAMPLE, tiled_slide
 
+from napari_bcd.classes import BACH_CLASSES
+
 logging.getLogger("napari_bcd").setLevel(logging.ERROR)
 MiB = 1 << 20
 
@@ -44,7 +46,8 @@ def paper_model(field_um: float = 128.0):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return build_classifier("resnet152v2", field_um=(field_um, field_um), name="bench-resnet152v2")
+        return build_classifier("resnet152v2", classes=BACH_CLASSES, field_um=(field_um, field_um),
+                                name="bench-resnet152v2")
 
 
 def end_to_end_vs_model(slide_path: Path, batch: int) -> None:
@@ -87,7 +90,8 @@ def rss_child(path: str) -> None:
     from napari_bcd.model import build_classifier
 
     torch.manual_seed(0)
-    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(100.0, 100.0))
+    model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64),
+                             field_um=(100.0, 100.0))
     with open_slide(path) as slide:
         cmap = classify(slide, model, batch_size=32)
     print(json.dumps({"rss": vm_hwm(), "windows": cmap.n_windows, "shape": list(slide.dimensions)}))

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_bcd.classes import BACH_CLASSES
+
 logging.getLogger("napari_bcd").setLevel(logging.ERROR)
 warnings.simplefilter("ignore")
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,9 +280,11 @@ def main() -> None:
         if cuda or args.rehearse:
             torch.manual_seed(0)
             if args.rehearse:  # a loadable small model (the CLI reloads it), the same code path
-                paper = build_classifier("timm:test_resnet", backbone_weights=None, field_um=(128.0, 128.0))
+                paper = build_classifier("timm:test_resnet", classes=BACH_CLASSES, backbone_weights=None,
+                                         field_um=(128.0, 128.0))
             else:
-                paper = build_classifier("resnet152v2", backbone_weights=None, field_um=(128.0, 128.0))
+                paper = build_classifier("resnet152v2", classes=BACH_CLASSES, backbone_weights=None,
+                                         field_um=(128.0, 128.0))
             gpu_figures(figures, slide, Path(d), "cuda" if cuda else "cpu", paper, 16 if args.rehearse else 256,
                         compile=not (args.skip_compile or args.rehearse))
         else:
@@ -297,7 +301,8 @@ def main() -> None:
             one = figures["raw_decode_tiles_per_s"][1]
             figures["proxy_windows_per_raw_tile_64px"] = round(figures["tiny_64px"]["windows_per_s"] / one, 2)
             figures["proxy_windows_per_raw_tile_256px"] = round(figures["tiny_256px_level0"]["windows_per_s"] / one, 2)
-            paper = build_classifier("resnet152v2", backbone_weights=None, field_um=(128.0, 128.0))
+            paper = build_classifier("resnet152v2", classes=BACH_CLASSES, backbone_weights=None,
+                                     field_um=(128.0, 128.0))
             pred = Predictor(paper, device="cpu", precision="fp32")
             alone = model_alone(pred, (256, 256), 4, 8.0)
             e2e = end_to_end(slide, pred, 4, None, crop=1024)  # an in-memory crop: ~10 windows at 3/s

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import torch
 
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.model import Predictor, build_classifier
 
 logging.getLogger("napari_bcd").setLevel(logging.ERROR)  # the no-ImageNet warning is expected here
@@ -47,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_classifier("resnet152v2")  # weights do not change the speed
+        model = build_classifier("resnet152v2", classes=BACH_CLASSES)  # weights do not change the speed
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if not args.no_cpu:
         rate, n = measure(Predictor(model, device="cpu", precision="fp32"), args.batch, args.seconds)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_bcd.classes import BACH_CLASSES
+
 logging.getLogger("napari_bcd").setLevel(logging.ERROR)
 SLIDE = Path(__file__).parents[1] / "src" / "napari_bcd" / "data" / "CMU-1-Small-Region.svs"
 
@@ -50,7 +52,7 @@ def run(backbone: str, field_um: float | None, input_px: int, block: int, device
 
     torch.manual_seed(0)
     kw = {"field_um": (field_um, field_um)} if field_um else {}
-    model = build_classifier(backbone, backbone_weights=None, input_px=(input_px, input_px), **kw)
+    model = build_classifier(backbone, classes=BACH_CLASSES, backbone_weights=None, input_px=(input_px, input_px), **kw)
     for p in model.head.parameters():
         torch.nn.init.normal_(p, std=0.3)
     ckpt = save_checkpoint(model.eval(), path=tmp / f"{backbone.replace(':', '_')}-{field_um}.safetensors")
@@ -93,7 +95,8 @@ def quality_cost(device: str) -> None:
     from napari_bcd.model import build_classifier
 
     torch.manual_seed(0)
-    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(100.0, 100.0))
+    model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64),
+                             field_um=(100.0, 100.0))
     with open_slide(SLIDE) as slide:
         classify(slide, model, device=device)  # warm: thumbnail, threads
         times = {}

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_bcd.classes import BACH_CLASSES
+
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 DATA = Path(__file__).parent / "data"
@@ -202,7 +204,8 @@ def tiny_model():
 
     torch.manual_seed(0)
     model = build_classifier(
-        "timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0), name="tiny"
+        "timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0),
+        name="tiny"
     )
     for p in model.head.parameters():  # spread the outputs so several classes appear
         torch.nn.init.normal_(p, std=0.5)
@@ -280,8 +283,9 @@ def add_regions(viewer, image, boxes, name: str):
     Annotations dock would make it."""
     from napari_bcd.annotations import Annotation
     from napari_bcd.annotations.napari import annotations_to_shapes
+    from napari_bcd.classes import canonical_class
 
-    anns = [Annotation(label, cls, np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float))
+    anns = [Annotation(label, canonical_class(cls), np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float))
             for label, cls, (y0, x0, y1, x1) in boxes]
     data, kwargs, _ = annotations_to_shapes(anns, scale=tuple(image.scale[-2:]), name=name)
     return viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, SAMPLE_SLIDE, drain, four_kinds_dataset, load_rgb
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.cli import main
 from napari_bcd.errors import AnnotationError, BcdError, DatasetError, SlideError
 
@@ -211,7 +212,7 @@ def test_annotation_colours_and_encodings(tmp_path: Path) -> None:
     (tmp_path / "a.geojson").write_text(json.dumps(doc))
     assert read_annotations(tmp_path / "a.geojson")[0].color is None  # the class colour is used
     (tmp_path / "u16.geojson").write_bytes(json.dumps(doc).encode("utf-16"))  # Windows tools write UTF-16
-    assert read_annotations(tmp_path / "u16.geojson")[0].cls == 2
+    assert read_annotations(tmp_path / "u16.geojson")[0].class_name == "Benign"
 
 
 def test_settings_that_are_not_an_object_are_ignored(tmp_path: Path) -> None:
@@ -254,8 +255,8 @@ def test_export_patches_off_the_slide_says_so(tmp_path: Path) -> None:
     from napari_bcd.train.patches import plan_patches
 
     box = lambda y0, x0, y1, x1: np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)  # noqa: E731
-    anns = [Annotation("Benign", 2, box(10_000, 10_000, 11_000, 11_000)), Annotation("Invasive", 4, box(0, 900, 1500,
-                                                                                                        1500))]
+    anns = [Annotation("Benign", "Benign", box(10_000, 10_000, 11_000, 11_000)),
+            Annotation("Invasive", "Invasive", box(0, 900, 1500, 1500))]
     with open_slide(SAMPLE_SLIDE) as slide:
         plan = plan_patches(slide, anns, field_um=(100.0, 100.0))
         with pytest.raises(DatasetError, match="coverage"):
@@ -271,7 +272,8 @@ def test_export_stopped_half_way_lists_exactly_the_patches_written(tmp_path: Pat
     from napari_bcd.train.patches import ExportProgress, iter_export_patches
 
     box = lambda y0, x0, y1, x1: np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)  # noqa: E731
-    anns = [Annotation("Invasive", 4, box(0, 900, 1500, 1500)), Annotation("Benign", 2, box(1500, 800, 2967, 1600))]
+    anns = [Annotation("Invasive", "Invasive", box(0, 900, 1500, 1500)),
+            Annotation("Benign", "Benign", box(1500, 800, 2967, 1600))]
     with open_slide(SAMPLE_SLIDE) as slide:
         gen = iter_export_patches(slide, anns, tmp_path / "p", field_um=(100.0, 100.0))
         for item in gen:
@@ -285,7 +287,7 @@ def test_export_stopped_half_way_lists_exactly_the_patches_written(tmp_path: Pat
         files = {p.name for p in (tmp_path / "p").rglob("*.png")}
         assert len(files) == 5 and listed() == files
         # Again with another stride, and another label for the same area: names stay unique, one class each.
-        anns2 = [Annotation("Normal", 1, box(0, 900, 1500, 1500))]
+        anns2 = [Annotation("Normal", "Normal", box(0, 900, 1500, 1500))]
         drain(iter_export_patches(slide, anns2, tmp_path / "p", field_um=(100.0, 100.0), stride=0.5))
     names = [p.name for p in (tmp_path / "p").rglob("*.png")]
     assert len(names) == len(set(names)) and listed() == set(names)
@@ -323,7 +325,7 @@ def test_a_model_with_other_classes_is_shown_with_its_own(tmp_path: Path) -> Non
     s = summarize(cmap)
     assert [c.display_name for c in s.classes] == ["Normal", "Tumour", "Invasive carcinoma"]
     for a in class_regions(cmap):
-        assert a.label in classes and (a.cls == 4) == (a.label == "Invasive carcinoma")
+        assert a.label in classes and (a.class_name == "Invasive") == (a.label == "Invasive carcinoma")
     # A folder with a class the model does not have is refused, not mapped by position.
     ds = read_iciar(four_kinds_dataset(tmp_path / "ds", n=2))
     with pytest.raises(DatasetError, match="Benign, InSitu.*does not know"):
@@ -376,7 +378,8 @@ def two_models(tmp_path_factory) -> tuple[Path, Path]:
     paths = []
     for name in ("alpha", "beta"):
         torch.manual_seed(len(name))
-        m = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0),
+        m = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64),
+                             field_um=(200.0, 200.0),
                              name=name)
         paths.append(save_checkpoint(m, path=d / f"{name}.safetensors"))
     return paths[0], paths[1]

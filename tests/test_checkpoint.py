@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.errors import BackboneWeightsWarning, CheckpointError
 from napari_bcd.model import ModelCard, build_classifier, load_checkpoint, save_checkpoint
 
@@ -59,7 +60,7 @@ def test_round_trip_is_bit_identical(saved) -> None:
 def test_round_trip_of_the_real_resnet152v2(tmp_path: Path, he_256: np.ndarray) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackboneWeightsWarning)
-        model = build_classifier("resnet152v2").eval()
+        model = build_classifier("resnet152v2", classes=BACH_CLASSES).eval()
     path = save_checkpoint(model, path=tmp_path / "paper.safetensors")
     loaded = load_checkpoint(path)
     x = torch.from_numpy(he_256[None])
@@ -257,7 +258,7 @@ def test_a_json_that_is_not_a_card(saved) -> None:
 
 
 def test_card_geometry() -> None:
-    card = ModelCard()
+    card = ModelCard(classes=BACH_CLASSES)
     assert card.field_um == pytest.approx((645.12, 860.16))
     assert card.mpp == pytest.approx((2.52, 3.36))
     assert ModelCard.from_json(card.to_json()) == card
@@ -270,7 +271,7 @@ def test_the_training_record_is_typed_and_keeps_unknown_keys() -> None:
     raw = {"protocol": {"name": "auto"}, "split": {"kind": "stratified", "val_files": ["a.png"]},
            "data": {"root": "/data"}, "hyperparameters": {"augment": "8 dihedral"}, "curves": [{"train_acc": 0.5}],
            "validation": True, "someday": {"kept": 1}}
-    card = ModelCard(training=raw)
+    card = ModelCard(classes=BACH_CLASSES, training=raw)
     rec = card.record
     assert isinstance(rec, TrainingRecord)
     assert rec.protocol_name == "auto" and rec.val_files == ["a.png"] and rec.data_root == "/data"
@@ -279,4 +280,4 @@ def test_the_training_record_is_typed_and_keeps_unknown_keys() -> None:
                              **TrainingRecord.from_dict(raw).to_dict()} and rec.to_dict()["someday"] == {"kept": 1}
     child = rec.with_retrain({"parent": {"name": "m", "path": "/m.safetensors"}})
     assert child.parent == {"name": "m", "path": "/m.safetensors"} and "retrain" not in rec.to_dict()
-    assert ModelCard().record == TrainingRecord()
+    assert ModelCard(classes=BACH_CLASSES).record == TrainingRecord()

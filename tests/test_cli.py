@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import KerasReference
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.cli import main
 from napari_bcd.model import build_classifier, save_checkpoint
 
@@ -66,7 +67,8 @@ def test_weights_fetch_offline_is_a_plain_message(capsys: pytest.CaptureFixture[
 
 def test_model_info_and_selfcheck_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
-    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(96, 96), name="tiny")
+    model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(96, 96),
+                             name="tiny")
     path = save_checkpoint(model, path=tmp_path / "tiny.safetensors")
     assert main(["model", "info", str(path)]) == 0
     out = capsys.readouterr().out
@@ -175,4 +177,5 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
         assert "NOT made the default" in out.out and default_model_path() is None
     assert main(["evaluate", str(ckpt), str(ds), "--out", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
-    assert json.loads((tmp_path / "eval" / "report.json").read_text())["support"][3] > 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["classes"] == ["Benign", "Invasive"] and report["support"][1] > 0  # the regions' two classes

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import SAMPLE_SLIDE, write_pyramid
 from conftest import drain as run
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.engine import ClassMap, Progress, classify, iter_classify
 from napari_bcd.errors import BcdError
 from napari_bcd.io import open_slide
@@ -283,7 +284,7 @@ def test_the_paper_model_classifies_an_iciar_sized_photo(cmu_rgb: np.ndarray, tm
     tifffile.imwrite(tmp_path / "photo.tif", cmu_rgb[200:1493, 200:1924])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackboneWeightsWarning)
-        model = build_classifier("resnet152v2")
+        model = build_classifier("resnet152v2", classes=BACH_CLASSES)
     spy = SpyPredictor(model, device="cpu")
     with open_slide(tmp_path / "photo.tif", mpp=0.499) as slide:
         _, cmap = run(iter_classify(slide, spy))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import SAMPLE_SLIDE, drain, four_kinds_dataset
 from napari_bcd.annotations import Annotation
+from napari_bcd.classes import canonical_class
 from napari_bcd.cli import main
 from napari_bcd.errors import DatasetError
 from napari_bcd.io import open_slide
@@ -118,7 +119,7 @@ def test_the_third_column_groups_files_and_patterns_are_read(tmp_path: Path) -> 
 
 
 def _box(y0: float, x0: float, y1: float, x1: float, cls: int, group: str) -> Annotation:
-    return Annotation("region", cls, np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]), group=group)
+    return Annotation("region", canonical_class(cls), np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]), group=group)
 
 
 def test_exported_patches_record_their_region_and_train_grouped_by_it(tmp_path: Path) -> None:

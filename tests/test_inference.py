@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.errors import BcdError
 from napari_bcd.model import Predictor, build_classifier, choose_device
 
@@ -25,7 +26,7 @@ def test_device_choice() -> None:
 
 
 def test_predictor_gives_probabilities_for_uint8_batches() -> None:
-    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64))
+    model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64))
     pred = Predictor(model, device="cpu", precision="fp32")  # exact; auto's bf16 is in test_precision.py
     assert pred.precision == "fp32"
     assert pred.default_batch_size == 16 and pred.begin_run(batch_size=4) == 4 and pred.default_batch_size == 4

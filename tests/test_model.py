@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import KerasReference, keras_table2_model, rel_err, save_keras_h5
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.errors import BackboneWeightsWarning, KerasWeightsError
 from napari_bcd.model import (
     KERAS_PARAM_COUNT,
@@ -23,7 +24,7 @@ from napari_bcd.model import (
 def _paper_model(**kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackboneWeightsWarning)
-        return build_classifier("resnet152v2", backbone_weights=None, **kw)
+        return build_classifier("resnet152v2", classes=BACH_CLASSES, backbone_weights=None, **kw)
 
 
 def _tf_input(image: np.ndarray) -> torch.Tensor:
@@ -139,7 +140,7 @@ def test_non_keras_files_are_refused(tmp_path, content: bytes | None, message: s
 
 def test_paper_model_without_imagenet_weights_warns_loudly() -> None:
     with pytest.warns(BackboneWeightsWarning, match=r"WITHOUT its ImageNet weights.*weights fetch.*weights import"):
-        model = build_classifier("resnet152v2")
+        model = build_classifier("resnet152v2", classes=BACH_CLASSES)
     assert model.card.backbone_weights == "random"
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, SAMPLE_SLIDE, drain, load_rgb, two_kinds_dataset
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.model.inference import CHECK_WINDOWS
 from napari_bcd.model.precision import PrecisionCheck, agreement, bf16_is_fast
 
@@ -140,7 +141,8 @@ def test_the_real_resnet152v2_passes_the_check_on_real_he(monkeypatch) -> None:
     monkeypatch.setattr(inference, "int8_outruns_bf16", lambda: False)  # both checked, as with AMX
 
     torch.manual_seed(0)
-    model = build_classifier("resnet152v2", backbone_weights=None)  # the exact network; random weights offline
+    model = build_classifier("resnet152v2", classes=BACH_CLASSES,
+                             backbone_weights=None)  # the exact network; random weights offline
     x = _he_windows(2, 256)
     p = Predictor(model, device="cpu")
     p(x)
@@ -240,7 +242,8 @@ def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agr
     assert refused.int8_trial["why"].startswith("int8 differed from fp32 on the first batch's windows beyond")
 
     torch.manual_seed(0)
-    tiny_model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0))
+    tiny_model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64),
+                                  field_um=(200.0, 200.0))
     x = _he_windows(16)
     exact = Predictor(tiny_model, device="cpu", precision="fp32")(x)
     short = Predictor(tiny_model, device="cpu")
@@ -295,7 +298,8 @@ def test_without_amx_bf16_is_only_int8s_fallback(tiny_model, monkeypatch) -> Non
     assert refused.int8_trial["kept"] is False and refused.int8_trial["float_precision"] == "bf16"
 
     torch.manual_seed(0)
-    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0))
+    model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64),
+                             field_um=(200.0, 200.0))
     x = _he_windows(16)
     exact = inference.Predictor(model, device="cpu", precision="fp32")(x)
     p = inference.Predictor(model, device="cpu")
@@ -321,7 +325,8 @@ def test_auto_races_int8_against_fp32_on_a_cpu_without_bf16_units(tiny_model, mo
 
     monkeypatch.setattr(inference, "bf16_is_fast", lambda device: False)
     torch.manual_seed(0)
-    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0))
+    model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64),
+                             field_um=(200.0, 200.0))
     x = _he_windows(16)
     exact = inference.Predictor(model, device="cpu", precision="fp32")(x)
     p = inference.Predictor(model, device="cpu")

@@ -40,15 +40,15 @@ def test_the_cli_geojson_round_trips_with_classes_holes_and_measurements(tiny_ch
         # the polygons' area is the class's area (holes subtracted)
         area_px = sum(a.area_px for a in parts)
         assert area_px * 0.499**2 / 1e6 == pytest.approx(classified[display]["area_mm2"], rel=1e-3)
-        assert parts[0].cls is not None and parts[0].to_shapely().is_valid
+        assert parts[0].class_name is not None and parts[0].to_shapely().is_valid
     # holes travel too: a ring region with measurements, written and read back
     from napari_bcd.annotations import Annotation, write_geojson
 
-    ring = Annotation("Invasive", 4, np.array([[0, 0], [0, 100], [100, 100], [100, 0]]),
+    ring = Annotation("Invasive", "Invasive", np.array([[0, 0], [0, 100], [100, 100], [100, 0]]),
                       holes=[np.array([[40, 40], [40, 60], [60, 60], [60, 40]])], measurements={"Area mm^2": 0.5})
     back = read_annotations(write_geojson([ring], tmp_path / "ring.geojson"))[0]
     assert back.area_px == pytest.approx(100 * 100 - 20 * 20) and len(back.holes) == 1
-    assert back.measurements == {"Area mm^2": 0.5} and back.cls == 4
+    assert back.measurements == {"Area mm^2": 0.5} and back.class_name == "Invasive"
     # QuPath 0.2/0.3 wrote measurements as a list of {name, value}: read too
     old = tmp_path / "old.geojson"
     feature = doc["features"][0]

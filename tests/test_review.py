@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, SAMPLE_SLIDE, drain, load_rgb
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.engine import ClassMap
 from napari_bcd.errors import BcdError
 from napari_bcd.review import (
@@ -424,7 +425,8 @@ def test_saliency_layer_on_the_real_resnet152v2(he_256):
     from napari_bcd.model import build_classifier
     from napari_bcd.review import gradcam, iter_saliency
 
-    model = build_classifier("resnet152v2", backbone_weights=None, input_px=(128, 128), field_um=(300.0, 300.0))
+    model = build_classifier("resnet152v2", classes=BACH_CLASSES, backbone_weights=None, input_px=(128, 128),
+                             field_um=(300.0, 300.0))
     cams = [gradcam(model, he_256[None, :128, :128], k)[0] for k in range(4)]
     assert all(c.shape == (1, 128, 128) and np.isfinite(c).all() and c.min() >= 0 and c.max() <= 1 for c in cams)
     # An untrained head has positive evidence for some classes only (Grad-CAM's ReLU zeroes the others).
@@ -449,7 +451,8 @@ def test_retrain_on_the_real_resnet152v2(tmp_path):
     from napari_bcd.model import build_classifier, save_checkpoint
 
     torch.manual_seed(0)
-    model = build_classifier("resnet152v2", backbone_weights=None, input_px=(128, 128), field_um=(300.0, 300.0))
+    model = build_classifier("resnet152v2", classes=BACH_CLASSES, backbone_weights=None, input_px=(128, 128),
+                             field_um=(300.0, 300.0))
     for p in model.head.parameters():
         torch.nn.init.normal_(p, std=0.3)
     path = save_checkpoint(model.eval(), path=tmp_path / "r152.safetensors")

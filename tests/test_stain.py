@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, SAMPLE_SLIDE, load_rgb, write_pyramid
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.stain import (
     StainStats,
     apply_od_transform,
@@ -88,7 +89,8 @@ def test_training_records_the_stain_and_classify_warns_and_normalises(cmu_rgb, t
     from napari_bcd.summary import summarize
 
     torch.manual_seed(0)
-    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0))
+    model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64),
+                             field_um=(200.0, 200.0))
     for p in model.head.parameters():
         torch.nn.init.normal_(p, std=0.5)
     crop = np.ascontiguousarray(cmu_rgb[:2400, :2200])
@@ -188,7 +190,8 @@ def test_the_check_does_not_flag_a_slide_against_itself() -> None:
     from napari_bcd.windows import read_window, select_windows, tissue_fractions
 
     s = ClassifySettings()
-    card = build_classifier("timm:resnet18", backbone_weights=None, input_px=(128, 128), field_um=(100.0, 100.0)).card
+    card = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(128, 128),
+                            field_um=(100.0, 100.0)).card
     rng = np.random.default_rng(0)
     samples = []
     with open_slide(SAMPLE_SLIDE) as slide:

@@ -14,19 +14,21 @@ from napari_bcd.summary import summarize
 from napari_bcd.tiling import make_grid
 
 
-def _cmap(labels: np.ndarray, mpp: float = 0.5, field: float = 100.0) -> ClassMap:
-    """A ClassMap laid by hand: cells of 100 µm (200 px at 0.5 µm/px)."""
+def _cmap(labels: np.ndarray, mpp: float = 0.5, field: float = 100.0,
+          classes: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")) -> ClassMap:
+    """A ClassMap laid by hand: cells of 100 µm (200 px at 0.5 µm/px), of a model with ``classes``."""
     rows, cols = labels.shape
     shape = (int(rows * field / mpp), int(cols * field / mpp))
     g = make_grid(shape, (mpp, mpp), (field, field), (64, 64), [(1.0, 1.0)])
-    probs = np.full((*labels.shape, 4), np.nan, np.float32)
-    for cid in range(1, 5):
-        p = np.full(4, 0.1, np.float32)
+    k = len(classes)
+    probs = np.full((*labels.shape, k), np.nan, np.float32)
+    for cid in range(1, k + 1):
+        p = np.full(k, 0.3 / (k - 1), np.float32)
         p[cid - 1] = 0.7
         probs[labels == cid] = p
     return ClassMap(
         probs=probs, labels=labels.astype(np.uint8), tissue=(labels > 0).astype(np.float32),
-        window_done=labels > 0, grid=g, slide_name="hand.svs", slide_shape=shape, model_name="m",
+        window_done=labels > 0, grid=g, classes=classes, slide_name="hand.svs", slide_shape=shape, model_name="m",
     )
 
 
@@ -77,7 +79,7 @@ def test_class_regions_are_the_union_of_cells() -> None:
     assert areas == {"Normal": 4 * cell_px2, "Benign": 3 * cell_px2, "InSitu": cell_px2, "Invasive": cell_px2}
     normal = [a for a in regions if a.label == "Normal"]
     assert len(normal) == 1 and len(normal[0].polygon) == 6  # an L-shape: six corners, no staircase vertices
-    assert normal[0].cls == 1 and normal[0].color == (46, 160, 67)
+    assert normal[0].class_name == "Normal" and normal[0].color == (46, 160, 67)
 
 
 def test_label_tiff_overlays_the_slide(tmp_path: Path) -> None:
@@ -170,11 +172,17 @@ def test_a_hand_drawn_labels_layer_lands_on_its_image_pixels(tmp_path: Path) -> 
     from napari_bcd._writer import labels_to_annotations, write_geojson_labels
 
     data = np.zeros((100, 120), np.uint8)
-    data[10:20, 30:50] = 2  # Benign
+    data[10:20, 30:50] = 2
     meta = {"scale": (0.5, 0.5), "translate": (0.0, 0.0), "metadata": {}}
     (a,) = labels_to_annotations(data, meta)
     ys, xs = a.polygon[:, 0], a.polygon[:, 1]
-    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (10, 20, 30, 50) and a.label == "Benign"
+    # a layer napari-bcd did not make names no classes: its regions are named by their label values, never by
+    # another model's class list
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (10, 20, 30, 50) and a.label == "2"
+    named = {"scale": (0.5, 0.5), "translate": (0.0, 0.0),
+             "metadata": {"napari_bcd": {"classes": ["Stroma", "Tumour"]}}}
+    (b,) = labels_to_annotations(data, named)
+    assert b.label == "Tumour" and b.class_name == "Tumour"
     write_geojson_labels(str(tmp_path / "l.geojson"), data, meta)
     coords = json.loads((tmp_path / "l.geojson").read_text())["features"][0]["geometry"]["coordinates"][0]
     assert {tuple(p) for p in coords} == {(30, 10), (50, 10), (50, 20), (30, 20)}  # QuPath: [x, y] level-0 px
@@ -185,5 +193,5 @@ def test_a_hand_drawn_labels_layer_lands_on_its_image_pixels(tmp_path: Path) -> 
     by_class = {}
     for r in regions:
         by_class[r.label] = by_class.get(r.label, 0) + r.to_shapely().area
-    for st_label, name in enumerate(("Normal", "Benign", "InSitu", "Invasive"), start=1):
+    for st_label, name in enumerate(("1", "2", "3", "4"), start=1):
         assert by_class.get(name, 0) == pytest.approx(float((big == st_label).sum()))

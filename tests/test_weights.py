@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import KerasReference, rel_err
+from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.errors import BackboneWeightsWarning, KerasWeightsError, WeightsDownloadError
 from napari_bcd.model import build_classifier, cached_imagenet_weights, fetch_imagenet_weights, import_keras_weights
 
@@ -25,7 +26,7 @@ def test_imported_weights_are_found_by_later_models(keras_reference: KerasRefere
     assert cached.suffix == ".safetensors"
     with warnings.catch_warnings():
         warnings.simplefilter("error", BackboneWeightsWarning)  # no warning: the cache is found
-        model = build_classifier("resnet152v2").eval()
+        model = build_classifier("resnet152v2", classes=BACH_CLASSES).eval()
     assert model.card.backbone_weights == "imagenet-keras"
     x = torch.from_numpy(keras_reference.image[None].astype("float32") / 127.5 - 1).permute(0, 3, 1, 2)
     with torch.no_grad():
@@ -73,7 +74,7 @@ def test_a_corrupt_cache_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     cache_dir().mkdir(parents=True, exist_ok=True)
     (cache_dir() / "resnet152v2_imagenet_keras.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(Exception, match=r"safetensors|header|weights") as info:
-        build_classifier("resnet152v2")
+        build_classifier("resnet152v2", classes=BACH_CLASSES)
     from napari_bcd.errors import BcdError
 
     assert isinstance(info.value, BcdError)

@@ -28,6 +28,7 @@ _LAZY: dict[str, str] = {
     "Annotation": "annotations",
     "write_geojson": "annotations",
     "read_annotations": "annotations",
+    "BACH_CLASSES": "classes",
     "CLASS_NAMES": "classes",
     "Classifier": "model",
     "ModelCard": "model",
@@ -47,7 +48,7 @@ __all__ = ["__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .annotations import Annotation, read_annotations, write_geojson
-    from .classes import CLASS_NAMES
+    from .classes import BACH_CLASSES, CLASS_NAMES
     from .engine import ClassMap, classify, iter_classify
     from .errors import BcdError
     from .export import write_outputs

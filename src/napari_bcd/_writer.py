@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ._fileio import atomic_path
-from .classes import CLASS_NAMES, class_styles
+from .classes import class_styles
 
 __all__ = ["labels_to_annotations", "write_geojson_labels", "write_geojson_shapes", "write_labels_tiff"]
 
@@ -23,10 +23,14 @@ def _mpp_of(meta: dict) -> tuple[float, float]:
     return (float(scale[-2]), float(scale[-1]))
 
 
-def _classes_of(meta: dict) -> tuple[str, ...]:
-    """The classes a napari-bcd Labels layer was made with (its metadata), else the ICIAR four."""
+def _classes_of(meta: dict, data: Any) -> tuple[str, ...]:
+    """The classes a napari-bcd Labels layer was made with (its metadata); a Labels layer made otherwise has classes
+    named by its values ("1", "2"...), never another model's."""
     classes = ((meta.get("metadata") or {}).get("napari_bcd") or {}).get("classes")
-    return tuple(classes) if classes else CLASS_NAMES
+    if classes:
+        return tuple(classes)
+    top = int(np.max(np.asarray(data))) if np.asarray(data).size else 0
+    return tuple(str(v) for v in range(1, max(top, 2) + 1))
 
 
 def write_labels_tiff(path: str, data: Any, meta: dict) -> list[str]:
@@ -41,7 +45,7 @@ def write_labels_tiff(path: str, data: Any, meta: dict) -> list[str]:
     if arr.max(initial=0) < 256 and arr.min(initial=0) >= 0:
         arr = arr.astype(np.uint8)
         cmap = np.zeros((3, 256), np.uint16)
-        for st in class_styles(_classes_of(meta)):
+        for st in class_styles(_classes_of(meta, arr)):
             cmap[:, st.label] = np.asarray(st.color, np.uint16) * 257
         kwargs.update(photometric="palette", colormap=cmap)
     translate = meta.get("translate")
@@ -74,7 +78,7 @@ def labels_to_annotations(data: Any, meta: dict) -> list:
     # so world w is the level-0 coordinate (w - image_t) / mpp + 0.5 (pixel p spans [p, p + 1)).
     origin = ((ty - 0.5 * sy - img_t[0]) / img_mpp[0] + 0.5, (tx - 0.5 * sx - img_t[1]) / img_mpp[1] + 0.5)
     step = (sy / img_mpp[0], sx / img_mpp[1])
-    return label_regions(arr, _classes_of(meta), origin_px=origin, step_px=step)
+    return label_regions(arr, _classes_of(meta, arr), origin_px=origin, step_px=step)
 
 
 def write_geojson_labels(path: str, data: Any, meta: dict) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._fileio import atomic_path, atomic_write, check_writable, file_digest
 from .annotations import Annotation, write_geojson
-from .classes import class_styles
+from .classes import canonical_class, class_styles
 from .engine import ClassMap
 from .errors import BcdError
 from .summary import Summary, summarize
@@ -86,7 +86,7 @@ def label_regions(
             out.append(
                 Annotation(
                     label=st.name,
-                    cls=st.iciar_id,
+                    class_name=canonical_class(st.name),
                     polygon=np.asarray(poly.exterior.coords)[:, ::-1],
                     holes=[np.asarray(h.coords)[:, ::-1] for h in poly.interiors],
                     color=st.color,

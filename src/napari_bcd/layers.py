@@ -6,14 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from .classes import CLASS_NAMES, class_styles
+from .classes import class_styles
 from .engine import ClassMap
 
 __all__ = ["classmap_layers", "describe_hover", "label_colors"]
 
 
-def label_colors(classes: tuple[str, ...] | list[str] = CLASS_NAMES) -> dict[int | None, tuple[float, float, float,
-                                                                                               float]]:
+def label_colors(classes: tuple[str, ...] | list[str]) -> dict[int | None, tuple[float, float, float, float]]:
     """Colours of a model's classes for a Labels layer (label = output index + 1); background transparent."""
     colors: dict[int | None, tuple[float, float, float, float]] = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
     for st in class_styles(classes):

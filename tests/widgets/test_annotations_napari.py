@@ -33,7 +33,7 @@ def test_shapes_round_trip_keeps_polygons_holes_and_classes(viewer) -> None:
     back = shapes_to_annotations(layer, image)
     assert len(back) == len(anns)
     for a, b in zip(anns, back, strict=True):
-        assert b.cls == a.cls and b.label == a.label
+        assert b.class_name == a.class_name and b.label == a.label
         np.testing.assert_allclose(b.polygon, a.polygon, atol=1e-6)
         assert len(b.holes) == len(a.holes)
     assert list(layer.features["class"])[inv] == "Invasive carcinoma"
@@ -50,7 +50,7 @@ def test_annotate_widget_open_classify_save(viewer, qtbot, tmp_path: Path) -> No
     assert layer is not None and len(layer.data) == 4
     assert "unknown" not in widget._report.value and "Tumor" in widget._report.value
     assert tuple(layer.scale) == tuple(image.scale)
-    # "Tumor" is not one of our classes: the pathologist sets it.
+    # "Tumor" is a class of the file's own: the pathologist says it is invasive carcinoma.
     tumor = list(layer.features["label"]).index("Tumor")
     layer.selected_data = {tumor}
     widget._class_combo.value = "Invasive carcinoma"
@@ -62,7 +62,8 @@ def test_annotate_widget_open_classify_save(viewer, qtbot, tmp_path: Path) -> No
     feature = next(f for f in doc["features"] if f["properties"].get("name") == "Tumor")
     assert feature["properties"]["classification"] == {"name": "Invasive carcinoma", "color": [214, 39, 40]}
     back = read_annotations(out)
-    assert sorted(a.cls or 0 for a in back) == [0, 1, 2, 4]  # "_2" stays unclassified; "Tumor" is now Invasive
+    # "_2" is a class of the file's own; "Tumor" is now Invasive
+    assert sorted(a.class_name for a in back) == ["Benign", "Invasive", "Normal", "_2"]
 
 
 def test_annotate_widget_errors_are_notifications(viewer, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_SLIDE
+from napari_bcd.classes import BACH_CLASSES
 
 WIDGET = "Classify slide"
 
@@ -86,7 +87,8 @@ def test_the_window_count_shown_before_run_is_the_engines(viewer, qtbot, tiny_ch
 def test_a_coarse_map_gets_advice(viewer, qtbot, tmp_path: Path) -> None:
     from napari_bcd.model import build_classifier, save_checkpoint
 
-    model = build_classifier("timm:resnet18", backbone_weights=None, input_px=(64, 64))  # the ICIAR field
+    model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None,
+                             input_px=(64, 64))  # the ICIAR field
     ckpt = save_checkpoint(model, path=tmp_path / "iciar-field.safetensors")
     viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")
     widget = _dock(viewer, qtbot, ckpt)
@@ -122,7 +124,8 @@ def test_the_dock_opens_without_loading_the_model(viewer, qtbot, tmp_path: Path,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackboneWeightsWarning)
-        ckpt = save_checkpoint(build_classifier("resnet152v2", backbone_weights=None), path=tmp_path / "p.safetensors")
+        ckpt = save_checkpoint(build_classifier("resnet152v2", classes=BACH_CLASSES, backbone_weights=None),
+                               path=tmp_path / "p.safetensors")
     monkeypatch.setenv("NAPARI_BCD_MODEL", str(ckpt))
     import napari_bcd.model.checkpoint as checkpoint
 

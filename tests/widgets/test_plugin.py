@@ -235,7 +235,8 @@ def test_writers_round_trip(viewer, tmp_path: Path) -> None:
     labels[1:3, 1:4] = 4
     labels[0, 0] = 1
     layer = viewer.add_labels(labels, scale=(100.0, 100.0), translate=(50.0, 50.0),
-                              metadata={"napari_bcd": {"image_mpp": [0.5, 0.5]}})
+                              metadata={"napari_bcd": {"image_mpp": [0.5, 0.5],
+                                                       "classes": ["Normal", "Benign", "InSitu", "Invasive"]}})
     paths = layer.save(str(tmp_path / "labels.tif"), plugin="napari-bcd")
     back = tifffile.TiffFile(paths[0])
     assert np.array_equal(back.asarray(), labels)
@@ -252,7 +253,7 @@ def test_writers_round_trip(viewer, tmp_path: Path) -> None:
     # Cells (1..2, 1..3) of 100 µm centred at 50 + 100 i µm span 100..300 x 100..400 µm of world. Image pixel
     # i is centred at 0.5 i µm, and pixel i spans [i, i + 1) in QuPath's coordinates: world w -> w / 0.5 + 0.5.
     assert shape(inv["geometry"]).bounds == pytest.approx((200.5, 200.5, 800.5, 600.5))
-    ann = [Annotation("Benign", 2, np.array([[10, 10], [10, 50], [60, 50]]))]
+    ann = [Annotation("Benign", "Benign", np.array([[10, 10], [10, 50], [60, 50]]))]
     data, kwargs, _ = annotations_to_shapes(ann, scale=(0.5, 0.5))
     shapes = viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
     write_geojson_shapes(str(tmp_path / "shapes.geojson"), shapes.data, shapes._get_state())
@@ -357,7 +358,7 @@ def test_train_widget_from_regions_warns_and_reports_without_validation(viewer, 
     widget = _trainable_widget(viewer, qtbot, tmp_path)
     assert widget._pixels_label.value == "imagenet mean/std, stated by the weights file"
     # One class only: refused before any work.
-    one = [Annotation("Invasive carcinoma", 4, box(0, 0, 1483, 2220))]
+    one = [Annotation("Invasive carcinoma", "Invasive", box(0, 0, 1483, 2220))]
     data, kwargs, _ = annotations_to_shapes(one, scale=tuple(image.scale[-2:]), name="one class")
     viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
     widget._image_combo.value = image
@@ -365,8 +366,8 @@ def test_train_widget_from_regions_warns_and_reports_without_validation(viewer, 
     widget._on_run_clicked()
     assert widget._worker is None and widget._run_button.enabled
     # Two classes, one region each: trains, after saying the regions are few.
-    two = [Annotation("Invasive carcinoma", 4, box(0, 0, 1483, 2220)), Annotation("Benign", 2, box(1483, 0, 2967,
-                                                                                                   2220))]
+    two = [Annotation("Invasive carcinoma", "Invasive", box(0, 0, 1483, 2220)),
+           Annotation("Benign", "Benign", box(1483, 0, 2967, 2220))]
     data, kwargs, _ = annotations_to_shapes(two, scale=tuple(image.scale[-2:]), name="two classes")
     viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
     widget._shapes_combo.value = viewer.layers["two classes"]

@@ -81,7 +81,7 @@ class DataSettings:
         if image is None or shapes is None:
             raise BcdError("Choose the image and the Shapes layer holding its classified regions.")
         anns = shapes_to_annotations(shapes, image)
-        if len({a.cls for a in anns if a.cls is not None}) < 2:
+        if len({a.class_name for a in anns if a.class_name is not None}) < 2:
             raise BcdError("The regions cover fewer than two classes: draw regions of at least two classes and set "
                            "their class in the Annotations dock.")
         return image, shapes, anns

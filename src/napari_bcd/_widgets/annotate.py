@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_info
 
 from ..annotations.read import FILE_PATTERNS, FORMAT_NAMES
-from ..classes import CLASS_COLORS, DISPLAY_NAMES, ICIAR_CLASSES
+from ..classes import VOCABULARY, canonical_class, class_styles, order_classes
 from ..errors import BcdError
 from ._layers import refresh_combo
 from ._layout import buttons, compact_file_edit, scrolling, wrapped
@@ -20,7 +20,7 @@ from ._worker import notify_error
 if TYPE_CHECKING:
     import napari
 
-_CLASS_CHOICES = [c.display for c in ICIAR_CLASSES]
+_CLASS_CHOICES = [c.display for c in VOCABULARY]
 
 
 class AnnotateWidget(Container):
@@ -33,10 +33,13 @@ class AnnotateWidget(Container):
         self._file_edit = compact_file_edit(FileEdit(label="annotations", mode="r", filter=FILE_PATTERNS, value=""))
         self._open_button = PushButton(text="Open onto image")
         self._class_combo = ComboBox(label="class", choices=_CLASS_CHOICES, value=_CLASS_CHOICES[-1])
+        # any class of the user's own (the model trained on these regions has the classes they name)
+        self._new_class_edit = LineEdit(label="or a class of your own", value="")
         self._set_button = PushButton(text="Set class of selected shapes")
         self._save_button = PushButton(text="Save shapes as GeoJSON…")
         self._report = wrapped(Label(label="", value=""))
-        form = Container(labels=True, widgets=[self._image_combo, self._file_edit, self._class_combo])
+        form = Container(labels=True, widgets=[self._image_combo, self._file_edit, self._class_combo,
+                                               self._new_class_edit])
         self.native.layout().addWidget(scrolling(form, buttons(self._open_button, self._set_button, per_row=1),
                                                  buttons(self._save_button), self._report))
         self._open_button.changed.connect(self._on_open_clicked)
@@ -94,15 +97,21 @@ class AnnotateWidget(Container):
         except BcdError as err:
             notify_error(err)
             return
-        name = self._class_combo.value
-        cid = next(c for c, n in DISPLAY_NAMES.items() if n == name)
+        own = " ".join(str(self._new_class_edit.value or "").split())
+        if own and canonical_class(own) is None:
+            notify_error(BcdError(f"{own!r} names no class (QuPath keeps it for unclassified regions); choose "
+                                  "another name."))
+            return
+        name = own or self._class_combo.value
         features = layer.features.copy()
         if "class" not in features:
             features["class"] = ["unclassified"] * len(layer.data)
         features["class"] = features["class"].astype(object)
         edge = np.asarray(layer.edge_color, dtype=float).copy()
         face = np.asarray(layer.face_color, dtype=float).copy()
-        rgb = np.asarray(CLASS_COLORS[cid]) / 255
+        present = {canonical_class(str(c)) for c in features["class"]} | {canonical_class(name)}
+        styles = {st.name: st for st in class_styles(order_classes(c for c in present if c))}
+        rgb = np.asarray(styles[canonical_class(name)].color) / 255
         for i in selected:
             features.loc[i, "class"] = name
             edge[i, :3] = rgb

@@ -86,9 +86,12 @@ class TrainWidget(Container):
         return self._data.regions()
 
     def _region_warning(self, anns) -> str:
-        from ..classes import CLASS_NAMES
+        from collections import Counter
 
-        per = {name: sum(1 for a in anns if a.cls == i + 1) for i, name in enumerate(CLASS_NAMES)}
+        from ..classes import order_classes
+
+        counted = Counter(a.class_name for a in anns if a.class_name is not None)
+        per = {name: counted[name] for name in order_classes(counted)}
         few = [f"{k} ({v})" for k, v in per.items() if 0 < v < MIN_REGIONS]
         if few:
             return (f"Few regions for {', '.join(few)}: with fewer than {MIN_REGIONS} regions a class has little to "

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .._fileio import atomic_write, check_writable
-from ..classes import CLASS_COLORS, DISPLAY_NAMES
+from ..classes import class_styles, order_classes
 from .model import Annotation
 
 __all__ = ["to_feature_collection", "write_geojson"]
@@ -49,6 +49,7 @@ def to_feature_collection(annotations: Iterable[Annotation]) -> dict:
             order.append(key)
         groups[key].append(a)
     features = []
+    styles = {st.name: st for st in class_styles(order_classes(a.class_name for a in annotations if a.class_name))}
     for key in order:
         parts = groups[key]
         first = parts[0]
@@ -56,13 +57,15 @@ def to_feature_collection(annotations: Iterable[Annotation]) -> dict:
             geometry = {"type": "Polygon", "coordinates": _polygon_coords(first)}
         else:
             geometry = {"type": "MultiPolygon", "coordinates": [_polygon_coords(p) for p in parts]}
-        color = (CLASS_COLORS.get(first.cls) if first.cls else None) or first.color or (128, 128, 128)
+        st = styles.get(first.class_name) if first.class_name else None
+        known = st.color if st is not None and st.iciar_id is not None else None
+        color = known or first.color or (st.color if st is not None else None) or (128, 128, 128)
         props: dict = {"objectType": "annotation", "isLocked": False}
         name = first.label
-        if first.cls is not None:
+        if st is not None:
             # One name per class whatever the label said ("Invasive", "Invasive carcinoma", "4"); a label that is
             # not the class's own name stays as the object's name.
-            name = DISPLAY_NAMES[first.cls]
+            name = st.display_name
             if first.label and first.label != name:
                 props["name"] = first.label
         elif (name or "").strip().lower() == "unclassified":

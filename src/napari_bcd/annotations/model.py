@@ -21,8 +21,9 @@ class Annotation:
     ----------
     label
         The label text as written in the source file.
-    cls
-        Our class id (1-4), or None when the label is not one of ours.
+    class_name
+        The class the label names (:func:`~napari_bcd.classes.canonical_class`: a known class's own name for
+        any of its spellings, the label itself for any other class), or None when it names no class.
     polygon
         ``(N, 2)`` float array of ``(y, x)`` level-0 pixel vertices, open ring
         (the first vertex is not repeated at the end).
@@ -40,7 +41,7 @@ class Annotation:
     """
 
     label: str
-    cls: int | None
+    class_name: str | None
     polygon: np.ndarray
     holes: list[np.ndarray] = field(default_factory=list)
     color: tuple[int, int, int] | None = None
@@ -77,7 +78,10 @@ class ReadReport:
     format: str = ""
     read: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    #: Labels that name no class (empty, "unclassified", QuPath's "Region*" / "Ignore*"), with their counts.
     unknown_labels: dict[str, int] = field(default_factory=dict)
+    #: The classes the regions name, with their counts.
+    classes: dict[str, int] = field(default_factory=dict)
     repaired: list[str] = field(default_factory=list)
 
     def skip(self, why: str) -> None:
@@ -85,11 +89,13 @@ class ReadReport:
 
     def __str__(self) -> str:
         parts = [f"{self.read} region(s) read from {self.format}"]
+        if self.classes:
+            parts.append("classes: " + ", ".join(f"{k} ({n})" for k, n in self.classes.items()))
         if self.skipped:
             parts.append("skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.items()))
         if self.unknown_labels:
             parts.append(
-                "labels that are not classes (kept with no class): "
+                "labels that name no class (kept unclassified): "
                 + ", ".join(f"{k!r} ({n})" for k, n in self.unknown_labels.items())
             )
         if self.repaired:

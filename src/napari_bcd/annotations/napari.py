@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..classes import CLASS_COLORS, DISPLAY_NAMES, class_id
+from ..classes import canonical_class, class_styles, order_classes
 from ..errors import AnnotationError
 from .model import Annotation
 
@@ -32,9 +32,7 @@ HOLE = "hole"
 _UNCLASSIFIED = (0.6, 0.6, 0.6, 1.0)
 
 
-def _rgba(cid: int | None, color: tuple[int, int, int] | None, alpha: float) -> tuple[float, float, float, float]:
-    rgb = CLASS_COLORS.get(cid) if cid else None
-    rgb = rgb or color
+def _rgba(rgb: tuple[int, int, int] | None, alpha: float) -> tuple[float, float, float, float]:
     if rgb is None:
         return (*_UNCLASSIFIED[:3], alpha)
     return (rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, alpha)
@@ -64,15 +62,19 @@ def annotations_to_shapes(
     parents: list[int] = []
     edge: list[tuple] = []
     face: list[tuple] = []
+    # the classes these regions name, each in its vocabulary colour (or a palette's, in a stable order)
+    styles = {st.name: st for st in class_styles(order_classes(a.class_name for a in annotations if a.class_name))}
     for a in annotations:
         outer = len(data)
         data.append(a.polygon - 0.5)
-        cname = DISPLAY_NAMES[a.cls] if a.cls else "unclassified"
-        classes.append(cname)
+        st = styles.get(a.class_name) if a.class_name else None
+        classes.append(st.display_name if st else "unclassified")
         labels.append(a.label)
         parents.append(-1)
-        edge.append(_rgba(a.cls, a.color, 1.0))
-        face.append(_rgba(a.cls, a.color, 0.25))
+        known = st.color if st is not None and st.iciar_id is not None else None
+        rgb = known or a.color or (st.color if st else None)
+        edge.append(_rgba(rgb, 1.0))
+        face.append(_rgba(rgb, 0.25))
         for h in a.holes:
             data.append(h - 0.5)
             classes.append(HOLE)
@@ -148,13 +150,13 @@ def shapes_data_to_annotations(
         label = str(labels[i]) if labels[i] not in (None, "") and str(labels[i]) != "nan" else (
             str(cls_text) if cls_text not in (None, "") else ""
         )
-        cid = None
+        name = None
         for text in (cls_text, label):
-            if text not in (None, "", "unclassified"):
-                cid = class_id(str(text), label_map)
-                if cid is not None:
+            if text not in (None, "") and str(text) != "nan":
+                name = canonical_class(str(text), label_map)
+                if name is not None:
                     break
-        out[i] = Annotation(label=label or "unclassified", cls=cid, polygon=px)
+        out[i] = Annotation(label=label or "unclassified", class_name=name, polygon=px)
     for parent, ring in holes:
         if parent not in out:
             raise AnnotationError(f"A hole refers to shape {parent}, which is not a polygon of this layer.")

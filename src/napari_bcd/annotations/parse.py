@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..classes import class_id
+from ..classes import canonical_class
 from ..errors import AnnotationError
 from .model import Annotation, ReadReport, open_ring
 
@@ -56,10 +56,10 @@ def valid_parts(outer: np.ndarray, holes: list[np.ndarray], where: str, report: 
 
 def make_annotations(label: str, color: tuple[int, int, int] | None, parts: list, group: str | None,
           label_map: Mapping[str, str | int] | None, where: str = "") -> list[Annotation]:
-    cid = class_id(label, label_map) if label else None
+    name = canonical_class(label, label_map) if label else None
     if len(parts) > 1 and group is None:
         group = where or "group"  # the same file gives the same group names on every read
-    return [Annotation(label=label, cls=cid, polygon=o, holes=h, color=color, group=group) for o, h in parts]
+    return [Annotation(label=label, class_name=name, polygon=o, holes=h, color=color, group=group) for o, h in parts]
 
 
 

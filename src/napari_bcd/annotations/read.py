@@ -44,13 +44,14 @@ def read_annotations(
         QuPath GeoJSON (0.2-0.5), Aperio ImageScope XML (as in the BACH slides)
         or ASAP XML.
     label_map
-        Your own label names to our classes, e.g. ``{"Tumor": "Invasive"}``.
+        Your own label names to classes, e.g. ``{"Tumor": "Invasive"}``; any other label is a class of its own
+        (:func:`~napari_bcd.classes.canonical_class`).
 
     Returns
     -------
     AnnotationList
-        The annotations (level-0 pixels, ``(y, x)``); ``.report`` says what
-        was skipped, repaired, or not recognised as a class.
+        The annotations (level-0 pixels, ``(y, x)``); ``.report`` says which
+        classes were found, and what was skipped, repaired, or named no class.
 
     Raises
     ------
@@ -85,8 +86,10 @@ def read_annotations(
             raise AnnotationError(f"{p.name} holds geometry that cannot be used ({err}).") from err
         raise
     for a in items:
-        if a.cls is None:
+        if a.class_name is None:
             report.unknown_labels[a.label] = report.unknown_labels.get(a.label, 0) + 1
+        else:
+            report.classes[a.class_name] = report.classes.get(a.class_name, 0) + 1
     report.read = len(items)
     if not items:
         skipped = f" (skipped: {', '.join(f'{n} {w}' for w, n in report.skipped.items())})" if report.skipped else ""

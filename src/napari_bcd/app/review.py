@@ -59,7 +59,7 @@ def learning(state: MapState, shapes: Sequence[Annotation] = (), shapes_name: st
 
     painted = state.corrections()
     n_painted = len(painted.cells)
-    classified = [a for a in shapes if a.cls is not None]
+    classified = [a for a in shapes if a.class_name is not None]
     if not classified:
         return Learning(painted, n_painted, 0, shapes_name)
     cm = state.class_map

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .._progress import progress_bar
+from ..classes import BACH_CLASSES
 from ..errors import BcdError
 from .options import add_decision_options, decision_from
 
@@ -169,7 +170,7 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     else:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = build_classifier("resnet152v2")
+            model = build_classifier("resnet152v2", classes=BACH_CLASSES)
         trained = False
         for w in caught:
             print(f"WARNING: {w.message}", file=sys.stderr)

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..classes import CLASS_NAMES
 from ..tiling import Grid
 
 if TYPE_CHECKING:
@@ -32,7 +31,8 @@ class ClassMap:
         ``(rows, cols, C)`` float32 class probabilities per cell (NaN where no
         window was classified).
     labels
-        ``(rows, cols)`` uint8: 0 background / not classified, 1-4 the classes.
+        ``(rows, cols)`` uint8: 0 background / not classified, ``i + 1`` the ``i``-th class, one past the classes
+        uncertain.
     tissue
         ``(rows, cols)`` fraction of each cell that is tissue (0-1).
     window_done
@@ -43,7 +43,7 @@ class ClassMap:
     grid
         Geometry: cells and windows in level-0 pixels and µm.
     classes
-        Class names in probability order.
+        Class names in probability order: the model's.
     info
         The run as JSON data (written into the summary): what ran, how fast,
         the decision rule, the stain check.  Code reads the typed ``run``.
@@ -58,7 +58,7 @@ class ClassMap:
     tissue: np.ndarray
     window_done: np.ndarray
     grid: Grid
-    classes: tuple[str, ...] = CLASS_NAMES
+    classes: tuple[str, ...]
     slide_name: str = ""
     slide_shape: tuple[int, int] = (0, 0)
     model_name: str = ""

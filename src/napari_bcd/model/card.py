@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..classes import CLASS_NAMES
 from ..errors import BcdError, CheckpointError
 from .preprocessing import Preprocessing
 
@@ -36,7 +35,7 @@ class ModelCard:
     Attributes
     ----------
     classes
-        Class names in output order (ICIAR folder names by default).
+        Class names in output order: the training data's (no default: a card always names its classes).
     backbone
         ``"resnet152v2"`` (the paper's Keras-layout network) or ``"timm:<name>"``.
     backbone_args
@@ -63,7 +62,7 @@ class ModelCard:
         = the most probable class.
     """
 
-    classes: tuple[str, ...] = CLASS_NAMES
+    classes: tuple[str, ...] = ()
     backbone: str = "resnet152v2"
     backbone_weights: str = "imagenet-keras"
     backbone_args: dict[str, Any] = field(default_factory=dict)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..classes import CLASS_NAMES
 from .backbones import PAPER_BACKBONE, backbone_spec, build_backbone, check_backbone_weights
 from .card import ModelCard
 from .head import Table2Head
@@ -104,8 +104,8 @@ def feature_shape(backbone: nn.Module, input_px: tuple[int, int]) -> tuple[int, 
 def build_classifier(
     backbone: str = PAPER_BACKBONE,
     *,
+    classes: Sequence[str] | None = None,
     backbone_weights: str | os.PathLike[str] | None = "imagenet",
-    classes: tuple[str, ...] = CLASS_NAMES,
     input_px: tuple[int, int] = (256, 256),
     field_um: tuple[float, float] | None = None,
     preprocessing: Preprocessing | None = None,
@@ -126,7 +126,9 @@ def build_classifier(
         timm models (downloaded by timm); a path to a safetensors file or a
         plain state dict; or None for random weights.
     classes
-        Class names in output order.
+        Class names in output order: the training data's (:attr:`~napari_bcd.train.Dataset.classes`), or the
+        card's when ``card`` is given; required otherwise (the BACH classes are
+        :data:`~napari_bcd.classes.BACH_CLASSES`).
     input_px
         Network input size ``(h, w)``.
     field_um
@@ -143,6 +145,11 @@ def build_classifier(
     -------
     Classifier
     """
+    if classes is None:
+        if card is None:
+            raise TypeError("build_classifier needs the classes, in output order (the data's own; the BACH classes "
+                            "are napari_bcd.classes.BACH_CLASSES)")
+        classes = card.classes
     spec = backbone_spec(backbone)
     net, desc = build_backbone(backbone, backbone_weights)
     stated = weights_preprocessing(backbone_weights) if card is None else None
@@ -157,7 +164,8 @@ def build_classifier(
     else:
         preprocessing, source = spec.default_preprocessing(net), "the backbone's default"
     if card is None:
-        card = ModelCard(backbone=spec.name, backbone_weights=desc, backbone_args=dict(spec.timm_args))
+        card = ModelCard(classes=tuple(classes), backbone=spec.name, backbone_weights=desc,
+                         backbone_args=dict(spec.timm_args))
     changes: dict[str, Any] = {"classes": tuple(classes), "input_px": tuple(input_px), "preprocessing": preprocessing}
     if field_um is not None:
         changes["field_um"] = tuple(field_um)

@@ -83,7 +83,7 @@ class Corrections:
     def to_annotations(self, grid: Grid | None = None) -> list[Annotation]:
         """Each corrected cell as a rectangle classified with its new class (level-0 pixels)."""
         from ..annotations import Annotation
-        from ..classes import class_styles
+        from ..classes import canonical_class, class_styles
 
         styles = {st.name: st for st in class_styles(self.classes)}
         out = []
@@ -95,7 +95,7 @@ class Corrections:
             else:
                 y, x, h, w = c.box_px
             st = styles.get(c.new)
-            out.append(Annotation(label=c.new, cls=st.iciar_id if st else None,
+            out.append(Annotation(label=c.new, class_name=canonical_class(c.new),
                                   polygon=np.array([[y, x], [y, x + w], [y + h, x + w], [y + h, x]]),
                                   color=st.color if st else None,
                                   name=f"corrected from {c.old or 'not classified'} (cell {c.row},{c.col})"))
@@ -231,9 +231,9 @@ def corrections_from_annotations(grid: Grid, annotations: Sequence[Annotation], 
     """
     import shapely
 
+    from ..classes import match_class
+
     classes = tuple(classes)
-    by_name = {c.lower(): c for c in classes}
-    from ..classes import CLASS_NAMES, class_id
 
     cells: dict[tuple[int, int], Correction] = {}
     rows = np.arange(grid.n_cells[0])
@@ -242,12 +242,9 @@ def corrections_from_annotations(grid: Grid, annotations: Sequence[Annotation], 
     cx = grid.origin_px[1] + (cols + 0.5) * grid.stride_px[1]
     skipped: dict[str, int] = {}
     for a in annotations:
-        name = by_name.get(str(a.label).strip().lower())
-        if name is None and a.cls is not None and CLASS_NAMES[a.cls - 1] in classes:
-            name = CLASS_NAMES[a.cls - 1]
-        if name is None:
-            cid = class_id(str(a.label))
-            name = CLASS_NAMES[cid - 1] if cid is not None and CLASS_NAMES[cid - 1] in classes else None
+        name = match_class(a.label, classes)
+        if name is None and a.class_name is not None:
+            name = match_class(a.class_name, classes)
         if name is None:
             skipped[str(a.label)] = skipped.get(str(a.label), 0) + 1
             continue

@@ -179,10 +179,10 @@ def region_annotations(regions: Sequence[Annotation | BaseGeometry], rows: list[
         geom = _shape_of(region)
         polys = list(geom.geoms) if isinstance(geom, MultiPolygon) else [geom] if isinstance(geom, Polygon) else []
         label = getattr(region, "label", None) or ""
-        cls = getattr(region, "cls", None)
+        cls = getattr(region, "class_name", None)
         color = getattr(region, "color", None) or (styles[row.majority].color if row.majority in styles else None)
         for poly in polys:
-            out.append(Annotation(label=label, cls=cls, polygon=np.asarray(poly.exterior.coords)[:, ::-1],
+            out.append(Annotation(label=label, class_name=cls, polygon=np.asarray(poly.exterior.coords)[:, ::-1],
                                   holes=[np.asarray(h.coords)[:, ::-1] for h in poly.interiors], color=color,
                                   group=f"region-{k + 1}", measurements=row.measurements(), name=row.name))
     return out

@@ -141,12 +141,8 @@ def _class_mapping(dataset, model_classes, idx) -> dict[int, int]:
     DatasetError
         When the images include a class the model does not have.
     """
-    from ..classes import class_id
+    from ..classes import class_key as key
     from ..errors import DatasetError
-
-    def key(name: str) -> tuple[int, str]:
-        cid = class_id(name)
-        return cid if cid is not None else name.strip().lower()
 
     model_keys = {key(n): j for j, n in enumerate(model_classes)}
     present = sorted({int(dataset.labels[i]) for i in idx})

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._fileio import atomic_write
-from ..classes import CLASS_NAMES
+from ..classes import order_classes
 from ..errors import DatasetError
 from ..io.slide import Slide
 from ..settings import MIN_TISSUE
@@ -61,20 +61,20 @@ class PatchPlan:
     Attributes
     ----------
     jobs
-        ``(window row, window col, class id, coverage)`` of every window kept.
+        ``(window row, window col, class name, coverage)`` of every window kept.
     regions_of
         The region (annotation) each job's window lies in most: its id in the
         annotation file, else its position ("#3"); recorded in ``provenance.csv``
         so training never splits a region between training and validation.
     counts
-        Windows per class name (every class, 0 included).
+        Windows per class the regions name (0 included), in :func:`~napari_bcd.classes.order_classes` order.
     regions
         Annotated regions per class name (classes with at least one region).
     field_um, coverage, min_tissue, stride
         The settings that gave these counts.
     """
 
-    jobs: list[tuple[int, int, int, float]]
+    jobs: list[tuple[int, int, str, float]]
     counts: dict[str, int]
     regions: dict[str, int]
     field_um: tuple[float, float]
@@ -135,7 +135,7 @@ def plan_patches(
     ------
     DatasetError
         For settings that cannot work (a non-positive field, coverage outside
-        (0, 1], no pixel size) or annotations without any of our classes.
+        (0, 1], no pixel size), annotations that name no class, or a class name that cannot be a folder name.
     """
     from shapely import STRtree, union_all
     from shapely.geometry import box
@@ -153,25 +153,28 @@ def plan_patches(
     if patch_px is None:
         patch_px = _patch_px(field_um)
     grid = grid_for(slide, None, ClassifySettings(stride=stride), input_px=patch_px, field_um=field_um)
-    per_class: dict[int, list] = {}
-    region_ids: dict[int, list[str]] = {}
+    per_class: dict[str, list] = {}
+    region_ids: dict[str, list[str]] = {}
     unknown = 0
     for i, a in enumerate(annotations):
-        if a.cls is None:
+        if a.class_name is None:
             unknown += 1
             continue
-        per_class.setdefault(a.cls, []).append(a.to_shapely().buffer(0))
-        region_ids.setdefault(a.cls, []).append(str(a.group) if a.group else f"#{i + 1}")
+        per_class.setdefault(a.class_name, []).append(a.to_shapely().buffer(0))
+        region_ids.setdefault(a.class_name, []).append(str(a.group) if a.group else f"#{i + 1}")
     if not per_class:
-        raise DatasetError("None of the annotations has one of our classes; map your labels (label_map) first.")
-    unions = {cid: union_all(polys) for cid, polys in per_class.items()}
+        raise DatasetError("None of the annotations names a class (all are unclassified, Region* or Ignore*): "
+                           "classify the regions first.")
+    for name in per_class:
+        check_folder_name(name)
+    names = order_classes(per_class)
+    unions = {name: union_all(per_class[name]) for name in names}
     slide_box = box(0, 0, slide.dimensions[1], slide.dimensions[0])
-    off_slide = {CLASS_NAMES[cid - 1]: sum(1 for p in polys if not p.intersects(slide_box))
-                 for cid, polys in per_class.items()}
+    off_slide = {name: sum(1 for p in polys if not p.intersects(slide_box)) for name, polys in per_class.items()}
     win_tissue, _, _ = tissue_fractions(slide, grid, tissue, slide.mpp)
     tree = STRtree(list(unions.values()))
     cids = list(unions)
-    jobs: list[tuple[int, int, int, float]] = []
+    jobs: list[tuple[int, int, str, float]] = []
     regions_of: list[str] = []
     area = grid.window_px[0] * grid.window_px[1]
     for r, c in np.argwhere(select_windows(win_tissue, min_tissue)):
@@ -187,15 +190,22 @@ def plan_patches(
             jobs.append((r, c, best, best_cov))
             areas = [p.intersection(wbox).area for p in per_class[best]]
             regions_of.append(region_ids[best][int(np.argmax(areas))])
-    counts = Counter(CLASS_NAMES[cid - 1] for _, _, cid, _ in jobs)
+    counts = Counter(name for _, _, name, _ in jobs)
     return PatchPlan(
         jobs=jobs,
-        counts={n: counts.get(n, 0) for n in CLASS_NAMES},
-        regions={CLASS_NAMES[cid - 1]: len(polys) for cid, polys in sorted(per_class.items())},
+        counts={n: counts.get(n, 0) for n in names},
+        regions={n: len(per_class[n]) for n in names},
         field_um=(float(field_um[0]), float(field_um[1])),
         coverage=coverage, min_tissue=min_tissue, stride=stride, grid=grid, unknown=unknown,
         off_slide={k: v for k, v in off_slide.items() if v}, regions_of=regions_of,
     )
+
+
+def check_folder_name(name: str) -> None:
+    """A class name becomes a folder of the dataset: refuse one no file system can hold as one folder."""
+    if name in (".", "..") or any(ch in name for ch in '/\\:*?"<>|\0') or name != name.strip():
+        raise DatasetError(f"The class {name!r} cannot be a folder name (it holds / \\ : * ? \" < > | or blanks at "
+                           f"its ends). Give it another name, e.g. with --label '{name}=NewName'.")
 
 
 def _patch_px(field_um: tuple[float, float]) -> tuple[int, int]:
@@ -235,8 +245,7 @@ def iter_export_patches(
                             coverage=coverage, min_tissue=min_tissue, tissue=tissue, mpp=mpp)
     grid, jobs, unknown = plan.grid, plan.jobs, plan.unknown
     out = Path(out_dir)
-    for name in CLASS_NAMES:
-        (out / name).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     info = out / DATASET_INFO
     if info.is_file():
         try:
@@ -255,17 +264,19 @@ def iter_export_patches(
 
     try:
         yield ExportProgress(0, len(jobs))
-        for k, (r, c, cid, cov) in enumerate(jobs):
+        # the class folders already there: the same window labelled otherwise by an earlier export is replaced
+        folders = [d.name for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        for k, (r, c, cname, cov) in enumerate(jobs):
             patch = read_window(slide, grid, r, c, patch_px)
-            cname = CLASS_NAMES[cid - 1]
             by, bx, bh, bw = grid.window_box(r, c)
             # Named by the window's level-0 box: unique per slide and geometry, whatever the grid's stride.
             fname = f"{stem}_y{round(by)}_x{round(bx)}_{round(bh)}x{round(bw)}.png"
-            for other in CLASS_NAMES:  # the same window labelled otherwise by an earlier export: one class wins
+            for other in folders:  # one class wins
                 if other != cname:
                     (out / other / fname).unlink(missing_ok=True)
             buf = io.BytesIO()
             Image.fromarray(patch).save(buf, format="PNG")
+            (out / cname).mkdir(exist_ok=True)  # a class folder only for a class with a patch
             with atomic_write(out / cname / fname, "wb") as fh:
                 fh.write(buf.getvalue())
             gt_rows.append((fname, cname))
@@ -278,7 +289,7 @@ def iter_export_patches(
         # Also when stopped half-way: the CSVs list exactly the patches written.
         _append_csv(out / GROUND_TRUTH, gt_rows, None)
         _append_csv(out / "provenance.csv", prov_rows, PROVENANCE_HEADER)
-    all_counts = {n: counts.get(n, 0) for n in CLASS_NAMES}
+    all_counts = {n: counts.get(n, 0) for n in plan.counts}
     too_few = [n for n, v in all_counts.items() if 0 < v < min_per_class or (v == 0 and n in plan.regions)]
     return ExportResult(out, all_counts, too_few, unknown)
 
