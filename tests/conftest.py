@@ -260,11 +260,16 @@ FOUR_KINDS = {
 
 def four_kinds_dataset(root: Path, n: int = 6, px: int = 96, seed: int = 0) -> Path:
     """An ICIAR folder of real H&E crops, four sources standing in for the four classes."""
+    return kinds_dataset(root, FOUR_KINDS, n, px, seed)
+
+
+def kinds_dataset(root: Path, kinds: dict[str, list[str]], n: int = 6, px: int = 96, seed: int = 0) -> Path:
+    """A folder of real H&E crops, a class folder per name of ``kinds`` (any names), cut from its files."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     rows = []
-    for cls, files in FOUR_KINDS.items():
+    for cls, files in kinds.items():
         sources = [load_rgb(DATA / f) for f in files]
         (root / cls).mkdir(parents=True)
         for k in range(n):

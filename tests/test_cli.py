@@ -179,3 +179,24 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["classes"] == ["Benign", "Invasive"] and report["support"][1] > 0  # the regions' two classes
+
+
+def test_a_command_leaves_the_signal_handlers_as_it_found_them(tmp_path: Path) -> None:
+    """Issue 36: main() installs its SIGTERM/SIGINT handlers for the command only; a program that calls it keeps its
+    own afterwards, whether the command succeeds or fails."""
+    import signal
+
+    from napari_bcd.cli import main
+
+    def mine(signum, frame):  # a host program's own handler
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert main(["model", "info", str(tmp_path / "missing.safetensors")]) == 2
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert main(["weights", "info"]) in (0, 1)  # 1: no ImageNet weights cached here
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -89,7 +89,7 @@ def test_a_local_cluster_gives_the_single_process_outputs_and_survives_a_killed_
         if item.stem != "broken":
             assert np.array_equal(_labels(tmp_path / "one", item.stem), _labels(tmp_path / "two", item.stem))
             done = json.loads((tmp_path / "two" / f"{item.stem}.done.json").read_text())
-            assert done["settings"]["stride"] == 0.25
+            assert done["run"]["settings"]["stride"] == 0.25
     assert not [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]  # no lock or partial left
     # A second run skips every finished slide.
     again = [r.row() for r in iter_cohort(items, tmp_path / "two", str(tiny_checkpoint), settings)]

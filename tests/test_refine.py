@@ -178,4 +178,4 @@ def test_the_cli_offers_refine(tiny_checkpoint, tmp_path) -> None:
     info = json.loads((tmp_path / f"{SAMPLE_SLIDE.stem}.summary.json").read_text())["info"]
     assert 0 < info["refine"]["share_used"] <= 1
     done = json.loads((tmp_path / f"{SAMPLE_SLIDE.stem}.done.json").read_text())
-    assert done["settings"]["refine"] is True
+    assert done["run"]["settings"]["refine"] is True

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import DATA, SAMPLE_SLIDE, drain, load_rgb
 from napari_bcd.classes import BACH_CLASSES
-from napari_bcd.engine import ClassMap
+from napari_bcd.engine import ClassMap, ModelRef
 from napari_bcd.errors import BcdError
 from napari_bcd.review import (
     DecisionRule,
@@ -36,7 +36,7 @@ def synthetic_map(probs: np.ndarray, cell_px: float = 100.0) -> ClassMap:
     labels = np.where(covered, np.nan_to_num(probs).argmax(-1) + 1, 0).astype(np.uint8)
     return ClassMap(probs=probs.astype(np.float32), labels=labels, tissue=covered.astype(np.float32),
                     window_done=covered.copy(), grid=grid, classes=CLASSES, slide_name="synthetic",
-                    slide_shape=(int(rows * cell_px), int(cols * cell_px)), model_name="m")
+                    slide_shape=(int(rows * cell_px), int(cols * cell_px)), model=ModelRef("m"))
 
 
 # ---------------------------------------------------------------- decisions
@@ -482,7 +482,7 @@ def test_a_corrected_box_holds_the_rest_of_the_slide_and_the_report_says_how_muc
         cm = classify(slide, load_checkpoint(parent), stride=0.5)
         edited, (r, c), target = _block_edit(cm)
         _, res = drain(iter_retrain(parent, corrections_from_labels(cm, edited), slide, class_map=cm,
-                                    whole_slide=True, stride=0.5))
+                                    whole_slide=True))
     assert (res.class_map.labels[r : r + 2, c : c + 2] == target).all()
     from napari_bcd.review.retrain_fit import decided
 
@@ -497,3 +497,53 @@ def test_a_corrected_box_holds_the_rest_of_the_slide_and_the_report_says_how_muc
     # a model that changes much outside is flagged before it is used
     loud = RetrainResult(res.checkpoint, parent, None, outside_changed=DRIFT_WARNING + 0.1, outside_checked=40)
     assert ("look at the whole map before you use it" in loud.warning and not res.warning) or res.outside_changed > 0.05
+
+
+def test_retrain_re_predicts_with_exactly_the_maps_run(tiny_model, tmp_path):
+    """Issue 36: a map classified with Macenko normalisation, adaptive overlap, its own tissue threshold and 50 %
+    overlap is re-predicted by a whole-slide retrain with exactly those settings: its label TIFF equals a fresh
+    classify with the retrained model and the map's settings; the CLI reads them from the map's summary and refuses
+    an option that contradicts them."""
+    import json
+
+    import tifffile
+
+    from napari_bcd import classify, open_slide
+    from napari_bcd.cli import main
+    from napari_bcd.export import write_outputs
+    from napari_bcd.model import load_checkpoint, save_checkpoint
+    from napari_bcd.settings import ClassifySettings
+
+    with open_slide(SAMPLE_SLIDE) as slide:  # the model "was trained on" a stain it will be normalised to
+        plain = classify(slide, tiny_model, precision="fp32")
+    parent = save_checkpoint(tiny_model, tiny_model.card.replace(stain=plain.run.stain.data["slide"]),
+                             tmp_path / "tiny.safetensors")
+    run = ClassifySettings(stride=0.5, refine=True, tissue_threshold=0.15, stain_normalize="macenko",
+                           precision="fp32")
+    with open_slide(SAMPLE_SLIDE) as slide:
+        cm = classify(slide, load_checkpoint(parent), run)
+        assert cm.settings == run and cm.model.path == str(parent) and cm.run.stain.normalized == "macenko"
+        edited, (r, c), target = _block_edit(cm)
+        corrections = corrections_from_labels(cm, edited)
+        _, res = drain(iter_retrain(parent, corrections, slide, class_map=cm, whole_slide=True))
+        fresh = classify(slide, load_checkpoint(res.checkpoint), run)
+    new = res.class_map
+    assert new.settings.output_settings() == run.output_settings()  # the map's run, not a few fields of it
+    assert new.run.stain.normalized == "macenko" and new.run.candidate_windows is not None  # normalised, refined
+    assert new.model.path == str(res.checkpoint) and new.retrained_from == str(parent)
+    write_outputs(new, tmp_path / "retrained", stem="s")
+    write_outputs(fresh, tmp_path / "fresh", stem="s")
+    a = tifffile.imread(tmp_path / "retrained" / "s.labels.tif")
+    b = tifffile.imread(tmp_path / "fresh" / "s.labels.tif")
+    assert a.shape == b.shape and (a == b).all()
+    summary = json.loads((tmp_path / "fresh" / "s.summary.json").read_text())
+    assert ClassifySettings.from_dict(summary["info"]["settings"]) == run  # the summary carries the whole run
+    # The CLI: the map's summary gives the run; --stride may only repeat it.
+    write_outputs(cm, tmp_path / "map", stem="s")
+    corrections.write_geojson(tmp_path / "fix.geojson", cm.grid)
+    base = ["retrain", str(parent), "--corrections", str(tmp_path / "fix.geojson"), "--slide", str(SAMPLE_SLIDE),
+            "--map", str(tmp_path / "map" / "s.summary.json"), "--steps", "20"]
+    assert main([*base, "--stride", "1", "--out", str(tmp_path / "no.safetensors")]) == 2
+    assert not (tmp_path / "no.safetensors").exists()
+    assert main([*base, "--out", str(tmp_path / "cli.safetensors")]) == 0
+    assert load_checkpoint(tmp_path / "cli.safetensors").card.training["retrain"]["corrections"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_bcd.engine import ClassMap
+from napari_bcd.engine import ClassMap, ModelRef
 from napari_bcd.export import class_regions, label_image, write_label_tiff, write_outputs, write_probabilities
 from napari_bcd.summary import summarize
 from napari_bcd.tiling import make_grid
@@ -28,7 +28,7 @@ def _cmap(labels: np.ndarray, mpp: float = 0.5, field: float = 100.0,
         probs[labels == cid] = p
     return ClassMap(
         probs=probs, labels=labels.astype(np.uint8), tissue=(labels > 0).astype(np.float32),
-        window_done=labels > 0, grid=g, classes=classes, slide_name="hand.svs", slide_shape=shape, model_name="m",
+        window_done=labels > 0, grid=g, classes=classes, slide_name="hand.svs", slide_shape=shape, model=ModelRef("m"),
     )
 
 

@@ -210,22 +210,23 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
     try:
         loaded = shared_cache().get(model_path, device=_worker_device(settings.device),
                                     precision=settings.precision, compile=settings.compile)
-        keys = settings.result_keys(item.mpp)
+        keys = run_keys(settings, loaded.card, item.mpp)
         with slide_lock(out, item.stem):
             paths = output_paths(out, item.stem)
             done = outputs_complete(out, item.stem)
             source = source_identity(item.path)
             if done is not None and not overwrite:
                 if not same_source(done, source):
-                    raise BcdError(f"{out} holds {item.stem}'s outputs from another slide ("
-                                   f"{done['source'].get('path')}); pass --overwrite to replace them, or write this "
-                                   "slide to another --out folder")
-                if done.get("model_weights_sha256") == loaded.sha and done.get("settings") == keys:
+                    raise BcdError(f"{out} holds {item.stem}'s outputs from another slide, or from this file before "
+                                   f"it changed ({done['source'].get('path')}); pass --overwrite to replace them, or "
+                                   "write this slide to another --out folder")
+                changed = run_changes(done, keys, loaded.sha)
+                if not changed:
                     summary = json.loads(paths["summary_json"].read_text(encoding="utf-8"))
                     return SlideResult(item, "skipped", model=loaded.card.name, model_sha256=loaded.sha,
                                        summary=summary, note="outputs complete from this model and settings")
-                raise BcdError(f"outputs already exist in {out} ({paths['labels'].name}…) from another model or other "
-                               "settings; pass --overwrite to replace them")
+                raise BcdError(f"outputs already exist in {out} ({paths['labels'].name}…) from another run ("
+                               f"{'; '.join(changed)}); pass --overwrite to replace them")
             redo = done is None and any(p.exists() for p in paths.values())
             if redo and not overwrite and not written_by_us(out, item.stem):
                 mine = ", ".join(p.name for p in paths.values() if p.exists())
@@ -242,7 +243,7 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
                     if on_progress is not None:
                         on_progress(p)
             summary = summarize(cmap, min_area_mm2=settings.min_area)
-            record = {"id": item.stem, "source": source, "model_weights_sha256": loaded.sha, "settings": keys,
+            record = {"id": item.stem, "source": source, "model_weights_sha256": loaded.sha, "run": keys,
                       "slide_path": str(item.path), "decision": cmap.info.get("decision"),
                       "precision": cmap.run.precision, "precision_check": cmap.run.precision_check}
             write_outputs(cmap, out, stem=item.stem, min_area_mm2=settings.min_area, overwrite=True,
@@ -260,6 +261,31 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
     except Exception as err:  # a reader's own error: this slide fails, the cohort goes on and gets its table
         log.debug("slide %s failed", item.path, exc_info=True)
         return SlideResult(item, "failed", error=f"{type(err).__name__}: {err}", seconds=time.perf_counter() - t0)
+
+
+def run_keys(settings: ClassifySettings, card, slide_mpp: float | None) -> dict:
+    """What a done-record keeps of the run to decide whether a rerun may skip the slide: every setting that can
+    change the outputs (:meth:`~napari_bcd.settings.ClassifySettings.output_settings`), the slide's own pixel size,
+    and the decision rule the labels follow (the card's when the run sets none: a rule saved into the model since
+    changes the map though the weights did not)."""
+    from .decision import DecisionRule
+
+    rule = settings.decision if settings.decision is not None else DecisionRule.from_dict(card.decision)
+    return {"settings": settings.output_settings(), "slide_mpp": slide_mpp, "decision": rule.to_dict()}
+
+
+def run_changes(done: dict, keys: dict, sha: str) -> list[str]:
+    """What differs between a done-record's run and this one, in words ([] when a rerun may skip)."""
+    out = []
+    if done.get("model_weights_sha256") != sha:
+        out.append("another model")
+    recorded = done.get("run")
+    if not isinstance(recorded, dict):
+        return [*out, "settings not recorded (an older version)"]
+    settings, before = keys["settings"], recorded.get("settings") or {}
+    out += [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+    out += [f"{k} {recorded.get(k)!r} -> {keys[k]!r}" for k in ("slide_mpp", "decision") if recorded.get(k) != keys[k]]
+    return out
 
 
 def _worker_device(device: str) -> str:

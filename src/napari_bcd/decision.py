@@ -217,5 +217,4 @@ def apply_decision(class_map: ClassMap, rule: DecisionRule | dict | None) -> Cla
     rule = rule if isinstance(rule, DecisionRule) else DecisionRule.from_dict(rule)
     covered = (class_map.labels > 0) & np.isfinite(class_map.probs).all(-1)
     labels, reasons = decide(class_map.probs, covered, class_map.classes, rule, class_map.quality)
-    info = {**class_map.info, "decision": {**rule.to_dict(), "uncertain_cells": reasons}}
-    return dataclasses.replace(class_map, labels=labels, info=info)
+    return dataclasses.replace(class_map, labels=labels, decision=rule, uncertain_cells=reasons)

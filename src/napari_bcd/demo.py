@@ -1,8 +1,8 @@
 """``napari-bcd demo``: the sample slide, classified, in napari or headless.
 
 The headless half is here (files and a matplotlib overview); what needs napari
-lives with the widgets (:mod:`napari_bcd._widgets._demo`) and drives the
-Classify dock through its public methods.
+is :mod:`napari_bcd.demo_viewer`, which opens the Classify dock through napari's
+plugin API and drives it through its public methods.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def run_demo(
     if not headless:
         # The dock loads the model itself (in its worker); here only whether there is one.
         try:
-            from ._widgets._demo import show_in_napari
+            from .demo_viewer import show_in_napari
         except ImportError as err:
             print(f"napari-bcd: napari is not installed here ({err.name}): pip install \"napari-bcd[qt]\" "
                   "(or [napari] with your own Qt), or use --headless for the files.", file=sys.stderr)
@@ -127,8 +127,8 @@ def run_demo(
               "the overview PNG shows the same result.", file=sys.stderr)
         return 0
     try:
-        from ._widgets._demo import viewer_screenshot
         from .config import default_model_path
+        from .demo_viewer import viewer_screenshot
 
         used = (model or default_model_path()) if class_map is not None else None
         shot = viewer_screenshot(path, class_map, out_dir / f"{stem}.screenshot.png", used)

@@ -268,20 +268,38 @@ WRITING_SUFFIX = ".writing"
 
 
 def source_identity(path: str | os.PathLike[str]) -> dict:
-    """What identifies the slide a done-record vouches for: its resolved path and, for a file, its size."""
+    """What identifies the slide a done-record vouches for: its resolved path and, for a file, its size,
+    modification time and the SHA-256 of its first and last MiB (a slide replaced at the same path by one of the
+    same size is another slide)."""
     p = Path(path)
     try:
         resolved = p.resolve()
-        size = resolved.stat().st_size if resolved.is_file() else None
+        st = resolved.stat()
+        if not resolved.is_file():
+            return {"path": str(resolved), "bytes": None}
+        return {"path": str(resolved), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "sample_sha256": _sample_hash(resolved, st.st_size)}
     except OSError:
-        resolved, size = p, None
-    return {"path": str(resolved), "bytes": size}
+        return {"path": str(p), "bytes": None}
+
+
+def _sample_hash(path: Path, size: int, part: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(part))
+        if size > part:
+            fh.seek(max(part, size - part))
+            h.update(fh.read(part))
+    return h.hexdigest()
 
 
 def same_source(record: dict, identity: dict) -> bool:
-    """Whether a done-record's slide is this one (records from before sources were recorded are taken as it)."""
+    """Whether a done-record's slide is this one: every identity it recorded still holds (records from before
+    sources were recorded are taken as it)."""
     recorded = record.get("source")
-    return not isinstance(recorded, dict) or recorded == identity
+    return not isinstance(recorded, dict) or all(identity.get(k) == v for k, v in recorded.items())
 
 
 def written_by_us(out_dir: str | os.PathLike[str], stem: str) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import BcdError
@@ -28,6 +28,22 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 STAIN_NORMALIZATIONS = ("none", "macenko", "vahadane")
 #: Where JPEG tiles are decoded (:mod:`napari_bcd.io.device_decode`).
 DECODE_MODES = ("auto", "cpu", "device")
+
+
+#: Field metadata of a setting that changes only how fast a run is, never its outputs.
+_SPEED = {"speed_only": True}
+
+
+def _is_speed(name: str) -> bool:
+    return bool(ClassifySettings.__dataclass_fields__[name].metadata.get("speed_only"))
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "to_dict"):
+        return v.to_dict()
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return v
 
 
 @dataclass(frozen=True)
@@ -72,15 +88,15 @@ class ClassifySettings:
     min_area: float = 0.0
     decision: DecisionRule | None = None
     mpp: float | tuple[float, float] | None = None
-    batch_size: int | None = None
-    device: str = "auto"
+    batch_size: int | None = field(default=None, metadata=_SPEED)
+    device: str = field(default="auto", metadata=_SPEED)
     precision: str = "auto"
-    compile: bool = False
-    workers: int | None = None
-    prefetch: int = 2
+    compile: bool = field(default=False, metadata=_SPEED)
+    workers: int | None = field(default=None, metadata=_SPEED)
+    prefetch: int = field(default=2, metadata=_SPEED)
     quality: bool | None = None
     stain_normalize: str = "none"
-    decode: str = "auto"
+    decode: str = field(default="auto", metadata=_SPEED)
     refine: bool = False
 
     def __post_init__(self) -> None:
@@ -126,10 +142,28 @@ class ClassifySettings:
         """A copy with some settings changed (checked again)."""
         return dataclasses.replace(self, **changes)
 
-    def result_keys(self, mpp: float | None = None) -> dict:
-        """The settings that change a run's outputs (recorded in each done-record): a rerun with the same ones
-        may skip the slide."""
-        return {"stride": self.stride, "stride_um": self.stride_um, "mpp": mpp, "refine": self.refine,
-                "tissue_threshold": self.tissue_threshold, "min_tissue": self.min_tissue,
-                "min_area_mm2": self.min_area, "decision": self.decision.to_dict() if self.decision else None,
-                **({"stain_normalize": self.stain_normalize} if self.stain_normalize != "none" else {})}
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as JSON data (the decision rule as its dict, pairs as lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ClassifySettings:
+        """Settings from :meth:`to_dict`'s data (unknown keys, from a newer version, are ignored)."""
+        if not d:
+            return cls()
+        if not isinstance(d, dict):
+            raise BcdError(f"Run settings must be an object, got {type(d).__name__}.")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(**values)
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that can change a run's outputs: all of them but those that only change its speed
+        (device, batch, threads, decoding, compiling).  A done-record keeps them, so a rerun with the same ones may
+        skip the slide, and a setting added here is covered without a list to remember."""
+        return {k: v for k, v in self.to_dict().items() if not _is_speed(k)}
+
+    def differences(self, other: ClassifySettings) -> list[str]:
+        """The output settings where ``other`` differs from these, each as ``name: ours -> theirs``."""
+        mine, theirs = self.output_settings(), other.output_settings()
+        return [f"{k}: {mine[k]!r} -> {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k)]

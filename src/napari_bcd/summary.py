@@ -201,7 +201,7 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
         low_quality_area_mm2=round(float(inside[low_q].sum()) * cell_mm2, 6),
         decision=rule.describe(),
         decision_rule=rule.to_dict(),
-        stain_warning=stain_warning(class_map.info.get("stain")),
+        stain_warning=stain_warning(class_map.run.stain.data if class_map.run is not None else None),
     )
 
 

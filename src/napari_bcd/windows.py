@@ -52,6 +52,22 @@ def select_windows(window_fraction: np.ndarray, min_tissue: float = MIN_TISSUE) 
     return window_fraction >= max(min_tissue, 1e-6)
 
 
+def mapped_cells(windows: np.ndarray, cell_fraction: np.ndarray, cells_per_window: tuple[int, int],
+                 min_tissue: float = MIN_TISSUE) -> np.ndarray:
+    """Which cells a map holds (the one cell rule): covered by one of ``windows`` (a ``(rows, cols)`` bool mask of
+    the windows classified) and at least half ``min_tissue`` tissue themselves, so a window on the tissue's edge
+    does not paint the glass beside it.  The engine maps these cells and the estimate before a run counts them.
+    """
+    kh, kw = cells_per_window
+    rows, cols = cell_fraction.shape
+    covered = np.zeros((rows + kh, cols + kw), np.int32)  # a 2-D prefix sum over the windows: no loop per window
+    w = np.asarray(windows, bool)
+    covered[kh : kh + w.shape[0], kw : kw + w.shape[1]] = w
+    c = covered.cumsum(0).cumsum(1)
+    counts = c[kh:, kw:] - c[:-kh, kw:] - c[kh:, :-kw] + c[:-kh, :-kw]
+    return (counts[:rows, :cols] > 0) & (cell_fraction >= min_tissue * 0.5)
+
+
 def tissue_fractions(slide: Slide, grid: Grid, tissue: TissueParams | None,
                      slide_mpp: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, float]:
     """Tissue fraction of every window and cell, and of the whole image, from the slide's (cached) thumbnail.

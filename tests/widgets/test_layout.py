@@ -52,7 +52,7 @@ def test_four_docks_fit_the_screen_with_every_section_open(viewer, qtbot, tiny_c
     classify_dock.use_model(tiny_checkpoint)
     with open_slide(SAMPLE_SLIDE) as slide:
         cm = classify(slide, load_checkpoint(tiny_checkpoint))
-    cm.model_path = str(tiny_checkpoint)
+    assert cm.model_path == str(tiny_checkpoint)  # a loaded model names its checkpoint on the map
     classify_dock.show_result(cm, image.name)  # the map, legend and exports shown too
     window = viewer.window._qt_window
     window.resize(*screen)

@@ -34,7 +34,7 @@ def reviewed(viewer, qtbot, tiny_checkpoint: Path, tmp_path: Path):
     dock.use_model(parent)
     with open_slide(SAMPLE_SLIDE) as slide:
         cm = classify(slide, load_checkpoint(parent))
-    cm.model_path = str(parent)
+    assert cm.model_path == str(parent)  # a loaded model names its checkpoint on the map
     dock.show_result(cm, image.name, tuple(image.translate[-2:]))
     review = ReviewWidget(viewer)
     qtbot.addWidget(review.native)

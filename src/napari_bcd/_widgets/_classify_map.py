@@ -72,8 +72,8 @@ class MapView:
         self.call.value = f"<b>{summary.call_text[:1].upper()}{summary.call_text[1:]}</b>"
         self.legend.show_summary(summary, shown.classes)
         self.on_legend_toggled(self.legend.hidden())
-        warning = stain_warning((shown.info or {}).get("stain"), advice="choose stain: normalise (Macenko) and Run "
-                                                                        "again")
+        warning = stain_warning(shown.run.stain.data if shown.run is not None else None,
+                                advice="choose stain: normalise (Macenko) and Run again")
         self.stain_note.value = warning[:1].upper() + warning[1:] + "." if warning else ""
         for b in self.export_buttons.values():
             b.enabled = True

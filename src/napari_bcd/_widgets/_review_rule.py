@@ -65,7 +65,7 @@ class RuleSection:
         cm = state.class_map
         for name in list(self._thr_spins):
             self._thr_box.remove(self._thr_spins.pop(name))
-        rule = (cm.info or {}).get("decision") or {}
+        rule = cm.rule.to_dict()
         for st in class_styles(cm.classes):
             spin = FloatSpinBox(label=f"{st.display_name.replace(' carcinoma', '')} from p", min=0.0, max=1.0,
                                 step=0.05, value=float((rule.get("thresholds") or {}).get(st.name, 0.0)),

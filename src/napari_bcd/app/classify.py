@@ -125,8 +125,6 @@ class ClassifyController:
                                 compile=settings.compile)
         yield Stage("Finding tissue…")
         class_map = yield from iter_classify(slide, loaded.predictor, settings)
-        chosen = self.checkpoint(path)
-        class_map.model_path = str(chosen) if chosen else ""
         return class_map
 
     @staticmethod

@@ -92,7 +92,11 @@ def after_retrain(state: MapState, result: RetrainResult) -> tuple[MapState, int
     import dataclasses
 
     new = result.class_map if result.class_map is not None else state.class_map
-    new = dataclasses.replace(new, model_path=str(result.checkpoint))
+    if new.model_path != str(result.checkpoint):  # the region re-predicted in place: the new model's map now
+        new = dataclasses.replace(new, model=dataclasses.replace(new.model, name=result.card.name,
+                                                                 path=str(result.checkpoint),
+                                                                 weights_sha256=result.card.weights_sha256),
+                                  retrained_from=str(result.parent))
     kept = {k: v for k, v in state.corrected.items() if int(new.labels[k]) != v}
     return dataclasses.replace(state, class_map=new, corrected=kept), len(kept)
 

@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .._version import __version__
@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate_as_interrupt() -> None:
-    """SIGTERM (a scheduler, `kill`) and SIGINT end a run like Ctrl-C: clean-up code runs, no temporary file is left.
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM (a scheduler, `kill`) and SIGINT end it like Ctrl-C: clean-up code runs, no
+    temporary file is left; afterwards the handlers the process had are back (a program or a test that calls
+    :func:`main` keeps its own).
 
     SIGINT gets Python's handler even when the parent ignored it (a shell starts background jobs so): a
     ``kill -INT`` then still stops the run cleanly instead of being lost.
@@ -54,14 +57,22 @@ def _terminate_as_interrupt() -> None:
     import threading
 
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, old in before.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,9 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 1
-    _terminate_as_interrupt()
     try:
-        return int(func(args) or 0)
+        with _terminate_as_interrupt():
+            return int(func(args) or 0)
     except BcdError as err:
         print(f"napari-bcd: {err}", file=sys.stderr)
         return 2

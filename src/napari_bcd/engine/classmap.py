@@ -16,14 +16,50 @@ from ..tiling import Grid
 
 if TYPE_CHECKING:
     from ..decision import DecisionRule
+    from ..settings import ClassifySettings
     from .record import RunRecord
 
-__all__ = ["CellAccumulator", "ClassMap"]
+__all__ = ["CellAccumulator", "ClassMap", "ModelRef"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The model that made a map: its name, its checkpoint (when it was loaded from one) and its weights' hash.
+
+    Enough to name it to a pathologist, to retrain it, and to know a later run used the same model.
+    """
+
+    name: str = ""
+    path: str = ""
+    weights_sha256: str = ""
+    backbone: str = ""
+
+    @classmethod
+    def of(cls, model) -> ModelRef:
+        """Of a :class:`~napari_bcd.model.Classifier` (its checkpoint and hash when it was loaded from one)."""
+        card = model.card
+        return cls(card.name, str(getattr(model, "source_path", "") or ""),
+                   str(getattr(model, "weights_sha256", "") or card.weights_sha256 or ""), card.backbone)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "path": self.path, "weights_sha256": self.weights_sha256,
+                "backbone": self.backbone}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ModelRef:
+        d = d if isinstance(d, dict) else {}
+        return cls(*(str(d.get(k) or "") for k in ("name", "path", "weights_sha256", "backbone")))
 
 
 @dataclass
 class ClassMap:
-    """The result of classifying one slide.
+    """The result of classifying one slide, with the run that made it.
+
+    A map carries what it needs to be made again: the model (:class:`ModelRef`),
+    every setting of the run (:class:`~napari_bcd.settings.ClassifySettings`), the
+    decision rule its labels follow and the run's record.  Retraining, re-predicting,
+    exports, done-records and cohorts read them from here; ``info``, the JSON the
+    summary carries, is derived from them, never kept beside them.
 
     Attributes
     ----------
@@ -37,20 +73,26 @@ class ClassMap:
         ``(rows, cols)`` fraction of each cell that is tissue (0-1).
     window_done
         ``(window rows, window cols)`` bool: windows sent to the model.
-    quality
-        ``(rows, cols)`` image-quality score of each cell (mean over its
-        windows: :mod:`napari_bcd.quality`; NaN on glass), or None.
     grid
         Geometry: cells and windows in level-0 pixels and µm.
     classes
         Class names in probability order: the model's.
-    info
-        The run as JSON data (written into the summary): what ran, how fast,
-        the decision rule, the stain check.  Code reads the typed ``run``.
+    model
+        The model that made it.
+    settings
+        The run's settings (None for a map made otherwise).
+    decision
+        The rule the labels follow (None: the most probable class), and ``uncertain_cells`` the cells it left
+        uncertain, by reason.
+    quality
+        ``(rows, cols)`` image-quality score of each cell (mean over its
+        windows: :mod:`napari_bcd.quality`; NaN on glass), or None.
     run
         The typed record of the run that made the map (None for a map made otherwise).
-    model_path
-        The checkpoint that made it (the Review dock retrains it), when known.
+    repredicted
+        The box of cells ``(r0, r1, c0, c1)`` a retrain re-predicted in place, if one did.
+    retrained_from
+        The checkpoint a retrain made the model from, if one did.
     """
 
     probs: np.ndarray
@@ -61,11 +103,23 @@ class ClassMap:
     classes: tuple[str, ...]
     slide_name: str = ""
     slide_shape: tuple[int, int] = (0, 0)
-    model_name: str = ""
-    info: dict = field(default_factory=dict)
+    model: ModelRef = field(default_factory=ModelRef)
+    settings: ClassifySettings | None = None
+    decision: DecisionRule | None = None
+    uncertain_cells: dict = field(default_factory=dict)
     quality: np.ndarray | None = None
     run: RunRecord | None = None
-    model_path: str = ""
+    repredicted: tuple[int, int, int, int] | None = None
+    retrained_from: str = ""
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def model_path(self) -> str:
+        """The checkpoint that made it (the Review dock retrains it), when known."""
+        return self.model.path
 
     @property
     def uncertain_label(self) -> int:
@@ -81,8 +135,23 @@ class ClassMap:
         """The decision rule the labels follow."""
         from ..decision import DecisionRule
 
-        d = (self.info or {}).get("decision") or {}
-        return DecisionRule.from_dict({k: v for k, v in d.items() if k != "uncertain_cells"})
+        return self.decision if self.decision is not None else DecisionRule()
+
+    @property
+    def info(self) -> dict:
+        """The run as JSON data, for the summary and exports: what ran and how fast, the decision rule applied
+        (with the cells it left uncertain), the stain check, the settings and the model.  Derived: code reads the
+        typed fields."""
+        decision = {**self.rule.to_dict(), "uncertain_cells": dict(self.uncertain_cells)}
+        out: dict = self.run.info(decision) if self.run is not None else {"decision": decision}
+        if self.settings is not None:
+            out["settings"] = self.settings.to_dict()
+        out["model"] = self.model.to_dict()
+        if self.repredicted is not None:
+            out["repredicted_cells"] = [int(v) for v in self.repredicted]
+        if self.retrained_from:
+            out["retrained_from"] = self.retrained_from
+        return out
 
     def layer_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """napari ``(scale, translate)`` in µm that lay the cells over an image of ``scale = mpp``.

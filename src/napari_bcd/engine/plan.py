@@ -5,12 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ..io.slide import Slide
 from ..settings import ClassifySettings
 from ..tiling import Grid, grid_for, slide_mpp
-from ..windows import select_windows, tissue_fractions
+from ..windows import mapped_cells, select_windows, tissue_fractions
 
 if TYPE_CHECKING:
     from ..model.card import ModelCard
@@ -49,10 +47,7 @@ def plan_windows(slide: Slide, card: ModelCard, settings: ClassifySettings | Non
     """Count the windows a run with these settings would classify; ``card`` is the model's (no weights needed)."""
     s = (settings or ClassifySettings()).replace(**changes) if changes else (settings or ClassifySettings())
     grid = grid_for(slide, card, s)
-    win_frac, _, _ = tissue_fractions(slide, grid, s.tissue, slide_mpp(slide, s.mpp))
+    win_frac, cell_frac, _ = tissue_fractions(slide, grid, s.tissue, slide_mpp(slide, s.mpp))
     selected = select_windows(win_frac, s.min_tissue)
-    kh, kw = grid.cells_per_window
-    covered = np.zeros(grid.n_cells, bool)
-    for r, c in np.argwhere(selected):
-        covered[r : r + kh, c : c + kw] = True
-    return WindowPlan(int(win_frac.size), int(selected.sum()), grid.cell_um, int(covered.sum()), grid)
+    cells = mapped_cells(selected, cell_frac, grid.cells_per_window, s.min_tissue)
+    return WindowPlan(int(win_frac.size), int(selected.sum()), grid.cell_um, int(cells.sum()), grid)

@@ -23,8 +23,8 @@ from ..errors import BcdError
 from ..io.slide import Slide
 from ..settings import ClassifySettings
 from ..tiling import Grid, grid_for, slide_mpp
-from ..windows import sample_tiles, select_windows, tiles_touched, tissue_fractions
-from .classmap import CellAccumulator, ClassMap
+from ..windows import mapped_cells, sample_tiles, select_windows, tiles_touched, tissue_fractions
+from .classmap import CellAccumulator, ClassMap, ModelRef
 from .record import Progress, RunRecord, StainCheck
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     if not s.refine or done == 0:
         probs = acc.probabilities()
     probs[acc.counts == 0] = np.nan  # a cell only estimated windows cover is not mapped
-    covered = (acc.counts > 0) & (cell_frac >= s.min_tissue * 0.5)
+    covered = mapped_cells(done_mask, cell_frac, grid.cells_per_window, s.min_tissue)
     cell_quality = acc.quality() if score_quality else None
     labels, reasons = decide(probs, covered, tuple(card.classes), rule, cell_quality)
     record = RunRecord(
@@ -148,8 +148,8 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
         estimated_windows=int((known & ~done_mask).sum()) if s.refine else None)
     return ClassMap(probs=probs, labels=labels, tissue=cell_frac, window_done=done_mask, grid=grid,
                     classes=tuple(card.classes), slide_name=printable(slide.name), slide_shape=slide.dimensions,
-                    model_name=card.name, quality=cell_quality, run=record,
-                    info=record.info({**rule.to_dict(), "uncertain_cells": reasons}))
+                    model=ModelRef.of(predictor.model), settings=s, decision=rule, uncertain_cells=reasons,
+                    quality=cell_quality, run=record)
 
 
 def _pass_batches(producer, predictor, acc: CellAccumulator, done_mask: np.ndarray, level_mpp: float,

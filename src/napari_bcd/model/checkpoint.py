@@ -118,6 +118,7 @@ def save_checkpoint(
     with atomic_write(card_path, "w") as fh:
         fh.write(card.to_json())
     model.card = card
+    model.source_path, model.weights_sha256 = str(weights), card.weights_sha256  # it is this checkpoint now
     log.info("Saved checkpoint %s", weights)
     return weights
 
@@ -208,6 +209,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
             "The card and weights belong to different models."
         ) from err
     model.card = card
+    model.source_path, model.weights_sha256 = str(weights), got  # a map names the checkpoint that made it
     return model.to(device).eval()
 
 

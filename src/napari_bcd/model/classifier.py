@@ -44,6 +44,9 @@ class Classifier(nn.Module):
         self.card = card
         #: Where the preprocessing came from (given, the weights file, the backbone's default...).
         self.preprocessing_source = ""
+        #: The checkpoint it was loaded from and its weights' hash ("" for a model built here).
+        self.source_path = ""
+        self.weights_sha256 = ""
         # Not persistent: the card, not the weights file, records preprocessing.
         self.register_buffer("_scale", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("_shift", torch.zeros(1, 3, 1, 1), persistent=False)

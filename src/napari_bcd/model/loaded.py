@@ -30,7 +30,8 @@ class LoadedModel:
 
     @property
     def sha(self) -> str:
-        return self.model.card.weights_sha256
+        """The weights' hash as read from the file (the card's, for a model built here)."""
+        return getattr(self.model, "weights_sha256", "") or self.model.card.weights_sha256
 
 
 def checkpoint_key(path: str | Path | None) -> tuple:

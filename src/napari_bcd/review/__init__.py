@@ -28,6 +28,7 @@ _LAZY: dict[str, str] = {
     "read_corrections": "corrections",
     "RetrainPlan": "retrain",
     "RetrainResult": "retrain",
+    "RetrainSettings": "retrain",
     "iter_retrain": "retrain",
     "next_model_path": "retrain",
     "SaliencyMap": "saliency",

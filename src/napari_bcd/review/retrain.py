@@ -35,137 +35,31 @@ import math
 import os
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import BcdError
-from ..settings import MIN_TISSUE
 from .corrections import Corrections
+from .retrain_settings import (
+    DRIFT_WARNING,
+    RetrainJob,
+    RetrainPlan,
+    RetrainProgress,
+    RetrainResult,
+    RetrainSettings,
+)
 
 if TYPE_CHECKING:
     from ..engine import ClassMap
     from ..io.slide import Slide
+    from ..settings import ClassifySettings
 
-__all__ = ["DRIFT_WARNING", "RetrainJob", "RetrainPlan", "RetrainProgress", "RetrainResult", "iter_retrain",
-           "next_model_path"]
+__all__ = ["DRIFT_WARNING", "RetrainJob", "RetrainPlan", "RetrainProgress", "RetrainResult", "RetrainSettings",
+           "iter_retrain", "map_settings", "next_model_path"]
 
 log = logging.getLogger(__name__)
-
-#: A new model that changes more than this share of the slide outside the corrections is flagged.
-DRIFT_WARNING = 0.05
-
-
-@dataclass(frozen=True)
-class RetrainPlan:
-    corrections: int
-    by_class: dict[str, int]
-    region_windows: int
-    anchor_windows: int
-    original_images: int
-    steps: int
-    out: Path
-    notes: tuple[str, ...] = ()
-
-    @property
-    def message(self) -> str:
-        by = ", ".join(f"{n} to {k}" for k, n in sorted(self.by_class.items()))
-        orig = (f"{self.original_images} original training images" if self.original_images
-                else "no original training images")
-        lines = [f"{self.corrections} corrected cell(s) ({by}); {self.region_windows} windows to re-predict, "
-                 f"{self.anchor_windows} anchor windows, {orig}; {self.steps} steps -> {self.out.name}"]
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
-
-
-@dataclass(frozen=True)
-class RetrainProgress:
-    """``stage``: ``"features"``, ``"training"`` or ``"predicting"``."""
-
-    stage: str
-    done: int
-    total: int
-    loss: float = math.nan
-    corrected_agree: float = math.nan
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
-
-    @property
-    def desc(self) -> str:
-        return self.stage
-
-    def __str__(self) -> str:
-        extra = (f", loss {self.loss:.3f}, corrections learnt {self.corrected_agree:.0%}"
-                 if self.stage == "training" and not math.isnan(self.loss) else "")
-        return f"{self.stage}: {self.done}/{self.total}{extra}"
-
-
-@dataclass
-class RetrainResult:
-    """What a retrain produced.
-
-    Attributes
-    ----------
-    checkpoint, parent
-        The new model and the one it was retrained from.
-    class_map
-        The re-predicted class map (the affected region replaced, or the whole
-        slide), or None when no class map was given and no whole-slide
-        prediction was asked for.
-    changed_cells
-        Cells whose label differs from the class map given.
-    corrected_before, corrected_after
-        Share of the corrected windows the model puts in their new class.
-    anchors_kept
-        Share of the anchor windows trained on that keep the parent's class.
-    outside_changed, outside_checked
-        Share of the held-out anchor windows (spread over the slide outside the
-        corrections, never trained on) whose class changes, and how many.
-    validation_before, validation_after
-        Accuracy / macro F1 on the parent's validation images (None without them).
-    """
-
-    checkpoint: Path
-    parent: Path
-    card: Any
-    class_map: Any = None
-    changed_cells: int = 0
-    corrected_before: float = math.nan
-    corrected_after: float = math.nan
-    anchors_kept: float = math.nan
-    validation_before: dict | None = None
-    validation_after: dict | None = None
-    seconds: float = 0.0
-    stopped: str = "completed"
-    notes: list[str] = field(default_factory=list)
-    outside_changed: float = math.nan
-    outside_checked: int = 0
-
-    @property
-    def warning(self) -> str:
-        """Said before the new model is used when it changes much of the slide outside the corrections."""
-        if not math.isfinite(self.outside_changed) or self.outside_changed <= DRIFT_WARNING:
-            return ""
-        return (f"The new model changes the class of about {self.outside_changed:.0%} of the slide outside your "
-                f"corrections (measured on {self.outside_checked} windows it was not trained on): look at the whole "
-                "map before you use it, or Undo.")
-
-    def describe(self) -> str:
-        text = (f"Saved {self.checkpoint.name} (from {self.parent.name}): corrections learnt "
-                f"{self.corrected_before:.0%} -> {self.corrected_after:.0%}, anchors kept {self.anchors_kept:.0%}")
-        if math.isfinite(self.outside_changed):
-            text += (f"; {self.outside_changed:.1%} of the slide outside the corrections changes class (on "
-                     f"{self.outside_checked} windows not trained on)")
-        if self.validation_before and self.validation_after:
-            text += (f"; validation accuracy {self.validation_before['accuracy']:.3f} -> "
-                     f"{self.validation_after['accuracy']:.3f}")
-        if self.class_map is not None:
-            text += f"; {self.changed_cells} cell(s) changed on the map"
-        return text + f" ({self.seconds:.1f} s)."
-
 
 def next_model_path(parent: str | os.PathLike[str]) -> Path:
     """``<parent>-r1.safetensors`` beside the parent, or the first ``-rN`` that does not exist."""
@@ -182,54 +76,16 @@ def next_model_path(parent: str | os.PathLike[str]) -> Path:
         k += 1
 
 
-@dataclass(frozen=True)
-class RetrainJob:
-    """Everything one retrain needs, checked (:func:`iter_retrain`)."""
-
-    parent: Path
-    card: Any
-    corrections: Corrections
-    slide: Any
-    class_map: Any
-    grid: Any
-    out: Path
-    weight: float = 4.0
-    whole_slide: bool = False
-    margin: int = 1
-    anchors: int = 256
-    steps: int = 300
-    lr: float = 3e-4
-    batch_size: int = 64
-    views: int = 8
-    data: Any = "card"
-    device: str | None = None
-    min_tissue: float = MIN_TISSUE
-    seed: int = 0
-    feature_batch: int = 8
-
-
 def iter_retrain(
     checkpoint: str | os.PathLike[str],
     corrections: Corrections,
     slide: Slide,
     *,
     class_map: ClassMap | None = None,
+    classify: ClassifySettings | None = None,
     out: str | os.PathLike[str] | None = None,
-    weight: float = 4.0,
-    whole_slide: bool = False,
-    margin: int = 1,
-    anchors: int = 256,
-    steps: int = 300,
-    lr: float = 3e-4,
-    batch_size: int = 64,
-    views: int = 8,
-    data: str | os.PathLike[str] | None = "card",
-    device: str | None = None,
-    mpp: float | tuple[float, float] | None = None,
-    stride: float = 1.0,
-    min_tissue: float = MIN_TISSUE,
-    seed: int = 0,
-    feature_batch: int = 8,
+    settings: RetrainSettings | None = None,
+    **changes: Any,
 ) -> Generator[RetrainPlan | RetrainProgress, Any, RetrainResult]:
     """Retrain a model's head from corrected cells; yields progress, returns a :class:`RetrainResult`.
 
@@ -243,38 +99,31 @@ def iter_retrain(
     slide
         The slide the corrections are on (:func:`~napari_bcd.open_slide`).
     class_map
-        The map the corrections were made on; its affected region is
-        re-predicted in place.  Without it (the CLI), the grid comes from the
-        slide, the card and ``stride``.
+        The map the corrections were made on: its grid and run settings are the retrain's, and its affected
+        region is re-predicted in place.
+    classify
+        The run settings of the map, where the map itself is not at hand (the CLI reads them from the map's
+        summary); one that contradicts ``class_map``'s is refused, naming the map's value.
     out
         The new checkpoint (default ``<parent>-rN.safetensors``); never replaces a file.
-    weight
-        How many training images each corrected cell counts as.
-    whole_slide
-        Re-predict the whole slide with the new model instead of the region.
-    margin
-        The region re-predicted (and anchored): the corrections' bounding box
-        grown by this many windows.
-    anchors
-        Classified windows spread over the rest of the slide kept to the parent's probabilities (up to a
-        quarter as many others, where the slide has them, measure the change).
-    data
-        The original training images: ``"card"`` (where the card says),
-        a folder, or None.
+    settings, changes
+        How to learn (:class:`~.retrain_settings.RetrainSettings`), with single changes (``steps=150``).
 
     Raises
     ------
     BcdError
-        Before any work: no corrections, an existing ``out``, a grid that does not match.
+        Before any work: no corrections, bad settings, an existing ``out``, settings that contradict the map, a
+        grid that does not match.
     """
     from ..model.card import checkpoint_paths, read_card
     from ..model.checkpoint import check_checkpoint_target
+    from ..settings import ClassifySettings
+    from ..tiling import grid_for
 
+    learn = (settings or RetrainSettings()).replace(**changes) if changes else (settings or RetrainSettings())
     if not len(corrections):
         raise BcdError("There are no corrected cells: repaint cells of the classes layer with another class "
                        "(or draw classified shapes) first.")
-    if weight <= 0 or steps < 1 or lr <= 0 or batch_size < 1 or views not in (1, 2, 4, 8):
-        raise BcdError("weight and lr must be positive, steps and batch size at least 1, views 1, 2, 4 or 8.")
     parent = checkpoint_paths(checkpoint)[0]
     card = read_card(parent)
     unknown = sorted({c.new for c in corrections.cells} - set(card.classes))
@@ -282,13 +131,8 @@ def iter_retrain(
         raise BcdError(f"Corrections name classes the model does not have: {', '.join(unknown)}.")
     out_path = Path(out) if out is not None else next_model_path(parent)
     out_path = check_checkpoint_target(out_path, overwrite=None)  # a retrain never replaces a checkpoint
-    if class_map is not None:
-        grid = class_map.grid
-    else:
-        from ..settings import ClassifySettings
-        from ..tiling import grid_for
-
-        grid = grid_for(slide, card, ClassifySettings(stride=stride, mpp=mpp))
+    run = map_settings(class_map, classify) or ClassifySettings()
+    grid = class_map.grid if class_map is not None else grid_for(slide, card, run)
     if corrections.grid:
         want = [round(v, 3) for v in corrections.grid.get("stride_px", grid.stride_px)]
         if want != [round(v, 3) for v in grid.stride_px]:
@@ -297,10 +141,20 @@ def iter_retrain(
     bad = [c for c in corrections.cells if not (0 <= c.row < grid.n_cells[0] and 0 <= c.col < grid.n_cells[1])]
     if bad:
         raise BcdError(f"{len(bad)} corrected cell(s) lie outside this slide's grid: are they from another slide?")
-    job = RetrainJob(parent, card, corrections, slide, class_map, grid, out_path, float(weight), whole_slide,
-                     int(margin), int(anchors), int(steps), float(lr), int(batch_size), int(views), data, device,
-                     float(min_tissue), int(seed), int(feature_batch))
-    return _retrain(job)
+    return _retrain(RetrainJob(parent, card, corrections, slide, class_map, grid, out_path, learn, run))
+
+
+def map_settings(class_map: ClassMap | None, given: ClassifySettings | None) -> ClassifySettings | None:
+    """The run settings of the map being corrected: the map's own, else those given; a given setting that
+    contradicts the map's is refused with the map's value named."""
+    own = class_map.settings if class_map is not None else None
+    if own is None or given is None:
+        return own or given
+    diff = given.differences(own)
+    if diff:
+        raise BcdError("The settings given contradict the map's run (" + "; ".join(diff) + "): retrain uses the "
+                       "map's own settings; leave those options out.")
+    return own
 
 
 def _retrain(job: RetrainJob) -> Generator[RetrainPlan | RetrainProgress, Any, RetrainResult | None]:
@@ -313,19 +167,20 @@ def _retrain(job: RetrainJob) -> Generator[RetrainPlan | RetrainProgress, Any, R
     from . import retrain_fit as fit
 
     t_start = time.perf_counter()
-    rng = np.random.default_rng(job.seed)
+    learn = job.learn
+    rng = np.random.default_rng(learn.seed)
     notes = list(job.corrections.notes)
     kh, kw = job.grid.cells_per_window
-    chosen = data.choose_windows(job.grid, job.corrections, job.slide, job.class_map, job.margin, job.anchors,
-                                 job.min_tissue, rng)
-    dataset, train_idx, val_idx = data.original_images(job.card, job.data, notes)
+    chosen = data.choose_windows(job.grid, job.corrections, job.slide, job.class_map, learn.margin, learn.anchors,
+                                 job.run.min_tissue, rng)
+    dataset, train_idx, val_idx = data.original_images(job.card, learn.data, notes)
     yield RetrainPlan(len(job.corrections), job.corrections.counts(), int(chosen.region.sum()), len(chosen.wins),
-                      len(train_idx) + len(val_idx), job.steps, job.out, tuple(notes))
-    dev = choose_device(job.device)
+                      len(train_idx) + len(val_idx), learn.steps, job.out, tuple(notes))
+    dev = choose_device(learn.device)
     model = load_checkpoint(job.parent)
     model.to(dev).eval()
-    feats = yield from data.compute_features(model, dev, job.slide, job.grid, job.corrections, chosen.wins, job.views,
-                                             dataset, train_idx, val_idx, job.feature_batch,
+    feats = yield from data.compute_features(model, dev, job.slide, job.grid, job.corrections, chosen.wins, learn.views,
+                                             dataset, train_idx, val_idx, learn.feature_batch,
                                              lambda d, t: RetrainProgress("features", d, t))
     if feats is None:
         return None  # stopped before training: nothing is saved
@@ -333,14 +188,14 @@ def _retrain(job: RetrainJob) -> Generator[RetrainPlan | RetrainProgress, Any, R
     parent_head = copy.deepcopy(head).eval()
     with torch.inference_mode():
         parent_p = torch.softmax(fit.head_batches(parent_head, feats.windows, dev), 1).cpu()
-    pools = data.pools(parent_p, feats, job.corrections, chosen, job.grid, job.card.classes, job.weight, job.views,
+    pools = data.pools(parent_p, feats, job.corrections, chosen, job.grid, job.card.classes, learn.weight, learn.views,
                        train_idx)
     cells = [(c.row, c.col) for c in job.corrections.cells]
     corrected_before = fit.cells_agree(chosen.wins, parent_p.numpy(), cells, pools.new_idx.numpy(), kh, kw)
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     stopped, step, norm = yield from fit.train_head(
-        head, pools, feats, chosen, job.corrections, job.grid, job.steps, job.lr, job.batch_size, dev, rng,
+        head, pools, feats, chosen, job.corrections, job.grid, learn.steps, learn.lr, learn.batch_size, dev, rng,
         lambda s, n, loss, agree: RetrainProgress("training", s, n, loss, agree))
     # fold the standardisation back: a plain Table II head on raw features
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("head.")}
@@ -353,13 +208,14 @@ def _retrain(job: RetrainJob) -> Generator[RetrainPlan | RetrainProgress, Any, R
     changed = 0
     if new_map is not None and job.class_map is not None and new_map.labels.shape == job.class_map.labels.shape:
         changed = int((new_map.labels != job.class_map.labels).sum())
-        if job.whole_slide:  # the change outside the corrections, exactly: every cell was classified again
+        if job.learn.whole_slide:  # the change outside the corrections, exactly: every cell was classified again
             measured["outside_changed"], measured["outside_checked"] = _outside_change(job, chosen, new_map)
     saved = _save(job, model, dev, measured, stopped, step, notes, len(train_idx) + len(val_idx))
     if new_map is not None:
-        new_map.model_name = saved.name[: -len(".safetensors")]
-        new_map.info = {**new_map.info, "model_path": str(saved), "retrained_from": str(job.parent)}
-        new_map.model_path = str(saved)
+        from ..engine import ModelRef
+
+        new_map.model = ModelRef.of(model)
+        new_map.retrained_from = str(job.parent)
     yield RetrainProgress("predicting", 1, 1)
     return RetrainResult(saved, job.parent, model.card, new_map, changed, measured["corrected_before"],
                          measured["corrected_after"], measured["anchors_kept"], measured["validation_before"],
@@ -404,8 +260,9 @@ def _save(job: RetrainJob, model, dev, measured: dict, stopped: str, step: int, 
     record = {
         "parent": {"path": str(job.parent), "name": job.card.name, "weights_sha256": job.card.weights_sha256},
         "slide": c.slide or job.slide.name, "created": c.created, "corrections": [x.to_dict() for x in c.cells],
-        "erased_cells": c.erased, "weight": job.weight, "steps": job.steps, "steps_run": step, "lr": job.lr,
-        "views": job.views, "batch_size": job.batch_size, "original_images": original_images,
+        "erased_cells": c.erased, **{k: v for k, v in job.learn.to_dict().items()
+                                     if k in ("weight", "steps", "lr", "views", "batch_size")},
+        "steps_run": step, "original_images": original_images,
         "stopped": stopped, "notes": notes,
         **{k: measured[k] for k in ("anchors", "corrected_before", "corrected_after", "anchors_kept",
                                     "validation_before", "validation_after", "outside_changed", "outside_checked")},
@@ -430,13 +287,14 @@ def _repredict(job: RetrainJob, chosen, model, dev, new_p):
     cm = job.class_map
     rule = cm.rule if cm is not None else DecisionRule.from_dict(job.card.decision)
     new_map = None
-    if job.whole_slide:
+    if job.learn.whole_slide:
         from ..engine import iter_classify
-        from ..settings import ClassifySettings
 
-        settings = ClassifySettings(stride_um=job.grid.cell_um, device=str(dev), mpp=job.grid.mpp, decision=rule,
-                                    min_tissue=cm.run.min_tissue if cm is not None and cm.run else job.min_tissue)
-        gen = iter_classify(job.slide, model, settings)
+        # exactly the run that made the map (tissue, overlap, refine, stain, precision...), with the new model; the
+        # map's rule where one was applied to it since
+        effective = job.run.decision if job.run.decision is not None else DecisionRule.from_dict(job.card.decision)
+        changes = {} if rule == effective else {"decision": rule}
+        gen = iter_classify(job.slide, model, job.run.replace(device=str(dev), **changes))
         try:
             while True:
                 p = next(gen)

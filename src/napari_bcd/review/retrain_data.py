@@ -215,8 +215,11 @@ def pools(parent_probs, feats: Features, corrections: Corrections, chosen: Windo
     n_cls = len(classes)
     kh, kw = grid.cells_per_window
     new_idx = torch.as_tensor([classes.index(c.new) for c in corrections.cells])
-    # The grid windows over corrected cells decide what the map shows there: each is pulled towards the
-    # corrected classes in proportion to the share of its cells corrected, towards the parent elsewhere.
+    # The grid windows over corrected cells decide what the map shows there (a cell is the mean of its windows):
+    # each is pulled towards the corrected classes at twice the share of its cells corrected (at most all of it),
+    # towards the parent for the rest.  At the share alone, the corner cell of a corrected block at 50 % overlap
+    # would average to 0.56 of its new class even when every window is learnt exactly, a coin's toss; at twice it,
+    # 0.88, while the cell just outside the block averages to 0.38 and keeps its class.
     new_of = {(c.row, c.col): classes.index(c.new) for c in corrections.cells}
     mix = torch.zeros((len(chosen.wins), n_cls))
     for i, (r, c) in enumerate(chosen.wins):
@@ -225,7 +228,9 @@ def pools(parent_probs, feats: Features, corrections: Corrections, chosen: Windo
                 if (rr, cc) in new_of:
                     mix[i, new_of[(rr, cc)]] += 1.0 / (kh * kw)
     share = mix.sum(1).numpy().astype(np.float64)
-    win_target = mix + (1.0 - torch.as_tensor(share, dtype=torch.float32)).view(-1, 1) * parent_probs
+    pull = torch.as_tensor(np.minimum(2.0 * share, 1.0), dtype=torch.float32)
+    mix = mix * (pull / torch.as_tensor(np.maximum(share, 1e-12), dtype=torch.float32)).view(-1, 1)
+    win_target = mix + (1.0 - pull).view(-1, 1) * parent_probs
     train = torch.from_numpy(~chosen.held)
     features = [feats.corrected.flatten(0, 1), feats.windows[train]]
     targets = [torch.nn.functional.one_hot(new_idx.repeat_interleave(views), n_cls).float(), win_target[train]]

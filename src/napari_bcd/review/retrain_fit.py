@@ -140,5 +140,4 @@ def repredict_region(class_map, grid, chosen: Windows, win_probs, rule):
     covered_old = class_map.labels[r0:r1, c0:c1] > 0
     new_lab, _ = decide(probs[r0:r1, c0:c1], covered_old, tuple(class_map.classes), rule, quality)
     labels[r0:r1, c0:c1] = new_lab
-    info = {**class_map.info, "repredicted_cells": [int(r0), int(r1), int(c0), int(c1)]}
-    return dataclasses.replace(class_map, probs=probs, labels=labels, info=info)
+    return dataclasses.replace(class_map, probs=probs, labels=labels, repredicted=(int(r0), int(r1), int(c0), int(c1)))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from .probe import PROBE_WORDS
 
 if TYPE_CHECKING:
-    from .finetune import TrainResult
+    from .result import TrainResult
 
 __all__ = ["report_lines", "verdict"]
 

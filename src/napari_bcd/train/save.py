@@ -29,9 +29,9 @@ from .headfit import Recipe, fit_head
 from .probe import PROBE_WORDS, ProbeResult, fit_probe_head, fit_temperature
 
 if TYPE_CHECKING:
-    from .finetune import TrainResult
     from .iciar import Dataset
     from .protocol import Protocol
+    from .result import TrainResult
     from .select import Selection, Validation
 
 __all__ = ["Shipped", "final_model", "save_result"]
@@ -159,7 +159,7 @@ def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation:
     """Write the shipped model with a card that says how it was made and validated."""
     from ..model.checkpoint import checkpoint_paths, save_checkpoint
     from ..model.record import TrainingRecord
-    from .finetune import TrainResult
+    from .result import TrainResult
 
     state = {f"head.{k}": v.detach().cpu().float() for k, v in shipped.head.state_dict().items()}
     if shipped.norm is not None:

@@ -1,5 +1,9 @@
-"""The napari half of ``napari-bcd demo``: a viewer with the slide and the Classify dock, driven
-through the dock's public methods."""
+"""The napari half of ``napari-bcd demo``: a viewer with the slide and the Classify dock.
+
+A front end beside the docks, not above them: the dock comes from napari's plugin API
+(``add_plugin_dock_widget``, as a user opens it from the Plugins menu) and is driven through its
+public methods, so the command line never imports a widget class.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import TYPE_CHECKING
 import napari  # here, so a core-only install finds out when this module is imported
 
 if TYPE_CHECKING:
-    from ..engine import ClassMap
+    from .engine import ClassMap
 
 __all__ = ["show_in_napari", "viewer_screenshot"]
 
@@ -18,15 +22,13 @@ def viewer_screenshot(slide_path: Path, class_map: ClassMap, path: Path, model_p
                       ) -> Path:
     """A screenshot of a (hidden) napari viewer with the label layer over the slide, the dock showing the model
     (``model_path``) that made the map."""
-    from .._reader import read_slide
-    from .classify import ClassifyWidget
+    from ._reader import read_slide
 
     viewer = napari.Viewer(show=False)
     try:
         data, kwargs, _ = read_slide(str(slide_path))[0]
         image = viewer.add_image(data, **kwargs)
-        widget = ClassifyWidget(viewer)
-        viewer.window.add_dock_widget(widget, name="Classify slide", area="right")
+        _, widget = viewer.window.add_plugin_dock_widget("napari-bcd", "Classify slide")
         if model_path is not None:
             widget.use_model(model_path)  # the dock describes the model whose map it shows
         if class_map is not None:
@@ -40,7 +42,6 @@ def viewer_screenshot(slide_path: Path, class_map: ClassMap, path: Path, model_p
     finally:
         viewer.close()
     return path
-
 
 
 def show_in_napari(path: Path, have_model: bool, model: str | None, mpp: float | None = None) -> int:
