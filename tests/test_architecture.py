@@ -94,7 +94,7 @@ def violations(inner: dict[str, set[str]], outer: dict[str, set[str]]) -> list[s
                 bad.append(f"{mod} imports {t}, which is in no layer")
             elif RANK[b] > RANK[a] or (RANK[b] == RANK[a] and RANK[a] < len(LAYERS) - 1):
                 bad.append(f"{mod} imports {t}: an upward import ({a} is below {b})")
-            elif any(a in one and b in other or b in one and a in other for one, other in [APART]):
+            elif any((a in one and b in other) or (b in one and a in other) for one, other in [APART]):
                 bad.append(f"{mod} imports {t}: the command line and the docks stand side by side")
     for mod, packages in outer.items():
         gui = sorted(p for p in packages if p in GUI)

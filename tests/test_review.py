@@ -523,7 +523,7 @@ def test_retrain_re_predicts_with_exactly_the_maps_run(tiny_model, tmp_path):
     with open_slide(SAMPLE_SLIDE) as slide:
         cm = classify(slide, load_checkpoint(parent), run)
         assert cm.settings == run and cm.model.path == str(parent) and cm.run.stain.normalized == "macenko"
-        edited, (r, c), target = _block_edit(cm)
+        edited, _, _ = _block_edit(cm)
         corrections = corrections_from_labels(cm, edited)
         _, res = drain(iter_retrain(parent, corrections, slide, class_map=cm, whole_slide=True))
         fresh = classify(slide, load_checkpoint(res.checkpoint), run)
