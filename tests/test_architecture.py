@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("model",),
     ("engine",),
     ("train",),
-    ("summary",),
+    ("summary", "done"),
     ("export",),
     ("layers", "review", "cohort"),
     ("app",),

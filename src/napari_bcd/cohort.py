@@ -191,16 +191,17 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
     Errors a user can act on (a bad file, outputs of another model...) come
     back as a ``failed`` result with the message; nothing is raised for them.
     """
-    from .engine import iter_classify
-    from .export import (
-        output_paths,
+    from .done import (
         outputs_complete,
+        run_changes,
+        run_keys,
         same_source,
         slide_lock,
         source_identity,
-        write_outputs,
         written_by_us,
     )
+    from .engine import iter_classify
+    from .export import output_paths, write_outputs
     from .io import open_slide
     from .model.loaded import shared_cache
     from .summary import summarize
@@ -261,31 +262,6 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
     except Exception as err:  # a reader's own error: this slide fails, the cohort goes on and gets its table
         log.debug("slide %s failed", item.path, exc_info=True)
         return SlideResult(item, "failed", error=f"{type(err).__name__}: {err}", seconds=time.perf_counter() - t0)
-
-
-def run_keys(settings: ClassifySettings, card, slide_mpp: float | None) -> dict:
-    """What a done-record keeps of the run to decide whether a rerun may skip the slide: every setting that can
-    change the outputs (:meth:`~napari_bcd.settings.ClassifySettings.output_settings`), the slide's own pixel size,
-    and the decision rule the labels follow (the card's when the run sets none: a rule saved into the model since
-    changes the map though the weights did not)."""
-    from .decision import DecisionRule
-
-    rule = settings.decision if settings.decision is not None else DecisionRule.from_dict(card.decision)
-    return {"settings": settings.output_settings(), "slide_mpp": slide_mpp, "decision": rule.to_dict()}
-
-
-def run_changes(done: dict, keys: dict, sha: str) -> list[str]:
-    """What differs between a done-record's run and this one, in words ([] when a rerun may skip)."""
-    out = []
-    if done.get("model_weights_sha256") != sha:
-        out.append("another model")
-    recorded = done.get("run")
-    if not isinstance(recorded, dict):
-        return [*out, "settings not recorded (an older version)"]
-    settings, before = keys["settings"], recorded.get("settings") or {}
-    out += [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
-    out += [f"{k} {recorded.get(k)!r} -> {keys[k]!r}" for k in ("slide_mpp", "decision") if recorded.get(k) != keys[k]]
-    return out
 
 
 def _worker_device(device: str) -> str:

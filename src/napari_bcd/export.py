@@ -1,16 +1,15 @@
-"""Writing a ClassMap: label TIFF, probabilities, summary, QuPath GeoJSON."""
+"""Writing a ClassMap: label TIFF, probabilities, summary, QuPath GeoJSON, as one set with its done-record
+(:mod:`.done`: what a set vouches for, and the lock one slide's writer holds)."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import shutil
-import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import numpy as np
 from ._fileio import atomic_path, atomic_write, check_writable, file_digest
 from .annotations import Annotation, write_geojson
 from .classes import canonical_class, class_styles
+from .done import DONE_SUFFIX, WRITING_SUFFIX, outputs_complete, slide_lock
 from .engine import ClassMap
-from .errors import BcdError
 from .summary import Summary, summarize
 
 __all__ = [
@@ -224,7 +223,6 @@ def write_probabilities(class_map: ClassMap, path: str | os.PathLike[str], *, ov
     return p
 
 
-DONE_SUFFIX = ".done.json"
 
 
 def _write_summary_json(class_map: ClassMap, summary: Summary, path: Path) -> None:
@@ -264,47 +262,6 @@ OUTPUTS: tuple[Output, ...] = (
 OUTPUT_KINDS = {o.kind: o for o in OUTPUTS}
 
 
-WRITING_SUFFIX = ".writing"
-
-
-def source_identity(path: str | os.PathLike[str]) -> dict:
-    """What identifies the slide a done-record vouches for: its resolved path and, for a file, its size,
-    modification time and the SHA-256 of its first and last MiB (a slide replaced at the same path by one of the
-    same size is another slide)."""
-    p = Path(path)
-    try:
-        resolved = p.resolve()
-        st = resolved.stat()
-        if not resolved.is_file():
-            return {"path": str(resolved), "bytes": None}
-        return {"path": str(resolved), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "sample_sha256": _sample_hash(resolved, st.st_size)}
-    except OSError:
-        return {"path": str(p), "bytes": None}
-
-
-def _sample_hash(path: Path, size: int, part: int = 1 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        h.update(fh.read(part))
-        if size > part:
-            fh.seek(max(part, size - part))
-            h.update(fh.read(part))
-    return h.hexdigest()
-
-
-def same_source(record: dict, identity: dict) -> bool:
-    """Whether a done-record's slide is this one: every identity it recorded still holds (records from before
-    sources were recorded are taken as it)."""
-    recorded = record.get("source")
-    return not isinstance(recorded, dict) or all(identity.get(k) == v for k, v in recorded.items())
-
-
-def written_by_us(out_dir: str | os.PathLike[str], stem: str) -> bool:
-    """Whether ``stem``'s outputs in ``out_dir`` without a done-record are an interrupted napari-bcd write."""
-    return (Path(out_dir) / f".{stem}{WRITING_SUFFIX}").exists()
 
 
 def output_paths(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:
@@ -319,88 +276,6 @@ def write_output(kind: str, class_map: ClassMap, path: str | os.PathLike[str],
     p = Path(path)
     OUTPUT_KINDS[kind].write(class_map, summary or summarize(class_map), p)
     return p
-
-
-def outputs_complete(out_dir: str | os.PathLike[str], stem: str) -> dict | None:
-    """The done-record of a slide whose outputs are complete, or None.
-
-    The record is written last, after every file is in place, and lists each
-    file's size and SHA-256: outputs without a valid record are incomplete
-    (an interrupted run) or not ours.
-    """
-    record = Path(out_dir) / f"{stem}{DONE_SUFFIX}"
-    try:
-        doc = json.loads(record.read_text(encoding="utf-8"))
-        files = doc["files"]
-        for info in files.values():
-            if (Path(out_dir) / info["name"]).stat().st_size != info["bytes"]:
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return doc
-
-
-@contextlib.contextmanager
-def slide_lock(out_dir: str | os.PathLike[str], stem: str) -> Iterator[None]:
-    """Hold ``out_dir/.<stem>.lock`` while one run checks, computes and writes a slide's outputs.
-
-    A second run for the same slide and folder stops at once instead of mixing
-    its files with this one's.  A lock left by a process that no longer runs
-    (on this machine) is taken over, and that run's temporary folders removed.
-
-    Raises
-    ------
-    BcdError
-        When another live run holds the lock.
-    """
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    lock = d / f".{stem}.lock"
-    me = f"{os.getpid()}@{socket.gethostname()}"
-    # The lock appears with its owner already in it (written aside, then hard-linked into place, which fails
-    # when the lock exists): a second run never reads an empty lock and mistakes it for a stale one.
-    mine = d / f".{stem}.lock.{os.getpid()}"
-    mine.write_text(me, encoding="utf-8")
-    try:
-        for _ in range(2):
-            try:
-                os.link(mine, lock)
-            except FileExistsError:
-                owner = lock.read_text(encoding="utf-8", errors="replace").strip() if lock.exists() else ""
-                if _alive(owner):
-                    raise BcdError(
-                        f"Another napari-bcd run ({owner}) is writing {stem}'s outputs in {d}. Wait for it to "
-                        "finish, or write to another --out folder."
-                    ) from None
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            break
-        else:  # pragma: no cover - lost a race twice
-            raise BcdError(f"Could not lock {lock}; try again.")
-    finally:
-        mine.unlink(missing_ok=True)
-    try:
-        for stale in d.glob(f".{stem}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(owner: str) -> bool:
-    """Whether the ``pid@host`` that wrote a lock still runs (other hosts are assumed alive)."""
-    pid_text, _, host = owner.partition("@")
-    if not pid_text.isdigit():
-        return False
-    if host and host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def write_outputs(
