@@ -258,12 +258,14 @@ FOUR_KINDS = {
 }
 
 
-def four_kinds_dataset(root: Path, n: int = 6, px: int = 96, seed: int = 0) -> Path:
-    """An ICIAR folder of real H&E crops, four sources standing in for the four classes."""
-    return kinds_dataset(root, FOUR_KINDS, n, px, seed)
+def four_kinds_dataset(root: Path, n: int = 6, px: int = 96, seed: int = 0, patients: int = 0) -> Path:
+    """An ICIAR folder of real H&E crops, four sources standing in for the four classes; with ``patients``, the
+    ground truth's third column gives each image a patient (image ``k`` of every class is patient ``k % patients``)."""
+    return kinds_dataset(root, FOUR_KINDS, n, px, seed, patients)
 
 
-def kinds_dataset(root: Path, kinds: dict[str, list[str]], n: int = 6, px: int = 96, seed: int = 0) -> Path:
+def kinds_dataset(root: Path, kinds: dict[str, list[str]], n: int = 6, px: int = 96, seed: int = 0,
+                  patients: int = 0) -> Path:
     """A folder of real H&E crops, a class folder per name of ``kinds`` (any names), cut from its files."""
     from PIL import Image
 
@@ -278,7 +280,7 @@ def kinds_dataset(root: Path, kinds: dict[str, list[str]], n: int = 6, px: int =
             x = int(rng.integers(0, src.shape[1] - px))
             name = f"{cls.lower()}{k:03d}.png"
             Image.fromarray(src[y : y + px, x : x + px]).save(root / cls / name)
-            rows.append(f"{name},{cls}")
+            rows.append(f"{name},{cls}" + (f",P{k % patients}" if patients else ""))
     (root / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
     return root
 

@@ -161,7 +161,8 @@ def test_validation_by_image_is_called_optimistic_in_plain_words(tmp_path: Path,
     ds = read_iciar(root)
     assert ds.groups is None
     plan = plan_validation(ds)
-    assert plan.mode == "holdout" and plan.optimistic and "optimistic" in plan.describe()
+    # cross-validation over images: every image trains the model shipped, the figure said to be optimistic
+    assert plan.mode == "cv" and not plan.grouped and plan.optimistic and "optimistic" in plan.describe()
     assert main(["train", str(root), "--out", str(tmp_path / "m"), *SMALL_CLI]) == 0
     out = capsys.readouterr()
     assert "no patient, slide or region is known" in out.err
@@ -193,31 +194,40 @@ def test_grouped_cross_validation_ships_a_model_trained_on_everything(tmp_path: 
     assert "new patients" in card.describe()
 
 
-def test_the_probe_fallback_gives_the_probes_predictions_exactly(tmp_path: Path) -> None:
+def test_the_shipped_probe_is_the_tuned_logistic_regression_exactly(tmp_path: Path) -> None:
+    """When the probe ships, the model IS scikit-learn's logistic regression on the averaged features, with the
+    regularisation the run chose (a linear head computes it: no approximation of it in the Table II head)."""
     import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
-    from napari_bcd.model import load_checkpoint
+    from napari_bcd.model import LinearHead, load_checkpoint
     from napari_bcd.windows import resize_area
 
     ds = read_iciar(_ds_with_groups(tmp_path, n=6, patients=3))
-    # max_steps 0-like: a recipe so short it cannot do better, so the probe is what ships
+    # a recipe so short it cannot do better, so the probe is what ships
     from napari_bcd.train.protocol import AUTO
 
     proto = AUTO.with_overrides(max_steps=1, eval_every=1)
-    _, result = drain(iter_finetune(ds, out=tmp_path / "p.safetensors", protocol=proto, **SMALL))
-    assert result.shipped == "probe" and result.probe_head is not None
+    _, result = drain(iter_finetune(ds, out=tmp_path / "p.safetensors", protocol=proto, feature_precision="fp32",
+                                    **SMALL))  # the features the model computes at fp32, as below
+    assert result.shipped == "probe" and result.logistic is not None and result.tuning.folds >= 2
     model = load_checkpoint(result.checkpoint)
+    assert isinstance(model.head, LinearHead) and model.card.head["type"] == "linear"
     x = np.stack([resize_area(ds.load(i), (64, 64)) for i in range(len(ds))])
     with torch.no_grad():
         t = model.normalise(torch.from_numpy(x))
-        feats = model.backbone(t)
-        shipped = torch.softmax(model(t), 1)
-        mean, std = result.norm
-        z = (feats - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-        probe = torch.softmax(result.probe_head.logits(z), 1)
-    assert torch.equal(shipped.argmax(1), probe.argmax(1))
-    assert float((shipped - probe).abs().max()) < 1e-4
-    assert "IS the simple classifier" in result.verdict()
+        pooled = model.backbone(t).mean(dim=(2, 3)).double().numpy()
+        shipped = torch.softmax(model(t), 1).double().numpy()
+    scaler = StandardScaler().fit(pooled)
+    lr = LogisticRegression(C=result.tuning.chosen, max_iter=3000, class_weight="balanced", random_state=0)
+    lr.fit(scaler.transform(pooled), ds.labels)
+    logits = lr.decision_function(scaler.transform(pooled)) / result.logistic.temperature
+    sk = np.exp(logits - logits.max(1, keepdims=True))
+    sk /= sk.sum(1, keepdims=True)
+    assert (shipped.argmax(1) == sk.argmax(1)).all()
+    assert np.abs(shipped - sk).max() < 1e-4
+    assert "IS the simple classifier" in result.verdict() and "regularisation C =" in result.why
 
 
 def test_selection_takes_the_simplest_within_one_standard_error() -> None:

@@ -99,6 +99,9 @@ def test_bad_decisions_and_training_options(tiny_checkpoint: Path, tmp_path: Pat
     from conftest import four_kinds_dataset
 
     root = four_kinds_dataset(tmp_path / "d", n=2, px=64)
+    # the option that always refused is gone (issue 36); --no-groups with groups given is refused
     err = _fails(["train", str(root), "--out", str(tmp_path / "m"), "--backbone", "timm:resnet18",
-                  "--backbone-weights", "none", "--stain-augment", "--finetune-last-stage"], capsys)
-    assert "stain-augment" in err
+                  "--backbone-weights", "none", "--finetune-last-stage"], capsys)
+    assert "unrecognized arguments: --finetune-last-stage" in err
+    err = _fails(["train", str(root), "--out", str(tmp_path / "m"), "--no-groups", "--group-pattern", "(x)"], capsys)
+    assert "--no-groups" in err and not (tmp_path / "m.safetensors").exists()

@@ -16,7 +16,7 @@ from napari_bcd.config import default_model_path
 from napari_bcd.errors import DatasetError
 from napari_bcd.model import load_checkpoint
 from napari_bcd.train import FeatureProgress, FitProgress, TrainPlan, evaluate, iter_finetune, read_iciar
-from napari_bcd.train.protocol import AUTO, PAPER
+from napari_bcd.train.protocol import PAPER
 
 SMALL = {"backbone": "timm:resnet18", "backbone_weights": None, "input_px": (64, 64), "field_um": (100.0, 100.0)}
 SMALL_CLI = ["--backbone", "timm:resnet18", "--backbone-weights", "none", "--input-px", "64", "--field-um", "100"]
@@ -26,13 +26,18 @@ def test_twelve_images_train_without_a_traceback(tmp_path: Path, capsys: pytest.
     ds = four_kinds_dataset(tmp_path / "ds", n=3)
     assert main(["train", str(ds), "--out", str(tmp_path / "m"), *SMALL_CLI]) == 0
     out = capsys.readouterr()
-    assert "12 images x 8 view(s)" in out.err and "validated on 4 images drawn at random" in out.err
+    # no patient is known: cross-validation over images chooses the probe's regularisation (one standard error
+    # towards the stronger) and nothing else; the flips that only a head learns from are not computed
+    assert "12 images x 1 view(s)" in out.err and "cross-validation over images" in out.err
     assert "simple classifier" in out.out and "the model saved, on the held-out images" in out.out
+    assert "cannot be trusted to choose" in out.out
     card = load_checkpoint(tmp_path / "m.safetensors").card
-    hyper = card.training["hyperparameters"]
-    assert card.training["protocol"]["name"] == "auto" and hyper["sampling"].startswith("class-balanced")
+    assert card.training["protocol"]["name"] == "auto" and card.head["type"] == "linear"
     assert card.training["probe"]["accuracy"] is not None
-    assert card.training["selection"]["candidates"] == 1 + 2 * (AUTO.max_steps // AUTO.eval_every)
+    sel = card.training["selection"]
+    assert sel["candidates"] == 1 and sel["shipped"] == "probe" and not sel["heads_measured"]
+    assert sel["probe_tuning"]["chosen_c"] in sel["probe_tuning"]["grid"] and "one standard error" in \
+        sel["probe_tuning"]["rule"]
 
 
 def test_datasets_too_small_to_validate_or_to_learn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,9 +68,13 @@ def test_datasets_too_small_to_validate_or_to_learn(tmp_path: Path, capsys: pyte
 
 
 def test_default_protocol_is_never_below_the_probe_and_its_figure_is_the_checkpoints(tmp_path: Path) -> None:
-    ds = read_iciar(four_kinds_dataset(tmp_path / "ds", n=6))
-    items, auto = drain(iter_finetune(ds, out=tmp_path / "auto.safetensors", **SMALL))
-    assert auto.probe.report is not None and auto.validation.mode == "holdout"
+    from napari_bcd.train.groups import group_dataset
+
+    # six "patients", each with one image of every class (normal003, benign003... are patient 3), held out whole
+    ds = group_dataset(read_iciar(four_kinds_dataset(tmp_path / "ds", n=6)), pattern=r"^[a-z]+00(\d)",
+                       kind="patient")
+    items, auto = drain(iter_finetune(ds, out=tmp_path / "auto.safetensors", validation="holdout", **SMALL))
+    assert auto.probe.report is not None and auto.validation.mode == "holdout" and auto.validation.grouped
     assert auto.report.accuracy >= auto.probe.report.accuracy - 1e-9
     assert auto.beats_chance and not auto.head_below_probe
     # The first measurement is the probe-started head; the saved model gives the report's predictions on the
@@ -77,6 +86,7 @@ def test_default_protocol_is_never_below_the_probe_and_its_figure_is_the_checkpo
     hyper = auto.card.training["hyperparameters"]
     assert hyper["head_start"].startswith("the linear probe") and hyper["feature_standardisation"].startswith("per")
     assert auto.card.metrics["probe_accuracy"] == pytest.approx(auto.probe.report.accuracy)
+    assert auto.card.training["selection"]["heads_measured"] and len(auto.card.training["curves"]) > 1
 
 
 def test_paper_protocol_is_the_papers_exactly(tmp_path: Path) -> None:

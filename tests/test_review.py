@@ -331,7 +331,8 @@ def test_retrain_reports_validation_before_and_after_with_the_training_images(tm
 
     root = four_kinds_dataset(tmp_path / "data", n=6, px=96)
     _, trained = drain(iter_finetune(read_iciar(root), out=tmp_path / "m.safetensors", backbone="timm:resnet18",
-                                     backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0), epochs=5))
+                                     backbone_weights=None, input_px=(64, 64), field_um=(200.0, 200.0), epochs=5,
+                                     validation="holdout"))  # images held out: measured before and after
     with open_slide(SAMPLE_SLIDE) as slide:
         cm = classify(slide, load_checkpoint(trained.checkpoint))
         edited, _, _ = _block_edit(cm)

@@ -1,5 +1,6 @@
-"""What a classification run does, as one frozen object: the engine, cohorts, the CLI, the Classify dock and the
-demo all build a :class:`ClassifySettings` and hand it on, so a setting, its default and its check live here once.
+"""What a run does, as one frozen object: the engine, cohorts, the CLI, the Classify dock and the demo all build a
+:class:`ClassifySettings` and hand it on; training takes one :class:`TrainSettings`.  A setting, its default, its
+choices and its check live here once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
     from .decision import DecisionRule
     from .tissue import TissueParams
 
-__all__ = ["MIN_TISSUE", "PRECISIONS", "STAIN_NORMALIZATIONS", "TISSUE_THRESHOLD", "ClassifySettings"]
+__all__ = ["FEATURE_PRECISIONS", "GROUP_KINDS", "MIN_TISSUE", "PRECISIONS", "STAIN_NORMALIZATIONS", "TISSUE_THRESHOLD",
+           "TRAIN_PROTOCOLS", "VALIDATIONS", "ClassifySettings", "TrainSettings"]
 
 #: A window is classified when at least this share of it is tissue.
 MIN_TISSUE = 0.25
@@ -167,3 +169,106 @@ class ClassifySettings:
         """The output settings where ``other`` differs from these, each as ``name: ours -> theirs``."""
         mine, theirs = self.output_settings(), other.output_settings()
         return [f"{k}: {mine[k]!r} -> {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+
+
+#: Training protocols (:mod:`napari_bcd.train.protocol`): ``auto`` (the default) and the paper's exactly.
+TRAIN_PROTOCOLS = ("auto", "paper")
+#: How a training run is validated (:func:`~napari_bcd.train.select.plan_validation`).
+VALIDATIONS = ("auto", "cv", "holdout")
+#: The number format backbone features are computed in for training (*auto*: bf16 where it runs fast).
+FEATURE_PRECISIONS = ("auto", "fp32", "bf16")
+#: What training groups can be, for the reports.
+GROUP_KINDS = ("patient", "slide", "region")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Settings of a training run (checked when made: a bad value is a :class:`BcdError`): the one place of their
+    defaults and choices; the CLI and the Train dock build one and hand it to
+    :func:`~napari_bcd.train.iter_finetune`.
+
+    Attributes
+    ----------
+    protocol
+        ``"auto"`` (the default) or ``"paper"`` (:data:`TRAIN_PROTOCOLS`).
+    backbone, backbone_weights
+        The network (``"resnet152v2"`` or ``"timm:<name>"``) and its starting weights (``"imagenet"``, a file, or
+        None for random).
+    input_px, field_um, preprocessing
+        What one input is: pixels, µm (None: the patches' recorded field, else the ICIAR photo's) and the pixel
+        normalisation (None: what the weights state, else the backbone's own).
+    epochs, lr, batch_size, val_fraction, augment
+        Overrides of the protocol's values (None: the protocol's).
+    seed
+        The random seed of splits, folds and training.
+    split
+        None, ``"bach-patient"``, or a file of validation names (a hold-out).
+    validation, folds
+        ``"auto"``, ``"cv"`` or ``"holdout"`` (None: the protocol's); cross-validation folds (at most).
+    stain_augment
+        Also train on stain-jittered copies of every view.
+    device, feature_batch, feature_precision, cache
+        Where the backbone runs, images per backbone call, the features' number format (:data:`FEATURE_PRECISIONS`),
+        and whether features are cached between runs.
+    name, overwrite
+        The model's name (default: the file's stem); replace an existing checkpoint.
+    """
+
+    protocol: str = "auto"
+    backbone: str = "resnet152v2"
+    backbone_weights: Any = "imagenet"
+    input_px: tuple[int, int] = (256, 256)
+    field_um: tuple[float, float] | None = None
+    preprocessing: Any = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    val_fraction: float | None = None
+    augment: bool | None = None
+    seed: int = 0
+    split: Any = None
+    validation: str | None = None
+    folds: int = 5
+    stain_augment: bool = False
+    device: str | None = None
+    feature_batch: int = 8
+    feature_precision: str = "auto"
+    cache: bool = True
+    name: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input_px, int):
+            object.__setattr__(self, "input_px", (self.input_px, self.input_px))
+        if self.field_um is not None and not isinstance(self.field_um, tuple):
+            object.__setattr__(self, "field_um", as_pair(self.field_um))
+        problems = []
+        for name, value, allowed in (("protocol", self.protocol, TRAIN_PROTOCOLS),
+                                     ("validation", self.validation, (None, *VALIDATIONS)),
+                                     ("feature precision", self.feature_precision, FEATURE_PRECISIONS)):
+            if value not in allowed:
+                problems.append(f"Unknown {name} {value!r}; use one of {', '.join(a for a in allowed if a)}")
+
+        def whole(name: str, v: Any, low: int) -> None:
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+                problems.append(f"{name} must be a whole number of at least {low}, got {v}")
+
+        whole("epochs", self.epochs, 1)
+        whole("batch_size", self.batch_size, 1)
+        whole("feature_batch", self.feature_batch, 1)
+        whole("folds", self.folds, 2)
+        if self.lr is not None and not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"The learning rate must be a positive number, got {self.lr}")
+        if self.val_fraction is not None and not (isinstance(self.val_fraction, int | float)
+                                                  and 0 <= self.val_fraction < 1):
+            problems.append(f"The validation fraction must be in [0, 1), got {self.val_fraction}")
+        if len(self.input_px) != 2 or not all(isinstance(v, int) and 32 <= v <= 4096 for v in self.input_px):
+            problems.append(f"input_px must be two sizes of 32-4096 px, got {self.input_px}")
+        if self.field_um is not None and not all(math.isfinite(v) and v > 0 for v in self.field_um):
+            problems.append(f"The field must be positive µm, got {self.field_um}")
+        if problems:
+            raise BcdError("; ".join(problems) + ".")
+
+    def replace(self, **changes: Any) -> TrainSettings:
+        """A copy with some settings changed (checked again)."""
+        return dataclasses.replace(self, **changes)

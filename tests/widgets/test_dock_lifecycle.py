@@ -66,7 +66,7 @@ def test_closing_the_train_dock_mid_training_saves_nothing(viewer, qtbot, tmp_pa
     widget._weights_combo.value = "a file"
     widget._weights_edit.value = str(tmp_path / "r18.safetensors")
     widget._source_combo.value = "ICIAR folder"
-    widget._folder_edit.value = str(four_kinds_dataset(tmp_path / "ds", n=4))
+    widget._folder_edit.value = str(four_kinds_dataset(tmp_path / "ds", n=4, patients=4))  # grouped: heads train
     widget._epochs_spin.value = 5000
     steps = []
     widget._on_run_clicked()

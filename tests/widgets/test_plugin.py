@@ -287,12 +287,12 @@ def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: P
     widget._batch_spin.value = 16
     widget._on_run_clicked()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=180_000)
-    # no patient is known for these images: a hold-out by image, measured at the start (the probe) and
-    # every 25 steps of two recipes, then said plainly to be optimistic
-    assert [e.step for e in widget._plot.epochs if e.step == 0] == [0, 0]
+    # no patient is known for these images: cross-validation over images tunes the simple classifier, which is
+    # what ships (said, with why), and the figure is said plainly to be optimistic
+    assert widget._plot.epochs and all(e.step == 0 for e in widget._plot.epochs)
     assert "macro avg" in widget._report.value and "confusion matrix" in widget._report.value
     assert "simple classifier" in widget._report.value and "chance" in widget._verdict.value
-    assert "optimistic" in widget._verdict.value
+    assert "optimistic" in widget._verdict.value and "cannot be trusted to choose" in widget._verdict.value
     assert widget._use_button.enabled
     widget._on_use_clicked()
     assert default_model_path() == (tmp_path / "trained.safetensors").resolve()
@@ -392,7 +392,7 @@ def test_train_widget_cancel_keeps_what_was_validated(viewer, qtbot, tmp_path: P
 
     widget = _trainable_widget(viewer, qtbot, tmp_path)
     widget._source_combo.value = "ICIAR folder"
-    widget._folder_edit.value = str(four_kinds_dataset(tmp_path / "ds", n=4))
+    widget._folder_edit.value = str(four_kinds_dataset(tmp_path / "ds", n=4, patients=4))  # grouped: heads train
     widget._epochs_spin.value = 2000
     seen: list = []
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from .._progress import drive, progress_bar
 from ..annotations.read import FORMAT_NAMES
+from ..errors import BcdError
 from ..model.backbones import BACKBONES, PAPER_BACKBONE
+from ..settings import FEATURE_PRECISIONS, GROUP_KINDS, TRAIN_PROTOCOLS, VALIDATIONS, TrainSettings
 from .options import (
     COUNT,
     COVERAGE,
@@ -41,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the Table II head on an ICIAR folder (your regions or the BACH photos)")
     p.add_argument("dataset", help="ICIAR folder (Normal/ Benign/ InSitu/ Invasive/), or the BACH download")
     p.add_argument("--out", required=True, help="checkpoint to write (NAME.safetensors + NAME.json)")
-    p.add_argument("--protocol", choices=["auto", "paper"], default="auto",
+    p.add_argument("--protocol", choices=TRAIN_PROTOCOLS, default=TrainSettings.protocol,
                    help="auto (default): enough optimiser steps for a few regions, class-balanced, early stopping, "
                         "head started from the linear probe; paper: the paper's hyper-parameters exactly")
     p.add_argument("--backbone", default=PAPER_BACKBONE,
@@ -60,22 +62,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=COUNT, help="default 128, the paper's")
     p.add_argument("--val-fraction", type=VAL_SHARE,
                    help="share of each class kept to validate (default 0.2; 0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=TrainSettings.seed)
     p.add_argument("--split", help="'bach-patient' (patient-aware split of the 400 BACH photos) or a file listing "
                    "the validation images")
     p.add_argument("--groups", metavar="CSV", help="file,group rows: the patient (or slide) of every image; no group "
                    "is ever split between training and validation")
     p.add_argument("--group-pattern", metavar="REGEX",
                    help=r"the group is the first capture group of the file name, e.g. '^(P\d+)_'")
-    p.add_argument("--group-kind", choices=["patient", "slide", "region"],
+    p.add_argument("--group-kind", choices=GROUP_KINDS,
                    help="what the groups are, for the reports (default: 'group')")
-    p.add_argument("--validation", choices=["auto", "cv", "holdout"],
-                   help="auto (default): cross-validation over the groups when they are known, else a hold-out; "
+    p.add_argument("--no-groups", action="store_true",
+                   help="ignore the groups found in the folder or its file names (validation is then by image, "
+                        "and the simple classifier is what ships)")
+    p.add_argument("--validation", choices=VALIDATIONS,
+                   help="auto (default): cross-validation (over the groups when they are known, else over images); "
                         "cv; holdout (--val-fraction of the groups)")
-    p.add_argument("--folds", type=number(int, 2, 50, low_open=False), default=5,
+    p.add_argument("--folds", type=number(int, 2, 50, low_open=False), default=TrainSettings.folds,
                    help="cross-validation folds (default 5; fewer when there are fewer groups)")
     p.add_argument("--no-augment", action="store_true", help="no flips/rotations")
-    p.add_argument("--finetune-last-stage", action="store_true", help="also train the backbone's last stage")
+    p.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default=TrainSettings.feature_precision,
+                   help="the number format of the backbone's features (auto: bf16 where the CPU or GPU runs it fast)")
     p.add_argument("--stain-augment", action="store_true",
                    help="also train on stain-jittered copies (HED: each stain x0.8-1.2), for slides stained unlike "
                         "the training images; recorded in the card")
@@ -165,12 +171,16 @@ def _cmd_export_patches(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..model.preprocessing import Preprocessing
     from ..train.finetune import iter_finetune
-    from ..train.groups import group_dataset
+    from ..train.groups import group_dataset, without_groups
     from ..train.iciar import read_iciar
 
     check_out_file(args.out)
-    ds = group_dataset(read_iciar(args.dataset), groups_csv=args.groups, pattern=args.group_pattern,
-                       kind=args.group_kind)
+    ds = read_iciar(args.dataset)
+    if args.no_groups:
+        if args.groups or args.group_pattern:
+            raise BcdError("--no-groups ignores groups; it cannot be given with --groups or --group-pattern.")
+        ds = without_groups(ds)
+    ds = group_dataset(ds, groups_csv=args.groups, pattern=args.group_pattern, kind=args.group_kind)
     print(f"{len(ds)} images: " + ", ".join(f"{k} {v}" for k, v in ds.counts().items()), file=sys.stderr)
     if ds.groups is not None:
         print(f"{ds.n_groups} {ds.group_kind or 'group'}s (from {ds.group_source}): a {ds.group_kind or 'group'} is "
@@ -182,18 +192,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"warning: {msg}", file=sys.stderr)
     pre = Preprocessing.parse(args.preprocess, args.mean, args.std) if args.preprocess else None
     field = (args.field_um[0], args.field_um[-1]) if args.field_um else None
-    result = drive(
-        iter_finetune(
-            ds, out=args.out, protocol=args.protocol, backbone=args.backbone,
-            backbone_weights=None if args.backbone_weights == "none" else (args.backbone_weights or "imagenet"),
-            input_px=(args.input_px, args.input_px), field_um=field, preprocessing=pre, epochs=args.epochs,
-            lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
-            split=args.split, augment=False if args.no_augment else None,
-            finetune_last_stage=args.finetune_last_stage, device=args.device, overwrite=args.overwrite,
-            stain_augment=args.stain_augment, validation=args.validation, folds=args.folds,
-        ),
-        "features", "img",
-    )
+    settings = TrainSettings(
+        protocol=args.protocol, backbone=args.backbone,
+        backbone_weights=None if args.backbone_weights == "none" else (args.backbone_weights or "imagenet"),
+        input_px=(args.input_px, args.input_px), field_um=field, preprocessing=pre, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed, split=args.split,
+        augment=False if args.no_augment else None, device=args.device, overwrite=args.overwrite,
+        stain_augment=args.stain_augment, validation=args.validation, folds=args.folds,
+        feature_precision=args.feature_precision)
+    result = drive(iter_finetune(ds, settings, out=args.out), "features", "img")
     return _report_training(result, make_default=args.make_default, no_default=args.no_default)
 
 def _report_training(result, *, make_default: bool = False, no_default: bool = False) -> int:

@@ -33,6 +33,7 @@ _LAZY: dict[str, str] = {
     "shared_cache": "loaded",
     "TABLE2_TRAINABLE": "head",
     "Table2Head": "head",
+    "LinearHead": "head",
     "cached_imagenet_weights": "imagenet",
     "fetch_imagenet_weights": "imagenet",
     "import_keras_weights": "imagenet",
@@ -53,7 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .card import ICIAR_FIELD_UM, ModelCard, checkpoint_paths, read_card
     from .checkpoint import load_checkpoint, load_model, save_checkpoint, weights_sha256
     from .classifier import Classifier, build_classifier
-    from .head import TABLE2_TRAINABLE, Table2Head
+    from .head import TABLE2_TRAINABLE, LinearHead, Table2Head
     from .imagenet import cached_imagenet_weights, fetch_imagenet_weights, import_keras_weights
     from .inference import Predictor, choose_device
     from .keras_weights import load_keras_weights, read_keras_h5

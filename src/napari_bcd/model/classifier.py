@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import BcdError
 from .backbones import PAPER_BACKBONE, backbone_spec, build_backbone, check_backbone_weights
 from .card import ModelCard
-from .head import Table2Head
+from .head import build_head
 from .preprocessing import Preprocessing, weights_preprocessing
 from .timm_backbone import TimmBackbone
 
@@ -22,6 +23,7 @@ __all__ = [
     "build_backbone",
     "build_classifier",
     "check_backbone_weights",
+    "set_head",
     "weights_preprocessing",
 ]
 
@@ -37,7 +39,7 @@ class Classifier(nn.Module):
         The :class:`ModelCard` describing this model (classes, field, preprocessing...).
     """
 
-    def __init__(self, backbone: nn.Module, head: Table2Head, card: ModelCard) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, card: ModelCard) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -88,6 +90,19 @@ class Classifier(nn.Module):
         return torch.softmax(self(x).float(), dim=1)
 
 
+def set_head(model: Classifier, kind: str) -> Classifier:
+    """Give ``model`` a fresh head of ``kind`` (:data:`~.head.HEADS`) on its feature map, and say so in its card."""
+    fh, fw = (model.card.head or {}).get("feature_hw") or feature_shape(model.backbone, model.card.input_px)[1:]
+    channels = int((model.card.head or {}).get("in_channels") or feature_shape(model.backbone, model.card.input_px)[0])
+    device = next((p.device for p in model.head.parameters()), torch.device("cpu"))
+    model.head = build_head(kind, channels, (int(fh), int(fw)), len(model.card.classes)).to(device)
+    desc: dict[str, Any] = {"type": kind, "in_channels": channels, "feature_hw": [int(fh), int(fw)]}
+    if kind == "table2":
+        desc["activation"] = "relu"
+    model.card = model.card.replace(head=desc)
+    return model
+
+
 def feature_shape(backbone: nn.Module, input_px: tuple[int, int]) -> tuple[int, int, int]:
     """``(channels, h, w)`` of the backbone's feature map for an input of ``input_px``."""
     from .resnet152v2 import ResNet152V2
@@ -114,6 +129,7 @@ def build_classifier(
     preprocessing: Preprocessing | None = None,
     freeze_backbone: bool = True,
     card: ModelCard | None = None,
+    head: str | None = None,
     **card_fields: Any,
 ) -> Classifier:
     """Build the paper's classifier, or the same head on another backbone.
@@ -143,6 +159,9 @@ def build_classifier(
         Freeze the backbone's parameters (the paper trains only the head).
     card
         Start from this card (used when loading checkpoints).
+    head
+        ``"table2"`` (the paper's head, the default) or ``"linear"`` (a logistic regression on the averaged
+        features, what a training run ships when the tuned probe wins); default: the card's.
 
     Returns
     -------
@@ -174,13 +193,18 @@ def build_classifier(
         changes["field_um"] = tuple(field_um)
     card = card.replace(**changes, **card_fields)
     channels, fh, fw = feature_shape(net, card.input_px)
-    head = Table2Head(channels, (fh, fw), num_classes=len(card.classes))
-    card = card.replace(
-        head={"type": "table2", "activation": "relu", "in_channels": channels, "feature_hw": [fh, fw]}
-    )
+    kind = head or str((card.head or {}).get("type") or "table2")
+    try:
+        module = build_head(kind, channels, (fh, fw), len(card.classes))
+    except ValueError as err:
+        raise BcdError(f"The model card's head cannot be built: {err} Update napari-bcd.") from err
+    desc: dict[str, Any] = {"type": kind, "in_channels": channels, "feature_hw": [fh, fw]}
+    if kind == "table2":
+        desc["activation"] = "relu"
+    card = card.replace(head=desc)
     if freeze_backbone:
         for p in net.parameters():
             p.requires_grad_(False)
-    model = Classifier(net, head, card)
+    model = Classifier(net, module, card)
     model.preprocessing_source = source
     return model

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TABLE2_TRAINABLE", "Table2Head"]
+__all__ = ["HEADS", "TABLE2_TRAINABLE", "LinearHead", "Table2Head", "build_head"]
 
 TABLE2_TRAINABLE = 143_620
 
@@ -78,6 +78,11 @@ class Table2Head(nn.Module):
         x = F.relu(self.dense2(x))
         return self.out(x.flatten(1))
 
+    @property
+    def first(self) -> nn.Conv2d:
+        """The layer that reads the features (where a per-channel standardisation is folded)."""
+        return self.conv1
+
     def keras_layers(self) -> list[tuple[str, nn.Module]]:
         """Weighted layers in Keras order (names are ours; Keras' are positional)."""
         return [
@@ -88,3 +93,58 @@ class Table2Head(nn.Module):
             ("head_dense2", self.dense2),
             ("head_out", self.out),
         ]
+
+
+class LinearHead(nn.Module):
+    """A logistic regression on the features averaged over the map: what a linear probe is, computed exactly.
+
+    The mean over positions, then one linear layer (``C -> classes``) giving logits.  A training run ships it
+    when the tuned probe does at least as well on held-out patients as the Table II head
+    (:mod:`napari_bcd.train.select`): with a few dozen images, regularisation decides more than the head's
+    architecture, and this head is the best-regularised model those features allow.
+
+    Parameters
+    ----------
+    in_channels
+        Channels of the backbone's feature map.
+    num_classes
+        Output classes.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int = 4) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x.mean(dim=(-2, -1)))
+
+    @property
+    def first(self) -> nn.Linear:
+        """The layer that reads the (averaged) features."""
+        return self.out
+
+    def keras_layers(self) -> list[tuple[str, nn.Module]]:
+        return [("head_out", self.out)]
+
+
+#: The heads a card may name: ``type -> (builder from (channels, feature map (h, w), classes), description)``.
+HEADS = {
+    "table2": (lambda c, hw, k: Table2Head(c, hw, num_classes=k), "the paper's Table II head"),
+    "linear": (lambda c, hw, k: LinearHead(c, num_classes=k), "a logistic regression on the averaged features"),
+}
+
+
+def build_head(kind: str, in_channels: int, feature_hw: tuple[int, int], num_classes: int) -> nn.Module:
+    """The head a card's ``head["type"]`` names.
+
+    Raises
+    ------
+    ValueError
+        For a type this version does not know.
+    """
+    try:
+        make = HEADS[kind][0]
+    except KeyError:
+        raise ValueError(f"Unknown head type {kind!r}; this version knows {', '.join(HEADS)}.") from None
+    return make(in_channels, tuple(feature_hw), num_classes)

@@ -40,7 +40,7 @@ def train_head(head, pools: Pools, feats: Features, chosen: Windows, corrections
                lr: float, batch_size: int, dev, rng: np.random.Generator, progress):
     """Adam on standardised features from the parent's head; yields progress; returns ``(stopped, steps run, norm)``.
 
-    The standardisation is folded into ``head.conv1`` before training (so it
+    The standardisation is folded into the head's first layer before training (so it
     starts exactly from the parent) and must be folded back by the caller.
     """
     import torch
@@ -51,10 +51,11 @@ def train_head(head, pools: Pools, feats: Features, chosen: Windows, corrections
     std = F.transpose(0, 1).reshape(F.shape[1], -1).std(1)
     std = torch.sqrt(std**2 + (1e-2 * float(std.mean())) ** 2 + 1e-12)
     with torch.no_grad():
-        w1 = head.conv1.weight.detach().cpu()
-        b1 = head.conv1.bias.detach().cpu()
-        head.conv1.bias.copy_((b1 + (w1[:, :, 0, 0] * mean).sum(1)).to(head.conv1.bias))
-        head.conv1.weight.copy_((w1 * std.view(1, -1, 1, 1)).to(head.conv1.weight))
+        first = head.first
+        w1 = first.weight.detach().cpu()
+        b1 = first.bias.detach().cpu()
+        first.bias.copy_((b1 + (w1.reshape(w1.shape[0], w1.shape[1]) * mean).sum(1)).to(first.bias))
+        first.weight.copy_((w1 * std.view(1, -1, *([1] * (w1.dim() - 2)))).to(first.weight))
     mean_d, std_d = mean.to(dev).view(1, -1, 1, 1), std.to(dev).view(1, -1, 1, 1)
     Fz, Y = F.to(dev), pools.targets.to(dev)
     opt = torch.optim.Adam(head.parameters(), lr=lr)

@@ -201,13 +201,15 @@ def _feature_bank_in(model, dataset: Dataset, needed: list[int], T: int, images_
 
 
 def fold_standardisation(state: dict, norm: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """Fold ``(x - mean) / std`` into ``head.conv1``: the same outputs from raw features."""
+    """Fold ``(x - mean) / std`` into the head's first layer (the Table II head's ``conv1``, the linear head's
+    ``out``): the same outputs from raw features."""
     mean, std = norm
-    w = state["head.conv1.weight"]  # out x in x 1 x 1
-    b = state["head.conv1.bias"]
+    key = "head.conv1" if "head.conv1.weight" in state else "head.out"
+    w = state[f"{key}.weight"]  # out x in (x 1 x 1)
+    b = state[f"{key}.bias"]
     scale = (1.0 / std).to(w)
-    w2 = w * scale.view(1, -1, 1, 1)
-    b2 = b - (w2[:, :, 0, 0] * mean.to(w)).sum(1)
-    return {**state, "head.conv1.weight": w2, "head.conv1.bias": b2}
+    w2 = w * scale.view(1, -1, *([1] * (w.dim() - 2)))
+    b2 = b - (w2.reshape(w2.shape[0], w2.shape[1]) * mean.to(w)).sum(1)
+    return {**state, f"{key}.weight": w2, f"{key}.bias": b2}
 
 

@@ -39,7 +39,7 @@ from .select import Selection, Validation, plan_validation, select_head
 from .split import check_trainable
 
 if TYPE_CHECKING:
-    from ..model.preprocessing import Preprocessing
+    from ..settings import TrainSettings
 
 __all__ = ["STOP", "FeatureProgress", "FitProgress", "Stage", "TrainPlan", "TrainResult", "backbone_features",
            "dihedral", "fold_standardisation", "hed_jitter", "iter_finetune"]
@@ -49,56 +49,26 @@ log = logging.getLogger(__name__)
 
 def iter_finetune(
     dataset: Dataset,
+    settings: TrainSettings | None = None,
     *,
     out: str | os.PathLike[str],
-    protocol: str | Protocol = "auto",
-    backbone: str = "resnet152v2",
-    backbone_weights: str | os.PathLike[str] | None = "imagenet",
-    input_px: tuple[int, int] = (256, 256),
-    field_um: tuple[float, float] | None = None,
-    preprocessing: Preprocessing | str | None = None,
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    val_fraction: float | None = None,
-    seed: int = 0,
-    split: str | os.PathLike[str] | None = None,
-    augment: bool | None = None,
-    finetune_last_stage: bool = False,
-    device: str | None = None,
-    feature_batch: int = 8,
-    name: str | None = None,
-    cache: bool = True,
-    overwrite: bool = False,
-    stain_augment: bool = False,
-    validation: str | None = None,
-    folds: int = 5,
+    protocol: str | Protocol | None = None,
+    **changes: Any,
 ) -> Generator[Any, Any, TrainResult]:
-    """Train the Table II head on an ICIAR dataset; yields progress, returns a :class:`TrainResult`.
+    """Train a model on a dataset's images; yields progress, returns a :class:`TrainResult`.
 
     Parameters
     ----------
     dataset
-        Images and labels (:func:`~napari_bcd.train.read_iciar`), with their
+        Images, labels and classes (:func:`~napari_bcd.train.read_iciar`), with their
         groups when known (:mod:`.groups`).
+    settings, changes
+        How to train (:class:`~napari_bcd.settings.TrainSettings`), with single changes (``seed=1``).
     out
         Checkpoint to write (``NAME.safetensors`` + ``NAME.json``), once, at the end.
     protocol
-        ``"auto"`` (default) or ``"paper"``; ``epochs``, ``lr``,
-        ``batch_size``, ``val_fraction`` and ``augment`` override its values.
-    split
-        None, ``"bach-patient"``, or a file of validation names (a hold-out).
-    validation
-        ``"auto"`` (the protocol's), ``"cv"`` or ``"holdout"``.
-    folds
-        Cross-validation folds (at most; fewer when there are fewer groups).
-    finetune_last_stage
-        Not offered by this version with cached features (refused with a message).
-    overwrite
-        Replace an existing checkpoint at ``out`` (refused otherwise, before any work).
-    stain_augment
-        Also train on stain-jittered copies of every view (:func:`hed_jitter`),
-        cached apart.
+        A :class:`~.protocol.Protocol` object (a protocol's name goes in ``settings``); the settings' epochs,
+        lr, batch size, validation fraction and augmentation override its values.
 
     Raises
     ------
@@ -106,41 +76,38 @@ def iter_finetune(
         Before any feature is computed, for a dataset no classifier can learn
         from (no images, one class) or bad settings.
     """
-    proto = get_protocol(protocol).with_overrides(epochs=epochs, lr=lr, batch_size=batch_size,
-                                                  val_fraction=val_fraction, augment=augment)
+    from ..errors import BcdError
+    from ..settings import TrainSettings
+
+    if isinstance(protocol, str):
+        changes["protocol"] = protocol
+    try:
+        s = (settings or TrainSettings()).replace(**changes) if changes else (settings or TrainSettings())
+    except BcdError as err:
+        raise DatasetError(str(err)) from err
+    proto = get_protocol(protocol if isinstance(protocol, Protocol) else s.protocol).with_overrides(
+        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, val_fraction=s.val_fraction, augment=s.augment)
     if (proto.epochs is not None and proto.epochs < 1) or proto.batch_size < 1 or proto.lr <= 0:
         raise DatasetError("epochs and batch size must be at least 1 and the learning rate positive.")
     if not 0 <= proto.val_fraction < 1:
         raise DatasetError(f"The validation fraction must be in [0, 1), got {proto.val_fraction}.")
-    if folds < 2:
-        raise DatasetError(f"Cross-validation needs at least 2 folds, got {folds}.")
     check_trainable(dataset)
-    if stain_augment and finetune_last_stage:
-        raise DatasetError("--stain-augment works on cached features; it cannot be combined with fine-tuning the "
-                           "last stage.")
-    if finetune_last_stage:
-        raise DatasetError("Fine-tuning the backbone's last stage is not offered by this version: the head is "
-                           "trained on cached features. Train without --finetune-last-stage.")
     from ..model.checkpoint import check_checkpoint_target
     from ..model.classifier import check_backbone_weights
 
-    check_checkpoint_target(out, overwrite)
-    check_backbone_weights(backbone, backbone_weights)  # missing pretrained weights stop the run here
-    plan = plan_validation(dataset, val_fraction=proto.val_fraction, seed=seed, split=split,
-                           mode=validation or proto.validation, folds=folds)
+    check_checkpoint_target(out, s.overwrite)
+    check_backbone_weights(s.backbone, s.backbone_weights)  # missing pretrained weights stop the run here
+    plan = plan_validation(dataset, val_fraction=proto.val_fraction, seed=s.seed, split=s.split,
+                           mode=s.validation or proto.validation, folds=s.folds)
     if plan.mode == "holdout":
         train = plan.folds[0][0]
         if len({int(dataset.labels[i]) for i in train}) < 2:
             raise DatasetError("The training images are all of one class after the split; add images of another "
                                "class.")
-    build = {"backbone": backbone, "backbone_weights": backbone_weights, "input_px": input_px, "field_um": field_um,
-             "preprocessing": preprocessing}
-    return _finetune(dataset, Path(out), proto, plan, build, seed=seed, device=device, feature_batch=feature_batch,
-                     name=name, cache=cache, stain_augment=stain_augment)
+    return _finetune(dataset, Path(out), proto, plan, s)
 
 
-def _finetune(dataset: Dataset, out: Path, proto: Protocol, validation: Validation, build: dict, *, seed: int,
-              device, feature_batch: int, name, cache: bool, stain_augment: bool):
+def _finetune(dataset: Dataset, out: Path, proto: Protocol, validation: Validation, s: TrainSettings):
     import torch
 
     from ..model.classifier import build_classifier
@@ -148,21 +115,26 @@ def _finetune(dataset: Dataset, out: Path, proto: Protocol, validation: Validati
     from ..model.precision import bf16_is_fast
     from ..windows import resize_area
 
-    base_views = 8 if proto.augment else 1
-    views = base_views * (2 if stain_augment else 1)
+    # the flips and rotations train the head; with validation over images only no head is trained, and the probe
+    # learns from the identity view alone (:func:`~.probe.fit_probe_head`): their features are not computed
+    heads = validation.grouped or proto.criterion == "loss"
+    base_views = 8 if proto.augment and heads else 1
+    views = base_views * (2 if s.stain_augment else 1)
     yield TrainPlan(len(dataset), views, validation, proto.name, tuple(validation.notes))
     clock = _Clock()
-    dev = choose_device(device)
+    dev = choose_device(s.device)
+    seed = s.seed
     torch.manual_seed(seed)
-    if build["field_um"] is None and dataset.field_um is not None:
-        build["field_um"] = dataset.field_um  # patches napari-bcd cut record the field they show
+    build = {"backbone": s.backbone, "backbone_weights": s.backbone_weights, "input_px": s.input_px,
+             "field_um": s.field_um if s.field_um is not None else dataset.field_um,  # patches record their field
+             "preprocessing": s.preprocessing}
     model = build_classifier(classes=tuple(dataset.classes), **build)
     model.to(dev)
     everything = list(range(len(dataset)))
-    fprec = feature_precision(dev)
+    fprec = feature_precision(dev, s.feature_precision)
     bank = yield from backbone_features(model, dataset, everything, base_views,
                                         lambda i: resize_area(dataset.load(i), model.card.input_px), dev,
-                                        feature_batch, cache, stain_augment, precision=fprec)
+                                        s.feature_batch, s.cache, s.stain_augment, precision=fprec)
     if bank is None:
         return TrainResult(None, stopped="stopped by the user", notes=["Stopped while computing features."])
     bank = bank.cpu()
@@ -177,25 +149,30 @@ def _finetune(dataset: Dataset, out: Path, proto: Protocol, validation: Validati
         h = model.head
         return Table2Head(h.in_channels, h.feature_hw, num_classes=n_cls)
 
+    stain_view = base_views if s.stain_augment else None  # the jittered copy's identity view
     n_train = len(validation.folds[0][0]) if validation.folds else len(dataset)
     recipes = proto.recipes(n_train * views)
     every = proto.measure_every(n_train * views)
     sel: Selection | None = None
     if validation.mode != "none":
-        yield Stage(f"Measuring the probe and the head on {validation.describe()}…")
+        what = "the probe and the head" if validation.grouped or proto.criterion == "loss" else "the probe"
+        yield Stage(f"Measuring {what} on {validation.describe()}…")
         sel = yield from select_head(bank, dataset.labels, n_cls, validation, recipes, make_head, seed=seed,
                                      eval_every=every, dtype=dtype, probe_start=proto.probe_init,
-                                     standardise_features=proto.standardise, criterion=proto.criterion)
+                                     standardise_features=proto.standardise, criterion=proto.criterion,
+                                     groups=dataset.groups if validation.grouped else None, classes=dataset.classes,
+                                     stain_view=stain_view)
         clock.lap("choosing")
-        clock.count("steps", sum(r.steps for r in recipes) * len(validation.folds))
+        if sel.heads_measured:
+            clock.count("steps", sum(r.steps for r in recipes) * len(validation.folds))
     from .save import final_model, save_result
 
     shipped = yield from final_model(model, bank, dataset, validation, sel, proto, recipes, make_head, seed=seed,
-                                     every=every, dtype=dtype)
+                                     every=every, dtype=dtype, stain_view=stain_view)
     clock.lap("final")
     clock.count("steps", shipped.steps if validation.mode != "holdout" else 0)
-    result = save_result(model, dataset, out, proto, validation, sel, shipped, build, name=name, seed=seed,
-                         views=views, stain_augment=stain_augment, feature_precision=fprec)
+    result = save_result(model, dataset, out, proto, validation, sel, shipped, build, name=s.name, seed=seed,
+                         views=views, stain_augment=s.stain_augment, feature_precision=fprec)
     clock.lap("saving")
     result.timings = clock.laps
     return result

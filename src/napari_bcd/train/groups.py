@@ -9,9 +9,16 @@ a group, from (in this order):
   (and the Train dock) write beside the patches: the slide and the region
   (annotation) each patch was cut from;
 * a third column of ``microscopy_ground_truth.csv`` (``file,label,group``);
+* a folder per patient (or slide) inside each class folder;
+* the file-name conventions of public datasets and of napari-bcd's own
+  patches (:data:`NAME_CONVENTIONS`: TCGA, CPTAC and GTEx barcodes, BreakHis,
+  BRACS, CAMELYON), when one of them names every image and gives at least
+  two groups (:func:`find_groups`): never a group where none can be seen;
 * a CSV given by the user (``--groups FILE.csv``: ``file,group``);
 * a regular expression on the file name (``--group-pattern REGEX``: the
   first capture group, e.g. ``^(P\\d+)_`` for ``P12_003.png``).
+
+The user's own groups win over those found; ``--no-groups`` drops them all.
 
 What the groups are is said in words (``kind``): "patient", "slide",
 "region" or "group" when unknown, so every report can say how its validation
@@ -24,7 +31,7 @@ import csv
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,12 +40,69 @@ from ..errors import DatasetError
 if TYPE_CHECKING:
     from .iciar import Dataset
 
-__all__ = ["GROUP_KINDS", "PROVENANCE", "group_dataset", "groups_from_csv", "groups_from_pattern",
-           "provenance_groups", "with_groups"]
+__all__ = [
+    "GROUP_KINDS",
+    "NAME_CONVENTIONS",
+    "PROVENANCE",
+    "find_groups",
+    "group_dataset",
+    "groups_from_csv",
+    "groups_from_pattern",
+    "provenance_groups",
+    "with_groups",
+    "without_groups",
+]
 
 #: What a group can be, most general last.
 GROUP_KINDS = ("patient", "slide", "region", "group")
 PROVENANCE = "provenance.csv"
+
+
+@dataclass(frozen=True)
+class NameConvention:
+    """A file-name convention that names an image's patient or slide: the first capture group of ``pattern``."""
+
+    name: str
+    pattern: str
+    kind: str
+
+
+#: The conventions :func:`find_groups` recognises, in the order tried (the first that names every image wins).
+NAME_CONVENTIONS: tuple[NameConvention, ...] = (
+    NameConvention("TCGA barcodes", r"(?i)\b(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", "patient"),
+    NameConvention("CPTAC case ids", r"\b(C3[LN]-\d{5})", "patient"),
+    NameConvention("GTEx donor ids", r"(?i)\b(GTEX-[A-Z0-9]{4,5})", "patient"),
+    NameConvention("BreakHis names", r"SOB_[BM]_[A-Z]{1,3}-(\d+-[A-Z0-9]+)-\d+-\d+", "patient"),
+    NameConvention("BRACS names", r"^(BRACS_\d+)_", "slide"),
+    NameConvention("CAMELYON17 names", r"(?i)^(patient_\d+)_node_\d+", "patient"),
+    NameConvention("CAMELYON16 names", r"(?i)^((?:tumor|normal|test)_\d{3})\b", "slide"),
+    NameConvention("napari-bcd patch names (slide_yY_xX_HxW)", r"^(.+)_y-?\d+_x-?\d+_\d+x\d+\.\w+$", "slide"),
+)
+
+
+def find_groups(names: Sequence[str]) -> tuple[dict[str, str], NameConvention] | None:
+    """The groups the file names themselves carry: ``(file -> group, the convention)``, or None.
+
+    A convention is used only when it names every image and gives at least two groups; otherwise nothing is
+    assumed (an image without a recognisable patient is never put in a group of its own).
+    """
+    for conv in NAME_CONVENTIONS:
+        rx = re.compile(conv.pattern)
+        found = {}
+        for name in names:
+            m = rx.search(name)
+            if m is None:
+                break
+            found[name] = m.group(1).upper() if conv.kind == "patient" and "(?i)" in conv.pattern else m.group(1)
+        else:
+            if len(set(found.values())) >= 2:
+                return found, conv
+    return None
+
+
+def without_groups(dataset: Dataset) -> Dataset:
+    """``dataset`` with no groups (the user's ``--no-groups``)."""
+    return replace(dataset, groups=None, group_kind="", group_source="")
 
 
 def _clean(text: str) -> str:

@@ -45,6 +45,11 @@ class Recipe:
     balanced
         Samples drawn with equal weight per class (with replacement); else
         shuffled epochs, every sample once per epoch (the paper's).
+    dropout
+        Share of the feature channels dropped in each training sample (whole channels: the head learns not to
+        lean on a few of them).
+    weight_decay
+        Decoupled weight decay (AdamW) towards zero.
     """
 
     steps: int = 300
@@ -52,13 +57,17 @@ class Recipe:
     batch_size: int = 128
     anchor: float = 0.0
     balanced: bool = True
+    dropout: float = 0.0
+    weight_decay: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
         pull = f", pulled towards the probe ({self.anchor:g})" if self.anchor else ""
-        return f"{self.steps} steps of Adam (lr {self.lr:g}, batch {self.batch_size}){pull}"
+        drop = f", {self.dropout:.0%} of the features dropped" if self.dropout else ""
+        decay = f", weight decay {self.weight_decay:g}" if self.weight_decay else ""
+        return f"{self.steps} steps of Adam (lr {self.lr:g}, batch {self.batch_size}){pull}{drop}{decay}"
 
 
 @dataclass
@@ -212,7 +221,8 @@ def fit_head(head, bank: FeatureBank, train_rows: np.ndarray, recipe: Recipe, *,
         probs /= probs.sum()
     params = [p for p in head.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=recipe.lr)
+    opt = (torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay) if recipe.weight_decay
+           else torch.optim.Adam(params, lr=recipe.lr))
     result = FitResult()
     head.train()
 
@@ -241,8 +251,11 @@ def fit_head(head, bank: FeatureBank, train_rows: np.ndarray, recipe: Recipe, *,
             pick, queue = queue[: recipe.batch_size], queue[recipe.batch_size :]
         i = torch.from_numpy(pairs_i[pick])
         t = torch.from_numpy(pairs_t[pick])
+        x = bank.z[i, t]
+        if recipe.dropout:
+            x = torch.nn.functional.dropout2d(x.float(), recipe.dropout, training=True).to(x.dtype)
         with _autocast(bank.z):
-            logits = head(bank.z[i, t])
+            logits = head(x)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[i])
         if recipe.anchor:
             loss = loss + recipe.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start, strict=True))

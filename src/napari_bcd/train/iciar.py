@@ -154,7 +154,7 @@ def read_iciar(root: str | os.PathLike[str]) -> Dataset:
     index = {name: i for i, name in enumerate(classes)}
     paths = [p for p, _, _ in entries]
     labels = [index[name] for _, name, _ in entries]
-    folder_groups = {p.name: g for p, _, g in entries if g}
+    folder_groups = [g for _, _, g in entries] if layout == "folders" and all(g for _, _, g in entries) else []
     csv_groups: dict[str, str] = {}
     group_kind = "group"
     if listed is not None and layout != "manifest":
@@ -292,20 +292,27 @@ def _manifest_entries(r: Path, listed: _Listed, problems: list[str]) -> list[tup
     return entries
 
 
-def _known_groups(ds: Dataset, csv_groups: dict[str, str], folder_groups: dict[str, str],
+def _known_groups(ds: Dataset, csv_groups: dict[str, str], folder_groups: list[str],
                   kind: str = "group") -> Dataset:
     """The folder's own groups: the patches' provenance (slide, region), else a folder per group, else the CSV's
     third column (the other ways to find groups are :func:`~.groups.find_groups`'s)."""
-    from .groups import provenance_groups, with_groups
+    from .groups import find_groups, provenance_groups, with_groups
 
     prov = provenance_groups(ds.root, [p.name for p in ds.paths])
     if prov is not None:
         return with_groups(ds, prov[0], kind=prov[1], source=f"{ds.root.name}/provenance.csv")
-    if folder_groups and len(folder_groups) == len(ds):
-        return with_groups(ds, folder_groups, kind="group", source="a folder per group inside each class folder")
+    if len(folder_groups) == len(ds) and len(set(folder_groups)) >= 2:  # by position: names may repeat across folders
+        from dataclasses import replace
+
+        return replace(ds, groups=tuple(folder_groups), group_kind="group",
+                       group_source="a folder per group inside each class folder")
     if csv_groups:
         if all(p.name in csv_groups for p in ds.paths):
             return with_groups(ds, csv_groups, kind=kind, source=f"{GROUND_TRUTH} (third column)")
         ds.problems.append(f"{GROUND_TRUTH} gives a group (third column) for only {len(csv_groups)} of {len(ds)} "
                            "images: the groups are ignored. Give every image its patient, or none.")
+    named = find_groups([p.name for p in ds.paths])
+    if named is not None:
+        groups, conv = named
+        return with_groups(ds, groups, kind=conv.kind, source=f"the file names ({conv.name})")
     return ds

@@ -200,7 +200,7 @@ _ABSENT = -30.0
 
 
 def fit_probe_head(bank: torch.Tensor, rows: np.ndarray, labels: np.ndarray, n_classes: int, *,
-                   seed: int = 0, views: int = 1) -> tuple[ProbeHead, Any]:
+                   seed: int = 0, views: int = 1, c: float = 1.0) -> tuple[ProbeHead, Any]:
     """Fit the probe (scikit-learn) on the pooled features of ``rows``, and its exact Table II form.
 
     Parameters
@@ -209,6 +209,8 @@ def fit_probe_head(bank: torch.Tensor, rows: np.ndarray, labels: np.ndarray, n_c
         ``images x views x C x h x w`` standardised features.
     rows
         The bank rows (images) to fit on; ``labels`` are the bank's labels (0-based, per row of the bank).
+    c
+        The regularisation (scikit-learn's ``C``), as tuned (:mod:`.regularise`).
     views
         Views per image the probe is fitted on: the identity view alone by default.  Averaged over the
         image, a flipped or rotated copy's features are a near-duplicate of the original's; fitting on
@@ -226,7 +228,7 @@ def fit_probe_head(bank: torch.Tensor, rows: np.ndarray, labels: np.ndarray, n_c
     y = np.repeat(np.asarray(labels, np.int64)[rows], views)
     pooled = torch.cat([bank[torch.from_numpy(rows[k : k + 64]), :views].float().mean(dim=(-2, -1))
                         for k in range(0, len(rows), 64)]).reshape(-1, bank.shape[2]).numpy()
-    first = _logistic(seed)
+    first = _logistic(seed, c)
     first.fit(pooled, y)
     scaler, lr = first[0], first[-1]
     coef = np.asarray(lr.coef_, np.float64) / np.asarray(scaler.scale_, np.float64)[None]

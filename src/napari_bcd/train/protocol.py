@@ -41,6 +41,9 @@ class Protocol:
         Steps each candidate recipe runs; the best number up to it is chosen.
     anchors
         The candidate recipes' pulls towards the probe (:class:`~.headfit.Recipe`).
+    regularised
+        Further candidate recipes as ``(anchor, feature dropout, weight decay)``: validation on held-out groups
+        chooses among them, their steps and the probe.
     eval_every
         Steps between measurements on the held-out images (the paper: one epoch).
     balanced
@@ -67,6 +70,7 @@ class Protocol:
     epochs: int | None = 25
     max_steps: int = 300
     anchors: tuple[float, ...] = (0.0,)
+    regularised: tuple[tuple[float, float, float], ...] = ()
     eval_every: int = 25
     balanced: bool = False
     augment: bool = False
@@ -91,8 +95,11 @@ class Protocol:
             steps = self.epochs * self.steps_per_epoch(n_samples)
         else:
             steps = self.max_steps
-        return [Recipe(steps=steps, lr=self.lr, batch_size=self.batch_size, anchor=a, balanced=self.balanced)
-                for a in self.anchors]
+        out = [Recipe(steps=steps, lr=self.lr, batch_size=self.batch_size, anchor=a, balanced=self.balanced)
+               for a in self.anchors]
+        out += [Recipe(steps=steps, lr=self.lr, batch_size=self.batch_size, anchor=a, balanced=self.balanced,
+                       dropout=d, weight_decay=w) for a, d, w in self.regularised]
+        return out
 
     def measure_every(self, n_samples: int) -> int:
         return self.steps_per_epoch(n_samples) if self.name == "paper" else self.eval_every
@@ -105,17 +112,23 @@ class Protocol:
             return (f"the paper's: Adam lr {self.lr:g}, batch {self.batch_size}, {self.epochs} epochs, "
                     "no augmentation, the epoch with the lowest validation loss")
         pulls = " and ".join(f"{a:g}" for a in self.anchors)
-        return (f"auto: the paper's head started from the linear probe on standardised features, Adam lr "
-                f"{self.lr:g}, batch {self.batch_size}, class-balanced, 8 flips/rotations; up to {self.max_steps} "
-                f"steps with pulls towards the probe of {pulls}, the number of steps (or the probe itself) chosen "
-                "on patients, slides or regions the model has not seen")
+        if self.regularised:
+            pulls += "; and with " + "; ".join(f"{d:.0%} feature dropout and weight decay {w:g}"
+                                              for _, d, w in self.regularised)
+        return ("auto: the linear probe (a logistic regression on the averaged features), its regularisation chosen "
+                "by cross-validation over patients, slides or regions (over images, towards the stronger, when none "
+                "is known); where they are known, also the paper's head started from the probe on standardised "
+                f"features, Adam lr {self.lr:g}, batch {self.batch_size}, class-balanced, 8 flips/rotations, up to "
+                f"{self.max_steps} steps with pulls towards the probe of {pulls}: the recipe, its steps or the probe "
+                "itself chosen on the groups the model has not seen, the simplest within the noise")
 
 
 #: The paper's hyper-parameters exactly (the paper states no augmentation).
 PAPER = Protocol("paper", lr=1e-4, batch_size=128, epochs=25, balanced=False, augment=False, val_fraction=0.2,
                  validation="holdout", criterion="loss")
 #: The default: chosen on held-out groups, never worse than the probe as far as the data can tell.
-AUTO = Protocol("auto", lr=1e-3, batch_size=128, epochs=None, max_steps=300, anchors=(0.0, 1e-2), eval_every=25,
+AUTO = Protocol("auto", lr=1e-3, batch_size=128, epochs=None, max_steps=300, anchors=(0.0, 1e-2),
+                regularised=((0.0, 0.5, 1e-2),), eval_every=25,
                 balanced=True, augment=True, standardise=True, probe_init=True, val_fraction=0.2, validation="auto",
                 criterion="accuracy")
 PROTOCOLS = {"paper": PAPER, "auto": AUTO}

@@ -17,35 +17,43 @@ PROBE_GLOSS = (f"the simple classifier is {PROBE_WORDS}, the baseline any traine
 
 
 def verdict(result: TrainResult) -> str:
-    """The figures in one paragraph: what new patients can expect, against the simple classifier and chance."""
+    """The figures in one paragraph: what new patients can expect, against the simple classifier and chance, which
+    model was saved and why, and how much doubt the figure carries."""
     if result.checkpoint is None:
         return "Nothing was trained."
     v = result.validation
     if result.report is None:
         return ("No validation: no image could be held out, so nothing shows what this model does on new patients. "
-                "Add images (or regions) from more patients, slides or regions.")
+                "Add images (or regions) from more patients, slides or regions. " + (result.why or "")).strip()
     acc = result.report.accuracy
     where = v.describe() if v is not None else "held-out images"
+    few = v is not None and v.too_few
+    if few and min(v.groups_per_class.values(), default=0) < 2:
+        # a class of one patient is held out only from models that never saw the class: no figure means anything
+        return " ".join(x for x in (f"No estimate for new patients: {v.too_few_text()}", result.why) if x)
     if v is not None and v.optimistic:
         head = f"Accuracy {acc:.1%} on {where}."
+    elif few:
+        head = f"Accuracy on held-out {_plural(v)}: {acc:.1%} ({where})."
     else:
         head = f"Expected accuracy on new patients: {acc:.1%} ({where})."
     if len(result.fold_accuracy) > 1:
         import numpy as np
 
-        head += (f" Across the {len(result.fold_accuracy)} folds: {np.mean(result.fold_accuracy):.1%} ± "
-                 f"{np.std(result.fold_accuracy, ddof=1):.1%}.")
+        folds = np.asarray(result.fold_accuracy)
+        head += (f" Across the {len(folds)} folds: {folds.mean():.1%} ± {folds.std(ddof=1):.1%} (from {folds.min():.0%}"
+                 f" to {folds.max():.0%}).")
     parts = [head]
+    if few:
+        parts.append(f"TOO FEW TO PROMISE ANYTHING: {v.too_few_text()}")
     p = result.probe.report.accuracy if result.probe is not None and result.probe.report is not None else None
     if p is not None:
         parts.append(f"The simple classifier: {p:.1%}; chance: {result.chance:.1%}.")
-    if result.shipped == "probe" and p is not None and result.candidates > 1:
-        parts.append("Training the head further did not beat the simple classifier on unseen images, so the model "
-                     "saved IS the simple classifier (in the paper's network).")
-    elif result.shipped == "head" and result.steps:
-        parts.append(f"The trained head ({result.steps} steps) did better on unseen images than the simple "
-                     "classifier, so it is the model saved.")
-    elif result.head_below_probe:
+    if result.shipped == "probe":
+        parts.append("The model saved IS the simple classifier. " + (result.why or ""))
+    elif result.why:
+        parts.append(result.why)
+    if result.head_below_probe and result.shipped == "head":
         parts.append("The head does WORSE than the simple classifier: it has not learnt what the features hold "
                      "(the auto protocol, or more images from more patients, usually helps).")
     if not result.beats_chance:
@@ -53,7 +61,12 @@ def verdict(result: TrainResult) -> str:
     if v is not None and v.optimistic:
         parts.append("CAUTION: no patient, slide or region was known, so validation images share patients with the "
                      "training images and this figure is optimistic: expect less on new patients.")
-    return " ".join(parts)
+    return " ".join(x for x in parts if x)
+
+
+def _plural(v) -> str:
+    kind = v.group_kind or "group"
+    return f"{kind}s" if kind != "group" else "groups"
 
 
 def report_lines(result: TrainResult) -> list[str]:

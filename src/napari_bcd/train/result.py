@@ -85,6 +85,12 @@ class TrainResult:
     norm: Any = None
     #: Seconds per stage ("features", "choosing", "final", "saving") and head steps run ("steps").
     timings: dict[str, float] = field(default_factory=dict)
+    #: The tuned probe on the shipped model's training images (:class:`~.regularise.LogisticProbe`; what the model
+    #: is when ``shipped == "probe"``), and how its regularisation was chosen (:class:`~.regularise.Tuning`).
+    logistic: Any = None
+    tuning: Any = None
+    #: Which model was saved and why, in a pathologist's words.
+    why: str = ""
 
     @property
     def has_validation(self) -> bool:

@@ -27,6 +27,7 @@ from .evaluate import report_from_predictions
 from .features import fold_standardisation
 from .headfit import Recipe, fit_head
 from .probe import PROBE_WORDS, ProbeResult, fit_probe_head, fit_temperature
+from .regularise import LogisticProbe, Tuning, fit_logistic, pooled_features, training_rows
 
 if TYPE_CHECKING:
     from .iciar import Dataset
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Shipped:
-    """The head to save (on standardised features when ``norm`` is set) and how it came to be."""
+    """The head to save and how it came to be: the tuned probe (``logistic``, a linear head on raw features) or
+    the Table II head (``head``, on standardised features when ``norm`` is set)."""
 
     head: Any
     norm: tuple[Any, Any] | None
@@ -51,13 +53,17 @@ class Shipped:
     temperature: float = 1.0
     stopped: str = "completed"
     notes: list[str] = field(default_factory=list)
-    #: The probe fitted on the shipped model's training images (what the model IS when ``kind == "probe"``).
+    #: The probe the head started from, on standardised features (:class:`~.probe.ProbeHead`).
     probe_head: Any = None
+    #: The tuned probe fitted on the shipped model's training images: what the model IS when ``kind == "probe"``.
+    logistic: LogisticProbe | None = None
+    #: How its regularisation was chosen.
+    tuning: Tuning | None = None
 
 
 def final_model(model, bank, dataset: Dataset, validation: Validation, sel: Selection | None, proto: Protocol,
-                recipes: list[Recipe], make_head, *, seed: int, every: int,
-                dtype: Any) -> Generator[Any, Any, Shipped]:
+                recipes: list[Recipe], make_head, *, seed: int, every: int, dtype: Any,
+                grid: Any = None, stain_view: int | None = None) -> Generator[Any, Any, Shipped]:
     """The head to ship (see the module's text); yields :class:`~.headfit.FitProgress` of a final fit."""
     from .select import _fold_bank
 
@@ -66,56 +72,70 @@ def final_model(model, bank, dataset: Dataset, validation: Validation, sel: Sele
     notes: list[str] = []
     stopped = "stopped by the user" if sel is not None and sel.stopped else "completed"
     if validation.mode == "holdout" and sel is not None:
-        head = make_head()
         if sel.chosen.is_probe:
-            sel.probe_head.fold_into(head)
+            shipped = Shipped(None, None, "probe", stopped=stopped, notes=notes, logistic=sel.logistic,
+                              tuning=sel.tuning)
         else:
+            head = make_head()
             head.load_state_dict(sel.states[sel.key])
-        shipped = Shipped(head, (sel.bank.mean, sel.bank.std) if proto.standardise else None,
-                          "probe" if sel.chosen.is_probe else "head", sel.chosen.step, sel.chosen.recipe,
-                          stopped=stopped, notes=notes, probe_head=sel.probe_head)
+            shipped = Shipped(head, (sel.bank.mean, sel.bank.std) if proto.standardise else None, "head",
+                              sel.chosen.step, sel.chosen.recipe, stopped=stopped, notes=notes,
+                              probe_head=sel.probe_head, logistic=sel.logistic, tuning=sel.tuning)
     else:
         everything = np.arange(len(dataset))
-        fb = _fold_bank(bank, labels, everything, dtype, proto.standardise)
-        head = make_head()
+        extra = pooled_features(bank, first=stain_view) if stain_view else None
+        tuning = _tune_on_all(bank, dataset, validation, seed, grid, extra)
+        logistic = fit_logistic(*training_rows(pooled_features(bank), labels, everything, extra), tuning.chosen,
+                                n_cls, seed=seed)
         recipe = None
-        probe = None
-        if proto.probe_init:
-            probe, _ = fit_probe_head(fb.z, everything, labels, n_cls, seed=seed)
-            probe.fold_into(head)
-            if sel is not None and not sel.chosen.is_probe:
-                recipe = dataclasses.replace(sel.chosen.recipe, steps=sel.chosen.step)
-            elif sel is None:
-                notes.append(f"Nothing could be held out to validate on, so the model is {PROBE_WORDS}: no "
-                             "measurement shows that training the head further would do better.")
-        else:
-            recipe = sel.chosen.recipe if sel is not None and not sel.chosen.is_probe else recipes[0]
-            if sel is not None:
-                recipe = dataclasses.replace(recipe, steps=sel.chosen.step)
-        kind, steps = ("probe", 0) if recipe is None else ("head", recipe.steps)
+        if sel is not None and not sel.chosen.is_probe:
+            recipe = dataclasses.replace(sel.chosen.recipe, steps=sel.chosen.step)
+        elif not proto.probe_init and sel is None:
+            recipe = recipes[0]  # the paper's: no probe to fall back to
+        elif sel is None:
+            notes.append(f"Nothing could be held out to validate on, so the model is {PROBE_WORDS} ("
+                         f"{tuning.describe()}): no measurement shows that training the head further would do better.")
+        shipped = Shipped(None, None, "probe", stopped=stopped, notes=notes, logistic=logistic, tuning=tuning)
         if recipe is not None and not (sel is not None and sel.stopped):
-            start = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            gen = fit_head(head, fb, everything, recipe, seed=seed, eval_every=every)
-            fit = yield from _relay(gen)
-            if fit.stopped and proto.probe_init:
-                head.load_state_dict(start)  # a head trained part of the way was never validated: the probe
-                kind, steps, stopped = "probe", 0, "stopped by the user"
-                notes.append(f"Stopped while training on all images: the model is {PROBE_WORDS}, as validated.")
-            elif fit.stopped:
-                stopped = "stopped by the user"
-                steps = max((c.step for c in fit.curve), default=0)
-        elif recipe is not None:
-            kind, steps = "probe", 0
+            fb = _fold_bank(bank, labels, everything, dtype, proto.standardise)
+            head = make_head()
+            probe = None
             if proto.probe_init:
-                notes.append(f"Stopped while choosing: the model is {PROBE_WORDS}, measured as far as it got.")
-        shipped = Shipped(head, (fb.mean, fb.std) if proto.standardise else None, kind, steps, recipe,
-                          stopped=stopped, notes=notes, probe_head=probe)
-    if proto.probe_init and sel is not None and sel.held_out is not None and sel.held_out.any():
+                probe, _ = fit_probe_head(fb.z, everything, labels, n_cls, seed=seed, c=tuning.chosen)
+                probe.fold_into(head)
+            fit = yield from _relay(fit_head(head, fb, everything, recipe, seed=seed, eval_every=every))
+            if fit.stopped and proto.probe_init:  # a head trained part of the way was never validated: the probe
+                shipped.stopped = "stopped by the user"
+                notes.append(f"Stopped while training on all images: the model is {PROBE_WORDS}, as validated.")
+            else:
+                steps = max((c.step for c in fit.curve), default=0) if fit.stopped else recipe.steps
+                shipped = Shipped(head, (fb.mean, fb.std) if proto.standardise else None, "head", steps, recipe,
+                                  stopped="stopped by the user" if fit.stopped else stopped, notes=notes,
+                                  probe_head=probe, logistic=logistic, tuning=tuning)
+        elif recipe is not None and proto.probe_init:
+            notes.append(f"Stopped while choosing: the model is {PROBE_WORDS}, measured as far as it got.")
+    if sel is not None and sel.held_out is not None and sel.held_out.any() and (
+            proto.probe_init or shipped.kind == "probe"):
+        # the held-out logits of what ships: the probe's (each from a probe tuned without them) or the head's
         shipped.temperature = fit_temperature(sel.logits[sel.held_out], labels[sel.held_out])
-        _temper(shipped.head, shipped.temperature)
-        if shipped.probe_head is not None and shipped.kind == "probe":
-            shipped.probe_head.temperature = shipped.temperature
+        if shipped.kind == "probe":
+            shipped.logistic.temperature = shipped.temperature
+        else:
+            _temper(shipped.head, shipped.temperature)
     return shipped
+
+
+def _tune_on_all(bank, dataset: Dataset, validation: Validation, seed: int, grid, extra=None) -> Tuning:
+    """The probe's regularisation for the model trained on every image: chosen on the run's own folds (over
+    groups, or over images with the one-standard-error rule), or on folds drawn for it."""
+    from .regularise import PROBE_CS, inner_folds, tune_c
+
+    labels = np.asarray(dataset.labels, np.int64)
+    folds = validation.folds if validation.mode == "cv" else inner_folds(
+        labels, dataset.groups, dataset.classes, k=5, seed=seed)
+    grouped = validation.grouped if validation.mode == "cv" else dataset.groups is not None
+    return tune_c(pooled_features(bank), labels, folds, len(dataset.classes), grouped=grouped,
+                  grid=grid or PROBE_CS, seed=seed, extra=extra)
 
 
 def _relay(gen):
@@ -158,13 +178,18 @@ def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation:
                 feature_precision: str = "fp32") -> TrainResult:
     """Write the shipped model with a card that says how it was made and validated."""
     from ..model.checkpoint import checkpoint_paths, save_checkpoint
+    from ..model.classifier import set_head
     from ..model.record import TrainingRecord
     from .result import TrainResult
 
-    state = {f"head.{k}": v.detach().cpu().float() for k, v in shipped.head.state_dict().items()}
-    if shipped.norm is not None:
-        state = fold_standardisation(state, shipped.norm)
     model.cpu()
+    if shipped.kind == "probe":
+        set_head(model, "linear")  # the logistic regression itself, exactly
+        state = shipped.logistic.linear_state()
+    else:
+        state = {f"head.{k}": v.detach().cpu().float() for k, v in shipped.head.state_dict().items()}
+        if shipped.norm is not None:
+            state = fold_standardisation(state, shipped.norm)
     model.load_state_dict({**model.state_dict(), **state})
     report, probe, chance = _reports(dataset, sel)
     _check_finite(model)
@@ -183,6 +208,8 @@ def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation:
         "stain_augment": ("HED jitter: each stain x U(0.8, 1.2) + U(-0.01, 0.01), one copy of every view"
                           if stain_augment else "none"),
         "head_start": "the linear probe (LP-FT)" if proto.probe_init else "random (PyTorch default)",
+        "head": "linear (the tuned probe)" if shipped.kind == "probe" else "table2",
+        "probe_c": shipped.tuning.chosen if shipped.tuning is not None else None,
         "feature_standardisation": ("per-channel mean/std of the training features, folded into the head's first "
                                     "1x1 conv" if proto.standardise else "none"),
         "temperature": shipped.temperature,
@@ -230,7 +257,8 @@ def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation:
     return TrainResult(checkpoint_paths(out)[0], model.card, report, probe, chance, validation, shipped.kind,
                        shipped.steps, list(selection.get("fold_accuracy") or []),
                        len(sel.candidates) if sel is not None else 0, shipped.stopped,
-                       [*validation.notes, *shipped.notes], shipped.probe_head, shipped.norm)
+                       [*validation.notes, *shipped.notes], shipped.probe_head, shipped.norm,
+                       logistic=shipped.logistic, tuning=shipped.tuning, why=selection["why"])
 
 
 def _train_rows(validation: Validation, n: int) -> list[int]:
@@ -241,8 +269,10 @@ def _train_rows(validation: Validation, n: int) -> list[int]:
 
 def _selection_record(sel: Selection | None, shipped: Shipped, proto: Protocol) -> dict:
     """The candidates as measured (for the card and the Train dock's curves), and the choice."""
+    tuning = shipped.tuning.to_dict() if shipped.tuning is not None else None
     if sel is None:
-        return {"shipped": shipped.kind, "candidates": [], "fold_accuracy": [], "curve": []}
+        return {"shipped": shipped.kind, "candidates": [], "fold_accuracy": [], "curve": [], "probe_tuning": tuning,
+                "why": why_shipped(sel, shipped)}
     curve = []
     for c in sel.candidates:
         curve.append({"recipe": c.recipe.describe() if c.recipe else "probe",
@@ -253,7 +283,27 @@ def _selection_record(sel: Selection | None, shipped: Shipped, proto: Protocol) 
     return {"shipped": shipped.kind, "chosen": sel.chosen.describe(), "rule": rule,
             "probe_accuracy": sel.probe.accuracy, "chosen_accuracy": sel.chosen.accuracy,
             "fold_accuracy": list(sel.fold_accuracy), "candidates": len(sel.candidates),
-            "temperature": shipped.temperature, "curve": curve}
+            "heads_measured": sel.heads_measured, "probe_tuning": tuning, "fold_c": list(sel.fold_c),
+            "temperature": shipped.temperature, "curve": curve, "why": why_shipped(sel, shipped)}
+
+
+def why_shipped(sel: Selection | None, shipped: Shipped) -> str:
+    """Which model was saved and why, in a pathologist's words."""
+    probe = "the simple classifier (a logistic regression on the backbone's features"
+    reg = f", {shipped.tuning.describe()})" if shipped.tuning is not None else ")"
+    if shipped.kind == "probe":
+        if sel is None:
+            return (f"Saved {probe}{reg}: nothing could be held out, so nothing shows a trained head would do better "
+                    "on new patients.")
+        if not sel.heads_measured:
+            return (f"Saved {probe}{reg}. No patient, slide or region was known, so validation could only hold out "
+                    "images of the patients it trained on; there a more complex model looks better by remembering "
+                    "them, so it cannot be trusted to choose one. The simple classifier is the safer model.")
+        return (f"Saved {probe}{reg}: on patients it had not seen it did as well as the trained head "
+                f"({sel.probe.accuracy:.1%} against the head's best, within the noise of the validation), and the "
+                "simpler model is the safer one.")
+    return (f"Saved the trained head ({shipped.steps} steps): on patients it had not seen it beat {probe}{reg} by "
+            f"more than the noise of the validation ({sel.chosen.accuracy:.1%} against {sel.probe.accuracy:.1%}).")
 
 
 def _check_finite(model) -> None:

@@ -1,4 +1,4 @@
-"""Choosing how long to train the head, and whether to train it at all, on patients it has not seen.
+"""Choosing the model to ship, on patients it has not seen: the tuned linear probe, or the head trained so long.
 
 How validation is drawn (:func:`plan_validation`):
 
@@ -8,16 +8,21 @@ How validation is drawn (:func:`plan_validation`):
   that are right, and the final model trains on every image;
 * **a held-out set of groups** (the paper's protocol, or a split file):
   the model trained on the rest is the one shipped;
-* **images drawn at random** when no group is known: said plainly to be
-  optimistic.
+* **cross-validation over images** when no group is known: said plainly to
+  be optimistic, and trusted to choose nothing but the probe's
+  regularisation, towards the stronger (:mod:`.regularise`).
 
-Candidates are the linear probe (step 0: the head started from it,
-:mod:`.probe`) and the head after every ``eval_every`` steps of each
-:class:`~.headfit.Recipe`.  The simplest candidate within one standard error
-of the best is chosen (the probe first, then fewer steps), so a head is
-shipped only when it beats the probe by more than the noise of the
-validation: never worse than the probe on new patients, as far as the data
-can tell.
+The candidates are the linear probe, its regularisation tuned inside each
+fold on that fold's training images only (nested: the figure it is judged by
+was not used to tune it), and, where validation is over groups, the head
+after every ``eval_every`` steps of each :class:`~.headfit.Recipe`, started
+from the fold's probe.  The simplest candidate within one standard error of
+the best is chosen (the probe first, then fewer steps), so a head is shipped
+only when it beats the probe by more than the noise of the validation: never
+worse than the best-regularised linear model on new patients, as far as the
+data can tell.  With validation over images only, no head is trained: the
+probe is shipped, because nothing that can be measured there shows a more
+complex model does better on new patients.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 
 from .headfit import FeatureBank, FitProgress, Recipe, fit_head, standardise
 from .probe import ProbeHead, fit_probe_head
+from .regularise import LogisticProbe, Tuning, fit_logistic, inner_folds, pooled_features, training_rows, tune_c
 from .split import OPTIMISTIC, Split, group_folds, split_dataset
 
 if TYPE_CHECKING:
@@ -65,9 +71,31 @@ class Validation:
     n_groups: int = 0
     notes: list[str] = field(default_factory=list)
 
+    #: Per class, how many groups hold its images (when grouped).
+    groups_per_class: dict[str, int] = field(default_factory=dict)
+
     @property
     def optimistic(self) -> bool:
         return self.mode != "none" and not self.grouped
+
+    @property
+    def too_few(self) -> bool:
+        """Too few groups to promise anything about new patients: under 5 in all, or a class held by one."""
+        return self.grouped and (self.n_groups < MIN_GROUPS or min(self.groups_per_class.values(), default=0) < 2)
+
+    def too_few_text(self) -> str:
+        """Why the figure promises little, in words ("" when there are enough groups)."""
+        if not self.too_few:
+            return ""
+        kind = _plural(self.group_kind)
+        single = sorted(k for k, n in self.groups_per_class.items() if n < 2)
+        if single:
+            return (f"{', '.join(single)}: the images come from one {_singular(self.group_kind)} only, so no model "
+                    f"can be validated on a {_singular(self.group_kind)} it has not seen for "
+                    f"{'it' if len(single) == 1 else 'them'}: the figure says nothing about new patients there. Add "
+                    f"images from more {kind}.")
+        return (f"Only {self.n_groups} {kind}: too few to promise anything about new patients; the spread across "
+                f"folds is the size of the doubt.")
 
     @property
     def kind(self) -> str:
@@ -80,6 +108,11 @@ class Validation:
 
     def describe(self) -> str:
         """How validation was drawn, in words a pathologist reads."""
+        if self.mode == "cv" and not self.grouped:
+            n = sum(len(v) for _, v in self.folds)
+            return (f"each of {n} images predicted by a model trained on the others ({len(self.folds)}-fold "
+                    f"cross-validation over images: no patient is known, so {OPTIMISTIC}); the model shipped is "
+                    "trained on all of them")
         if self.mode == "cv":
             n = sum(len(v) for _, v in self.folds)
             return (f"each of {n} images predicted by a model that never saw its {_singular(self.group_kind)} "
@@ -91,8 +124,13 @@ class Validation:
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "kind": self.kind, "grouped": self.grouped, "group_kind": self.group_kind,
-                "groups": self.n_groups, "folds": len(self.folds), "optimistic": self.optimistic,
-                "description": self.describe(), "notes": list(self.notes)}
+                "groups": self.n_groups, "groups_per_class": dict(self.groups_per_class), "folds": len(self.folds),
+                "optimistic": self.optimistic, "too_few": self.too_few, "description": self.describe(),
+                "notes": list(self.notes)}
+
+
+#: Fewer groups than this promise little about new patients (said in the report).
+MIN_GROUPS = 5
 
 
 def _plural(kind: str) -> str:
@@ -105,31 +143,45 @@ def _singular(kind: str) -> str:
 
 def plan_validation(dataset: Dataset, *, val_fraction: float = 0.2, seed: int = 0, split: Any = None,
                     mode: str = "auto", folds: int = 5) -> Validation:
-    """How to validate: cross-validation over groups, a hold-out, or nothing (see the module's text).
+    """How to validate: cross-validation over groups (or over images when none is known), a hold-out, or nothing
+    (see the module's text).
 
-    ``mode``: ``"auto"`` (cross-validation when groups are known and no split
-    is given, else a hold-out), ``"cv"`` or ``"holdout"``.
+    ``mode``: ``"auto"`` or ``"cv"`` (cross-validation unless a split is given), or ``"holdout"``.
     """
     from ..errors import DatasetError
 
     if mode not in ("auto", "cv", "holdout"):
         raise DatasetError(f"Unknown validation {mode!r}; use auto, cv or holdout.")
     grouped_data = dataset.groups is not None
-    if split is None and val_fraction > 0 and (mode == "cv" or (mode == "auto" and grouped_data)):
-        groups = dataset.groups if grouped_data else [str(i) for i in range(len(dataset))]
-        fl = group_folds(dataset.labels, groups, dataset.classes, folds, seed)
+    per_class = _groups_per_class(dataset) if grouped_data else {}
+    if split is None and val_fraction > 0 and mode in ("cv", "auto"):
+        # over groups; over images (stratified: every class in every fold's training, none held out alone) without
+        fl = (group_folds(dataset.labels, dataset.groups, dataset.classes, folds, seed) if grouped_data
+              else inner_folds(dataset.labels, None, dataset.classes, folds, seed))
         if fl:
             notes = [] if grouped_data else [f"No group is known: the folds draw images at random, so {OPTIMISTIC}."]
             kind = dataset.group_kind or "group" if grouped_data else "image"
-            return Validation("cv", fl, None, grouped_data, kind, dataset.n_groups if grouped_data else len(dataset),
-                              notes)
+            v = Validation("cv", fl, None, grouped_data, kind, dataset.n_groups if grouped_data else len(dataset),
+                           notes, per_class)
+            if v.too_few:
+                v.notes.append(v.too_few_text())
+            return v
         if mode == "cv":
             raise DatasetError("Cross-validation needs images from at least two groups; there are fewer.")
     s = split_dataset(dataset, val_fraction, seed, split)
     if not s.val:
-        return Validation("none", [], s, s.grouped, s.group_kind, dataset.n_groups, list(s.notes))
+        return Validation("none", [], s, s.grouped, s.group_kind, dataset.n_groups, list(s.notes), per_class)
     fold = [(np.asarray(s.train, np.int64), np.asarray(s.val, np.int64))]
-    return Validation("holdout", fold, s, s.grouped, s.group_kind, dataset.n_groups, list(s.notes))
+    v = Validation("holdout", fold, s, s.grouped, s.group_kind, dataset.n_groups, list(s.notes), per_class)
+    if v.too_few:
+        v.notes.append(v.too_few_text())
+    return v
+
+
+def _groups_per_class(dataset: Dataset) -> dict[str, int]:
+    groups = np.asarray(dataset.groups, dtype=object)
+    labels = np.asarray(dataset.labels)
+    return {name: len(set(groups[labels == k])) for k, name in enumerate(dataset.classes) if (labels == k).any()}
 
 
 @dataclass
@@ -200,6 +252,13 @@ class Selection:
     probe_predictions: np.ndarray | None = None
     #: ``(recipe index, step)`` of the chosen head in ``states``; None for the probe.
     key: tuple[int, int] | None = None
+    #: The probe's regularisation as chosen inside each fold (on that fold's training images only).
+    fold_c: list[float] = field(default_factory=list)
+    #: The hold-out's tuned probe and its tuning (a hold-out ships the model trained without its validation images).
+    logistic: LogisticProbe | None = None
+    tuning: Tuning | None = None
+    #: Whether heads were measured (not with validation over images only).
+    heads_measured: bool = True
 
 
 def _ce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -209,9 +268,10 @@ def _ce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def select_head(bank_raw, labels: np.ndarray, n_classes: int, validation: Validation, recipes: Sequence[Recipe],
                 make_head, *, seed: int = 0, eval_every: int = 25, dtype: Any = None, probe_start: bool = True,
-                standardise_features: bool = True, criterion: str = "accuracy",
+                standardise_features: bool = True, criterion: str = "accuracy", groups: Sequence[str] | None = None,
+                classes: Sequence[str] = (), grid: Sequence[float] | None = None, stain_view: int | None = None,
                 ) -> Generator[FitProgress, Any, Selection]:
-    """Measure the probe and each recipe's head on every fold; choose (see the module's text).
+    """Measure the tuned probe and each recipe's head on every fold; choose (see the module's text).
 
     Parameters
     ----------
@@ -227,27 +287,50 @@ def select_head(bank_raw, labels: np.ndarray, n_classes: int, validation: Valida
         ``"accuracy"``: the simplest candidate within one standard error of the
         best; ``"loss"``: the lowest held-out loss (the paper's best epoch), the
         probe not among the candidates.
+    groups, classes
+        Each row's group (None when unknown) and the class names: the probe's regularisation is tuned inside
+        each fold over these groups, or over images with the one-standard-error rule.
+    grid
+        The probe's regularisation grid (:data:`~.regularise.PROBE_CS`).
+    stain_view
+        The bank's view of the stain-jittered identity (stain augmentation): the probe trains on it too.
     """
-    import torch
 
     from .._progress import STOP
+    from .regularise import PROBE_CS
 
     labels = np.asarray(labels, np.int64)
     holdout = validation.mode == "holdout"
+    heads = bool(recipes) and (validation.grouped or criterion == "loss")
     probe_c = Candidate(None, 0)
     cands: dict[tuple[int, int], Candidate] = {}
     n = len(labels)
     oof_logits: dict[tuple[int, int] | None, np.ndarray] = {}
-    sel = Selection([], probe_c, probe_c, np.full(n, -1), np.zeros((n, n_classes)))
+    sel = Selection([], probe_c, probe_c, np.full(n, -1), np.zeros((n, n_classes)), heads_measured=heads)
+    pooled = pooled_features(bank_raw)
+    extra = pooled_features(bank_raw, first=stain_view) if stain_view else None
+    g = np.asarray(groups, dtype=object) if groups is not None else None
     k = len(validation.folds)
     for f, (train_rows, val_rows) in enumerate(validation.folds, start=1):
-        bank = _fold_bank(bank_raw, labels, train_rows, dtype, standardise_features)
-        probe, _ = fit_probe_head(bank.z, train_rows, labels, n_classes, seed=seed)
-        with torch.inference_mode():
-            pl = torch.cat([probe.logits(bank.z[torch.from_numpy(val_rows[j : j + 256]), 0])
-                            for j in range(0, len(val_rows), 256)]).numpy()
+        inner = inner_folds(labels[train_rows], None if g is None else g[train_rows], classes or range(n_classes),
+                            seed=seed)
+        tuning = tune_c(pooled[train_rows], labels[train_rows], inner, n_classes, grouped=g is not None,
+                        grid=grid or PROBE_CS, seed=seed,
+                        extra=extra[train_rows] if extra is not None else None)
+        logistic = fit_logistic(*training_rows(pooled, labels, train_rows, extra), tuning.chosen, n_classes,
+                                seed=seed)
+        pl = logistic.logits(pooled[val_rows])
         _tally(probe_c, pl, labels[val_rows])
         oof_logits.setdefault(None, np.zeros((n, n_classes)))[val_rows] = pl
+        sel.fold_c.append(tuning.chosen)
+        if holdout:
+            sel.logistic, sel.tuning = logistic, tuning
+        if not heads:
+            yield FitProgress(0, 0, math.nan, probe_c.loss, probe_c.accuracy, f if not holdout else 0,
+                              k if not holdout else 0, "the probe")
+            continue
+        bank = _fold_bank(bank_raw, labels, train_rows, dtype, standardise_features)
+        probe, _ = fit_probe_head(bank.z, train_rows, labels, n_classes, seed=seed, c=tuning.chosen)
         if holdout:
             sel.probe_head, sel.bank = probe, bank
         for r_i, recipe in enumerate(recipes):
@@ -277,9 +360,9 @@ def select_head(bank_raw, labels: np.ndarray, n_classes: int, validation: Valida
                 break
         if sel.stopped:
             break
-    sel.candidates = [probe_c, *cands.values()] if probe_start else list(cands.values())
+    sel.candidates = [probe_c, *cands.values()] if (probe_start or not heads) else list(cands.values())
     complete = [c for c in sel.candidates if c.seen == probe_c.seen]  # a stopped run measured some folds only
-    if criterion == "loss":
+    if criterion == "loss" and heads:
         sel.chosen = min(complete, key=lambda c: c.loss) if complete else probe_c
     else:
         sel.chosen = _one_standard_error(complete or [probe_c])
@@ -325,7 +408,9 @@ def _one_standard_error(cands: list[Candidate]) -> Candidate:
 
     def simplicity(c: Candidate) -> tuple:
         # the probe first; then fewer steps; then the recipe that pulls hardest towards the probe
-        return (not c.is_probe, c.step, -(c.recipe.anchor if c.recipe else 0.0))
+        r = c.recipe
+        return (not c.is_probe, c.step, -(r.anchor if r else 0.0), -(r.dropout if r else 0.0),
+                -(r.weight_decay if r else 0.0))
 
     ok = [c for c in cands if c.accuracy >= bar - 1e-12]
     return min(ok, key=simplicity)
