@@ -78,18 +78,19 @@ def test_grouped_cv_chooses_weak_regularisation_where_it_wins() -> None:
 
 
 def test_image_level_cv_takes_the_most_regularised_within_the_noise() -> None:
-    """Without groups the one-standard-error rule: of C values whose held-out accuracies are within one standard
-    error of the best, the most regularised is chosen; with groups, the best."""
+    """Without groups the one-standard-error rule: of the C values whose held-out (tempered) cross-entropy is within
+    one standard error of the lowest, the most regularised is chosen; with groups, the lowest."""
     rng = np.random.default_rng(2)
     y = np.repeat([0, 1], 20)
     x = rng.normal(0, 1, (40, 50)) + y[:, None] * 0.35
     folds = inner_folds(y, None, ("a", "b"), 5, 0)
     by_image = tune_c(x, y, folds, 2, grouped=False)
     on_groups = tune_c(x, y, folds, 2, grouped=True)
-    best = int(np.argmax(np.round(by_image.accuracy, 9)))
-    bar = by_image.accuracy[best] - by_image.standard_error[best]
-    within = [c for c, a in zip(by_image.grid, by_image.accuracy, strict=True) if a >= bar - 1e-12]
+    best = int(np.argmin(np.round(by_image.loss, 9)))
+    bar = by_image.loss[best] + by_image.loss_standard_error[best]
+    within = [c for c, v in zip(by_image.grid, by_image.loss, strict=True) if v <= bar + 1e-12]
     assert by_image.chosen == min(within) and by_image.chosen <= on_groups.chosen
+    assert on_groups.chosen == by_image.grid[best]  # with groups, simply the lowest held-out loss
     assert "one standard error" in by_image.rule and "groups" in on_groups.rule
     assert by_image.to_dict()["chosen_c"] == by_image.chosen and len(by_image.to_dict()["accuracy"]) == len(PROBE_CS)
 

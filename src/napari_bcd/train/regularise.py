@@ -5,11 +5,16 @@ with a trained H&E backbone (issue 37), the same logistic regression gave 0.83 a
 ``C = 1`` and 0.89 at ``C = 0.001``.  So ``C`` is chosen from :data:`PROBE_CS` by cross-validation
 (:func:`tune_c`):
 
-* over groups (patients, slides, regions) when they are known: the ``C`` with the best held-out accuracy
-  (ties: the more regularised);
-* over images when they are not: the *most regularised* ``C`` within one standard error of the best
+* over groups (patients, slides, regions) when they are known: the ``C`` with the lowest held-out
+  cross-entropy (ties: the more regularised);
+* over images when they are not: the *most regularised* ``C`` within one standard error of the lowest
   (the one-standard-error rule), because validation images of the training patients reward the model that
   memorises them, and cannot be trusted to pick the more complex one.
+
+The held-out cross-entropy, not the accuracy, decides: with a few images per fold accuracy moves in coarse
+steps and ties.  It is measured once the held-out logits are tempered (one temperature per ``C``, as the shipped
+model is tempered): strong regularisation shrinks logits towards uniform, which costs cross-entropy though it
+changes no call.
 
 :class:`LogisticProbe` is the fitted regression on the averaged features of the image (standardised inside,
 unstandardised when written into a :class:`~napari_bcd.model.head.LinearHead`, which then computes it exactly).
@@ -125,8 +130,9 @@ class Tuning:
     ----------
     grid
         The ``C`` values tried, weakest regularisation last.
-    accuracy, standard_error, loss
-        Per ``C``: mean held-out accuracy over the folds, its standard error, mean held-out cross-entropy.
+    accuracy, standard_error, loss, loss_standard_error
+        Per ``C``: mean held-out accuracy over the folds and its standard error; mean held-out cross-entropy (once
+        tempered) and its standard error.
     chosen
         The ``C`` chosen (:data:`DEFAULT_C` when nothing could be held out).
     rule
@@ -139,6 +145,7 @@ class Tuning:
     accuracy: list[float] = field(default_factory=list)
     standard_error: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
+    loss_standard_error: list[float] = field(default_factory=list)
     chosen: float = DEFAULT_C
     rule: str = ""
     folds: int = 0
@@ -146,6 +153,7 @@ class Tuning:
     def to_dict(self) -> dict[str, Any]:
         return {"grid": list(self.grid), "accuracy": [_r(v) for v in self.accuracy],
                 "standard_error": [_r(v) for v in self.standard_error], "loss": [_r(v) for v in self.loss],
+                "loss_standard_error": [_r(v) for v in self.loss_standard_error],
                 "chosen_c": self.chosen, "rule": self.rule, "folds": self.folds}
 
     def describe(self) -> str:
@@ -192,24 +200,37 @@ def tune_c(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarra
     if not folds:
         t.rule = "nothing could be held out to choose it: the strong default"
         return t
+    from .probe import fit_temperature
+
     acc = np.zeros((len(grid), len(folds)))
     loss = np.zeros((len(grid), len(folds)))
+    held = [np.zeros((0, n_classes)) for _ in grid]
     for f, (tr, va) in enumerate(folds):
         xt, yt = training_rows(x, y, tr, extra)
         for i, c in enumerate(grid):
             logits = fit_logistic(xt, yt, c, n_classes, seed=seed).logits(x[va])
             acc[i, f] = float((logits.argmax(1) == y[va]).mean())
-            z = logits - logits.max(1, keepdims=True)
-            loss[i, f] = float(-(z[np.arange(len(va)), y[va]] - np.log(np.exp(z).sum(1))).mean())
+            held[i] = np.concatenate([held[i], logits])
+    order = np.concatenate([va for _, va in folds])
+    bounds = np.cumsum([0, *(len(va) for _, va in folds)])
+    for i in range(len(grid)):
+        # the loss once tempered, as the shipped model is: strong regularisation shrinks the logits towards
+        # uniform, which costs cross-entropy but no call; measured untempered, the loss would favour the loose fit
+        z = held[i] / fit_temperature(held[i], y[order])
+        z = z - z.max(1, keepdims=True)
+        per = -(z[np.arange(len(order)), y[order]] - np.log(np.exp(z).sum(1)))
+        loss[i] = [per[bounds[f] : bounds[f + 1]].mean() for f in range(len(folds))]
     t.accuracy = acc.mean(1).tolist()
     t.loss = loss.mean(1).tolist()
-    t.standard_error = (acc.std(1, ddof=1) / math.sqrt(len(folds)) if len(folds) > 1 else np.zeros(len(grid))).tolist()
-    best = max(range(len(grid)), key=lambda i: (round(t.accuracy[i], 9), -i))  # ties: the more regularised
+    spread = lambda v: v.std(1, ddof=1) / math.sqrt(len(folds)) if len(folds) > 1 else np.zeros(len(grid))  # noqa: E731
+    t.standard_error = spread(acc).tolist()
+    t.loss_standard_error = spread(loss).tolist()
+    best = min(range(len(grid)), key=lambda i: (round(t.loss[i], 9), i))  # ties: the more regularised
     if grouped:
-        t.chosen, t.rule = grid[best], "the best held-out accuracy on groups the probe never saw"
+        t.chosen, t.rule = grid[best], "the lowest held-out loss on groups the probe never saw"
     else:
-        bar = t.accuracy[best] - t.standard_error[best]
-        t.chosen = grid[min(i for i in range(len(grid)) if t.accuracy[i] >= bar - 1e-12)]
-        t.rule = ("no groups known: the most regularised within one standard error of the best held-out accuracy "
-                  "on images (image-level validation favours memorising)")
+        bar = t.loss[best] + t.loss_standard_error[best]
+        t.chosen = grid[min(i for i in range(len(grid)) if t.loss[i] <= bar + 1e-12)]
+        t.rule = ("no groups known: the most regularised within one standard error of the lowest held-out loss on "
+                  "images (image-level validation favours memorising)")
     return t
