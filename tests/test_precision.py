@@ -151,7 +151,7 @@ def test_the_real_resnet152v2_passes_the_check_on_real_he(monkeypatch) -> None:
     p.begin_run(windows=1000, batch_size=2)  # long enough: int8 is traced, calibrated by the fp32 pass and checked
     p(x)
     assert set(p._checks) == {"bf16", "int8"} and all(c.passed for c in p._checks.values()), p._checks
-    assert p.int8_trial["kept"] is (p.precision == "int8") and p.check.fast == p.precision
+    assert p.int8_trial.kept is (p.precision == "int8") and p.check.fast == p.precision
 
 
 def test_int8_is_quantised_on_the_run_and_checked(tiny_model) -> None:
@@ -218,8 +218,8 @@ def test_a_tuned_predictor_gives_the_models_probabilities(tiny_model) -> None:
     assert p.begin_run(windows=64) == 16
     for _ in range(4):
         np.testing.assert_allclose(p(x), expected, atol=1e-5)
-    assert p.tuning["chosen_by_timing"] and set(p.tuning["windows_per_s"]) == {"4x2", "8x2", "16x2"} | (
-        set() if p._threads == 2 else set(p.tuning["windows_per_s"]))
+    assert p.tuning.chosen_by_timing and set(p.tuning.windows_per_s) == {"4x2", "8x2", "16x2"} | (
+        set() if p._threads == 2 else set(p.tuning.windows_per_s))
 
 
 @fast_cpu
@@ -238,8 +238,8 @@ def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agr
     refused.begin_run(windows=1_000_000)
     for _ in range(4):
         refused(_he_windows(20)[4:])
-    assert refused.int8_trial["kept"] is False and refused.precision == "bf16" and refused.check.fast == "bf16"
-    assert refused.int8_trial["why"].startswith("int8 differed from fp32 on the first batch's windows beyond")
+    assert refused.int8_trial.kept is False and refused.precision == "bf16" and refused.check.fast == "bf16"
+    assert refused.int8_trial.why.startswith("int8 differed from fp32 on the first batch's windows beyond")
 
     torch.manual_seed(0)
     tiny_model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64),
@@ -258,17 +258,18 @@ def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agr
     first = long(x)  # fp32 on the check windows (calibrating int8 on the way), then bf16 and int8 on the same
     trial = long.int8_trial
     assert set(long._checks) == {"bf16", "int8"} and all(c.passed for c in long._checks.values())
-    assert trial["check"]["fast"] == "int8" and trial["float_precision"] == "bf16" and trial["kept"] is None
+    assert trial.check.fast == "int8" and trial.float_precision == "bf16" and trial.kept is None
     assert long.check is long._checks[long.precision]
     k = CHECK_WINDOWS
     assert np.abs(first[:k] - exact[:k]).max() == pytest.approx(long.check.max_change, rel=1e-4, abs=1e-7)
     for _ in range(8):  # each format that may be faster is timed at 4, 8 and 16 windows, then the faster is kept
         probs = long(x)
-    assert trial["kept"] is not None and not long._racing
-    rates = {"int8": trial["int8_windows_per_s"], "bf16": trial["float_windows_per_s"]}
-    assert long.precision == max(rates, key=rates.get) and trial["kept"] is (long.precision == "int8")
+    trial = long.int8_trial  # the record as the race ended (a frozen value, replaced as the trial goes)
+    assert trial.kept is not None and not long._racing
+    rates = {"int8": trial.int8_windows_per_s, "bf16": trial.float_windows_per_s}
+    assert long.precision == max(rates, key=rates.get) and trial.kept is (long.precision == "int8")
     assert long.check.fast == long.precision and np.abs(probs - exact).max() <= 0.15
-    assert long.tuning["chosen_by_timing"]
+    assert long.tuning.chosen_by_timing
 
     quantised = long._int8_forwards
     for fast in ("int8", "bf16"):  # the next run reuses the quantised backbone: checked at once, never quantised again
@@ -276,10 +277,10 @@ def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agr
         assert long.precision == "bf16" and long.int8_trial is None and long.check_pending
         long._rate = lambda fmt, fast=fast: 100.0 if fmt == fast else 1.0  # as if timed so
         long(x)
-        assert long._int8_forwards is quantised and long.precision == fast and long.int8_trial["kept"] is (
+        assert long._int8_forwards is quantised and long.precision == fast and long.int8_trial.kept is (
             fast == "int8")
         if fast == "bf16":
-            assert long.int8_trial["why"] == "int8 ran 1.0 windows/s, bf16 100.0" and long.check.fast == "bf16"
+            assert long.int8_trial.why == "int8 ran 1.0 windows/s, bf16 100.0" and long.check.fast == "bf16"
 
 
 def test_without_amx_bf16_is_only_int8s_fallback(tiny_model, monkeypatch) -> None:
@@ -295,7 +296,7 @@ def test_without_amx_bf16_is_only_int8s_fallback(tiny_model, monkeypatch) -> Non
     refused.begin_run(windows=1_000_000)
     refused(_he_windows(20)[4:])
     assert set(refused._checks) == {"int8", "bf16"} and refused.precision == "bf16" and refused.check.fast == "bf16"
-    assert refused.int8_trial["kept"] is False and refused.int8_trial["float_precision"] == "bf16"
+    assert refused.int8_trial.kept is False and refused.int8_trial.float_precision == "bf16"
 
     torch.manual_seed(0)
     model = build_classifier("timm:resnet18", classes=BACH_CLASSES, backbone_weights=None, input_px=(64, 64),
@@ -307,11 +308,12 @@ def test_without_amx_bf16_is_only_int8s_fallback(tiny_model, monkeypatch) -> Non
     first = p(x)
     trial = p.int8_trial
     assert set(p._checks) == {"int8"} and p._checks["int8"].passed  # int8 agreed: bf16 never ran
-    assert trial["float_precision"] == "bf16" and trial["kept"] is None and p.precision == "int8"
+    assert trial.float_precision == "bf16" and trial.kept is None and p.precision == "int8"
     for _ in range(4):  # int8 timed at 4, 8 and 16 windows, then the race ends with nothing to race
         probs = p(x)
-    assert trial["kept"] is True and trial["float_timed"] == "not run" and trial["float_windows_per_s"] is None
-    assert trial["int8_windows_per_s"] > 0 and not p._racing and p.tuning["chosen_by_timing"]
+    trial = p.int8_trial
+    assert trial.kept is True and trial.float_timed == "not run" and trial.float_windows_per_s is None
+    assert trial.int8_windows_per_s > 0 and not p._racing and p.tuning.chosen_by_timing
     assert max(np.abs(first - exact).max(), np.abs(probs - exact).max()) <= 0.15
     text = describe_tuning(None, trial)[0]
     assert text.startswith("int8 kept:") and "bf16 not run" in text
@@ -335,16 +337,16 @@ def test_auto_races_int8_against_fp32_on_a_cpu_without_bf16_units(tiny_model, mo
     p.begin_run(windows=1_000_000, batch_size=16)  # a fixed batch: the race is decided on the check's timings
     probs = p(x)
     trial = p.int8_trial
-    assert set(p._checks) == {"int8"} and trial["float_precision"] == "fp32" and trial["kept"] is not None
-    assert p.precision == ("int8" if trial["kept"] else "fp32") and not p._racing
-    assert trial["float_timed"] == "check"  # a fixed batch: nothing timed in chunks
-    if trial["kept"]:
-        assert trial["int8_windows_per_s"] > trial["float_windows_per_s"] and p.check.fast == "int8"
+    assert set(p._checks) == {"int8"} and trial.float_precision == "fp32" and trial.kept is not None
+    assert p.precision == ("int8" if trial.kept else "fp32") and not p._racing
+    assert trial.float_timed == "check"  # a fixed batch: nothing timed in chunks
+    if trial.kept:
+        assert trial.int8_windows_per_s > trial.float_windows_per_s and p.check.fast == "int8"
         assert 0 < np.abs(probs - exact).max() <= 0.15
         text = describe_tuning(None, trial)[0]
         assert text.startswith("int8 kept:") and "against fp32's" in text and "in its check" in text
     else:
-        assert p.check is None and trial["why"].startswith("int8 ran")
+        assert p.check is None and trial.why.startswith("int8 ran")
         np.testing.assert_allclose(probs, exact, atol=1e-5)
 
 
@@ -359,7 +361,7 @@ def test_a_backbone_that_cannot_be_traced_keeps_auto_on_its_float_format(tiny_mo
     p = inference.Predictor(tiny_model, device="cpu", tolerance=1.0)
     p.begin_run(windows=1_000_000)
     p(_he_windows(16))
-    assert p.int8_trial["kept"] is False and p.int8_trial["why"].startswith("int8 is not available for this backbone")
+    assert p.int8_trial.kept is False and p.int8_trial.why.startswith("int8 is not available for this backbone")
     assert p.precision == p._float and p._int8_forwards is False
     p.begin_run(windows=1_000_000)
     assert "int8" not in p._to_check  # never tried again on this predictor

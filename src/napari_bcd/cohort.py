@@ -246,7 +246,7 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
             summary = summarize(cmap, min_area_mm2=settings.min_area)
             record = {"id": item.stem, "source": source, "model_weights_sha256": loaded.sha, "run": keys,
                       "slide_path": str(item.path), "decision": cmap.info.get("decision"),
-                      "precision": cmap.run.precision, "precision_check": cmap.run.precision_check}
+                      "precision": cmap.run.precision, "precision_check": cmap.info["precision_check"]}
             write_outputs(cmap, out, stem=item.stem, min_area_mm2=settings.min_area, overwrite=True,
                           summary=summary, record=record)
         return SlideResult(item, "done", seconds=time.perf_counter() - t0, model=loaded.card.name,

@@ -221,10 +221,8 @@ class ClassifyWidget(Container):
         how = ""
         if run is not None:
             how = f", {run.precision} on {run.device}"
-            if run.precision_check is not None:
-                from ..model.precision import PrecisionCheck
-
-                check = PrecisionCheck.from_dict(run.precision_check)
+            check = run.precision_check
+            if check is not None:
                 how += f" ({check.describe()})" if not check.passed else ", checked against fp32"
         self._say(f"Done: {class_map.n_windows} windows in {run.seconds if run else 0:.1f} s{how}.")
         scroll_to(self._scroll, self._legend)  # the result in view

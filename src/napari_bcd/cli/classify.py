@@ -113,14 +113,13 @@ def _report_slide(result, out: Path) -> None:
     if result.status == "skipped":
         print(f"{name}: skipped, {result.note or 'done'} (--overwrite to compute again)")
         return
-    from ..model.precision import PrecisionCheck
     from ..model.tuning import describe_tuning
 
     run = result.run
     print(f"\n{name}: {run.windows} windows, {run.windows_per_s:.1f}/s, {run.precision} on {run.device}"
           + (f" ({result.note})" if result.note else ""))
-    if run.precision_check is not None:
-        check = PrecisionCheck.from_dict(run.precision_check)
+    check = run.precision_check
+    if check is not None:
         print(f"napari-bcd: {name}: {check.describe()}", file=sys.stderr if not check.passed else sys.stdout)
     for line in describe_tuning(run.batching, run.int8_trial):
         print(f"napari-bcd: {name}: {line}")

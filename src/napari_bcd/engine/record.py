@@ -1,11 +1,17 @@
-"""What a classification run did, as typed fields: the CLI, cohorts and docks read these, never message text."""
+"""What a classification run did, as typed fields all the way down (the precision check, batching and int8 trial
+are objects; JSON only at the file boundary, :meth:`RunRecord.info`): the CLI, cohorts and docks read these,
+never message text or a dict."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io.device_decode import DecodeChoice
+
+if TYPE_CHECKING:
+    from ..model.precision import PrecisionCheck
+    from ..model.tuning import Batching, Int8Trial
 
 __all__ = ["Progress", "RunRecord", "StainCheck"]
 
@@ -59,18 +65,17 @@ class RunRecord:
     tiles_touched: int
     decode: DecodeChoice = field(default_factory=DecodeChoice)
     stain: StainCheck = field(default_factory=StainCheck)
-    #: fp32 against the fast path on the first batch (:class:`~napari_bcd.model.precision.PrecisionCheck`
-    #: as a dict), when *auto* chose a fast path that needs checking.
-    precision_check: dict | None = None
+    #: fp32 against the fast path on the first batch, when *auto* chose a fast path that needs checking.
+    precision_check: PrecisionCheck | None = None
     #: With adaptive overlap: the windows full overlap would have classified (``windows`` is those used).
     candidate_windows: int | None = None
     #: With adaptive overlap: the windows left out but estimated from the classified ones around them.
     estimated_windows: int | None = None
     #: The CPU batch size and thread count, and the rates timed to choose them (:class:`~napari_bcd.model.tuning.
     #: BatchTuner`); None where they were given or on a GPU.
-    batching: dict | None = None
+    batching: Batching | None = None
     #: CPU *auto*'s int8 trial on a long run: its check against fp32, both rates, and whether int8 was kept.
-    int8_trial: dict | None = None
+    int8_trial: Int8Trial | None = None
 
     @property
     def windows_per_s(self) -> float:
@@ -90,9 +95,9 @@ class RunRecord:
             "windows_per_s": self.windows_per_s,
             "device": self.device,
             "precision": self.precision,
-            "precision_check": self.precision_check,
-            "int8_trial": self.int8_trial,
-            "batching": self.batching,
+            "precision_check": self.precision_check.to_dict() if self.precision_check is not None else None,
+            "int8_trial": self.int8_trial.to_dict() if self.int8_trial is not None else None,
+            "batching": self.batching.to_dict() if self.batching is not None else None,
             "tissue_fraction": self.tissue_fraction,
             "min_tissue": self.min_tissue,
             "compiled": bool(self.compiled),

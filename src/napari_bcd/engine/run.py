@@ -138,7 +138,7 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     labels, reasons = decide(probs, covered, tuple(card.classes), rule, cell_quality)
     record = RunRecord(
         windows=int(done), seconds=time.perf_counter() - t0, device=str(predictor.device),
-        precision=predictor.precision, precision_check=predictor.check.to_dict() if predictor.check else None,
+        precision=predictor.precision, precision_check=predictor.check,
         batching=predictor.tuning, int8_trial=predictor.int8_trial,
         tissue_fraction=tissue_share, min_tissue=s.min_tissue,
         compiled=bool(predictor.compiled), warmup_seconds=compile_s,

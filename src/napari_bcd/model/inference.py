@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import nullcontext
 
@@ -19,7 +20,7 @@ from .precision import (
     int8_available,
     int8_outruns_bf16,
 )
-from .tuning import TUNE_BATCHES, BatchTuner, int8_pays
+from .tuning import TUNE_BATCHES, Batching, BatchTuner, Int8Trial, int8_pays
 
 __all__ = ["PendingProbabilities", "Predictor", "choose_device"]
 
@@ -185,7 +186,7 @@ class Predictor:
         self._bf16_fallback = False
         #: The run's int8 trial under CPU *auto*: its check, the float format it ran against, both rates and
         #: ``kept`` (None while the two are being timed, then True or False with ``why``); None when none was tried.
-        self.int8_trial: dict | None = None
+        self.int8_trial: Int8Trial | None = None
 
     def begin_run(self, windows: int | None = None, batch_size: int | None = None) -> int:
         """A new run of about ``windows`` windows; returns the batch size the engine should hand over.
@@ -213,10 +214,10 @@ class Predictor:
         return batch_size or self.default_batch_size
 
     @property
-    def tuning(self) -> dict | None:
+    def tuning(self) -> Batching | None:
         """The CPU batch and threads of the current precision, and the rates timed to choose them."""
         tuner = self._tuners.get(self.precision)
-        return tuner.to_dict() if self.tune and tuner is not None else None
+        return tuner.record_of() if self.tune and tuner is not None else None
 
     def set_stain_map(self, m: np.ndarray | None) -> None:
         """Apply this OD map (:func:`napari_bcd.stain.macenko_transform`) to every batch from now on; None: off."""
@@ -306,8 +307,8 @@ class Predictor:
         self._settle(first=True)
         if self.precision == "fp32" and self.check is not None:
             log.warning("napari-bcd: %s", self.check.describe())
-        elif self.int8_trial and self.int8_trial["kept"] is False:
-            log.info("napari-bcd: int8 not used: %s", self.int8_trial["why"])
+        elif self.int8_trial is not None and self.int8_trial.kept is False:
+            log.info("napari-bcd: int8 not used: %s", self.int8_trial.why)
         kept = self.precision
         if k < len(x):
             with torch.inference_mode(), self._autocast(kept):
@@ -338,21 +339,20 @@ class Predictor:
 
     def _end_race(self, kept: str) -> None:
         trial = self.int8_trial
-        if trial is not None and trial.get("kept") is None:
-            int8, other = self._rate("int8"), trial["float_precision"]
+        if trial is not None and trial.kept is None:
+            int8, other = self._rate("int8"), trial.float_precision
             check = self._checks["int8"]
             if other not in self._racing and self._bf16_fallback:  # bf16 not run: int8 outruns it on this CPU
-                trial.update(int8_windows_per_s=round(int8, 2), float_windows_per_s=None, float_timed="not run",
-                             kept=kept == "int8")
+                self.int8_trial = dataclasses.replace(trial, int8_windows_per_s=round(int8, 2), float_timed="not run",
+                                                      kept=kept == "int8")
                 self._racing = {}
                 return
             versus = self._rate(other) if other in self._racing else check.windows / max(check.fp32_s, 1e-9)
             tuner = self._tuners.get(other)
-            trial.update(float_windows_per_s=round(versus, 2), int8_windows_per_s=round(int8, 2),
-                         float_timed="batches" if tuner is not None and tuner.done else "check",
-                         kept=kept == "int8")
-            if kept != "int8":
-                trial["why"] = f"int8 ran {int8:.1f} windows/s, {other} {versus:.1f}"
+            self.int8_trial = dataclasses.replace(
+                trial, float_windows_per_s=round(versus, 2), int8_windows_per_s=round(int8, 2),
+                float_timed="batches" if tuner is not None and tuner.done else "check", kept=kept == "int8",
+                why="" if kept == "int8" else f"int8 ran {int8:.1f} windows/s, {other} {versus:.1f}")
         self._racing = {}
 
     def _int8_trial_started(self) -> None:
@@ -361,15 +361,15 @@ class Predictor:
             return
         check = self._checks["int8"]
         other = "bf16" if "bf16" in self._racing or (self._bf16_fallback and check.passed) else "fp32"
-        self.int8_trial = {"check": check.to_dict(), "float_precision": other, "kept": None}
+        self.int8_trial = Int8Trial(check, other)
         if not check.passed:
-            self.int8_trial.update(kept=False, why=(
+            self.int8_trial = Int8Trial(check, other, kept=False, why=(
                 f"int8 differed from fp32 on the first batch's windows beyond the tolerance {self.tolerance:g} "
                 f"({check.agreement_text})."))
 
     def _int8_refused(self, why: str) -> None:
         if self._auto_cpu:
-            self.int8_trial = {"float_precision": self._float, "kept": False, "why": why}
+            self.int8_trial = Int8Trial(None, self._float, kept=False, why=why)
         else:
             raise BcdError(why)
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["INT8_SAVING_FP32_WINDOWS", "INT8_TRIAL_FP32_WINDOWS", "TUNE_BATCHES", "BatchTuner", "describe_tuning",
-           "int8_pays"]
+if TYPE_CHECKING:
+    from .precision import PrecisionCheck
+
+__all__ = ["INT8_SAVING_FP32_WINDOWS", "INT8_TRIAL_FP32_WINDOWS", "TUNE_BATCHES", "BatchTuner", "Batching", "Int8Trial",
+           "describe_tuning", "int8_pays"]
 
 #: Batch sizes timed on the CPU; the engine hands the predictor batches of the largest and the predictor
 #: computes them in chunks of the size being timed, then of the fastest.
@@ -94,30 +97,99 @@ class BatchTuner:
             self.record((batch, threads), n, time.perf_counter() - t0)
         return out
 
-    def to_dict(self) -> dict[str, Any]:
+    def record_of(self) -> Batching:
+        """What the tuner chose and the rates it timed, as the run's record keeps it."""
         batch, threads = self.chosen
-        return {"batch": batch, "threads": threads, "chosen_by_timing": self.done,
-                "windows_per_s": {f"{b}x{t}": round(r, 2) for (b, t), r in self.rates.items()}}
+        return Batching(batch, threads, self.done, {f"{b}x{t}": round(r, 2) for (b, t), r in self.rates.items()})
 
 
-def describe_tuning(batching: dict | None, int8_trial: dict | None) -> list[str]:
+@dataclass(frozen=True)
+class Batching:
+    """The CPU batch size and thread count a run used, and the rates (windows/s, by ``"<batch>x<threads>"``) timed
+    to choose them."""
+
+    batch: int
+    threads: int
+    chosen_by_timing: bool
+    windows_per_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "threads": self.threads, "chosen_by_timing": self.chosen_by_timing,
+                "windows_per_s": dict(self.windows_per_s)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Batching:
+        return cls(int(d["batch"]), int(d["threads"]), bool(d["chosen_by_timing"]), dict(d.get("windows_per_s") or {}))
+
+    def describe(self) -> str:
+        rates = ", ".join(f"{k.replace('x', ' x ')} threads {v}/s" for k, v in self.windows_per_s.items())
+        how = "chosen by timing" if self.chosen_by_timing else "while timing (the run ended first)"
+        return f"batch {self.batch} on {self.threads} threads, {how} ({rates})."
+
+
+@dataclass(frozen=True)
+class Int8Trial:
+    """CPU *auto*'s int8 trial on a long run: its check against fp32, both rates, and whether int8 was kept.
+
+    Attributes
+    ----------
+    check
+        int8 against fp32 on the run's first windows (None when int8 could not be made).
+    float_precision
+        The float format int8 was raced against (``"bf16"`` or ``"fp32"``).
+    kept
+        True, False, or None while the race is on.
+    why
+        Why int8 was not kept.
+    int8_windows_per_s, float_windows_per_s
+        The two rates (the float one None when it was not run).
+    float_timed
+        How the float rate was measured: ``"batches"``, ``"check"`` or ``"not run"``.
+    """
+
+    check: PrecisionCheck | None
+    float_precision: str
+    kept: bool | None = None
+    why: str = ""
+    int8_windows_per_s: float | None = None
+    float_windows_per_s: float | None = None
+    float_timed: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"float_precision": self.float_precision, "kept": self.kept}
+        if self.check is not None:
+            out["check"] = self.check.to_dict()
+        for k in ("why", "int8_windows_per_s", "float_windows_per_s", "float_timed"):
+            v = getattr(self, k)
+            if v not in ("", None):
+                out[k] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Int8Trial:
+        from .precision import PrecisionCheck
+
+        return cls(PrecisionCheck.from_dict(d["check"]) if d.get("check") else None, d.get("float_precision", "bf16"),
+                   d.get("kept"), d.get("why", ""), d.get("int8_windows_per_s"), d.get("float_windows_per_s"),
+                   d.get("float_timed", ""))
+
+    def describe(self) -> str:
+        other = self.float_precision
+        change = f"{self.check.max_change:.5g}" if self.check is not None else "?"
+        if self.kept and self.float_timed == "not run":
+            return (f"int8 kept: {self.int8_windows_per_s} windows/s, largest probability change {change} against "
+                    f"fp32 ({other} not run: on a CPU with AVX-512 BF16 and no AMX int8 runs about twice as fast).")
+        if self.kept:
+            where = " in its check" if self.float_timed == "check" else ""
+            return (f"int8 kept: {self.int8_windows_per_s} windows/s against {other}'s {self.float_windows_per_s}"
+                    f"{where}, largest probability change {change} against fp32.")
+        if self.kept is False:
+            return f"int8 tried, {other} kept: {self.why}"
+        return ""
+
+
+def describe_tuning(batching: Batching | None, int8_trial: Int8Trial | None) -> list[str]:
     """A run's batching and int8 trial (as :class:`~napari_bcd.engine.RunRecord` keeps them) in sentences."""
-    out = []
-    if batching:
-        rates = ", ".join(f"{k.replace('x', ' x ')} threads {v}/s" for k, v in batching["windows_per_s"].items())
-        how = "chosen by timing" if batching["chosen_by_timing"] else "while timing (the run ended first)"
-        out.append(f"batch {batching['batch']} on {batching['threads']} threads, {how} ({rates}).")
-    if int8_trial:
-        other = int8_trial.get("float_precision", "bf16")
-        if int8_trial.get("kept") and int8_trial.get("float_timed") == "not run":
-            out.append(f"int8 kept: {int8_trial['int8_windows_per_s']} windows/s, largest probability change "
-                       f"{int8_trial['check']['max_change']} against fp32 ({other} not run: on a CPU with AVX-512 "
-                       f"BF16 and no AMX int8 runs about twice as fast).")
-        elif int8_trial.get("kept"):
-            where = " in its check" if int8_trial.get("float_timed") == "check" else ""
-            out.append(f"int8 kept: {int8_trial['int8_windows_per_s']} windows/s against {other}'s "
-                       f"{int8_trial['float_windows_per_s']}{where}, largest probability change "
-                       f"{int8_trial['check']['max_change']} against fp32.")
-        elif int8_trial.get("kept") is False:
-            out.append(f"int8 tried, {other} kept: {int8_trial['why']}")
-    return out
+    out = [batching.describe()] if batching is not None else []
+    text = int8_trial.describe() if int8_trial is not None else ""
+    return [*out, text] if text else out
