@@ -281,3 +281,27 @@ def test_the_training_record_is_typed_and_keeps_unknown_keys() -> None:
     child = rec.with_retrain({"parent": {"name": "m", "path": "/m.safetensors"}})
     assert child.parent == {"name": "m", "path": "/m.safetensors"} and "retrain" not in rec.to_dict()
     assert ModelCard(classes=BACH_CLASSES).record == TrainingRecord()
+
+
+def test_weights_changed_in_place_with_their_time_restored_are_hashed_again(saved) -> None:
+    """Issue 40: NaN written into the head in place, the modification time put back as it was: the inode change
+    time still moved, so the checkpoint is verified again and refused, never trusted from the record."""
+    import json
+    import os
+
+    _, path = saved
+    old = path.stat().st_mtime_ns - 3_600 * 10**9
+    os.utime(path, ns=(old, old))
+    load_checkpoint(path)  # verified and remembered
+    meta = path.stat()
+    raw = path.read_bytes()  # safetensors: an 8-byte header length, the JSON header, then the tensors' bytes
+    n = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8 : 8 + n])["head.out.bias"]["data_offsets"]
+    with open(path, "r+b") as fh:  # NaN over the bias, in place: same size, same inode
+        fh.seek(8 + n + start)
+        fh.write(np.full((end - start) // 4, np.nan, np.float32).tobytes())
+    os.utime(path, ns=(meta.st_atime_ns, meta.st_mtime_ns))  # the modification time put back
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (meta.st_size, meta.st_mtime_ns, meta.st_ino)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_checkpoint(path)

@@ -144,19 +144,22 @@ def remember_rate(key: str, windows_per_s: float) -> None:
 
 
 def _file_identity(path: Path) -> list[int] | None:
-    """What changes when a file's content is replaced or rewritten: size, modification time (ns), inode, device."""
+    """What changes when a file's content is replaced or rewritten: size, modification time (ns), inode, device
+    and inode change time (ns).  The change time cannot be set back: a file written in place whose modification
+    time was restored afterwards (``touch -r``, ``cp -p``, ``utime``) still shows a new one."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns]
 
 
 def verified_weights(path: str | os.PathLike[str]) -> str | None:
     """The weights hash of a checkpoint file verified before (finite, hashed) and unchanged since, or None.
 
-    Unchanged means the same size, modification time, inode and device, the way git's index trusts a file
-    it has hashed; anything else (rewritten, replaced, copied, touched) is hashed again.  As in git, a file
+    Unchanged means the same size, modification time, inode, device and inode change time, the way git's index
+    trusts a file it has hashed; anything else (rewritten, replaced, copied, touched, its time restored) is hashed
+    again.  As in git, a file
     modified less than :data:`_RACY_S` before it was verified is not remembered: a file system stamps times
     at its clock's tick, and a rewrite within the same tick would keep the time.
     """
