@@ -190,3 +190,26 @@ def test_a_bogus_cluster_address_is_named() -> None:
         connect("nonsense")
     with pytest.raises(BcdError, match="local:N needs a number"):
         connect("local:x")
+
+
+def test_its_own_outputs_are_never_taken_for_slides(tiny_checkpoint, tmp_path: Path) -> None:
+    """Issue 40: a folder classified into itself, then classified again, does not classify the label maps; one
+    named on the command line (or renamed) is refused in a sentence."""
+    import shutil
+
+    from napari_bcd.cli import main
+    from napari_bcd.errors import SlideError
+    from napari_bcd.io import open_slide
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(SAMPLE_SLIDE, folder / "a.svs")
+    args = ["--model", str(tiny_checkpoint), "--precision", "fp32"]
+    assert main(["classify", str(folder), "--out", str(folder), *args]) == 0
+    labels = folder / "a.labels.tif"
+    assert labels.is_file()
+    assert main(["classify", str(folder), "--out", str(folder), *args]) == 0  # skipped: only a.svs is a slide
+    assert not (folder / "a.labels.labels.tif").exists()
+    renamed = shutil.copy(labels, tmp_path / "copy.tif")
+    with pytest.raises(SlideError, match="a map napari-bcd wrote"):
+        open_slide(renamed)

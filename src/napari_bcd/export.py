@@ -20,6 +20,7 @@ from .annotations import Annotation, write_geojson
 from .classes import canonical_class, class_styles
 from .done import DONE_SUFFIX, WRITING_SUFFIX, outputs_complete, slide_lock
 from .engine import ClassMap
+from .io.formats import LABELS_SUFFIX, PROBABILITIES_SUFFIX
 from .summary import Summary, summarize
 
 __all__ = [
@@ -250,9 +251,9 @@ class Output:
 
 
 OUTPUTS: tuple[Output, ...] = (
-    Output("labels", ".labels.tif", "Label TIFF",
+    Output("labels", LABELS_SUFFIX, "Label TIFF",
            lambda cm, s, p: write_label_tiff(cm, p, overwrite=True)),
-    Output("probabilities", ".probabilities.tif", "Probabilities TIFF",
+    Output("probabilities", PROBABILITIES_SUFFIX, "Probabilities TIFF",
            lambda cm, s, p: write_probabilities(cm, p, overwrite=True)),
     Output("summary_json", ".summary.json", "Summary JSON", _write_summary_json),
     Output("summary_csv", ".summary.csv", "CSV summary", _write_summary_csv),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["OPENSLIDE_ONLY", "PLAIN_SUFFIXES", "SLIDE_SUFFIXES", "TIFF_SUFFIXES", "is_slide_folder", "slides_in"]
+__all__ = ["LABELS_SUFFIX", "OPENSLIDE_ONLY", "OUTPUT_SUFFIXES", "PLAIN_SUFFIXES", "PROBABILITIES_SUFFIX",
+           "SLIDE_SUFFIXES", "TIFF_SUFFIXES", "is_our_output", "is_slide_folder", "slides_in"]
 
 #: TIFF-based slides tifffile reads (Aperio, Hamamatsu NDPI, OME-TIFF, generic pyramids, BigTIFF).
 TIFF_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".btf", ".tf2", ".tf8")
@@ -18,6 +19,27 @@ OPENSLIDE_ONLY = {
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 #: What a folder of slides is searched for (DICOM instances make their folder one slide instead).
 SLIDE_SUFFIXES = (*TIFF_SUFFIXES, *(s for s in OPENSLIDE_ONLY if s != ".dcm"))
+#: napari-bcd's own TIFF outputs (:data:`napari_bcd.export.OUTPUTS` names them so): never slides.
+LABELS_SUFFIX = ".labels.tif"
+PROBABILITIES_SUFFIX = ".probabilities.tif"
+OUTPUT_SUFFIXES = (LABELS_SUFFIX, PROBABILITIES_SUFFIX)
+
+
+def is_our_output(path: Path) -> bool:
+    """Whether a TIFF is one napari-bcd wrote (a label map or probabilities): by its name, or by the description
+    napari-bcd writes into it, so a renamed one is known too."""
+    if path.name.lower().endswith(OUTPUT_SUFFIXES):
+        return True
+    if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
+        return False
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            desc = tif.pages[0].description or ""
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: whoever opens it says why
+        return False
+    return desc.lstrip().startswith("{") and '"napari_bcd": true' in desc
 
 
 def is_slide_folder(folder: Path) -> bool:
@@ -36,7 +58,8 @@ def slides_in(folder: Path, recursive: bool = False) -> list[Path]:
     pattern = folder.rglob("*") if recursive else folder.iterdir()
     found = []
     for p in sorted(pattern):
-        slide_file = p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
+        slide_file = (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
+                      and not p.name.lower().endswith(OUTPUT_SUFFIXES))  # a classify output beside its slides
         slide_folder = p.is_dir() and (recursive or p.suffix.lower() == ".zarr") and is_slide_folder(p)
         if slide_file or slide_folder:
             found.append(p)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import SlideError
 from ..geometry import as_pair
-from .formats import OPENSLIDE_ONLY, PLAIN_SUFFIXES
+from .formats import OPENSLIDE_ONLY, PLAIN_SUFFIXES, is_our_output
 from .slide import Slide
 
 __all__ = ["open_slide"]
@@ -79,6 +79,9 @@ def open_slide(
         with open(p, "rb") as fh:
             magic = fh.read(4)
         if magic[:2] in (b"II", b"MM"):
+            if is_our_output(p):
+                raise SlideError(f"{p.name} is a map napari-bcd wrote (labels or probabilities), not a slide: "
+                                 "classify the slide it was made from.")
             try:
                 from .tiff import open_tiff
 
