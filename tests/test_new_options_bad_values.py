@@ -105,3 +105,20 @@ def test_bad_decisions_and_training_options(tiny_checkpoint: Path, tmp_path: Pat
     assert "unrecognized arguments: --finetune-last-stage" in err
     err = _fails(["train", str(root), "--out", str(tmp_path / "m"), "--no-groups", "--group-pattern", "(x)"], capsys)
     assert "--no-groups" in err and not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_retrain_without_bound_is_refused_at_once(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """Issue 40: ``retrain --steps 1e20`` (or its whole-number spelling) is refused before any work, naming the
+    bound; the settings object refuses it too."""
+    from napari_bcd.errors import BcdError
+    from napari_bcd.review import RetrainSettings
+
+    base = ["retrain", str(tiny_checkpoint), "--corrections", str(tmp_path / "c.geojson"), "--slide",
+            str(tmp_path / "s.svs")]
+    for steps in ("1e20", str(10**20), "0", "-3"):
+        err = _fails([*base, "--steps", steps], capsys)
+        assert "--steps" in err and ("whole number" in err or "at most 100000" in err or "at least 1" in err), err
+    with pytest.raises(BcdError, match="steps is at most 100,000"):
+        RetrainSettings(steps=10**20)
+    with pytest.raises(BcdError, match="views must be 1, 2, 4 or 8"):
+        RetrainSettings(views=3)

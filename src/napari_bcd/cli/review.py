@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from .._progress import drive
-from .options import COUNT, POSITIVE, check_out_dir, check_out_file
+from ..review.retrain_settings import RetrainSettings
+from .options import POSITIVE, check_out_dir, check_out_file, number
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GeoJSON (QuPath, or the dock's export) of polygons classified with the right class")
     p.add_argument("--slide", required=True, help="the slide the corrections are on")
     p.add_argument("--out", help="the new checkpoint (default: <checkpoint>-rN.safetensors; never replaces a file)")
-    p.add_argument("--weight", type=POSITIVE, default=4.0,
+    p.add_argument("--weight", type=POSITIVE, default=RetrainSettings.weight,
                    help="how many training images each corrected cell counts as")
-    p.add_argument("--steps", type=COUNT, default=300, help="optimiser steps")
+    p.add_argument("--steps", type=number(int, 1, RetrainSettings.MAX_STEPS, low_open=False),
+                   default=RetrainSettings.steps, help=f"optimiser steps (at most {RetrainSettings.MAX_STEPS:,})")
     p.add_argument("--data", help="the model's training images (default: where its card says; 'none' for none)")
     p.add_argument("--map", metavar="SUMMARY", help="the corrected map's summary JSON (classify's "
                    "<slide>.summary.json): its run's settings (overlap, pixel size, tissue, stain, refine, precision) "
