@@ -194,3 +194,37 @@ def test_bad_training_input(tmp_path: Path) -> None:
                           input_px=(64, 64), split=tmp_path / "split.txt"))
     with pytest.raises(DatasetError, match="epochs"):
         run(iter_finetune(ds, out=tmp_path / "x", epochs=0))
+
+
+def test_the_feature_cache_is_trusted_only_for_what_it_says(tmp_path: Path) -> None:
+    """Issue 40: cached features carry the key they were made for and a checksum; an entry swapped with another
+    image's, bit-flipped, or holding NaN is computed again, never trained on: the model is the same as from a
+    clean cache."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from napari_bcd.config import cache_dir
+
+    ds = read_iciar(_two_kinds(tmp_path / "ds", n=4))
+    kw = {"backbone": "timm:resnet18", "backbone_weights": None, "input_px": (64, 64), "field_um": (50.0, 50.0),
+          "feature_precision": "fp32"}
+    _, clean = run(iter_finetune(ds, out=tmp_path / "clean.safetensors", **kw))
+    entries = sorted((cache_dir() / "features").glob("*/*.safetensors"))
+    assert len(entries) == len(ds)
+    a, b, c = entries[0], entries[1], entries[2]
+    shutil.copy(a, tmp_path / "a")
+    shutil.copy(b, a)  # swapped: b's features under a's key
+    shutil.copy(tmp_path / "a", b)
+    raw = bytearray(c.read_bytes())
+    raw[-7] ^= 0x10  # a flipped bit in the features
+    c.write_bytes(bytes(raw))
+    d = entries[3]
+    state = load_file(d)
+    save_file({"features": state["features"] * float("nan")}, d)  # NaN, and no key or checksum
+    items, again = run(iter_finetune(ds, out=tmp_path / "again.safetensors", **kw))
+    feats = [i for i in items if isinstance(i, FeatureProgress)][-1]
+    assert feats.cached == len(ds) - 4  # the four entries that did not check out were computed again
+    w1, w2 = load_file(clean.checkpoint), load_file(again.checkpoint)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the same model as from a clean cache

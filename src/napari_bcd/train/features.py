@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,6 +57,30 @@ def dihedral(img: np.ndarray, t: int) -> np.ndarray:
 
 def _image_key(dataset: Dataset, i: int) -> str:
     return file_digest(dataset.paths[i])
+
+
+def _entry_metadata(key: str, views: torch.Tensor) -> dict[str, str]:
+    """What a cache entry says of itself: the key it was made for (backbone, input, format, image) and the SHA-256
+    of its features' bytes."""
+    return {"key": key, "sha256": hashlib.sha256(views.contiguous().numpy().tobytes()).hexdigest()}
+
+
+def _read_entry(path: Path, key: str) -> torch.Tensor | None:
+    """A cache entry's features when they are what they say (made for ``key``, unaltered, finite), else None."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            views = f.get_tensor("features")
+    except Exception:  # noqa: BLE001 - a damaged entry is recomputed
+        return None
+    if meta.get("key") != key or meta.get("sha256") != _entry_metadata(key, views)["sha256"]:
+        return None  # another image's entry, an older version's unchecked one, or altered bytes
+    if not bool(torch.isfinite(views).all()):
+        return None
+    return views
 
 
 def hed_jitter(rgb: np.ndarray, seed: int, amount: float = 0.2, shift: float = 0.01) -> np.ndarray:
@@ -136,7 +161,7 @@ def _feature_bank_in(model, dataset: Dataset, needed: list[int], T: int, images_
     import contextlib
 
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from ..config import cache_dir
 
@@ -159,21 +184,24 @@ def _feature_bank_in(model, dataset: Dataset, needed: list[int], T: int, images_
     if (yield FeatureProgress(0, len(needed), 0)) == STOP:
         return None
     todo: list[int] = []
+    bad = 0
     for i in needed:
         keys[i] = _image_key(dataset, i)
         f = cdir / f"{keys[i]}.safetensors"
         if cache and f.is_file():
-            try:
-                views = load_file(str(f))["features"]
-            except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+            views = _read_entry(f, f"{cdir.name}/{keys[i]}")
+            if views is None:  # damaged, swapped, altered or not finite: recomputed, never trained on
+                bad += 1
                 f.unlink(missing_ok=True)
-                views = None
             # An entry holds the first k views; the identity view alone serves a run without flips.
-            if views is not None and views.shape[0] >= T:
+            elif views.shape[0] >= T:
                 feats[i] = views[:T].clone()
                 cached_n += 1
                 continue
         todo.append(i)
+    if bad:
+        log.warning("%d cached feature entr%s did not check out (altered, swapped or not finite): computed again",
+                    bad, "y" if bad == 1 else "ies")
     done = cached_n
     if (yield FeatureProgress(done, len(needed), cached_n)) == STOP:
         return None
@@ -186,11 +214,18 @@ def _feature_bank_in(model, dataset: Dataset, needed: list[int], T: int, images_
             with autocast():
                 out_f = model.backbone(x)
             out_f = out_f.to("cpu", torch.float16)
+        if not bool(torch.isfinite(out_f).all()):
+            from ..errors import DatasetError
+
+            raise DatasetError(f"The backbone gave NaN or infinite features for {dataset.paths[chunk[0]].name} (or "
+                               "its batch): its weights are damaged or the format overflows. Train with "
+                               "--feature-precision fp32, or check the backbone weights.")
         for j, i in enumerate(chunk):
             feats[i] = out_f[j * T : (j + 1) * T].clone(memory_format=torch.contiguous_format)
             if cache:
                 tmp = cdir / f".{keys[i]}.{os.getpid()}.tmp"
-                save_file({"features": feats[i]}, str(tmp))
+                save_file({"features": feats[i]}, str(tmp), metadata=_entry_metadata(f"{cdir.name}/{keys[i]}",
+                                                                                    feats[i]))
                 os.replace(tmp, cdir / f"{keys[i]}.safetensors")
         done += len(chunk)
         if (yield FeatureProgress(done, len(needed), cached_n)) == STOP:
