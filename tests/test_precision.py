@@ -188,7 +188,7 @@ def test_the_batch_tuner_times_each_candidate_then_keeps_the_fastest() -> None:
         many.record((b, 8), 16, 16 / rate)
     assert not many.done and many.chosen == (8, 4)
     many.record((8, 4), 16, 1.0)
-    assert many.done and many.chosen == (8, 4) and many.to_dict()["windows_per_s"]["8x4"] == 16.0
+    assert many.done and many.chosen == (8, 4) and many.record_of().windows_per_s["8x4"] == 16.0
 
 
 def test_the_batch_tuner_computes_every_window_once_and_times_only_full_candidates() -> None:
@@ -201,7 +201,7 @@ def test_the_batch_tuner_computes_every_window_once_and_times_only_full_candidat
     chunks.clear()
     t.run(5, lambda a, b: chunks.append((a, b)), threads.append)  # shorter than the next candidate (8): not timed
     assert chunks == [(0, 5)] and list(t.rates) == [(4, 2)]
-    text = describe_tuning(t.to_dict(), None)[0]
+    text = describe_tuning(t.record_of(), None)[0]
     assert text.startswith("batch 8 on 2 threads, while timing") and "4 x 2 threads" in text
 
 
