@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._fileio import printable
 from .errors import BcdError
+from .geometry import pixel_size
 from .io.formats import SLIDE_SUFFIXES, slides_in
 from .settings import ClassifySettings
 
@@ -93,11 +94,10 @@ def read_manifest(path: str | os.PathLike[str]) -> list[CohortItem]:
         mpp = None
         if row.get("mpp"):
             try:
-                mpp = float(row["mpp"])
+                value: object = float(row["mpp"])
             except ValueError:
-                mpp = -1.0
-            if not 0 < mpp < 1000:
-                raise BcdError(f"{p}, line {n}: mpp must be a positive number of µm per pixel, got {row['mpp']!r}.")
+                value = row["mpp"]
+            mpp = pixel_size(value, f"{p}, line {n}: mpp")[0]
         items.append(CohortItem(str(slide), mpp, ident))
     return items
 

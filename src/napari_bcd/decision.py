@@ -146,6 +146,36 @@ class DecisionRule:
     def replace(self, **changes: Any) -> DecisionRule:
         return dataclasses.replace(self, **changes)
 
+    def margins(self, probs: np.ndarray, covered: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """How far each covered cell's probabilities are from a change of its label under this rule, and the labels
+        (what adaptive overlap refines: :mod:`napari_bcd.engine.refine`).
+
+        The default rule (the most probable class) changes where the two most probable classes swap: the margin is
+        their gap.  With per-class thresholds the label also changes where a thresholded class crosses its
+        threshold, and among the classes without one where the two most probable swap; with ``min_confidence``
+        where the confidence crosses it.  The margin is the smallest of those distances.  ``probs`` is
+        ``rows x cols x classes`` (NaN where not covered).
+        """
+        p = np.where(covered[..., None], np.nan_to_num(probs, nan=0.0), 0.0)
+        names = tuple(classes)
+        free = [i for i, name in enumerate(names) if name not in self.thresholds]
+        margin = np.full(covered.shape, np.inf)
+        if len(free) >= 2 or not self.thresholds:
+            q = p[..., free] if len(free) >= 2 else p
+            top2 = np.sort(q, axis=-1)[..., -2:] if q.shape[-1] > 1 else np.concatenate([np.zeros_like(q), q], -1)
+            margin = top2[..., 1] - top2[..., 0]
+        for i, name in enumerate(names):
+            if name in self.thresholds:
+                margin = np.minimum(margin, np.abs(p[..., i] - self.thresholds[name]))
+        if self.min_confidence > 0:
+            confidence = 1.0 - uncertainty(p, self.measure)
+            margin = np.minimum(margin, np.abs(np.nan_to_num(confidence, nan=0.0) - self.min_confidence))
+        if not self.thresholds:
+            labels = np.where(covered, p.argmax(-1) + 1, 0)
+        else:
+            labels = decide(probs, covered, names, self.replace(min_confidence=0.0, min_quality=0.0))[0]
+        return margin, labels
+
     def to_dict(self) -> dict:
         return {"thresholds": dict(self.thresholds), "min_confidence": self.min_confidence,
                 "measure": self.measure, "min_quality": self.min_quality}

@@ -71,8 +71,8 @@ def run_demo(
     model: str | None = None,
     headless: bool = False,
     out: str | None = None,
-    device: str = "auto",
-    stride: float = 1.0,
+    device: str | None = None,
+    stride: float | None = None,
     mpp: float | None = None,
 ) -> int:
     """Run the demo; returns a process exit status.  ``mpp`` states the pixel size of a slide that lacks it."""
@@ -111,8 +111,10 @@ def run_demo(
         class_map = summary = None
         if classifier is not None:
             from ._progress import drive
+            from .settings import ClassifySettings
 
-            class_map = drive(iter_classify(slide, classifier, device=device, stride=stride), slide.name, "win")
+            run = ClassifySettings(**{k: v for k, v in (("device", device), ("stride", stride)) if v is not None})
+            class_map = drive(iter_classify(slide, classifier, run), slide.name, "win")
             summary = summarize(class_map)
             paths = write_outputs(class_map, out_dir, overwrite=True, summary=summary)
             print(summary.table())

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import BcdError
-from .geometry import as_pair
+from .geometry import as_pair, pixel_size
 
 if TYPE_CHECKING:
     from .decision import DecisionRule
     from .tissue import TissueParams
 
-__all__ = ["FEATURE_PRECISIONS", "GROUP_KINDS", "MIN_TISSUE", "PRECISIONS", "STAIN_NORMALIZATIONS", "TISSUE_THRESHOLD",
-           "TRAIN_PROTOCOLS", "VALIDATIONS", "ClassifySettings", "TrainSettings"]
+__all__ = ["DECODE_MODES", "DEVICES", "FEATURE_PRECISIONS", "GROUP_KINDS", "MIN_TISSUE", "PRECISIONS",
+           "STAIN_NORMALIZATIONS", "TISSUE_THRESHOLD", "TRAIN_PROTOCOLS", "VALIDATIONS", "ClassifySettings",
+           "TrainSettings"]
 
 #: A window is classified when at least this share of it is tissue.
 MIN_TISSUE = 0.25
@@ -30,6 +31,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 STAIN_NORMALIZATIONS = ("none", "macenko", "vahadane")
 #: Where JPEG tiles are decoded (:mod:`napari_bcd.io.device_decode`).
 DECODE_MODES = ("auto", "cpu", "device")
+#: Where a model runs (*auto*: a CUDA GPU, else Apple's MPS, else the CPU; ``"cuda:1"`` names a GPU).
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 #: Field metadata of a setting that changes only how fast a run is, never its outputs.
@@ -130,9 +133,7 @@ class ClassifySettings:
         if problems:
             raise BcdError("; ".join(problems) + ".")
         if self.mpp is not None:
-            given = as_pair(self.mpp)
-            if not all(math.isfinite(v) and v > 0 for v in given):
-                raise BcdError(f"The pixel size must be a positive number of µm, got {self.mpp}.")
+            pixel_size(self.mpp)
 
     @property
     def tissue(self) -> TissueParams:

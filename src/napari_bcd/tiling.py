@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import BcdError
-from .geometry import as_pair
+from .geometry import as_pair, pixel_size
 
 __all__ = ["Grid", "grid_for", "make_grid", "slide_mpp"]
 
@@ -213,7 +213,7 @@ def make_grid(
 def slide_mpp(slide, mpp: float | tuple[float, float] | None = None) -> tuple[float, float]:
     """Level-0 µm/px ``(y, x)``: the one given, else the slide's own; the one message when neither is known."""
     if mpp is not None:
-        return as_pair(mpp)
+        return pixel_size(mpp)
     if slide.mpp is not None:
         return tuple(slide.mpp)  # type: ignore[return-value]
     raise BcdError(

@@ -7,11 +7,13 @@ from typing import Any
 
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox
 
+from ..settings import DEVICES, STAIN_NORMALIZATIONS, ClassifySettings
 from ._layout import Section
 
 #: Overlap choices: (stride as a fraction of the field, adaptive refinement).
 OVERLAP = {"none": (1.0, False), "50 %": (0.5, False), "75 %": (0.25, False), "75 % where in doubt": (0.25, True)}
 STAIN = {"as scanned": "none", "normalise (Macenko)": "macenko", "normalise (Vahadane)": "vahadane"}
+assert set(STAIN.values()) == set(STAIN_NORMALIZATIONS), "a stain normalisation without words in the dock"
 
 
 class RunSettings:
@@ -22,10 +24,11 @@ class RunSettings:
                                 tooltip="more overlap: finer cells, longer runs; 'where in doubt' overlaps only where "
                                         "neighbouring cells disagree or the top two classes are close (a fraction of "
                                         "the windows)")
-        self.tissue = FloatSpinBox(label="tissue threshold", value=0.1, min=0.0, max=1.0, step=0.01)
+        self.tissue = FloatSpinBox(label="tissue threshold", value=ClassifySettings.tissue_threshold, min=0.0,
+                                   max=1.0, step=0.01)
         self.stain = ComboBox(label="stain", choices=list(STAIN), value="as scanned",
                               tooltip="normalise every window to the stain of the model's training images")
-        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.device = ComboBox(label="device", choices=list(DEVICES), value=ClassifySettings.device)
         self.batch = FloatSpinBox(label="batch size", value=0, min=0, max=1024, step=1)
         self.batch.native.setDecimals(0)
         self.batch.native.setSpecialValueText("auto")  # 0 reads "auto"
@@ -38,9 +41,7 @@ class RunSettings:
         for w in (self.overlap, self.tissue, self.device):
             w.changed.connect(on_change)
 
-    def settings(self, mpp: Any) -> Any:
-        from ..settings import ClassifySettings
-
+    def settings(self, mpp: Any) -> ClassifySettings:
         stride, refine = OVERLAP[self.overlap.value]
         return ClassifySettings(stride=stride, refine=refine, tissue_threshold=self.tissue.value, mpp=mpp,
                                 batch_size=int(self.batch.value) or None, device=self.device.value,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .._progress import progress_bar
+from ..settings import ClassifySettings
 from .options import POSITIVE, add_classify_options, check_out_dir, settings_from
 
 
@@ -32,8 +33,9 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="checkpoint (default: the last trained/chosen model, or $NAPARI_BCD_MODEL)")
     p.add_argument("--headless", action="store_true", help="no window: write the outputs and a screenshot")
     p.add_argument("--out", default="napari-bcd-demo", help="output folder for --headless")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--stride", type=POSITIVE, default=1.0, help="window step as a fraction of the field")
+    p.add_argument("--device", default=ClassifySettings.device)
+    p.add_argument("--stride", type=POSITIVE, default=ClassifySettings.stride,
+                   help="window step as a fraction of the field")
     p.add_argument("--mpp", type=POSITIVE, help="µm per pixel of level 0, for a slide that does not say")
     p.set_defaults(func=_cmd_demo)
 

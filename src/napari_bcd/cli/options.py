@@ -136,9 +136,16 @@ def add_decision_options(p: argparse.ArgumentParser) -> None:
 
 def add_classify_options(p: argparse.ArgumentParser) -> None:
     """How a classification runs (:class:`~napari_bcd.settings.ClassifySettings`), for classify and demo."""
-    from ..settings import DECODE_MODES, MIN_TISSUE, PRECISIONS, STAIN_NORMALIZATIONS, TISSUE_THRESHOLD
+    from ..settings import (
+        DECODE_MODES,
+        MIN_TISSUE,
+        PRECISIONS,
+        STAIN_NORMALIZATIONS,
+        TISSUE_THRESHOLD,
+        ClassifySettings,
+    )
 
-    p.add_argument("--stride", type=POSITIVE, default=1.0,
+    p.add_argument("--stride", type=POSITIVE, default=ClassifySettings.stride,
                    help="window step as a fraction of the field (0.5 = overlap)")
     p.add_argument("--stride-um", type=POSITIVE, help="window step in µm (overrides --stride)")
     p.add_argument("--refine", action="store_true",

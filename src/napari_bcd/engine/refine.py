@@ -74,37 +74,12 @@ def lattice(n_windows: tuple[int, int], spacing: tuple[int, int]) -> np.ndarray:
 
 def decision_margin(probs: np.ndarray, seen: np.ndarray, rule: Any = None,
                     classes: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """How far each seen cell's probabilities are from a change of its label under ``rule``, and the labels.
+    """How far each seen cell's probabilities are from a change of its label under ``rule`` (None: the most
+    probable class), and the labels: the rule's own :meth:`~napari_bcd.decision.DecisionRule.margins`."""
+    from ..decision import DecisionRule
 
-    The default rule (the most probable class) changes where the two most probable classes swap: the margin is
-    their gap.  With per-class thresholds (:class:`~napari_bcd.decision.DecisionRule`) the label also changes
-    where a thresholded class crosses its threshold, and among the classes without one where the two most
-    probable swap; with ``min_confidence`` where the confidence crosses it.  The margin is the smallest of
-    those distances.  ``probs`` is ``rows x cols x classes`` (NaN where unseen).
-    """
-    from ..decision import decide, uncertainty
-
-    p = np.where(seen[..., None], np.nan_to_num(probs, nan=0.0), 0.0)
-    n = p.shape[-1]
-    thresholds = dict(rule.thresholds) if rule is not None else {}
-    names = tuple(classes) if classes is not None else tuple(str(i) for i in range(n))
-    free = [i for i, name in enumerate(names) if name not in thresholds]
-    margin = np.full(seen.shape, np.inf)
-    if len(free) >= 2 or not thresholds:
-        q = p[..., free] if len(free) >= 2 else p
-        top2 = np.sort(q, axis=-1)[..., -2:] if q.shape[-1] > 1 else np.concatenate([np.zeros_like(q), q], -1)
-        margin = top2[..., 1] - top2[..., 0]
-    for i, name in enumerate(names):
-        if name in thresholds:
-            margin = np.minimum(margin, np.abs(p[..., i] - thresholds[name]))
-    if rule is not None and rule.min_confidence > 0:
-        confidence = 1.0 - uncertainty(p, rule.measure)
-        margin = np.minimum(margin, np.abs(np.nan_to_num(confidence, nan=0.0) - rule.min_confidence))
-    if rule is None or not thresholds:
-        labels = np.where(seen, p.argmax(-1) + 1, 0)
-    else:
-        labels = decide(probs, seen, names, rule.replace(min_confidence=0.0, min_quality=0.0))[0]
-    return margin, labels
+    names = tuple(classes) if classes is not None else tuple(str(i) for i in range(probs.shape[-1]))
+    return (rule if rule is not None else DecisionRule()).margins(probs, seen, names)
 
 
 def in_doubt(probs: np.ndarray, counts: np.ndarray, reachable: np.ndarray, margin: float = REFINE_MARGIN,

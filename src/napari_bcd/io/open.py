@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
-from ..errors import SlideError
-from ..geometry import as_pair
+from ..errors import BcdError, SlideError
+from ..geometry import pixel_size
 from .formats import OPENSLIDE_ONLY, PLAIN_SUFFIXES, is_our_output
 from .slide import Slide
 
@@ -101,9 +100,10 @@ def open_slide(
                 "VMS, DICOM, PNG, JPEG). If it is another format (iSyntax, CZI), convert it to OME-TIFF first."
             )
     if mpp is not None:
-        given = as_pair(mpp)
-        if not all(math.isfinite(v) and v > 0 for v in given):
-            raise SlideError(f"The pixel size must be a positive number of µm, got {mpp}.")
+        try:
+            given = pixel_size(mpp)
+        except BcdError as err:
+            raise SlideError(str(err)) from None
         if slide.mpp is not None:
             ratio = given[1] / slide.mpp[1]
             if not 0.5 <= ratio <= 2:
