@@ -135,10 +135,10 @@ def test_features_are_cached_apart_by_precision(tiny_model, tmp_path: Path) -> N
 def test_the_real_resnet152v2_passes_the_check_on_real_he(monkeypatch) -> None:
     import torch
 
-    from napari_bcd.model import build_classifier, inference
+    from napari_bcd.model import build_classifier, policy
     from napari_bcd.model.inference import Predictor
 
-    monkeypatch.setattr(inference, "int8_outruns_bf16", lambda: False)  # both checked, as with AMX
+    monkeypatch.setattr(policy, "int8_outruns_bf16", lambda: False)  # both checked, as with AMX
 
     torch.manual_seed(0)
     model = build_classifier("resnet152v2", classes=BACH_CLASSES,
@@ -150,7 +150,7 @@ def test_the_real_resnet152v2_passes_the_check_on_real_he(monkeypatch) -> None:
     assert p.check.passed, p.check.describe()
     p.begin_run(windows=1000, batch_size=2)  # long enough: int8 is traced, calibrated by the fp32 pass and checked
     p(x)
-    assert set(p._checks) == {"bf16", "int8"} and all(c.passed for c in p._checks.values()), p._checks
+    assert set(p.policy.checks) == {"bf16", "int8"} and all(c.passed for c in p.policy.checks.values()), p.policy.checks
     assert p.int8_trial.kept is (p.precision == "int8") and p.check.fast == p.precision
 
 
@@ -219,16 +219,16 @@ def test_a_tuned_predictor_gives_the_models_probabilities(tiny_model) -> None:
     for _ in range(4):
         np.testing.assert_allclose(p(x), expected, atol=1e-5)
     assert p.tuning.chosen_by_timing and set(p.tuning.windows_per_s) == {"4x2", "8x2", "16x2"} | (
-        set() if p._threads == 2 else set(p.tuning.windows_per_s))
+        set() if p.threads == 2 else set(p.tuning.windows_per_s))
 
 
 @fast_cpu
 def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agrees(tiny_model, monkeypatch) -> None:
     import torch
 
-    from napari_bcd.model import inference
+    from napari_bcd.model import policy
 
-    monkeypatch.setattr(inference, "int8_outruns_bf16", lambda: False)  # as with AMX: both are timed
+    monkeypatch.setattr(policy, "int8_outruns_bf16", lambda: False)  # as with AMX: both are timed
 
     from napari_bcd.model import build_classifier
     from napari_bcd.model.inference import Predictor
@@ -251,33 +251,33 @@ def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agr
     for _ in range(5):
         short(x)
     assert short.int8_trial is None and short.precision == "bf16"  # trying int8 would cost more than it saves
-    assert short._int8_forwards is None  # never quantised
+    assert short.quantised is None  # never quantised
 
     long = Predictor(tiny_model, device="cpu")
     long.begin_run(windows=1_000_000)
     first = long(x)  # fp32 on the check windows (calibrating int8 on the way), then bf16 and int8 on the same
     trial = long.int8_trial
-    assert set(long._checks) == {"bf16", "int8"} and all(c.passed for c in long._checks.values())
+    assert set(long.policy.checks) == {"bf16", "int8"} and all(c.passed for c in long.policy.checks.values())
     assert trial.check.fast == "int8" and trial.float_precision == "bf16" and trial.kept is None
-    assert long.check is long._checks[long.precision]
+    assert long.check is long.policy.checks[long.precision]
     k = CHECK_WINDOWS
     assert np.abs(first[:k] - exact[:k]).max() == pytest.approx(long.check.max_change, rel=1e-4, abs=1e-7)
     for _ in range(8):  # each format that may be faster is timed at 4, 8 and 16 windows, then the faster is kept
         probs = long(x)
     trial = long.int8_trial  # the record as the race ended (a frozen value, replaced as the trial goes)
-    assert trial.kept is not None and not long._racing
+    assert trial.kept is not None and not long.policy.racing
     rates = {"int8": trial.int8_windows_per_s, "bf16": trial.float_windows_per_s}
     assert long.precision == max(rates, key=rates.get) and trial.kept is (long.precision == "int8")
     assert long.check.fast == long.precision and np.abs(probs - exact).max() <= 0.15
     assert long.tuning.chosen_by_timing
 
-    quantised = long._int8_forwards
+    quantised = long.int8_forwards
     for fast in ("int8", "bf16"):  # the next run reuses the quantised backbone: checked at once, never quantised again
         long.begin_run(windows=100, batch_size=16)  # a fixed batch: decided on the check
         assert long.precision == "bf16" and long.int8_trial is None and long.check_pending
         long._rate = lambda fmt, fast=fast: 100.0 if fmt == fast else 1.0  # as if timed so
         long(x)
-        assert long._int8_forwards is quantised and long.precision == fast and long.int8_trial.kept is (
+        assert long.int8_forwards is quantised and long.precision == fast and long.int8_trial.kept is (
             fast == "int8")
         if fast == "bf16":
             assert long.int8_trial.why == "int8 ran 1.0 windows/s, bf16 100.0" and long.check.fast == "bf16"
@@ -286,16 +286,17 @@ def test_auto_checks_int8_beside_bf16_on_long_runs_and_keeps_the_faster_that_agr
 def test_without_amx_bf16_is_only_int8s_fallback(tiny_model, monkeypatch) -> None:
     import torch
 
-    from napari_bcd.model import build_classifier, inference
+    from napari_bcd.model import build_classifier, inference, policy
     from napari_bcd.model.tuning import describe_tuning
 
     monkeypatch.setattr(inference, "bf16_is_fast", lambda device: True)
-    monkeypatch.setattr(inference, "int8_outruns_bf16", lambda: True)  # AVX-512 BF16 without AMX
+    monkeypatch.setattr(policy, "int8_outruns_bf16", lambda: True)  # AVX-512 BF16 without AMX
     # the spread head: int8 calibrated and checked on windows 4-7 moves window 7 by 0.98, so bf16 is checked
     refused = inference.Predictor(tiny_model, device="cpu")
     refused.begin_run(windows=1_000_000)
     refused(_he_windows(20)[4:])
-    assert set(refused._checks) == {"int8", "bf16"} and refused.precision == "bf16" and refused.check.fast == "bf16"
+    assert set(refused.policy.checks) == {"int8", "bf16"}
+    assert refused.precision == "bf16" and refused.check.fast == "bf16"
     assert refused.int8_trial.kept is False and refused.int8_trial.float_precision == "bf16"
 
     torch.manual_seed(0)
@@ -307,13 +308,13 @@ def test_without_amx_bf16_is_only_int8s_fallback(tiny_model, monkeypatch) -> Non
     p.begin_run(windows=1_000_000)
     first = p(x)
     trial = p.int8_trial
-    assert set(p._checks) == {"int8"} and p._checks["int8"].passed  # int8 agreed: bf16 never ran
+    assert set(p.policy.checks) == {"int8"} and p.policy.checks["int8"].passed  # int8 agreed: bf16 never ran
     assert trial.float_precision == "bf16" and trial.kept is None and p.precision == "int8"
     for _ in range(4):  # int8 timed at 4, 8 and 16 windows, then the race ends with nothing to race
         probs = p(x)
     trial = p.int8_trial
     assert trial.kept is True and trial.float_timed == "not run" and trial.float_windows_per_s is None
-    assert trial.int8_windows_per_s > 0 and not p._racing and p.tuning.chosen_by_timing
+    assert trial.int8_windows_per_s > 0 and not p.policy.racing and p.tuning.chosen_by_timing
     assert max(np.abs(first - exact).max(), np.abs(probs - exact).max()) <= 0.15
     text = describe_tuning(None, trial)[0]
     assert text.startswith("int8 kept:") and "bf16 not run" in text
@@ -337,8 +338,8 @@ def test_auto_races_int8_against_fp32_on_a_cpu_without_bf16_units(tiny_model, mo
     p.begin_run(windows=1_000_000, batch_size=16)  # a fixed batch: the race is decided on the check's timings
     probs = p(x)
     trial = p.int8_trial
-    assert set(p._checks) == {"int8"} and trial.float_precision == "fp32" and trial.kept is not None
-    assert p.precision == ("int8" if trial.kept else "fp32") and not p._racing
+    assert set(p.policy.checks) == {"int8"} and trial.float_precision == "fp32" and trial.kept is not None
+    assert p.precision == ("int8" if trial.kept else "fp32") and not p.policy.racing
     assert trial.float_timed == "check"  # a fixed batch: nothing timed in chunks
     if trial.kept:
         assert trial.int8_windows_per_s > trial.float_windows_per_s and p.check.fast == "int8"
@@ -362,8 +363,55 @@ def test_a_backbone_that_cannot_be_traced_keeps_auto_on_its_float_format(tiny_mo
     p.begin_run(windows=1_000_000)
     p(_he_windows(16))
     assert p.int8_trial.kept is False and p.int8_trial.why.startswith("int8 is not available for this backbone")
-    assert p.precision == p._float and p._int8_forwards is False
+    assert p.precision == p.policy.float_format and p.quantised is False
     p.begin_run(windows=1_000_000)
-    assert "int8" not in p._to_check  # never tried again on this predictor
+    assert "int8" not in p.policy.to_check  # never tried again on this predictor
     with pytest.raises(BcdError, match="not available for this backbone"):  # asked for: said, not swallowed
         inference.Predictor(tiny_model, device="cpu", precision="int8")(_he_windows(8))
+
+
+def test_the_precision_policy_through_its_public_methods(monkeypatch) -> None:
+    """The policy alone, no model: a long CPU auto run checks bf16 and int8, races the two that agree, keeps the
+    faster once both are timed, and records the trial; one that disagrees is never raced; nothing agreeing is fp32
+    with the check that says why."""
+    from napari_bcd.model import policy as pol
+    from napari_bcd.model.precision import PrecisionCheck
+
+    monkeypatch.setattr(pol, "int8_outruns_bf16", lambda: False)
+    p = pol.PrecisionPolicy("auto", "bf16", auto_cpu=True)
+    p.begin_run(10_000, int8_usable=True, int8_ready=False)
+    assert p.precision == "bf16" and p.check_pending and p.to_check == ("bf16", "int8")
+    assert p.wants("bf16", int8_ready=False) and not p.wants("int8", int8_ready=False)
+    p.checks = {"bf16": PrecisionCheck("bf16", 4, 1.0, 0.01, 0.15, 1.0, 0.4),
+                "int8": PrecisionCheck("int8", 4, 1.0, 0.02, 0.15, 1.0, 0.2)}
+    timed: set[str] = set()
+    rates = {"bf16": 10.0, "int8": 20.0}
+    kept = p.checked(1.0, 4, lambda f: p.racing[f] if f not in timed else rates[f], timing=True,
+                     timed=lambda f: f in timed)
+    assert kept == "int8" and set(p.racing) == {"bf16", "int8"} and p.int8_trial.kept is None
+    timed.add("int8")  # the tuner timed int8, still the fastest: the race ends
+
+    def rate(f: str) -> float:
+        return rates[f] if f in timed else p.racing[f]
+
+    assert p.settle(rate, timing=True, timed=lambda f: f in timed) == "int8"
+    assert p.int8_trial.kept is True and p.int8_trial.int8_windows_per_s == 20.0 and not p.racing
+    assert p.check.fast == "int8"
+    # int8 beyond the tolerance: recorded, never raced
+    q = pol.PrecisionPolicy("auto", "bf16", auto_cpu=True)
+    q.begin_run(10_000, int8_usable=True, int8_ready=True)
+    q.checks = {"bf16": PrecisionCheck("bf16", 4, 1.0, 0.01, 0.15, 1.0, 0.4),
+                "int8": PrecisionCheck("int8", 4, 0.5, 0.6, 0.15, 1.0, 0.2)}
+    assert q.checked(1.0, 4, lambda f: q.racing[f], timing=False) == "bf16"
+    assert q.int8_trial.kept is False and "beyond the tolerance" in q.int8_trial.why
+    # nothing agrees: fp32, and the check that says why
+    r = pol.PrecisionPolicy("auto", "bf16", auto_cpu=True)
+    r.begin_run(10, int8_usable=True, int8_ready=False)
+    assert r.to_check == ("bf16",)  # a short run: int8 would cost more than it saves
+    r.checks = {"bf16": PrecisionCheck("bf16", 4, 0.5, 0.5, 0.15, 1.0, 0.4)}
+    assert r.checked(1.0, 4, lambda f: r.racing[f], timing=False) == "fp32" and not r.check.passed
+    # asked for int8 and it cannot be made: the caller raises; under auto the trial records why
+    assert not pol.PrecisionPolicy("int8", "bf16", auto_cpu=False).int8_refused("no x86 engine")
+    s = pol.PrecisionPolicy("auto", "bf16", auto_cpu=True)
+    assert s.int8_refused("no x86 engine") and s.int8_trial.why == "no x86 engine"
+    assert set(pol.FORMATS) == {"fp32", "bf16", "fp16", "int8"} and pol.FORMATS["fp32"].exact

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from contextlib import nullcontext
 
@@ -11,16 +10,10 @@ import torch
 
 from ..errors import BcdError
 from .classifier import Classifier
-from .precision import (
-    PRECISION_TOLERANCE,
-    PrecisionCheck,
-    agreement,
-    bf16_is_fast,
-    cpu_features,
-    int8_available,
-    int8_outruns_bf16,
-)
-from .tuning import TUNE_BATCHES, Batching, BatchTuner, Int8Trial, int8_pays
+from .device import _same_device, choose_device
+from .policy import FORMATS, PrecisionPolicy
+from .precision import PRECISION_TOLERANCE, PrecisionCheck, agreement, bf16_is_fast, cpu_features, int8_available
+from .tuning import TUNE_BATCHES, Batching, BatchTuner, Int8Trial
 
 __all__ = ["PendingProbabilities", "Predictor", "choose_device"]
 
@@ -33,47 +26,6 @@ log = logging.getLogger(__name__)
 #: far inside :data:`~.precision.PRECISION_TOLERANCE`; the 4 fp32 windows fewer save 1.4 s of every
 #: stride-0.5 run of the bundled slide (15.9 s against 14.5 s).
 CHECK_WINDOWS = 4
-
-
-def choose_device(preference: str | torch.device | None = None) -> torch.device:
-    """Pick the device: cuda > mps > cpu, unless one is asked for.
-
-    Parameters
-    ----------
-    preference
-        None or ``"auto"`` to choose; otherwise ``"cpu"``, ``"cuda"``,
-        ``"cuda:1"``, ``"mps"``...
-
-    Raises
-    ------
-    BcdError
-        When the requested device is not available here.
-    """
-    if preference is None or str(preference) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(preference)
-    except RuntimeError as err:
-        raise BcdError(f"{preference!r} is not a device; use auto, cpu, cuda or mps.") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BcdError("CUDA was asked for but no CUDA GPU is available here; use --device cpu or auto.")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise BcdError("MPS was asked for but is not available here; use --device cpu or auto.")
-    return dev
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """``cuda`` and ``cuda:0`` are the same device when the current device is 0."""
-    if a.type != b.type:
-        return False
-    if a.type != "cuda" or a.index == b.index:
-        return True
-    current = torch.cuda.current_device()
-    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 class PendingProbabilities:
@@ -127,16 +79,8 @@ class Predictor:
     ) -> None:
         self.device = choose_device(device)
         cpu = self.device.type == "cpu"
-        self.check: PrecisionCheck | None = None
-        self.tolerance = float(tolerance)
-        #: CPU *auto*: every run starts in the fast float format (bf16 with bf16 matrix units, else fp32), checked
-        #: against fp32 on its first batch together with int8 where the run is long enough (:meth:`begin_run`).
-        self._auto_cpu = precision == "auto" and cpu
-        self._float = "bf16" if self.device.type == "cuda" or (cpu and bf16_is_fast("cpu")) else "fp32"
-        if precision == "auto":
-            precision = self._float
-        if precision not in ("fp32", "bf16", "fp16", "int8"):
-            raise BcdError(f"Unknown precision {precision!r}; use auto, fp32, bf16, fp16 or int8.")
+        if precision not in ("auto", *FORMATS):
+            raise BcdError(f"Unknown precision {precision!r}; use auto, {', '.join(FORMATS)}.")
         if precision == "int8":
             if not cpu:
                 raise BcdError("int8 runs on the CPU (x86, oneDNN); on a GPU use --precision auto (bf16).")
@@ -145,12 +89,11 @@ class Predictor:
             if not int8_available():
                 raise BcdError("int8 needs an x86 CPU (PyTorch's x86 quantised engine is not available here); "
                                "use --precision auto.")
-        #: The formats the next first batch checks against fp32 (int8 is quantised on it, calibrated by the same
-        #: fp32 pass); empty: the first batch is computed like any other.
-        self._to_check: tuple[str, ...] = ((precision,) if precision == "int8" else
-                                           ("bf16",) if self._auto_cpu and precision == "bf16" else ())
-        #: Whether the next batch is the checked first batch; the result in ``check``.
-        self.check_pending = bool(self._to_check)
+        float_format = "bf16" if self.device.type == "cuda" or (cpu and bf16_is_fast("cpu")) else "fp32"
+        #: Which format runs, run by run, and the record of its checks (:class:`~.policy.PrecisionPolicy`).
+        self.policy = PrecisionPolicy(precision, float_format, auto_cpu=precision == "auto" and cpu,
+                                      tolerance=tolerance)
+        precision = self.policy.precision
         self.precision = precision
         # (Set either way: the same model may have been converted by another Predictor, and fp32 results must not
         # depend on that.)
@@ -177,16 +120,6 @@ class Predictor:
         #: (:class:`~.tuning.BatchTuner`, one per precision, kept across runs); :meth:`begin_run` sets it.
         self.tune = cpu and not compile
         self._tuners: dict[str, BatchTuner] = {}
-        #: The run's checks against fp32, by format; the formats that passed and are still being timed against
-        #: each other, with the windows/s each ran in its check (until :class:`~.tuning.BatchTuner` has timed it).
-        self._checks: dict[str, PrecisionCheck] = {}
-        self._racing: dict[str, float] = {}
-        #: CPU *auto* on a CPU where int8 outruns bf16 (:func:`~.precision.int8_outruns_bf16`) and int8 is tried:
-        #: bf16 is checked only where int8 is not kept on the check.
-        self._bf16_fallback = False
-        #: The run's int8 trial under CPU *auto*: its check, the float format it ran against, both rates and
-        #: ``kept`` (None while the two are being timed, then True or False with ``why``); None when none was tried.
-        self.int8_trial: Int8Trial | None = None
 
     def begin_run(self, windows: int | None = None, batch_size: int | None = None) -> int:
         """A new run of about ``windows`` windows; returns the batch size the engine should hand over.
@@ -198,20 +131,50 @@ class Predictor:
         where int8 is not kept).  Without ``batch_size`` the CPU chooses its own by
         timing (:class:`~.tuning.BatchTuner`).
         """
-        if self._auto_cpu:
-            self._use(self._float)
-            int8 = (self._int8_forwards is not False and int8_available()
-                    and (bool(self._int8_forwards) or int8_pays(windows)))
-            self._to_check = (("bf16",) if self._float == "bf16" else ()) + (("int8",) if int8 else ())
-            # where int8 outruns bf16 without timing (no AMX), bf16 is int8's fallback: checked where int8 is not
-            # kept on the check, never timed against it
-            self._bf16_fallback = int8 and self._float == "bf16" and int8_outruns_bf16()
-            if self._bf16_fallback:
-                self._to_check = ("int8", "bf16")
-            self.check_pending, self.check = bool(self._to_check), None
-            self._checks, self._racing, self.int8_trial = {}, {}, None
+        if self.policy.auto_cpu:
+            self.policy.begin_run(windows, int8_usable=self._int8_forwards is not False and int8_available(),
+                                  int8_ready=bool(self._int8_forwards))
+            self._use(self.policy.precision)
         self.tune = self.device.type == "cpu" and not self.compiled and batch_size is None
         return batch_size or self.default_batch_size
+
+    @property
+    def check(self) -> PrecisionCheck | None:
+        """The check against fp32 of the format in use (:class:`~.precision.PrecisionCheck`), if one was made."""
+        return self.policy.check
+
+    @property
+    def check_pending(self) -> bool:
+        """Whether the next batch is the run's checked first batch."""
+        return self.policy.check_pending
+
+    @check_pending.setter
+    def check_pending(self, value: bool) -> None:
+        self.policy.check_pending = bool(value)
+
+    @property
+    def int8_trial(self) -> Int8Trial | None:
+        """CPU *auto*'s int8 trial of this run (:class:`~.tuning.Int8Trial`), if one was made."""
+        return self.policy.int8_trial
+
+    @property
+    def tolerance(self) -> float:
+        return self.policy.tolerance
+
+    @property
+    def quantised(self) -> bool | None:
+        """Whether the backbone has an int8 copy (None: never tried; False: it cannot be quantised)."""
+        return None if self._int8_forwards is None else bool(self._int8_forwards)
+
+    @property
+    def int8_forwards(self) -> tuple | None:
+        """The (uint8, float) forwards of the int8 copy, made once and kept for the predictor's life."""
+        return self._int8_forwards or None
+
+    @property
+    def threads(self) -> int:
+        """The CPU threads the predictor starts from (the tuner may time half of them too)."""
+        return self._threads
 
     @property
     def tuning(self) -> Batching | None:
@@ -268,11 +231,12 @@ class Predictor:
         """
         import time
 
-        self.check_pending = False
+        policy = self.policy
+        policy.check_pending = False
         k = min(len(x), CHECK_WINDOWS)
         slot = 0 if x.dtype == torch.uint8 else 1
         exact_forward, quantiser = forward, None
-        if "int8" in self._to_check and self._int8_forwards is None:
+        if "int8" in policy.to_check and self._int8_forwards is None:
             try:
                 quantiser, exact_forward = self._int8_quantiser(x)
             except BcdError as err:
@@ -286,30 +250,17 @@ class Predictor:
             self._int8_converted(quantiser)
         exact_p = torch.softmax(exact, 1).numpy()
         logits = {"fp32": exact}
-        for fmt in self._to_check:
-            if fmt == "int8" and not self._int8_forwards:
-                continue
-            if fmt == "bf16" and self._bf16_fallback and "int8" in self._checks and self._checks["int8"].passed:
+        for fmt in policy.to_check:
+            if not policy.wants(fmt, bool(self._int8_forwards)):
                 continue
             t0 = time.perf_counter()
             with torch.inference_mode(), self._autocast(fmt):
                 logits[fmt] = self._forwards(fmt)[slot](x[:k]).float()
             fast_s = time.perf_counter() - t0
             same, change = agreement(exact_p, torch.softmax(logits[fmt], 1).numpy())
-            self._checks[fmt] = PrecisionCheck(fmt, k, same, change, self.tolerance, exact_s, fast_s)
-        passed = [fmt for fmt, c in self._checks.items() if c.passed]
-        if self._float == "fp32" and self._auto_cpu:
-            passed.append("fp32")  # exact: races int8 on a CPU without bf16 units
-        self._racing = {fmt: k / max(self._checks[fmt].fast_s if fmt in self._checks else exact_s, 1e-9)
-                        for fmt in passed}
-        if "int8" in self._checks:
-            self._int8_trial_started()
-        self._settle(first=True)
-        if self.precision == "fp32" and self.check is not None:
-            log.warning("napari-bcd: %s", self.check.describe())
-        elif self.int8_trial is not None and self.int8_trial.kept is False:
-            log.info("napari-bcd: int8 not used: %s", self.int8_trial.why)
-        kept = self.precision
+            policy.checks[fmt] = PrecisionCheck(fmt, k, same, change, policy.tolerance, exact_s, fast_s)
+        kept = policy.checked(exact_s, k, lambda f: self._rate(f), timing=self.tune, timed=self._timed)
+        self._use(kept)
         if k < len(x):
             with torch.inference_mode(), self._autocast(kept):
                 rest = self._forwards(kept)[slot](x[k:]).float()
@@ -319,58 +270,14 @@ class Predictor:
     def _rate(self, fmt: str) -> float:
         """windows/s of ``fmt``: as timed by its tuner where that is done, else as it ran in the check."""
         tuner = self._tuners.get(fmt)
-        return tuner.best_rate if tuner is not None and tuner.done else self._racing[fmt]
+        return tuner.best_rate if tuner is not None and tuner.done else self.policy.racing[fmt]
 
-    def _settle(self, first: bool = False) -> None:
-        """Run in the fastest format that agreed with fp32: one not timed in chunks yet and faster in its check than
-        the current one is timed next; once the fastest has been timed (or nothing is timed) the race ends."""
-        if not self._racing:
-            if first:  # nothing agreed with fp32: fp32 for the rest of the run, and the check that says why
-                self.check = next(iter(self._checks.values()), None)
-                self._use("fp32")
-            return
-        best = max(self._racing, key=self._rate)
-        self._use(best)
-        self.check = self._checks.get(best)  # None for fp32: exact
-        tuner = self._tuners.get(best)
-        if self.tune and (tuner is None or not tuner.done):
-            return  # timed on the next batches, then compared again
-        self._end_race(best)
-
-    def _end_race(self, kept: str) -> None:
-        trial = self.int8_trial
-        if trial is not None and trial.kept is None:
-            int8, other = self._rate("int8"), trial.float_precision
-            check = self._checks["int8"]
-            if other not in self._racing and self._bf16_fallback:  # bf16 not run: int8 outruns it on this CPU
-                self.int8_trial = dataclasses.replace(trial, int8_windows_per_s=round(int8, 2), float_timed="not run",
-                                                      kept=kept == "int8")
-                self._racing = {}
-                return
-            versus = self._rate(other) if other in self._racing else check.windows / max(check.fp32_s, 1e-9)
-            tuner = self._tuners.get(other)
-            self.int8_trial = dataclasses.replace(
-                trial, float_windows_per_s=round(versus, 2), int8_windows_per_s=round(int8, 2),
-                float_timed="batches" if tuner is not None and tuner.done else "check", kept=kept == "int8",
-                why="" if kept == "int8" else f"int8 ran {int8:.1f} windows/s, {other} {versus:.1f}")
-        self._racing = {}
-
-    def _int8_trial_started(self) -> None:
-        """Record the int8 check (CPU *auto* only: an int8 asked for is no trial)."""
-        if not self._auto_cpu:
-            return
-        check = self._checks["int8"]
-        other = "bf16" if "bf16" in self._racing or (self._bf16_fallback and check.passed) else "fp32"
-        self.int8_trial = Int8Trial(check, other)
-        if not check.passed:
-            self.int8_trial = Int8Trial(check, other, kept=False, why=(
-                f"int8 differed from fp32 on the first batch's windows beyond the tolerance {self.tolerance:g} "
-                f"({check.agreement_text})."))
+    def _timed(self, fmt: str) -> bool:
+        tuner = self._tuners.get(fmt)
+        return tuner is not None and tuner.done
 
     def _int8_refused(self, why: str) -> None:
-        if self._auto_cpu:
-            self.int8_trial = Int8Trial(None, self._float, kept=False, why=why)
-        else:
+        if not self.policy.int8_refused(why):
             raise BcdError(why)
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -492,14 +399,15 @@ class Predictor:
 
     def _tuned_logits(self, x: torch.Tensor, forward) -> torch.Tensor:
         """A CPU batch in chunks of the timed batch size and thread count (:class:`~.tuning.BatchTuner`); once this
-        format is timed, the race between the formats that agreed with fp32 goes on (:meth:`_settle`)."""
+        format is timed, the race between the formats that agreed with fp32 goes on
+        (:meth:`~.policy.PrecisionPolicy.settle`)."""
         precision = self.precision
         tuner = self._tuners.setdefault(precision, BatchTuner(self._threads))
         with torch.inference_mode(), self._autocast():
             parts = tuner.run(len(x), lambda a, b: forward(x[a:b]), torch.set_num_threads)
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if self._racing and tuner.done:
-            self._settle()
+        if self.policy.racing and tuner.done:  # this format is timed: the race between those that agreed goes on
+            self._use(self.policy.settle(lambda f: self._rate(f), timing=self.tune, timed=self._timed))
         return logits
 
     def _resized(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
