@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._fileio import printable
-from .errors import BcdError
+from .errors import BcdError, os_error_text
 from .geometry import pixel_size
 from .io.formats import SLIDE_SUFFIXES, slides_in
 from .settings import ClassifySettings
@@ -38,7 +38,8 @@ from .settings import ClassifySettings
 if TYPE_CHECKING:
     from .engine import RunRecord
 
-__all__ = ["CohortItem", "SlideResult", "classify_one", "collect_slides", "iter_cohort", "write_cohort_table"]
+__all__ = ["CohortItem", "SlideResult", "classify_one", "collect_slides", "iter_cohort", "table_paths",
+           "write_cohort_table"]
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,8 @@ def classify_one(item: CohortItem, out: str | os.PathLike[str], model_path: str 
         return SlideResult(item, "failed", error=str(err), seconds=time.perf_counter() - t0)
     except MemoryError:
         return SlideResult(item, "failed", error="not enough memory to read it (is the file what it claims?)")
+    except OSError as err:  # the disk or the system refused: one sentence with what to do, the cohort goes on
+        return SlideResult(item, "failed", error=os_error_text(err), seconds=time.perf_counter() - t0)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # a reader's own error: this slide fails, the cohort goes on and gets its table
@@ -360,10 +363,16 @@ _FIRST = ["id", "slide", "status", "error", "call", "call_probability", "tissue_
           "decision", "stain_warning", "note"]
 
 
+def table_paths(out: str | os.PathLike[str], name: str = TABLE_NAME) -> list[Path]:
+    """Where :func:`write_cohort_table` writes (check them with :func:`~napari_bcd._fileio.check_output` first)."""
+    return [Path(out) / f"{name}.csv", Path(out) / f"{name}.parquet"]
+
+
 def write_cohort_table(results: list[SlideResult | dict], out: str | os.PathLike[str],
-                       name: str = TABLE_NAME) -> list[Path]:
-    """``<out>/cohort.csv`` (and ``cohort.parquet`` with pyarrow): one row per slide, in the given order."""
-    from ._fileio import atomic_path, atomic_write
+                       name: str = TABLE_NAME, replace: str = "ours") -> list[Path]:
+    """``<out>/cohort.csv`` (and ``cohort.parquet`` with pyarrow): one row per slide, in the given order; a table
+    napari-bcd did not write is replaced only with ``replace="any"`` (--overwrite)."""
+    from ._fileio import output_file, output_path
 
     rows = [r.row() if isinstance(r, SlideResult) else dict(r) for r in results]
     cols = [c for c in _FIRST if any(c in r for r in rows)]
@@ -371,7 +380,7 @@ def write_cohort_table(results: list[SlideResult | dict], out: str | os.PathLike
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     written = []
-    with atomic_write(d / f"{name}.csv", "w") as fh:
+    with output_file(d / f"{name}.csv", "w", replace) as fh:
         w = csv.DictWriter(fh, fieldnames=cols, lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -383,7 +392,7 @@ def write_cohort_table(results: list[SlideResult | dict], out: str | os.PathLike
     except ImportError:
         return written
     table = pa.table({c: [None if r.get(c) in ("", None) else r.get(c) for r in rows] for c in cols})
-    with atomic_path(d / f"{name}.parquet") as tmp:
+    with output_path(d / f"{name}.parquet", replace) as tmp:
         pq.write_table(table, tmp)
     written.append(d / f"{name}.parquet")
     return written

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ModelNotAvailableError
+from .errors import BcdError, ModelNotAvailableError
 
 if TYPE_CHECKING:
     from .engine import ClassMap
@@ -26,15 +26,17 @@ __all__ = ["overview_png", "run_demo"]
 log = logging.getLogger(__name__)
 
 
-def overview_png(slide: Slide, class_map: ClassMap, summary: Summary, path: Path) -> Path:
+def overview_png(slide: Slide, class_map: ClassMap, summary: Summary, path: Path, replace: str = "ours") -> Path:
     """A matplotlib overview: the slide, the class map over it, a legend and the summary.
 
-    Needs no display or OpenGL, so it works on any server.
+    Needs no display or OpenGL, so it works on any server.  Written under the output guard (``replace``: see
+    :func:`napari_bcd._fileio.check_output`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    from ._fileio import output_path
     from .classes import class_styles
     from .export import label_image
 
@@ -62,7 +64,8 @@ def overview_png(slide: Slide, class_map: ClassMap, summary: Summary, path: Path
     if summary is not None:
         fig.text(0.02, 0.01, summary.table(), family="monospace", fontsize=8, va="bottom")
     fig.tight_layout(rect=(0, 0.12 if summary is not None else 0, 1, 1))
-    fig.savefig(path)
+    with output_path(path, replace) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
@@ -74,8 +77,12 @@ def run_demo(
     device: str | None = None,
     stride: float | None = None,
     mpp: float | None = None,
+    overwrite: bool = False,
 ) -> int:
-    """Run the demo; returns a process exit status.  ``mpp`` states the pixel size of a slide that lacks it."""
+    """Run the demo; returns a process exit status.  ``mpp`` states the pixel size of a slide that lacks it.
+
+    With ``headless`` the files go to ``out``: a rerun replaces the demo's own files there (unchanged since), and
+    any other file of those names only with ``overwrite``; that is checked before any work."""
     from ._sample_data import SAMPLE_SLIDE
     from .model.checkpoint import load_model
 
@@ -107,6 +114,22 @@ def run_demo(
 
     out_dir = Path(out or "napari-bcd-demo")
     out_dir.mkdir(parents=True, exist_ok=True)
+    from ._fileio import check_output
+    from .done import DONE_SUFFIX, vouched_outputs
+    from .export import output_paths
+
+    stem, replace = path.stem, "any" if overwrite else "ours"
+    outputs = [*output_paths(out_dir, stem).values(), out_dir / f"{stem}{DONE_SUFFIX}"]
+    replace_set = overwrite or vouched_outputs(out_dir, stem, outputs[:-1])
+    try:
+        if not replace_set:
+            for p in outputs:
+                check_output(p, "never")
+        for p in (out_dir / f"{stem}.overview.png", out_dir / f"{stem}.screenshot.png"):
+            check_output(p, replace)
+    except BcdError as err:
+        print(f"napari-bcd: {err}", file=sys.stderr)
+        return 2
     with open_slide(path, mpp=mpp) as slide:
         class_map = summary = None
         if classifier is not None:
@@ -116,11 +139,10 @@ def run_demo(
             run = ClassifySettings(**{k: v for k, v in (("device", device), ("stride", stride)) if v is not None})
             class_map = drive(iter_classify(slide, classifier, run), slide.name, "win")
             summary = summarize(class_map)
-            paths = write_outputs(class_map, out_dir, overwrite=True, summary=summary)
+            paths = write_outputs(class_map, out_dir, stem=stem, overwrite=replace_set, summary=summary)
             print(summary.table())
             print("wrote " + ", ".join(str(p) for p in paths.values()))
-        stem = path.stem
-        print(f"wrote {overview_png(slide, class_map, summary, out_dir / f'{stem}.overview.png')}")
+        print(f"wrote {overview_png(slide, class_map, summary, out_dir / f'{stem}.overview.png', replace)}")
     import os
 
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
@@ -133,7 +155,7 @@ def run_demo(
         from .demo_viewer import viewer_screenshot
 
         used = (model or default_model_path()) if class_map is not None else None
-        shot = viewer_screenshot(path, class_map, out_dir / f"{stem}.screenshot.png", used)
+        shot = viewer_screenshot(path, class_map, out_dir / f"{stem}.screenshot.png", used, replace=replace)
         print(f"wrote {shot}")
     except ImportError as err:
         print(f"napari-bcd: no napari screenshot: napari is not installed ({err.name}; pip install "

@@ -18,10 +18,11 @@ if TYPE_CHECKING:
 __all__ = ["show_in_napari", "viewer_screenshot"]
 
 
-def viewer_screenshot(slide_path: Path, class_map: ClassMap, path: Path, model_path: str | Path | None = None
-                      ) -> Path:
+def viewer_screenshot(slide_path: Path, class_map: ClassMap, path: Path, model_path: str | Path | None = None,
+                      *, replace: str = "ours") -> Path:
     """A screenshot of a (hidden) napari viewer with the label layer over the slide, the dock showing the model
-    (``model_path``) that made the map."""
+    (``model_path``) that made the map; written under the output guard (``replace``)."""
+    from ._fileio import output_path
     from ._reader import read_slide
 
     viewer = napari.Viewer(show=False)
@@ -38,7 +39,8 @@ def viewer_screenshot(slide_path: Path, class_map: ClassMap, path: Path, model_p
         viewer.reset_view()
         from imageio.v3 import imwrite
 
-        imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
+        with output_path(path, replace) as tmp:
+            imwrite(tmp, viewer.screenshot(canvas_only=False, flash=False), extension=".png")
     finally:
         viewer.close()
     return path

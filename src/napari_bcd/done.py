@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .settings import ClassifySettings
 
 __all__ = ["DONE_SUFFIX", "WRITING_SUFFIX", "outputs_complete", "run_changes", "run_keys", "same_source",
-           "slide_lock", "source_identity", "written_by_us"]
+           "slide_lock", "source_identity", "vouched_outputs", "written_by_us"]
 
 DONE_SUFFIX = ".done.json"
 WRITING_SUFFIX = ".writing"
@@ -66,6 +66,22 @@ def same_source(record: dict, identity: dict) -> bool:
 def written_by_us(out_dir: str | os.PathLike[str], stem: str) -> bool:
     """Whether ``stem``'s outputs in ``out_dir`` without a done-record are an interrupted napari-bcd write."""
     return (Path(out_dir) / f".{stem}{WRITING_SUFFIX}").exists()
+
+
+def vouched_outputs(out_dir: str | os.PathLike[str], stem: str, paths: list[Path]) -> bool:
+    """Whether every one of ``paths`` that exists is napari-bcd's own: listed in ``stem``'s done-record with the
+    bytes it still has (SHA-256), and not a link.  Such a set a rerun may replace; anything else is the user's."""
+    from ._fileio import file_digest
+
+    present = [p for p in paths if os.path.lexists(p)]
+    if not present:
+        return True
+    try:
+        doc = json.loads((Path(out_dir) / f"{stem}{DONE_SUFFIX}").read_text(encoding="utf-8"))
+        listed = {info["name"]: info["sha256"] for info in doc["files"].values()}
+        return all(not p.is_symlink() and listed.get(p.name) == file_digest(p) for p in present)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def outputs_complete(out_dir: str | os.PathLike[str], stem: str) -> dict | None:

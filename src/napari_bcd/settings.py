@@ -212,7 +212,8 @@ class TrainSettings:
         Where the backbone runs, images per backbone call, the features' number format (:data:`FEATURE_PRECISIONS`),
         and whether features are cached between runs.
     name, overwrite
-        The model's name (default: the file's stem); replace an existing checkpoint.
+        The model's name (default: the file's stem); replace an existing checkpoint (True), only one napari-bcd
+        wrote and nobody changed since (``"ours"``), or none (False).
     """
 
     protocol: str = "auto"
@@ -236,7 +237,7 @@ class TrainSettings:
     feature_precision: str = "auto"
     cache: bool = True
     name: str | None = None
-    overwrite: bool = False
+    overwrite: bool | str = False
 
     def __post_init__(self) -> None:
         if isinstance(self.input_px, int):
@@ -254,6 +255,8 @@ class TrainSettings:
             if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
                 problems.append(f"{name} must be a whole number of at least {low}, got {v}")
 
+        if self.overwrite not in (True, False, "ours"):
+            problems.append(f"overwrite must be True, False or 'ours', got {self.overwrite!r}")
         whole("epochs", self.epochs, 1)
         whole("batch_size", self.batch_size, 1)
         whole("feature_batch", self.feature_batch, 1)

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .._version import __version__
-from ..errors import BcdError
+from ..errors import BcdError, os_error_text
 
 __all__ = ["build_parser", "console", "main"]
 
@@ -114,24 +114,3 @@ def console() -> int:
     code = main()
     gc.freeze()
     return code
-
-
-def os_error_text(err: OSError) -> str:
-    """An operating-system error as one sentence for a user: what failed, on which file, and what to do."""
-    import errno
-
-    where = f" {err.filename}" if err.filename else ""
-    advice = {
-        errno.ENOSPC: f"the disk is full (writing{where}). Free some space or write elsewhere (--out); files "
-                      "finished before are intact and unfinished ones were removed.",
-        errno.EDQUOT: f"the disk quota is used up (writing{where}). Free some space or write elsewhere (--out).",
-        errno.ENAMETOOLONG: f"a file name is too long for this file system:{where}. Use a shorter output folder or "
-                            "file name.",
-        errno.EROFS: f"the file system is read-only:{where}. Write somewhere else (--out).",
-        errno.EACCES: f"permission denied:{where}. Write somewhere you may write (--out), or fix the permissions.",
-        errno.EPERM: f"operation not permitted:{where}. Write somewhere you may write (--out).",
-        errno.ELOOP: f"too many symbolic links (a link loop?):{where}. Give the real path.",
-        errno.EISDIR: f"a folder was found where a file is needed:{where}.",
-        errno.ENOTDIR: f"a file was found where a folder is needed:{where}.",
-    }
-    return advice.get(err.errno, f"{err.strerror or err}{':' + where if where else ''}")

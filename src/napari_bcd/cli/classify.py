@@ -37,11 +37,14 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=POSITIVE, default=ClassifySettings.stride,
                    help="window step as a fraction of the field")
     p.add_argument("--mpp", type=POSITIVE, help="µm per pixel of level 0, for a slide that does not say")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --out that the demo did not write (its own are replaced on a rerun)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from ..cohort import SlideResult, collect_slides, connect, iter_cohort, write_cohort_table
+    from .._fileio import check_output
+    from ..cohort import SlideResult, collect_slides, connect, iter_cohort, table_paths, write_cohort_table
     from ..config import default_model_path
     from ..model.card import read_card
     from ..model.loaded import shared_cache
@@ -49,6 +52,10 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_dir(out)
     items = collect_slides(args.slides, recursive=args.recursive, manifest=args.manifest, mpp=args.mpp)
+    replace = "any" if args.overwrite else "ours"
+    if len(items) > 1:  # before any slide: a cohort table of the user's is never replaced unasked
+        for table in table_paths(out):
+            check_output(table, replace)
     model_path = args.model or (str(default_model_path()) if default_model_path() else None)
     card = read_card(model_path) if model_path else None
     settings = settings_from(args, card)
@@ -97,7 +104,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         if results and len(items) > 1:
             order = {i.stem: k for k, i in enumerate(items)}
             results.sort(key=lambda r: order.get(r.item.stem, len(order)))
-            tables = write_cohort_table(results, out)
+            tables = write_cohort_table(results, out, replace=replace)
             print("cohort table: " + ", ".join(str(t) for t in tables))
     failed = [Path(r.item.path).name for r in results if r.status == "failed"]
     if failed:
@@ -138,4 +145,4 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     return run_demo(args.slide, model=args.model, headless=args.headless, out=args.out, device=args.device,
-                    stride=args.stride, mpp=args.mpp)
+                    stride=args.stride, mpp=args.mpp, overwrite=args.overwrite)

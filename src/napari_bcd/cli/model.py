@@ -56,17 +56,19 @@ def _cmd_qupath_scripts(args: argparse.Namespace) -> int:
     import shutil
     from importlib.resources import files
 
-    from .._fileio import check_writable
+    from .._fileio import check_output, output_file
     from .options import check_out_dir
 
     out = Path(args.out)
     check_out_dir(out)
     scripts = sorted(p for p in files("napari_bcd").joinpath("qupath").iterdir() if p.name.endswith(".groovy"))
+    replace = "any" if args.overwrite else "never"
+    for script in scripts:  # all checked before one is written; a link is replaced, never written through
+        check_output(out / script.name, replace)
     for script in scripts:
-        target = check_writable(out / script.name, args.overwrite)
-        with script.open("rb") as src, open(target, "wb") as dst:
+        with script.open("rb") as src, output_file(out / script.name, "wb", replace) as dst:
             shutil.copyfileobj(src, dst)
-        print(f"wrote {target}")
+        print(f"wrote {out / script.name}")
     print("In QuPath: Automate > Script editor > File > Open, then set NAPARI_BCD in the script to the full path "
           f"of this command ({shutil.which('napari-bcd') or 'which napari-bcd'}).")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .._fileio import check_output, output_file
 from .._progress import drive, progress_bar
 from ..annotations.read import FORMAT_NAMES
 from ..errors import BcdError
@@ -101,6 +102,8 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset")
     p.add_argument("--out", help="folder for report.json, report.txt and confusion_matrix.png")
     p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace reports in --out that napari-bcd did not write (its own are replaced on a rerun)")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -130,6 +133,8 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bcd-reproduce", help="folder for the checkpoints and the report")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-default", action="store_true", help="do not make the best model the default")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --out that napari-bcd did not write (its own are replaced on a rerun)")
     _bach_options(p)
     p.set_defaults(func=_cmd_reproduce)
 
@@ -296,7 +301,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         note = f"archive md5 {result.md5}" if result.md5 else ""
     ds = read_iciar(photos)
     out = Path(args.out)
-    res = drive(iter_reproduce(ds, out, device=args.device, data_note=note or str(photos)), "features", "img")
+    res = drive(iter_reproduce(ds, out, device=args.device, data_note=note or str(photos),
+                                     overwrite=args.overwrite), "features", "img")
     print(res.report_md.read_text(encoding="utf-8"))
     print(f"wrote {res.report_md}, {res.report_json.name}, " + ", ".join(p.name for p in res.files))
     if res.best_checkpoint is not None and not args.no_default:
@@ -310,20 +316,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..train.evaluate import evaluate
     from ..train.iciar import read_iciar
 
+    replace = "any" if args.overwrite else "ours"
+    names = ("report.json", "report.txt", "confusion_matrix.png")
     if args.out:
         check_out_dir(Path(args.out))
+        for name in names:  # before the work: a report of the user's is never replaced unasked
+            check_output(Path(args.out) / name, replace)
     ds = read_iciar(args.dataset)
     report = evaluate(args.checkpoint, ds, device=args.device)
     print(report.to_text())
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        from .._fileio import atomic_write
-
-        with atomic_write(out / "report.json", "w") as fh:
+        with output_file(out / "report.json", "w", replace) as fh:
             fh.write(report.to_json())
-        with atomic_write(out / "report.txt", "w") as fh:
+        with output_file(out / "report.txt", "w", replace) as fh:
             fh.write(report.to_text() + "\n")
-        report.save_confusion_png(out / "confusion_matrix.png")
+        report.save_confusion_png(out / "confusion_matrix.png", replace)
         print(f"wrote {out / 'report.json'}, report.txt, confusion_matrix.png")
     return 0

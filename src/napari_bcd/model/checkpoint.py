@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .._fileio import atomic_path, atomic_write
+from .._fileio import OutputConflict, check_output, is_ours, output_file, output_path
 from ..config import remember_weights, verified_weights
 from ..errors import BcdError, CheckpointError
 from .card import ModelCard, checkpoint_paths, newer_card, read_card_file, refuse_other_formats
@@ -52,14 +52,15 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def check_checkpoint_target(path: str | os.PathLike[str], overwrite: bool | None = False) -> Path:
+def check_checkpoint_target(path: str | os.PathLike[str], overwrite: bool | str | None = False) -> Path:
     """Refuse, before any work, a checkpoint name that cannot or must not be written; returns the weights path.
 
     Raises
     ------
     CheckpointError
         When the name is a folder, lies under a file, or an existing
-        checkpoint would be replaced without ``overwrite``.
+        checkpoint would be replaced without ``overwrite`` (``"ours"``: only
+        one napari-bcd wrote and nobody changed since may be replaced).
     """
     raw = Path(path)
     if raw.is_dir():
@@ -70,9 +71,11 @@ def check_checkpoint_target(path: str | os.PathLike[str], overwrite: bool | None
             if not parent.is_dir():
                 raise CheckpointError(f"{weights} cannot be written: {parent} is a file, not a folder.")
             break
-    if not overwrite and (weights.exists() or card.exists()):
-        advice = "" if overwrite is None else ", or pass --overwrite to replace it"
-        raise CheckpointError(f"{weights} already exists. Choose another name{advice}.")
+    for p in (weights, card):
+        if os.path.lexists(p) and not (overwrite is True or (overwrite == "ours" and is_ours(p))):
+            advice = "" if overwrite is None else ", or pass --overwrite to replace it"
+            why = " and napari-bcd did not write it (or it changed since)" if overwrite == "ours" else ""
+            raise CheckpointError(f"{p} already exists{why}. Choose another name{advice}.")
     return weights
 
 
@@ -81,7 +84,7 @@ def save_checkpoint(
     card: ModelCard | None = None,
     path: str | os.PathLike[str] = "model.safetensors",
     *,
-    overwrite: bool = True,
+    overwrite: bool | str = True,
 ) -> Path:
     """Write the model's weights (safetensors) and card (JSON) atomically.
 
@@ -100,7 +103,9 @@ def save_checkpoint(
     path
         ``NAME.safetensors`` (``NAME.json`` is written beside it).
     overwrite
-        Replace an existing checkpoint of that name.
+        Replace an existing checkpoint of that name: True (any), ``"ours"`` (only one napari-bcd wrote and
+        nobody changed since) or False (never: a checkpoint that appears while the model trains is kept and
+        this one refused with :class:`CheckpointError`, never two runs reporting one file).
 
     Returns
     -------
@@ -109,18 +114,42 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     weights, card_path = checkpoint_paths(path)
-    if not overwrite and (weights.exists() or card_path.exists()):
-        raise CheckpointError(f"{weights} already exists; choose another name or allow overwriting.")
+    replace = "any" if overwrite is True else "ours" if overwrite == "ours" else "never"
+    try:
+        for p in (weights, card_path):
+            check_output(p, replace)
+    except BcdError as err:
+        raise CheckpointError(str(err)) from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     card = (card or model.card).stamped(weights_sha256(state))
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={_META_KEY: card.to_json()})
-    with atomic_write(card_path, "w") as fh:
+    try:
+        with output_path(weights, replace) as tmp:
+            try:
+                save_file(state, str(tmp), metadata={_META_KEY: card.to_json()})
+            except Exception as err:  # safetensors' own error type wraps the system's: say it as the system's
+                raise _as_os_error(err, weights) from err
+    except OutputConflict as err:
+        raise CheckpointError(str(err)) from None
+    with output_file(card_path, "w", "any") as fh:  # the card of the weights just written
         fh.write(card.to_json())
     model.card = card
     model.source_path, model.weights_sha256 = str(weights), card.weights_sha256  # it is this checkpoint now
     log.info("Saved checkpoint %s", weights)
     return weights
+
+
+def _as_os_error(err: Exception, path: Path) -> Exception:
+    """safetensors reports a full disk, a file-size limit or a read-only file system as its own ``SafetensorError``
+    ("I/O error: No space left on device (os error 28)"): the :class:`OSError` it is, said in one sentence."""
+    import re
+
+    if isinstance(err, OSError):
+        return err
+    m = re.search(r"(?:\bcode:|\bos error)\s*(\d+)", str(err))
+    if m is None:
+        return err
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def save_decision(path: str | os.PathLike[str], rule: DecisionRule | None) -> Path:

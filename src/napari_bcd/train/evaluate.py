@@ -61,10 +61,13 @@ class Report:
             lines.append(f"{c:<{w}} " + " ".join(f"{v:>8d}" for v in row))
         return "\n".join(lines)
 
-    def save_confusion_png(self, path: str | os.PathLike[str]) -> Path:
-        """The confusion matrix as a PNG (matplotlib's Agg canvas: no display, no global backend switch)."""
+    def save_confusion_png(self, path: str | os.PathLike[str], replace: str = "ours") -> Path:
+        """The confusion matrix as a PNG (matplotlib's Agg canvas: no display, no global backend switch), written
+        under the output guard (``replace``: see :func:`napari_bcd._fileio.check_output`)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+
+        from .._fileio import output_path
 
         cm = np.asarray(self.confusion)
         fig = Figure(figsize=(5, 4.5), dpi=120)
@@ -79,7 +82,8 @@ class Report:
         ax.set_ylabel("true")
         ax.set_title(f"accuracy {self.accuracy:.3f}")
         fig.tight_layout()
-        fig.savefig(path)
+        with output_path(path, replace) as tmp:
+            fig.savefig(tmp, format="png")
         return Path(path)
 
 

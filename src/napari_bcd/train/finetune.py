@@ -172,7 +172,8 @@ def _finetune(dataset: Dataset, out: Path, proto: Protocol, validation: Validati
     clock.lap("final")
     clock.count("steps", shipped.steps if validation.mode != "holdout" else 0)
     result = save_result(model, dataset, out, proto, validation, sel, shipped, build, name=s.name, seed=seed,
-                         views=views, stain_augment=s.stain_augment, feature_precision=fprec)
+                         views=views, stain_augment=s.stain_augment, feature_precision=fprec,
+                         overwrite=s.overwrite)
     clock.lap("saving")
     result.timings = clock.laps
     return result

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._fileio import atomic_write
+from .._fileio import check_output, output_file
 from .finetune import TrainResult, iter_finetune
 from .iciar import Dataset
 
@@ -66,6 +66,7 @@ def iter_reproduce(
     device: str | None = None,
     seed: int = 0,
     data_note: str = "",
+    overwrite: bool = False,
 ) -> Generator[Any, Any, ReproduceResult]:
     """Train the paper's protocol on each split and write the comparison report.
 
@@ -82,9 +83,18 @@ def iter_reproduce(
         The paper's by default; smaller ones serve tests and quick looks.
     data_note
         Where the data came from, for the report.
+    overwrite
+        Replace files of these names that napari-bcd did not write (a rerun replaces its own unchanged ones).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    replace = "any" if overwrite else "ours"
+    from ..model.checkpoint import check_checkpoint_target
+
+    for key in splits:  # before hours of training: nothing of the user's is in the way
+        check_checkpoint_target(out / f"paper-{key}.safetensors", True if overwrite else "ours")
+    for name in ("report.md", "report.json", *(f"confusion-{key}.png" for key in splits)):
+        check_output(out / name, replace)
     runs: dict[str, TrainResult] = {}
     for key in splits:
         title, split = SPLITS[key]
@@ -95,21 +105,21 @@ def iter_reproduce(
         runs[key] = yield from iter_finetune(
             dataset, out=out / f"paper-{key}.safetensors", protocol="paper", split=split, backbone=backbone,
             backbone_weights=backbone_weights, input_px=input_px, device=device, seed=seed,
-            name=f"paper-{key}-split", overwrite=True,  # a rerun of reproduce replaces its own models
+            name=f"paper-{key}-split", overwrite=True if overwrite else "ours",  # a rerun replaces its own
         )
     yield Stage("writing the report")
     files = []
     for key, r in runs.items():
         if r.report is not None:
-            files.append(r.report.save_confusion_png(out / f"confusion-{key}.png"))
+            files.append(r.report.save_confusion_png(out / f"confusion-{key}.png", replace))
     eligible = {k: r for k, r in runs.items() if r.beats_chance}
     best = max(eligible, key=lambda k: eligible[k].report.accuracy) if eligible else None  # type: ignore[union-attr]
     doc = _report_json(dataset, runs, best, data_note)
     md = out / "report.md"
     js = out / "report.json"
-    with atomic_write(js, "w") as fh:
+    with output_file(js, "w", replace) as fh:
         json.dump(doc, fh, indent=2)
-    with atomic_write(md, "w") as fh:
+    with output_file(md, "w", replace) as fh:
         fh.write(_report_md(doc, runs))
     return ReproduceResult(runs, md, js, best, files)
 

@@ -175,9 +175,9 @@ def _reports(dataset: Dataset, sel: Selection | None):
 
 def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation: Validation, sel: Selection | None,
                 shipped: Shipped, build: dict, *, name, seed: int, views: int, stain_augment: bool,
-                feature_precision: str = "fp32") -> TrainResult:
+                feature_precision: str = "fp32", overwrite: bool | str = False) -> TrainResult:
     """Write the shipped model with a card that says how it was made and validated."""
-    from ..model.checkpoint import checkpoint_paths, save_checkpoint
+    from ..model.checkpoint import checkpoint_paths
     from ..model.classifier import set_head
     from ..model.record import TrainingRecord
     from .result import TrainResult
@@ -253,11 +253,11 @@ def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation:
     card = model.card.replace(name=name or out.stem, training=training, metrics=metrics,
                               stain=_training_stain(dataset, _train_rows(validation, len(dataset)),
                                                     model.card.input_px))
-    save_checkpoint(model, card, out)
+    out, saved_note = _save_keeping(model, card, out, overwrite)
     return TrainResult(checkpoint_paths(out)[0], model.card, report, probe, chance, validation, shipped.kind,
                        shipped.steps, list(selection.get("fold_accuracy") or []),
                        len(sel.candidates) if sel is not None else 0, shipped.stopped,
-                       [*validation.notes, *shipped.notes], shipped.probe_head, shipped.norm,
+                       [*validation.notes, *shipped.notes, *saved_note], shipped.probe_head, shipped.norm,
                        logistic=shipped.logistic, tuning=shipped.tuning, why=selection["why"])
 
 
@@ -304,6 +304,30 @@ def why_shipped(sel: Selection | None, shipped: Shipped) -> str:
                 "simpler model is the safer one.")
     return (f"Saved the trained head ({shipped.steps} steps): on patients it had not seen it beat {probe}{reg} by "
             f"more than the noise of the validation ({sel.chosen.accuracy:.1%} against {sel.probe.accuracy:.1%}).")
+
+
+def _save_keeping(model, card, out: Path, overwrite: bool | str) -> tuple[Path, list[str]]:
+    """Save the trained model at ``out``; when another run wrote that name while this one trained, under the next
+    free name instead (the work is never lost, and two runs never report one file)."""
+    from ..errors import CheckpointError
+    from ..model.checkpoint import checkpoint_paths, save_checkpoint
+
+    try:
+        save_checkpoint(model, card, out, overwrite=overwrite)
+        return out, []
+    except CheckpointError as err:
+        if overwrite is True:
+            raise
+        first = err
+    for k in range(2, 1000):
+        alt = out.with_name(f"{out.stem}-{k}{out.suffix or '.safetensors'}")
+        if not any(p.exists() for p in checkpoint_paths(alt)):
+            save_checkpoint(model, card, alt, overwrite=False)
+            note = (f"{checkpoint_paths(out)[0]} was written by another run while this model trained; this model "
+                    f"was saved as {checkpoint_paths(alt)[0]} instead (nothing replaced).")
+            log.warning(note)
+            return alt, [note]
+    raise first
 
 
 def _check_finite(model) -> None:
