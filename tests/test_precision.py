@@ -84,6 +84,23 @@ def test_auto_is_plain_fp32_without_bf16_units(tiny_model, monkeypatch: pytest.M
     assert forced.precision == "fp32" and not forced.check_pending  # asked for: exact, never checked
 
 
+def test_an_explicit_bf16_is_checked_like_auto_and_falls_back_when_it_moves_labels(tiny_model) -> None:
+    """--precision bf16 asked for is no licence to move labels unseen: its first batch is checked against fp32 as
+    auto's is, the check is kept in the run's record, and beyond the tolerance the run is fp32 and says so."""
+    from napari_bcd.model.inference import Predictor
+
+    x = _he_windows()
+    exact = Predictor(tiny_model, device="cpu", precision="fp32")(x)
+    asked = Predictor(tiny_model, device="cpu", precision="bf16")
+    assert asked.check_pending
+    asked(x)
+    assert asked.precision == "bf16" and asked.check is not None and asked.check.fast == "bf16"
+    assert asked.check.passed and asked.check.windows == CHECK_WINDOWS
+    strict = Predictor(tiny_model, device="cpu", precision="bf16", tolerance=0.0)
+    np.testing.assert_allclose(strict(x), exact, atol=1e-5)
+    assert strict.precision == "fp32" and strict.check is not None and not strict.check.passed
+
+
 @fast_cpu
 def test_a_run_records_its_check_and_a_fallback_run_equals_fp32(tiny_model) -> None:
     from napari_bcd import open_slide
