@@ -40,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_decision_options(p)
     p.add_argument("--clear", action="store_true", help="back to the most probable class, no cut-offs")
     p.set_defaults(func=_cmd_model_decision)
+    p = m.add_parser("export", help="write a checkpoint as a WSInfer model folder (QuPath's WSInfer extension and the "
+                                    "wsinfer command run it), checked to give the same probabilities")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", choices=["wsinfer"], default="wsinfer", help="the layout to write (default: wsinfer)")
+    p.add_argument("--out", required=True, help="the model folder to write (config.json, torchscript_model.pt, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace files there that napari-bcd did not write")
+    p.set_defaults(func=_cmd_model_export)
 
 
 
@@ -152,6 +159,20 @@ def _cmd_model_decision(args: argparse.Namespace) -> int:
         return 0
     save_decision(args.checkpoint, rule)
     print(f"{args.checkpoint}: {rule.describe()} (the weights are unchanged)")
+    return 0
+
+
+def _cmd_model_export(args: argparse.Namespace) -> int:
+    from ..model.wsinfer import export_wsinfer
+
+    res = export_wsinfer(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote {res.folder}: {', '.join(p.name for p in res.files)}")
+    print(f"{len(res.config['class_names'])} classes ({', '.join(res.config['class_names'])}); patches of "
+          f"{res.config['patch_size_pixels']} px at {res.config['spacing_um_px']:.4g} µm/px; the exported model gives "
+          f"these probabilities within {res.max_difference:.1g} on a real H&E patch")
+    for caveat in res.not_applied:
+        print(f"napari-bcd: QuPath and wsinfer will not apply {caveat}", file=sys.stderr)
+    print("QuPath: copy the folder into the 'local' folder of the WSInfer extension's model directory (see README.md)")
     return 0
 
 
