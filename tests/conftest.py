@@ -296,3 +296,27 @@ def add_regions(viewer, image, boxes, name: str):
             for label, cls, (y0, x0, y1, x1) in boxes]
     data, kwargs, _ = annotations_to_shapes(anns, scale=tuple(image.scale[-2:]), name=name)
     return viewer.add_shapes(data, **{k: v for k, v in kwargs.items() if k != "metadata"})
+
+
+def wsinfer_zoo_folder(root: Path, classes: list[str], *, patch_px: int = 100, spacing: float = 2.0,
+                       resize: int = 32, seed: int = 0) -> Path:
+    """A WSInfer model folder as the zoo and QuPath users have them: a TorchScript network (a small real conv net,
+    traced) and a spec-1.0 ``config.json`` with the zoo's transform (Resize, ToTensor, Normalize)."""
+    import json
+
+    import torch
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, len(classes))).eval()
+    with torch.no_grad():
+        net[4].weight.mul_(20.0)  # spread the outputs so more than one class appears
+    root.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 3, resize, resize)), str(root / "torchscript_model.pt"))
+    config = {"spec_version": "1.0", "architecture": "tinycnn", "num_classes": len(classes), "class_names": classes,
+              "patch_size_pixels": patch_px, "spacing_um_px": spacing,
+              "transform": [{"name": "Resize", "arguments": {"size": resize}}, {"name": "ToTensor"},
+                            {"name": "Normalize", "arguments": {"mean": [0.72, 0.57, 0.68],
+                                                                "std": [0.11, 0.15, 0.11]}}]}
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    return root

@@ -144,3 +144,89 @@ def test_the_real_resnet152v2_exports_with_the_papers_normalisation(tmp_path: Pa
     np.testing.assert_allclose(norm["mean"], [0.5] * 3) and np.testing.assert_allclose(norm["std"], [0.5] * 3)
     assert res.config["patch_size_pixels"] == 256 and res.config["num_classes"] == 2
     assert res.max_difference <= 1e-4
+
+
+# --- WSInfer models opened here ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("classes", [["notumor", "tumor"], ["grade3", "grade4+5", "benign"]])
+def test_a_wsinfer_model_folder_classifies_the_bundled_slide_end_to_end(tmp_path: Path, classes, capsys) -> None:
+    from conftest import wsinfer_zoo_folder
+    from napari_bcd.classes import display_name
+    from napari_bcd.model import load_checkpoint
+    from napari_bcd.model.card import read_card
+
+    folder = wsinfer_zoo_folder(tmp_path / "zoo-model", classes)
+    card = read_card(folder)
+    assert card.classes == tuple(classes) and card.input_px == (32, 32) and card.field_um == (200.0, 200.0)
+    assert card.preprocessing.mode == "meanstd" and card.preprocessing.mean == (0.72, 0.57, 0.68)
+    model = load_checkpoint(folder)
+    assert model.weights_sha256 and model.classes == tuple(classes)
+    out = tmp_path / "out"
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(folder), "--out", str(out)]) == 0
+    text = capsys.readouterr()
+    assert "fp32 on cpu" in text.out + text.err and "wsinfer:tinycnn" in text.out + text.err
+    geo = json.loads((out / f"{SAMPLE_SLIDE.stem}.geojson").read_text())
+    named = {f["properties"]["classification"]["name"] for f in geo["features"]}
+    shown = {display_name(c) for c in classes}  # its own names; a vocabulary class's display name ("Benign")
+    assert named <= shown and len(named) >= 2 and shown - {"Benign"} <= set(classes)
+    summary = json.loads((out / f"{SAMPLE_SLIDE.stem}.summary.json").read_text())
+    assert [row["name"] for row in summary["classes"]] == classes
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(folder), "--out", str(out)]) == 0  # done: skipped
+    assert "skipped" in capsys.readouterr().out.lower()
+
+
+def test_a_wsinfer_model_cannot_be_fine_tuned_and_runs_in_fp32_only(tmp_path: Path) -> None:
+    from conftest import wsinfer_zoo_folder
+    from napari_bcd.errors import BcdError
+    from napari_bcd.model import load_checkpoint
+    from napari_bcd.model.inference import Predictor
+    from napari_bcd.model.wsinfer import refuse_fine_tuning
+
+    folder = wsinfer_zoo_folder(tmp_path / "m", ["a", "b"])
+    model = load_checkpoint(folder)
+    with pytest.raises(BcdError, match="WSInfer model .*cannot fine-tune it.*napari-bcd train"):
+        refuse_fine_tuning(model.card)
+    with pytest.raises(BcdError, match="fp32 only"):
+        Predictor(model, device="cpu", precision="bf16")
+    assert Predictor(model, device="cpu").precision == "fp32"
+
+
+def test_broken_wsinfer_folders_are_named(tmp_path: Path) -> None:
+    from conftest import wsinfer_zoo_folder
+    from napari_bcd.errors import CheckpointError
+    from napari_bcd.model import load_checkpoint
+
+    folder = wsinfer_zoo_folder(tmp_path / "m", ["a", "b", "c"])
+    config = json.loads((folder / WSINFER_CONFIG).read_text())
+    (folder / WSINFER_CONFIG).write_text(json.dumps({**config, "num_classes": 2, "class_names": ["a", "b"]}))
+    with pytest.raises(CheckpointError, match=r"gives \(1, 3\) outputs .* names 2 classes"):
+        load_checkpoint(folder)
+    (folder / WSINFER_CONFIG).write_text(json.dumps({**config, "transform": [{"name": "CenterCrop"}]}))
+    with pytest.raises(CheckpointError, match="not in the spec"):
+        load_checkpoint(folder)
+    (folder / WSINFER_CONFIG).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a readable JSON"):
+        load_checkpoint(folder)
+    (folder / WSINFER_CONFIG).write_text(json.dumps(config))
+    (folder / WSINFER_MODEL).write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="not a TorchScript model"):
+        load_checkpoint(folder)
+
+
+def test_retraining_a_wsinfer_model_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    from conftest import wsinfer_zoo_folder
+    from napari_bcd import classify, open_slide
+    from napari_bcd.errors import BcdError
+    from napari_bcd.model import load_checkpoint
+    from napari_bcd.review import corrections_from_labels, iter_retrain
+
+    folder = wsinfer_zoo_folder(tmp_path / "m", ["notumor", "tumor"])
+    with open_slide(SAMPLE_SLIDE) as slide:
+        cm = classify(slide, load_checkpoint(folder))
+        edited = cm.labels.copy()
+        edited[edited > 0] = 3 - edited[edited > 0]  # every classified cell called the other class
+        corr = corrections_from_labels(cm, edited)
+        with pytest.raises(BcdError, match="WSInfer model .*cannot retrain it"):
+            next(iter_retrain(folder, corr, slide, class_map=cm))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "torchscript_model.pt"]

@@ -137,3 +137,20 @@ def test_the_dock_opens_without_loading_the_model(viewer, qtbot, tmp_path: Path,
     qtbot.addWidget(widget.native)
     assert loads == [] and not widget._controller.cache.is_current(ckpt)
     assert "resnet152v2" in widget._card_label.value and "p" in widget._card_label.value
+
+
+def test_a_wsinfer_model_folder_in_the_dock(viewer, qtbot, tmp_path: Path) -> None:
+    """A QuPath user's WSInfer model (three classes of its own) classifies the slide in the dock: its label layer,
+    its classes in the legend and the summary."""
+    from conftest import wsinfer_zoo_folder
+
+    folder = wsinfer_zoo_folder(tmp_path / "zoo", ["stroma", "tumour", "necrosis"])
+    image = viewer.open(str(SAMPLE_SLIDE), plugin="napari-bcd")[0]
+    widget = _dock(viewer, qtbot, folder)
+    widget._on_run_clicked()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert [widget._legend._boxes[k].text() for k in sorted(widget._legend._boxes)] == ["stroma", "tumour",
+                                                                                         "necrosis"]
+    layer = viewer.layers[f"{image.name} classes"]
+    assert set(np.unique(layer.data)) - {0} <= {1, 2, 3} and (layer.data > 0).any()
+    assert "necrosis" in widget._summary.value and "tumour" in widget._summary.value

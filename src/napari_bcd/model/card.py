@@ -233,6 +233,13 @@ def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def is_wsinfer_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a WSInfer model folder (``config.json`` and ``torchscript_model.pt``; see
+    :mod:`~.wsinfer`)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and (p / "torchscript_model.pt").is_file()
+
+
 def refuse_other_formats(path: str | os.PathLike[str]) -> None:
     """Name the formats that are not napari-bcd checkpoints, with what to do instead."""
     p = Path(path)
@@ -241,7 +248,8 @@ def refuse_other_formats(path: str | os.PathLike[str]) -> None:
     except (RuntimeError, OSError) as err:  # a symbolic link loop (RuntimeError before Python 3.13)
         raise CheckpointError(f"{path} is a symbolic link loop ({err}); give the checkpoint's real path.") from err
     if p.is_dir():
-        raise CheckpointError(f"{path} is a folder; give the checkpoint's .safetensors file (or its .json card).")
+        raise CheckpointError(f"{path} is a folder, and not a WSInfer model folder (config.json and "
+                              "torchscript_model.pt); give the checkpoint's .safetensors file (or its .json card).")
     suffix = p.suffix.lower()
     if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"):
         raise CheckpointError(f"{path} is a PyTorch pickle, which napari-bcd never loads (it can run code). Use a "
@@ -273,6 +281,10 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
     CheckpointError
     """
 
+    if is_wsinfer_folder(path):  # a WSInfer model folder: its config.json says what the card would
+        from .wsinfer import wsinfer_card
+
+        return wsinfer_card(path)
     refuse_other_formats(path)
     weights, card = checkpoint_paths(path)
     if card.is_file():

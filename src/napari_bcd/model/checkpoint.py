@@ -21,7 +21,7 @@ import torch
 from .._fileio import OutputConflict, check_output, is_ours, output_file, output_path
 from ..config import remember_weights, verified_weights
 from ..errors import BcdError, CheckpointError
-from .card import ModelCard, checkpoint_paths, newer_card, read_card_file, refuse_other_formats
+from .card import ModelCard, checkpoint_paths, is_wsinfer_folder, newer_card, read_card_file, refuse_other_formats
 from .classifier import Classifier, build_classifier
 
 if TYPE_CHECKING:
@@ -169,7 +169,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     Parameters
     ----------
     path
-        The ``.safetensors`` file, its ``.json`` card, or their common stem.
+        The ``.safetensors`` file, its ``.json`` card, or their common stem; or a WSInfer model folder
+        (``config.json`` and ``torchscript_model.pt``, :mod:`~.wsinfer`).
     device
         Where to put the model.
 
@@ -181,6 +182,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    if is_wsinfer_folder(path):  # a WSInfer model folder (QuPath's, the zoo's, or exported here)
+        from .wsinfer import load_wsinfer
+
+        return load_wsinfer(path, device=device)
     refuse_other_formats(path)
     weights, card_path = checkpoint_paths(path)
     if not weights.is_file():

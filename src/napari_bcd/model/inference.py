@@ -89,9 +89,14 @@ class Predictor:
             if not int8_available():
                 raise BcdError("int8 needs an x86 CPU (PyTorch's x86 quantised engine is not available here); "
                                "use --precision auto.")
-        float_format = "bf16" if self.device.type == "cuda" or (cpu and bf16_is_fast("cpu")) else "fp32"
+        scripted = (model.card.head or {}).get("type") == "torchscript"
+        if scripted and precision not in ("auto", "fp32"):  # autocast does not reach into TorchScript
+            raise BcdError(f"{model.card.name} is a TorchScript (WSInfer) model, which runs here in fp32 only; use "
+                           "--precision auto or fp32.")
+        float_format = ("fp32" if scripted else
+                        "bf16" if self.device.type == "cuda" or (cpu and bf16_is_fast("cpu")) else "fp32")
         #: Which format runs, run by run, and the record of its checks (:class:`~.policy.PrecisionPolicy`).
-        self.policy = PrecisionPolicy(precision, float_format, auto_cpu=precision == "auto" and cpu,
+        self.policy = PrecisionPolicy(precision, float_format, auto_cpu=precision == "auto" and cpu and not scripted,
                                       tolerance=tolerance)
         precision = self.policy.precision
         self.precision = precision

@@ -20,17 +20,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import BcdError, CheckpointError
+from .card import is_wsinfer_folder
 
 if TYPE_CHECKING:
+    import torch
+
     from .card import ModelCard
     from .classifier import Classifier
     from .preprocessing import Preprocessing
 
-__all__ = ["WSINFER_CARD", "WSINFER_CONFIG", "WSINFER_MODEL", "WsinferExport", "export_wsinfer", "is_wsinfer_folder",
-           "normalize_arguments", "preprocessing_from_transform", "read_wsinfer_config", "wsinfer_config"]
+__all__ = ["WSINFER_CARD", "WSINFER_CONFIG", "WSINFER_MODEL", "WsinferExport", "export_wsinfer", "is_torchscript",
+           "is_wsinfer_folder", "load_wsinfer", "normalize_arguments", "preprocessing_from_transform",
+           "read_wsinfer_config", "refuse_fine_tuning", "wsinfer_card", "wsinfer_config"]
 
 WSINFER_CONFIG = "config.json"
 WSINFER_MODEL = "torchscript_model.pt"
@@ -138,6 +141,8 @@ def export_wsinfer(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLik
         For a model the spec cannot express, a folder holding files napari-bcd did not write (without
         ``overwrite``), or an export that does not reproduce the model.
     """
+    import torch
+
     from .._fileio import check_output, output_file, output_path
     from .checkpoint import load_checkpoint
 
@@ -161,7 +166,7 @@ def export_wsinfer(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLik
         ours = model.predict_proba(model.normalise(torch.from_numpy(pixels.copy())[None])).numpy()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notices: QuPath and wsinfer load only it
-        traced = torch.jit.trace(_Logits(model), ((example - mean) / std,), check_trace=False)
+        traced = torch.jit.trace(_logits_module(model), ((example - mean) / std,), check_trace=False)
     out.mkdir(parents=True, exist_ok=True)
     with output_path(out / WSINFER_MODEL, replace) as tmp:
         with warnings.catch_warnings():
@@ -187,15 +192,19 @@ def export_wsinfer(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLik
     return WsinferExport(out, config, caveats, diff, tuple(out / n for n in names))
 
 
-class _Logits(torch.nn.Module):
+def _logits_module(model: Classifier) -> torch.nn.Module:
     """The network alone: normalised NCHW in, logits out (what WSInfer's runners call)."""
+    import torch
 
-    def __init__(self, net: Classifier) -> None:
-        super().__init__()
-        self.backbone, self.head = net.backbone, net.head
+    class Logits(torch.nn.Module):
+        def __init__(self, net: Classifier) -> None:
+            super().__init__()
+            self.backbone, self.head = net.backbone, net.head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x))
+
+    return Logits(model).eval()
 
 
 def _sample_patch() -> np.ndarray:
@@ -244,12 +253,6 @@ def _readme(card: ModelCard, config: dict, caveats: tuple[str, ...], diff: float
 # --- opening one here ----------------------------------------------------------------------------------------------
 
 
-def is_wsinfer_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a WSInfer model folder (a ``config.json`` and ``torchscript_model.pt``)."""
-    p = Path(path)
-    return p.is_dir() and (p / WSINFER_CONFIG).is_file() and (p / WSINFER_MODEL).is_file()
-
-
 def read_wsinfer_config(folder: str | os.PathLike[str]) -> dict:
     """A WSInfer ``config.json``, checked against the spec's required fields and types, with what is wrong said."""
     p = Path(folder) / WSINFER_CONFIG
@@ -278,3 +281,79 @@ def read_wsinfer_config(folder: str | os.PathLike[str]) -> dict:
     if problems:
         raise CheckpointError(f"{p} is not a valid WSInfer model config: " + "; ".join(problems) + ".")
     return doc
+
+
+def wsinfer_card(folder: str | os.PathLike[str], weights_sha256: str = "") -> ModelCard:
+    """The model card of a WSInfer model folder: classes, patch and preprocessing from its ``config.json``; the
+    name, decision rule and provenance from our own card beside it when napari-bcd exported it."""
+    from .card import ModelCard
+
+    p = Path(folder)
+    config = read_wsinfer_config(p)
+    px = int(config["patch_size_pixels"])
+    size = next((t.get("arguments", {}).get("size") for t in config["transform"] if t.get("name") == "Resize"), px)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise CheckpointError(f"{p / WSINFER_CONFIG}: Resize size must be a positive number of pixels, got {size}.")
+    field = px * float(config["spacing_um_px"])
+    extra: dict[str, Any] = {}
+    ours = p / WSINFER_CARD
+    if ours.is_file():  # exported by napari-bcd: keep what the config cannot say
+        try:
+            doc = json.loads(ours.read_text(encoding="utf-8"))
+            if list(doc.get("classes") or []) == list(config["class_names"]):
+                extra = {k: doc[k] for k in ("name", "training", "metrics", "decision", "stain") if doc.get(k)}
+        except (OSError, ValueError, AttributeError):
+            extra = {}
+    return ModelCard(
+        classes=tuple(config["class_names"]), backbone=f"wsinfer:{config.get('architecture') or 'torchscript'}",
+        backbone_weights=str(p / WSINFER_MODEL), head={"type": "torchscript", "format": "wsinfer"},
+        input_px=size, field_um=(field, field), preprocessing=preprocessing_from_transform(config["transform"]),
+        weights_sha256=weights_sha256, **{"name": p.name, **extra})
+
+
+def load_wsinfer(folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Classifier:
+    """A WSInfer model folder as a :class:`~.classifier.Classifier` the engine runs (its TorchScript is the
+    network; no head of ours).  It cannot be fine-tuned: :func:`is_torchscript` says so to those who would."""
+    import torch
+
+    from .._fileio import file_digest
+    from .classifier import Classifier
+
+    p = Path(folder)
+    sha = file_digest(p / WSINFER_MODEL)
+    card = wsinfer_card(p, sha)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = torch.jit.load(str(p / WSINFER_MODEL), map_location="cpu")
+    except (RuntimeError, OSError, ValueError) as err:
+        raise CheckpointError(f"{p / WSINFER_MODEL} is not a TorchScript model PyTorch can load "
+                              f"({str(err).splitlines()[0] if str(err) else err}).") from None
+    model = Classifier(net, torch.nn.Identity(), card)
+    model.preprocessing_source = f"{WSINFER_CONFIG} (its Normalize)"
+    try:  # one real-size input: the classes the config names must be what the network gives
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, *card.input_px))
+    except RuntimeError as err:
+        raise CheckpointError(f"{p / WSINFER_MODEL} does not run on a {card.input_px[0]} x {card.input_px[1]} "
+                              f"patch ({str(err).splitlines()[0]}).") from None
+    if out.ndim != 2 or out.shape[1] != len(card.classes):
+        raise CheckpointError(f"{p / WSINFER_MODEL} gives {tuple(out.shape)} outputs for one patch but its "
+                              f"config names {len(card.classes)} classes. Use the config written with this model.")
+    model.source_path, model.weights_sha256 = str(p), sha
+    return model.to(device).eval()
+
+
+def is_torchscript(card: ModelCard) -> bool:
+    """Whether a card is a WSInfer/TorchScript model's: run here, never fine-tuned."""
+    return (card.head or {}).get("type") == "torchscript"
+
+
+def refuse_fine_tuning(card: ModelCard, what: str = "fine-tune") -> None:
+    """Say at once why a TorchScript (WSInfer) model cannot be trained further."""
+    if is_torchscript(card):
+        raise CheckpointError(
+            f"{card.name} is a WSInfer model (TorchScript): napari-bcd runs it but cannot {what} it, as its layers "
+            "are compiled. Train a model of your own on the same regions (napari-bcd train, or the Train dock), "
+            "then export it back with napari-bcd model export --format wsinfer.")

@@ -115,7 +115,7 @@ def iter_retrain(
         Before any work: no corrections, bad settings, an existing ``out``, settings that contradict the map, a
         grid that does not match.
     """
-    from ..model.card import checkpoint_paths, read_card
+    from ..model.card import checkpoint_paths, is_wsinfer_folder, read_card
     from ..model.checkpoint import check_checkpoint_target
     from ..settings import ClassifySettings
     from ..tiling import grid_for
@@ -124,6 +124,10 @@ def iter_retrain(
     if not len(corrections):
         raise BcdError("There are no corrected cells: repaint cells of the classes layer with another class "
                        "(or draw classified shapes) first.")
+    if is_wsinfer_folder(checkpoint):  # TorchScript: run here, never retrained
+        from ..model.wsinfer import refuse_fine_tuning
+
+        refuse_fine_tuning(read_card(checkpoint), "retrain")
     parent = checkpoint_paths(checkpoint)[0]
     card = read_card(parent)
     unknown = sorted({c.new for c in corrections.cells} - set(card.classes))
