@@ -101,3 +101,94 @@ def test_uint8_path_matches_manual_preprocessing() -> None:
     manual = (torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255 - mean) / std
     with torch.no_grad():
         assert torch.allclose(model.forward_uint8(torch.from_numpy(img)), model(manual), atol=1e-5)
+
+
+# --- the pathology foundation models by name (issue 38) ------------------------------------------------------------
+
+#: Published sizes (millions of backbone parameters) and feature widths: the rows build exactly these networks.
+FOUNDATION_SIZES = {"h-optimus-0": (1134.8, 1536), "uni": (303.4, 1024), "uni2-h": (681.4, 1536),
+                    "virchow2": (631.2, 1280), "phikon-v2": (303.4, 1024), "hibou-b": (85.7, 768),
+                    "kaiko-vitb16": (85.8, 768)}
+
+
+@pytest.mark.parametrize("name", list(FOUNDATION_SIZES))
+def test_every_foundation_row_builds_its_exact_architecture(name: str) -> None:
+    """Built offline with random weights on the meta device (no memory, no download): the parameter count and
+    feature width their model cards publish, one window through backbone and head at the model's 224 px, and at
+    the engine's 256 px where the position embedding is interpolated."""
+    from napari_bcd.model.backbones import BACKBONES
+
+    spec = BACKBONES[name]
+    params, width = FOUNDATION_SIZES[name]
+    with torch.device("meta"):
+        model = build_classifier(name, classes=("a", "b"), backbone_weights=None, input_px=(224, 224),
+                                 field_um=(112.0, 112.0))
+        feats = model.backbone(torch.zeros(1, 3, 224, 224))
+        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 2)
+    assert sum(p.numel() for p in model.backbone.parameters()) / 1e6 == pytest.approx(params, abs=0.1)
+    assert feats.shape[:2] == (1, width) and model.card.backbone == name
+    assert model.card.backbone_args == spec.timm_args and spec.mpp == 0.5 and spec.licence
+    if spec.fixed_input:
+        with pytest.raises(BcdError, match="224 x 224 px inputs only.*--input-px 224"):
+            build_classifier(name, classes=("a", "b"), backbone_weights=None)
+    else:  # position embedding interpolated: any multiple of the patch, e.g. the engine's 256 where it divides
+        px = 256 if 256 % spec.patch == 0 else 18 * spec.patch
+        with torch.device("meta"):
+            wide = build_classifier(name, classes=("a", "b"), backbone_weights=None, input_px=(px, px))
+            assert wide(torch.zeros(1, 3, px, px)).shape == (1, 2)
+        if 256 % spec.patch:
+            with pytest.raises(BcdError, match=f"multiples of its {spec.patch}-px patch"):
+                build_classifier(name, classes=("a", "b"), backbone_weights=None)
+
+
+def test_a_foundation_row_runs_a_real_window_and_its_card_rebuilds_it(tmp_path) -> None:
+    """Hibou-B with random weights, for real: a window of real H&E in its own normalisation, saved and loaded."""
+    from conftest import SAMPLE_SLIDE
+    from napari_bcd import open_slide
+    from napari_bcd.model import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_classifier("hibou-b", classes=("a", "b"), backbone_weights=None, input_px=(224, 224),
+                             field_um=(112.0, 112.0))
+    assert model.card.preprocessing.mean == (0.7068, 0.5755, 0.722)
+    with open_slide(SAMPLE_SLIDE) as slide:
+        window = np.asarray(slide.read_region(0, 1000, 900, 224, 224))[..., :3].copy()
+    with torch.inference_mode():
+        p = model.predict_proba(model.normalise(torch.from_numpy(window)[None])).numpy()
+    assert p.shape == (1, 2) and np.isfinite(p).all()
+    again = load_checkpoint(save_checkpoint(model, path=tmp_path / "h.safetensors"))
+    with torch.inference_mode():
+        q = again.predict_proba(again.normalise(torch.from_numpy(window)[None])).numpy()
+    np.testing.assert_allclose(p, q, atol=1e-6)
+
+
+def test_a_gated_row_without_a_token_is_refused_at_once_with_the_way_in(monkeypatch, tmp_path) -> None:
+    import time
+
+    from napari_bcd.model import backbones
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token, an empty cache
+    monkeypatch.setattr(backbones, "_reachable", lambda host, timeout: pytest.fail("no network before the token"))
+    start = time.perf_counter()
+    with pytest.raises(BcdError) as err:
+        backbones.check_backbone_weights("uni", "imagenet")
+    assert time.perf_counter() - start < 1.0
+    text = str(err.value)
+    assert "gated on Hugging Face" in text and "https://huggingface.co/MahmoodLab/UNI" in text and "HF_TOKEN" in text
+    assert "CC-BY-NC-ND-4.0" in text
+    with pytest.raises(BcdError, match="transformers layout.*--backbone-weights FILE"):
+        backbones.check_backbone_weights("phikon-v2", "imagenet")
+    backbones.check_backbone_weights("uni", None)  # random weights: always possible
+    assert "NON-COMMERCIAL" in backbones.BACKBONES["uni"].notice()
+    assert "commercial use allowed" in backbones.BACKBONES["h-optimus-0"].notice()
+
+
+def test_train_says_the_licence_before_any_work(tmp_path, capsys) -> None:
+    from napari_bcd.cli import main
+
+    assert main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "m.safetensors"), "--backbone",
+                 "virchow2"]) == 2
+    err = capsys.readouterr().err
+    assert err.index("virchow2: licence CC-BY-NC-ND-4.0 (NON-COMMERCIAL use only)") < err.index("missing")

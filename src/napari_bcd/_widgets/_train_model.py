@@ -26,7 +26,12 @@ class ModelSettings:
                                  tooltip="auto: validated on regions it did not train on, never worse than a simple "
                                          "classifier. paper: Adam 1e-4, batch 128, 25 epochs.")
         self.backbone = ComboBox(label="backbone", choices=[*BACKBONES, OTHER], value=PAPER_BACKBONE,
-                                 tooltip="\n".join(f"{k}: {s.label}" for k, s in BACKBONES.items()))
+                                 tooltip="\n".join(f"{k}: {s.label}" + (f" — {s.licence}"
+                                                    f"{', gated' if s.gated else ''}"
+                                                    f"{', non-commercial' if s.commercial is False else ''}"
+                                                    if s.licence else "") for k, s in BACKBONES.items()))
+        #: The chosen backbone's licence and access, shown before training (pathology foundation models).
+        self.licence = wrapped(Label(label="licence", value="", visible=False))
         self.other = LineEdit(label="timm model", value="timm:", visible=False,
                               tooltip="timm:<name>, any model timm.list_models() knows")
         self.weights = ComboBox(label="backbone weights", choices=list(WEIGHTS), value="ImageNet / pretrained")
@@ -42,12 +47,18 @@ class ModelSettings:
                               tooltip="also train on stain-jittered copies of every region (HED x0.8-1.2), for "
                                       "slides stained unlike these")
         self.sections = (
-            Section("Model", [self.out, self.protocol, self.backbone, self.other, self.weights, self.weights_file,
-                              self.pixels]),
+            Section("Model", [self.out, self.protocol, self.backbone, self.licence, self.other, self.weights,
+                              self.weights_file, self.pixels]),
             Section("Training settings", [self.epochs, self.lr, self.batch, self.stain], open=False))
         self.weights.changed.connect(self.on_weights_changed)
         self.weights_file.changed.connect(self.on_weights_changed)
-        self.backbone.changed.connect(lambda *_: setattr(self.other, "visible", self.backbone.value == OTHER))
+        self.backbone.changed.connect(self.on_backbone_changed)
+
+    def on_backbone_changed(self, *_: object) -> None:
+        self.other.visible = self.backbone.value == OTHER
+        spec = BACKBONES.get(self.backbone.value)
+        notice = spec.notice() if spec is not None else ""
+        self.licence.value, self.licence.visible = notice.partition(": ")[2], bool(notice)
 
     def backbone_name(self) -> str:
         if self.backbone.value != OTHER:

@@ -10,7 +10,7 @@ from .._fileio import check_output, output_file
 from .._progress import drive, progress_bar
 from ..annotations.read import FORMAT_NAMES
 from ..errors import BcdError
-from ..model.backbones import BACKBONES, PAPER_BACKBONE
+from ..model.backbones import PAPER_BACKBONE, backbone_spec, backbones_text
 from ..settings import FEATURE_PRECISIONS, GROUP_KINDS, TRAIN_PROTOCOLS, VALIDATIONS, TrainSettings
 from .options import (
     COUNT,
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): enough optimiser steps for a few regions, class-balanced, early stopping, "
                         "head started from the linear probe; paper: the paper's hyper-parameters exactly")
     p.add_argument("--backbone", default=PAPER_BACKBONE,
-                   help=f"one of {', '.join(BACKBONES)}, or timm:<any timm model> (default: the paper's)")
+                   help=f"{backbones_text()} (default: the paper's)")
     p.add_argument("--backbone-weights", help="local backbone weights (safetensors or a plain state dict); "
                    "a safetensors file may state its preprocessing in its metadata; 'none' for random weights")
     p.add_argument("--preprocess", choices=["tf", "unit", "imagenet", "meanstd"],
@@ -180,6 +180,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.iciar import read_iciar
 
     check_out_file(args.out)
+    notice = backbone_spec(args.backbone).notice()
+    if notice:  # the licence and access, before any work
+        print(f"napari-bcd: {notice}", file=sys.stderr)
     ds = read_iciar(args.dataset)
     if args.no_groups:
         if args.groups or args.group_pattern:

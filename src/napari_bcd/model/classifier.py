@@ -173,6 +173,13 @@ def build_classifier(
                             "are napari_bcd.classes.BACH_CLASSES)")
         classes = card.classes
     spec = backbone_spec(backbone)
+    if spec.fixed_input and tuple(input_px) != (spec.input_px, spec.input_px):
+        raise BcdError(f"{spec.label} takes {spec.input_px} x {spec.input_px} px inputs only (its position embedding "
+                       f"is fixed); use --input-px {spec.input_px} (a field of {spec.input_px * spec.mpp:g} µm at its "
+                       f"{spec.mpp:g} µm/px).")
+    if spec.licence and spec.patch and any(v % spec.patch for v in input_px):
+        raise BcdError(f"{spec.label} takes inputs that are multiples of its {spec.patch}-px patch; use --input-px "
+                       f"{spec.input_px} (its own) or another multiple of {spec.patch}, not {tuple(input_px)}.")
     net, desc = build_backbone(backbone, backbone_weights)
     stated = weights_preprocessing(backbone_weights) if card is None else None
     if preprocessing is not None:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..errors import BcdError
 
 __all__ = ["TimmBackbone"]
+
+
+def _resolved(args: dict[str, Any]) -> dict[str, Any]:
+    """A card's JSON-able timm arguments as timm takes them: layer names become the layers."""
+    out = dict(args)
+    if out.get("mlp_layer") == "SwiGLUPacked":
+        from timm.layers import SwiGLUPacked
+
+        out["mlp_layer"] = SwiGLUPacked
+    if out.get("act_layer") == "silu":
+        out["act_layer"] = nn.SiLU
+    return out
 
 
 class TimmBackbone(nn.Module):
@@ -18,14 +32,15 @@ class TimmBackbone(nn.Module):
     back onto their grid, so the Table II head sees the same kind of input.
     """
 
-    def __init__(self, name: str, pretrained: bool = False) -> None:
+    def __init__(self, name: str, pretrained: bool = False, hub: str = "", **args: Any) -> None:
         super().__init__()
         try:
             import timm
         except ImportError as err:  # pragma: no cover - timm is a dependency
             raise ImportError("timm backbones need timm: pip install timm") from err
         try:
-            self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+            self.model = timm.create_model(f"hf-hub:{hub}" if hub else name, pretrained=pretrained, num_classes=0,
+                                           global_pool="", **_resolved(args))
         except RuntimeError as err:
             raise BcdError(f"timm has no model {name!r}: {err}. See timm.list_models().") from err
         except OSError as err:
