@@ -228,3 +228,25 @@ def test_the_feature_cache_is_trusted_only_for_what_it_says(tmp_path: Path) -> N
     assert feats.cached == len(ds) - 4  # the four entries that did not check out were computed again
     w1, w2 = load_file(clean.checkpoint), load_file(again.checkpoint)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the same model as from a clean cache
+
+
+def test_cache_info_says_what_is_cached_and_how_often_training_found_it(tmp_path: Path, capsys) -> None:
+    """Issue 38: embeddings once, many heads: the second run takes every feature from the cache, and
+    ``napari-bcd cache info`` says so (by backbone, with sizes and hit rates); ``cache clear`` empties it."""
+    from napari_bcd.cli import main
+    from napari_bcd.train.cache import cache_info
+
+    ds = read_iciar(_two_kinds(tmp_path / "ds", n=4))
+    kw = {"backbone": "timm:resnet18", "backbone_weights": None, "input_px": (64, 64), "field_um": (50.0, 50.0),
+          "feature_precision": "fp32", "validation": "cv"}
+    run(iter_finetune(ds, out=tmp_path / "a.safetensors", **kw))
+    run(iter_finetune(ds, out=tmp_path / "b.safetensors", **kw))
+    folders, runs = cache_info()
+    assert len(folders) == 1 and folders[0].entries == len(ds) and folders[0].bytes > 0
+    assert folders[0].about["backbone"] == "timm:resnet18" and folders[0].about["precision"] == "fp32"
+    assert [(r.found, r.computed) for r in runs] == [(0, len(ds)), (len(ds), 0)]
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "1 folder(s), 8 image(s)" in out and "timm:resnet18 (random), [64, 64] px, fp32" in out
+    assert f"{len(ds)} of {2 * len(ds)} images' features found in the cache (50%)" in out
+    assert main(["cache", "clear"]) == 0 and cache_info() == ([], [])

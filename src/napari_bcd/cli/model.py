@@ -48,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace files there that napari-bcd did not write")
     p.set_defaults(func=_cmd_model_export)
 
+    c = sub.add_parser("cache", help="the feature cache: what training keeps between runs").add_subparsers(
+        dest="cache_command", metavar="ACTION")
+    p = c.add_parser("info", help="its size by backbone, and how often training found its features there")
+    p.set_defaults(func=_cmd_cache_info)
+    p = c.add_parser("clear", help="remove every cached feature (computed again when needed)")
+    p.set_defaults(func=_cmd_cache_clear)
+
 
 
 def register_qupath(sub: argparse._SubParsersAction) -> None:
@@ -173,6 +180,22 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
     for caveat in res.not_applied:
         print(f"napari-bcd: QuPath and wsinfer will not apply {caveat}", file=sys.stderr)
     print("QuPath: copy the folder into the 'local' folder of the WSInfer extension's model directory (see README.md)")
+    return 0
+
+
+def _cmd_cache_info(args: argparse.Namespace) -> int:
+    from ..train.cache import cache_info, feature_cache_dir, format_info
+
+    folders, runs = cache_info()
+    print(format_info(folders, runs, feature_cache_dir()))
+    return 0
+
+
+def _cmd_cache_clear(args: argparse.Namespace) -> int:
+    from ..train.cache import clear_cache, feature_cache_dir
+
+    freed = clear_cache()
+    print(f"removed {feature_cache_dir()} ({freed / 2**20:.1f} MiB of features; computed again when needed)")
     return 0
 
 

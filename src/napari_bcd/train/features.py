@@ -177,7 +177,13 @@ def _feature_bank_in(model, dataset: Dataset, needed: list[int], T: int, images_
 
     cdir = cache_dir() / "features" / f"{bkey}-{pkey}"
     if cache:
+        from .cache import describe_folder
+
         cdir.mkdir(parents=True, exist_ok=True)
+        describe_folder(cdir, {"backbone": model.card.backbone, "weights": model.card.backbone_weights,
+                               "input_px": list(model.card.input_px),
+                               "preprocessing": model.card.preprocessing.describe(), "precision": precision,
+                               "variant": variant})
     feats: dict[int, torch.Tensor] = {}
     keys: dict[int, str] = {}
     cached_n = 0
@@ -230,6 +236,10 @@ def _feature_bank_in(model, dataset: Dataset, needed: list[int], T: int, images_
         done += len(chunk)
         if (yield FeatureProgress(done, len(needed), cached_n)) == STOP:
             return None
+    if cache:
+        from .cache import record_run
+
+        record_run(cdir, model.card.backbone, cached_n, len(todo), bad)
     # One contiguous bank: a batch is then one gather, not 128 small copies.
     bank = torch.stack([feats.pop(i) for i in needed])
     return bank
