@@ -14,14 +14,14 @@ import torch
 from conftest import SAMPLE_SLIDE
 from napari_bcd.classes import BACH_CLASSES
 from napari_bcd.cli import main
-from napari_bcd.model.wsinfer import (
+from napari_bcd.model.wsinfer_config import (
     WSINFER_CARD,
     WSINFER_CONFIG,
     WSINFER_MODEL,
-    export_wsinfer,
     normalize_arguments,
     wsinfer_config,
 )
+from napari_bcd.model.wsinfer_export import export_wsinfer
 
 
 def _import_wsinfer():

@@ -170,7 +170,7 @@ def _cmd_model_decision(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_export(args: argparse.Namespace) -> int:
-    from ..model.wsinfer import export_wsinfer
+    from ..model.wsinfer_export import export_wsinfer
 
     res = export_wsinfer(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"wrote {res.folder}: {', '.join(p.name for p in res.files)}")

@@ -282,9 +282,9 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
     """
 
     if is_wsinfer_folder(path):  # a WSInfer model folder: its config.json says what the card would
-        from .wsinfer import wsinfer_card
+        from .wsinfer_config import wsinfer_card_fields
 
-        return wsinfer_card(path)
+        return ModelCard(**wsinfer_card_fields(path))
     refuse_other_formats(path)
     weights, card = checkpoint_paths(path)
     if card.is_file():
