@@ -517,7 +517,7 @@ def test_retrain_re_predicts_with_exactly_the_maps_run(tiny_model, tmp_path):
 
     with open_slide(SAMPLE_SLIDE) as slide:  # the model "was trained on" a stain it will be normalised to
         plain = classify(slide, tiny_model, precision="fp32")
-    parent = save_checkpoint(tiny_model, tiny_model.card.replace(stain=plain.run.stain.data["slide"]),
+    parent = save_checkpoint(tiny_model, tiny_model.card.replace(stain=plain.run.stain.slide),
                              tmp_path / "tiny.safetensors")
     run = ClassifySettings(stride=0.5, refine=True, tissue_threshold=0.15, stain_normalize="macenko",
                            precision="fp32")

@@ -201,20 +201,13 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
         low_quality_area_mm2=round(float(inside[low_q].sum()) * cell_mm2, 6),
         decision=rule.describe(),
         decision_rule=rule.to_dict(),
-        stain_warning=stain_warning(class_map.run.stain.data if class_map.run is not None else None),
+        stain_warning=class_map.run.stain.warning() if class_map.run is not None else "",
     )
 
 
 def stain_warning(stain: dict | None, advice: str = "consider --stain-normalize macenko (or vahadane)") -> str:
-    """The sentence a pathologist reads when the slide's stain is unlike the training images', else "".
+    """The stain warning of a summary's ``info.stain`` JSON read back from a file
+    (:meth:`~napari_bcd.engine.StainCheck.warning` of a run at hand)."""
+    from .engine.record import StainCheck
 
-    ``advice`` says what to do in the words of where it is read (the CLI's option, the dock's field).
-    """
-    if not stain or not (stain.get("distance") or {}).get("differs"):
-        return ""
-    d = stain["distance"]
-    what = (f"hematoxylin {d['h_angle_deg']:.0f}° and eosin {d['e_angle_deg']:.0f}° apart, "
-            f"strength x{d['h_ratio']:.2f} / x{d['e_ratio']:.2f}")
-    if stain.get("normalized") in ("macenko", "vahadane"):
-        return f"stain differs from the training set ({what}); normalised to it ({stain['normalized'].title()})"
-    return f"stain differs from the training set ({what}): predictions may be unreliable; {advice}"
+    return StainCheck.from_dict(stain).warning(advice)

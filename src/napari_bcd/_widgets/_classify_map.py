@@ -64,7 +64,7 @@ class MapView:
 
     def on_map_changed(self, state: MapState, reason: str) -> None:
         """Every view follows the store: a retrain, an Apply, an Undo, a repainted cell."""
-        from ..summary import stain_warning, summarize
+        from ..summary import summarize
 
         shown = state.shown
         summary = summarize(shown)
@@ -72,8 +72,8 @@ class MapView:
         self.call.value = f"<b>{summary.call_text[:1].upper()}{summary.call_text[1:]}</b>"
         self.legend.show_summary(summary, shown.classes)
         self.on_legend_toggled(self.legend.hidden())
-        warning = stain_warning(shown.run.stain.data if shown.run is not None else None,
-                                advice="choose stain: normalise (Macenko) and Run again")
+        warning = (shown.run.stain.warning(advice="choose stain: normalise (Macenko) and Run again")
+                   if shown.run is not None else "")
         self.stain_note.value = warning[:1].upper() + warning[1:] + "." if warning else ""
         for b in self.export_buttons.values():
             b.enabled = True

@@ -39,14 +39,49 @@ class Progress:
 class StainCheck:
     """The slide's stain against the model's training images (:mod:`napari_bcd.stain`).
 
-    ``data`` is the JSON the summary carries; ``normalized`` the method that
-    mapped every window to the training stain ("none" when none did);
-    ``differs`` whether the stain is unlike the training images'.
+    ``slide``: the slide's stain statistics (:meth:`~napari_bcd.stain.StainStats.to_dict`), None when none were
+    measured; ``distance``: how far they are from the card's (angles, strength ratios, the estimate's noise,
+    whether it ``differs``), None without a reference; ``normalized``: the method that mapped every window to the
+    training stain ("none" when none did); ``note``: why something is missing.  The JSON is made at the file
+    boundary only (:meth:`to_dict`, :meth:`from_dict`); people read :meth:`warning`.
     """
 
-    data: dict = field(default_factory=dict)
+    slide: dict | None = None
+    distance: dict | None = None
     normalized: str = "none"
-    differs: bool = False
+    note: str = ""
+
+    @property
+    def differs(self) -> bool:
+        """Whether the slide's stain is unlike the training images' beyond the estimate's noise."""
+        return bool((self.distance or {}).get("differs"))
+
+    def warning(self, advice: str = "consider --stain-normalize macenko (or vahadane)") -> str:
+        """The sentence a pathologist reads when the stain differs, else "" (``advice``: what to do, in the words
+        of where it is read)."""
+        if not self.differs:
+            return ""
+        d = self.distance or {}
+        what = (f"hematoxylin {d['h_angle_deg']:.0f}° and eosin {d['e_angle_deg']:.0f}° apart, "
+                f"strength x{d['h_ratio']:.2f} / x{d['e_ratio']:.2f}")
+        if self.normalized in ("macenko", "vahadane"):
+            return f"stain differs from the training set ({what}); normalised to it ({self.normalized.title()})"
+        return f"stain differs from the training set ({what}): predictions may be unreliable; {advice}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"normalized": self.normalized}
+        if self.slide is not None:
+            out["slide"] = self.slide
+        if self.distance is not None:
+            out["distance"] = self.distance
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> StainCheck:
+        d = d or {}
+        return cls(d.get("slide"), d.get("distance"), str(d.get("normalized") or "none"), str(d.get("note") or ""))
 
 
 @dataclass(frozen=True)
@@ -85,7 +120,7 @@ class RunRecord:
         """The run as the summary's ``info`` JSON (the decision rule applied, with its counts, first)."""
         return {
             "decision": decision,
-            "stain": self.stain.data,
+            "stain": self.stain.to_dict(),
             "windows": int(self.windows),
             "refine": None if self.candidate_windows is None else {
                 "full_overlap_windows": self.candidate_windows,

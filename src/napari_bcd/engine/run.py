@@ -200,25 +200,22 @@ def stain_check(slide: Slide, grid: Grid, todo: np.ndarray, card, predictor, nor
 
     predictor.set_stain_map(None)
     if len(todo) == 0:
-        return StainCheck({"normalized": "none", "note": "no tissue window"})
+        return StainCheck(note="no tissue window")
     pick = todo[np.linspace(0, len(todo) - 1, min(16, len(todo))).round().astype(int)]
     try:
         # not through the tile cache: the pass that follows still decodes each tile once
         images = [read_window(slide, grid, int(r), int(c), tuple(card.input_px), cache=False) for r, c in pick]
         stats = stain_stats(images)
     except BcdError as err:
-        return StainCheck({"normalized": "none", "note": str(err)})
-    info: dict = {"slide": stats.to_dict(), "normalized": "none"}
+        return StainCheck(note=str(err))
     reference = reference_stats(card.stain)
     if reference is None:
-        info["note"] = "the model card has no stain statistics of its training images"
-        return StainCheck(info)
-    info["distance"] = stain_distance(stats, reference, stain_noise(images, stats))
+        return StainCheck(stats.to_dict(), note="the model card has no stain statistics of its training images")
+    distance = stain_distance(stats, reference, stain_noise(images, stats))
     if normalize != "none":
         source = stats if normalize == "macenko" else stain_stats(images, method=normalize)
         predictor.set_stain_map(macenko_transform(source, reference_stats(card.stain, normalize)))
-        info["normalized"] = normalize
-    return StainCheck(info, normalize, bool(info["distance"].get("differs")))
+    return StainCheck(stats.to_dict(), distance, normalize)
 
 
 def classify(slide: Slide, model: Classifier | Predictor, settings: ClassifySettings | None = None,
