@@ -453,13 +453,13 @@ def test_interrupting_the_write_phase_leaves_one_set_or_none(tmp_path: Path, two
 
 SLOW_CARD = """
 import napari_bcd.model.checkpoint as _c
-_orig = _c.atomic_write
-def _slow(path, mode="wb"):
+_orig = _c.output_file
+def _slow(path, mode="w", replace="ours"):
     if str(path).endswith(".json"):
         open(os.environ["BCD_TEST_MARK"], "w").close()
         time.sleep(60)
-    return _orig(path, mode)
-_c.atomic_write = _slow
+    return _orig(path, mode, replace)
+_c.output_file = _slow
 """
 
 
