@@ -1,11 +1,8 @@
 """The "Classify slide" dock: a thin shell over :class:`~napari_bcd.app.ClassifyController`.
 
-Before Run it says what a run would do (windows, cell size, about how long);
-after, everything it shows of the map (slide call, summary, legend, hover,
-exports) is derived from the map's :class:`~napari_bcd.app.MapStore`, so a
-retrain, an *Apply* of a decision rule, an *Undo* or a repainted cell shows
-here at once.  The model loads in the worker; the dock never waits on it.
-"""
+Before Run it says what a run would do (windows, cell size, about how long); after, all it shows of the map (call,
+summary, legend, hover, exports) is derived from the map's :class:`~napari_bcd.app.MapStore`, so a retrain, an
+*Apply*, an *Undo* or a repainted cell shows at once.  The model loads in the worker; the dock never waits on it."""
 
 from __future__ import annotations
 
