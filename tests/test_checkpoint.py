@@ -238,7 +238,9 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(saved, monkeypatch: pyte
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(_small(classes=("A", "B")), path=path)
     assert (path.read_bytes(), path.with_suffix(".json").read_bytes()) == before
-    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+    # no temporary left; beside the checkpoint only the record of what napari-bcd wrote there
+    assert sorted(p.name for p in path.parent.iterdir()) == [".napari-bcd-written.json", "ckpt.json",
+                                                             "ckpt.safetensors"]
 
 
 def test_no_overwrite_when_asked(saved) -> None:

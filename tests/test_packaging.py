@@ -30,7 +30,7 @@ def test_qupath_scripts_are_copied_out_of_the_package(tmp_path: Path, capsys) ->
     from napari_bcd.cli import main
 
     assert main(["qupath-scripts", "--out", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["napari_bcd_classify.groovy",
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".napari-bcd-written.json", "napari_bcd_classify.groovy",
                                                           "napari_bcd_export_annotations.groovy"]
     assert "NAPARI_BCD" in capsys.readouterr().out
     (tmp_path / "napari_bcd_classify.groovy").write_text("my edits")
