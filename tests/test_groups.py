@@ -240,3 +240,22 @@ def test_selection_takes_the_simplest_within_one_standard_error() -> None:
     assert _one_standard_error([probe, slightly]) is probe
     assert _one_standard_error([probe, slightly, clearly]) is clearly
     assert math.isnan(Candidate(None, 0).accuracy)
+
+
+def test_a_head_that_wins_some_folds_of_three_recipes_is_not_shipped() -> None:
+    """The fold differences a head showed on simulated patients before it lost on new ones (0.653 against the
+    probe's 0.753): 2.1 standard errors, the best of three recipes; a head must win beyond what the best of three
+    shows by chance (Student's t, family-wise 5 %: 3.19 standard errors with 5 folds)."""
+    from napari_bcd.train.headfit import Recipe
+    from napari_bcd.train.select import Candidate, _one_standard_error, head_evidence
+
+    probe_folds = [0.667, 0.625, 0.75, 0.75, 0.875]
+    probe = Candidate(None, 0, correct=73, seen=100, fold_acc=probe_folds)
+    recipes = [Recipe(), Recipe(anchor=1.0), Recipe(dropout=0.5, weight_decay=1e-2)]
+    lucky = Candidate(recipes[2], 300, correct=83, seen=100,
+                      fold_acc=[p + d for p, d in zip(probe_folds, [0.111, 0.25, 0.0, 0.125, 0.0], strict=True)])
+    others = [Candidate(r, 100, correct=74, seen=100, fold_acc=probe_folds) for r in recipes[:2]]
+    assert head_evidence(5, 3) == pytest.approx(3.19, abs=0.01)
+    assert _one_standard_error([probe, *others, lucky]) is probe
+    steady = Candidate(recipes[2], 300, correct=85, seen=100, fold_acc=[p + 0.1 for p in probe_folds])
+    assert _one_standard_error([probe, *others, steady]) is steady  # every fold, by a similar margin
