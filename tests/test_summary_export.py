@@ -195,3 +195,14 @@ def test_a_hand_drawn_labels_layer_lands_on_its_image_pixels(tmp_path: Path) -> 
         by_class[r.label] = by_class.get(r.label, 0) + r.to_shapely().area
     for st_label, name in enumerate(("1", "2", "3", "4"), start=1):
         assert by_class.get(name, 0) == pytest.approx(float((big == st_label).sum()))
+
+
+def test_classes_without_a_severity_order_are_called_by_the_tissue_they_cover() -> None:
+    """A model of classes of its own (a WSInfer model's, another lab's) has no severity to rank by: the call is the
+    class covering most tissue, and says so (not the first class in model order with any area)."""
+    labels = np.array([[1, 2, 2, 2], [2, 2, 3, 3], [2, 2, 0, 0]])  # one cell of stroma, 7 of tumour, 2 of necrosis
+    s = summarize(_cmap(labels, classes=("stroma", "tumour", "necrosis")))
+    assert s.call == "tumour" and s.call_by == "area"
+    assert "slide call: tumour (p = 0.700; the class covering most tissue" in s.table()
+    iciar = summarize(_cmap(labels))  # the ICIAR classes: the most severe present, whatever its area
+    assert iciar.call == "InSitu" and iciar.call_by == "severity"

@@ -58,6 +58,9 @@ class Summary:
     decision_rule: dict = field(default_factory=dict)
     #: Said when the slide's stain differs from the model's training images (see :mod:`napari_bcd.stain`).
     stain_warning: str = ""
+    #: How the call was made: ``"severity"`` (the most severe class present: the ICIAR classes) or ``"area"`` (the
+    #: class covering the most tissue: classes without a known severity order, e.g. a WSInfer model's).
+    call_by: str = "severity"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +117,8 @@ class Summary:
             verdict = ("no tissue classified" if self.windows == 0
                        else f"no class covers more than {self.min_area_mm2} mm²")
             return f"slide call: none ({verdict})"
-        return f"slide call: {self.call_display} (p = {self.call_probability:.3f})"
+        how = "" if self.call_by == "severity" else "; the class covering most tissue: these classes have no severity"
+        return f"slide call: {self.call_display} (p = {self.call_probability:.3f}{how})"
 
 
 def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
@@ -170,9 +174,12 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     call = None
     call_p = None
     by_name = {r.name: r for r in rows}
-    # ICIAR classes by severity (Invasive > InSitu > Benign > Normal), then any other class in model order.
-    ranked = sorted((st for st in styles if st.severity is not None), key=lambda st: st.severity)
-    order = [st.name for st in ranked] + [st.name for st in styles if st.severity is None]
+    if all(st.severity is not None for st in styles):  # the ICIAR classes: the most severe present
+        order = [st.name for st in sorted(styles, key=lambda st: st.severity)]
+        call_by = "severity"
+    else:  # classes of their own (another lab's, a WSInfer model's) have no severity order: the most tissue
+        order = [r.name for r in sorted(rows, key=lambda r: -r.area_mm2)]
+        call_by = "area"
     for name in order:
         r = by_name[name]
         if r.cells and r.area_mm2 > min_area_mm2:
@@ -195,6 +202,7 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
         call_display=display,
         call_probability=call_p,
         min_area_mm2=min_area_mm2,
+        call_by=call_by,
         info=dict(class_map.info),
         uncertain_area_mm2=round(float(inside[unsure].sum()) * cell_mm2, 6),
         uncertain_percent_of_tissue=(round(100.0 * float(tissue[unsure].sum()) / all_tissue, 3) if all_tissue else 0.0),
