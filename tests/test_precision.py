@@ -432,3 +432,20 @@ def test_the_precision_policy_through_its_public_methods(monkeypatch) -> None:
     s = pol.PrecisionPolicy("auto", "bf16", auto_cpu=True)
     assert s.int8_refused("no x86 engine") and s.int8_trial.why == "no x86 engine"
     assert set(pol.FORMATS) == {"fp32", "bf16", "fp16", "int8"} and pol.FORMATS["fp32"].exact
+
+
+def test_compile_on_the_cpu_says_its_cost_before_it_is_paid(tiny_model, caplog) -> None:
+    """Issue 40: --compile on the CPU ran past five minutes without a word; now the cost is said at once (and
+    int8 with it is refused before any work)."""
+    import logging
+
+    from napari_bcd.errors import BcdError
+    from napari_bcd.model.inference import Predictor
+
+    with caplog.at_level(logging.WARNING, logger="napari_bcd"):
+        Predictor(tiny_model, device="cpu", precision="fp32", compile=True)
+    assert "--compile on the CPU builds its kernels before the first window" in caplog.text
+    with pytest.raises(BcdError, match="int8 and --compile do not go together"):
+        Predictor(tiny_model, device="cpu", precision="int8", compile=True)
+    with pytest.raises(BcdError, match="Unknown precision 'fp8'"):
+        Predictor(tiny_model, device="cpu", precision="fp8")

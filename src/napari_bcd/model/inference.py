@@ -11,7 +11,7 @@ import torch
 from ..errors import BcdError
 from .classifier import Classifier
 from .device import _same_device, choose_device
-from .policy import FORMATS, PrecisionPolicy
+from .policy import PrecisionPolicy, check_request
 from .precision import PRECISION_TOLERANCE, PrecisionCheck, agreement, bf16_is_fast, cpu_features, int8_available
 from .tuning import TUNE_BATCHES, Batching, BatchTuner, Int8Trial
 
@@ -79,20 +79,8 @@ class Predictor:
     ) -> None:
         self.device = choose_device(device)
         cpu = self.device.type == "cpu"
-        if precision not in ("auto", *FORMATS):
-            raise BcdError(f"Unknown precision {precision!r}; use auto, {', '.join(FORMATS)}.")
-        if precision == "int8":
-            if not cpu:
-                raise BcdError("int8 runs on the CPU (x86, oneDNN); on a GPU use --precision auto (bf16).")
-            if compile:
-                raise BcdError("int8 and --compile do not go together; choose one.")
-            if not int8_available():
-                raise BcdError("int8 needs an x86 CPU (PyTorch's x86 quantised engine is not available here); "
-                               "use --precision auto.")
         scripted = (model.card.head or {}).get("type") == "torchscript"
-        if scripted and precision not in ("auto", "fp32"):  # autocast does not reach into TorchScript
-            raise BcdError(f"{model.card.name} is a TorchScript (WSInfer) model, which runs here in fp32 only; use "
-                           "--precision auto or fp32.")
+        check_request(precision, cpu=cpu, compile=compile, scripted=scripted, name=model.card.name)
         float_format = ("fp32" if scripted else
                         "bf16" if self.device.type == "cuda" or (cpu and bf16_is_fast("cpu")) else "fp32")
         #: Which format runs, run by run, and the record of its checks (:class:`~.policy.PrecisionPolicy`).

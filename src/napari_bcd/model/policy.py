@@ -16,10 +16,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .precision import PRECISION_TOLERANCE, PrecisionCheck, int8_outruns_bf16
+from ..errors import BcdError
+from .precision import PRECISION_TOLERANCE, PrecisionCheck, int8_available, int8_outruns_bf16
 from .tuning import Int8Trial, int8_pays
 
-__all__ = ["FORMATS", "NumberFormat", "PrecisionPolicy"]
+__all__ = ["FORMATS", "NumberFormat", "PrecisionPolicy", "check_request"]
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +199,31 @@ class PrecisionPolicy:
             self.int8_trial = Int8Trial(None, self.float_format, kept=False, why=why)
             return True
         return False
+
+
+def check_request(precision: str, *, cpu: bool, compile: bool, scripted: bool = False, name: str = "") -> None:
+    """Refuse, before any work, a number format that cannot run as asked; say the cost of ``compile`` on a CPU.
+
+    ``scripted``: the model is TorchScript (a WSInfer model), which autocast does not reach into: fp32 only.
+
+    Raises
+    ------
+    BcdError
+    """
+    if precision not in ("auto", *FORMATS):
+        raise BcdError(f"Unknown precision {precision!r}; use auto, {', '.join(FORMATS)}.")
+    if precision == "int8":
+        if not cpu:
+            raise BcdError("int8 runs on the CPU (x86, oneDNN); on a GPU use --precision auto (bf16).")
+        if compile:
+            raise BcdError("int8 and --compile do not go together; choose one.")
+        if not int8_available():
+            raise BcdError("int8 needs an x86 CPU (PyTorch's x86 quantised engine is not available here); "
+                           "use --precision auto.")
+    if scripted and precision not in ("auto", "fp32"):
+        raise BcdError(f"{name} is a TorchScript (WSInfer) model, which runs here in fp32 only; use --precision auto "
+                       "or fp32.")
+    if compile and cpu:  # no silent five minutes: the cost said before it is paid
+        log.warning("napari-bcd: --compile on the CPU builds its kernels before the first window (minutes on a few "
+                    "cores for ResNet152V2) and pays back only on runs of thousands of windows; leave it out here "
+                    "otherwise.")
