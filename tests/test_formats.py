@@ -211,6 +211,15 @@ def test_ome_zarr_as_other_tools_write_it_or_damaged(tmp_path: Path, cmu_rgb: np
         pass
     assert "chunks of level 0 are missing" in caplog.text
 
+    def lose_level1_chunks(_m, path):  # issue 40: the engine may read level 1, whose holes went unsaid
+        for chunk in sorted((path / "1").glob("0.*"))[:1]:
+            shutil.rmtree(chunk) if chunk.is_dir() else chunk.unlink()
+
+    caplog.clear()
+    with open_slide(edit("holes1.zarr", lose_level1_chunks)):
+        pass
+    assert "chunks of level 1 are missing" in caplog.text and "of level 0" not in caplog.text
+
     def corrupt_chunk(_m, path):
         chunk = sorted(c for c in (path / "0").rglob("*") if c.is_file() and not c.name.startswith("."))[0]
         chunk.write_bytes(b"\x00garbage" * 7)  # a chunk the codec cannot decode

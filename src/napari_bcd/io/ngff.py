@@ -175,7 +175,7 @@ def open_ngff(p: Path) -> Slide:
     # levels largest first, whatever order the metadata lists them in
     order = sorted(range(len(segments)), key=lambda i: -segments[i].shape[0] * segments[i].shape[1])
     segments, datasets = [segments[i] for i in order], [datasets[i] for i in order]
-    _warn_missing_chunks(p, segments[0])
+    _warn_missing_chunks(p, segments)
     H, W = segments[0].shape
     infos = [LevelInfo(s.shape, (H / s.shape[0], W / s.shape[1])) for s in segments]
 
@@ -206,14 +206,18 @@ def open_ngff(p: Path) -> Slide:
     return Slide(p, infos, mpp, segments=segments, vendor="ome-zarr")  # type: ignore[arg-type]
 
 
-def _warn_missing_chunks(p: Path, level0: _ZarrSegments) -> None:
-    """Say when level 0 lacks chunks: they read as the fill value (zarr also skips chunks that equal it)."""
-    arr = level0.arr
-    try:
-        have, total = int(arr.nchunks_initialized), int(arr.nchunks)
-    except Exception:  # noqa: BLE001 - a store that cannot count: nothing to say
-        return
-    if have < total:
-        log.warning("%s: %d of %d chunks of level 0 are missing and read as the fill value (%r): if the writer did "
-                    "not skip them on purpose, that part of the slide is lost and reads as background.",
-                    p.name, total - have, total, getattr(arr, "fill_value", None))
+def _warn_missing_chunks(p: Path, levels: list[_ZarrSegments]) -> None:
+    """Say, level by level, where chunks are missing: they read as the fill value (zarr also skips chunks that equal
+    it), and the engine may read any level (a map made from level 1 is as wrong as one from level 0)."""
+    holes = []
+    for k, level in enumerate(levels):
+        try:
+            have, total = int(level.arr.nchunks_initialized), int(level.arr.nchunks)
+        except Exception:  # noqa: BLE001 - a store that cannot count: nothing to say
+            continue
+        if have < total:
+            holes.append(f"{total - have} of {total} chunks of level {k}")
+    if holes:
+        fill = getattr(levels[0].arr, "fill_value", None)
+        log.warning("%s: %s are missing and read as the fill value (%r): if the writer did not skip them on purpose, "
+                    "that part of the slide is lost and reads as background.", p.name, "; ".join(holes), fill)
