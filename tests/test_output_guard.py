@@ -234,3 +234,22 @@ def test_a_file_size_limit_while_saving_weights_is_one_sentence_and_the_checkpoi
     assert "the file grew past the size this system allows" in run.stderr and "Traceback" not in run.stderr
     assert ckpt.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+
+
+def test_export_patches_refuses_a_table_it_cannot_add_to_before_any_patch(tmp_path: Path, capsys) -> None:
+    """A binary microscopy_ground_truth.csv in --out was a traceback after the patches were written; now it is
+    refused first, in a sentence, and left byte-identical with no patch written."""
+    import json
+
+    ring = [[900, 0], [1500, 0], [1500, 650], [900, 650], [900, 0]]
+    regions = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "t1", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}
+    (tmp_path / "regions.geojson").write_text(json.dumps(regions))
+    out = tmp_path / "out"
+    table = _user_file(out / "microscopy_ground_truth.csv", bytes(range(256)) * 8)
+    assert main(["export-patches", str(SAMPLE_SLIDE), str(tmp_path / "regions.geojson"), "--out", str(out),
+                 "--field-um", "100"]) == 2
+    assert "is not a UTF-8 CSV this export can add its patches to" in capsys.readouterr().err
+    assert table.read_bytes() == bytes(range(256)) * 8
+    assert sorted(p.name for p in out.iterdir()) == ["microscopy_ground_truth.csv"]

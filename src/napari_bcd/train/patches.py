@@ -245,6 +245,8 @@ def iter_export_patches(
                             coverage=coverage, min_tissue=min_tissue, tissue=tissue, mpp=mpp)
     grid, jobs, unknown = plan.grid, plan.jobs, plan.unknown
     out = Path(out_dir)
+    for table in (out / GROUND_TRUTH, out / "provenance.csv"):  # before any patch: the tables this run adds to
+        _readable_csv(table)
     out.mkdir(parents=True, exist_ok=True)
     info = out / DATASET_INFO
     if info.is_file():
@@ -292,6 +294,19 @@ def iter_export_patches(
     all_counts = {n: counts.get(n, 0) for n in plan.counts}
     too_few = [n for n, v in all_counts.items() if 0 < v < min_per_class or (v == 0 and n in plan.regions)]
     return ExportResult(out, all_counts, too_few, unknown)
+
+
+def _readable_csv(path: Path) -> None:
+    """Refuse a table this export would add its rows to but cannot read (binary, not UTF-8): never replaced."""
+    if not path.exists():
+        return
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            for _row in csv.reader(fh):
+                pass
+    except (UnicodeDecodeError, csv.Error, OSError) as err:
+        raise DatasetError(f"{path} is not a UTF-8 CSV this export can add its patches to ({type(err).__name__}); "
+                           "it is left as it is. Move it away or choose another --out folder.") from None
 
 
 def _append_csv(path: Path, rows: list[tuple], header: tuple | None) -> None:
