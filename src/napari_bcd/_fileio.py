@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,21 +38,28 @@ def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (for writers that want a file name);
-    it replaces ``path`` when the block succeeds and is removed when it fails."""
-    target = Path(path)
+def _staged(target: Path, commit: Callable[[str, Path], None]) -> Iterator[Path]:
+    """A temporary file beside ``target`` for the block to write; ``commit(tmp, target)`` puts it in place when the
+    block succeeds, and it is removed whatever fails."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, _MODE)
-        os.replace(tmp, target)
+        commit(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (for writers that want a file name);
+    it replaces ``path`` when the block succeeds and is removed when it fails."""
+    with _staged(Path(path), os.replace) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
@@ -174,12 +181,8 @@ def output_path(path: str | os.PathLike[str], replace: str = "ours") -> Iterator
     if replace not in REPLACE:
         raise ValueError(f"replace must be one of {REPLACE}, not {replace!r}")
     target = check_output(path, replace)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, _MODE)
+
+    def commit(tmp: str, target: Path) -> None:
         if os.path.lexists(target):
             try:
                 check_output(target, replace)
@@ -187,20 +190,19 @@ def output_path(path: str | os.PathLike[str], replace: str = "ours") -> Iterator
                 raise OutputConflict(f"{target} was written by another run while this one ran; nothing of it was "
                                      f"replaced. {err}") from None
             os.replace(tmp, target)  # a link is replaced itself, never written through
+            return
+        try:
+            os.link(tmp, target)  # fails when the name appeared meanwhile: never two runs into one file
+        except FileExistsError:
+            raise OutputConflict(f"{target} was written by another run while this one ran; nothing of it was "
+                                 "replaced. Choose another name.") from None
+        except OSError:  # a file system without hard links
+            os.replace(tmp, target)
         else:
-            try:
-                os.link(tmp, target)  # fails when the name appeared meanwhile: never two runs into one file
-            except FileExistsError:
-                raise OutputConflict(f"{target} was written by another run while this one ran; nothing of it was "
-                                     "replaced. Choose another name.") from None
-            except OSError:  # a file system without hard links
-                os.replace(tmp, target)
-            else:
-                os.unlink(tmp)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+
+    with _staged(target, commit) as tmp:
+        yield tmp
     remember_written(target)
 
 
