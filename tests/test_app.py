@@ -35,7 +35,11 @@ def test_classify_controller_estimates_then_runs_what_it_announced(tiny_checkpoi
         items, cm = drain(controller.job(slide, tiny_checkpoint, settings))
     assert [type(i) for i in items[:2]] == [Stage, Stage] and any(isinstance(i, Progress) for i in items)
     assert f"{estimate.plan.on_tissue:,} windows on tissue" in estimate.text
-    assert estimate.plan.on_tissue == cm.n_windows and estimate.plan.cells_on_tissue == int((cm.labels > 0).sum())
+    # the cells announced are the cells the map holds, or quality control left out (said in the estimate)
+    left_out = int((cm.qc_cells > 0).sum())
+    assert estimate.plan.on_tissue == cm.n_windows + int((cm.qc.window_reason > 0).sum())
+    assert estimate.plan.cells_on_tissue == int((cm.labels > 0).sum()) + left_out
+    assert "Quality control may then leave out" in estimate.text
     assert cm.model_path == str(tiny_checkpoint) and cm.settings == settings
     controller.remember(cm, card, settings.device)  # the next estimate is this machine's own
     with open_slide(SAMPLE_SLIDE) as slide:

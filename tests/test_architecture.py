@@ -19,6 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("io",),
     ("tiling",),
     ("windows", "quality"),
+    ("qc",),
     ("model",),
     ("engine",),
     ("train",),

@@ -302,5 +302,8 @@ def test_the_estimate_counts_the_cells_the_map_holds(tiny_model, stride: float) 
     with open_slide(SAMPLE_SLIDE) as slide:
         plan = plan_windows(slide, tiny_model.card, stride=stride)
         cm = classify(slide, tiny_model, stride=stride, precision="fp32")
-    assert plan.on_tissue == cm.n_windows
-    assert plan.cells_on_tissue == int((cm.labels > 0).sum()) > 0
+        off = classify(slide, tiny_model, stride=stride, precision="fp32", qc={"enabled": False})
+    # the windows and cells announced are those the map holds, or those quality control then left out
+    assert plan.on_tissue == cm.n_windows + int((cm.qc.window_reason > 0).sum())
+    assert plan.cells_on_tissue == int((cm.labels > 0).sum()) + int((cm.qc_cells > 0).sum()) > 0
+    assert plan.on_tissue == off.n_windows and plan.cells_on_tissue == int((off.labels > 0).sum())

@@ -26,6 +26,11 @@ def test_the_cli_geojson_round_trips_with_classes_holes_and_measurements(tiny_ch
     by_class: dict[str, list] = {}
     for a in anns:
         by_class.setdefault(a.label, []).append(a)
+    # what quality control left out travels as QuPath's ignored class, named by its reason, never as a class
+    ignored = by_class.pop("Ignore*", [])
+    assert all(a.class_name is None and (a.name or "").startswith("QC: ") for a in ignored)
+    per_reason = {a.name: a.measurements["Tissue left out mm^2"] for a in ignored}  # one feature, many parts
+    assert sum(per_reason.values()) == pytest.approx(summary["left_out_mm2"], abs=1e-5)
     from napari_bcd.classes import DISPLAY_NAMES, class_id
 
     # QuPath gets one name per class (the display name, as the Annotations dock's "Set class" writes it)

@@ -177,7 +177,10 @@ def _summary_row(summary: dict) -> dict:
            "classified_mm2": summary.get("classified_area_mm2"),
            "uncertain_mm2": summary.get("uncertain_area_mm2", 0.0),
            "call": summary.get("call") or "", "call_probability": summary.get("call_probability"),
-           "decision": summary.get("decision", ""), "stain_warning": summary.get("stain_warning", "")}
+           "decision": summary.get("decision", ""), "stain_warning": summary.get("stain_warning", ""),
+           "qc_left_out_mm2": summary.get("left_out_mm2", 0.0), "qc_warning": summary.get("qc_warning", "")}
+    for reason, mm2 in (summary.get("left_out") or {}).items():
+        out[f"qc_{reason}_mm2"] = mm2
     for c in summary.get("classes", []):
         out[f"{c['name']}_mm2"] = c["area_mm2"]
         out[f"{c['name']}_percent"] = c["percent_of_tissue"]

@@ -32,6 +32,7 @@ __all__ = [
     "label_regions",
     "output_paths",
     "outputs_complete",
+    "qc_regions",
     "slide_lock",
     "write_label_tiff",
     "write_output",
@@ -119,6 +120,25 @@ def class_regions(class_map: ClassMap, measurements: bool = True) -> list[Annota
                 for name, v in zip(class_map.classes, np.nanmean(probs, axis=0), strict=True):
                     m[f"Mean p({name})"] = round(float(v), 6)
             a.measurements = m
+    return regions + qc_regions(class_map)
+
+
+def qc_regions(class_map: ClassMap) -> list[Annotation]:
+    """The tissue quality control left out, one region per reason, as QuPath "Ignore*" objects (QuPath leaves
+    classes ending in "*" out of its measurements and training) named by their reason, with their tissue area."""
+    from .qc import REASON_COLOURS, REASON_WORDS, REASONS
+
+    if class_map.qc_cells is None or not class_map.qc_cells.any():
+        return []
+    g = class_map.grid
+    regions = label_regions(class_map.qc_cells, REASONS, origin_px=g.origin_px, step_px=g.stride_px,
+                            clip_to=class_map.slide_shape if all(class_map.slide_shape) else None)
+    left = summarize(class_map).left_out
+    for a in regions:
+        reason = a.label
+        a.label, a.class_name, a.color, a.group = "Ignore*", None, REASON_COLOURS[reason], f"qc-{reason}"
+        a.name = f"QC: {REASON_WORDS[reason]}"
+        a.measurements = {"Tissue left out mm^2": left.get(reason, 0.0)}
     return regions
 
 

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from .tissue import TissueParams
 
 __all__ = ["DECODE_MODES", "DEVICES", "FEATURE_PRECISIONS", "GROUP_KINDS", "MIN_TISSUE", "PRECISIONS",
-           "STAIN_NORMALIZATIONS", "TISSUE_THRESHOLD", "TRAIN_PROTOCOLS", "VALIDATIONS", "ClassifySettings",
-           "TrainSettings"]
+           "QC_ACTIONS", "QC_REASONS", "STAIN_NORMALIZATIONS", "TISSUE_THRESHOLD", "TRAIN_PROTOCOLS", "VALIDATIONS",
+           "ClassifySettings", "QCSettings", "TrainSettings"]
 
 #: A window is classified when at least this share of it is tissue.
 MIN_TISSUE = 0.25
@@ -49,6 +49,72 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, tuple):
         return [_jsonable(x) for x in v]
     return v
+
+
+#: Why quality control fails a window (:mod:`napari_bcd.qc`), in the order they are tried.
+QC_REASONS = ("pen", "fold", "debris", "blur")
+#: What becomes of a failing window: not sent to the model, or classified and set aside (its probabilities kept
+#: for a look, never in a label, an area or the call).
+QC_ACTIONS = ("skip", "set_aside")
+
+@dataclass(frozen=True)
+class QCSettings:
+    """What the quality control looks for and what it does (checked when made).
+
+    Attributes
+    ----------
+    enabled
+        Run the pass (False: every tissue window is classified, as before).
+    action
+        ``"skip"``: failing windows are not classified; ``"set_aside"``: classified, kept out of labels, areas
+        and the call.
+    pen, fold, debris
+        A window fails when at least this share of it is ink / fold / bubble-edge-or-debris.
+    blur
+        A window fails when its sharpness is below this fraction of the slide's median.
+    """
+
+    enabled: bool = True
+    action: str = "skip"
+    pen: float = 0.2
+    fold: float = 0.35
+    debris: float = 0.02
+    blur: float = 0.6
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.action not in QC_ACTIONS:
+            problems.append(f"Unknown QC action {self.action!r}; use one of {', '.join(QC_ACTIONS)}")
+        for name in QC_REASONS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not 0 <= v <= 1:
+                problems.append(f"The QC {name} threshold is a fraction between 0 and 1, got {v!r}")
+        if problems:
+            raise BcdError("; ".join(problems) + ".")
+
+    def replace(self, **changes: Any) -> QCSettings:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | QCSettings | None) -> QCSettings:
+        if isinstance(d, QCSettings):
+            return d
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise BcdError(f"QC settings must be an object, got {type(d).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "quality control off"
+        what = "skipped" if self.action == "skip" else "classified and set aside"
+        return (f"windows with pen >= {self.pen:.0%}, fold >= {self.fold:.0%}, debris >= {self.debris:.0%} or "
+                f"sharpness < {self.blur:.0%} of the slide's are {what}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +150,9 @@ class ClassifySettings:
     refine
         Adaptive overlap (:mod:`napari_bcd.engine.refine`): windows one field apart first, then the
         overlapping windows of ``stride`` only where neighbouring cells disagree or the margin is low.
+    qc
+        Quality control before the classifier (:class:`~napari_bcd.qc.QCSettings`): pen, folds, debris and
+        blur found and left out of the map.
     """
 
     stride: float | tuple[float, float] = 1.0
@@ -103,12 +172,15 @@ class ClassifySettings:
     stain_normalize: str = "none"
     decode: str = field(default="auto", metadata=_SPEED)
     refine: bool = False
+    qc: QCSettings = field(default_factory=QCSettings)
 
     def __post_init__(self) -> None:
         from .decision import DecisionRule
 
         if isinstance(self.decision, dict):
             object.__setattr__(self, "decision", DecisionRule.from_dict(self.decision))
+        if not isinstance(self.qc, QCSettings):
+            object.__setattr__(self, "qc", QCSettings.from_dict(self.qc))
         problems = []
 
         def share(name: str, v: float) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 
 from .classes import class_styles
 from .engine import ClassMap
+from .qc import REASON_WORDS
 
 __all__ = ["ClassSummary", "Summary", "summarize"]
 
@@ -61,6 +62,12 @@ class Summary:
     #: How the call was made: ``"severity"`` (the most severe class present: the ICIAR classes) or ``"area"`` (the
     #: class covering the most tissue: classes without a known severity order, e.g. a WSInfer model's).
     call_by: str = "severity"
+    #: Tissue quality control kept out of the map (:mod:`napari_bcd.qc`), in mm², in all and by reason
+    #: (``{"pen": 2.3, "blur": 1.8}``): never in a class, an area share or the call.
+    left_out_mm2: float = 0.0
+    left_out: dict = field(default_factory=dict)
+    #: Said when quality control left out most of the tissue, or the whole slide measures out of focus.
+    qc_warning: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +89,18 @@ class Summary:
         if self.uncertain_area_mm2:
             w.writerow([self.slide, "(uncertain)", "", f"{self.uncertain_area_mm2:.4f}",
                         f"{self.uncertain_percent_of_tissue:.2f}", "", self.call or "", call_p, self.decision])
+        for reason, mm2 in self.left_out.items():
+            w.writerow([self.slide, f"(left out: {reason})", "", f"{mm2:.4f}", "", "", self.call or "", call_p,
+                        self.decision])
         return out.getvalue()
+
+    @property
+    def left_out_text(self) -> str:
+        """``left out by quality control: 4.1 mm² (pen 2.3, blur 1.8)``, or "" when nothing was."""
+        if not self.left_out_mm2:
+            return ""
+        parts = ", ".join(f"{REASON_WORDS.get(r, r)} {v:.2f}" for r, v in self.left_out.items())
+        return f"left out by quality control: {self.left_out_mm2:.2f} mm² of tissue ({parts}), not in the call"
 
     def table(self, compact: bool = False) -> str:
         """A fixed-width table for terminals (or, ``compact``, the dock widget)."""
@@ -101,12 +119,15 @@ class Summary:
         if self.uncertain_area_mm2:
             lines.append(f"uncertain: {self.uncertain_area_mm2:.3f} mm² ({self.uncertain_percent_of_tissue:.1f}% of "
                          "classified tissue), not in the call")
+        if self.left_out_text:
+            lines.append(self.left_out_text)
         if self.decision != "most probable class":
             lines.append(f"rule: {self.decision}")
         if compact:  # the dock shows the call and the stain warning above the table, where they are seen
             return "\n".join(lines)
-        if self.stain_warning:
-            lines.append(f"WARNING: {self.stain_warning}")
+        for warning in (self.stain_warning, self.qc_warning):
+            if warning:
+                lines.append(f"WARNING: {warning}")
         lines.append(self.call_text)
         return "\n".join(lines)
 
@@ -188,6 +209,8 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
     display = by_name[call].display_name if call else "none"
     rule = class_map.rule
     all_tissue = classified_tissue + float((tissue * unsure).sum())
+    left_out, qc_warning = _left_out(class_map, tissue * inside, cell_mm2, classified_tissue + float(
+        (tissue * unsure).sum()))
     low_q = np.zeros(labels.shape, bool)
     if class_map.quality is not None and rule.min_quality > 0:
         low_q = unsure & np.isfinite(class_map.quality) & (class_map.quality < rule.min_quality)
@@ -210,7 +233,35 @@ def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:
         decision=rule.describe(),
         decision_rule=rule.to_dict(),
         stain_warning=class_map.run.stain.warning() if class_map.run is not None else "",
+        left_out_mm2=round(sum(left_out.values()), 6),
+        left_out=left_out,
+        qc_warning=qc_warning,
     )
+
+
+def _left_out(class_map: ClassMap, tissue: np.ndarray, cell_mm2: float,
+              kept_tissue: float) -> tuple[dict[str, float], str]:
+    """mm² of tissue quality control kept out, by reason, and the warning when that is most of the slide."""
+    from .qc import MOSTLY_FAILED, REASONS
+
+    if class_map.qc is None or class_map.qc_cells is None:
+        return {}, ""
+    cells = class_map.qc_cells
+    left = {r: round(float(tissue[cells == i + 1].sum()) * cell_mm2, 6) for i, r in enumerate(REASONS)}
+    left = {r: v for r, v in left.items() if v > 0}
+    out_tissue = sum(float(tissue[cells == i + 1].sum()) for i in range(len(REASONS)))
+    share = out_tissue / (out_tissue + kept_tissue) if out_tissue + kept_tissue > 0 else 0.0
+    words = []
+    if share >= MOSTLY_FAILED:
+        worst = max(left, key=left.get)
+        words.append(f"quality control left out {share:.0%} of the tissue (mostly {REASON_WORDS[worst]}): the map "
+                     "and the call rest on what is left; rescan the slide, or loosen the QC thresholds if these areas "
+                     "are fit to classify")
+    if class_map.qc.soft_slide:
+        words.append(f"the whole slide measures soft (median sharpness {class_map.qc.reference_sharpness:.2f}, "
+                     "in-focus H&E 1.5-3): it may be out of focus throughout, which a comparison within the slide "
+                     "cannot see; check it at full resolution")
+    return left, "; ".join(words)
 
 
 def stain_warning(stain: dict | None, advice: str = "consider --stain-normalize macenko (or vahadane)") -> str:

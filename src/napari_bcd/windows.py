@@ -22,7 +22,7 @@ from .tiling import Grid
 from .tissue import TissueParams, detect_tissue
 
 __all__ = ["box_weights", "read_window", "resize_area", "sample_tiles", "select_windows", "tile_ranges",
-           "tiles_touched", "tissue_fractions", "window_batches", "window_tissue_fraction"]
+           "tiles_touched", "tissue_fractions", "tissue_mask", "window_batches", "window_tissue_fraction"]
 
 
 def resize_area(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -74,10 +74,16 @@ def tissue_fractions(slide: Slide, grid: Grid, tissue: TissueParams | None,
 
     Returns ``(window fractions, cell fractions, image fraction)``.
     """
-    thumb, tds = slide.thumbnail(2000)
-    mask = detect_tissue(thumb, mpp=slide_mpp[1] * tds[1], params=tissue)
+    mask, tds = tissue_mask(slide, tissue, slide_mpp)
     win_frac, cell_frac = window_tissue_fraction(mask, tds, grid)
     return win_frac, cell_frac, float(mask.mean())
+
+
+def tissue_mask(slide: Slide, tissue: TissueParams | None,
+                slide_mpp: tuple[float, float]) -> tuple[np.ndarray, tuple[float, float]]:
+    """The tissue detector's mask of the slide's (cached) thumbnail, and the thumbnail's downsample of level 0."""
+    thumb, tds = slide.thumbnail(2000)
+    return detect_tissue(thumb, mpp=slide_mpp[1] * tds[1], params=tissue), tds
 
 
 def window_tissue_fraction(mask: np.ndarray, mask_downsample: tuple[float, float], grid: Grid) -> np.ndarray:

@@ -162,7 +162,9 @@ def test_rerun_replaces_the_result(viewer, qtbot, tiny_checkpoint: Path) -> None
     # the same model on the same device: the Predictor is kept (a compiled model compiles once, not per run)
     assert cache._loaded.predictor is predictor and widget.shown.info["decode"] == "cpu"
     assert [layer.name for layer in viewer.layers].count("CMU-1-Small-Region classes") == 1
-    assert len(viewer.layers) == 2
+    # the slide, its classes and what quality control left out (the bundled slide's teal margin dye), each once
+    assert [layer.name for layer in viewer.layers] == ["CMU-1-Small-Region", "CMU-1-Small-Region classes",
+                                                       "CMU-1-Small-Region quality control"]
     assert widget.shown.grid.n_cells != first_cells  # finer cells
     assert not np.array_equal(viewer.layers["CMU-1-Small-Region classes"].data, first)  # the layer took them
     widget._device_combo.value = "cpu"  # another device setting: a new Predictor

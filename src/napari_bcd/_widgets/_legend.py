@@ -52,7 +52,23 @@ class Legend(QWidget):
             self._grid.addWidget(box, row, 1)
             self._grid.addWidget(area, row, 2)
             self._boxes[st.label] = box
+        self._left_out_rows(summary, row + 1 if classes else 0)
         self.setVisible(True)
+
+    def _left_out_rows(self, summary: Summary, first: int) -> None:
+        """One row per quality-control reason that left tissue out: its colour on the QC layer and its area."""
+        from ..qc import REASON_COLOURS, REASON_WORDS
+
+        for i, (reason, mm2) in enumerate(summary.left_out.items()):
+            swatch = QLabel()
+            swatch.setFixedSize(14, 14)
+            swatch.setStyleSheet(f"background-color: rgb{REASON_COLOURS[reason]}; border: 1px solid #888;")
+            text = QLabel(f"left out: {REASON_WORDS[reason]}")
+            text.setToolTip("Quality control kept this tissue out of the map, the areas and the call "
+                            "(the '... quality control' layer shows where)")
+            self._grid.addWidget(swatch, first + i, 0)
+            self._grid.addWidget(text, first + i, 1)
+            self._grid.addWidget(QLabel(f"{mm2:.3f} mm²"), first + i, 2)
 
     def hidden(self) -> set[int]:
         return {label for label, box in self._boxes.items() if not box.isChecked()}

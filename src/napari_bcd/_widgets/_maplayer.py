@@ -80,6 +80,7 @@ def show_map(viewer: napari.viewer.Viewer, class_map: ClassMap, image_name: str,
             old.data, old.scale, old.translate = data, kwargs["scale"], kwargs["translate"]
         else:
             viewer.add_image(data, **kwargs)
+    _show_qc(viewer, class_map, image_name, translate)
     store = store_of(existing)
     if store is not None:
         store.history.clear()
@@ -95,6 +96,30 @@ def show_map(viewer: napari.viewer.Viewer, class_map: ClassMap, image_name: str,
                               **kwargs)
     kwargs["metadata"]["napari_bcd"]["binding"] = _Binding(layer, store)
     return layer, store
+
+
+def _show_qc(viewer: napari.viewer.Viewer, class_map: ClassMap, image_name: str,
+             translate: tuple[float, float]) -> None:
+    """The quality-control layer of a run (what was left out, coloured by reason), replaced on a re-run and
+    removed when the new run left nothing out."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from ..layers import qc_colors, qc_layer
+
+    name = f"{image_name} quality control"
+    made = qc_layer(class_map, image_name, tuple(float(t) for t in translate))
+    existing = viewer.layers[name] if name in viewer.layers else None  # noqa: SIM401
+    if existing is not None and "qc_legend" not in _meta(existing):
+        return  # a layer of that name napari-bcd did not make: left alone
+    if made is None:
+        if existing is not None:
+            viewer.layers.remove(existing)
+        return
+    data, kwargs, _ = made
+    if existing is not None:
+        existing.data, existing.scale, existing.translate = data, kwargs["scale"], kwargs["translate"]
+        return
+    viewer.add_labels(data, colormap=DirectLabelColormap(color_dict=qc_colors()), **kwargs)
 
 
 class _Binding:

@@ -7,6 +7,7 @@ from typing import Any
 
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox
 
+from ..qc import QC_ACTIONS, QCSettings
 from ..settings import DEVICES, STAIN_NORMALIZATIONS, ClassifySettings
 from ._layout import Section
 
@@ -14,6 +15,14 @@ from ._layout import Section
 OVERLAP = {"none": (1.0, False), "50 %": (0.5, False), "75 %": (0.25, False), "75 % where in doubt": (0.25, True)}
 STAIN = {"as scanned": "none", "normalise (Macenko)": "macenko", "normalise (Vahadane)": "vahadane"}
 assert set(STAIN.values()) == set(STAIN_NORMALIZATIONS), "a stain normalisation without words in the dock"
+QC_ACTION = {"not classified": "skip", "set aside": "set_aside"}
+assert set(QC_ACTION.values()) == set(QC_ACTIONS), "a QC action without words in the dock"
+#: The QC thresholds the dock shows: setting, label, tooltip.
+QC_SPINS = (("pen", "pen share", "a window fails when at least this share of it is pen ink"),
+            ("fold", "fold share", "a window fails when at least this share of its tissue is as dark as a fold"),
+            ("debris", "debris share", "a window fails when at least this share of it is bubble edge or debris"),
+            ("blur", "blur (sharpness)", "a 16 µm block is out of focus below this fraction of the slide's median "
+                                         "sharpness; a window fails when half its tissue is"))
 
 
 class RunSettings:
@@ -35,7 +44,18 @@ class RunSettings:
         self.probabilities = CheckBox(text="probability layers", value=False)
         self.compile = CheckBox(text="compile (GPU, long runs)", value=False,
                                 tooltip="torch.compile: tens of seconds once, then faster on a GPU")
-        self.sections = (Section("What a run does", [self.overlap, self.tissue, self.stain]),
+        qc = QCSettings()
+        self.qc = CheckBox(text="quality control (pen, folds, debris, blur)", value=qc.enabled,
+                           tooltip="find pen ink, folds, bubble edges/debris and out-of-focus areas before the "
+                                   "classifier and leave them out of the map, the areas and the call")
+        self.qc_action = ComboBox(label="failing windows", choices=list(QC_ACTION), value="not classified",
+                                  tooltip="'set aside': classified, the model's answer kept for a look on hover, "
+                                          "never in a label, an area or the call")
+        self.qc_spins = {name: FloatSpinBox(label=label, value=getattr(qc, name), min=0.0, max=1.0, step=0.05,
+                                            tooltip=tip) for name, label, tip in QC_SPINS}
+        self.qc.changed.connect(self._qc_enabled)
+        self.sections = (Section("What a run does", [self.overlap, self.tissue, self.stain, self.qc]),
+                         Section("Quality control thresholds", [self.qc_action, *self.qc_spins.values()], open=False),
                          Section("More settings", [self.device, self.batch, self.probabilities, self.compile],
                                  open=False))
         for w in (self.overlap, self.tissue, self.device):
@@ -46,4 +66,13 @@ class RunSettings:
         return ClassifySettings(stride=stride, refine=refine, tissue_threshold=self.tissue.value, mpp=mpp,
                                 batch_size=int(self.batch.value) or None, device=self.device.value,
                                 compile=self.compile.value, stain_normalize=STAIN[self.stain.value],
-                                quality=True)  # the Review dock can then grey out pen, blur and folds
+                                quality=True,  # the Review dock can then grey out pen, blur and folds
+                                qc=self.qc_settings())
+
+    def qc_settings(self) -> QCSettings:
+        return QCSettings(enabled=self.qc.value, action=QC_ACTION[self.qc_action.value],
+                          **{name: float(w.value) for name, w in self.qc_spins.items()})
+
+    def _qc_enabled(self, on: bool) -> None:
+        for w in (self.qc_action, *self.qc_spins.values()):
+            w.enabled = bool(on)

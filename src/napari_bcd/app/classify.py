@@ -40,6 +40,7 @@ class Estimate:
     measured: bool
     overlapped: bool = False
     refine: bool = False
+    qc: bool = False
 
     @property
     def text(self) -> str:
@@ -56,6 +57,8 @@ class Estimate:
                     f"in doubt; one cell = {ch:.0f} x {cw:.0f} µm; {when}.")
         else:
             text = f"{p.on_tissue:,} windows on tissue (of {p.total:,}); one cell = {ch:.0f} x {cw:.0f} µm; {when}."
+        if self.qc:
+            text += " Quality control may then leave out pen ink, folds, debris and blur: fewer windows and cells."
         if p.cells_on_tissue < 30 and not self.overlapped:
             text += (f" A coarse map ({p.cells_on_tissue} cells on tissue): overlap 50 % gives about 4x the cells, "
                      "75 % about 16x.")
@@ -110,8 +113,9 @@ class ClassifyController:
         overlapped = settings.stride_um is not None or settings.stride != 1.0
         rate = measured_rate(_rate_key(card, settings.device))
         if rate:
-            return Estimate(plan, plan.seconds(rate), True, overlapped, settings.refine)
-        return Estimate(plan, plan.seconds(_guess_rate(card, settings)), False, overlapped, settings.refine)
+            return Estimate(plan, plan.seconds(rate), True, overlapped, settings.refine, settings.qc.enabled)
+        return Estimate(plan, plan.seconds(_guess_rate(card, settings)), False, overlapped, settings.refine,
+                        settings.qc.enabled)
 
     def job(self, slide: Slide, path: str | Path | None, settings: ClassifySettings,
             ) -> Generator[Stage | Progress, Any, ClassMap]:

@@ -10,8 +10,8 @@ from pathlib import Path
 from ..errors import BcdError
 
 __all__ = ["COUNT", "COVERAGE", "INPUT_PX", "NON_NEGATIVE", "NON_NEGATIVE_INT", "POSITIVE", "SHARE", "VAL_SHARE",
-           "add_classify_options", "add_decision_options", "check_out_dir", "check_out_file", "decision_from",
-           "label_pair", "number", "settings_from"]
+           "add_classify_options", "add_decision_options", "add_qc_options", "check_out_dir", "check_out_file",
+           "decision_from", "label_pair", "number", "qc_from", "settings_from"]
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = True,
@@ -176,7 +176,36 @@ def add_classify_options(p: argparse.ArgumentParser) -> None:
                    help="mm² a class must exceed to count for the slide call")
     p.add_argument("--mpp", type=POSITIVE, help="µm per pixel of level 0, for files that do not say")
     p.add_argument("--workers", type=COUNT, help="decoding threads (default: one per core, up to 8)")
+    add_qc_options(p)
     add_decision_options(p)
+
+
+def add_qc_options(p: argparse.ArgumentParser) -> None:
+    """Quality control before the classifier (:class:`~napari_bcd.qc.QCSettings`)."""
+    from ..qc import QCSettings
+
+    d = QCSettings()
+    g = p.add_argument_group("quality control", "pen ink, folds, bubble edges/debris and blur found before the "
+                             "classifier and left out of the map, the areas and the call (shown per reason)")
+    g.add_argument("--no-qc", action="store_true", help="classify every tissue window (no quality control)")
+    g.add_argument("--qc-action", choices=["skip", "set-aside"], default="skip",
+                   help="what becomes of a failing window: skip (not classified, the default) or set-aside "
+                        "(classified, its probabilities kept for a look, never in a label, an area or the call)")
+    g.add_argument("--qc-pen", type=SHARE, default=d.pen, help=f"share of a window in pen ink (default {d.pen})")
+    g.add_argument("--qc-fold", type=SHARE, default=d.fold,
+                   help=f"share of a window's tissue dark as a fold (default {d.fold})")
+    g.add_argument("--qc-debris", type=SHARE, default=d.debris,
+                   help=f"share of a window in bubble edges or debris (default {d.debris})")
+    g.add_argument("--qc-blur", type=SHARE, default=d.blur,
+                   help=f"out of focus below this fraction of the slide's median sharpness (default {d.blur})")
+
+
+def qc_from(args: argparse.Namespace):
+    """The :class:`~napari_bcd.qc.QCSettings` of the command line."""
+    from ..qc import QCSettings
+
+    return QCSettings(enabled=not args.no_qc, action=args.qc_action.replace("-", "_"), pen=args.qc_pen,
+                      fold=args.qc_fold, debris=args.qc_debris, blur=args.qc_blur)
 
 
 def settings_from(args: argparse.Namespace, card=None):
@@ -189,4 +218,4 @@ def settings_from(args: argparse.Namespace, card=None):
                             min_tissue=args.min_tissue, min_area=args.min_area, decision=decision,
                             batch_size=args.batch_size, device=args.device, precision=args.precision,
                             compile=args.compile, workers=args.workers, stain_normalize=args.stain_normalize,
-                            decode=args.decode, refine=args.refine)
+                            decode=args.decode, refine=args.refine, qc=qc_from(args))

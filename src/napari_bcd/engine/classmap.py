@@ -16,6 +16,7 @@ from ..tiling import Grid
 
 if TYPE_CHECKING:
     from ..decision import DecisionRule
+    from ..qc import QCResult
     from ..settings import ClassifySettings
     from .record import RunRecord
 
@@ -89,6 +90,9 @@ class ClassMap:
         windows: :mod:`napari_bcd.quality`; NaN on glass), or None.
     run
         The typed record of the run that made the map (None for a map made otherwise).
+    qc, qc_cells
+        What quality control found (:class:`~napari_bcd.qc.QCResult`) and the reason code of every cell it kept
+        out of the map (``(rows, cols)`` uint8, 0 where none; those cells are labelled 0), or None without QC.
     repredicted
         The box of cells ``(r0, r1, c0, c1)`` a retrain re-predicted in place, if one did.
     retrained_from
@@ -109,6 +113,8 @@ class ClassMap:
     uncertain_cells: dict = field(default_factory=dict)
     quality: np.ndarray | None = None
     run: RunRecord | None = None
+    qc: QCResult | None = None
+    qc_cells: np.ndarray | None = None
     repredicted: tuple[int, int, int, int] | None = None
     retrained_from: str = ""
 
@@ -151,7 +157,16 @@ class ClassMap:
             out["repredicted_cells"] = [int(v) for v in self.repredicted]
         if self.retrained_from:
             out["retrained_from"] = self.retrained_from
+        if self.qc is not None:
+            out["qc"] = self.qc.to_dict()
         return out
+
+    @property
+    def qc_windows(self) -> np.ndarray:
+        """``(window rows, window cols)`` bool: windows quality control failed (skipped or set aside)."""
+        if self.qc is None:
+            return np.zeros(self.window_done.shape, bool)
+        return self.qc.window_reason > 0
 
     def layer_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """napari ``(scale, translate)`` in µm that lay the cells over an image of ``scale = mpp``.

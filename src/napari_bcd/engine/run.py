@@ -23,7 +23,7 @@ from ..errors import BcdError
 from ..io.slide import Slide
 from ..settings import ClassifySettings
 from ..tiling import Grid, grid_for, slide_mpp
-from ..windows import mapped_cells, sample_tiles, select_windows, tiles_touched, tissue_fractions
+from ..windows import mapped_cells, sample_tiles, select_windows, tiles_touched, tissue_mask, window_tissue_fraction
 from .classmap import CellAccumulator, ClassMap, ModelRef
 from .record import Progress, RunRecord, StainCheck
 
@@ -85,12 +85,28 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
 
     card = predictor.model.card
     yield Progress("tissue", 0, 0)
-    win_frac, cell_frac, tissue_share = tissue_fractions(slide, grid, s.tissue, slide_mpp(slide, s.mpp))
-    todo = np.argwhere(select_windows(win_frac, s.min_tissue))
+    mpp = slide_mpp(slide, s.mpp)
+    mask, mask_ds = tissue_mask(slide, s.tissue, mpp)
+    win_frac, cell_frac = window_tissue_fraction(mask, mask_ds, grid)
+    tissue_share = float(mask.mean())
+    selected = select_windows(win_frac, s.min_tissue)
+    qc = None
+    if s.qc.enabled:
+        from ..qc import quality_control
+
+        yield Progress("quality control", 0, 0)
+        qc = quality_control(slide, grid, mpp[0], s.qc, need=mask, need_ds=mask_ds)
+        qc.window_reason[~selected] = 0  # only tissue windows are judged
+    failed = selected & (qc.window_reason > 0) if qc is not None else np.zeros_like(selected)
+    # failing windows are not classified ("skip"), or classified into a sum of their own ("set_aside"): what the
+    # model said there can be looked at, but never reaches a label, an area or the call
+    todo = np.argwhere(selected & ~failed if s.qc.action == "skip" else selected)
+    aside = failed if s.qc.action == "set_aside" and failed.any() else None
     total = len(todo)
     batch_size = predictor.begin_run(windows=total, batch_size=s.batch_size)
     stain = stain_check(slide, grid, todo, card, predictor, s.stain_normalize)
     acc = CellAccumulator(grid, len(card.classes))
+    acc_aside = CellAccumulator(grid, len(card.classes)) if aside is not None else None
     done_mask = np.zeros(grid.n_windows, bool)
     level_mpp = float(grid.mpp[1] * grid.level_downsample[1])
     _, _, win_h, win_w = grid.read_box(0, 0)
@@ -107,6 +123,8 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     yield Progress("classify", 0, planned)
     candidates = np.zeros(grid.n_windows, bool)
     candidates[todo[:, 0], todo[:, 1]] = True
+    if aside is not None:
+        candidates &= ~aside  # never among the overlapping windows adaptive overlap adds
     reachable, level = None, 0
     # with refine, each window's probabilities: the windows left out are estimated from them
     window_probs = np.full((*grid.n_windows, len(card.classes)), np.nan, np.float32) if s.refine else None
@@ -115,7 +133,8 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
         alloc = predictor.host_batch if predictor.device.type == "cuda" else None
         with BatchProducer(slide, grid, part, batch_size, workers=s.workers, prefetch=s.prefetch, read_row=rows,
                            alloc=alloc) as producer:
-            for n in _pass_batches(producer, predictor, acc, done_mask, level_mpp, score_quality, window_probs):
+            for n in _pass_batches(producer, predictor, acc, done_mask, level_mpp, score_quality, window_probs,
+                                   (aside, acc_aside)):
                 done += n
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 yield Progress("classify", done, planned, rate, (planned - done) / rate if rate else None)
@@ -134,6 +153,17 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
         probs = acc.probabilities()
     probs[acc.counts == 0] = np.nan  # a cell only estimated windows cover is not mapped
     covered = mapped_cells(done_mask, cell_frac, grid.cells_per_window, s.min_tissue)
+    qc_cells = None
+    if qc is not None:
+        from ..qc import left_out_cells
+
+        qc_cells = left_out_cells(qc, done_mask, selected, grid.cells_per_window)
+        # only the cells the map would hold are "left out" (glass and the edges no window reaches are not)
+        qc_cells[~mapped_cells(selected, cell_frac, grid.cells_per_window, s.min_tissue)] = 0
+        covered &= qc_cells == 0
+        if acc_aside is not None:  # set aside: what the model said where no passing window reached, for a look
+            shown = (acc.counts == 0) & (acc_aside.counts > 0)
+            probs[shown] = acc_aside.probabilities()[shown]
     cell_quality = acc.quality() if score_quality else None
     labels, reasons = decide(probs, covered, tuple(card.classes), rule, cell_quality)
     record = RunRecord(
@@ -149,22 +179,31 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     return ClassMap(probs=probs, labels=labels, tissue=cell_frac, window_done=done_mask, grid=grid,
                     classes=tuple(card.classes), slide_name=printable(slide.name), slide_shape=slide.dimensions,
                     model=ModelRef.of(predictor.model), settings=s, decision=rule, uncertain_cells=reasons,
-                    quality=cell_quality, run=record)
+                    quality=cell_quality, run=record, qc=qc, qc_cells=qc_cells)
 
 
 def _pass_batches(producer, predictor, acc: CellAccumulator, done_mask: np.ndarray, level_mpp: float,
-                  score_quality: bool, window_probs: np.ndarray | None = None) -> Iterator[int]:
+                  score_quality: bool, window_probs: np.ndarray | None = None,
+                  aside: tuple[np.ndarray | None, CellAccumulator | None] = (None, None)) -> Iterator[int]:
     """The producer's windows through the model into the accumulator; yields the size of each finished batch.
 
     On a GPU one batch is in flight: batch i+1 is queued on the device before batch i's probabilities are
     read, so the GPU never waits for this loop (a cancel then drops that one batch unread).  On the CPU
-    submit() computes the batch, so it is taken at once and a cancel stops within one batch.
+    submit() computes the batch, so it is taken at once and a cancel stops within one batch.  ``aside`` (a window
+    mask and an accumulator) sends the windows quality control set aside to their own sum: they are not marked
+    done, so nothing downstream (adaptive overlap, retraining) takes them for classified tissue.
     """
     from ..quality import window_quality
+
+    aside_mask, aside_acc = aside
 
     def take(batch_rc: np.ndarray, pending, q_futures: list) -> None:
         scores = np.concatenate([f.result() for f in q_futures]) if q_futures else None
         probs = pending.result()
+        if aside_mask is not None:
+            out = aside_mask[batch_rc[:, 0], batch_rc[:, 1]]
+            aside_acc.add(batch_rc[out], probs[out])
+            batch_rc, probs, scores = batch_rc[~out], probs[~out], (scores[~out] if scores is not None else None)
         acc.add(batch_rc, probs, scores)
         done_mask[batch_rc[:, 0], batch_rc[:, 1]] = True
         if window_probs is not None:
