@@ -23,6 +23,7 @@ import numpy as np
 
 from .._progress import STOP
 from ..errors import BcdError, DatasetError
+from .calibration import Calibration, calibration
 from .evaluate import report_from_predictions
 from .features import fold_standardisation
 from .headfit import Recipe, fit_head
@@ -59,6 +60,8 @@ class Shipped:
     logistic: LogisticProbe | None = None
     #: How its regularisation was chosen.
     tuning: Tuning | None = None
+    #: Calibration error before and after the temperature, and the abstain cut-off (:mod:`.calibration`).
+    calibration: Calibration | None = None
 
 
 def final_model(model, bank, dataset: Dataset, validation: Validation, sel: Selection | None, proto: Protocol,
@@ -122,6 +125,9 @@ def final_model(model, bank, dataset: Dataset, validation: Validation, sel: Sele
             shipped.logistic.temperature = shipped.temperature
         else:
             _temper(shipped.head, shipped.temperature)
+        shipped.calibration = calibration(sel.logits[sel.held_out], labels[sel.held_out], shipped.temperature,
+                                          grouped=bool(validation.grouped))
+        shipped.notes.append(shipped.calibration.describe())
     return shipped
 
 
@@ -250,7 +256,13 @@ def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation:
             folds = selection["fold_accuracy"]
             metrics["fold_accuracy_mean"] = float(np.mean(folds))
             metrics["fold_accuracy_sd"] = float(np.std(folds, ddof=1))
-    card = model.card.replace(name=name or out.stem, training=training, metrics=metrics,
+    decision = dict(model.card.decision or {})
+    if shipped.calibration is not None:
+        metrics["calibration"] = shipped.calibration.to_dict()
+        if shipped.calibration.min_confidence > 0:  # the held-out images' cut-off, unless the card had its own
+            decision.setdefault("min_confidence", round(shipped.calibration.min_confidence, 4))
+            decision.setdefault("measure", "max_probability")
+    card = model.card.replace(name=name or out.stem, training=training, metrics=metrics, decision=decision,
                               stain=_training_stain(dataset, _train_rows(validation, len(dataset)),
                                                     model.card.input_px))
     out, saved_note = _save_keeping(model, card, out, overwrite)

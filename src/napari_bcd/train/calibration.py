@@ -1,0 +1,132 @@
+"""Probabilities that mean what they say: calibration error before and after temperature scaling, and the
+abstain cut-off that makes the cells a model does classify reach a stated accuracy.
+
+Both are measured on held-out images (over groups when the run knew patients, slides or regions), from the logits
+the shipped model gave them while it did not train on them.  The expected calibration error (ECE) is the usual
+top-label one: held-out images binned by their top probability (10 equal bins), the gap between each bin's mean
+top probability and its accuracy, weighted by the bin's share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["ABSTAIN_TARGET", "Calibration", "abstain_cut", "calibration", "expected_calibration_error", "softmax"]
+
+#: The accuracy the classified cells should reach by default; the rest are "uncertain".
+ABSTAIN_TARGET = 0.95
+#: Fewer held-out images than this above a cut-off cannot show it reaches the target.
+MIN_KEPT = 10
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """Top-label ECE of ``(N, C)`` probabilities against integer labels (0 for no images)."""
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(labels, np.int64)
+    if len(y) == 0:
+        return 0.0
+    top, pred = p.max(1), p.argmax(1)
+    right = (pred == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(top, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(top[sel].mean() - right[sel].mean())
+    return float(ece)
+
+
+def abstain_cut(probs: np.ndarray, labels: np.ndarray, target: float = ABSTAIN_TARGET) -> dict:
+    """The lowest top probability ``p_min`` such that the held-out images at or above it are ``target`` right.
+
+    Returns ``p_min`` (0 when every image already is; None when no cut-off keeping at least :data:`MIN_KEPT` images
+    reaches it), the accuracy and share kept at it, and the share left uncertain.
+    """
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(labels, np.int64)
+    n = len(y)
+    if n == 0:
+        return {"target": target, "p_min": None, "accuracy": None, "kept": 0.0, "uncertain": None, "images": 0}
+    top = p.max(1)
+    right = p.argmax(1) == y
+    if right.mean() >= target:
+        return {"target": target, "p_min": 0.0, "accuracy": float(right.mean()), "kept": 1.0, "uncertain": 0.0,
+                "images": n}
+    best = None
+    for cut in np.unique(top)[::-1]:  # from the most confident down: the lowest cut-off still reaching the target
+        kept = top >= cut
+        if kept.sum() >= MIN_KEPT and right[kept].mean() >= target:
+            best = float(cut)
+    if best is None:
+        return {"target": target, "p_min": None, "accuracy": None, "kept": 0.0, "uncertain": None, "images": n}
+    kept = top >= best
+    return {"target": target, "p_min": best, "accuracy": float(right[kept].mean()), "kept": float(kept.mean()),
+            "uncertain": float(1 - kept.mean()), "images": n}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration did on the held-out images: the temperature, the ECE before and after it, and the abstain
+    cut-off (:func:`abstain_cut`) on the calibrated probabilities."""
+
+    temperature: float
+    ece_before: float
+    ece_after: float
+    images: int
+    grouped: bool
+    abstain: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def min_confidence(self) -> float:
+        """The cut-off as the decision rule's confidence (``max_probability`` measure): 0 when none is needed or
+        none reaches the target."""
+        p_min = self.abstain.get("p_min")
+        n_classes = self.abstain.get("classes", 0)
+        if not p_min or n_classes < 2:
+            return 0.0
+        return float(max(0.0, (p_min - 1.0 / n_classes) / (1.0 - 1.0 / n_classes)))
+
+    def describe(self) -> str:
+        """The report's sentences, in a pathologist's words."""
+        where = ("of patients/slides the model had not seen" if self.grouped else
+                 "of the training patients (optimistic: new patients may fare worse)")
+        text = (f"Probabilities calibrated on {self.images} held-out images {where}: temperature "
+                f"{self.temperature:.2f}, calibration error (ECE) {self.ece_before:.3f} before, {self.ece_after:.3f} "
+                "after (measured on the images it was fitted on).")
+        a = self.abstain
+        target = f"{a['target']:.0%}"
+        if a.get("p_min") is None:
+            text += (f" No cut-off makes the classified images {target} right on them: no cell is left uncertain by "
+                     "default (set one in the Review dock or with --min-confidence).")
+        elif a["p_min"] == 0:
+            text += f" The held-out images were {a['accuracy']:.0%} right without a cut-off: none is set."
+        else:
+            text += (f" Cells whose top probability is below {a['p_min']:.2f} are 'uncertain' by default: above it the "
+                     f"held-out images were {a['accuracy']:.0%} right (target {target}), leaving {a['uncertain']:.0%} "
+                     "uncertain.")
+        return text
+
+
+def calibration(logits: np.ndarray, labels: np.ndarray, temperature: float, *, grouped: bool,
+                target: float = ABSTAIN_TARGET) -> Calibration:
+    """ECE before and after dividing held-out ``logits`` by ``temperature``, and the abstain cut-off after."""
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.int64)
+    before, after = softmax(z), softmax(z / temperature)
+    cut = abstain_cut(after, y, target)
+    cut["classes"] = int(z.shape[1])
+    return Calibration(float(temperature), expected_calibration_error(before, y), expected_calibration_error(after, y),
+                       len(y), bool(grouped), cut)
