@@ -1,4 +1,5 @@
-"""What quality control costs beside the classify run it guards (issue 39's goal: at most 5 % of a CPU run).
+"""What quality control costs beside the classify run it guards (issue 39's goal: at most 5 % of a CPU run), and
+what test-time augmentation costs.
 
     python benchmarks/bench_qc.py [SLIDE] [--stride 1.0] [--precision auto] [--json out.json]
 
@@ -7,7 +8,8 @@ fine enough to measure) and on 3-level pyramids made from it at 0.25 µm/px (a 4
 and one of 3 x 3 copies (18 x 13 mm: the thumbnail is too coarse, the pass reads the 1 µm/px level), in one
 process: the QC pass alone (median of 3; the thumbnail and tissue mask every run makes are not counted), then
 the whole classify run with the paper's ResNet152V2 (random weights: the speed is the architecture's) with QC off
-and on.  Prints seconds, the QC share of the run and which CPU (AMX or not) measured them.
+and on, and with test-time augmentation.  Prints seconds, the QC share of the run, TTA's factor and which CPU (AMX
+or not) measured them.
 """
 
 from __future__ import annotations
@@ -108,14 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             qc_s, qc = qc_seconds(path, model.card, base)
             off, windows = run_seconds(path, model, base.replace(qc=QCSettings(enabled=False)))
             on, windows_on = run_seconds(path, model, base)
-            row = {"slide": path.name, "windows": windows, "windows_with_qc": windows_on, "qc_s": round(qc_s, 3),
+            tta, _ = run_seconds(path, model, base.replace(tta=True))
+            row = {"slide": path.name, "run_with_tta_s": round(tta, 2), "tta_cost": round(tta / off, 2),
+                   "windows": windows, "windows_with_qc": windows_on, "qc_s": round(qc_s, 3),
                    "run_without_qc_s": round(off, 2), "run_with_qc_s": round(on, 2),
                    "qc_share_of_run": round(qc_s / off, 4), "qc_level": qc["level"],
                    "windows_failed": qc["windows_failed"]}
             rows.append(row)
             print(f"{path.name}: QC pass {qc_s * 1e3:.0f} ms (level {qc['level']}); classify {windows} windows "
                   f"{off:.1f} s without QC, {on:.1f} s with ({windows_on} windows); QC = {qc_s / off:.1%} of the run; "
-                  f"failed {qc['windows_failed']}")
+                  f"failed {qc['windows_failed']}; with test-time augmentation (8 views) {tta:.1f} s = "
+                  f"{tta / off:.1f}x")
     print(f"CPU: {'AMX' if amx else 'no AMX'}, torch threads {torch.get_num_threads()}, precision {args.precision}, "
           f"stride {args.stride}")
     if args.json:

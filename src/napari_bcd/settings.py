@@ -150,6 +150,9 @@ class ClassifySettings:
     refine
         Adaptive overlap (:mod:`napari_bcd.engine.refine`): windows one field apart first, then the
         overlapping windows of ``stride`` only where neighbouring cells disagree or the margin is low.
+    tta
+        Test-time augmentation: every window's probabilities averaged over its 8 flips and rotations (8x the
+        model's work), and how far they disagree kept per cell for the review queue.
     qc
         Quality control before the classifier (:class:`~napari_bcd.qc.QCSettings`): pen, folds, debris and
         blur found and left out of the map.
@@ -173,6 +176,7 @@ class ClassifySettings:
     decode: str = field(default="auto", metadata=_SPEED)
     refine: bool = False
     qc: QCSettings = field(default_factory=QCSettings)
+    tta: bool = False
 
     def __post_init__(self) -> None:
         from .decision import DecisionRule

@@ -181,7 +181,8 @@ class CorrectSection:
         dock.store.replace(state, "retrain")  # the layer, the Classify dock and its exports follow
         note = (f" {kept} repainted cell(s) the new model still calls otherwise stay as you painted them." if kept
                 else "")
-        dock.say(result.describe() + note)
+        queue = f"\n{dock.rule.resolved_text}" if dock.rule.resolved_text else ""
+        dock.say(result.describe() + note + queue)
         show_info(f"Retrained: {result.checkpoint.name}")
 
     def undo(self) -> None:

@@ -45,6 +45,8 @@ class RuleSection:
             buttons(self._apply_button, self._save_rule_button), self._regions_text,
             buttons(self._prev_button, self._next_button)], open=False)
         self.regions: list = []
+        #: What the last retrain did to the queue, in words (the Correct section says it with the retrain's result).
+        self.resolved_text = ""
         self.index = -1
         self._apply_button.changed.connect(self.apply)
         self._save_rule_button.changed.connect(self.save)
@@ -74,7 +76,16 @@ class RuleSection:
             self._thr_box.append(spin)
         self._conf_spin.value = float(rule.get("min_confidence", 0.0))
         self._quality_spin.value = float(rule.get("min_quality", 0.0))
+        queued = list(self.regions) if reason == "retrain" else []
+        self.resolved_text = ""
         self._update_regions()
+        if queued:  # the loop closed: what the correction taught, said where the queue is
+            from ..review.uncertain import resolved_regions
+
+            done = resolved_regions(queued, state.shown, MEASURE_NAMES[self._measure_combo.value],
+                                    self._threshold())
+            self.resolved_text = (f"The retrain resolved {done} of the {len(queued)} queued uncertain regions; "
+                                  f"{len(self.regions)} are queued now.")
 
     def rule(self) -> DecisionRule:
         from ..decision import DecisionRule
@@ -118,12 +129,14 @@ class RuleSection:
         state = self.dock.state
         if state is None:
             return
-        threshold = 1.0 - self._conf_spin.value if self._conf_spin.value > 0 else 0.5
         self.regions = uncertain_regions(state.shown, MEASURE_NAMES[self._measure_combo.value], n=20,
-                                         threshold=threshold)
+                                         threshold=self._threshold())
         self.index = -1
         self._regions_text.value = ("\n".join(r.describe() for r in self.regions) if self.regions
                                     else "No region is that uncertain.")
+
+    def _threshold(self) -> float:
+        return 1.0 - self._conf_spin.value if self._conf_spin.value > 0 else 0.5
 
     def go_to(self, index: int) -> None:
         """Centre and zoom the view on uncertain region ``index`` (wrapping around)."""

@@ -53,12 +53,15 @@ class RunSettings:
                                           "never in a label, an area or the call")
         self.qc_spins = {name: FloatSpinBox(label=label, value=getattr(qc, name), min=0.0, max=1.0, step=0.05,
                                             tooltip=tip) for name, label, tip in QC_SPINS}
+        self.tta = CheckBox(text="test-time augmentation (8 views, 8x the time)", value=False,
+                            tooltip="average every window over its 8 flips and rotations; the estimate above counts "
+                                    "the cost, and the Review dock's queue asks first where the views disagree")
         self.qc.changed.connect(self._qc_enabled)
         self.sections = (Section("What a run does", [self.overlap, self.tissue, self.stain, self.qc]),
                          Section("Quality control thresholds", [self.qc_action, *self.qc_spins.values()], open=False),
-                         Section("More settings", [self.device, self.batch, self.probabilities, self.compile],
-                                 open=False))
-        for w in (self.overlap, self.tissue, self.device):
+                         Section("More settings", [self.device, self.batch, self.tta, self.probabilities,
+                                                   self.compile], open=False))
+        for w in (self.overlap, self.tissue, self.device, self.tta):
             w.changed.connect(on_change)
 
     def settings(self, mpp: Any) -> ClassifySettings:
@@ -67,7 +70,7 @@ class RunSettings:
                                 batch_size=int(self.batch.value) or None, device=self.device.value,
                                 compile=self.compile.value, stain_normalize=STAIN[self.stain.value],
                                 quality=True,  # the Review dock can then grey out pen, blur and folds
-                                qc=self.qc_settings())
+                                qc=self.qc_settings(), tta=self.tta.value)
 
     def qc_settings(self) -> QCSettings:
         return QCSettings(enabled=self.qc.value, action=QC_ACTION[self.qc_action.value],

@@ -41,6 +41,7 @@ class Estimate:
     overlapped: bool = False
     refine: bool = False
     qc: bool = False
+    views: int = 1
 
     @property
     def text(self) -> str:
@@ -57,6 +58,9 @@ class Estimate:
                     f"in doubt; one cell = {ch:.0f} x {cw:.0f} µm; {when}.")
         else:
             text = f"{p.on_tissue:,} windows on tissue (of {p.total:,}); one cell = {ch:.0f} x {cw:.0f} µm; {when}."
+        if self.views > 1:
+            text += (f" Test-time augmentation: {self.views} views of every window, {self.views}x the model's work "
+                     "(counted in the time).")
         if self.qc:
             text += " Quality control may then leave out pen ink, folds, debris and blur: fewer windows and cells."
         if p.cells_on_tissue < 30 and not self.overlapped:
@@ -111,11 +115,11 @@ class ClassifyController:
 
         plan = plan_windows(slide, card, settings)
         overlapped = settings.stride_um is not None or settings.stride != 1.0
+        views = tta_views(card, settings)
         rate = measured_rate(_rate_key(card, settings.device))
-        if rate:
-            return Estimate(plan, plan.seconds(rate), True, overlapped, settings.refine, settings.qc.enabled)
-        return Estimate(plan, plan.seconds(_guess_rate(card, settings)), False, overlapped, settings.refine,
-                        settings.qc.enabled)
+        measured = bool(rate)
+        rate = (rate or _guess_rate(card, settings)) / views  # rates are kept per view: one model pass
+        return Estimate(plan, plan.seconds(rate), measured, overlapped, settings.refine, settings.qc.enabled, views)
 
     def job(self, slide: Slide, path: str | Path | None, settings: ClassifySettings,
             ) -> Generator[Stage | Progress, Any, ClassMap]:
@@ -138,7 +142,16 @@ class ClassifyController:
 
         run = class_map.run
         if run is not None and run.windows >= 4 and run.windows_per_s > 0:
-            remember_rate(_rate_key(card, device), run.windows_per_s)
+            views = tta_views(card, class_map.settings) if class_map.settings is not None else 1
+            remember_rate(_rate_key(card, device), run.windows_per_s * views)
+
+
+def tta_views(card: ModelCard, settings: ClassifySettings) -> int:
+    """Model passes per window: 1, or with test-time augmentation 8 (a square input) or 4 (flips only)."""
+    if not settings.tta:
+        return 1
+    h, w = card.input_px
+    return 8 if h == w else 4
 
 
 def _rate_key(card: ModelCard, device: str) -> str:

@@ -176,6 +176,9 @@ def add_classify_options(p: argparse.ArgumentParser) -> None:
                    help="mm² a class must exceed to count for the slide call")
     p.add_argument("--mpp", type=POSITIVE, help="µm per pixel of level 0, for files that do not say")
     p.add_argument("--workers", type=COUNT, help="decoding threads (default: one per core, up to 8)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average every window over its 8 flips and rotations (8x the model's "
+                        "work; their disagreement ranks the review queue)")
     add_qc_options(p)
     add_decision_options(p)
 
@@ -218,4 +221,4 @@ def settings_from(args: argparse.Namespace, card=None):
                             min_tissue=args.min_tissue, min_area=args.min_area, decision=decision,
                             batch_size=args.batch_size, device=args.device, precision=args.precision,
                             compile=args.compile, workers=args.workers, stain_normalize=args.stain_normalize,
-                            decode=args.decode, refine=args.refine, qc=qc_from(args))
+                            decode=args.decode, refine=args.refine, qc=qc_from(args), tta=args.tta)

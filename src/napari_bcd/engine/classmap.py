@@ -93,6 +93,9 @@ class ClassMap:
     qc, qc_cells
         What quality control found (:class:`~napari_bcd.qc.QCResult`) and the reason code of every cell it kept
         out of the map (``(rows, cols)`` uint8, 0 where none; those cells are labelled 0), or None without QC.
+    view_spread
+        With test-time augmentation, how far each cell's windows' flipped and rotated views disagree (mean total
+        variation distance, 0-1; :func:`~napari_bcd.model.inference.view_spread`), else None.
     repredicted
         The box of cells ``(r0, r1, c0, c1)`` a retrain re-predicted in place, if one did.
     retrained_from
@@ -115,6 +118,7 @@ class ClassMap:
     run: RunRecord | None = None
     qc: QCResult | None = None
     qc_cells: np.ndarray | None = None
+    view_spread: np.ndarray | None = None
     repredicted: tuple[int, int, int, int] | None = None
     retrained_from: str = ""
 
@@ -209,6 +213,7 @@ class CellAccumulator:
         self.counts = np.zeros(shape, np.int32)
         self.q_sums = np.zeros(shape, np.float64)
         self.q_counts = np.zeros(shape, np.int32)
+        self.s_sums = np.zeros(shape, np.float64)
 
     def _cells(self, r: int, c: int) -> tuple[slice, slice] | None:
         ya, yb = max(r, self.r0), min(r + self.kh, self.r1)
@@ -217,13 +222,16 @@ class CellAccumulator:
             return None
         return slice(ya - self.r0, yb - self.r0), slice(xa - self.c0, xb - self.c0)
 
-    def add(self, windows: np.ndarray, probs: np.ndarray, quality: np.ndarray | None = None) -> None:
+    def add(self, windows: np.ndarray, probs: np.ndarray, quality: np.ndarray | None = None,
+            spread: np.ndarray | None = None) -> None:
         for i, (r, c) in enumerate(windows):
             cells = self._cells(int(r), int(c))
             if cells is None:
                 continue
             self.sums[cells] += probs[i]
             self.counts[cells] += 1
+            if spread is not None:
+                self.s_sums[cells] += spread[i]
             if quality is not None and np.isfinite(quality[i]):
                 self.q_sums[cells] += quality[i]
                 self.q_counts[cells] += 1
@@ -233,6 +241,13 @@ class CellAccumulator:
             probs = (self.sums / self.counts[..., None]).astype(np.float32)
         probs[self.counts == 0] = np.nan
         return probs
+
+    def spread(self) -> np.ndarray:
+        """Each cell's mean view disagreement (test-time augmentation), NaN where no window reached it."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = (self.s_sums / self.counts).astype(np.float32)
+        out[self.counts == 0] = np.nan
+        return out
 
     def quality(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -62,6 +62,7 @@ def iter_classify(slide: Slide, model: Classifier | Predictor, settings: Classif
     s = (settings or ClassifySettings()).replace(**changes) if changes else (settings or ClassifySettings())
     predictor = (model if isinstance(model, Predictor)
                  else Predictor(model, device=s.device, precision=s.precision, compile=s.compile))
+    predictor.set_tta(s.tta)
     card = predictor.model.card
     rule = s.decision if s.decision is not None else DecisionRule.from_dict(card.decision)
     rule.check_classes(card.classes)
@@ -179,7 +180,8 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     return ClassMap(probs=probs, labels=labels, tissue=cell_frac, window_done=done_mask, grid=grid,
                     classes=tuple(card.classes), slide_name=printable(slide.name), slide_shape=slide.dimensions,
                     model=ModelRef.of(predictor.model), settings=s, decision=rule, uncertain_cells=reasons,
-                    quality=cell_quality, run=record, qc=qc, qc_cells=qc_cells)
+                    quality=cell_quality, run=record, qc=qc, qc_cells=qc_cells,
+                    view_spread=acc.spread() if s.tta else None)
 
 
 def _pass_batches(producer, predictor, acc: CellAccumulator, done_mask: np.ndarray, level_mpp: float,
@@ -199,12 +201,15 @@ def _pass_batches(producer, predictor, acc: CellAccumulator, done_mask: np.ndarr
 
     def take(batch_rc: np.ndarray, pending, q_futures: list) -> None:
         scores = np.concatenate([f.result() for f in q_futures]) if q_futures else None
-        probs = pending.result()
+        probs, spread = pending.result(), pending.spread()
         if aside_mask is not None:
             out = aside_mask[batch_rc[:, 0], batch_rc[:, 1]]
             aside_acc.add(batch_rc[out], probs[out])
-            batch_rc, probs, scores = batch_rc[~out], probs[~out], (scores[~out] if scores is not None else None)
-        acc.add(batch_rc, probs, scores)
+            keep = ~out
+            batch_rc, probs = batch_rc[keep], probs[keep]
+            scores = scores[keep] if scores is not None else None
+            spread = spread[keep] if spread is not None else None
+        acc.add(batch_rc, probs, scores, spread)
         done_mask[batch_rc[:, 0], batch_rc[:, 1]] = True
         if window_probs is not None:
             window_probs[batch_rc[:, 0], batch_rc[:, 1]] = probs

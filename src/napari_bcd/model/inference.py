@@ -31,8 +31,17 @@ CHECK_WINDOWS = 4
 class PendingProbabilities:
     """A submitted batch's probabilities: ``result()`` waits for the device and returns ``N x classes`` float32."""
 
-    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None = None) -> None:
-        self._host, self._event = host, event
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None = None,
+                 spread: torch.Tensor | None = None) -> None:
+        self._host, self._event, self._spread = host, event, spread
+
+    def spread(self) -> np.ndarray | None:
+        """With test-time augmentation, how far each window's views disagree (:func:`view_spread`); else None."""
+        if self._spread is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        return self._spread.cpu().numpy()
 
     def result(self) -> np.ndarray:
         if self._event is not None:
@@ -106,6 +115,8 @@ class Predictor:
         self.fixed_batch: int | None = None
         #: A 3 x 3 optical-density map applied to every batch (stain normalisation), or None.
         self.stain_map: torch.Tensor | None = None
+        #: Test-time augmentation: each window's probabilities are the mean over its dihedral views (:meth:`set_tta`).
+        self.tta = False
         #: Whether :meth:`submit` returns before the batch is computed (CUDA): the engine then keeps one
         #: batch in flight.
         self.asynchronous = self.device.type == "cuda"
@@ -174,6 +185,19 @@ class Predictor:
         """The CPU batch and threads of the current precision, and the rates timed to choose them."""
         tuner = self._tuners.get(self.precision)
         return tuner.record_of() if self.tune and tuner is not None else None
+
+    def set_tta(self, on: bool) -> None:
+        """Average every window's probabilities over its flips and rotations from now on (8 views of a square
+        input, 4 of another: 8x or 4x the model's work); False: one view."""
+        self.tta = bool(on)
+
+    @property
+    def views(self) -> int:
+        """Model passes per window: 1, or the dihedral views test-time augmentation averages."""
+        if not self.tta:
+            return 1
+        h, w = self.model.card.input_px
+        return 8 if h == w else 4
 
     def set_stain_map(self, m: np.ndarray | None) -> None:
         """Apply this OD map (:func:`napari_bcd.stain.macenko_transform`) to every batch from now on; None: off."""
@@ -317,6 +341,10 @@ class Predictor:
             with torch.inference_mode():
                 x = self._resized(x, size)
             forward = self._forward_float
+        views = self.views
+        if views > 1:
+            with torch.inference_mode():
+                x = dihedral_views(x, channels_last=forward is self._forward, square=views == 8)
         if self.check_pending:
             logits = self._checked_logits(x, forward)
         elif self.tune and not cuda:
@@ -324,15 +352,22 @@ class Predictor:
         else:
             with torch.inference_mode(), self._autocast():
                 logits = forward(x)
+        spread = None
         with torch.inference_mode():
-            probs = torch.softmax(logits[:n].float(), dim=1)
+            probs = torch.softmax(logits.float(), dim=1)
+            if views > 1:  # rows are view-major: view v of window i is row v * B + i
+                per_view = probs.reshape(views, -1, probs.shape[1])[:, :n]
+                probs = per_view.mean(0)
+                spread = view_spread(per_view)
+            else:
+                probs = probs[:n]
             if not cuda:
-                return PendingProbabilities(probs.cpu())
+                return PendingProbabilities(probs.cpu(), spread=spread)
             host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
             host.copy_(probs, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        return PendingProbabilities(host, done)
+        return PendingProbabilities(host, done, spread)
 
     def _int8_quantiser(self, x: torch.Tensor):
         """Trace the backbone for int8 (:class:`~.precision.Int8Quantiser`); returns it and the fp32 forward for
@@ -436,3 +471,25 @@ class Predictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+
+def dihedral_views(x: torch.Tensor, *, channels_last: bool, square: bool = True) -> torch.Tensor:
+    """The batch's 8 flips and rotations (4 when the windows are not square: no quarter turns), view-major: rows
+    ``v * N .. (v + 1) * N`` are view ``v`` of every window.  ``x`` is uint8 NHWC (``channels_last``) or float NCHW."""
+    dims = (1, 2) if channels_last else (2, 3)
+    turns = range(4) if square else (0, 2)
+    views = []
+    for k in turns:
+        r = torch.rot90(x, k, dims) if k else x
+        views += [r, torch.flip(r, (dims[1],))]
+    out = torch.cat(views)
+    return out.contiguous(memory_format=torch.channels_last) if (not channels_last and x.is_contiguous(
+        memory_format=torch.channels_last)) else out.contiguous()
+
+
+def view_spread(per_view: torch.Tensor) -> torch.Tensor:
+    """How far a window's views disagree: the mean total-variation distance of each view's probabilities from their
+    mean (0: all views agree; 1: each view certain of another class).  ``per_view`` is ``views x N x C``."""
+    mean = per_view.mean(0, keepdim=True)
+    return 0.5 * (per_view - mean).abs().sum(-1).mean(0)
+
