@@ -97,14 +97,17 @@ def test_uncertain_regions_merge_neighbours_and_order_by_the_measure():
     p[5, 0] = [0.60, 0.30, 0.05, 0.05]  # margin 0.30
     cm = synthetic_map(p)
     regions = uncertain_regions(cm, measure="margin", n=10, threshold=0.5)
-    assert [r.cells for r in regions] == [1, 4, 1]
+    # ranked by the cells a correction would likely change (the sum of 1 - p): the block of four (1.8) before the
+    # single most uncertain cell (0.66), then the last (0.40)
+    assert [r.cells for r in regions] == [4, 1, 1]
     assert [r.rank for r in regions] == [1, 2, 3]
-    assert regions[0].cell_rows == (4,) and regions[0].cell_cols == (6,)
-    assert regions[0].score == pytest.approx(0.99, abs=1e-5)
-    assert regions[1].box_px == (0.0, 0.0, 200.0, 200.0)
-    assert regions[1].probabilities["Benign"] == pytest.approx(0.40)
-    # max probability orders them the same way here; n limits the list
-    assert [r.cells for r in uncertain_regions(cm, "max_probability", n=2, threshold=0.3)] == [1, 4]
+    assert [r.value for r in regions] == pytest.approx([1.8, 0.66, 0.40])
+    assert regions[1].cell_rows == (4,) and regions[1].cell_cols == (6,)
+    assert regions[1].score == pytest.approx(0.99, abs=1e-5)
+    assert regions[0].box_px == (0.0, 0.0, 200.0, 200.0)
+    assert regions[0].probabilities["Benign"] == pytest.approx(0.40)
+    # n limits the list
+    assert [r.cells for r in uncertain_regions(cm, "max_probability", n=2, threshold=0.3)] == [4, 1]
     assert uncertain_regions(cm, "margin", threshold=0.995) == []
 
 

@@ -139,7 +139,9 @@ class Summary:
                        else f"no class covers more than {self.min_area_mm2} mm²")
             return f"slide call: none ({verdict})"
         how = "" if self.call_by == "severity" else "; the class covering most tissue: these classes have no severity"
-        return f"slide call: {self.call_display} (p = {self.call_probability:.3f}{how})"
+        doubt = (f"; {self.uncertain_percent_of_tissue:.0f}% of the classified tissue uncertain"
+                 if self.uncertain_area_mm2 else "")
+        return f"slide call: {self.call_display} (p = {self.call_probability:.3f}{how}{doubt})"
 
 
 def summarize(class_map: ClassMap, min_area_mm2: float = 0.0) -> Summary:

@@ -72,9 +72,9 @@ class MapView:
         self.call.value = f"<b>{summary.call_text[:1].upper()}{summary.call_text[1:]}</b>"
         self.legend.show_summary(summary, shown.classes)
         self.on_legend_toggled(self.legend.hidden())
-        warning = (shown.run.stain.warning(advice="choose stain: normalise (Macenko) and Run again")
-                   if shown.run is not None else "")
-        self.stain_note.value = warning[:1].upper() + warning[1:] + "." if warning else ""
+        warnings = [shown.run.stain.warning(advice="choose stain: normalise (Macenko) and Run again")
+                    if shown.run is not None else "", summary.qc_warning]
+        self.stain_note.value = " ".join(w[:1].upper() + w[1:] + "." for w in warnings if w)
         for b in self.export_buttons.values():
             b.enabled = True
         self._on_change(state, reason, summary)

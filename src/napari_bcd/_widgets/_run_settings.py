@@ -21,7 +21,7 @@ assert set(QC_ACTION.values()) == set(QC_ACTIONS), "a QC action without words in
 QC_SPINS = (("pen", "pen share", "a window fails when at least this share of it is pen ink"),
             ("fold", "fold share", "a window fails when at least this share of its tissue is as dark as a fold"),
             ("debris", "debris share", "a window fails when at least this share of it is bubble edge or debris"),
-            ("blur", "blur (sharpness)", "a 16 µm block is out of focus below this fraction of the slide's median "
+            ("blur", "blur", "a 16 µm block is out of focus below this fraction of the slide's median "
                                          "sharpness; a window fails when half its tissue is"))
 
 
@@ -45,17 +45,19 @@ class RunSettings:
         self.compile = CheckBox(text="compile (GPU, long runs)", value=False,
                                 tooltip="torch.compile: tens of seconds once, then faster on a GPU")
         qc = QCSettings()
-        self.qc = CheckBox(text="quality control (pen, folds, debris, blur)", value=qc.enabled,
+        self.qc = CheckBox(text="quality control", value=qc.enabled,
                            tooltip="find pen ink, folds, bubble edges/debris and out-of-focus areas before the "
-                                   "classifier and leave them out of the map, the areas and the call")
+                                   "classifier and leave them out of the map, the areas and the call (a layer shows "
+                                   "them by reason)")
         self.qc_action = ComboBox(label="failing windows", choices=list(QC_ACTION), value="not classified",
                                   tooltip="'set aside': classified, the model's answer kept for a look on hover, "
                                           "never in a label, an area or the call")
         self.qc_spins = {name: FloatSpinBox(label=label, value=getattr(qc, name), min=0.0, max=1.0, step=0.05,
                                             tooltip=tip) for name, label, tip in QC_SPINS}
-        self.tta = CheckBox(text="test-time augmentation (8 views, 8x the time)", value=False,
-                            tooltip="average every window over its 8 flips and rotations; the estimate above counts "
-                                    "the cost, and the Review dock's queue asks first where the views disagree")
+        self.tta = CheckBox(text="8-view TTA (8x time)", value=False,
+                            tooltip="test-time augmentation: average every window over its 8 flips and rotations; the "
+                                    "estimate above counts the cost, and the Review dock's queue asks first where the "
+                                    "views disagree")
         self.qc.changed.connect(self._qc_enabled)
         self.sections = (Section("What a run does", [self.overlap, self.tissue, self.stain, self.qc]),
                          Section("Quality control thresholds", [self.qc_action, *self.qc_spins.values()], open=False),

@@ -136,6 +136,8 @@ def _report_slide(result, out: Path) -> None:
     warning = result.summary.get("stain_warning")
     if warning and run.stain.normalized == "none":
         print(f"napari-bcd: {name}: {warning}", file=sys.stderr)
+    if result.summary.get("qc_warning"):
+        print(f"napari-bcd: {name}: {result.summary['qc_warning']}", file=sys.stderr)
     if run.decode.fell_back:  # the device decoder was asked for, not used
         print(f"napari-bcd: {name}: tiles decoded on the CPU: {run.decode.detail}", file=sys.stderr)
     print(f"wrote {result.item.stem}.* in {out}")

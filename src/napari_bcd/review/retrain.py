@@ -272,6 +272,8 @@ def _save(job: RetrainJob, model, dev, measured: dict, stopped: str, step: int, 
                                     "validation_before", "validation_after", "outside_changed", "outside_checked")},
     }
     metrics = dict(job.card.metrics)
+    if isinstance(metrics.get("calibration"), dict):  # the parent's figures, not measured again: said so
+        metrics["calibration"] = {**metrics["calibration"], "measured_on": "the parent model, before this retrain"}
     if measured["validation_after"]:
         metrics.update(accuracy=measured["validation_after"]["accuracy"],
                        macro_f1=measured["validation_after"]["macro_f1"])

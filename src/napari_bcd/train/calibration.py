@@ -19,6 +19,9 @@ __all__ = ["ABSTAIN_TARGET", "Calibration", "abstain_cut", "calibration", "expec
 ABSTAIN_TARGET = 0.95
 #: Fewer held-out images than this above a cut-off cannot show it reaches the target.
 MIN_KEPT = 10
+#: A cut-off that would leave more than this share uncertain is reported, not made the default: a map mostly grey
+#: says less than the model's accuracy, said plainly.
+MAX_UNCERTAIN = 0.5
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -95,7 +98,7 @@ class Calibration:
         none reaches the target."""
         p_min = self.abstain.get("p_min")
         n_classes = self.abstain.get("classes", 0)
-        if not p_min or n_classes < 2:
+        if not p_min or n_classes < 2 or self.abstain["uncertain"] > MAX_UNCERTAIN:
             return 0.0
         return float(max(0.0, (p_min - 1.0 / n_classes) / (1.0 - 1.0 / n_classes)))
 
@@ -113,6 +116,10 @@ class Calibration:
                      "default (set one in the Review dock or with --min-confidence).")
         elif a["p_min"] == 0:
             text += f" The held-out images were {a['accuracy']:.0%} right without a cut-off: none is set."
+        elif a["uncertain"] > MAX_UNCERTAIN:
+            text += (f" Only above a top probability of {a['p_min']:.2f} were the held-out images {target} right, "
+                     f"which would leave {a['uncertain']:.0%} of them uncertain: no cut-off is set by default "
+                     "(set one in the Review dock or with --min-confidence).")
         else:
             text += (f" Cells whose top probability is below {a['p_min']:.2f} are 'uncertain' by default: above it the "
                      f"held-out images were {a['accuracy']:.0%} right (target {target}), leaving {a['uncertain']:.0%} "
