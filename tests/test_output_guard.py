@@ -253,3 +253,34 @@ def test_export_patches_refuses_a_table_it_cannot_add_to_before_any_patch(tmp_pa
     assert "is not a UTF-8 CSV this export can add its patches to" in capsys.readouterr().err
     assert table.read_bytes() == bytes(range(256)) * 8
     assert sorted(p.name for p in out.iterdir()) == ["microscopy_ground_truth.csv"]
+
+
+def test_export_patches_never_replaces_an_image_it_did_not_write(tmp_path: Path, capsys) -> None:
+    """A user's image with a patch's name (in the patch's class folder, or another class folder the patch would
+    take it from) is refused before any patch and left byte-identical; the export's own patches are replaced by
+    the next export of the same slide, and --overwrite replaces the user's."""
+    import json
+
+    ring = [[900, 0], [1500, 0], [1500, 650], [900, 650], [900, 0]]
+    regions = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "t1", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}
+    (tmp_path / "regions.geojson").write_text(json.dumps(regions))
+    out = tmp_path / "out"
+    args = ["export-patches", str(SAMPLE_SLIDE), str(tmp_path / "regions.geojson"), "--out", str(out),
+            "--field-um", "100"]
+    assert main(args) == 0
+    first = sorted((out / "Tumor").iterdir())
+    assert first
+    assert main(args) == 0  # its own patches: replaced without a word
+    capsys.readouterr()
+    mine = _user_file(out / "Tumor" / first[0].name, b"my own image")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "napari-bcd did not write them" in err and "--overwrite" in err
+    assert mine.read_bytes() == b"my own image"
+    elsewhere = _user_file(out / "Stroma" / first[1].name, b"another of mine")  # a patch would take it away
+    mine.unlink()
+    assert main(args) == 2 and elsewhere.read_bytes() == b"another of mine"
+    assert main([*args, "--overwrite"]) == 0
+    assert not elsewhere.exists() and (out / "Tumor" / first[1].name).read_bytes()[:4] == b"\x89PNG"

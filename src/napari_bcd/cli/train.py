@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", action="append", type=label_pair, metavar="TEXT=CLASS",
                    help="map your label to a class, e.g. Tumor=Invasive")
     p.add_argument("--mpp", type=POSITIVE, help="µm per pixel of level 0, for files that do not say")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the patches' names that an earlier export did not write")
     p.set_defaults(func=_cmd_export_patches)
 
     p = sub.add_parser("train", help="train the Table II head on an ICIAR folder (your regions or the BACH photos)")
@@ -159,7 +161,7 @@ def _cmd_export_patches(args: argparse.Namespace) -> int:
     with open_slide(args.slide, mpp=args.mpp) as slide:
         result = drive(
             iter_export_patches(slide, anns, args.out, field_um=field, stride=args.stride, coverage=args.coverage,
-                                min_per_class=args.min_per_class),
+                                min_per_class=args.min_per_class, overwrite=args.overwrite),
             "patches", "patch",
         )
     print(result)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._fileio import atomic_write
+from .._fileio import atomic_write, is_ours, remember_written
 from ..classes import order_classes
 from ..errors import DatasetError
 from ..io.slide import Slide
@@ -229,12 +229,15 @@ def iter_export_patches(
     min_per_class: int = 20,
     mpp: float | None = None,
     plan: PatchPlan | None = None,
+    overwrite: bool = False,
 ) -> Generator[ExportProgress, None, ExportResult]:
     """Cut ICIAR-style patches from annotated regions of a slide.
 
     The windows are those of :func:`plan_patches` (pass ``plan`` to reuse
     one).  Each patch is read from the nearest finer level and saved as PNG
     at ``patch_px`` (default: the field's aspect, 512 px on its long side).
+    A patch replaces a file of its name only where an earlier export wrote it (and nobody changed it since), or
+    with ``overwrite``; any other is refused before the first patch.
     """
     from ..windows import read_window
 
@@ -247,6 +250,11 @@ def iter_export_patches(
     out = Path(out_dir)
     for table in (out / GROUND_TRUTH, out / "provenance.csv"):  # before any patch: the tables this run adds to
         _readable_csv(table)
+    stem = Path(slide.name).stem
+    names = [_patch_name(stem, grid, r, c) for r, c, _, _ in jobs]
+    folders = ([d.name for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")] if out.is_dir() else [])
+    if not overwrite:
+        _refuse_foreign(out, names, {cname for *_, cname, _ in jobs} | set(folders))
     out.mkdir(parents=True, exist_ok=True)
     info = out / DATASET_INFO
     if info.is_file():
@@ -259,21 +267,17 @@ def iter_export_patches(
                                f"{field_um[0]:.0f} x {field_um[1]:.0f} µm. Use another folder or the same field.")
     with atomic_write(info, "w") as fh:
         json.dump({"field_um": list(field_um), "patch_px": list(patch_px)}, fh)
-    stem = Path(slide.name).stem
-    gt_rows, prov_rows = [], []
+    gt_rows, prov_rows, written = [], [], []
     counts = Counter()
     from PIL import Image
 
     try:
         yield ExportProgress(0, len(jobs))
-        # the class folders already there: the same window labelled otherwise by an earlier export is replaced
-        folders = [d.name for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")]
         for k, (r, c, cname, cov) in enumerate(jobs):
             patch = read_window(slide, grid, r, c, patch_px)
             by, bx, bh, bw = grid.window_box(r, c)
-            # Named by the window's level-0 box: unique per slide and geometry, whatever the grid's stride.
-            fname = f"{stem}_y{round(by)}_x{round(bx)}_{round(bh)}x{round(bw)}.png"
-            for other in folders:  # one class wins
+            fname = names[k]
+            for other in folders:  # one class wins: the same window labelled otherwise by an earlier export goes
                 if other != cname:
                     (out / other / fname).unlink(missing_ok=True)
             buf = io.BytesIO()
@@ -281,6 +285,7 @@ def iter_export_patches(
             (out / cname).mkdir(exist_ok=True)  # a class folder only for a class with a patch
             with atomic_write(out / cname / fname, "wb") as fh:
                 fh.write(buf.getvalue())
+            written.append(out / cname / fname)
             gt_rows.append((fname, cname))
             region = plan.regions_of[k] if k < len(plan.regions_of) else ""
             prov_rows.append((fname, cname, slide.name, round(by, 2), round(bx, 2), round(bh, 2), round(bw, 2),
@@ -288,12 +293,31 @@ def iter_export_patches(
             counts[cname] += 1
             yield ExportProgress(k + 1, len(jobs))
     finally:
-        # Also when stopped half-way: the CSVs list exactly the patches written.
+        # Also when stopped half-way: the CSVs list exactly the patches written, the ledger each of them.
         _append_csv(out / GROUND_TRUTH, gt_rows, None)
         _append_csv(out / "provenance.csv", prov_rows, PROVENANCE_HEADER)
+        remember_written(*written)
     all_counts = {n: counts.get(n, 0) for n in plan.counts}
     too_few = [n for n, v in all_counts.items() if 0 < v < min_per_class or (v == 0 and n in plan.regions)]
     return ExportResult(out, all_counts, too_few, unknown)
+
+
+def _patch_name(stem: str, grid, r: int, c: int) -> str:
+    """A patch's file name: the window's level-0 box, unique per slide and geometry, whatever the grid's stride."""
+    by, bx, bh, bw = grid.window_box(r, c)
+    return f"{stem}_y{round(by)}_x{round(bx)}_{round(bh)}x{round(bw)}.png"
+
+
+def _refuse_foreign(out: Path, names: list[str], folders: set[str]) -> None:
+    """Refuse, before any patch, when a file (or link) these patches would replace or remove was not written by an
+    earlier export (or changed since): a user's own image of the same name is never lost."""
+    foreign = [out / folder / name for folder in sorted(folders) for name in dict.fromkeys(names)
+               if os.path.lexists(out / folder / name) and not is_ours(out / folder / name)]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise DatasetError(f"{foreign[0]}{more} already exist(s) with the names of these patches, and napari-bcd did "
+                           "not write them (or they changed since). Choose another --out, move them, or pass "
+                           "--overwrite to replace them.")
 
 
 def _readable_csv(path: Path) -> None:
