@@ -98,6 +98,35 @@ def test_a_damaged_member_is_found_while_extracting(tmp_path: Path, bach_zip: Pa
     assert not any((tmp_path / "out").rglob("*.tif"))
 
 
+def test_broken_compressed_data_is_said_in_a_sentence(tmp_path: Path, bach_zip: Path, capsys) -> None:
+    """Deflate data broken mid-member raised zlib.error, a traceback; now it is a damaged archive, exit 2."""
+    import zlib
+
+    data = bytearray(bach_zip.read_bytes())
+    for offset in range(len(data) // 2, len(data) - 200, 997):  # the first flipped byte that breaks deflate itself
+        probe = bytearray(data)
+        probe[offset] ^= 0xFF
+        try:
+            import io
+            import zipfile
+
+            with zipfile.ZipFile(io.BytesIO(bytes(probe))) as zf:
+                for m in zf.infolist():
+                    zf.read(m)
+        except zlib.error:
+            break
+        except Exception:  # noqa: BLE001 - another kind of damage: try the next byte
+            continue
+    else:
+        pytest.skip("no flipped byte broke the deflate stream itself")
+    (tmp_path / "bad.zip").write_bytes(bytes(probe))
+    assert main(["data", "fetch", "bach", "--from", str(tmp_path / "bad.zip"), "--dir", str(tmp_path / "out"),
+                 "--accept-licence"]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "Download the archive again" in err and "Traceback" not in err
+    assert not any((tmp_path / "out").rglob("*.tif"))
+
+
 def test_patient_aware_split_is_evas(tmp_path: Path, bach_zip: Path) -> None:
     drain(iter_fetch_bach(tmp_path, from_zip=bach_zip, md5=hashlib.md5(bach_zip.read_bytes()).hexdigest()))
     ds = read_iciar(tmp_path)

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import zipfile
+import zlib
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -242,7 +243,7 @@ def _extract_photos(zpath: Path, photos: Path) -> Generator[ExtractProgress, Non
                 except NotImplementedError as err:  # a compression method zipfile does not know
                     raise DatasetError(f"{m.filename} in {zpath} uses a compression this Python cannot read "
                                        f"({err}); the archive Zenodo publishes does not. Download it again.") from err
-                except (zipfile.BadZipFile, EOFError, RuntimeError) as err:
+                except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as err:  # zlib: deflate data broken
                     raise DownloadError(f"{m.filename} in {zpath} is damaged ({err}). Download the archive "
                                         "again.") from err
                 yield ExtractProgress(k + 1, len(members))
