@@ -134,14 +134,15 @@ def final_model(model, bank, dataset: Dataset, validation: Validation, sel: Sele
 def _tune_on_all(bank, dataset: Dataset, validation: Validation, seed: int, grid, extra=None) -> Tuning:
     """The probe's regularisation for the model trained on every image: chosen on the run's own folds (over
     groups, or over images with the one-standard-error rule), or on folds drawn for it."""
-    from .regularise import PROBE_CS, inner_folds, tune_c
+    from .regularise import PROBE_CS, inner_folds, repeated_folds, tune_c
 
     labels = np.asarray(dataset.labels, np.int64)
     folds = validation.folds if validation.mode == "cv" else inner_folds(
         labels, dataset.groups, dataset.classes, k=5, seed=seed)
     grouped = validation.grouped if validation.mode == "cv" else dataset.groups is not None
     return tune_c(pooled_features(bank), labels, folds, len(dataset.classes), grouped=grouped,
-                  grid=grid or PROBE_CS, seed=seed, extra=extra)
+                  grid=grid or PROBE_CS, seed=seed, extra=extra,
+                  repeats=repeated_folds(labels, dataset.groups if grouped else None, dataset.classes, k=5, seed=seed))
 
 
 def _relay(gen):

@@ -36,7 +36,15 @@ import numpy as np
 
 from .headfit import FeatureBank, FitProgress, Recipe, fit_head, standardise
 from .probe import ProbeHead, fit_probe_head
-from .regularise import LogisticProbe, Tuning, fit_logistic, inner_folds, pooled_features, training_rows, tune_c
+from .regularise import (
+    LogisticProbe,
+    Tuning,
+    fit_logistic,
+    inner_folds,
+    pooled_features,
+    training_rows,
+    tune_c,
+)
 from .split import OPTIMISTIC, Split, group_folds, split_dataset
 
 if TYPE_CHECKING:
@@ -312,8 +320,8 @@ def select_head(bank_raw, labels: np.ndarray, n_classes: int, validation: Valida
     g = np.asarray(groups, dtype=object) if groups is not None else None
     k = len(validation.folds)
     for f, (train_rows, val_rows) in enumerate(validation.folds, start=1):
-        inner = inner_folds(labels[train_rows], None if g is None else g[train_rows], classes or range(n_classes),
-                            seed=seed)
+        inner_groups, inner_classes = None if g is None else g[train_rows], classes or range(n_classes)
+        inner = inner_folds(labels[train_rows], inner_groups, inner_classes, seed=seed)
         tuning = tune_c(pooled[train_rows], labels[train_rows], inner, n_classes, grouped=g is not None,
                         grid=grid or PROBE_CS, seed=seed,
                         extra=extra[train_rows] if extra is not None else None)
