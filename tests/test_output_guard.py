@@ -236,16 +236,23 @@ def test_a_file_size_limit_while_saving_weights_is_one_sentence_and_the_checkpoi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
 
 
-def test_export_patches_refuses_a_table_it_cannot_add_to_before_any_patch(tmp_path: Path, capsys) -> None:
-    """A binary microscopy_ground_truth.csv in --out was a traceback after the patches were written; now it is
-    refused first, in a sentence, and left byte-identical with no patch written."""
+def _tumour_regions(path: Path) -> Path:
+    """A QuPath GeoJSON of one "Tumor" box on the bundled slide's tissue."""
     import json
 
     ring = [[900, 0], [1500, 0], [1500, 650], [900, 650], [900, 0]]
     regions = {"type": "FeatureCollection", "features": [
         {"type": "Feature", "id": "t1", "geometry": {"type": "Polygon", "coordinates": [ring]},
          "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}
-    (tmp_path / "regions.geojson").write_text(json.dumps(regions))
+    path.write_text(json.dumps(regions))
+    return path
+
+
+def test_export_patches_refuses_a_table_it_cannot_add_to_before_any_patch(tmp_path: Path, capsys) -> None:
+    """A binary microscopy_ground_truth.csv in --out was a traceback after the patches were written; now it is
+    refused first, in a sentence, and left byte-identical with no patch written."""
+
+    _tumour_regions(tmp_path / "regions.geojson")
     out = tmp_path / "out"
     table = _user_file(out / "microscopy_ground_truth.csv", bytes(range(256)) * 8)
     assert main(["export-patches", str(SAMPLE_SLIDE), str(tmp_path / "regions.geojson"), "--out", str(out),
@@ -259,13 +266,8 @@ def test_export_patches_never_replaces_an_image_it_did_not_write(tmp_path: Path,
     """A user's image with a patch's name (in the patch's class folder, or another class folder the patch would
     take it from) is refused before any patch and left byte-identical; the export's own patches are replaced by
     the next export of the same slide, and --overwrite replaces the user's."""
-    import json
 
-    ring = [[900, 0], [1500, 0], [1500, 650], [900, 650], [900, 0]]
-    regions = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "id": "t1", "geometry": {"type": "Polygon", "coordinates": [ring]},
-         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}
-    (tmp_path / "regions.geojson").write_text(json.dumps(regions))
+    _tumour_regions(tmp_path / "regions.geojson")
     out = tmp_path / "out"
     args = ["export-patches", str(SAMPLE_SLIDE), str(tmp_path / "regions.geojson"), "--out", str(out),
             "--field-um", "100"]
