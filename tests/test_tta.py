@@ -127,3 +127,26 @@ def test_tta_on_the_paper_model() -> None:
     tta = Predictor(model, device="cpu", precision="fp32")
     tta.set_tta(True)
     np.testing.assert_allclose(tta(x), tta(turned), atol=1e-5)
+
+
+def test_a_region_repredicted_after_a_retrain_forgets_its_views_disagreement(tiny_model) -> None:
+    """A retrain re-predicts its region from one view: the views' disagreement there is no longer known (NaN), so the
+    queue ranks those cells by their probabilities alone; elsewhere it stands."""
+    from napari_bcd.decision import DecisionRule
+    from napari_bcd.review.retrain_data import Windows
+    from napari_bcd.review.retrain_fit import repredict_region
+
+    with open_slide(SAMPLE_SLIDE) as slide:
+        cm = classify(slide, tiny_model, precision="fp32", tta=True)
+    wins = np.argwhere(cm.window_done)[:3]
+    region = np.zeros(cm.window_done.shape, bool)
+    region[wins[:, 0], wins[:, 1]] = True
+    box = (int(wins[:, 0].min()), int(wins[:, 0].max()) + 1, int(wins[:, 1].min()), int(wins[:, 1].max()) + 1)
+    chosen = Windows(wins, region, np.zeros(len(wins), bool), box)
+    probs = np.tile([0.7, 0.1, 0.1, 0.1], (len(wins), 1))
+    after = repredict_region(cm, cm.grid, chosen, probs, DecisionRule())
+    hit = np.zeros(cm.labels.shape, bool)
+    hit[wins[:, 0], wins[:, 1]] = True  # stride 1: a window is a cell
+    assert np.isnan(after.view_spread[hit]).all() and np.isfinite(cm.view_spread[hit]).all()
+    rest = (cm.labels > 0) & ~hit
+    np.testing.assert_array_equal(after.view_spread[rest], cm.view_spread[rest])

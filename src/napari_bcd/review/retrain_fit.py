@@ -141,4 +141,9 @@ def repredict_region(class_map, grid, chosen: Windows, win_probs, rule):
     covered_old = class_map.labels[r0:r1, c0:c1] > 0
     new_lab, _ = decide(probs[r0:r1, c0:c1], covered_old, tuple(class_map.classes), rule, quality)
     labels[r0:r1, c0:c1] = new_lab
-    return dataclasses.replace(class_map, probs=probs, labels=labels, repredicted=(int(r0), int(r1), int(c0), int(c1)))
+    spread = class_map.view_spread
+    if spread is not None:  # re-predicted from one view: the views' disagreement there is no longer known
+        spread = spread.copy()
+        spread[r0:r1, c0:c1][upd] = np.nan
+    return dataclasses.replace(class_map, probs=probs, labels=labels, view_spread=spread,
+                               repredicted=(int(r0), int(r1), int(c0), int(c1)))
