@@ -150,3 +150,14 @@ def test_a_region_repredicted_after_a_retrain_forgets_its_views_disagreement(tin
     assert np.isnan(after.view_spread[hit]).all() and np.isfinite(cm.view_spread[hit]).all()
     rest = (cm.labels > 0) & ~hit
     np.testing.assert_array_equal(after.view_spread[rest], cm.view_spread[rest])
+
+
+def test_the_cli_says_a_run_averaged_its_views(tiny_checkpoint, tmp_path, capsys) -> None:
+    import json
+
+    from napari_bcd.cli import main
+
+    assert main(["classify", str(SAMPLE_SLIDE), "--model", str(tiny_checkpoint), "--out", str(tmp_path), "--tta"]) == 0
+    assert "each the mean of its 8 flips and rotations (--tta)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "CMU-1-Small-Region.summary.json").read_text())
+    assert summary["info"]["settings"]["tta"] is True

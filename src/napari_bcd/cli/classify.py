@@ -125,7 +125,9 @@ def _report_slide(result, out: Path) -> None:
     from ..model.tuning import describe_tuning
 
     run = result.run
+    tta = ((result.summary.get("info") or {}).get("settings") or {}).get("tta")
     print(f"\n{name}: {run.windows} windows, {run.windows_per_s:.1f}/s, {run.precision} on {run.device}"
+          + (", each the mean of its 8 flips and rotations (--tta)" if tta else "")
           + (f" ({result.note})" if result.note else ""))
     check = run.precision_check
     if check is not None:
