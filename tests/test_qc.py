@@ -308,3 +308,29 @@ def test_a_big_slide_read_by_level_is_judged_as_its_thumbnail(drawn, monkeypatch
     reads.clear()
     nothing = qc_module.quality_control(slide, grid, MPP, need=np.zeros((10, 10), bool), need_ds=(300.0, 300.0))
     assert not reads and not nothing.window_reason.any()  # no tissue anywhere: nothing read, nothing failed
+
+
+def test_a_big_slide_s_pass_reports_its_chunks_and_stops_when_closed(drawn, monkeypatch: pytest.MonkeyPatch) -> None:
+    import napari_bcd.qc as qc_module
+
+    img, _ = drawn
+    slide = Slide.from_array(img, mpp=MPP, name="drawn")
+    grid = grid_for(slide, _card(), ClassifySettings())
+    monkeypatch.setattr(qc_module, "_thumbnail_blocks", lambda *a: None)
+    steps = []
+    gen = qc_module.iter_quality_control(slide, grid, MPP)
+    while True:
+        try:
+            steps.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert steps[0] == (0, 4) and steps[-1] == (4, 4) and result.level == 0  # 2 x 2 chunks of 2048 px
+    reads = []
+    real = slide.read_region
+    monkeypatch.setattr(slide, "read_region", lambda *a, **k: reads.append(a) or real(*a, **k))
+    monkeypatch.setattr(qc_module.os, "cpu_count", lambda: 1)  # one reading thread: chunks wait their turn
+    gen = qc_module.iter_quality_control(slide, grid, MPP)
+    assert next(gen) == (0, 4)
+    gen.close()  # a cancel: the chunks not started are never read
+    assert len(reads) <= 1

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from .tiling import Grid
 
 __all__ = ["QC_ACTIONS", "QC_MPP", "REASONS", "REASON_COLOURS", "REASON_WORDS", "QCResult", "QCSettings",
-           "block_measures", "left_out_cells", "quality_control"]
+           "block_measures", "iter_quality_control", "left_out_cells", "quality_control"]
 
 #: µm/px the pass reads at.
 QC_MPP = 2.0
@@ -177,8 +178,9 @@ def _thumbnail_blocks(slide: Slide, slide_mpp: float) -> tuple[dict[str, np.ndar
 
 
 def _read_blocks(slide: Slide, level: int, f: int, need: np.ndarray | None, need_ds: tuple[float, float],
-                 chunk: int = 2048) -> tuple[dict[str, np.ndarray], float]:
-    """Block measures of the whole level, read in chunks; chunks without needed tissue are skipped (glass)."""
+                 chunk: int = 2048) -> Generator[tuple[int, int], None, tuple[dict[str, np.ndarray], float]]:
+    """Block measures of the whole level, read in chunks; chunks without needed tissue are skipped (glass).
+    Yields ``(chunks done, chunks)``; closing it cancels the chunks not started."""
     H, W = slide.level_info[level].shape
     side = f * BLOCK  # level pixels per block
     rows, cols = -(-H // side), -(-W // side)
@@ -200,11 +202,16 @@ def _read_blocks(slide: Slide, level: int, f: int, need: np.ndarray | None, need
         return box, block_measures(_reduce(slide.read_region(level, *box, cache=False), f))
 
     # chunks in threads (decoding and numpy release the GIL): the pass runs before the model, on idle cores
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for (y, x, _, _), part in pool.map(measure, boxes):
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    try:
+        yield 0, len(boxes)
+        for n, ((y, x, _, _), part) in enumerate(pool.map(measure, boxes), start=1):
             by, bx = y // side, x // side
             for k, v in part.items():
                 out[k][by : by + v.shape[0], bx : bx + v.shape[1]] = v
+            yield n, len(boxes)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a cancel waits only for the chunks being read
     return out, float(side * ds[0])
 
 
@@ -256,7 +263,21 @@ def reasons_of(shares: dict[str, np.ndarray], settings: QCSettings) -> np.ndarra
 
 def quality_control(slide: Slide, grid: Grid, slide_mpp: float, settings: QCSettings | None = None,
                     need: np.ndarray | None = None, need_ds: tuple[float, float] = (1.0, 1.0)) -> QCResult:
-    """Judge every window and cell of ``grid`` on ``slide`` (level-0 µm/px ``slide_mpp``).
+    """Judge every window and cell of ``grid`` on ``slide`` (level-0 µm/px ``slide_mpp``); :func:`iter_quality_control`
+    run to the end."""
+    gen = iter_quality_control(slide, grid, slide_mpp, settings, need, need_ds)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def iter_quality_control(slide: Slide, grid: Grid, slide_mpp: float, settings: QCSettings | None = None,
+                         need: np.ndarray | None = None, need_ds: tuple[float, float] = (1.0, 1.0),
+                         ) -> Generator[tuple[int, int], None, QCResult]:
+    """Judge every window and cell of ``grid`` on ``slide`` (level-0 µm/px ``slide_mpp``), yielding ``(chunks done,
+    chunks)`` while a big slide is read (closing it cancels); returns the :class:`QCResult`.
 
     ``need`` (a boolean mask of level-0 pixels downsampled by ``need_ds``, e.g. the tissue detector's) limits the
     reading to where it is true: glass is not read.
@@ -267,7 +288,10 @@ def quality_control(slide: Slide, grid: Grid, slide_mpp: float, settings: QCSett
     t0 = time.perf_counter()
     level, f = _qc_level(slide, slide_mpp)
     small = _thumbnail_blocks(slide, slide_mpp)
-    blocks, block_px = small if small is not None else _read_blocks(slide, level, f, need, need_ds)
+    if small is not None:
+        blocks, block_px = small
+    else:
+        blocks, block_px = yield from _read_blocks(slide, level, f, need, need_ds)
     weights = blocks.pop("sharp_weight")
     with np.errstate(invalid="ignore", divide="ignore"):
         sharp = blocks.pop("sharp") / weights

@@ -201,6 +201,8 @@ class ClassifyWidget(Container):
             self._run_status.stage(p.message)
         elif p.stage == "classify":
             self._run_status.count(p.done, p.total, p.windows_per_s, p.eta_s)
+        elif p.stage == "quality control" and p.done == 0:
+            self._run_status.stage("Quality control: looking for pen, folds, debris and blur…")
 
     # ------------------------------------------------------------------ the map
     def show_result(self, class_map: ClassMap, image_name: str, translate: tuple[float, float] = (0.0, 0.0)) -> None:

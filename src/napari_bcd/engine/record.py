@@ -18,7 +18,8 @@ __all__ = ["Progress", "RunRecord", "StainCheck"]
 
 @dataclass(frozen=True)
 class Progress:
-    """One progress report.  ``stage`` is ``"tissue"`` or ``"classify"``."""
+    """One progress report.  ``stage`` is ``"tissue"``, ``"quality control"`` (``done``/``total``: chunks of a big
+    slide read) or ``"classify"`` (windows)."""
 
     stage: str
     done: int

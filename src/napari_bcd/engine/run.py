@@ -93,10 +93,17 @@ def _classify(slide: Slide, predictor, grid: Grid, s: ClassifySettings, rule,
     selected = select_windows(win_frac, s.min_tissue)
     qc = None
     if s.qc.enabled:
-        from ..qc import quality_control
+        from ..qc import iter_quality_control
 
         yield Progress("quality control", 0, 0)
-        qc = quality_control(slide, grid, mpp[0], s.qc, need=mask, need_ds=mask_ds)
+        gen = iter_quality_control(slide, grid, mpp[0], s.qc, need=mask, need_ds=mask_ds)
+        while True:  # chunks of a big slide, each a chance to cancel
+            try:
+                done_chunks, chunks = next(gen)
+            except StopIteration as stop:
+                qc = stop.value
+                break
+            yield Progress("quality control", done_chunks, chunks)
         qc.window_reason[~selected] = 0  # only tissue windows are judged
     failed = selected & (qc.window_reason > 0) if qc is not None else np.zeros_like(selected)
     # failing windows are not classified ("skip"), or classified into a sum of their own ("set_aside"): what the
