@@ -144,6 +144,25 @@ def test_a_slide_out_of_focus_throughout_is_said_soft(cmu_rgb) -> None:
     assert qc.soft_slide and not sharp.soft_slide, (qc.reference_sharpness, sharp.reference_sharpness)
 
 
+@pytest.mark.parametrize("bad, says", [
+    ("x", "QC settings must be an object"), ({"pen": "a"}, "QC pen threshold is a fraction"),
+    ({"pen": True}, "QC pen threshold is a fraction"), ({"blur": float("nan")}, "QC blur threshold is a fraction"),
+    ({"debris": -0.1}, "QC debris threshold is a fraction"), ({"action": None}, "Unknown QC action")])
+def test_malformed_qc_settings_are_refused_in_a_sentence(bad, says: str) -> None:
+    """As a done-record or a cohort task would carry them: a clear BcdError, never a traceback."""
+    with pytest.raises(BcdError, match=says):
+        ClassifySettings(qc=bad)
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.1", "2", "abc"])
+def test_bad_qc_thresholds_on_the_command_line(value: str, capsys) -> None:
+    from napari_bcd.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["classify", "x.svs", "--out", "out", "--qc-blur", value])
+    assert stop.value.code == 2 and "argument --qc-blur" in capsys.readouterr().err
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(BcdError, match="QC pen threshold is a fraction"):
         QCSettings(pen=1.5)

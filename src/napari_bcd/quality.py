@@ -43,21 +43,24 @@ _BLUR_MPP = 1.0  # µm/px the sharpness is measured at
 
 
 def _planes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Three contiguous uint8 planes of an ``... x 3`` array (numpy works on strided channels several times slower)."""
-    p = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+    """Three contiguous uint8 planes (numpy works on strided channels several times slower)."""
+    a = np.asarray(rgb)
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    p = np.ascontiguousarray(np.moveaxis(a[..., :3], -1, 0))
     return p[0], p[1], p[2]
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees), saturation and value (0-1) of RGB ``... x 3`` (uint8, or float 0-255)."""
     r8, g8, b8 = _planes(rgb)
-    mx8, mn8 = _max3(r8, g8, b8), _min3(r8, g8, b8)
-    r, g, b = (c.astype(np.float32) for c in (r8, g8, b8))
+    mx8 = np.maximum(np.maximum(r8, g8), b8)
+    c = (mx8 - np.minimum(np.minimum(r8, g8), b8)).astype(np.float32)
+    r, g, b = (x.astype(np.float32) for x in (r8, g8, b8))
     mx = mx8.astype(np.float32)
-    c = mx - mn8
-    d = np.maximum(c, 1e-6)
-    s = c / np.maximum(mx, 1e-6)
-    h = np.where(mx8 == r8, np.mod((g - b) / d, 6.0), np.where(mx8 == g8, (b - r) / d + 2.0, (r - g) / d + 4.0)) * 60.0
-    return h, s, mx * np.float32(1 / 255)
+    d = np.maximum(c, np.float32(1e-6))
+    h = np.where(mx8 == r8, np.mod((g - b) / d, 6.0), np.where(mx8 == g8, (b - r) / d + 2.0, (r - g) / d + 4.0))
+    return h * np.float32(60), c / np.maximum(mx, np.float32(1e-6)), mx * np.float32(1 / 255)
 
 
 def _max3(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
