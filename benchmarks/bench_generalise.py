@@ -251,7 +251,7 @@ def grid_search_lr(x_train: np.ndarray, train, x_new: np.ndarray, y_new: np.ndar
     from sklearn.preprocessing import StandardScaler
 
     y = np.asarray(train.labels)
-    k = int(min(5, np.bincount(y)[np.bincount(y) > 0].min()))
+    k = int(min(5, np.bincount(y)[np.bincount(y) > 0].min(), len(set(train.groups)) if train.groups else 5))
     if k < 2:
         return float("nan"), float("nan")
     cv = (StratifiedGroupKFold(k, shuffle=True, random_state=0) if train.groups else
