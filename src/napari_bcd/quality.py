@@ -54,8 +54,8 @@ def _planes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hue (degrees), saturation and value (0-1) of RGB ``... x 3`` (uint8, or float 0-255)."""
     r8, g8, b8 = _planes(rgb)
-    mx8 = np.maximum(np.maximum(r8, g8), b8)
-    c = (mx8 - np.minimum(np.minimum(r8, g8), b8)).astype(np.float32)
+    mx8 = _max3(r8, g8, b8)
+    c = (mx8 - _min3(r8, g8, b8)).astype(np.float32)
     r, g, b = (x.astype(np.float32) for x in (r8, g8, b8))
     mx = mx8.astype(np.float32)
     d = np.maximum(c, np.float32(1e-6))
