@@ -20,7 +20,12 @@ default protocol on that many images of the development patients and prints:
   same grid, accuracy, 5 stratified folds of the training images, grouped when the patients are known);
 * the gaps ``new - bestLR`` (goal >= -0.01 everywhere), ``new - splitLR``, ``new - cvLR`` and ``reported - new``
   (goal within 0.08);
-* ``ships`` (probe or head) and the ``C`` the run chose.
+* ``ships`` (probe or head) and the ``C`` the run chose;
+* after the summary, the rules for choosing ``C`` replayed on each run's own cross-validation curve (the lowest
+  loss, the middle or the most regularised of the one-standard-error band, fixed ``C`` values, the oracle), each
+  scored by the logistic regression at the ``C`` it picks: on your patients, this table says which rule is right
+  for your data (``--json`` keeps every run's curve, ``tuning``, and the new-patient accuracy at every ``C``,
+  ``lr_new``, to replay others).
 
 Scenarios: ``patients`` (the patient of every image is known) and ``none`` (no patient column: what a pathologist
 who copied a folder has).
@@ -262,6 +267,34 @@ def grid_search_lr(x_train: np.ndarray, train, x_new: np.ndarray, y_new: np.ndar
     return float((search.predict(x_new) == y_new).mean()), float(search.best_params_["logisticregression__C"])
 
 
+#: The fixed ``C`` values replayed beside the rules (:func:`replay_rules`).
+FIXED_CS = (1e-3, 1e-2, 0.1, 1.0)
+
+
+def replay_rules(tuning: dict | None, lr_new, grid) -> dict[str, float]:
+    """What each rule for choosing ``C`` would have given on the new patients, replayed on one run's own
+    cross-validation curve (``tuning``: its held-out loss and standard error per ``C``, as the run wrote it) and
+    scored by the logistic regression at that ``C`` (``lr_new``: its new-patient accuracy at each ``C`` of ``grid``).
+
+    The rules: the lowest loss (what ships when groups are known), the middle of the one-standard-error band (what
+    ships without them), the most regularised within one standard error (the classic rule), fixed ``C`` values
+    (:data:`FIXED_CS`) and the oracle (the best ``C`` on the new patients).  {} when the run measured no curve."""
+    from napari_bcd.train.regularise import choose_c
+
+    if not tuning or not tuning.get("loss") or tuple(tuning["grid"]) != tuple(grid):
+        return {}
+    at = dict(zip(grid, lr_new, strict=True))
+    loss = [v if v is not None else float("inf") for v in tuning["loss"]]
+    se = [v if v is not None else 0.0 for v in tuning["loss_standard_error"]]
+    best = min(range(len(grid)), key=lambda i: (round(loss[i], 9), i))
+    band = [i for i in range(len(grid)) if loss[i] <= loss[best] + se[best] + 1e-12]
+    out = {"lowest loss": at[grid[best]], "1-SE middle": at[choose_c(grid, loss, se, grouped=False)[0]],
+           "1-SE most reg.": at[grid[band[0]]]}
+    out.update({f"C={c:g}": at[c] for c in FIXED_CS if c in at})
+    out["oracle"] = max(lr_new)
+    return out
+
+
 def one_run(train, new, feats: Features, build: dict, out: Path, grid) -> dict:
     from napari_bcd.train import evaluate, iter_finetune
 
@@ -279,6 +312,7 @@ def one_run(train, new, feats: Features, build: dict, out: Path, grid) -> dict:
     lrs = dict(zip(grid, correct.mean(1).tolist(), strict=True))
     best_c = max(lrs, key=lambda c: (lrs[c], -c))
     cv_acc, cv_c = grid_search_lr(x_train, train, x_new, new.labels, grid)
+    tuning = result.tuning.to_dict() if result.tuning is not None else None
     return {
         "images": len(train), "patients": train.n_groups,
         "reported": result.report.accuracy if result.report else None,
@@ -286,7 +320,8 @@ def one_run(train, new, feats: Features, build: dict, out: Path, grid) -> dict:
         "new": new_acc, "best_lr": lrs[best_c], "best_lr_c": best_c, "lr_default": lrs[1.0],
         "split_lr": split_oracle(correct, new.groups, new.labels), "cv_lr": cv_acc, "cv_lr_c": cv_c,
         "shipped": result.shipped, "chosen_c": result.tuning.chosen if result.tuning is not None else None,
-        "train_seconds": round(seconds, 1),
+        "train_seconds": round(seconds, 1), "lr_new": correct.mean(1).tolist(), "tuning": tuning,
+        "rules": replay_rules(tuning, correct.mean(1).tolist(), grid),
     }
 
 
@@ -324,6 +359,23 @@ def experiments(dev, new, feats: Features, fp32: Features | None, sizes, seeds: 
             acc = float((fit_logistic(x8, y8, c, n_cls).logits(feats.pooled(new)).argmax(1) == new.labels).mean())
             rows.append({"per_class": n, "seed": seed, "variant": "8 views as 8 training rows", "new": acc, "c": c})
     return rows
+
+
+def print_rules(rows: list[dict], scenarios, sizes) -> None:
+    """The rules for choosing ``C`` replayed on every run (:func:`replay_rules`), mean new-patient accuracy of the
+    logistic regression at the ``C`` each picks, per scenario and size."""
+    names = next((list(r["rules"]) for r in rows if r.get("rules")), [])
+    if not names:
+        return
+    print("\nrules for C replayed on each run's own cross-validation (LR on the new patients, mean over seeds; "
+          "ships: lowest loss with patients, 1-SE middle without):")
+    print(f"{'scenario':>8} {'per cl.':>7} " + " ".join(f"{k:>14}" for k in names))
+    for scenario in scenarios:
+        for n in sizes:
+            part = [r["rules"] for r in rows if r["scenario"] == scenario and r["per_class"] == n and r["rules"]]
+            if part:
+                print(f"{scenario:>8} {n or 'all':>7} " + " ".join(f"{np.mean([p[k] for p in part]):>14.3f}"
+                                                                  for k in names))
 
 
 def main() -> None:
@@ -416,6 +468,7 @@ def main() -> None:
                     "reported_minus_new_abs_mean": round(float(np.mean(rep)), 4) if rep else None,
                     "shipped": sorted({r["shipped"] for r in part})}
         print("summary: " + json.dumps(summary, indent=1))
+        print_rules(rows, args.scenarios, args.sizes)
         exp = []
         if args.experiments:
             fp32 = Features({**build, "classes": order_classes(dev.classes)}, precision="fp32")

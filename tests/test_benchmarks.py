@@ -27,3 +27,34 @@ def test_bench_gpu_rehearses_its_gpu_table_on_the_cpu(tmp_path: Path) -> None:
     assert " on cpu (YCBCR-JPEG" in figures["feeder_device_decode"]["decode"]
     e2e = figures["end_to_end_eager"]
     assert e2e["decoded_tiles"] == e2e["tiles_touched"] > 0
+
+
+def _bench_generalise():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generalise", BENCH.parent / "bench_generalise.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_generalise_replays_each_rule_for_c_on_a_runs_own_curve() -> None:
+    """The replay picks what each rule picks from the curve the run wrote, and scores it at that C on the new
+    patients: a user's real run says which rule is right for their data."""
+    from napari_bcd.train.regularise import PROBE_CS, Tuning, choose_c
+
+    bench = _bench_generalise()
+    grid = PROBE_CS  # 1e-4 ... 3: the lowest loss at 0.3; 1e-2 ... 1 within one standard error of it
+    loss = [0.90, 0.80, 0.70, 0.60, 0.52, 0.51, 0.505, 0.50, 0.515, 0.60]
+    se = [0.03] * len(grid)
+    new = [0.40 + 0.01 * i for i in range(len(grid))]  # every C scores differently: the pick can be read back
+    tuning = Tuning(grid, accuracy=[0.5] * len(grid), standard_error=se, loss=loss, loss_standard_error=se,
+                    chosen=choose_c(grid, loss, se, grouped=False)[0], folds=4).to_dict()
+    got = bench.replay_rules(tuning, new, grid)
+    at = dict(zip(grid, new, strict=True))
+    assert got["lowest loss"] == at[0.3]
+    assert got["1-SE most reg."] == at[1e-2]
+    assert got["1-SE middle"] == at[0.1] == at[tuning["chosen_c"]]  # the middle of the band 1e-2 ... 1
+    assert got["C=0.001"] == at[1e-3] and got["C=1"] == at[1.0] and got["oracle"] == max(new)
+    assert bench.replay_rules(None, new, grid) == {}  # no curve measured (nothing could be held out)
+    assert bench.replay_rules({**tuning, "grid": [1.0]}, new, grid) == {}  # another grid: nothing to replay

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_C", "PROBE_CS", "LogisticProbe", "Tuning", "fit_logistic", "inner_folds", "pooled_features",
-           "repeated_folds", "training_rows", "tune_c"]
+__all__ = ["DEFAULT_C", "PROBE_CS", "LogisticProbe", "Tuning", "choose_c", "fit_logistic", "inner_folds",
+           "pooled_features", "repeated_folds", "training_rows", "tune_c"]
 
 #: The regularisation grid, scikit-learn's ``C`` (smaller is stronger), on standardised features.
 PROBE_CS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
@@ -266,14 +266,21 @@ def tune_c(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarra
     spread = lambda v: v.std(1, ddof=1) / math.sqrt(len(folds)) if len(folds) > 1 else np.zeros(len(grid))  # noqa: E731
     t.standard_error = spread(acc).tolist()
     t.loss_standard_error = spread(loss).tolist()
-    best = min(range(len(grid)), key=lambda i: (round(t.loss[i], 9), i))  # ties: the more regularised
-    if grouped:
-        t.chosen, t.rule = grid[best], "the lowest held-out loss on groups the probe never saw"
-    else:
-        bar = t.loss[best] + t.loss_standard_error[best]
-        within = [i for i in range(len(grid)) if t.loss[i] <= bar + 1e-12]
-        t.chosen = grid[min(within[(len(within) - 1) // 2], best)]
-        t.rule = ("no groups known: the middle of the C values within one standard error of the lowest held-out "
-                  "loss on images (more regularised than the lowest, as image-level validation favours memorising; "
-                  "not the grid's end, where a few images' noise would push it)")
+    t.chosen, t.rule = choose_c(grid, t.loss, t.loss_standard_error, grouped=grouped)
     return t
+
+
+def choose_c(grid: Sequence[float], loss: Sequence[float], loss_standard_error: Sequence[float], *,
+             grouped: bool) -> tuple[float, str]:
+    """``(C, the rule in words)`` from the held-out loss of each ``C`` of ``grid`` (weakest regularisation last)
+    and its standard error: the lowest loss on groups; without them, the middle of the one-standard-error band,
+    never less regularised than the lowest (see the module's text)."""
+    best = min(range(len(grid)), key=lambda i: (round(loss[i], 9), i))  # ties: the more regularised
+    if grouped:
+        return grid[best], "the lowest held-out loss on groups the probe never saw"
+    bar = loss[best] + loss_standard_error[best]
+    within = [i for i in range(len(grid)) if loss[i] <= bar + 1e-12]
+    return grid[min(within[(len(within) - 1) // 2], best)], (
+        "no groups known: the middle of the C values within one standard error of the lowest held-out loss on "
+        "images (more regularised than the lowest, as image-level validation favours memorising; not the grid's "
+        "end, where a few images' noise would push it)")
