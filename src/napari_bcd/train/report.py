@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .probe import PROBE_WORDS
-
 if TYPE_CHECKING:
     from .result import TrainResult
 
 __all__ = ["report_lines", "verdict"]
 
 #: The linear probe, glossed once for people who do not train models.
-PROBE_GLOSS = (f"the simple classifier is {PROBE_WORDS}, the baseline any trained model must beat; "
+PROBE_GLOSS = ("the simple classifier is a logistic regression on the averaged backbone features, the baseline any "
+               "trained model must beat; "
                "'chance' always answers the most common class")
 
 
