@@ -152,6 +152,47 @@ def test_a_folder_per_patient_and_a_manifest_column_are_groups(tmp_path: Path) -
     assert manifest.classes == ("Stroma", "Tumour") and manifest.group_kind == "patient" and manifest.n_groups == 3
 
 
+def test_a_manifest_beside_the_images_names_their_patients_or_none(tmp_path: Path) -> None:
+    """Any CSV or TSV beside the images whose header names a file and a patient / case / slide column, and that
+    names every image, gives the groups (what the run says); one that names some images only, or one image twice
+    with two patients, gives none, and the run says why. ``--groups`` takes such a manifest too."""
+    from PIL import Image
+
+    from napari_bcd.train import read_iciar
+    from napari_bcd.train.groups import group_dataset
+
+    root = tmp_path / "photos"
+    names = {"Normal": ["n0.png", "n1.png", "n2.png", "n3.png"], "Invasive": ["t0.png", "t1.png", "t2.png", "t3.png"]}
+    for cls, files in names.items():
+        (root / cls).mkdir(parents=True)
+        for f in files:
+            Image.fromarray(np.full((40, 40, 3), 170, np.uint8)).save(root / cls / f)
+    (root / "measurements.csv").write_text("Image,Name,Class,Area\nn0.png,a,Tumor,3\n")  # no group column: not one
+    # image ids without their extension, a slide column and a patient column: the patient wins (the wider group)
+    rows = [f"{f[:-4]},S{i},case-{f[1]}" for i, f in enumerate(names["Normal"] + names["Invasive"])]
+    (root / "metadata.csv").write_text("image_id,slide_id,patient_id\n" + "\n".join(rows) + "\n")
+    ds = read_iciar(root)
+    assert ds.group_kind == "patient" and ds.n_groups == 4 and ds.group_source == "metadata.csv (column 'patient_id')"
+    assert dict(zip((p.name for p in ds.paths), ds.groups, strict=True))["t1.png"] == "case-1"
+    # a GDC sample sheet (tab-separated): File Name and Case ID, the File ID a UUID that names nothing here
+    sheet = tmp_path / "gdc_sample_sheet.2026-12-07.tsv"
+    header = "File ID\tFile Name\tData Category\tData Type\tProject ID\tCase ID\tSample ID\tSample Type"
+    body = [f"uuid-{i}\t{f}\tBiospecimen\tSlide Image\tTCGA-BRCA\tTCGA-A2-A0{i % 3}M\tTCGA-A2-A0{i % 3}M-01A\t"
+            "Primary Tumor" for i, f in enumerate(names["Normal"] + names["Invasive"])]
+    sheet.write_text(header + "\n" + "\n".join(body) + "\n")
+    by_sheet = group_dataset(read_iciar(root), groups_csv=sheet)
+    assert by_sheet.group_kind == "patient" and by_sheet.n_groups == 3 and "gdc_sample_sheet" in by_sheet.group_source
+    # a manifest naming half the images is not used, and the run says so: never half a grouping, never invented
+    (root / "metadata.csv").write_text("image_id,patient_id\n" + "\n".join(r.split(",", 2)[0] + ",x" + r[-1]
+                                                                         for r in rows[:5]) + "\n")
+    half = read_iciar(root)
+    assert half.groups is None and any("only 5 of 8 images" in p and "metadata.csv" in p for p in half.problems)
+    (root / "metadata.csv").write_text("file,patient\nn0.png,A\nn0.png,B\n" + "\n".join(
+        f"{f},P{i % 2}" for i, f in enumerate(names["Normal"][1:] + names["Invasive"])) + "\n")
+    twice = read_iciar(root)
+    assert twice.groups is None and any("two patient values" in p for p in twice.problems)
+
+
 def test_without_patients_the_probe_ships_and_says_why(tmp_path: Path) -> None:
     from napari_bcd.model import LinearHead, load_checkpoint
     from napari_bcd.train import iter_finetune, read_iciar

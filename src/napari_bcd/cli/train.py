@@ -68,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=TrainSettings.seed)
     p.add_argument("--split", help="'bach-patient' (patient-aware split of the 400 BACH photos) or a file listing "
                    "the validation images")
-    p.add_argument("--groups", metavar="CSV", help="file,group rows: the patient (or slide) of every image; no group "
-                   "is ever split between training and validation")
+    p.add_argument("--groups", metavar="CSV", help="file,group rows, or a manifest (CSV/TSV) whose header names a file "
+                   "and a patient, case or slide column: the patient (or slide) of every image; no group is ever "
+                   "split between training and validation")
     p.add_argument("--group-pattern", metavar="REGEX",
                    help=r"the group is the first capture group of the file name, e.g. '^(P\d+)_'")
     p.add_argument("--group-kind", choices=GROUP_KINDS,

@@ -10,6 +10,10 @@ a group, from (in this order):
   (annotation) each patch was cut from;
 * a third column of ``microscopy_ground_truth.csv`` (``file,label,group``);
 * a folder per patient (or slide) inside each class folder;
+* a manifest beside the images (:func:`manifest_groups`): any CSV or TSV in
+  the folder whose header names a file column and a patient, case, slide or
+  region column (``file,patient``; a GDC sample sheet's ``File Name`` and
+  ``Case ID``; ``image_id,slide_id``), when it names every image;
 * the file-name conventions of public datasets and of napari-bcd's own
   patches (:data:`NAME_CONVENTIONS`: TCGA, CPTAC and GTEx barcodes, BreakHis,
   BRACS, CAMELYON), when one of them names every image and gives at least
@@ -48,6 +52,7 @@ __all__ = [
     "group_dataset",
     "groups_from_csv",
     "groups_from_pattern",
+    "manifest_groups",
     "provenance_groups",
     "with_groups",
     "without_groups",
@@ -56,6 +61,24 @@ __all__ = [
 #: What a group can be, most general last.
 GROUP_KINDS = ("patient", "slide", "region", "group")
 PROVENANCE = "provenance.csv"
+
+
+#: Header words of a file column (a manifest's, a groups file's), compared lower-case with spaces and hyphens as
+#: underscores.
+FILE_COLUMNS = ("file", "filename", "file_name", "image", "image_id", "image_name", "name", "path", "patch",
+                "tile")
+#: Header words of a group column, and the kind of group each names.
+GROUP_COLUMNS = {"patient": "patient", "patient_id": "patient", "case": "patient", "case_id": "patient",
+                 "subject": "patient", "subject_id": "patient", "submitter_id": "patient", "donor": "patient",
+                 "slide": "slide", "slide_id": "slide", "slide_name": "slide", "wsi": "slide", "region": "region",
+                 "group": "group"}
+#: A CSV bigger than this is not read as a manifest (a table of measurements, not of images).
+MANIFEST_MAX_BYTES = 50_000_000
+
+
+def header_word(text: str) -> str:
+    """A header cell as :data:`FILE_COLUMNS` and :data:`GROUP_COLUMNS` spell it."""
+    return "_".join(str(text).strip().lower().replace("-", " ").split())
 
 
 @dataclass(frozen=True)
@@ -120,7 +143,7 @@ def with_groups(dataset: Dataset, groups: dict[str, str], *, kind: str, source: 
     """
     if kind not in GROUP_KINDS:
         raise DatasetError(f"Unknown group kind {kind!r}; use one of {', '.join(GROUP_KINDS)}.")
-    found = [groups.get(p.name) for p in dataset.paths]
+    found = [groups.get(p.name) or groups.get(p.stem) for p in dataset.paths]  # image ids often drop the extension
     missing = [p.name for p, g in zip(dataset.paths, found, strict=True) if not g]
     if missing:
         raise DatasetError(f"{source} gives no group for {len(missing)} of {len(dataset)} image(s), e.g. "
@@ -129,7 +152,13 @@ def with_groups(dataset: Dataset, groups: dict[str, str], *, kind: str, source: 
 
 
 def groups_from_csv(path: str | os.PathLike[str]) -> dict[str, str]:
-    """``file name -> group`` from a CSV of ``file,group`` rows (a header row is allowed).
+    """``file name -> group`` from a CSV (or TSV) of ``file,group`` rows, or any manifest whose header names a file
+    column and a group column (:func:`manifest_groups`' columns: ``image_id,patient_id``, a GDC sample sheet)."""
+    return _groups_file(path)[0]
+
+
+def _groups_file(path: str | os.PathLike[str]) -> tuple[dict[str, str], str | None]:
+    """:func:`groups_from_csv`, and the kind of group its header's column names (None: not said).
 
     Raises
     ------
@@ -139,26 +168,30 @@ def groups_from_csv(path: str | os.PathLike[str]) -> dict[str, str]:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"The groups file {p} is not text ({err.reason}). Give a CSV of file,group rows.") from err
+        rows = _table(p)
+    except (UnicodeDecodeError, ValueError, csv.Error) as err:
+        raise DatasetError(f"The groups file {p} is not a text CSV ({err}). Give a CSV of file,group rows.") from err
     except OSError as err:
         raise DatasetError(f"Cannot read the groups file {p} ({err.strerror or err}).") from err
+    fc, gc, first, kind = 0, 1, 0, None
+    if rows and rows[0] and (cols := _manifest_columns(rows[0])) is not None:
+        fc, gc, kind = cols
+        first = 1
+    elif rows and rows[0] and header_word(rows[0][0]) in FILE_COLUMNS:
+        first = 1  # a file,group header with another name for the group
     out: dict[str, str] = {}
-    for n, row in enumerate(csv.reader(text.splitlines()), start=1):
-        if not row or not row[0].strip():
+    for n, row in enumerate(rows[first:], start=first + 1):
+        if len(row) <= fc or not row[fc].strip():
             continue
-        if n == 1 and row[0].strip().lower() in ("file", "filename", "image", "name", "path"):
-            continue  # a header
-        if len(row) < 2 or not row[1].strip():
-            raise DatasetError(f"{p}, line {n}: expected file,group, got {','.join(row)!r}.")
-        name, group = Path(row[0].strip()).name, _clean(row[1])
+        if len(row) <= gc or not row[gc].strip():
+            raise DatasetError(f"{p}, line {n}: expected a file and its group, got {','.join(row)!r}.")
+        name, group = Path(row[fc].strip().replace("\\", "/")).name, _clean(row[gc])
         if out.get(name, group) != group:
             raise DatasetError(f"{p}, line {n}: {name} is given two groups ({out[name]!r} and {group!r}).")
         out[name] = group
     if not out:
         raise DatasetError(f"The groups file {p} lists no image.")
-    return out
+    return out, kind
 
 
 def groups_from_pattern(names: Iterable[str], pattern: str) -> dict[str, str]:
@@ -184,6 +217,86 @@ def groups_from_pattern(names: Iterable[str], pattern: str) -> dict[str, str]:
             raise DatasetError(f"--group-pattern {pattern!r} does not match {name}; every image needs a group.")
         out[name] = m.group(1)
     return out
+
+
+def _table(path: Path) -> list[list[str]]:
+    """The rows of a CSV or TSV (tab-separated when its name says so or its first line has tabs)."""
+    text = path.read_text(encoding="utf-8-sig")
+    if "\0" in text:
+        raise ValueError("it holds NUL bytes")
+    first = text.split("\n", 1)[0]
+    tab = path.suffix.lower() == ".tsv" or ("\t" in first and "," not in first)
+    return list(csv.reader(text.splitlines(), delimiter="\t" if tab else ","))
+
+
+def _manifest_columns(header: Sequence[str]) -> tuple[int, int, str] | None:
+    """``(file column, group column, kind)`` named by a header, the most patient-like group column first."""
+    words = [header_word(h) for h in header]
+    files = [i for i, w in enumerate(words) if w in FILE_COLUMNS]
+    groups = [i for i, w in enumerate(words) if w in GROUP_COLUMNS]
+    if not files or not groups:
+        return None
+    g = min(groups, key=lambda i: (GROUP_KINDS.index(GROUP_COLUMNS[words[i]]), i))
+    return files[0], g, GROUP_COLUMNS[words[g]]
+
+
+def _by_image(rows: Sequence[Sequence[str]], fc: int, gc: int, names: Sequence[str]
+              ) -> tuple[dict[str, str], list[str]]:
+    """``(image name -> group, conflicts)`` of a manifest's rows: a row names an image by its file name, or by its
+    stem (``image_id`` columns often drop the extension); an image named twice with two groups is a conflict."""
+    by_name: dict[str, set[str]] = {}
+    for row in rows:
+        if len(row) <= max(fc, gc) or not row[fc].strip() or not row[gc].strip():
+            continue
+        key = Path(row[fc].strip().replace("\\", "/")).name
+        by_name.setdefault(key, set()).add(_clean(row[gc]))
+    out, conflicts = {}, []
+    for name in names:
+        found = by_name.get(name) or by_name.get(Path(name).stem)
+        if found and len(found) > 1:
+            conflicts.append(name)
+        elif found:
+            out[name] = next(iter(found))
+    return out, conflicts
+
+
+def manifest_groups(root: Path, names: Sequence[str], skip: Sequence[str] = ()
+                    ) -> tuple[dict[str, str], str, str, list[str]]:
+    """Groups from a manifest beside the images: ``(file -> group, kind, source, notes)``; ``({}, "", "", notes)``
+    when none names every image.
+
+    Every CSV/TSV in ``root`` (but ``skip``: the ground truth, the provenance) whose header names a file column
+    (:data:`FILE_COLUMNS`) and a group column (:data:`GROUP_COLUMNS`; a patient before a slide before a region)
+    is read.  One that names every image with at least two groups is used (the first by name); one that names
+    some images only, or one image twice with two groups, is not, and ``notes`` say so: never half a grouping.
+    """
+    notes: list[str] = []
+    try:
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".csv", ".tsv") and p.is_file()
+                       and p.name not in skip and not p.name.startswith("."))
+    except OSError:
+        return {}, "", "", notes
+    for path in files:
+        try:
+            if path.stat().st_size > MANIFEST_MAX_BYTES:
+                continue
+            rows = _table(path)
+        except (OSError, ValueError, csv.Error):
+            continue
+        cols = _manifest_columns(rows[0]) if rows else None
+        if cols is None:
+            continue
+        fc, gc, kind = cols
+        found, conflicts = _by_image(rows[1:], fc, gc, names)
+        column = rows[0][gc].strip()
+        if conflicts:
+            notes.append(f"{path.name} gives {conflicts[0]} two {column} values: its groups are not used.")
+        elif len(found) == len(names) and len(set(found.values())) >= 2:
+            return found, kind, f"{path.name} (column {column!r})", notes
+        elif found and len(found) < len(names):
+            notes.append(f"{path.name} gives a {column} for only {len(found)} of {len(names)} images: its groups "
+                         "are not used. Give every image its group there, or none.")
+    return {}, "", "", notes
 
 
 def provenance_groups(root: Path, names: Sequence[str]) -> tuple[dict[str, str], str] | None:
@@ -263,7 +376,8 @@ def group_dataset(dataset: Dataset, *, groups_csv: str | os.PathLike[str] | None
     if groups_csv and pattern:
         raise DatasetError("Give the groups one way: --groups FILE.csv or --group-pattern REGEX, not both.")
     if groups_csv:
-        return with_groups(dataset, groups_from_csv(groups_csv), kind=kind or "group",
+        groups, said = _groups_file(groups_csv)
+        return with_groups(dataset, groups, kind=kind or said or "group",
                            source=f"--groups {Path(groups_csv).name}")
     if pattern:
         return with_groups(dataset, groups_from_pattern([p.name for p in dataset.paths], pattern),

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..classes import canonical_class, order_classes
 from ..errors import DatasetError
+from .groups import GROUP_COLUMNS, header_word
 
 if TYPE_CHECKING:
     pass
@@ -239,12 +240,6 @@ class _Listed:
     problems: list[str] = field(default_factory=list)
 
 
-#: Header words of a ground-truth CSV's group column, and the kind of group each names.
-_GROUP_COLUMNS = {"patient": "patient", "patient_id": "patient", "case": "patient", "case_id": "patient",
-                  "subject": "patient", "slide": "slide", "slide_id": "slide", "wsi": "slide", "region": "region",
-                  "group": "group"}
-
-
 def _read_ground_truth(gt: Path) -> _Listed:
     try:
         text = gt.read_text(encoding="utf-8-sig")
@@ -259,7 +254,7 @@ def _read_ground_truth(gt: Path) -> _Listed:
             continue
         if n == 0 and row[0].strip().lower() in ("file", "filename", "image", "name", "path"):
             if len(row) > 2:  # a header: its third column says what the groups are
-                out.group_kind = _GROUP_COLUMNS.get(row[2].strip().lower(), "group")
+                out.group_kind = GROUP_COLUMNS.get(header_word(row[2]), "group")
             continue
         name = Path(row[0].strip()).name
         group = " ".join(row[2].split()) if len(row) > 2 else ""
@@ -295,8 +290,8 @@ def _manifest_entries(r: Path, listed: _Listed, problems: list[str]) -> list[tup
 def _known_groups(ds: Dataset, csv_groups: dict[str, str], folder_groups: list[str],
                   kind: str = "group") -> Dataset:
     """The folder's own groups: the patches' provenance (slide, region), else a folder per group, else the CSV's
-    third column (the other ways to find groups are :func:`~.groups.find_groups`'s)."""
-    from .groups import find_groups, provenance_groups, with_groups
+    third column, else a manifest beside the images, else the file names' conventions (:mod:`.groups`)."""
+    from .groups import PROVENANCE, find_groups, manifest_groups, provenance_groups, with_groups
 
     prov = provenance_groups(ds.root, [p.name for p in ds.paths])
     if prov is not None:
@@ -311,6 +306,10 @@ def _known_groups(ds: Dataset, csv_groups: dict[str, str], folder_groups: list[s
             return with_groups(ds, csv_groups, kind=kind, source=f"{GROUND_TRUTH} (third column)")
         ds.problems.append(f"{GROUND_TRUTH} gives a group (third column) for only {len(csv_groups)} of {len(ds)} "
                            "images: the groups are ignored. Give every image its patient, or none.")
+    groups, kind, source, notes = manifest_groups(ds.root, [p.name for p in ds.paths], (GROUND_TRUTH, PROVENANCE))
+    ds.problems.extend(notes)
+    if groups:
+        return with_groups(ds, groups, kind=kind, source=source)
     named = find_groups([p.name for p in ds.paths])
     if named is not None:
         groups, conv = named
