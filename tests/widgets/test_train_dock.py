@@ -175,3 +175,43 @@ def test_the_viewer_never_freezes_during_training(viewer, qtbot, tmp_path: Path)
     # Relative, not a time limit: a Qt thread blocked by the training would show one gap as long as the run;
     # a responsive one keeps ticking all along (a loaded machine may delay a tick, never by half the run).
     assert len(ticks) > 10 and gaps.max() < 0.5 * run, f"the Qt thread stalled {gaps.max():.2f} s of {run:.2f} s"
+
+
+def test_a_folders_groups_are_said_before_training_and_can_be_overridden(viewer, qtbot, tmp_path: Path) -> None:
+    """Issue 37: the dock says which patients it found in the folder (a manifest here) before any work, and the
+    pathologist can give a file instead or train without groups; the run uses what the dock said."""
+    from napari_bcd._widgets._train_data import FILE_GROUPS, FOUND_GROUPS, NO_GROUPS
+
+    widget = _dock(viewer, qtbot, tmp_path)
+    data = widget._data
+
+    def shown(w) -> bool:  # shown when the dock is (the hidden test dock makes .visible False for all)
+        return not w.native.isHidden()
+
+    root = four_kinds_dataset(tmp_path / "ds", n=4)
+    names = sorted(p.name for p in root.glob("*/*.png"))
+    (root / "metadata.csv").write_text("image_id,case_id\n" + "\n".join(f"{n[:-4]},C{i % 4}" for i, n in
+                                                                          enumerate(names)) + "\n")
+    widget._source_combo.value = "ICIAR folder"
+    assert shown(data.groups) and not shown(data.groups_file)
+    widget._folder_edit.value = str(root)
+    assert data.groups.value == FOUND_GROUPS
+    assert "16 images from 4 patients (from metadata.csv (column 'case_id'))" in data.groups_info.value
+    data.groups.value = FILE_GROUPS
+    assert shown(data.groups_file) and "Choose the groups file" in data.groups_info.value
+    (tmp_path / "mine.csv").write_text("file,slide\n" + "\n".join(f"{n},S{i % 2}" for i, n in enumerate(names)))
+    data.groups_file.value = str(tmp_path / "mine.csv")
+    assert "from 2 slides (from --groups mine.csv)" in data.groups_info.value
+    data.groups.value = NO_GROUPS
+    assert "no patient, slide or region known" in data.groups_info.value and not shown(data.groups_file)
+    widget._epochs_spin.value = 1
+    widget._on_run_clicked()
+    _wait(qtbot, widget)
+    assert not widget._result.validation.grouped and widget._result.shipped == "probe"  # by image: the probe ships
+    data.groups.value = FOUND_GROUPS
+    widget._on_run_clicked()
+    _wait(qtbot, widget)
+    v = widget._result.validation
+    assert v.grouped and v.n_groups == 4 and "over 4 patients" in v.kind
+    widget._source_combo.value = "regions on an image"
+    assert not shown(data.groups) and not shown(data.groups_info) and not shown(data.groups_file)
