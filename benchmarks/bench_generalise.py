@@ -66,8 +66,6 @@ from pathlib import Path
 
 import numpy as np
 
-logging.getLogger("napari_bcd").setLevel(logging.ERROR)
-warnings.simplefilter("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 CAPRICORN = ROOT.parent / "shared" / "data" / "weights" / "capricorn-densenet121.safetensors"
@@ -393,6 +391,8 @@ def main() -> None:
     ap.add_argument("--backbone-weights", default=str(CAPRICORN) if CAPRICORN.is_file() else None)
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
+    logging.getLogger("napari_bcd").setLevel(logging.ERROR)  # here, not on import: a test imports this module
+    warnings.simplefilter("ignore")
     import torch
 
     from napari_bcd.classes import order_classes
