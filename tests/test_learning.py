@@ -158,6 +158,7 @@ def test_a_manifest_beside_the_images_names_their_patients_or_none(tmp_path: Pat
     with two patients, gives none, and the run says why. ``--groups`` takes such a manifest too."""
     from PIL import Image
 
+    from napari_bcd.errors import DatasetError
     from napari_bcd.train import read_iciar
     from napari_bcd.train.groups import group_dataset
 
@@ -191,6 +192,16 @@ def test_a_manifest_beside_the_images_names_their_patients_or_none(tmp_path: Pat
         f"{f},P{i % 2}" for i, f in enumerate(names["Normal"][1:] + names["Invasive"])) + "\n")
     twice = read_iciar(root)
     assert twice.groups is None and any("two patient values" in p for p in twice.problems)
+    # bad files: one beside the images that is not text is passed over; one given by the user says what is wrong
+    (root / "metadata.csv").write_bytes(b"image_id,patient_id\n\x00\x89PNG\xff\xfe")
+    assert read_iciar(root).groups is None
+    for content, match in ((b"\x00\x01binary", "not a text CSV"), (b"", "lists no image"),
+                           (b"file,patient\nn0.png,\n", "expected a file and its group")):
+        (tmp_path / "bad.csv").write_bytes(content)
+        with pytest.raises(DatasetError, match=match):
+            group_dataset(read_iciar(root), groups_csv=tmp_path / "bad.csv")
+    with pytest.raises(DatasetError, match="Cannot read the groups file"):
+        group_dataset(read_iciar(root), groups_csv=tmp_path / "absent.csv")
 
 
 def test_without_patients_the_probe_ships_and_says_why(tmp_path: Path) -> None:
