@@ -389,6 +389,7 @@ def main() -> None:
     ap.add_argument("--experiments", action="store_true", help="also measure views, TTA, bf16 and tiles (probe)")
     ap.add_argument("--backbone", default="timm:densenet121")
     ap.add_argument("--backbone-weights", default=str(CAPRICORN) if CAPRICORN.is_file() else None)
+    ap.add_argument("--folds", type=int, default=None, help="cross-validation folds of each run (default: the run's)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     logging.getLogger("napari_bcd").setLevel(logging.ERROR)  # here, not on import: a test imports this module
@@ -437,7 +438,8 @@ def main() -> None:
                     train = sample(dev, n, seed)
                     if scenario == "none":
                         train = without_groups(train)
-                    r = one_run(train, new, feats, build, work / f"run-{scenario}-{n}-{seed}", PROBE_CS)
+                    r = one_run(train, new, feats, {**build, **({"folds": args.folds} if args.folds else {})},
+                                work / f"run-{scenario}-{n}-{seed}", PROBE_CS)
                     r.update(scenario=scenario, per_class=n, seed=seed)
                     rows.append(r)
                     rep = r["reported"] if r["reported"] is not None else float("nan")

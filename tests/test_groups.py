@@ -163,6 +163,7 @@ def test_validation_by_image_is_called_optimistic_in_plain_words(tmp_path: Path,
     plan = plan_validation(ds)
     # cross-validation over images: every image trains the model shipped, the figure said to be optimistic
     assert plan.mode == "cv" and not plan.grouped and plan.optimistic and "optimistic" in plan.describe()
+    assert len(plan.folds) == 4  # at most 5 folds over images (4 images of each class here)
     assert main(["train", str(root), "--out", str(tmp_path / "m"), *SMALL_CLI]) == 0
     out = capsys.readouterr()
     assert "no patient, slide or region is known" in out.err
@@ -190,6 +191,12 @@ def test_grouped_cross_validation_ships_a_model_trained_on_everything(tmp_path: 
     assert card.training["data"]["groups"]["kind"] == "patient"
     sel = card.training["selection"]
     assert sel["candidates"] > 1 and sel["shipped"] in ("probe", "head") and len(sel["fold_accuracy"]) >= 2
+    # over groups, 10 folds by default (each trains on nine tenths of the patients: a less pessimistic figure);
+    # fewer when asked, never more than there are groups
+    assert split["folds"] == 10 and "10 folds" in out.out
+    ds = read_iciar(root)
+    assert len(plan_validation(ds).folds) == 10 and len(plan_validation(ds, folds=5).folds) == 5
+    assert len(plan_validation(ds, folds=40).folds) == 12
     assert card.metrics["accuracy"] == pytest.approx(card.training["validation_report"]["accuracy"])
     assert "new patients" in card.describe()
 

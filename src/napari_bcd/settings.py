@@ -281,7 +281,8 @@ class TrainSettings:
     split
         None, ``"bach-patient"``, or a file of validation names (a hold-out).
     validation, folds
-        ``"auto"``, ``"cv"`` or ``"holdout"`` (None: the protocol's); cross-validation folds (at most).
+        ``"auto"``, ``"cv"`` or ``"holdout"`` (None: the protocol's); cross-validation folds, at most (None: 10 over
+        groups, 5 over images: :data:`~napari_bcd.train.select.GROUP_FOLDS`).
     stain_augment
         Also train on stain-jittered copies of every view.
     device, feature_batch, feature_precision, cache
@@ -306,7 +307,7 @@ class TrainSettings:
     seed: int = 0
     split: Any = None
     validation: str | None = None
-    folds: int = 5
+    folds: int | None = None
     stain_augment: bool = False
     device: str | None = None
     feature_batch: int = 8

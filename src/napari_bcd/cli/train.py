@@ -82,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): cross-validation (over the groups when they are known, else over images); "
                         "cv; holdout (--val-fraction of the groups)")
     p.add_argument("--folds", type=number(int, 2, 50, low_open=False), default=TrainSettings.folds,
-                   help="cross-validation folds (default 5; fewer when there are fewer groups)")
+                   help="cross-validation folds (default 10 over patients, slides or regions, 5 over images; fewer "
+                        "when there are fewer groups)")
     p.add_argument("--no-augment", action="store_true", help="no flips/rotations")
     p.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default=TrainSettings.feature_precision,
                    help="the number format of the backbone's features (auto: bf16 where the CPU or GPU runs it fast)")
