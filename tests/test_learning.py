@@ -150,6 +150,10 @@ def test_a_folder_per_patient_and_a_manifest_column_are_groups(tmp_path: Path) -
     (flat / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
     manifest = read_iciar(flat)
     assert manifest.classes == ("Stroma", "Tumour") and manifest.group_kind == "patient" and manifest.n_groups == 3
+    # the header spelt as other tools spell it: read as a header (not as an image called "Image ID")
+    (flat / "microscopy_ground_truth.csv").write_text("\n".join(["Image ID,Label,Case ID", *rows[1:]]) + "\n")
+    spelt = read_iciar(flat)
+    assert spelt.group_kind == "patient" and spelt.n_groups == 3 and not spelt.problems
 
 
 def test_a_manifest_beside_the_images_names_their_patients_or_none(tmp_path: Path) -> None:

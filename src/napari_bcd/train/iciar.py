@@ -28,7 +28,7 @@ import numpy as np
 
 from ..classes import canonical_class, order_classes
 from ..errors import DatasetError
-from .groups import GROUP_COLUMNS, header_word
+from .groups import FILE_COLUMNS, GROUP_COLUMNS, header_word
 
 if TYPE_CHECKING:
     pass
@@ -252,7 +252,7 @@ def _read_ground_truth(gt: Path) -> _Listed:
     for n, row in enumerate(csv.reader(io.StringIO(text, newline=""))):
         if len(row) < 2 or not row[0].strip():
             continue
-        if n == 0 and row[0].strip().lower() in ("file", "filename", "image", "name", "path"):
+        if n == 0 and header_word(row[0]) in FILE_COLUMNS:
             if len(row) > 2:  # a header: its third column says what the groups are
                 out.group_kind = GROUP_COLUMNS.get(header_word(row[2]), "group")
             continue
