@@ -153,7 +153,7 @@ def _singular(kind: str) -> str:
 #: over groups trains on fewer patients than the shipped model, so its figure is pessimistic, and less so the more
 #: folds: measured on simulated new patients (real H&E DenseNet121, the logistic regression at a fixed C, 12 draws),
 #: the grouped figure fell short of new-patient accuracy by 0.060 / 0.106 at 50 / 80 images per class with 5 folds,
-#: 0.035 / 0.053 with 10 (a whole run, one draw: 0.091 / 0.166 against 0.041 / 0.081), for 1.5-2x the heads'
+#: 0.035 / 0.053 with 10 (whole runs, one draw: 0.091 / 0.166 against 0.041 / 0.094), for 1.5-2x the heads'
 #: training.  Over images more folds would only make an optimistic figure more so.
 GROUP_FOLDS, IMAGE_FOLDS = 10, 5
 
