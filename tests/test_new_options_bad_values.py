@@ -107,6 +107,26 @@ def test_bad_decisions_and_training_options(tiny_checkpoint: Path, tmp_path: Pat
     assert "--no-groups" in err and not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "1", "-3", "2.5", "nan", "ten", "51"])
+def test_bad_fold_counts(value: str, tmp_path: Path, capsys) -> None:
+    """--folds (default: 10 over groups, 5 over images) refuses what is not a whole number from 2 to 50."""
+    from conftest import four_kinds_dataset
+
+    root = four_kinds_dataset(tmp_path / "d", n=2, px=64)
+    err = _fails(["train", str(root), "--out", str(tmp_path / "m"), "--folds", value], capsys)
+    assert "--folds" in err and not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("value", [0, 1, -2, 2.5, True, "5"])
+def test_bad_fold_counts_in_the_settings(value) -> None:
+    from napari_bcd.errors import BcdError
+    from napari_bcd.settings import TrainSettings
+
+    assert TrainSettings().folds is None and TrainSettings(folds=2).folds == 2
+    with pytest.raises(BcdError, match="folds must be a whole number of at least 2"):
+        TrainSettings(folds=value)
+
+
 def test_a_retrain_without_bound_is_refused_at_once(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     """Issue 40: ``retrain --steps 1e20`` (or its whole-number spelling) is refused before any work, naming the
     bound; the settings object refuses it too."""
