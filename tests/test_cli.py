@@ -45,6 +45,31 @@ def test_the_console_script_returns_mains_code_and_freezes_what_is_left_for_a_qu
     assert "from napari_bcd.cli import console" in script  # the installed script goes through it
 
 
+
+def test_train_says_each_problem_with_its_data_once_then_how_many_more(tmp_path: Path) -> None:
+    """The console script as a user runs it (its own logging set up): a problem printed by the command is not
+    logged again beside it, and beyond ten the rest are counted, with how to list them."""
+    import numpy as np
+    from PIL import Image
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for name in ("a1.png", "a2.png"):
+        Image.fromarray(np.full((32, 32, 3), 180, np.uint8)).save(ds / name)
+    rows = ["a1.png,Tumour", "a2.png,Tumour", *(f"gone{i:02d}.png,Stroma" for i in range(12))]
+    (ds / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")
+    exe = Path(sys.executable).with_name("napari-bcd")
+    res = subprocess.run([str(exe), "train", str(ds), "--out", str(tmp_path / "m.safetensors")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "at least two classes" in res.stderr  # refused before any feature
+    for i in range(10):
+        assert res.stderr.count(f"gone{i:02d}.png") == 1, res.stderr
+    assert "gone10.png" not in res.stderr and "gone11.png" not in res.stderr
+    assert "... and 2 more problems" in res.stderr and "--verbose" in res.stderr
+    loud = subprocess.run([str(exe), "--verbose", "train", str(ds), "--out", str(tmp_path / "m.safetensors")],
+                          capture_output=True, text=True, timeout=120)
+    assert "gone11.png" in loud.stderr
+
 @pytest.mark.slow
 def test_weights_import_then_info(keras_reference: KerasReference, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["weights", "info"]) == 1

@@ -551,3 +551,25 @@ def test_retrain_re_predicts_with_exactly_the_maps_run(tiny_model, tmp_path):
     assert not (tmp_path / "no.safetensors").exists()
     assert main([*base, "--out", str(tmp_path / "cli.safetensors")]) == 0
     assert load_checkpoint(tmp_path / "cli.safetensors").card.training["retrain"]["corrections"]
+
+
+def test_a_retrain_says_what_is_wrong_with_the_parents_training_images(tmp_path: Path) -> None:
+    """Reading the folder no longer warns by itself: the retrain's notes (shown with its result) say it."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from napari_bcd.review.retrain_data import original_images
+
+    for cls in ("Tumour", "Stroma"):
+        (tmp_path / cls).mkdir()
+        for k in range(2):
+            Image.fromarray(np.full((16, 16, 3), 100 + k, np.uint8)).save(tmp_path / cls / f"{cls}{k}.png")
+    (tmp_path / "microscopy_ground_truth.csv").write_text(
+        "Tumour0.png,Tumour\nTumour1.png,Tumour\nStroma0.png,Stroma\nStroma1.png,Stroma\ngone.png,Stroma\n")  # one gone
+    card = SimpleNamespace(classes=("Stroma", "Tumour"),
+                           record=SimpleNamespace(data_root=str(tmp_path), val_files=["Stroma1.png"]))
+    notes: list[str] = []
+    dataset, train, val = original_images(card, "card", notes)
+    assert dataset is not None and len(val) == 1 and len(train) == len(dataset) - 1
+    assert len(notes) == 1 and "problem(s) with the training images" in notes[0] and "gone.png" in notes[0]

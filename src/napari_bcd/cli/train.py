@@ -25,6 +25,9 @@ from .options import (
     number,
 )
 
+#: A dataset's problems printed before training (all of them with --verbose, through the log).
+SHOWN_PROBLEMS = 10
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-patches", help="cut ICIAR-style patches from annotated regions of a slide")
@@ -200,8 +203,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         print("no patient, slide or region is known for these images: validation will be by image, and optimistic "
               "(give --groups FILE.csv or --group-pattern REGEX)", file=sys.stderr)
-    for msg in ds.problems[:10]:
-        print(f"warning: {msg}", file=sys.stderr)
+    _say_problems(ds, "train")
     pre = Preprocessing.parse(args.preprocess, args.mean, args.std) if args.preprocess else None
     field = (args.field_um[0], args.field_um[-1]) if args.field_um else None
     settings = TrainSettings(
@@ -319,6 +321,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print("no run beat chance, so the default model is unchanged", file=sys.stderr)
     return 0
 
+
+def _say_problems(ds, command: str) -> None:
+    """Print what reading the dataset found wrong, once (the log has them only with --verbose)."""
+    for msg in ds.problems[:SHOWN_PROBLEMS]:
+        print(f"warning: {msg}", file=sys.stderr)
+    if len(ds.problems) > SHOWN_PROBLEMS:
+        print(f"warning: ... and {len(ds.problems) - SHOWN_PROBLEMS} more problems with {ds.root} "
+              f"('napari-bcd --verbose {command} ...' lists them all)", file=sys.stderr)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..train.evaluate import evaluate
     from ..train.iciar import read_iciar
@@ -330,6 +342,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         for name in names:  # before the work: a report of the user's is never replaced unasked
             check_output(Path(args.out) / name, replace)
     ds = read_iciar(args.dataset)
+    _say_problems(ds, "evaluate")
     report = evaluate(args.checkpoint, ds, device=args.device)
     print(report.to_text())
     if args.out:

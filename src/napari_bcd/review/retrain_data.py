@@ -92,6 +92,9 @@ def original_images(card, data, notes: list[str]):
     except BcdError as err:
         notes.append(f"the training images at {root} cannot be read ({err}): retrained without them")
         return None, [], []
+    if dataset.problems:
+        notes.append(f"{len(dataset.problems)} problem(s) with the training images at {root}, e.g. "
+                     f"{dataset.problems[0]}")
     if tuple(dataset.classes) != tuple(card.classes):
         notes.append("the training images' classes differ from the model's: retrained without them")
         return None, [], []

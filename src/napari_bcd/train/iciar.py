@@ -187,8 +187,8 @@ def read_iciar(root: str | os.PathLike[str]) -> Dataset:
             problems.append(f"{info} is not valid; the field it records is ignored")
     ds = Dataset(r, paths, np.asarray(labels, np.int64), classes, problems, field_um)
     ds = _known_groups(ds, csv_groups, folder_groups, group_kind)
-    for msg in ds.problems:
-        log.warning("%s", msg)
+    for msg in ds.problems:  # what reads the folder says them (the CLI, the Train dock): here only the detail
+        log.info("%s", msg)
     return ds
 
 
