@@ -208,6 +208,48 @@ def test_a_manifest_beside_the_images_names_their_patients_or_none(tmp_path: Pat
         group_dataset(read_iciar(root), groups_csv=tmp_path / "absent.csv")
 
 
+
+def test_images_of_the_same_name_in_two_class_folders_are_told_apart_by_their_folder(tmp_path: Path) -> None:
+    """Class folders numbered from 001 each (what many exports write): ``Tumour/001.png`` and ``Stroma/001.png``
+    are two patients.  A manifest or ``--groups`` naming each with its folder (also under a further folder, or with
+    Windows separators) gives each its own group; a bare ``001.png`` that two images share is never a guess: a
+    manifest's groups are not used (said), ``--groups`` is refused with what to write; a pattern on the names still
+    applies, the same name giving the same group."""
+    from PIL import Image
+
+    from napari_bcd.errors import DatasetError
+    from napari_bcd.train import read_iciar
+    from napari_bcd.train.groups import group_dataset, image_ids
+
+    root = tmp_path / "regions"
+    for cls in ("Tumour", "Stroma"):
+        (root / cls).mkdir(parents=True)
+        for k in range(4):
+            Image.fromarray(np.full((40, 40, 3), 150 + k, np.uint8)).save(root / cls / f"P{k % 2}_{k:03d}.png")
+    ids = image_ids(read_iciar(root))
+    assert "Stroma/P0_000.png" in ids and "Tumour/P0_000.png" in ids  # the same name twice
+    patient = {i: f"{i.split('/')[0][0]}{int(i[-5]) % 2}" for i in ids}  # S0, S1, T0, T1: four patients
+    (root / "metadata.csv").write_text("file,patient\n" + "\n".join(f"{i},{g}" for i, g in patient.items()) + "\n")
+    ds = read_iciar(root)
+    assert ds.n_groups == 4 and dict(zip(image_ids(ds), ds.groups, strict=True)) == patient
+    groups = tmp_path / "groups.csv"
+    groups.write_text("\n".join(f"D:\\scans\\regions\\{i.replace('/', chr(92))},{g}" for i, g in patient.items()))
+    by_file = group_dataset(read_iciar(root), groups_csv=groups)
+    assert dict(zip(image_ids(by_file), by_file.groups, strict=True)) == patient
+    bare = "\n".join(f"{i.split('/')[1]},{g}" for i, g in patient.items())
+    (root / "metadata.csv").write_text("file,patient\n" + bare + "\n")
+    ds = read_iciar(root)
+    assert ds.groups is None and any("the name of" in p and "Name each with its folder" in p for p in ds.problems)
+    (root / "metadata.csv").unlink()
+    groups.write_text(bare)
+    with pytest.raises(DatasetError, match=r"two groups .*name each with its folder"):
+        group_dataset(read_iciar(root), groups_csv=groups)
+    groups.write_text("\n".join(f"{i.split('/')[1]},{g}" for i, g in patient.items() if i.startswith("Tumour")))
+    with pytest.raises(DatasetError, match=r"P0_000.png, which is the name of 2 images .*name each with its folder"):
+        group_dataset(read_iciar(root), groups_csv=groups)
+    by_pattern = group_dataset(read_iciar(root), pattern=r"^(P\d)_")
+    assert by_pattern.n_groups == 2 and set(by_pattern.groups) == {"P0", "P1"}
+
 def test_without_patients_the_probe_ships_and_says_why(tmp_path: Path) -> None:
     from napari_bcd.model import LinearHead, load_checkpoint
     from napari_bcd.train import iter_finetune, read_iciar

@@ -22,6 +22,10 @@ a group, from (in this order):
 * a regular expression on the file name (``--group-pattern REGEX``: the
   first capture group, e.g. ``^(P\\d+)_`` for ``P12_003.png``).
 
+A table (a manifest, ``--groups``) names an image by its path inside the dataset folder, or by its file name or
+stem where no other image shares them (:func:`match_groups`): class folders numbered from 001 each are common,
+and a bare ``001.png`` is never given to both.
+
 The user's own groups win over those found; ``--no-groups`` drops them all.
 
 What the groups are is said in words (``kind``): "patient", "slide",
@@ -34,6 +38,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,7 +57,9 @@ __all__ = [
     "group_dataset",
     "groups_from_csv",
     "groups_from_pattern",
+    "image_ids",
     "manifest_groups",
+    "match_groups",
     "provenance_groups",
     "with_groups",
     "without_groups",
@@ -132,19 +139,88 @@ def _clean(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def with_groups(dataset: Dataset, groups: dict[str, str], *, kind: str, source: str) -> Dataset:
-    """``dataset`` with a group for every image, from ``groups`` (file name -> group).
+def image_ids(dataset: Dataset) -> list[str]:
+    """Each image's path inside the dataset folder (``Tumour/001.png``; its name in a flat folder)."""
+    out = []
+    for p in dataset.paths:
+        try:
+            out.append(p.relative_to(dataset.root).as_posix())
+        except ValueError:
+            out.append(p.name)
+    return out
+
+
+def _key(text: str) -> str:
+    """A file as a table names it, compared as a relative path: ``.\\Tumour\\001.png`` is ``Tumour/001.png``."""
+    parts = [t for t in text.strip().replace("\\", "/").split("/") if t not in ("", ".")]
+    return "/".join(parts)
+
+
+def _tails(key: str) -> list[str]:
+    """``a/b/c.png`` -> ``a/b/c.png``, ``b/c.png``, ``c.png`` and the stem ``c`` (marked apart from a name)."""
+    parts = key.split("/")
+    return ["/".join(parts[k:]) for k in range(len(parts))] + ["\0" + Path(parts[-1]).stem]
+
+
+def match_groups(rows: Iterable[tuple[str, str]], ids: Sequence[str], *, by_name: bool = False
+                 ) -> tuple[list[str | None], list[str], list[str]]:
+    """``(group of each image or None, images given two groups, images a bare name cannot tell apart)``.
+
+    ``rows`` are ``(file, group)`` as a table gives them; ``ids`` the images' paths inside the dataset
+    (:func:`image_ids`).  A row names an image by its path (``Tumour/001.png``, also under a further folder:
+    ``data/Tumour/001.png``), or by its file name or its stem (``image_id`` columns often drop the extension) where
+    no other image of the dataset shares them: in class folders ``Tumour/001.png`` and ``Stroma/001.png`` are
+    often two patients, and ``001.png`` alone cannot say which.  ``by_name``: the groups come from the names
+    themselves (a pattern, a naming convention), so one name has one group wherever it is.
+    """
+    index: dict[str, set[str]] = {}
+    for file, group in rows:
+        if _key(file):
+            for tail in _tails(_key(file)):  # the table may name the images under a further folder
+                index.setdefault(tail, set()).add(group)
+    shared = Counter(t for image in ids for t in _tails(image))
+    found: list[str | None] = []
+    conflicts, ambiguous = [], []
+    for image in ids:
+        hit = None
+        for tail in _tails(image):  # the most precise first: the path, then its tails, the name, the stem
+            if tail in index:
+                if shared[tail] > 1 and not by_name:
+                    ambiguous.append(image)
+                else:
+                    hit = index[tail]
+                break
+        if hit is not None and len(hit) > 1:
+            conflicts.append(image)
+            hit = None
+        found.append(next(iter(hit)) if hit else None)
+    return found, conflicts, ambiguous
+
+
+def with_groups(dataset: Dataset, groups: dict[str, str], *, kind: str, source: str, by_name: bool = False
+                ) -> Dataset:
+    """``dataset`` with a group for every image, from ``groups`` (file -> group, matched as :func:`match_groups`
+    says; ``by_name`` when the groups come from the names themselves).
 
     Raises
     ------
     DatasetError
-        When some images have no group (naming the first), so a split is never
-        half grouped.
+        When some images have no group (naming the first), or a bare file name
+        names two images, so a split is never half grouped nor guessed.
     """
     if kind not in GROUP_KINDS:
         raise DatasetError(f"Unknown group kind {kind!r}; use one of {', '.join(GROUP_KINDS)}.")
-    found = [groups.get(p.name) or groups.get(p.stem) for p in dataset.paths]  # image ids often drop the extension
-    missing = [p.name for p, g in zip(dataset.paths, found, strict=True) if not g]
+    ids = image_ids(dataset)
+    found, conflicts, ambiguous = match_groups(groups.items(), ids, by_name=by_name)
+    if ambiguous:
+        name = ambiguous[0].rsplit("/", 1)[-1]
+        both = [i for i in ids if i.rsplit("/", 1)[-1] == name]
+        raise DatasetError(f"{source} names {name}, which is the name of {len(both)} images ({', '.join(both[:3])}): "
+                           f"name each with its folder ({both[0]}) so its group is not a guess.")
+    if conflicts:
+        raise DatasetError(f"{source} gives {conflicts[0]} two groups (named two ways: with and without its folder, "
+                           "or its extension). Give each image one group.")
+    missing = [i for i, g in zip(ids, found, strict=True) if not g]
     if missing:
         raise DatasetError(f"{source} gives no group for {len(missing)} of {len(dataset)} image(s), e.g. "
                            f"{missing[0]}. Give every image a group (a patient, slide or region), or none.")
@@ -185,9 +261,11 @@ def _groups_file(path: str | os.PathLike[str]) -> tuple[dict[str, str], str | No
             continue
         if len(row) <= gc or not row[gc].strip():
             raise DatasetError(f"{p}, line {n}: expected a file and its group, got {','.join(row)!r}.")
-        name, group = Path(row[fc].strip().replace("\\", "/")).name, _clean(row[gc])
+        name, group = _key(row[fc]), _clean(row[gc])
         if out.get(name, group) != group:
-            raise DatasetError(f"{p}, line {n}: {name} is given two groups ({out[name]!r} and {group!r}).")
+            raise DatasetError(f"{p}, line {n}: {name} is given two groups ({out[name]!r} and {group!r}). Give each "
+                               "image one group; two images of this name in different folders: name each with its "
+                               "folder (Tumour/001.png).")
         out[name] = group
     if not out:
         raise DatasetError(f"The groups file {p} lists no image.")
@@ -240,35 +318,27 @@ def _manifest_columns(header: Sequence[str]) -> tuple[int, int, str] | None:
     return files[0], g, GROUP_COLUMNS[words[g]]
 
 
-def _by_image(rows: Sequence[Sequence[str]], fc: int, gc: int, names: Sequence[str]
-              ) -> tuple[dict[str, str], list[str]]:
-    """``(image name -> group, conflicts)`` of a manifest's rows: a row names an image by its file name, or by its
-    stem (``image_id`` columns often drop the extension); an image named twice with two groups is a conflict."""
-    by_name: dict[str, set[str]] = {}
-    for row in rows:
-        if len(row) <= max(fc, gc) or not row[fc].strip() or not row[gc].strip():
-            continue
-        key = Path(row[fc].strip().replace("\\", "/")).name
-        by_name.setdefault(key, set()).add(_clean(row[gc]))
-    out, conflicts = {}, []
-    for name in names:
-        found = by_name.get(name) or by_name.get(Path(name).stem)
-        if found and len(found) > 1:
-            conflicts.append(name)
-        elif found:
-            out[name] = next(iter(found))
-    return out, conflicts
+def _by_image(rows: Sequence[Sequence[str]], fc: int, gc: int, ids: Sequence[str]
+              ) -> tuple[dict[str, str], list[str], list[str]]:
+    """``(image -> group, images given two groups, images a bare name cannot tell apart)`` of a manifest's rows
+    (:func:`match_groups`)."""
+    pairs = [(row[fc], _clean(row[gc])) for row in rows
+             if len(row) > max(fc, gc) and row[fc].strip() and row[gc].strip()]
+    found, conflicts, ambiguous = match_groups(pairs, ids)
+    return {i: g for i, g in zip(ids, found, strict=True) if g}, conflicts, ambiguous
 
 
 def manifest_groups(root: Path, names: Sequence[str], skip: Sequence[str] = ()
                     ) -> tuple[dict[str, str], str, str, list[str]]:
-    """Groups from a manifest beside the images: ``(file -> group, kind, source, notes)``; ``({}, "", "", notes)``
-    when none names every image.
+    """Groups from a manifest beside the images: ``(image -> group, kind, source, notes)``; ``({}, "", "", notes)``
+    when none names every image.  ``names``: the images' paths inside ``root`` (:func:`image_ids`), matched as
+    :func:`match_groups` says.
 
     Every CSV/TSV in ``root`` (but ``skip``: the ground truth, the provenance) whose header names a file column
     (:data:`FILE_COLUMNS`) and a group column (:data:`GROUP_COLUMNS`; a patient before a slide before a region)
     is read.  One that names every image with at least two groups is used (the first by name); one that names
-    some images only, or one image twice with two groups, is not, and ``notes`` say so: never half a grouping.
+    some images only, one image twice with two groups, or a bare name two images share, is not, and ``notes``
+    say so: never half a grouping.
     """
     notes: list[str] = []
     try:
@@ -287,10 +357,14 @@ def manifest_groups(root: Path, names: Sequence[str], skip: Sequence[str] = ()
         if cols is None:
             continue
         fc, gc, kind = cols
-        found, conflicts = _by_image(rows[1:], fc, gc, names)
+        found, conflicts, ambiguous = _by_image(rows[1:], fc, gc, names)
         column = rows[0][gc].strip()
         if conflicts:
             notes.append(f"{path.name} gives {conflicts[0]} two {column} values: its groups are not used.")
+        elif ambiguous:
+            name = ambiguous[0].rsplit("/", 1)[-1]
+            notes.append(f"{path.name} names {name}, the name of {len(ambiguous)} images in different folders: its "
+                         f"groups are not used. Name each with its folder ({ambiguous[0]}).")
         elif len(found) == len(names) and len(set(found.values())) >= 2:
             return found, kind, f"{path.name} (column {column!r})", notes
         elif found and len(found) < len(names):
@@ -381,7 +455,7 @@ def group_dataset(dataset: Dataset, *, groups_csv: str | os.PathLike[str] | None
                            source=f"--groups {Path(groups_csv).name}")
     if pattern:
         return with_groups(dataset, groups_from_pattern([p.name for p in dataset.paths], pattern),
-                           kind=kind or "group", source=f"--group-pattern {pattern}")
+                           kind=kind or "group", source=f"--group-pattern {pattern}", by_name=True)
     if kind and dataset.groups is not None:
         return replace(dataset, group_kind=kind)
     return dataset

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -287,15 +288,24 @@ def _manifest_entries(r: Path, listed: _Listed, problems: list[str]) -> list[tup
     return entries
 
 
+def _or_note(ds: Dataset, grouped: Callable[[], Dataset]) -> Dataset:
+    """The dataset grouped, or as it is with the reason its groups cannot be used among its problems."""
+    try:
+        return grouped()
+    except DatasetError as err:
+        ds.problems.append(f"{err} Its groups are not used.")
+        return ds
+
+
 def _known_groups(ds: Dataset, csv_groups: dict[str, str], folder_groups: list[str],
                   kind: str = "group") -> Dataset:
     """The folder's own groups: the patches' provenance (slide, region), else a folder per group, else the CSV's
     third column, else a manifest beside the images, else the file names' conventions (:mod:`.groups`)."""
-    from .groups import PROVENANCE, find_groups, manifest_groups, provenance_groups, with_groups
+    from .groups import PROVENANCE, find_groups, image_ids, manifest_groups, provenance_groups, with_groups
 
     prov = provenance_groups(ds.root, [p.name for p in ds.paths])
     if prov is not None:
-        return with_groups(ds, prov[0], kind=prov[1], source=f"{ds.root.name}/provenance.csv")
+        return _or_note(ds, lambda: with_groups(ds, prov[0], kind=prov[1], source=f"{ds.root.name}/provenance.csv"))
     if len(folder_groups) == len(ds) and len(set(folder_groups)) >= 2:  # by position: names may repeat across folders
         from dataclasses import replace
 
@@ -303,15 +313,15 @@ def _known_groups(ds: Dataset, csv_groups: dict[str, str], folder_groups: list[s
                        group_source="a folder per group inside each class folder")
     if csv_groups:
         if all(p.name in csv_groups for p in ds.paths):
-            return with_groups(ds, csv_groups, kind=kind, source=f"{GROUND_TRUTH} (third column)")
+            return _or_note(ds, lambda: with_groups(ds, csv_groups, kind=kind, source=f"{GROUND_TRUTH} (third column)"))
         ds.problems.append(f"{GROUND_TRUTH} gives a group (third column) for only {len(csv_groups)} of {len(ds)} "
                            "images: the groups are ignored. Give every image its patient, or none.")
-    groups, kind, source, notes = manifest_groups(ds.root, [p.name for p in ds.paths], (GROUND_TRUTH, PROVENANCE))
+    groups, kind, source, notes = manifest_groups(ds.root, image_ids(ds), (GROUND_TRUTH, PROVENANCE))
     ds.problems.extend(notes)
     if groups:
         return with_groups(ds, groups, kind=kind, source=source)
     named = find_groups([p.name for p in ds.paths])
     if named is not None:
         groups, conv = named
-        return with_groups(ds, groups, kind=conv.kind, source=f"the file names ({conv.name})")
+        return with_groups(ds, groups, kind=conv.kind, source=f"the file names ({conv.name})", by_name=True)
     return ds
