@@ -249,6 +249,19 @@ def test_images_of_the_same_name_in_two_class_folders_are_told_apart_by_their_fo
         group_dataset(read_iciar(root), groups_csv=groups)
     by_pattern = group_dataset(read_iciar(root), pattern=r"^(P\d)_")
     assert by_pattern.n_groups == 2 and set(by_pattern.groups) == {"P0", "P1"}
+    # a split file (--split FILE) the same way: by path, a shared bare name refused with what to write
+    from napari_bcd.train.split import split_dataset
+
+    ds = read_iciar(root)
+    (tmp_path / "val.txt").write_text("Tumour/P0_000.png\nStroma\\P1_001.png\n")
+    split = split_dataset(ds, split=tmp_path / "val.txt")
+    assert sorted(image_ids(ds)[i] for i in split.val) == ["Stroma/P1_001.png", "Tumour/P0_000.png"]
+    (tmp_path / "val.txt").write_text("P0_000.png\n")
+    with pytest.raises(DatasetError, match="several images are called .*name each with its folder"):
+        split_dataset(ds, split=tmp_path / "val.txt")
+    (tmp_path / "val.txt").write_text("Tumour/P9_000.png\n")
+    with pytest.raises(DatasetError, match="not in the dataset, e.g. Tumour/P9_000.png"):
+        split_dataset(ds, split=tmp_path / "val.txt")
 
 def test_without_patients_the_probe_ships_and_says_why(tmp_path: Path) -> None:
     from napari_bcd.model import LinearHead, load_checkpoint

@@ -81,7 +81,9 @@ def test_default_protocol_is_never_below_the_probe_and_its_figure_is_the_checkpo
     # held-out images from raw features (standardisation folded into its first conv, temperature into its last).
     fits = [i for i in items if isinstance(i, FitProgress)]
     assert fits[0].step == 0 and math.isnan(fits[0].train_loss)
-    val = [i for i, p in enumerate(ds.paths) if p.name in auto.card.training["split"]["val_files"]]
+    val_files = auto.card.training["split"]["val_files"]  # paths in the folder: Benign/benign000.png
+    val = [i for i, p in enumerate(ds.paths) if p.relative_to(ds.root).as_posix() in val_files]
+    assert len(val) == len(val_files) > 0
     assert evaluate(auto.checkpoint, ds, indices=val).accuracy == pytest.approx(auto.report.accuracy)
     hyper = auto.card.training["hyperparameters"]
     assert hyper["head_start"].startswith("the linear probe") and hyper["feature_standardisation"].startswith("per")

@@ -98,8 +98,10 @@ def original_images(card, data, notes: list[str]):
     if tuple(dataset.classes) != tuple(card.classes):
         notes.append("the training images' classes differ from the model's: retrained without them")
         return None, [], []
-    val_names = set(card.record.val_files)
-    val_idx = [i for i, p in enumerate(dataset.paths) if p.name in val_names]
+    from ..train.groups import image_ids, listed_images
+
+    # paths in the folder (older cards: names, a name two images share holding both out)
+    val_idx = listed_images(card.record.val_files, image_ids(dataset), by_name=True)[0]
     train_idx = [i for i in range(len(dataset)) if i not in set(val_idx)]
     return dataset, train_idx, val_idx
 

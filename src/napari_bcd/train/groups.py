@@ -58,6 +58,7 @@ __all__ = [
     "groups_from_csv",
     "groups_from_pattern",
     "image_ids",
+    "listed_images",
     "manifest_groups",
     "match_groups",
     "provenance_groups",
@@ -156,10 +157,26 @@ def _key(text: str) -> str:
     return "/".join(parts)
 
 
-def _tails(key: str) -> list[str]:
-    """``a/b/c.png`` -> ``a/b/c.png``, ``b/c.png``, ``c.png`` and the stem ``c`` (marked apart from a name)."""
-    parts = key.split("/")
-    return ["/".join(parts[k:]) for k in range(len(parts))] + ["\0" + Path(parts[-1]).stem]
+def _fits(key: str, image: str) -> bool:
+    """Whether a table's file names an image: one path ends the other (``data/Tumour/001.png`` and
+    ``Tumour/001.png``; ``001.png``), the name also without its extension (``image_id`` columns often drop it)."""
+    k, i = key.split("/"), image.split("/")
+    n = min(len(k), len(i))
+    k, i = k[-n:], i[-n:]
+    return k[:-1] == i[:-1] and k[-1] in (i[-1], Path(i[-1]).stem)
+
+
+def _matches(keys: Iterable[str], ids: Sequence[str]) -> tuple[list[list[str]], Counter]:
+    """Per image, the keys that name it; and how many images each key names."""
+    by_last: dict[str, list[str]] = {}
+    for k in keys:
+        by_last.setdefault(k.rsplit("/", 1)[-1], []).append(k)
+    per_image = []
+    for image in ids:
+        name = image.rsplit("/", 1)[-1]
+        cands = dict.fromkeys(by_last.get(name, []) + by_last.get(Path(name).stem, []))
+        per_image.append([k for k in cands if _fits(k, image)])
+    return per_image, Counter(k for m in per_image for k in m)
 
 
 def match_groups(rows: Iterable[tuple[str, str]], ids: Sequence[str], *, by_name: bool = False
@@ -168,33 +185,37 @@ def match_groups(rows: Iterable[tuple[str, str]], ids: Sequence[str], *, by_name
 
     ``rows`` are ``(file, group)`` as a table gives them; ``ids`` the images' paths inside the dataset
     (:func:`image_ids`).  A row names an image by its path (``Tumour/001.png``, also under a further folder:
-    ``data/Tumour/001.png``), or by its file name or its stem (``image_id`` columns often drop the extension) where
-    no other image of the dataset shares them: in class folders ``Tumour/001.png`` and ``Stroma/001.png`` are
-    often two patients, and ``001.png`` alone cannot say which.  ``by_name``: the groups come from the names
-    themselves (a pattern, a naming convention), so one name has one group wherever it is.
+    ``D:\\scans\\Tumour\\001.png``), or by its file name or its stem (``image_id`` columns often drop the
+    extension) where no other image of the dataset shares them: in class folders ``Tumour/001.png`` and
+    ``Stroma/001.png`` are often two patients, and ``001.png`` alone cannot say which.  ``by_name``: the groups come
+    from the names themselves (a pattern, a naming convention), so one name has one group wherever it is.
     """
-    index: dict[str, set[str]] = {}
+    table: dict[str, set[str]] = {}
     for file, group in rows:
-        if _key(file):
-            for tail in _tails(_key(file)):  # the table may name the images under a further folder
-                index.setdefault(tail, set()).add(group)
-    shared = Counter(t for image in ids for t in _tails(image))
+        if k := _key(file):
+            table.setdefault(k, set()).add(group)
+    per_image, hits = _matches(table, ids)
     found: list[str | None] = []
     conflicts, ambiguous = [], []
-    for image in ids:
-        hit = None
-        for tail in _tails(image):  # the most precise first: the path, then its tails, the name, the stem
-            if tail in index:
-                if shared[tail] > 1 and not by_name:
-                    ambiguous.append(image)
-                else:
-                    hit = index[tail]
-                break
-        if hit is not None and len(hit) > 1:
+    for image, keys in zip(ids, per_image, strict=True):
+        own = [k for k in keys if hits[k] == 1] or (keys if by_name else [])
+        if keys and not own:
+            ambiguous.append(image)
+        groups = {g for k in own for g in table[k]}
+        if len(groups) > 1:
             conflicts.append(image)
-            hit = None
-        found.append(next(iter(hit)) if hit else None)
+        found.append(next(iter(groups)) if len(groups) == 1 else None)
     return found, conflicts, ambiguous
+
+
+def listed_images(listed: Iterable[str], ids: Sequence[str], *, by_name: bool = False
+                  ) -> tuple[list[int], list[str], list[str]]:
+    """``(the images a list of files names, the entries that name none, images a bare name cannot tell apart)``,
+    matched as :func:`match_groups` matches a table's files (a split file, a card's validation images)."""
+    keys = list(dict.fromkeys(t for t in (_key(x) for x in listed) if t))
+    found, _, ambiguous = match_groups(((k, "listed") for k in keys), ids, by_name=by_name)
+    hits = _matches(keys, ids)[1]
+    return [i for i, f in enumerate(found) if f], [k for k in keys if not hits[k]], ambiguous
 
 
 def with_groups(dataset: Dataset, groups: dict[str, str], *, kind: str, source: str, by_name: bool = False

@@ -26,6 +26,7 @@ from ..errors import BcdError, DatasetError
 from .calibration import Calibration, calibration
 from .evaluate import report_from_predictions
 from .features import fold_standardisation
+from .groups import image_ids
 from .headfit import Recipe, fit_head
 from .probe import PROBE_WORDS, ProbeResult, fit_probe_head, fit_temperature
 from .regularise import LogisticProbe, Tuning, fit_logistic, pooled_features, training_rows
@@ -201,7 +202,8 @@ def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation:
     model.load_state_dict({**model.state_dict(), **state})
     report, probe, chance = _reports(dataset, sel)
     _check_finite(model)
-    val_files = ([dataset.paths[i].name for i in validation.split.val]
+    ids = image_ids(dataset)  # paths in the folder: class folders may hold images of the same name
+    val_files = ([ids[i] for i in validation.split.val]
                  if validation.mode == "holdout" and validation.split is not None else [])
     selection = _selection_record(sel, shipped, proto)
     hyper = {

@@ -276,9 +276,13 @@ def _split_from_file(dataset: Dataset, path: Path) -> Split:
     except OSError as err:
         raise DatasetError(f"Cannot read the split file {path} ({err}). Give a file listing the validation images, "
                            "one name per line, or --split bach-patient.") from err
-    names = {Path(s.strip()).name for s in text.splitlines() if s.strip()}
-    val = [i for i, p in enumerate(dataset.paths) if p.name in names]
-    missing = names - {dataset.paths[i].name for i in val}
+    from .groups import image_ids, listed_images
+
+    ids = image_ids(dataset)
+    val, missing, ambiguous = listed_images([s for s in text.splitlines() if s.strip()], ids)
+    if ambiguous:
+        raise DatasetError(f"The split file names {ambiguous[0].rsplit('/', 1)[-1]}, which several images are called "
+                           f"(e.g. {ambiguous[0]}): name each with its folder.")
     if missing:
         raise DatasetError(f"The split file lists {len(missing)} file(s) not in the dataset, e.g. "
                            f"{sorted(missing)[0]}.")
