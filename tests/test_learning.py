@@ -262,6 +262,14 @@ def test_images_of_the_same_name_in_two_class_folders_are_told_apart_by_their_fo
     (tmp_path / "val.txt").write_text("Tumour/P9_000.png\n")
     with pytest.raises(DatasetError, match="not in the dataset, e.g. Tumour/P9_000.png"):
         split_dataset(ds, split=tmp_path / "val.txt")
+    # a list written on another machine, its folders not the dataset's: a name no other image has still names it
+    from napari_bcd.train.groups import listed_images
+
+    ids = ["Benign/b001.tif", "Normal/n001.tif", "Benign/001.png", "Normal/001.png"]
+    assert listed_images(["/scans/photos/b001.tif", "n001"], ids) == ([0, 1], [], [])
+    assert listed_images(["x/Benign/001.png"], ids) == ([2], [], [])
+    assert listed_images(["001.png"], ids) == ([], [], ["Benign/001.png", "Normal/001.png"])
+    assert listed_images(["Other/001.png", "gone.png"], ids) == ([], ["gone.png"], ["Benign/001.png", "Normal/001.png"])
 
 def test_without_patients_the_probe_ships_and_says_why(tmp_path: Path) -> None:
     from napari_bcd.model import LinearHead, load_checkpoint

@@ -167,16 +167,23 @@ def _fits(key: str, image: str) -> bool:
 
 
 def _matches(keys: Iterable[str], ids: Sequence[str]) -> tuple[list[list[str]], Counter]:
-    """Per image, the keys that name it; and how many images each key names."""
-    by_last: dict[str, list[str]] = {}
-    for k in keys:
-        by_last.setdefault(k.rsplit("/", 1)[-1], []).append(k)
-    per_image = []
-    for image in ids:
+    """Per image, the keys that name it; and how many images each key names.  A key names the images its path
+    fits (:func:`_fits`), else those of its name (or stem): a table written on another machine, whose folders
+    differ from the dataset's, still names ``Benign/b001.tif`` by ``/scans/photos/b001.tif``."""
+    by_last: dict[str, list[int]] = {}
+    for i, image in enumerate(ids):
         name = image.rsplit("/", 1)[-1]
-        cands = dict.fromkeys(by_last.get(name, []) + by_last.get(Path(name).stem, []))
-        per_image.append([k for k in cands if _fits(k, image)])
-    return per_image, Counter(k for m in per_image for k in m)
+        for k in dict.fromkeys((name, Path(name).stem)):
+            by_last.setdefault(k, []).append(i)
+    per_image: list[list[str]] = [[] for _ in ids]
+    hits: Counter = Counter()
+    for key in keys:
+        cands = by_last.get(key.rsplit("/", 1)[-1], [])
+        named = [i for i in cands if _fits(key, ids[i])] or cands
+        for i in named:
+            per_image[i].append(key)
+        hits[key] = len(named)
+    return per_image, hits
 
 
 def match_groups(rows: Iterable[tuple[str, str]], ids: Sequence[str], *, by_name: bool = False
