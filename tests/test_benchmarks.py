@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
 
 
@@ -58,3 +60,32 @@ def test_bench_generalise_replays_each_rule_for_c_on_a_runs_own_curve() -> None:
     assert got["C=0.001"] == at[1e-3] and got["C=1"] == at[1.0] and got["oracle"] == max(new)
     assert bench.replay_rules(None, new, grid) == {}  # no curve measured (nothing could be held out)
     assert bench.replay_rules({**tuning, "grid": [1.0]}, new, grid) == {}  # another grid: nothing to replay
+
+
+def test_bench_c_rules_scores_every_rule_against_the_best_c_of_each_world() -> None:
+    """The worlds benchmark on stand-in features (its own are a real backbone's, minutes to compute): each rule's
+    loss is the oracle's accuracy minus the accuracy at the C it picks, never negative; shift draws the new
+    patients from the other sources."""
+    import importlib.util
+
+    from napari_bcd.train.regularise import PROBE_CS
+
+    spec = importlib.util.spec_from_file_location("bench_c_rules", BENCH.parent / "bench_c_rules.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    feats = rng.gamma(2.0, 1.0, (160, 24))  # non-negative, as pooled ReLU features are
+    source = np.repeat([0, 1, 2, 3], 40)
+    dirs, train_pool, new_pool = bench.world(feats, source, "crop", 0.5, 0, shift=True)
+    assert dirs.shape == (4, 24) and len(train_pool) == 40 and len(new_pool) == 120
+    runs = [bench.one_world(feats, source, kind, 0.6, 1.0, 3, 5, 0, shift) for kind in ("top", "minor")
+            for shift in (False, True)]
+    for r in runs:
+        assert len(r["lr_new"]) == len(PROBE_CS) and r["rules"]["oracle"] == max(r["lr_new"])
+        assert r["rules"]["C=1"] == r["lr_new"][PROBE_CS.index(1.0)]
+        assert {"lowest loss", "1-SE middle", "1-SE most reg.", "grouped lowest (ref.)"} <= set(r["rules"])
+    summary = bench.summarise(runs)
+    assert summary["worlds"] == 4 and "oracle" not in summary["rules"]
+    for v in summary["rules"].values():
+        assert 0.0 <= v["mean"] <= v["worst"] <= 1.0 and set(v["by_family"]) == {"same/top", "shift/top",
+                                                                                   "same/minor", "shift/minor"}
