@@ -197,6 +197,12 @@ def match_groups(rows: Iterable[tuple[str, str]], ids: Sequence[str], *, by_name
     ``Stroma/001.png`` are often two patients, and ``001.png`` alone cannot say which.  ``by_name``: the groups come
     from the names themselves (a pattern, a naming convention), so one name has one group wherever it is.
     """
+    return _match(rows, ids, by_name)[:3]
+
+
+def _match(rows: Iterable[tuple[str, str]], ids: Sequence[str], by_name: bool
+           ) -> tuple[list[str | None], list[str], list[str], Counter]:
+    """:func:`match_groups`, and how many images each of the table's files names."""
     table: dict[str, set[str]] = {}
     for file, group in rows:
         if k := _key(file):
@@ -212,7 +218,7 @@ def match_groups(rows: Iterable[tuple[str, str]], ids: Sequence[str], *, by_name
         if len(groups) > 1:
             conflicts.append(image)
         found.append(next(iter(groups)) if len(groups) == 1 else None)
-    return found, conflicts, ambiguous
+    return found, conflicts, ambiguous, hits
 
 
 def listed_images(listed: Iterable[str], ids: Sequence[str], *, by_name: bool = False
@@ -220,8 +226,7 @@ def listed_images(listed: Iterable[str], ids: Sequence[str], *, by_name: bool = 
     """``(the images a list of files names, the entries that name none, images a bare name cannot tell apart)``,
     matched as :func:`match_groups` matches a table's files (a split file, a card's validation images)."""
     keys = list(dict.fromkeys(t for t in (_key(x) for x in listed) if t))
-    found, _, ambiguous = match_groups(((k, "listed") for k in keys), ids, by_name=by_name)
-    hits = _matches(keys, ids)[1]
+    found, _, ambiguous, hits = _match(((k, "listed") for k in keys), ids, by_name)
     return [i for i, f in enumerate(found) if f], [k for k in keys if not hits[k]], ambiguous
 
 
