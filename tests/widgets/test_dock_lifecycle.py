@@ -106,3 +106,28 @@ def test_the_field_is_chosen_from_small_regions_and_shown(viewer, qtbot, tmp_pat
     widget._on_check_clicked()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert "Benign 1 window(s)" in widget._status.value and "overlap the windows" in widget._status.value
+
+
+def test_a_job_keeps_triton_out_when_the_viewer_loaded_mesa_after_the_docks(viewer, qtbot, monkeypatch) -> None:
+    """A script that imports the docks before it opens its viewer loads Mesa's LLVM after the import-time guard ran;
+    the first job then pulled Triton's LLVM in through timm and the process died in LLVM's initialisers
+    (a segmentation fault, seen driving the Train dock from a script).  Each job checks again."""
+    import sys
+
+    from napari_bcd._widgets._worker import start_job
+
+    with open("/proc/self/maps", encoding="utf-8", errors="ignore") as fh:
+        if not any("libLLVM" in line for line in fh):
+            pytest.skip("this display's OpenGL is not Mesa's software one: nothing to guard against")
+    # as before any job: not loaded, not yet guarded (set back afterwards whatever it was, absent included)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    del sys.modules["triton"]
+
+    def job():
+        yield 1
+        return 2
+
+    got = []
+    start_job(job(), lambda _: None, got.append, lambda: None)
+    qtbot.waitUntil(lambda: got == [2], timeout=10_000)
+    assert sys.modules["triton"] is None  # unimportable for this session: torch treats Triton as absent

@@ -46,6 +46,12 @@ def start_job(
     releases its reading threads and files at once.
     """
 
+    from . import _guard_against_two_llvms
+
+    # again here, not only on import: a script may import the docks before its viewer loads Mesa's LLVM, and a job
+    # is where timm first pulls Triton in (a crash in LLVM's initialisers, not an error anyone can catch)
+    _guard_against_two_llvms()
+
     def errored(err: BaseException) -> None:
         notify_error(err)
         if on_error is not None:
