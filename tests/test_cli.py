@@ -196,7 +196,7 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert "fold 4/4" in out.err and "macro avg" in out.out and ckpt.is_file()
     # four regions are too few to promise anything about new patients: said, with the spread across the folds
     assert "simple classifier" in out.out and "Accuracy on held-out regions" in out.out
-    assert "TOO FEW TO PROMISE ANYTHING: Only 4 regions" in out.out and "Across the 4 folds" in out.out
+    assert "Only 4 regions: TOO FEW TO PROMISE ANYTHING" in out.out and "Across the 4 folds" in out.out
     assert json.loads(ckpt.with_suffix(".json").read_text())["field_um"] == [100.0, 100.0]  # from the patches
     if "it is now the default model" in out.out:  # it beat chance on its validation patches
         assert default_model_path() == ckpt.resolve()  # the widget and classify now use it

@@ -167,7 +167,15 @@ def test_validation_by_image_is_called_optimistic_in_plain_words(tmp_path: Path,
     assert main(["train", str(root), "--out", str(tmp_path / "m"), *SMALL_CLI]) == 0
     out = capsys.readouterr()
     assert "no patient, slide or region is known" in out.err
-    assert "optimistic: expect less on new patients" in out.out and "simple classifier" in out.out
+    assert "optimistic" in out.out and "expect less on new patients" in out.out and "simple classifier" in out.out
+    # the verdict says each thing once (it said "optimistic" three times, and a note said it twice more), and what
+    # to do about it; the simple classifier's folds are lines, not empty step bars ("fold 1/4: 0step")
+    verdict = next(line for line in out.out.splitlines() if line.startswith("Accuracy "))
+    assert verdict.count("optimistic") == 1 and verdict.count("remembering") == 1
+    assert "Say which patient each image comes from" in verdict and "Saved: the simple classifier" in verdict
+    assert "No group is known" not in out.out + out.err and "0step" not in out.err
+    assert "fold 1/4: the simple classifier, held-out loss" in out.err
+    assert "its regularisation C = " in out.out  # the rule in full, in the report under the verdict
     from napari_bcd.model import load_checkpoint
 
     card = load_checkpoint(tmp_path / "m.safetensors").card
@@ -234,7 +242,7 @@ def test_the_shipped_probe_is_the_tuned_logistic_regression_exactly(tmp_path: Pa
     sk /= sk.sum(1, keepdims=True)
     assert (shipped.argmax(1) == sk.argmax(1)).all()
     assert np.abs(shipped - sk).max() < 1e-4
-    assert "IS the simple classifier" in result.verdict() and "regularisation C =" in result.why
+    assert "Saved: the simple classifier" in result.verdict() and "regularisation C =" in result.why
 
 
 def test_selection_takes_the_simplest_within_one_standard_error() -> None:

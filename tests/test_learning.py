@@ -297,7 +297,7 @@ def test_with_few_patients_the_report_says_it_can_promise_nothing(tmp_path: Path
     v = result.validation
     assert v.grouped and v.n_groups == 3 and v.too_few and v.groups_per_class == dict.fromkeys(ds.classes, 3)
     text = result.verdict()
-    assert "TOO FEW TO PROMISE ANYTHING: Only 3 patients" in text and "Expected accuracy" not in text
+    assert "Only 3 patients: TOO FEW TO PROMISE ANYTHING" in text and "Expected accuracy" not in text
     assert "Across the" in text and "from" in text  # the spread across the folds, as the size of the doubt
     # one patient per class: that class cannot be validated on a patient the model has not seen; never "0.0 %"
     one = with_groups(ds, {p.name: p.parent.name for p in ds.paths}, kind="patient", source="test")

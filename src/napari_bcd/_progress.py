@@ -42,6 +42,12 @@ def drive(gen: Generator, desc: str, unit: str = "it") -> Any:
                         bar.close()
                     bar = progress_bar(d, total, unit=u, unit_scale=u == "B")
                 bar.update(done - bar.n)
+            elif hasattr(item, "steps") and hasattr(item, "step") and not item.steps:  # a probe measured: one line
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                where = f"fold {item.fold}/{item.folds}: " if item.folds else ""
+                print(f"{where}the simple classifier, {_fit_text(item)}".rstrip(", "), file=sys.stderr)
             elif hasattr(item, "steps") and hasattr(item, "step"):  # a head being trained (train.FitProgress)
                 d = f"fold {item.fold}/{item.folds}" if item.folds else "train"
                 if bar is None or bar.desc != d or item.step < bar.n:

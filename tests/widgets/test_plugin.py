@@ -292,6 +292,12 @@ def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: P
     # no patient is known for these images: cross-validation over images tunes the simple classifier, which is
     # what ships (said, with why), and the figure is said plainly to be optimistic
     assert widget._plot.epochs and all(e.step == 0 for e in widget._plot.epochs)
+    # no head steps to draw: the plot shows what decided the model, the simple classifier's curve over C, the chosen
+    # one marked (it drew empty step axes before)
+    t = widget._result.tuning
+    assert widget._plot.tuning is t and widget._plot.ax_loss.get_xscale() == "log"
+    assert f"C = {t.chosen:g} chosen" in widget._plot.ax_loss.get_title()
+    assert list(widget._plot.ax_loss.lines[0].get_xdata()) == list(t.grid)
     assert "macro avg" in widget._report.value and "confusion matrix" in widget._report.value
     assert "simple classifier" in widget._report.value and "chance" in widget._verdict.value
     assert "optimistic" in widget._verdict.value and "cannot be trusted to choose" in widget._verdict.value

@@ -1,4 +1,5 @@
-"""Live loss and accuracy curves of a training run (matplotlib in a Qt canvas), redrawn at most every REDRAW_MS."""
+"""Live loss and accuracy curves of a training run (matplotlib in a Qt canvas), redrawn at most every REDRAW_MS;
+where only the simple classifier was measured, its regularisation curve instead."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..train.headfit import FitProgress
+    from ..train.regularise import Tuning
 
 __all__ = ["REDRAW_MS", "CurvePlot"]
 
@@ -34,6 +36,7 @@ class CurvePlot:
         self.ax_loss = self.figure.add_subplot(121)
         self.ax_acc = self.figure.add_subplot(122)
         self.epochs: list = []
+        self.tuning: Tuning | None = None  # shown instead of the steps (show_tuning)
         self._timer = QTimer()
         self._timer.setSingleShot(True)
         self._timer.setInterval(REDRAW_MS)
@@ -41,6 +44,7 @@ class CurvePlot:
 
     def clear(self) -> None:
         self.epochs = []
+        self.tuning = None
         self._timer.stop()
         self.canvas.setVisible(False)
 
@@ -52,7 +56,7 @@ class CurvePlot:
     def flush(self) -> None:
         """Draw what has arrived now (the run ended)."""
         self._timer.stop()
-        if self.epochs:
+        if self.epochs and self.tuning is None:
             self._draw()
 
     def _draw(self) -> None:
@@ -69,5 +73,34 @@ class CurvePlot:
                         label=f"fold {fold}" if fold else "held out")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("steps", fontsize=7)
+            ax.tick_params(labelsize=7)
+        self.canvas.draw_idle()
+
+    @property
+    def heads_trained(self) -> bool:
+        """Whether any head steps were measured (else only the simple classifier was, once per fold)."""
+        return any(s.steps for s in self.epochs)
+
+    def show_tuning(self, tuning: Tuning) -> None:
+        """The simple classifier's held-out loss and accuracy at each ``C`` tried, the chosen one marked: what
+        decided the model when no head was trained (a curve over steps would be single points)."""
+        import numpy as np
+
+        if not tuning.folds or not tuning.loss:
+            return
+        self.tuning = tuning
+        self._timer.stop()
+        self.canvas.setVisible(True)
+        grid = np.asarray(tuning.grid)
+        for ax, mean, se, title in ((self.ax_loss, tuning.loss, tuning.loss_standard_error, "held-out loss"),
+                                    (self.ax_acc, tuning.accuracy, tuning.standard_error, "held-out accuracy")):
+            ax.clear()
+            m, e = np.asarray(mean, float), np.asarray(se, float)
+            ax.fill_between(grid, m - e, m + e, alpha=0.2, lw=0)
+            ax.plot(grid, m, lw=1, marker=".", ms=3)
+            ax.axvline(tuning.chosen, color="k", ls="--", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(f"{title}, C = {tuning.chosen:g} chosen", fontsize=8)
+            ax.set_xlabel("C (smaller: more regularised)", fontsize=7)
             ax.tick_params(labelsize=7)
         self.canvas.draw_idle()

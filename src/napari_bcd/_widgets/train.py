@@ -175,8 +175,9 @@ class TrainWidget(Container):
             self._progress.max, self._progress.value = item.steps, item.step
             val = "" if math.isnan(item.val_acc) else f": held-out accuracy {item.val_acc:.3f}"
             where = f"fold {item.fold}/{item.folds}, " if item.folds else ""
+            what = f"step {item.step}/{item.steps}" if item.steps else "the simple classifier"
             if not self._stopping:
-                self._say(f"{where}step {item.step}/{item.steps}{val}")
+                self._say(f"{where}{what}{val}")
             self._plot.add(item)
         elif isinstance(item, TrainPlan | Stage):
             self._say(item.message)
@@ -196,6 +197,8 @@ class TrainWidget(Container):
             return
         self._verdict.value = result.verdict()  # the verdict in words; the figures in the report box
         self._report.value = "\n".join(report_lines(result))
+        if result.tuning is not None and not self._plot.heads_trained:
+            self._plot.show_tuning(result.tuning)  # what decided the model: its C, not steps never taken
         kept = "the simple classifier" if result.shipped == "probe" else f"the head after {result.steps} steps"
         if result.stopped == "stopped by the user":
             self._say(f"Stopped: kept {kept} in {result.checkpoint.name}.")

@@ -155,8 +155,9 @@ def _finetune(dataset: Dataset, out: Path, proto: Protocol, validation: Validati
     every = proto.measure_every(n_train * views)
     sel: Selection | None = None
     if validation.mode != "none":
-        what = "the probe and the head" if validation.grouped or proto.criterion == "loss" else "the probe"
-        yield Stage(f"Measuring {what} on {validation.describe()}…")
+        what = ("the simple classifier and the head" if validation.grouped or proto.criterion == "loss"
+                else "the simple classifier")
+        yield Stage(f"Measuring {what} on {len(validation.folds)} held-out fold(s)…")  # how: said in the plan
         sel = yield from select_head(bank, dataset.labels, n_cls, validation, recipes, make_head, seed=seed,
                                      eval_every=every, dtype=dtype, probe_start=proto.probe_init,
                                      standardise_features=proto.standardise, criterion=proto.criterion,

@@ -161,6 +161,8 @@ class Tuning:
         How it was chosen, in words.
     folds
         Folds measured (0: none could be drawn); ``repeats`` the draws of them averaged.
+    grouped
+        Whether the folds held out whole groups (patients, slides, regions) or images.
     """
 
     grid: tuple[float, ...]
@@ -172,12 +174,21 @@ class Tuning:
     rule: str = ""
     folds: int = 0
     repeats: int = 1
+    grouped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"grid": list(self.grid), "accuracy": [_r(v) for v in self.accuracy],
                 "standard_error": [_r(v) for v in self.standard_error], "loss": [_r(v) for v in self.loss],
                 "loss_standard_error": [_r(v) for v in self.loss_standard_error],
-                "chosen_c": self.chosen, "rule": self.rule, "folds": self.folds, "repeats": self.repeats}
+                "chosen_c": self.chosen, "rule": self.rule, "folds": self.folds, "repeats": self.repeats,
+                "grouped": self.grouped}
+
+    def short(self) -> str:
+        """The ``C`` and how it was chosen, in a few words (the rule in full: :meth:`describe`)."""
+        if not self.folds:
+            return f"regularisation C = {self.chosen:g}, the strong default: nothing could be held out to choose it"
+        over = "patients, slides or regions it had not seen" if self.grouped else "images"
+        return f"regularisation C = {self.chosen:g}, chosen from {len(self.grid)} by cross-validation over {over}"
 
     def describe(self) -> str:
         if not self.folds:
@@ -266,7 +277,7 @@ def tune_c(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarra
     the loss and accuracy are averaged over every draw, the standard error is one draw's (the draws share images).
     """
     grid = tuple(sorted(float(c) for c in grid))
-    t = Tuning(grid, folds=len(folds))
+    t = Tuning(grid, folds=len(folds), grouped=bool(grouped))
     if not folds:
         t.rule = "nothing could be held out to choose it: the strong default"
         return t

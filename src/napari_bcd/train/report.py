@@ -25,13 +25,13 @@ def verdict(result: TrainResult) -> str:
         return ("No validation: no image could be held out, so nothing shows what this model does on new patients. "
                 "Add images (or regions) from more patients, slides or regions. " + (result.why or "")).strip()
     acc = result.report.accuracy
-    where = v.describe() if v is not None else "held-out images"
+    where = _where(v)
     few = v is not None and v.too_few
     if few and min(v.groups_per_class.values(), default=0) < 2:
         # a class of one patient is held out only from models that never saw the class: no figure means anything
         return " ".join(x for x in (f"No estimate for new patients: {v.too_few_text()}", result.why) if x)
     if v is not None and v.optimistic:
-        head = f"Accuracy {acc:.1%} on {where}."
+        head = f"Accuracy {acc:.1%} on held-out images ({where})."
     elif few:
         head = f"Accuracy on held-out {_plural(v)}: {acc:.1%} ({where})."
     else:
@@ -44,13 +44,11 @@ def verdict(result: TrainResult) -> str:
                  f" to {folds.max():.0%}).")
     parts = [head]
     if few:
-        parts.append(f"TOO FEW TO PROMISE ANYTHING: {v.too_few_text()}")
+        parts.append(v.too_few_text())
     p = result.probe.report.accuracy if result.probe is not None and result.probe.report is not None else None
     if p is not None:
         parts.append(f"The simple classifier: {p:.1%}; chance: {result.chance:.1%}.")
-    if result.shipped == "probe":
-        parts.append("The model saved IS the simple classifier. " + (result.why or ""))
-    elif result.why:
+    if result.why:
         parts.append(result.why)
     if result.head_below_probe and result.shipped == "head":
         parts.append("The head does WORSE than the simple classifier: it has not learnt what the features hold "
@@ -58,9 +56,35 @@ def verdict(result: TrainResult) -> str:
     if not result.beats_chance:
         parts.append("It does not beat chance.")
     if v is not None and v.optimistic:
-        parts.append("CAUTION: no patient, slide or region was known, so validation images share patients with the "
-                     "training images and this figure is optimistic: expect less on new patients.")
+        parts.append(f"CAUTION: this figure is optimistic. {_shared(v)}: expect less on new patients." + (
+            "" if v.n_groups and v.group_kind != "image" else
+            " Say which patient each image comes from (a third column in microscopy_ground_truth.csv, a groups file "
+            "or a file-name pattern) to measure it on patients it has not seen."))
     return " ".join(x for x in parts if x)
+
+
+def _where(v) -> str:
+    """How the figure was measured, briefly where the verdict says the rest (an optimistic one's why, below)."""
+    if v is None:
+        return "held-out images"
+    if not v.optimistic:
+        return v.describe()
+    if v.mode == "cv":
+        return (f"each of {sum(len(f[1]) for f in v.folds)} predicted by a model trained on the others, "
+                f"{len(v.folds)}-fold cross-validation over images")
+    n = len(v.split.val) if v.split is not None else 0
+    if v.split is not None and v.split.kind.startswith("file:"):
+        return f"the {n} that {v.split.kind[5:]} lists"
+    return f"{n} drawn at random"
+
+
+def _shared(v) -> str:
+    """Why an optimistic figure is: what validation shares with training."""
+    if v.split is not None and v.split.kind.startswith("file:"):
+        if v.n_groups and v.group_kind != "image":
+            return f"The split file puts some {_plural(v)} on both sides, so validation shares them with training"
+        return "The split file's validation images may share patients with the training images"
+    return "No patient, slide or region was known, so the validation images share patients with the training images"
 
 
 def _plural(v) -> str:
@@ -80,6 +104,8 @@ def report_lines(result: TrainResult) -> list[str]:
         p = result.probe.report
         lines.append(f"simple classifier: accuracy {p.accuracy:.4f}, macro F1 {p.macro['f1']:.4f}")
         lines.append(f"({PROBE_GLOSS})")
+    if result.tuning is not None:
+        lines.append(f"its {result.tuning.describe()}")
     if result.report is not None:
         lines += ["", "the model saved, on the held-out images:", result.report.to_text()]
     t = result.timings

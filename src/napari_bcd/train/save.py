@@ -96,9 +96,7 @@ def final_model(model, bank, dataset: Dataset, validation: Validation, sel: Sele
             recipe = dataclasses.replace(sel.chosen.recipe, steps=sel.chosen.step)
         elif not proto.probe_init and sel is None:
             recipe = recipes[0]  # the paper's: no probe to fall back to
-        elif sel is None:
-            notes.append(f"Nothing could be held out to validate on, so the model is {PROBE_WORDS} ("
-                         f"{tuning.describe()}): no measurement shows that training the head further would do better.")
+        # nothing held out (sel is None): the verdict says the simple classifier ships, and why
         shipped = Shipped(None, None, "probe", stopped=stopped, notes=notes, logistic=logistic, tuning=tuning)
         if recipe is not None and not (sel is not None and sel.stopped):
             fb = _fold_bank(bank, labels, everything, dtype, proto.standardise)
@@ -273,8 +271,13 @@ def save_result(model, dataset: Dataset, out: Path, proto: Protocol, validation:
     return TrainResult(checkpoint_paths(out)[0], model.card, report, probe, chance, validation, shipped.kind,
                        shipped.steps, list(selection.get("fold_accuracy") or []),
                        len(sel.candidates) if sel is not None else 0, shipped.stopped,
-                       [*validation.notes, *shipped.notes, *saved_note], shipped.probe_head, shipped.norm,
+                       [*_unsaid(validation), *shipped.notes, *saved_note], shipped.probe_head, shipped.norm,
                        logistic=shipped.logistic, tuning=shipped.tuning, why=selection["why"])
+
+
+def _unsaid(validation: Validation) -> list[str]:
+    """The validation's notes the verdict does not already say (it says when the groups are too few)."""
+    return [n for n in validation.notes if n != validation.too_few_text()]
 
 
 def _train_rows(validation: Validation, n: int) -> list[int]:
@@ -304,22 +307,24 @@ def _selection_record(sel: Selection | None, shipped: Shipped, proto: Protocol) 
 
 
 def why_shipped(sel: Selection | None, shipped: Shipped) -> str:
-    """Which model was saved and why, in a pathologist's words."""
-    probe = "the simple classifier (a logistic regression on the backbone's features"
-    reg = f", {shipped.tuning.describe()})" if shipped.tuning is not None else ")"
+    """Which model was saved and why, in a pathologist's words: two short sentences, the rule for ``C`` in a few words
+    (in full in the report and the card)."""
+    reg = f" ({shipped.tuning.short()})" if shipped.tuning is not None else ""
     if shipped.kind == "probe":
+        saved = f"Saved: the simple classifier{reg}."
         if sel is None:
-            return (f"Saved {probe}{reg}: nothing could be held out, so nothing shows a trained head would do better "
-                    "on new patients.")
+            return f"{saved} Why: nothing could be held out, so nothing shows a trained head would do better."
         if not sel.heads_measured:
-            return (f"Saved {probe}{reg}. No patient, slide or region was known, so validation could only hold out "
-                    "images of the patients it trained on; there a more complex model looks better by remembering "
-                    "them, so it cannot be trusted to choose one. The simple classifier is the safer model.")
-        return (f"Saved {probe}{reg}: on patients it had not seen it did as well as the trained head "
-                f"({sel.probe.accuracy:.1%} against the head's best, within the noise of the validation), and the "
-                "simpler model is the safer one.")
-    return (f"Saved the trained head ({shipped.steps} steps): on patients it had not seen it beat {probe}{reg} by "
-            f"more than the noise of the validation ({sel.chosen.accuracy:.1%} against {sel.probe.accuracy:.1%}).")
+            return (f"{saved} Why: with no patient known, validation holds out images of the patients it trained on, "
+                    "where a more complex model looks better by remembering them; it cannot be trusted to choose "
+                    "one, so the simpler model ships.")
+        return (f"{saved} Why: on patients it had not seen it did as well as the trained head ({sel.probe.accuracy:.1%}"
+                " against the head's best, within the noise of the validation), and the simpler model is the safer "
+                "one.")
+    reg = f"; {shipped.tuning.short()}" if shipped.tuning is not None else ""
+    return (f"Saved: the trained head ({shipped.steps} steps from the simple classifier{reg}). Why: on "
+            f"patients it had not seen it beat the simple classifier by more than the noise of the validation "
+            f"({sel.chosen.accuracy:.1%} against {sel.probe.accuracy:.1%}).")
 
 
 def _save_keeping(model, card, out: Path, overwrite: bool | str) -> tuple[Path, list[str]]:

@@ -45,7 +45,7 @@ from .regularise import (
     training_rows,
     tune_c,
 )
-from .split import OPTIMISTIC, Split, group_folds, split_dataset
+from .split import Split, group_folds, split_dataset
 
 if TYPE_CHECKING:
     from .iciar import Dataset
@@ -102,7 +102,7 @@ class Validation:
                     f"can be validated on a {_singular(self.group_kind)} it has not seen for "
                     f"{'it' if len(single) == 1 else 'them'}: the figure says nothing about new patients there. Add "
                     f"images from more {kind}.")
-        return (f"Only {self.n_groups} {kind}: too few to promise anything about new patients; the spread across "
+        return (f"Only {self.n_groups} {kind}: TOO FEW TO PROMISE ANYTHING about new patients; the spread across "
                 f"folds is the size of the doubt.")
 
     @property
@@ -119,12 +119,12 @@ class Validation:
         if self.mode == "cv" and not self.grouped:
             n = sum(len(v) for _, v in self.folds)
             return (f"each of {n} images predicted by a model trained on the others ({len(self.folds)}-fold "
-                    f"cross-validation over images: no patient is known, so {OPTIMISTIC}); the model shipped is "
-                    "trained on all of them")
+                    f"cross-validation over images; no patient known, so optimistic); the model shipped is trained "
+                    "on all of them")
         if self.mode == "cv":
             n = sum(len(v) for _, v in self.folds)
-            return (f"each of {n} images predicted by a model that never saw its {_singular(self.group_kind)} "
-                    f"({len(self.folds)}-fold cross-validation over {self.n_groups} {_plural(self.group_kind)}); "
+            return (f"each of {n} images predicted by a model that never saw its {_singular(self.group_kind)}: "
+                    f"{len(self.folds)}-fold cross-validation over {self.n_groups} {_plural(self.group_kind)}; "
                     "the model shipped is trained on all of them")
         if self.mode == "holdout" and self.split is not None:
             return self.split.describe()
@@ -178,10 +178,10 @@ def plan_validation(dataset: Dataset, *, val_fraction: float = 0.2, seed: int = 
         fl = (group_folds(dataset.labels, dataset.groups, dataset.classes, folds, seed) if grouped_data
               else inner_folds(dataset.labels, None, dataset.classes, folds, seed))
         if fl:
-            notes = [] if grouped_data else [f"No group is known: the folds draw images at random, so {OPTIMISTIC}."]
+            # by images: the description says it is optimistic, the verdict why and what to do (not a third time)
             kind = dataset.group_kind or "group" if grouped_data else "image"
             v = Validation("cv", fl, None, grouped_data, kind, dataset.n_groups if grouped_data else len(dataset),
-                           notes, per_class)
+                           [], per_class)
             if v.too_few:
                 v.notes.append(v.too_few_text())
             return v

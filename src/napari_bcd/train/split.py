@@ -87,7 +87,9 @@ class Split:
             what = f"{self.group_kind}s" if self.group_kind and self.group_kind != "group" else "groups"
             return (f"validated on {self.val_groups} {what} never seen in training ({len(self.val)} images; "
                     f"{self.train_groups} {what} train)")
-        return f"validated on {len(self.val)} images drawn at random ({OPTIMISTIC})"
+        if self.kind.startswith("file:"):
+            return f"validated on the {len(self.val)} images {self.kind[5:]} lists (may share patients: optimistic)"
+        return f"validated on {len(self.val)} images drawn at random (no patient known, so optimistic)"
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "train": len(self.train), "val": len(self.val), "grouped": self.grouped,
@@ -166,10 +168,7 @@ def split_dataset(
         notes.append("No class has two images, so nothing is left to validate on: the model trains on every image "
                      "and has no validation metrics. Add images to check what it learned.")
         kind = "none (all images train)"
-    elif val_fraction > 0:
-        notes.append("No patient, slide or region is known for these images, so validation images were drawn at "
-                     f"random: {OPTIMISTIC}. Give the groups (a third column in microscopy_ground_truth.csv, "
-                     "--groups FILE.csv or --group-pattern) for a figure that holds on new patients.")
+    # drawn at random: the description says optimistic, the verdict why and what to do
     return Split(sorted(train), sorted(val), kind, notes)
 
 
@@ -291,9 +290,7 @@ def _split_from_file(dataset: Dataset, path: Path) -> Split:
     if not train:
         raise DatasetError(f"The split file {path.name} puts every image in validation; leave some for training.")
     if dataset.groups is None:
-        return Split(train, sorted(val), f"file:{path.name}",
-                     ["The split file's validation images may share patients with the training images: "
-                      f"{OPTIMISTIC} unless the file was drawn by patient."])
+        return Split(train, sorted(val), f"file:{path.name}")  # may share patients: said by the verdict
     g = np.asarray(dataset.groups, dtype=object)
     both = sorted(set(g[train]) & set(g[sorted(val)]))
     notes = [f"The split file puts {len(both)} {dataset.group_kind or 'group'}(s) on both sides, e.g. {both[0]}: "
