@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import drain
+from conftest import drain, four_kinds_dataset
 from napari_bcd.train.calibration import (
     ABSTAIN_TARGET,
     abstain_cut,
@@ -110,3 +110,22 @@ def test_training_calibrates_reports_and_sets_the_cut_off(tmp_path: Path) -> Non
             (cal["abstain"]["p_min"] - 0.25) / 0.75, abs=1e-3) and card.decision["measure"] == "max_probability"
     else:
         assert not card.decision.get("min_confidence")
+
+
+def test_a_few_held_out_images_fit_no_temperature(tmp_path: Path) -> None:
+    """Four held-out images (a hold-out of a small set): a temperature fitted on them follows single images (five
+    called right sharpened the logits twentyfold, every probability near 1), so none is fitted, and it is said."""
+    from napari_bcd.train import iter_finetune, read_iciar
+    from napari_bcd.train.calibration import MIN_CALIBRATE
+    from test_groups import SMALL
+
+    ds = read_iciar(four_kinds_dataset(tmp_path / "ds", n=6))
+    _, result = drain(iter_finetune(ds, out=tmp_path / "m.safetensors", validation="holdout", **SMALL))
+    from napari_bcd.model import load_checkpoint
+
+    cal = load_checkpoint(result.checkpoint).card.metrics["calibration"]
+    assert cal["images"] == 4 < MIN_CALIBRATE and cal["temperature"] == 1.0 and cal["ece_before"] == cal["ece_after"]
+    assert result.logistic.temperature == 1.0
+    assert any("not calibrated: 4 held-out images are too few" in n for n in result.notes)
+    # the verdict says the figure is optimistic once, and the notes do not say it again
+    assert result.verdict().count("optimistic") == 1 and not any("drawn at random" in n for n in result.notes)

@@ -13,12 +13,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ABSTAIN_TARGET", "Calibration", "abstain_cut", "calibration", "expected_calibration_error", "softmax"]
+__all__ = ["ABSTAIN_TARGET", "MIN_CALIBRATE", "Calibration", "abstain_cut", "calibration", "expected_calibration_error",
+           "softmax"]
 
 #: The accuracy the classified cells should reach by default; the rest are "uncertain".
 ABSTAIN_TARGET = 0.95
 #: Fewer held-out images than this above a cut-off cannot show it reaches the target.
 MIN_KEPT = 10
+#: Fewer held-out images than this fit no temperature: it would follow one image (five held-out images, all called
+#: right, sharpened the logits twentyfold, every probability near 1); the model's own probabilities are kept.
+MIN_CALIBRATE = 10
 #: A cut-off that would leave more than this share uncertain is reported, not made the default: a map mostly grey
 #: says less than the model's accuracy, said plainly.
 MAX_UNCERTAIN = 0.5
@@ -106,9 +110,14 @@ class Calibration:
         """The report's sentences, in a pathologist's words."""
         where = ("of patients/slides the model had not seen" if self.grouped else
                  "of the training patients (optimistic: new patients may fare worse)")
-        text = (f"Probabilities calibrated on {self.images} held-out images {where}: temperature "
-                f"{self.temperature:.2f}, calibration error (ECE) {self.ece_before:.3f} before, {self.ece_after:.3f} "
-                "after (measured on the images it was fitted on).")
+        if self.images < MIN_CALIBRATE:
+            text = (f"Probabilities not calibrated: {self.images} held-out images are too few to fit a temperature on "
+                    f"(it would follow a single image); they are the model's own (calibration error (ECE) "
+                    f"{self.ece_before:.3f} on those images).")
+        else:
+            text = (f"Probabilities calibrated on {self.images} held-out images {where}: temperature "
+                    f"{self.temperature:.2f}, calibration error (ECE) {self.ece_before:.3f} before, "
+                    f"{self.ece_after:.3f} after (measured on the images it was fitted on).")
         a = self.abstain
         target = f"{a['target']:.0%}"
         if a.get("p_min") is None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .._progress import STOP
 from ..errors import BcdError, DatasetError
-from .calibration import Calibration, calibration
+from .calibration import MIN_CALIBRATE, Calibration, calibration
 from .evaluate import report_from_predictions
 from .features import fold_standardisation
 from .groups import image_ids
@@ -119,7 +119,9 @@ def final_model(model, bank, dataset: Dataset, validation: Validation, sel: Sele
     if sel is not None and sel.held_out is not None and sel.held_out.any() and (
             proto.probe_init or shipped.kind == "probe"):
         # the held-out logits of what ships: the probe's (each from a probe tuned without them) or the head's
-        shipped.temperature = fit_temperature(sel.logits[sel.held_out], labels[sel.held_out])
+        held = int(sel.held_out.sum())
+        shipped.temperature = (fit_temperature(sel.logits[sel.held_out], labels[sel.held_out]) if held >= MIN_CALIBRATE
+                               else 1.0)
         if shipped.kind == "probe":
             shipped.logistic.temperature = shipped.temperature
         else:
