@@ -21,6 +21,9 @@ default protocol on that many images of the development patients and prints:
 * the gaps ``new - bestLR`` (goal >= -0.01 everywhere), ``new - splitLR``, ``new - cvLR`` and ``reported - new``
   (goal within 0.08);
 * ``ships`` (probe or head) and the ``C`` the run chose;
+* ``T``, the temperature the saved simple classifier divides its logits by, and the new patients' cross-entropy
+  (``NLL``) and calibration error (``ECE``) at it, at ``T = 1`` and at the new patients' own best temperature (an
+  oracle): whether the probabilities shown mean what they say on new patients;
 * after the summary, the rules for choosing ``C`` replayed on each run's own cross-validation curve (the lowest
   loss, the middle or the most regularised of the one-standard-error band, fixed ``C`` values, the oracle), each
   scored by the logistic regression at the ``C`` it picks: on your patients, this table says which rule is right
@@ -293,6 +296,25 @@ def replay_rules(tuning: dict | None, lr_new, grid) -> dict[str, float]:
     return out
 
 
+def new_calibration(logistic, x_new: np.ndarray, y_new: np.ndarray) -> dict:
+    """The saved simple classifier's probabilities on the new patients: cross-entropy and ECE at its temperature, at 1
+    and at the new patients' own best (an oracle), and those temperatures."""
+    from napari_bcd.train.calibration import expected_calibration_error, softmax
+    from napari_bcd.train.probe import fit_temperature
+
+    raw = logistic.logits(x_new) * logistic.temperature  # the logits before the temperature
+
+    def at(t: float) -> tuple[float, float]:
+        z = raw / t
+        z = z - z.max(1, keepdims=True)
+        nll = float(-(z[np.arange(len(y_new)), y_new] - np.log(np.exp(z).sum(1))).mean())
+        return nll, expected_calibration_error(softmax(raw / t), y_new)
+
+    best = fit_temperature(raw, y_new)
+    return {"t": logistic.temperature, "t_new": best, "shipped": at(logistic.temperature), "one": at(1.0),
+            "oracle": at(best)}
+
+
 def one_run(train, new, feats: Features, build: dict, out: Path, grid) -> dict:
     from napari_bcd.train import evaluate, iter_finetune
 
@@ -320,6 +342,8 @@ def one_run(train, new, feats: Features, build: dict, out: Path, grid) -> dict:
         "shipped": result.shipped, "chosen_c": result.tuning.chosen if result.tuning is not None else None,
         "train_seconds": round(seconds, 1), "lr_new": correct.mean(1).tolist(), "tuning": tuning,
         "rules": replay_rules(tuning, correct.mean(1).tolist(), grid),
+        "calibration": (new_calibration(result.logistic, x_new, new.labels)
+                        if result.shipped == "probe" and result.logistic is not None else None),
     }
 
 
@@ -357,6 +381,24 @@ def experiments(dev, new, feats: Features, fp32: Features | None, sizes, seeds: 
             acc = float((fit_logistic(x8, y8, c, n_cls).logits(feats.pooled(new)).argmax(1) == new.labels).mean())
             rows.append({"per_class": n, "seed": seed, "variant": "8 views as 8 training rows", "new": acc, "c": c})
     return rows
+
+
+def print_calibration(rows: list[dict], scenarios, sizes) -> None:
+    """The saved simple classifier's probabilities on the new patients (:func:`new_calibration`), mean over seeds."""
+    if not any(r.get("calibration") for r in rows):
+        return
+    print("\nprobabilities on the new patients (simple classifier shipped; mean over seeds): temperature saved and the "
+          "new patients' own best; cross-entropy and ECE at the saved temperature, at 1, at their own best:")
+    print(f"{'scenario':>8} {'per cl.':>7} {'T':>6} {'T new':>6} {'NLL':>6} {'at 1':>6} {'best':>6} {'ECE':>6} "
+          f"{'at 1':>6} {'best':>6}")
+    for scenario in scenarios:
+        for n in sizes:
+            part = [r["calibration"] for r in rows if r["scenario"] == scenario and r["per_class"] == n
+                    and r.get("calibration")]
+            if part:
+                t, t_new = np.mean([c["t"] for c in part]), np.mean([c["t_new"] for c in part])
+                figs = [np.mean([c[k][i] for c in part]) for i in (0, 1) for k in ("shipped", "one", "oracle")]
+                print(f"{scenario:>8} {n or 'all':>7} {t:>6.2f} {t_new:>6.2f} " + " ".join(f"{v:>6.3f}" for v in figs))
 
 
 def print_rules(rows: list[dict], scenarios, sizes) -> None:
@@ -470,6 +512,7 @@ def main() -> None:
                     "reported_minus_new_abs_mean": round(float(np.mean(rep)), 4) if rep else None,
                     "shipped": sorted({r["shipped"] for r in part})}
         print("summary: " + json.dumps(summary, indent=1))
+        print_calibration(rows, args.scenarios, args.sizes)
         print_rules(rows, args.scenarios, args.sizes)
         exp = []
         if args.experiments:

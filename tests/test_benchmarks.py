@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
 
@@ -60,6 +61,26 @@ def test_bench_generalise_replays_each_rule_for_c_on_a_runs_own_curve() -> None:
     assert got["C=0.001"] == at[1e-3] and got["C=1"] == at[1.0] and got["oracle"] == max(new)
     assert bench.replay_rules(None, new, grid) == {}  # no curve measured (nothing could be held out)
     assert bench.replay_rules({**tuning, "grid": [1.0]}, new, grid) == {}  # another grid: nothing to replay
+
+
+def test_bench_generalise_scores_the_saved_probabilities_on_the_new_patients() -> None:
+    """The new patients' cross-entropy and ECE at the saved temperature, at 1 and at their own best: the saved one
+    is read back from the logits the model shows, and no temperature beats the new patients' own best."""
+    from napari_bcd.train.regularise import fit_logistic
+
+    bench = _bench_generalise()
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 4
+    x = np.eye(4)[y] @ rng.normal(0, 1, (4, 16)) + rng.normal(0, 0.8, (80, 16))
+    lr = fit_logistic(x[:40], y[:40], 1.0, 4)
+    lr.temperature = 0.5
+    got = bench.new_calibration(lr, x[40:], y[40:])
+    assert got["t"] == 0.5 and got["t_new"] > 0
+    z = lr.logits(x[40:])  # what the model shows: its logits over the saved temperature
+    z = z - z.max(1, keepdims=True)
+    assert got["shipped"][0] == pytest.approx(-(z[np.arange(40), y[40:]] - np.log(np.exp(z).sum(1))).mean())
+    assert got["oracle"][0] <= min(got["shipped"][0], got["one"][0]) + 1e-9
+    assert all(0 <= got[k][1] <= 1 for k in ("shipped", "one", "oracle"))
 
 
 def test_bench_c_rules_scores_every_rule_against_the_best_c_of_each_world() -> None:

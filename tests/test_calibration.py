@@ -129,3 +129,47 @@ def test_a_few_held_out_images_fit_no_temperature(tmp_path: Path) -> None:
     assert any("not calibrated: 4 held-out images are too few" in n for n in result.notes)
     # the verdict says the figure is optimistic once, and the notes do not say it again
     assert result.verdict().count("optimistic") == 1 and not any("drawn at random" in n for n in result.notes)
+
+
+def test_the_temperature_is_kept_at_one_where_the_held_out_images_cannot_say_how_sure_to_be() -> None:
+    """Images of the training patients can show a model overconfident, never underconfident (measured: fitted on
+    them, the temperature sharpened the probe where new patients wanted it softer, and at 50 images per class ran
+    to its bound, logits x 55); every image right gives no scale at all; too few give noise."""
+    from napari_bcd.train.calibration import MIN_CALIBRATE, temperature_for
+
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    timid = np.eye(3)[y] * 0.8 + rng.normal(0, 0.3, (60, 3))  # mostly right, probabilities near a third
+    t, why = temperature_for(timid, y, grouped=True)
+    assert t < 1 and why == ""  # patients it had not seen: sharpened, as fitted
+    t, why = temperature_for(timid, y, grouped=False)
+    assert t == 1.0 and "share patients" in why and "sharper" in why
+    brash = np.eye(3)[y] * 6 + rng.normal(0, 3, (60, 3))  # sure of itself, often wrong
+    assert (brash.argmax(1) != y).any()
+    for grouped in (True, False):
+        t, why = temperature_for(brash, y, grouped=grouped)
+        assert t > 1 and why == ""  # softened either way: new patients are no easier than the training ones
+    perfect = np.eye(3)[y] * 20
+    t, why = temperature_for(perfect, y, grouped=True)
+    assert t == 1.0 and "every held-out image was called right" in why
+    t, why = temperature_for(timid[: MIN_CALIBRATE - 1], y[: MIN_CALIBRATE - 1], grouped=True)
+    assert t == 1.0 and "too few" in why
+    record = calibration(timid, y, 1.0, grouped=False, kept="the reason")
+    assert record.describe().startswith("Probabilities not calibrated: the reason; they are the model's own")
+    assert record.to_dict()["kept"] == "the reason"
+
+
+def test_trained_without_patients_the_model_is_never_sharpened(tmp_path: Path) -> None:
+    """The whole run: cross-validation over images never ships a temperature below 1, and says why when it keeps 1."""
+    from napari_bcd.model import load_checkpoint
+    from napari_bcd.train import iter_finetune, read_iciar
+    from test_groups import SMALL
+
+    ds = read_iciar(four_kinds_dataset(tmp_path / "ds", n=6))
+    _, result = drain(iter_finetune(ds, out=tmp_path / "m.safetensors", **SMALL))
+    cal = load_checkpoint(result.checkpoint).card.metrics["calibration"]
+    assert not cal["grouped"] and cal["images"] == 24 and cal["temperature"] >= 1.0
+    assert result.logistic.temperature == cal["temperature"]
+    assert (cal["temperature"] == 1.0) == bool(cal["kept"])
+    if cal["kept"]:
+        assert any(n.startswith("Probabilities not calibrated") for n in result.notes)

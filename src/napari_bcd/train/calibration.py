@@ -1,6 +1,17 @@
 """Probabilities that mean what they say: calibration error before and after temperature scaling, and the
 abstain cut-off that makes the cells a model does classify reach a stated accuracy.
 
+The temperature (:func:`temperature_for`) minimises the held-out cross-entropy, with three exceptions where the
+held-out images cannot say how sure to be on new patients: fewer than :data:`MIN_CALIBRATE` of them; every one called
+right (the sharper, the better they score, without end: the fit runs to its bound); and, when they share patients
+with the training images, a temperature below 1: images of the patients it trained on can show a model is overconfident
+(new patients would be no easier) but not that it is underconfident.  Measured on simulated new patients (real H&E
+DenseNet121, no patients known, 4 draws per size), the temperature fitted on images sharpened the probe at every
+size (0.02-0.99), where the new patients' own best was above 1 from 20 images per class (1.3-1.7): their
+cross-entropy rose from 0.70 / 0.64 / 0.68 (T = 1) to 0.76 / 0.92 / 15.6 at 10 / 20 / 50 per class (at 50 two
+draws ran to the bound, logits x 50, every probability near 1); at 5 per class it did better (0.78 against 0.81,
+ECE 0.10 against 0.18), the safe side given up: a model that says "uncertain" too often.
+
 Both are measured on held-out images (over groups when the run knew patients, slides or regions), from the logits
 the shipped model gave them while it did not train on them.  The expected calibration error (ECE) is the usual
 top-label one: held-out images binned by their top probability (10 equal bins), the gap between each bin's mean
@@ -14,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = ["ABSTAIN_TARGET", "MIN_CALIBRATE", "Calibration", "abstain_cut", "calibration", "expected_calibration_error",
-           "softmax"]
+           "softmax", "temperature_for"]
 
 #: The accuracy the classified cells should reach by default; the rest are "uncertain".
 ABSTAIN_TARGET = 0.95
@@ -92,6 +103,8 @@ class Calibration:
     images: int
     grouped: bool
     abstain: dict
+    #: Why the model's own probabilities were kept (temperature 1, not the fitted one): "" where it was fitted.
+    kept: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,10 +123,9 @@ class Calibration:
         """The report's sentences, in a pathologist's words."""
         where = ("of patients/slides the model had not seen" if self.grouped else
                  "of the training patients (optimistic: new patients may fare worse)")
-        if self.images < MIN_CALIBRATE:
-            text = (f"Probabilities not calibrated: {self.images} held-out images are too few to fit a temperature on "
-                    f"(it would follow a single image); they are the model's own (calibration error (ECE) "
-                    f"{self.ece_before:.3f} on those images).")
+        if self.kept:
+            text = (f"Probabilities not calibrated: {self.kept}; they are the model's own (calibration error (ECE) "
+                    f"{self.ece_before:.3f} on the {self.images} held-out images {where}).")
         else:
             text = (f"Probabilities calibrated on {self.images} held-out images {where}: temperature "
                     f"{self.temperature:.2f}, calibration error (ECE) {self.ece_before:.3f} before, "
@@ -136,8 +148,31 @@ class Calibration:
         return text
 
 
+#: The held-out cross-entropy's temperature is sought within ``exp(+-LOG_T_BOUND)``.
+LOG_T_BOUND = 4.0
+
+
+def temperature_for(logits: np.ndarray, labels: np.ndarray, *, grouped: bool) -> tuple[float, str]:
+    """``(temperature, why it is not the fitted one)``: the held-out cross-entropy's, except where the held-out images
+    cannot tell (see the module's text; the reason is "" where it is the fitted one)."""
+    from .probe import fit_temperature
+
+    n = len(labels)
+    if n < MIN_CALIBRATE:
+        return 1.0, (f"{n} held-out images are too few to fit a temperature on (it would follow a single image)")
+    if (np.asarray(logits).argmax(1) == np.asarray(labels)).all():
+        # each image's cross-entropy falls as the logits sharpen, without end: the fit would run to its bound
+        return 1.0, ("every held-out image was called right, so they cannot say how sure to be (the sharper, the "
+                     "better they score, without end)")
+    t = fit_temperature(logits, labels, bound=LOG_T_BOUND)
+    if t < 1.0 and not grouped:
+        return 1.0, (f"the held-out images share patients with the training images: they asked for sharper "
+                     f"probabilities (temperature {t:.2f}), which new patients would not bear out")
+    return t, ""
+
+
 def calibration(logits: np.ndarray, labels: np.ndarray, temperature: float, *, grouped: bool,
-                target: float = ABSTAIN_TARGET) -> Calibration:
+                target: float = ABSTAIN_TARGET, kept: str = "") -> Calibration:
     """ECE before and after dividing held-out ``logits`` by ``temperature``, and the abstain cut-off after."""
     z = np.asarray(logits, np.float64)
     y = np.asarray(labels, np.int64)
@@ -145,4 +180,4 @@ def calibration(logits: np.ndarray, labels: np.ndarray, temperature: float, *, g
     cut = abstain_cut(after, y, target)
     cut["classes"] = int(z.shape[1])
     return Calibration(float(temperature), expected_calibration_error(before, y), expected_calibration_error(after, y),
-                       len(y), bool(grouped), cut)
+                       len(y), bool(grouped), cut, kept)

@@ -247,8 +247,9 @@ def fit_probe_head(bank: torch.Tensor, rows: np.ndarray, labels: np.ndarray, n_c
     return probe, first
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The scalar that divides held-out logits to minimise their cross-entropy (1 when there are none)."""
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bound: float = 4.0) -> float:
+    """The scalar that divides held-out logits to minimise their cross-entropy (1 when there are none), sought within
+    ``exp(+-bound)``."""
     if len(labels) == 0:
         return 1.0
     from scipy.optimize import minimize_scalar
@@ -261,5 +262,5 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         z = z - z.max(1, keepdims=True)
         return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
 
-    res = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded")
+    res = minimize_scalar(nll, bounds=(-bound, bound), method="bounded")
     return float(np.exp(res.x))

@@ -23,12 +23,12 @@ import numpy as np
 
 from .._progress import STOP
 from ..errors import BcdError, DatasetError
-from .calibration import MIN_CALIBRATE, Calibration, calibration
+from .calibration import Calibration, calibration, temperature_for
 from .evaluate import report_from_predictions
 from .features import fold_standardisation
 from .groups import image_ids
 from .headfit import Recipe, fit_head
-from .probe import PROBE_WORDS, ProbeResult, fit_probe_head, fit_temperature
+from .probe import PROBE_WORDS, ProbeResult, fit_probe_head
 from .regularise import LogisticProbe, Tuning, fit_logistic, pooled_features, training_rows
 
 if TYPE_CHECKING:
@@ -119,15 +119,14 @@ def final_model(model, bank, dataset: Dataset, validation: Validation, sel: Sele
     if sel is not None and sel.held_out is not None and sel.held_out.any() and (
             proto.probe_init or shipped.kind == "probe"):
         # the held-out logits of what ships: the probe's (each from a probe tuned without them) or the head's
-        held = int(sel.held_out.sum())
-        shipped.temperature = (fit_temperature(sel.logits[sel.held_out], labels[sel.held_out]) if held >= MIN_CALIBRATE
-                               else 1.0)
+        grouped = bool(validation.grouped)
+        shipped.temperature, kept = temperature_for(sel.logits[sel.held_out], labels[sel.held_out], grouped=grouped)
         if shipped.kind == "probe":
             shipped.logistic.temperature = shipped.temperature
         else:
             _temper(shipped.head, shipped.temperature)
         shipped.calibration = calibration(sel.logits[sel.held_out], labels[sel.held_out], shipped.temperature,
-                                          grouped=bool(validation.grouped))
+                                          grouped=grouped, kept=kept)
         shipped.notes.append(shipped.calibration.describe())
     return shipped
 
