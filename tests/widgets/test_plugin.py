@@ -296,7 +296,7 @@ def test_train_widget_trains_and_hands_the_model_over(viewer, qtbot, tmp_path: P
     # one marked (it drew empty step axes before)
     t = widget._result.tuning
     assert widget._plot.tuning is t and widget._plot.ax_loss.get_xscale() == "log"
-    assert f"C = {t.chosen:g} chosen" in widget._plot.ax_loss.get_title()
+    assert f"chosen: {t.chosen:g})" in widget._plot.ax_loss.get_xlabel()
     assert list(widget._plot.ax_loss.lines[0].get_xdata()) == list(t.grid)
     assert "macro avg" in widget._report.value and "confusion matrix" in widget._report.value
     assert "simple classifier" in widget._report.value and "chance" in widget._verdict.value

@@ -92,15 +92,17 @@ class CurvePlot:
         self._timer.stop()
         self.canvas.setVisible(True)
         grid = np.asarray(tuning.grid)
-        for ax, mean, se, title in ((self.ax_loss, tuning.loss, tuning.loss_standard_error, "held-out loss"),
-                                    (self.ax_acc, tuning.accuracy, tuning.standard_error, "held-out accuracy")):
+        chosen = f"C (- - chosen: {tuning.chosen:g})"
+        for ax, mean, se, title, label in (
+                (self.ax_loss, tuning.loss, tuning.loss_standard_error, "held-out loss", chosen),
+                (self.ax_acc, tuning.accuracy, tuning.standard_error, "held-out accuracy", "smaller C: stronger")):
             ax.clear()
             m, e = np.asarray(mean, float), np.asarray(se, float)
             ax.fill_between(grid, m - e, m + e, alpha=0.2, lw=0)
             ax.plot(grid, m, lw=1, marker=".", ms=3)
             ax.axvline(tuning.chosen, color="k", ls="--", lw=0.8)
             ax.set_xscale("log")
-            ax.set_title(f"{title}, C = {tuning.chosen:g} chosen", fontsize=8)
-            ax.set_xlabel("C (smaller: more regularised)", fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(label, fontsize=7)
             ax.tick_params(labelsize=7)
         self.canvas.draw_idle()
