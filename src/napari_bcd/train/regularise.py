@@ -186,7 +186,7 @@ class Tuning:
     def short(self) -> str:
         """The ``C`` and how it was chosen, in a few words (the rule in full: :meth:`describe`)."""
         if not self.folds:
-            return f"regularisation C = {self.chosen:g}, the strong default: nothing could be held out to choose it"
+            return f"regularisation C = {self.chosen:g}, the strong default"  # why: said beside it
         over = "patients, slides or regions it had not seen" if self.grouped else "images"
         return f"regularisation C = {self.chosen:g}, chosen from {len(self.grid)} by cross-validation over {over}"
 

@@ -314,7 +314,7 @@ def why_shipped(sel: Selection | None, shipped: Shipped) -> str:
     if shipped.kind == "probe":
         saved = f"Saved: the simple classifier{reg}."
         if sel is None:
-            return f"{saved} Why: nothing could be held out, so nothing shows a trained head would do better."
+            return f"{saved} Why: with nothing held out, no measurement can show a trained head would do better."
         if not sel.heads_measured:
             return (f"{saved} Why: with no patient known, validation holds out images of the patients it trained on, "
                     "where a more complex model looks better by remembering them; it cannot be trusted to choose "
