@@ -73,3 +73,16 @@ def test_any_class_set_trains_classifies_and_exports(tmp_path: Path, kinds: dict
     with open_slide(SAMPLE_SLIDE) as slide:
         _, res = drain(iter_retrain(result.checkpoint, corrections, slide, class_map=cm, steps=30))
     assert load_checkpoint(res.checkpoint).card.classes == ds.classes
+
+
+def test_the_report_names_every_class_in_full() -> None:
+    """Classes come from the data, so their names can be long and share a beginning: the confusion matrix cut them
+    to 8 letters ("Epidermi"), and "Carcinoma in situ" and "Carcinoma, invasive" both headed columns "Carcinom"."""
+    from napari_bcd.train.evaluate import report_from_predictions
+
+    classes = ["Carcinoma in situ", "Carcinoma, invasive", "Epidermis"]
+    text = report_from_predictions([0, 1, 2, 2], [0, 1, 2, 1], classes).to_text()
+    matrix = text.split("confusion matrix (rows: true, columns: predicted)\n")[1].splitlines()
+    assert all(c in matrix[0] for c in classes) and "Carcinom " not in matrix[0]
+    assert len({len(line) for line in matrix}) == 1  # the columns line up under their names
+    assert matrix[3].split()[-3:] == ["0", "1", "1"]  # Epidermis: one called invasive, one right

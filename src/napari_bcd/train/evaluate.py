@@ -41,6 +41,7 @@ class Report:
     def to_text(self) -> str:
         """Table III: one row per class, then accuracy, macro and weighted averages."""
         w = max(12, *(len(c) for c in self.classes))
+        col = max(8, *(len(c) for c in self.classes))  # whole names: "Carcinom" would head two columns
         lines = [f"{'':<{w}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}", ""]
         for i, c in enumerate(self.classes):
             lines.append(f"{c:<{w}} {self.precision[i]:>9.4f} {self.recall[i]:>9.4f} {self.f1[i]:>9.4f} "
@@ -55,10 +56,10 @@ class Report:
             f"{self.weighted['f1']:>9.4f} {n:>9d}",
             "",
             "confusion matrix (rows: true, columns: predicted)",
-            " " * w + " " + " ".join(f"{c[:8]:>8}" for c in self.classes),
+            " " * w + " " + " ".join(f"{c:>{col}}" for c in self.classes),
         ]
         for c, row in zip(self.classes, self.confusion, strict=True):
-            lines.append(f"{c:<{w}} " + " ".join(f"{v:>8d}" for v in row))
+            lines.append(f"{c:<{w}} " + " ".join(f"{v:>{col}d}" for v in row))
         return "\n".join(lines)
 
     def save_confusion_png(self, path: str | os.PathLike[str], replace: str = "ours") -> Path:
