@@ -206,6 +206,16 @@ def test_export_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["classes"] == ["Benign", "Invasive"] and report["support"][1] > 0  # the regions' two classes
+    # the figure first, with its 95 % interval drawn over the regions (the patches of one stand or fall together),
+    # beside what training reported and how; the calibration error of the probabilities in the table
+    out = capsys.readouterr().out
+    headline = out.splitlines()[0]
+    assert headline.startswith(f"model.safetensors on {sum(report['support'])} images of ")
+    assert f"accuracy {report['accuracy']:.1%}, 95% interval " in headline and "(4 regions resampled" in headline
+    assert "Its training reported" in headline and "cross-validation over 4 regions" in headline
+    lo, hi = report["interval"]
+    assert 0 <= lo <= report["accuracy"] <= hi <= 1 and report["interval_method"].startswith("4 regions resampled")
+    assert 0 <= report["ece"] <= 1 and "calibration error (ECE) of the probabilities" in out
 
 
 def test_a_command_leaves_the_signal_handlers_as_it_found_them(tmp_path: Path) -> None:

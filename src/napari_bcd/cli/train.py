@@ -331,6 +331,31 @@ def _say_problems(ds, command: str) -> None:
               f"('napari-bcd --verbose {command} ...' lists them all)", file=sys.stderr)
 
 
+def _evaluation_headline(checkpoint: str, ds, report) -> str:
+    """The figure first, with its interval, beside what the model's training reported (and how it measured it)."""
+    from ..model.card import read_card
+
+    n = sum(report.support)
+    counts = ", ".join(f"{k} {v}" for k, v in ds.counts().items())
+    text = f"{Path(checkpoint).name} on {n} images of {ds.root} ({counts}): accuracy {report.accuracy:.1%}"
+    if report.interval is not None:
+        text += f", 95% interval {report.interval[0]:.1%}-{report.interval[1]:.1%} ({report.interval_method})"
+    text += "."
+    try:
+        card = read_card(checkpoint)
+    except BcdError:
+        return text
+    m, split = card.metrics or {}, card.record.split or {}
+    reported = m.get("accuracy")
+    if isinstance(reported, int | float):
+        how = split.get("kind") or m.get("validation") or "held-out images"
+        text += (f" Its training reported {reported:.1%} ({how}"
+                 + ("; optimistic: validation images shared patients with training" if m.get("optimistic") else "")
+                 + f"): {100 * (report.accuracy - reported):+.1f} points here. On images of patients it never "
+                 "trained on, this is what new patients get; on its own training images it says nothing.")
+    return text
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..train.evaluate import evaluate
     from ..train.iciar import read_iciar
@@ -344,6 +369,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ds = read_iciar(args.dataset)
     _say_problems(ds, "evaluate")
     report = evaluate(args.checkpoint, ds, device=args.device)
+    print(_evaluation_headline(args.checkpoint, ds, report) + "\n")
     print(report.to_text())
     if args.out:
         out = Path(args.out)

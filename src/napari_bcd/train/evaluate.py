@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +32,11 @@ class Report:
     macro: dict[str, float]
     weighted: dict[str, float]
     confusion: list[list[int]]  # rows: true class, columns: predicted
+    #: The accuracy's 95 % interval and how it was drawn (:func:`accuracy_interval`; set by :func:`evaluate`).
+    interval: tuple[float, float] | None = None
+    interval_method: str = ""
+    #: Top-label calibration error of the probabilities on these images (set by :func:`evaluate`).
+    ece: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +60,9 @@ class Report:
             f"{self.macro['f1']:>9.4f} {n:>9d}",
             f"{'weighted avg':<{w}} {self.weighted['precision']:>9.4f} {self.weighted['recall']:>9.4f} "
             f"{self.weighted['f1']:>9.4f} {n:>9d}",
+            *([f"accuracy 95% interval: {self.interval[0]:.4f}-{self.interval[1]:.4f} ({self.interval_method})"]
+              if self.interval is not None else []),
+            *([f"calibration error (ECE) of the probabilities: {self.ece:.4f}"] if self.ece is not None else []),
             "",
             "confusion matrix (rows: true, columns: predicted)",
             " " * w + " " + " ".join(f"{c:>{col}}" for c in self.classes),
@@ -129,13 +138,53 @@ def evaluate(checkpoint: str | os.PathLike[str] | Classifier, dataset: Dataset, 
     model = checkpoint if isinstance(checkpoint, Classifier) else load_checkpoint(checkpoint)
     idx = list(range(len(dataset))) if indices is None else list(indices)
     to_model = _class_mapping(dataset, model.classes, idx)
+    from .calibration import expected_calibration_error
+
     pred = Predictor(model, device=device)
-    y_pred: list[int] = []
+    probs = []
     for k in range(0, len(idx), batch_size):
         batch = np.stack([resize_area(dataset.load(i), model.card.input_px) for i in idx[k : k + batch_size]])
-        y_pred += pred(batch).argmax(1).tolist()
+        probs.append(np.asarray(pred(batch), np.float64))
+    p = np.concatenate(probs) if probs else np.zeros((0, len(model.classes)))
     y_true = [to_model[int(dataset.labels[i])] for i in idx]
-    return report_from_predictions(y_true, y_pred, model.classes)
+    report = report_from_predictions(y_true, p.argmax(1).tolist(), model.classes)
+    right = p.argmax(1) == np.asarray(y_true, np.int64)
+    groups = [dataset.groups[i] for i in idx] if dataset.groups is not None else None
+    report.interval, report.interval_method = accuracy_interval(right, groups, kind=dataset.group_kind or "group")
+    report.ece = expected_calibration_error(p, np.asarray(y_true, np.int64)) if len(p) else None
+    return report
+
+
+#: Resamples of the groups for a grouped interval (:func:`accuracy_interval`).
+BOOTSTRAP = 2000
+
+
+def accuracy_interval(right: np.ndarray, groups: Sequence[str] | None = None, *, kind: str = "group",
+                      seed: int = 0) -> tuple[tuple[float, float] | None, str]:
+    """The accuracy's 95 % interval, in words how it was drawn: over groups (patients, slides) when they are known,
+    resampling whole groups (images of one patient stand or fall together: an interval over images would be too
+    narrow), else Wilson's score interval over images.  ``(None, reason)`` for no images, or a single group."""
+    right = np.asarray(right, bool)
+    n = len(right)
+    if n == 0:
+        return None, "no images"
+    if groups is not None:
+        names, inverse = np.unique(np.asarray([str(g) for g in groups], dtype=object), return_inverse=True)
+        words = f"{kind}s" if kind and kind != "group" else "groups"
+        if len(names) < 2:
+            return None, f"one {kind or 'group'} only: no interval says anything about others"
+        hits = np.bincount(inverse, weights=right.astype(np.float64), minlength=len(names))
+        sizes = np.bincount(inverse, minlength=len(names)).astype(np.float64)
+        draw = np.random.default_rng(seed).integers(0, len(names), (BOOTSTRAP, len(names)))
+        acc = hits[draw].sum(1) / sizes[draw].sum(1)
+        lo, hi = np.percentile(acc, [2.5, 97.5])
+        return (float(lo), float(hi)), f"{len(names)} {words} resampled, {n} images"
+    z = 1.959963984540054
+    phat = right.mean()
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half)), (
+        f"Wilson, {n} images taken as independent: too narrow if several come from one patient")
 
 
 def _class_mapping(dataset, model_classes, idx) -> dict[int, int]:
