@@ -299,8 +299,7 @@ def replay_rules(tuning: dict | None, lr_new, grid) -> dict[str, float]:
 def new_calibration(logistic, x_new: np.ndarray, y_new: np.ndarray) -> dict:
     """The saved simple classifier's probabilities on the new patients: cross-entropy and ECE at its temperature, at 1
     and at the new patients' own best (an oracle), and those temperatures."""
-    from napari_bcd.train.calibration import expected_calibration_error, softmax
-    from napari_bcd.train.probe import fit_temperature
+    from napari_bcd.train.calibration import expected_calibration_error, fit_temperature, softmax
 
     raw = logistic.logits(x_new) * logistic.temperature  # the logits before the temperature
 

@@ -14,9 +14,9 @@ from napari_bcd.train.calibration import (
     abstain_cut,
     calibration,
     expected_calibration_error,
+    fit_temperature,
     softmax,
 )
-from napari_bcd.train.probe import fit_temperature
 
 
 def _overconfident(n: int, seed: int, sharpen: float = 4.0, spread: float = 1.5) -> tuple[np.ndarray, np.ndarray]:

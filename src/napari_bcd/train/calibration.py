@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = ["ABSTAIN_TARGET", "MIN_CALIBRATE", "Calibration", "abstain_cut", "calibration", "expected_calibration_error",
-           "softmax", "temperature_for"]
+           "fit_temperature", "softmax", "temperature_for"]
 
 #: The accuracy the classified cells should reach by default; the rest are "uncertain".
 ABSTAIN_TARGET = 0.95
@@ -148,6 +148,25 @@ class Calibration:
         return text
 
 
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bound: float = 4.0) -> float:
+    """The scalar that divides held-out logits to minimise their cross-entropy (1 when there are none), sought within
+    ``exp(+-bound)``."""
+    if len(labels) == 0:
+        return 1.0
+    from scipy.optimize import minimize_scalar
+
+    x = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.int64)
+
+    def nll(log_t: float) -> float:
+        z = x / np.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
+
+    res = minimize_scalar(nll, bounds=(-bound, bound), method="bounded")
+    return float(np.exp(res.x))
+
+
 #: The held-out cross-entropy's temperature is sought within ``exp(+-LOG_T_BOUND)``.
 LOG_T_BOUND = 4.0
 
@@ -155,8 +174,6 @@ LOG_T_BOUND = 4.0
 def temperature_for(logits: np.ndarray, labels: np.ndarray, *, grouped: bool) -> tuple[float, str]:
     """``(temperature, why it is not the fitted one)``: the held-out cross-entropy's, except where the held-out images
     cannot tell (see the module's text; the reason is "" where it is the fitted one)."""
-    from .probe import fit_temperature
-
     n = len(labels)
     if n < MIN_CALIBRATE:
         return 1.0, (f"{n} held-out images are too few to fit a temperature on (it would follow a single image)")

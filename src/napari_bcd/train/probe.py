@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .calibration import fit_temperature
 from .evaluate import Report, report_from_predictions
 
 if TYPE_CHECKING:
@@ -245,22 +246,3 @@ def fit_probe_head(bank: torch.Tensor, rows: np.ndarray, labels: np.ndarray, n_c
         zmax = np.maximum(zmax, z.abs().amax(dim=(0, 2, 3)).double().numpy())
     probe = ProbeHead(coef, intercept, 2.0 * zmax + 1.0, present, n_classes)
     return probe, first
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, bound: float = 4.0) -> float:
-    """The scalar that divides held-out logits to minimise their cross-entropy (1 when there are none), sought within
-    ``exp(+-bound)``."""
-    if len(labels) == 0:
-        return 1.0
-    from scipy.optimize import minimize_scalar
-
-    x = np.asarray(logits, np.float64)
-    y = np.asarray(labels, np.int64)
-
-    def nll(log_t: float) -> float:
-        z = x / np.exp(log_t)
-        z = z - z.max(1, keepdims=True)
-        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
-
-    res = minimize_scalar(nll, bounds=(-bound, bound), method="bounded")
-    return float(np.exp(res.x))

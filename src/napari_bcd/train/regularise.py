@@ -202,7 +202,7 @@ class Tuning:
 def _measure(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], n_classes: int,
              grid: tuple[float, ...], seed: int, extra: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """``(accuracy, loss)``, each ``len(grid) x len(folds)``, of every ``C`` on one draw of the folds."""
-    from .probe import fit_temperature
+    from .calibration import fit_temperature
 
     acc = np.zeros((len(grid), len(folds)))
     loss = np.zeros((len(grid), len(folds)))
