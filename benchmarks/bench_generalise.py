@@ -299,15 +299,12 @@ def replay_rules(tuning: dict | None, lr_new, grid) -> dict[str, float]:
 def new_calibration(logistic, x_new: np.ndarray, y_new: np.ndarray) -> dict:
     """The saved simple classifier's probabilities on the new patients: cross-entropy and ECE at its temperature, at 1
     and at the new patients' own best (an oracle), and those temperatures."""
-    from napari_bcd.train.calibration import expected_calibration_error, fit_temperature, softmax
+    from napari_bcd.train.calibration import cross_entropy, expected_calibration_error, fit_temperature, softmax
 
     raw = logistic.logits(x_new) * logistic.temperature  # the logits before the temperature
 
     def at(t: float) -> tuple[float, float]:
-        z = raw / t
-        z = z - z.max(1, keepdims=True)
-        nll = float(-(z[np.arange(len(y_new)), y_new] - np.log(np.exp(z).sum(1))).mean())
-        return nll, expected_calibration_error(softmax(raw / t), y_new)
+        return float(cross_entropy(raw / t, y_new).mean()), expected_calibration_error(softmax(raw / t), y_new)
 
     best = fit_temperature(raw, y_new)
     return {"t": logistic.temperature, "t_new": best, "shipped": at(logistic.temperature), "one": at(1.0),

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ABSTAIN_TARGET", "MIN_CALIBRATE", "Calibration", "abstain_cut", "calibration", "expected_calibration_error",
-           "fit_temperature", "softmax", "temperature_for"]
+__all__ = ["ABSTAIN_TARGET", "MIN_CALIBRATE", "Calibration", "abstain_cut", "calibration", "cross_entropy",
+           "expected_calibration_error", "fit_temperature", "softmax", "temperature_for"]
 
 #: The accuracy the classified cells should reach by default; the rest are "uncertain".
 ABSTAIN_TARGET = 0.95
@@ -148,6 +148,14 @@ class Calibration:
         return text
 
 
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each image's cross-entropy ``-log softmax(logits)[label]`` (stable for large logits)."""
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.int64)
+    z = z - z.max(1, keepdims=True)
+    return -(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1)))
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, bound: float = 4.0) -> float:
     """The scalar that divides held-out logits to minimise their cross-entropy (1 when there are none), sought within
     ``exp(+-bound)``."""
@@ -159,9 +167,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bound: float = 4.0) 
     y = np.asarray(labels, np.int64)
 
     def nll(log_t: float) -> float:
-        z = x / np.exp(log_t)
-        z = z - z.max(1, keepdims=True)
-        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
+        return float(cross_entropy(x / np.exp(log_t), y).mean())
 
     res = minimize_scalar(nll, bounds=(-bound, bound), method="bounded")
     return float(np.exp(res.x))

@@ -202,7 +202,7 @@ class Tuning:
 def _measure(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], n_classes: int,
              grid: tuple[float, ...], seed: int, extra: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """``(accuracy, loss)``, each ``len(grid) x len(folds)``, of every ``C`` on one draw of the folds."""
-    from .calibration import fit_temperature
+    from .calibration import cross_entropy, fit_temperature
 
     acc = np.zeros((len(grid), len(folds)))
     loss = np.zeros((len(grid), len(folds)))
@@ -218,9 +218,7 @@ def _measure(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndar
     for i in range(len(grid)):
         # the loss once tempered, as the shipped model is: strong regularisation shrinks the logits towards
         # uniform, which costs cross-entropy but no call; measured untempered, the loss would favour the loose fit
-        z = held[i] / fit_temperature(held[i], y[order])
-        z = z - z.max(1, keepdims=True)
-        per = -(z[np.arange(len(order)), y[order]] - np.log(np.exp(z).sum(1)))
+        per = cross_entropy(held[i] / fit_temperature(held[i], y[order]), y[order])
         loss[i] = [per[bounds[f] : bounds[f + 1]].mean() for f in range(len(folds))]
     return acc, loss
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .calibration import cross_entropy
 from .headfit import FeatureBank, FitProgress, Recipe, fit_head, standardise
 from .probe import ProbeHead, fit_probe_head
 from .regularise import (
@@ -280,11 +281,6 @@ class Selection:
     heads_measured: bool = True
 
 
-def _ce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    return -(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1)))
-
-
 def select_head(bank_raw, labels: np.ndarray, n_classes: int, validation: Validation, recipes: Sequence[Recipe],
                 make_head, *, seed: int = 0, eval_every: int = 25, dtype: Any = None, probe_start: bool = True,
                 standardise_features: bool = True, criterion: str = "accuracy", groups: Sequence[str] | None = None,
@@ -416,7 +412,7 @@ def _tally(c: Candidate, logits: np.ndarray, y: np.ndarray) -> None:
     ok = int((pred == y).sum())
     c.correct += ok
     c.seen += len(y)
-    c.loss_sum += float(_ce(logits, y).sum())
+    c.loss_sum += float(cross_entropy(logits, y).sum())
     c.fold_acc.append(ok / max(len(y), 1))
 
 
