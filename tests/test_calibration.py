@@ -154,6 +154,10 @@ def test_the_temperature_is_kept_at_one_where_the_held_out_images_cannot_say_how
     assert t == 1.0 and "every held-out image was called right" in why
     t, why = temperature_for(timid[: MIN_CALIBRATE - 1], y[: MIN_CALIBRATE - 1], grouped=True)
     assert t == 1.0 and "too few" in why
+    broken = timid.copy()
+    broken[3, 1] = np.nan
+    t, why = temperature_for(broken, y, grouped=True)
+    assert t == 1.0 and "not finite" in why  # never a NaN temperature folded into the model
     record = calibration(timid, y, 1.0, grouped=False, kept="the reason")
     assert record.describe().startswith("Probabilities not calibrated: the reason; they are the model's own")
     assert record.to_dict()["kept"] == "the reason"

@@ -238,3 +238,18 @@ def test_a_command_leaves_the_signal_handlers_as_it_found_them(tmp_path: Path) -
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_evaluate_says_why_it_gives_no_interval(tmp_path: Path) -> None:
+    """Images of one patient only: no interval is drawn, and the headline says why instead of leaving it out."""
+    from types import SimpleNamespace
+
+    from napari_bcd.cli.train import _evaluation_headline
+    from napari_bcd.train.evaluate import accuracy_interval, report_from_predictions
+
+    report = report_from_predictions([0, 1, 1], [0, 1, 0], ["Benign", "Invasive"])
+    report.interval, report.interval_method = accuracy_interval([True, True, False], ["P1"] * 3, kind="patient")
+    ds = SimpleNamespace(root=tmp_path, counts=lambda: {"Benign": 1, "Invasive": 2})
+    text = _evaluation_headline(str(tmp_path / "gone.safetensors"), ds, report)  # no card to read: figure alone
+    assert text == (f"gone.safetensors on 3 images of {tmp_path} (Benign 1, Invasive 2): accuracy 66.7% (no interval: "
+                    "one patient only: no interval says anything about others).")

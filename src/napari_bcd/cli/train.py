@@ -340,6 +340,8 @@ def _evaluation_headline(checkpoint: str, ds, report) -> str:
     text = f"{Path(checkpoint).name} on {n} images of {ds.root} ({counts}): accuracy {report.accuracy:.1%}"
     if report.interval is not None:
         text += f", 95% interval {report.interval[0]:.1%}-{report.interval[1]:.1%} ({report.interval_method})"
+    elif report.interval_method:
+        text += f" (no interval: {report.interval_method})"
     text += "."
     try:
         card = read_card(checkpoint)

@@ -181,6 +181,8 @@ def temperature_for(logits: np.ndarray, labels: np.ndarray, *, grouped: bool) ->
     """``(temperature, why it is not the fitted one)``: the held-out cross-entropy's, except where the held-out images
     cannot tell (see the module's text; the reason is "" where it is the fitted one)."""
     n = len(labels)
+    if not np.isfinite(np.asarray(logits, np.float64)).all():  # a NaN would make every probability NaN
+        return 1.0, "some held-out logits are not finite numbers, so no temperature can be fitted on them"
     if n < MIN_CALIBRATE:
         return 1.0, (f"{n} held-out images are too few to fit a temperature on (it would follow a single image)")
     if (np.asarray(logits).argmax(1) == np.asarray(labels)).all():
