@@ -19,10 +19,11 @@ In each, the probe's grid is measured by the package's own ``tune_c`` on folds o
 case), and every rule picks its ``C`` from that curve (``regularise.choose_c`` for the shipped one); the rule is
 scored by the logistic regression at that ``C`` on 120 new patients, against the best ``C`` on them (the oracle).
 It prints each rule's loss against the oracle (mean, 90th percentile, worst over worlds) and per family; the
-grouped rule (folds over the true patients) is given for reference.  A feature-space model: it measures the
-rules, not breast histology, and no world here reproduces how badly image-level validation misled on the real
-photos (C = 1 lost 0.056 there), so it says which rule is *robust*, not which is right for real data: that is
-``bench_generalise.py --data`` on real patients.
+grouped rule (folds over the true patients) is given for reference, and so is a model with no ``C`` at all: a
+linear discriminant with Ledoit-Wolf shrinkage in the probe's place (below zero where it beats the best ``C``).
+A feature-space model: it measures the rules, not breast histology, and no world here reproduces how badly
+image-level validation misled on the real photos (C = 1 lost 0.056 there), so it says which rule is *robust*, not
+which is right for real data: that is ``bench_generalise.py --data`` on real patients.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def draw(rng, mean, dirs, pool, p: float, patients: int, photos: int):
 
 def one_world(feats, source, kind, s, p, photos, n, seed, shift) -> dict:
     """One world and seed: the new-patient accuracy at every ``C`` and each rule's pick."""
-    from bench_generalise import replay_rules
+    from bench_generalise import lda_correct, replay_rules
 
     from napari_bcd.train.regularise import PROBE_CS, fit_logistic, inner_folds, repeated_folds, tune_c
 
@@ -144,6 +145,7 @@ def one_world(feats, source, kind, s, p, photos, n, seed, shift) -> dict:
             out["rules"] = picks
         else:
             out["rules"]["grouped lowest (ref.)"] = picks["lowest loss"]
+    out["rules"]["shrinkage LDA (ref.)"] = float(lda_correct(x, y, x_new, y_new).mean())
     return out
 
 

@@ -36,7 +36,9 @@ who copied a folder has).
 ``--experiments`` also measures, on the probe (cheap, the same features), whether these help on new patients:
 the 8 flips/rotations as training rows or averaged, test-time averaging of the 8 views, bf16 against fp32
 features, and tiles at twice the resolution (the photo cut in 2 x 2, features averaged) against the whole photo
-resized.
+resized; and, in the probe's place, a linear discriminant with Ledoit-Wolf shrinkage (nothing tuned, so nothing
+for image-level validation to mislead), which won or lost by several points depending on the world
+(``bench_c_rules.py``) and is not shipped: on real patients this row says which.
 
 Data
 ----
@@ -228,6 +230,17 @@ def lr_correct(x_train: np.ndarray, y_train: np.ndarray, x_new: np.ndarray, y_ne
     return np.array([fit_logistic(x_train, y_train, c, n_classes).logits(x_new).argmax(1) == y_new for c in grid])
 
 
+def lda_correct(x_train: np.ndarray, y_train: np.ndarray, x_new: np.ndarray, y_new: np.ndarray) -> np.ndarray:
+    """Whether a linear discriminant with Ledoit-Wolf shrinkage (scikit-learn's, nothing tuned; equal priors, as the
+    probe is class-balanced) calls each new image: measured beside the probe, not shipped (see
+    :mod:`napari_bcd.train.regularise`): on your patients, ``--experiments`` says whether it would help there."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    present = np.unique(y_train)
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto", priors=np.full(len(present), 1 / len(present)))
+    return lda.fit(x_train, y_train).predict(x_new) == y_new
+
+
 def split_oracle(correct: np.ndarray, groups, labels: np.ndarray, draws: int = 20, seed: int = 0) -> float:
     """The oracle made honest: ``C`` chosen on a random half of the new patients (of each class), its accuracy
     measured on the other half; averaged over ``draws`` halvings.  It still uses new patients no run has, but does
@@ -369,6 +382,10 @@ def experiments(dev, new, feats: Features, fp32: Features | None, sizes, seeds: 
                 c = tune_c(xt, train.labels, folds, n_cls, grouped=False, grid=grid).chosen
                 acc = float((fit_logistic(xt, train.labels, c, n_cls).logits(xn).argmax(1) == new.labels).mean())
                 rows.append({"per_class": n, "seed": seed, "variant": name, "new": acc, "c": c})
+            xt = feats.pooled(train)
+            acc = float(lda_correct(xt, train.labels, feats.pooled(new), new.labels).mean())
+            rows.append({"per_class": n, "seed": seed, "variant": "shrinkage LDA, not the probe (nothing tuned)",
+                         "new": acc, "c": None})
             # the 8 views as 8 training rows each
             b = feats.bank(train, 8)
             x8 = b.float().mean(dim=(-2, -1)).reshape(-1, b.shape[2]).double().numpy()

@@ -104,9 +104,27 @@ def test_bench_c_rules_scores_every_rule_against_the_best_c_of_each_world() -> N
     for r in runs:
         assert len(r["lr_new"]) == len(PROBE_CS) and r["rules"]["oracle"] == max(r["lr_new"])
         assert r["rules"]["C=1"] == r["lr_new"][PROBE_CS.index(1.0)]
-        assert {"lowest loss", "1-SE middle", "1-SE most reg.", "grouped lowest (ref.)"} <= set(r["rules"])
+        assert {"lowest loss", "1-SE middle", "1-SE most reg.", "grouped lowest (ref.)",
+                "shrinkage LDA (ref.)"} <= set(r["rules"])
     summary = bench.summarise(runs)
     assert summary["worlds"] == 4 and "oracle" not in summary["rules"]
-    for v in summary["rules"].values():
-        assert 0.0 <= v["mean"] <= v["worst"] <= 1.0 and set(v["by_family"]) == {"same/top", "shift/top",
-                                                                                   "same/minor", "shift/minor"}
+    for k, v in summary["rules"].items():
+        floor = -1.0 if k == "shrinkage LDA (ref.)" else 0.0  # no C: it may beat the best C, a C rule never can
+        assert floor <= v["mean"] <= v["worst"] <= 1.0 and set(v["by_family"]) == {"same/top", "shift/top",
+                                                                                    "same/minor", "shift/minor"}
+
+
+def test_bench_generalise_lda_weighs_the_classes_equally_as_the_probe_does() -> None:
+    """The linear discriminant measured beside the probe: fitted with equal priors (the probe is class-balanced),
+    so a point just past the middle of two classes goes to the rarer one, where the data's 5:1 priors would not."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    bench = _bench_generalise()
+    corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    step = np.array([1.0, 0.0])
+    x = np.concatenate([np.tile(corners - step, (5, 1)), corners + step])  # 20 of class 0, 4 of class 1
+    y = np.array([0] * 20 + [1] * 4)
+    new, y_new = np.array([[0.1, 0.0], [-0.1, 0.0]]), np.array([1, 0])
+    assert bench.lda_correct(x, y, new, y_new).tolist() == [True, True]
+    by_data = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, y)
+    assert by_data.predict(new).tolist() == [0, 0]  # what the equal priors change
