@@ -39,9 +39,9 @@ it).  Over the same 96 worlds (2 seeds) it beat the best ``C`` by 0.019 on avera
 classes differ along real crops or minor directions (it discounts the directions in which patients vary), but lost
 0.040 / 0.091 on average (worst 0.17) at 20 images per class where the classes differ in the leading directions,
 the family in which the strongest ``C`` wins, as on the real photos of issue 37: the one case the probe must not
-lose.  Choosing between the two on the same curves did not rescue it (by held-out cross-entropy over images, 0.076
-lost there; over the true patients, 0.042), nor did averaging them (0.051).  ``bench_generalise.py
---experiments`` measures it on real patients.
+lose.  Choosing between the two did not rescue it there (one seed, new patients from other tissue: by held-out
+cross-entropy over images 0.076 lost, by accuracy over the true patients 0.042), nor did multiplying their
+probabilities (0.051).  ``bench_generalise.py --experiments`` measures it on real patients.
 
 The held-out cross-entropy, not the accuracy, decides: with a few images per fold accuracy moves in coarse
 steps and ties.  It is measured once the held-out logits are tempered (one temperature per ``C``, as the shipped
