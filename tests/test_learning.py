@@ -331,3 +331,18 @@ def test_the_paper_network_ships_the_tuned_probe_as_a_linear_head(tmp_path: Path
     want = result.logistic.logits(feats)
     want = np.exp(want - want.max(1, keepdims=True))
     assert np.abs(got - want / want.sum(1, keepdims=True)).max() < 1e-4
+
+
+def test_probe_training_rows_take_several_augmented_copies_of_each_image() -> None:
+    """An image's augmented copies (one, or ``V`` such as the 8 flips/rotations) train as rows of its class, in the
+    images' order, and only the images asked for."""
+    from napari_bcd.train.regularise import training_rows
+
+    x = np.arange(4 * 2, dtype=float).reshape(4, 2)
+    y = np.array([0, 1, 0, 1])
+    views = 100 + np.arange(4 * 3 * 2, dtype=float).reshape(4, 3, 2)  # 3 copies of each of 4 images
+    xt, yt = training_rows(x, y, np.array([2, 1]), views)
+    assert xt.tolist() == [x[2].tolist(), x[1].tolist(), *views[2].tolist(), *views[1].tolist()]
+    assert yt.tolist() == [0, 1, 0, 0, 0, 1, 1, 1]
+    xt, yt = training_rows(x, y, np.array([3]), views[:, 0])  # one copy each, as the stain-jittered view
+    assert xt.tolist() == [x[3].tolist(), views[3, 0].tolist()] and yt.tolist() == [1, 1]

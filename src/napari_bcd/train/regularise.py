@@ -87,10 +87,13 @@ def pooled_features(bank: Any, views: int = 1, first: int = 0) -> np.ndarray:
 def training_rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray, extra: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The probe's training rows of images ``rows``: their features, and their augmented copies' (``extra``, e.g.
-    stain-jittered) as further rows of the same class."""
+    stain-jittered: ``images x C`` for one copy each, ``images x V x C`` for ``V``) as further rows of the same
+    class."""
     if extra is None:
         return x[rows], y[rows]
-    return np.concatenate([x[rows], extra[rows]]), np.concatenate([y[rows], y[rows]])
+    e = np.asarray(extra)[rows]
+    copies = 1 if e.ndim == 2 else e.shape[1]
+    return np.concatenate([x[rows], e.reshape(-1, x.shape[1])]), np.concatenate([y[rows], np.repeat(y[rows], copies)])
 
 
 @dataclass
